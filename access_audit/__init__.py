@@ -1,0 +1,23 @@
+"""Audit events for SQLAlchemy that fire only for what really committed."""
+
+from ._context import Actor as Actor
+from ._context import audit_context as audit_context
+from ._emitter import AuditEmitter as AuditEmitter
+from ._envelope import AuditEventEnvelope as AuditEventEnvelope
+from ._errors import AuditConfigurationError as AuditConfigurationError
+from ._hookspecs import AuditEventsPluginSpec as AuditEventsPluginSpec
+from ._hookspecs import hookimpl as hookimpl
+from ._staging import StagedEvent as StagedEvent
+from ._staging import stage_event as stage_event
+
+__all__ = [
+    "Actor",
+    "AuditConfigurationError",
+    "AuditEmitter",
+    "AuditEventEnvelope",
+    "AuditEventsPluginSpec",
+    "StagedEvent",
+    "audit_context",
+    "hookimpl",
+    "stage_event",
+]

@@ -1,0 +1,109 @@
+"""Who acts, and the ambient context that fills in what a caller leaves out."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import Any, Union
+
+__all__ = ["Actor", "ActorLike", "audit_context", "current_context", "to_actor"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Actor:
+    """The user or system on whose behalf an operation runs."""
+
+    id: str
+    email: str | None = None
+
+    def __post_init__(self) -> None:
+        check_actor_fields(self.id, self.email, "Actor")
+
+
+ActorLike = Union[Actor, "tuple[str, str | None]", None]
+"""What an actor resolver or loader may return."""
+
+def check_actor_fields(actor_id: object, actor_email: object, where: str) -> None:
+    """Raise if an actor's id or e-mail is not a usable string."""
+    if not isinstance(actor_id, str) or not actor_id.strip():
+        raise ValueError(f"{where}: actor_id must be a non-empty str, got {actor_id!r}")
+    if actor_email is not None and not isinstance(actor_email, str):
+        raise TypeError(
+            f"{where}: actor_email must be a str or None, "
+            f"got {type(actor_email).__name__}"
+        )
+
+
+def to_actor(value: object, where: str) -> Actor | None:
+    """Normalise what a resolver returned: an Actor, an ``(id, email)`` pair or None.
+
+    :raises TypeError: any other value; ``where`` names the resolver.
+    """
+    if value is None or isinstance(value, Actor):
+        return value
+    if isinstance(value, tuple) and len(value) == 2:
+        actor_id, actor_email = value
+        check_actor_fields(actor_id, actor_email, where)
+        return Actor(actor_id, actor_email)
+    raise TypeError(
+        f"{where} must return an Actor, an (id, email) tuple or None, "
+        f"got {type(value).__name__}"
+    )
+
+
+SYSTEM_ACTOR = Actor("system")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _AmbientContext:
+    actor: Actor | None
+    metadata: Mapping[str, Any]
+
+
+_EMPTY = _AmbientContext(actor=None, metadata=MappingProxyType({}))
+_current: ContextVar[_AmbientContext] = ContextVar("access_audit_context", default=_EMPTY)
+
+
+def current_context() -> tuple[Actor | None, Mapping[str, Any]]:
+    """The innermost :func:`audit_context` actor (or None) and its merged metadata."""
+    context = _current.get()
+    return context.actor, context.metadata
+
+
+@contextlib.contextmanager
+def audit_context(
+    *,
+    actor_id: str | None = None,
+    actor_email: str | None = None,
+    **metadata: Any,
+) -> Iterator[None]:
+    """Set defaults for every event staged inside the block.
+
+    Events staged inside take ``actor_id``/``actor_email`` unless the call to
+    :func:`~access_audit.stage_event` names an actor itself, and ``metadata``
+    merged under the call's own metadata. Blocks nest: the innermost actor
+    wins and metadata merges outward-in. The state lives in a
+    :class:`~contextvars.ContextVar`, so threads and asyncio tasks each see
+    their own. Use it where there is no request to take an actor from: CLI
+    commands, workers, schedulers. Also usable as a decorator.
+    """
+    if actor_id is None and actor_email is not None:
+        raise ValueError("audit_context: actor_email was given without actor_id")
+    parent = _current.get()
+    actor = parent.actor
+    if actor_id is not None:
+        check_actor_fields(actor_id, actor_email, "audit_context")
+        actor = Actor(actor_id, actor_email)
+    merged = MappingProxyType({**parent.metadata, **metadata})
+    token = _current.set(_AmbientContext(actor=actor, metadata=merged))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+ActorResolver = Callable[[], ActorLike]
+MetadataProvider = Callable[[], "Mapping[str, Any] | None"]

@@ -1,0 +1,113 @@
+"""Hand committed envelopes to plugins and receivers, each on its own.
+
+pluggy's own hook call stops at the first implementation that raises, so each
+implementation is called here one at a time; blinker's ``send`` likewise stops
+at the first receiver that raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import signals
+from ._logging import logger
+
+if TYPE_CHECKING:
+    from pluggy import HookCaller, HookImpl, PluginManager
+
+    from ._envelope import AuditEventEnvelope
+
+__all__ = ["deliver", "send_isolated"]
+
+
+def _in_call_order(hook: HookCaller) -> list[HookImpl]:
+    # pluggy calls the last registered implementation first (tryfirst and
+    # trylast already sorted in); keep that order.
+    return hook.get_hookimpls()[::-1]
+
+
+def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:
+    impl.function(*[arguments[name] for name in impl.argnames])
+
+
+def deliver(
+    plugin_manager: PluginManager,
+    sender: object,
+    envelopes: Sequence[AuditEventEnvelope],
+) -> list[Exception]:
+    """Send one committed batch to every plugin, then to signal receivers.
+
+    Calls ``audit_event_logged`` per event and implementation, then
+    ``audit_events_committed`` once per implementation, then the
+    ``audit_event_committed`` receivers per event. Returns the errors raised,
+    in the order they happened, after logging each and reporting plugin
+    errors through ``audit_delivery_failed``.
+    """
+    hook = plugin_manager.hook
+    errors: list[Exception] = []
+    logged = _in_call_order(hook.audit_event_logged)
+    for envelope in envelopes:
+        for impl in logged:
+            try:
+                if impl.argnames == ("envelope",):
+                    impl.function(envelope)
+                else:
+                    _call(impl, {"envelope": envelope})
+            except Exception as error:
+                errors.append(error)
+                _plugin_failed(plugin_manager, impl, (envelope,), error)
+    for impl in _in_call_order(hook.audit_events_committed):
+        try:
+            _call(impl, {"envelopes": envelopes})
+        except Exception as error:
+            errors.append(error)
+            _plugin_failed(plugin_manager, impl, envelopes, error)
+    if signals.audit_event_committed.receivers:
+        for envelope in envelopes:
+            errors.extend(
+                send_isolated(signals.audit_event_committed, sender, envelope=envelope)
+            )
+    return errors
+
+
+def send_isolated(signal: Any, sender: object, **kwargs: Any) -> list[Exception]:
+    """Call each receiver of a blinker signal on its own; log and return errors."""
+    errors: list[Exception] = []
+    receiver: Callable[..., Any]
+    for receiver in signal.receivers_for(sender):
+        try:
+            receiver(sender, **kwargs)
+        except Exception as error:
+            errors.append(error)
+            logger.error(
+                "receiver %r of signal %r raised",
+                getattr(receiver, "__qualname__", receiver),
+                signal.name,
+                exc_info=error,
+            )
+    return errors
+
+
+def _plugin_failed(
+    plugin_manager: PluginManager,
+    impl: HookImpl,
+    envelopes: Sequence[AuditEventEnvelope],
+    error: Exception,
+) -> None:
+    name = impl.plugin_name
+    logger.error(
+        "plugin %r raised in %s for events %s",
+        name,
+        impl.function.__name__,
+        ", ".join(str(envelope.id) for envelope in envelopes),
+        exc_info=error,
+    )
+    arguments = {"plugin_name": name, "envelopes": tuple(envelopes), "error": error}
+    for failure_impl in _in_call_order(plugin_manager.hook.audit_delivery_failed):
+        try:
+            _call(failure_impl, arguments)
+        except Exception:
+            logger.exception(
+                "plugin %r raised in audit_delivery_failed", failure_impl.plugin_name
+            )

@@ -1,0 +1,133 @@
+"""``AuditEmitter``: plugins, settings, and the sessions it is attached to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import signals
+from ._context import ActorResolver, MetadataProvider
+from ._dispatch import deliver, send_isolated
+from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
+from ._listeners import SessionListeners
+from ._logging import logger
+from ._registry import disown, listen_target, own
+
+if TYPE_CHECKING:
+    from ._envelope import AuditEventEnvelope
+    from ._staging import StagedEvent
+
+__all__ = ["AuditEmitter"]
+
+
+class AuditEmitter:
+    """Turns events staged on attached sessions into committed envelopes.
+
+    :param plugins: plugin objects (modules, classes or instances with
+        :data:`~access_audit.hookimpl` functions) registered at once.
+    :param load_entrypoints: also register the plugins of installed packages
+        that declare an ``access_audit`` entry point.
+    :param actor_resolver: called by :func:`~access_audit.stage_event` when the
+        call names no actor and no :func:`~access_audit.audit_context` does;
+        returns an :class:`~access_audit.Actor`, an ``(id, email)`` tuple or
+        None (then the actor is ``"system"``).
+    :param metadata_provider: called at stage time; returns a mapping merged
+        under the context's and the call's metadata, or None.
+    :param raise_plugin_errors: strict mode for tests. After every plugin and
+        receiver ran, the first error one raised is raised out of the
+        ``commit()``; the data is committed and the session is clean.
+    """
+
+    def __init__(
+        self,
+        plugins: Iterable[object] = (),
+        *,
+        load_entrypoints: bool = True,
+        actor_resolver: ActorResolver | None = None,
+        metadata_provider: MetadataProvider | None = None,
+        raise_plugin_errors: bool = False,
+    ) -> None:
+        self.plugin_manager = pluggy.PluginManager(PROJECT_NAME)
+        """The :class:`pluggy.PluginManager` holding this emitter's plugins."""
+        self.plugin_manager.add_hookspecs(AuditEventsPluginSpec)
+        self.actor_resolver = actor_resolver
+        self.metadata_provider = metadata_provider
+        self.raise_plugin_errors = raise_plugin_errors
+        self._listeners = SessionListeners(self)
+        for plugin in plugins:
+            self.register(plugin)
+        if load_entrypoints:
+            self.plugin_manager.load_setuptools_entrypoints(PROJECT_NAME)
+            for plugin in self.plugin_manager.get_plugins():
+                self._refuse_wrappers(plugin)
+        self.plugin_manager.check_pending()
+
+    def __repr__(self) -> str:
+        names = sorted(name for name, _ in self.plugin_manager.list_name_plugin())
+        return f"<AuditEmitter plugins={names}>"
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register a plugin; returns its name (None if it was blocked).
+
+        :raises ValueError: the plugin, or its name, is registered already, or
+            it declares a hook wrapper.
+        :raises pluggy.PluginValidationError: it implements a hook that does not
+            exist, or with arguments the hook does not have.
+        """
+        registered = self.plugin_manager.register(plugin, name)
+        self._refuse_wrappers(plugin)
+        self.plugin_manager.check_pending()
+        return registered
+
+    def unregister(self, plugin: object) -> None:
+        """Unregister a plugin; it receives nothing from now on."""
+        self.plugin_manager.unregister(plugin)
+
+    def attach(self, target: Any) -> None:
+        """Emit events staged on sessions of *target* when they commit.
+
+        *target* is a Session subclass, a sessionmaker, a scoped_session, a
+        Session instance, an AsyncSession, an async_sessionmaker or an
+        async_scoped_session. Attaching the same target twice is a no-op.
+
+        :raises AuditConfigurationError: another emitter is attached to it.
+        """
+        resolved = listen_target(target)
+        own(resolved, self)
+        self._listeners.listen(resolved)
+
+    def detach(self, target: Any) -> None:
+        """Stop emitting for *target*; events it has staged are not sent."""
+        resolved = listen_target(target)
+        self._listeners.remove(resolved)
+        disown(resolved, self)
+
+    def _deliver(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
+        errors = deliver(self.plugin_manager, self, envelopes)
+        if errors and self.raise_plugin_errors:
+            first = errors[0]
+            for later in errors[1:]:
+                if hasattr(first, "add_note"):  # Python 3.11+
+                    first.add_note(f"access_audit: another plugin raised {later!r}")
+            raise first
+
+    def _discarded(self, events: Sequence[StagedEvent], reason: str) -> None:
+        if not signals.audit_event_discarded.receivers:
+            return
+        for staged in events:
+            send_isolated(signals.audit_event_discarded, self, event=staged, reason=reason)
+
+    def _refuse_wrappers(self, plugin: object) -> None:
+        for caller in self.plugin_manager.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
+                    name = impl.plugin_name
+                    self.plugin_manager.unregister(plugin)
+                    raise ValueError(
+                        f"plugin {name!r} declares {caller.name} as a wrapper; "
+                        "access_audit calls each implementation on its own, so "
+                        "declare it with a plain @hookimpl"
+                    )
+        logger.debug("registered plugin %r", self.plugin_manager.get_name(plugin))

@@ -1,0 +1,120 @@
+"""The committed event as plugins receive it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from ._values import ReadOnlyDict, freeze_json, thaw
+
+__all__ = ["AuditEventEnvelope"]
+
+_FIELDS = (
+    "id", "event_type", "timestamp", "staged_at", "actor_id", "actor_email",
+    "target_type", "target_id", "target_name", "action", "reason", "payload",
+    "metadata", "transaction_id", "sequence",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuditEventEnvelope:
+    """One committed audit event: immutable, and the same object for every plugin.
+
+    Envelopes are made only for a transaction that really committed.
+    ``payload`` and ``metadata`` are read-only mappings of plain JSON types
+    (they are ``dict``/``list`` subclasses that refuse changes, so
+    ``json.dumps`` takes them as they are). ``id`` is a UUIDv7: ids sort in
+    staging order within a process, and consumers de-duplicate by it.
+    """
+
+    id: uuid.UUID
+    """UUIDv7 assigned at staging; the idempotency key."""
+    event_type: str
+    timestamp: datetime
+    """When the transaction committed (UTC, aware)."""
+    staged_at: datetime
+    """When :func:`~access_audit.stage_event` ran (UTC, aware)."""
+    actor_id: str
+    actor_email: str | None
+    target_type: str
+    target_id: str
+    target_name: str | None
+    action: str
+    reason: str | None
+    payload: Mapping[str, Any]
+    metadata: Mapping[str, Any]
+    transaction_id: uuid.UUID
+    """Shared by every event of one commit."""
+    sequence: int
+    """0-based position of the event within its commit."""
+
+    def __post_init__(self) -> None:
+        # Envelopes built by the library arrive frozen already; freeze what a
+        # caller builds by hand (tests, from_dict) so the guarantee holds.
+        for name in ("payload", "metadata"):
+            value = getattr(self, name)
+            if type(value) is not ReadOnlyDict:
+                if not isinstance(value, Mapping):
+                    raise TypeError(f"{name} must be a mapping, got {type(value).__name__}")
+                object.__setattr__(self, name, freeze_json(value, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return JSON-ready primitives: ISO 8601 times, ``str`` UUIDs, plain dicts."""
+        return {
+            "id": str(self.id),
+            "event_type": self.event_type,
+            "timestamp": self.timestamp.isoformat(),
+            "staged_at": self.staged_at.isoformat(),
+            "actor_id": self.actor_id,
+            "actor_email": self.actor_email,
+            "target_type": self.target_type,
+            "target_id": self.target_id,
+            "target_name": self.target_name,
+            "action": self.action,
+            "reason": self.reason,
+            "payload": thaw(self.payload),
+            "metadata": thaw(self.metadata),
+            "transaction_id": str(self.transaction_id),
+            "sequence": self.sequence,
+        }
+
+    def to_json(self, **dumps_options: Any) -> str:
+        """Return :meth:`to_dict` as a JSON string; options go to :func:`json.dumps`."""
+        dumps_options.setdefault("separators", (",", ":"))
+        return json.dumps(self.to_dict(), **dumps_options)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditEventEnvelope:
+        """Rebuild an envelope from :meth:`to_dict` output (or its JSON, parsed).
+
+        :raises ValueError: a field is missing, unknown, or not parseable; the
+            message names it.
+        """
+        missing = [name for name in _FIELDS if name not in data]
+        unknown = [name for name in data if name not in _FIELDS]
+        if missing or unknown:
+            raise ValueError(
+                f"not an audit envelope: missing fields {missing}, unknown fields {unknown}"
+            )
+        values = dict(data)
+        for name in ("id", "transaction_id"):
+            values[name] = _parse(uuid.UUID, data[name], name)
+        for name in ("timestamp", "staged_at"):
+            moment = _parse(datetime.fromisoformat, data[name], name)
+            if moment.tzinfo is None:
+                raise ValueError(f"{name} must carry a UTC offset, got {data[name]!r}")
+            values[name] = moment.astimezone(timezone.utc)
+        return cls(**values)
+
+
+def _parse(parse: Any, value: Any, name: str) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise ValueError(f"{name} is not valid: {value!r}") from error

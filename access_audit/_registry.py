@@ -1,0 +1,138 @@
+"""Which emitter owns a session, and how attach targets map to Session classes."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Union
+
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+from ._errors import AuditConfigurationError
+
+if TYPE_CHECKING:
+    from ._emitter import AuditEmitter
+
+__all__ = ["emitter_for", "listen_target", "own", "disown", "sync_session_of"]
+
+ListenTarget = Union[Session, "type[Session]"]
+
+_by_instance: weakref.WeakKeyDictionary[Session, AuditEmitter] = weakref.WeakKeyDictionary()
+_by_class: weakref.WeakKeyDictionary[type[Session], AuditEmitter] = weakref.WeakKeyDictionary()
+
+# Marks the Session subclass made for an async_sessionmaker, so that attaching
+# to the same maker again finds it instead of making another.
+_OWN_CLASS_MARK = "_access_audit_session_class"
+
+
+def sync_session_of(session: Any) -> Session:
+    """The plain :class:`~sqlalchemy.orm.Session` behind what a caller passes.
+
+    Accepts a Session, a ``scoped_session`` (its current session), an
+    ``AsyncSession`` (its ``sync_session``) or an ``async_scoped_session``.
+    """
+    if isinstance(session, Session):
+        return session
+    if isinstance(session, scoped_session):
+        return session()
+    sync = getattr(session, "sync_session", None)
+    if isinstance(sync, Session):
+        return sync
+    if callable(getattr(session, "registry", None)):  # async_scoped_session
+        return sync_session_of(session.registry())
+    raise TypeError(
+        "session must be a Session, scoped_session, AsyncSession or "
+        f"async_scoped_session, got {type(session).__name__}"
+    )
+
+
+def emitter_for(session: Session) -> AuditEmitter:
+    """The emitter attached to this session, most specific first.
+
+    An emitter attached to the session itself wins over one attached to its
+    class, and a subclass (a sessionmaker's, say) over its bases.
+
+    :raises AuditConfigurationError: no emitter is attached.
+    """
+    emitter = _by_instance.get(session)
+    if emitter is not None:
+        return emitter
+    for cls in type(session).__mro__:
+        emitter = _by_class.get(cls)
+        if emitter is not None:
+            return emitter
+    raise AuditConfigurationError(
+        f"no AuditEmitter is attached to this {type(session).__name__}, so the "
+        "event would be lost; call emitter.attach(...) on the session, its "
+        "sessionmaker or its Session class first"
+    )
+
+
+def listen_target(target: Any) -> ListenTarget:
+    """Map anything ``AuditEmitter.attach`` accepts to a Session class or instance.
+
+    A sessionmaker and a scoped_session map to the Session subclass the
+    sessionmaker made; async targets map to the synchronous session or class
+    behind them (SQLAlchemy has no async session events). An
+    ``async_sessionmaker`` is given its own Session subclass so that attaching
+    to it reaches only the sessions it makes.
+    """
+    if isinstance(target, Session):
+        return target
+    if isinstance(target, type) and issubclass(target, Session):
+        return target
+    if isinstance(target, sessionmaker):
+        return target.class_
+    if isinstance(target, scoped_session):
+        return listen_target(target.session_factory)
+    sync = getattr(target, "sync_session", None)
+    if isinstance(sync, Session):  # AsyncSession instance
+        return sync
+    return _async_listen_target(target)
+
+
+def _async_listen_target(target: Any) -> ListenTarget:
+    try:
+        from sqlalchemy.ext.asyncio import (
+            AsyncSession,
+            async_scoped_session,
+            async_sessionmaker,
+        )
+    except ImportError:  # pragma: no cover - greenlet missing
+        AsyncSession = async_scoped_session = async_sessionmaker = None  # type: ignore[assignment,misc]
+    if async_scoped_session is not None and isinstance(target, async_scoped_session):
+        return _async_listen_target(target.session_factory)
+    if async_sessionmaker is not None and isinstance(target, async_sessionmaker):
+        current = target.kw.get("sync_session_class") or target.class_.sync_session_class
+        if not getattr(current, _OWN_CLASS_MARK, False):
+            current = type(current.__name__, (current,), {_OWN_CLASS_MARK: True})
+            target.configure(sync_session_class=current)
+        return current  # type: ignore[no-any-return]
+    if AsyncSession is not None and isinstance(target, type) and issubclass(target, AsyncSession):
+        return target.sync_session_class
+    raise TypeError(
+        "attach() takes a Session (class or instance), sessionmaker, "
+        "scoped_session, AsyncSession, async_sessionmaker or "
+        f"async_scoped_session, got {target!r}"
+    )
+
+
+def own(target: ListenTarget, emitter: AuditEmitter) -> None:
+    """Record that *emitter* owns sessions of *target*.
+
+    :raises AuditConfigurationError: another emitter owns it already.
+    """
+    table: Any = _by_class if isinstance(target, type) else _by_instance
+    current = table.get(target)
+    if current is not None and current is not emitter:
+        raise AuditConfigurationError(
+            f"{target!r} already has another AuditEmitter attached; detach that "
+            "one first (one emitter per session; register several plugins on it)"
+        )
+    table[target] = emitter
+
+
+def disown(target: ListenTarget, emitter: AuditEmitter) -> None:
+    """Forget *emitter* as the owner of *target*, if it is."""
+    table: Any = _by_class if isinstance(target, type) else _by_instance
+    if table.get(target) is emitter:
+        del table[target]

@@ -1,0 +1,234 @@
+"""``stage_event``: check, copy and park an event on its transaction boundary."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Union
+
+from . import _listeners
+from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
+from ._registry import emitter_for, sync_session_of
+from ._uuid import uuid7
+from ._values import call_lazy, freeze_json, has_lazy, resolve_lazy
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session, scoped_session
+
+    from ._emitter import AuditEmitter
+
+__all__ = ["StagedEvent", "stage_event"]
+
+_EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]*\Z")
+_MAX_NAME = 128
+
+TargetId = Union[str, int, uuid.UUID]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class StagedEvent:
+    """An event waiting for its transaction to commit.
+
+    This is what :data:`~access_audit.signals.audit_event_discarded` receivers
+    get when an event is dropped. ``target_id``, ``target_name`` and values in
+    ``payload`` may still be the zero-argument callables they were staged
+    with: those are resolved only when the transaction commits, never for one
+    that rolls back.
+    """
+
+    id: uuid.UUID
+    event_type: str
+    staged_at: datetime
+    actor_id: str
+    actor_email: str | None
+    target_type: str
+    target_id: str | Callable[[], TargetId]
+    target_name: str | None | Callable[[], str | None]
+    action: str
+    reason: str | None
+    payload: Mapping[str, Any]
+    metadata: Mapping[str, Any]
+    lazy: bool
+    """Whether some value is still an unresolved callable."""
+
+    def resolve(self) -> None:
+        """Call the lazy values and check what they return, at most once.
+
+        :raises ValueError, TypeError: a lazy value raised or returned
+            something unusable; the message names the event and the field.
+        """
+        if not self.lazy:
+            return
+        where = f"event {self.event_type!r}: "
+        if callable(self.target_id):
+            self.target_id = _target_id(
+                call_lazy(self.target_id, where + "target_id"), where + "target_id"
+            )
+        if callable(self.target_name):
+            self.target_name = _optional_str(
+                call_lazy(self.target_name, where + "target_name"), where + "target_name"
+            )
+        self.payload = resolve_lazy(self.payload, where + "payload")
+        self.lazy = False
+
+
+def stage_event(
+    session: Session | scoped_session[Any] | AsyncSession,
+    event_type: str,
+    *,
+    target_type: str,
+    target_id: TargetId | Callable[[], TargetId],
+    action: str,
+    target_name: str | Callable[[], str | None] | None = None,
+    actor_id: str | None = None,
+    actor_email: str | None = None,
+    reason: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Stage an audit event on the session's current transaction.
+
+    The event belongs to the innermost transaction boundary open now (the
+    outermost transaction or a SAVEPOINT). It reaches plugins only if that
+    boundary, and every one enclosing it, commits; it is dropped when any of
+    them rolls back or ends unreleased. With no transaction open, one is begun
+    as :meth:`Session.add <sqlalchemy.orm.Session.add>` would.
+
+    ``target_id``, ``target_name`` and payload values may be zero-argument
+    callables (``lambda: group.id``), resolved after the commit's final flush
+    and before COMMIT. The actor is, in order: ``actor_id``/``actor_email``,
+    the innermost :func:`~access_audit.audit_context`, the emitter's
+    ``actor_resolver``, then ``"system"``. Metadata merges the emitter's
+    ``metadata_provider``, then the audit context, then ``metadata``.
+
+    :raises ValueError: ``event_type``, ``target_type`` or ``action`` is empty
+        or malformed, or another field has an unusable value.
+    :raises TypeError: a value of the wrong type, or not JSON-serialisable.
+    :raises AuditConfigurationError: no emitter is attached to the session.
+    :raises RuntimeError: the session is dispatching its own commit, or its
+        transaction has already committed.
+    """
+    sync_session = sync_session_of(session)
+    emitter = emitter_for(sync_session)
+    _check_event_type(event_type)
+    _check_name(target_type, "target_type")
+    _check_name(action, "action")
+    if actor_id is None and actor_email is not None:
+        raise ValueError("actor_email was given without actor_id; pass both")
+    lazy = False
+    if callable(target_id):
+        lazy = True
+    else:
+        target_id = _target_id(target_id, "target_id")
+    if callable(target_name):
+        lazy = True
+    else:
+        target_name = _optional_str(target_name, "target_name")
+    reason = _optional_str(reason, "reason")
+    frozen_payload = freeze_json(
+        {} if payload is None else payload, "payload", lazy_ok=True
+    )
+    if not isinstance(frozen_payload, dict):
+        raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
+    lazy = lazy or has_lazy(frozen_payload)
+
+    context_actor, context_metadata = current_context()
+    if actor_id is not None:
+        check_actor_fields(actor_id, actor_email, "stage_event")
+        actor = Actor(actor_id, actor_email)
+    else:
+        actor = context_actor or _resolve_actor(emitter) or SYSTEM_ACTOR
+    merged_metadata = _merge_metadata(emitter, context_metadata, metadata)
+
+    event = StagedEvent(
+        id=uuid7(),
+        event_type=event_type,
+        staged_at=datetime.now(timezone.utc),
+        actor_id=actor.id,
+        actor_email=actor.email,
+        target_type=target_type,
+        target_id=target_id,
+        target_name=target_name,
+        action=action,
+        reason=reason,
+        payload=frozen_payload,
+        metadata=merged_metadata,
+        lazy=lazy,
+    )
+    _listeners.park(sync_session, emitter, event)
+
+
+def _check_event_type(event_type: object) -> None:
+    if not isinstance(event_type, str):
+        raise TypeError(f"event_type must be a str, got {type(event_type).__name__}")
+    if not _EVENT_TYPE.match(event_type) or len(event_type) > _MAX_NAME:
+        raise ValueError(
+            f"event_type {event_type!r} is malformed: it must match "
+            f"[a-z][a-z0-9_.]* and be at most {_MAX_NAME} characters"
+        )
+
+
+def _check_name(value: object, field: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a str, got {type(value).__name__}")
+    if not value or value != value.strip() or not value.isprintable():
+        raise ValueError(
+            f"{field} {value!r} is empty or malformed: it must be non-empty, "
+            "printable, without leading or trailing whitespace"
+        )
+    if len(value) > _MAX_NAME:
+        raise ValueError(f"{field} is longer than {_MAX_NAME} characters")
+
+
+def _target_id(value: object, field: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
+        raise TypeError(
+            f"{field} must be a str, int or UUID (or a callable returning one), "
+            f"got {type(value).__name__}"
+        )
+    text = str(value) if not isinstance(value, str) else str.__str__(value)
+    if not text:
+        raise ValueError(f"{field} must not be empty")
+    return text
+
+
+def _optional_str(value: object, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a str or None, got {type(value).__name__}")
+    return str.__str__(value)
+
+
+def _resolve_actor(emitter: AuditEmitter) -> Actor | None:
+    resolver = emitter.actor_resolver
+    if resolver is None:
+        return None
+    return to_actor(resolver(), "actor_resolver")
+
+
+def _merge_metadata(
+    emitter: AuditEmitter,
+    context_metadata: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+) -> Mapping[str, Any]:
+    merged: dict[str, Any] = {}
+    if emitter.metadata_provider is not None:
+        provided = emitter.metadata_provider()
+        if provided is not None and not isinstance(provided, Mapping):
+            raise TypeError(
+                "metadata_provider must return a mapping or None, "
+                f"got {type(provided).__name__}"
+            )
+        merged.update(provided or {})
+    merged.update(context_metadata)
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
+        merged.update(metadata)
+    frozen: Mapping[str, Any] = freeze_json(merged, "metadata")
+    return frozen

@@ -1,0 +1,38 @@
+"""Blinker signals sent for committed and discarded audit events.
+
+Receivers are called one by one: a receiver that raises is logged on the
+``access_audit`` logger and the others still run; the commit is never failed
+by a receiver. Connect with ``signal.connect(receiver)`` for every emitter, or
+``signal.connect(receiver, sender=emitter)`` for one.
+"""
+
+from __future__ import annotations
+
+from blinker import Namespace
+
+__all__ = ["audit_event_committed", "audit_event_discarded"]
+
+_signals = Namespace()
+
+audit_event_committed = _signals.signal(
+    "audit-event-committed",
+    doc="""Sent once per committed event, after the plugins saw it.
+
+    :param sender: the :class:`~access_audit.AuditEmitter`.
+    :param envelope: the :class:`~access_audit.AuditEventEnvelope`.
+    """,
+)
+
+audit_event_discarded = _signals.signal(
+    "audit-event-discarded",
+    doc="""Sent once per staged event that will never be emitted.
+
+    :param sender: the :class:`~access_audit.AuditEmitter`.
+    :param event: the :class:`~access_audit.StagedEvent` (lazy values unresolved).
+    :param reason: ``"rollback"`` (its transaction rolled back),
+        ``"savepoint_rollback"`` (its SAVEPOINT rolled back), ``"close"`` (its
+        transaction ended without commit or rollback: ``close()``, ``reset()``,
+        ``invalidate()``, a SAVEPOINT closed by an error), or
+        ``"lazy_value_failed"``.
+    """,
+)

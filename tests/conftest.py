@@ -1,0 +1,116 @@
+"""Engines for every database the suite runs on, and an attached emitter.
+
+Every test that takes ``engine`` (or ``emitter``/``Session``) runs on SQLite,
+PostgreSQL and MariaDB. A server that cannot be reached skips its tests,
+except under ``CI=true``, where it fails them: CI must prove all three.
+Override the URLs with ``ACCESS_AUDIT_TEST_POSTGRESQL_URL`` and
+``ACCESS_AUDIT_TEST_MARIADB_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import sessionmaker
+from support import Base, Recorder
+
+from access_audit import AuditEmitter
+
+SERVER_URLS = {
+    "postgresql": os.environ.get(
+        "ACCESS_AUDIT_TEST_POSTGRESQL_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
+    ),
+    "mariadb": os.environ.get(
+        "ACCESS_AUDIT_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
+    ),
+}
+DATABASES = ["sqlite", *SERVER_URLS]
+
+
+def unavailable(what: str, error: BaseException) -> None:
+    """Skip locally, fail under CI: a missing server must not pass CI silently."""
+    message = f"{what} is not reachable: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI=true requires every database)", pytrace=False)
+    pytest.skip(message)
+
+
+def sqlite_engine(path: Path) -> Engine:
+    """A file SQLite engine with the pysqlite SAVEPOINT workaround.
+
+    pysqlite's own transaction handling breaks SAVEPOINT; SQLAlchemy's
+    documented recipe turns it off and emits BEGIN itself.
+    """
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: object, record: object) -> None:
+        dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")  # type: ignore[attr-defined]
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: object) -> None:
+        connection.exec_driver_sql("BEGIN")  # type: ignore[attr-defined]
+
+    return engine
+
+
+_server_engines: dict[str, Engine | BaseException] = {}
+
+
+def server_engine(name: str) -> Engine:
+    """One engine per server for the whole run; skip/fail if it is down."""
+    if name not in _server_engines:
+        engine = create_engine(SERVER_URLS[name], pool_pre_ping=True)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as error:
+            engine.dispose()
+            _server_engines[name] = error
+        else:
+            _server_engines[name] = engine
+    found = _server_engines[name]
+    if isinstance(found, BaseException):
+        unavailable(name, found)
+    assert isinstance(found, Engine)
+    return found
+
+
+@pytest.fixture(params=DATABASES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine with the test tables freshly created, on each database."""
+    if request.param == "sqlite":
+        engine = sqlite_engine(tmp_path / "test.db")
+    else:
+        engine = server_engine(request.param)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    yield engine
+    Base.metadata.drop_all(engine)
+    if request.param == "sqlite":
+        engine.dispose()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def emitter(recorder: Recorder) -> AuditEmitter:
+    """An emitter with the recording plugin, no entry-point plugins."""
+    return AuditEmitter([recorder], load_entrypoints=False)
+
+
+@pytest.fixture
+def Session(engine: Engine, emitter: AuditEmitter) -> Iterator[sessionmaker]:  # noqa: N802
+    """A sessionmaker on ``engine`` with ``emitter`` attached."""
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    yield maker
+    emitter.detach(maker)
