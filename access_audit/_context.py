@@ -26,6 +26,7 @@ class Actor:
 ActorLike = Union[Actor, "tuple[str, str | None]", None]
 """What an actor resolver or loader may return."""
 
+
 def check_actor_fields(actor_id: object, actor_email: object, where: str) -> None:
     """Raise if an actor's id or e-mail is not a usable string."""
     if not isinstance(actor_id, str) or not actor_id.strip():
@@ -64,7 +65,9 @@ class _AmbientContext:
 
 
 _EMPTY = _AmbientContext(actor=None, metadata=MappingProxyType({}))
-_current: ContextVar[_AmbientContext] = ContextVar("access_audit_context", default=_EMPTY)
+_current: ContextVar[_AmbientContext] = ContextVar(
+    "access_audit_context", default=_EMPTY
+)
 
 
 def current_context() -> tuple[Actor | None, Mapping[str, Any]]:

@@ -117,7 +117,9 @@ class AuditEmitter:
         if not signals.audit_event_discarded.receivers:
             return
         for staged in events:
-            send_isolated(signals.audit_event_discarded, self, event=staged, reason=reason)
+            send_isolated(
+                signals.audit_event_discarded, self, event=staged, reason=reason
+            )
 
     def _refuse_wrappers(self, plugin: object) -> None:
         for caller in self.plugin_manager.get_hookcallers(plugin) or ():

@@ -59,7 +59,9 @@ class AuditEventEnvelope:
             value = getattr(self, name)
             if type(value) is not ReadOnlyDict:
                 if not isinstance(value, Mapping):
-                    raise TypeError(f"{name} must be a mapping, got {type(value).__name__}")
+                    raise TypeError(
+                        f"{name} must be a mapping, got {type(value).__name__}"
+                    )
                 object.__setattr__(self, name, freeze_json(value, name))
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +100,8 @@ class AuditEventEnvelope:
         unknown = [name for name in data if name not in _FIELDS]
         if missing or unknown:
             raise ValueError(
-                f"not an audit envelope: missing fields {missing}, unknown fields {unknown}"
+                f"not an audit envelope: missing fields {missing}, "
+                f"unknown fields {unknown}"
             )
         values = dict(data)
         for name in ("id", "transaction_id"):

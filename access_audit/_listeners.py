@@ -15,6 +15,7 @@ as committed; it also fires for RELEASE SAVEPOINT.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,8 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ._envelope import AuditEventEnvelope
-from ._uuid import uuid7
 from ._logging import logger
+from ._uuid import uuid7
 
 if TYPE_CHECKING:
     from ._emitter import AuditEmitter
@@ -111,7 +112,7 @@ class SessionListeners:
 
     def __init__(self, emitter: AuditEmitter) -> None:
         self._emitter = emitter
-        self._hooks = {
+        self._hooks: dict[str, Callable[..., None]] = {
             "before_commit": self._before_commit,
             "after_flush_postexec": self._after_flush_postexec,
             "after_commit": self._after_commit,
@@ -200,10 +201,10 @@ class SessionListeners:
         rolled_back = transaction in pending.rolled_back
         pending.rolled_back.discard(transaction)
         outer = _enclosing_boundary(transaction)
-        envelopes = ()
+        envelopes: tuple[AuditEventEnvelope, ...] = ()
         if committed and outer is None:
             envelopes, pending.envelopes = pending.envelopes, ()
-        elif committed and events:
+        elif committed and events and outer is not None:
             pending.levels.setdefault(outer, []).extend(events)
             events = None
         if transaction.parent is None:
@@ -236,7 +237,9 @@ def _resolve_or_drop(events: list[StagedEvent]) -> list[StagedEvent]:
         try:
             staged.resolve()
         except (TypeError, ValueError):
-            logger.exception("dropping committed event %s (%s)", staged.id, staged.event_type)
+            logger.exception(
+                "dropping committed event %s (%s)", staged.id, staged.event_type
+            )
             failed.append(staged)
     events[:] = [staged for staged in events if staged not in failed]
     return failed
@@ -267,5 +270,3 @@ def _envelopes(events: list[StagedEvent] | tuple[()]) -> tuple[AuditEventEnvelop
         )
         for sequence, staged in enumerate(events)
     )
-
-

@@ -12,12 +12,16 @@ from ._errors import AuditConfigurationError
 if TYPE_CHECKING:
     from ._emitter import AuditEmitter
 
-__all__ = ["emitter_for", "listen_target", "own", "disown", "sync_session_of"]
+__all__ = ["disown", "emitter_for", "listen_target", "own", "sync_session_of"]
 
 ListenTarget = Union[Session, "type[Session]"]
 
-_by_instance: weakref.WeakKeyDictionary[Session, AuditEmitter] = weakref.WeakKeyDictionary()
-_by_class: weakref.WeakKeyDictionary[type[Session], AuditEmitter] = weakref.WeakKeyDictionary()
+_by_instance: weakref.WeakKeyDictionary[Session, AuditEmitter] = (
+    weakref.WeakKeyDictionary()
+)
+_by_class: weakref.WeakKeyDictionary[type[Session], AuditEmitter] = (
+    weakref.WeakKeyDictionary()
+)
 
 # Marks the Session subclass made for an async_sessionmaker, so that attaching
 # to the same maker again finds it instead of making another.
@@ -33,7 +37,8 @@ def sync_session_of(session: Any) -> Session:
     if isinstance(session, Session):
         return session
     if isinstance(session, scoped_session):
-        return session()
+        current: Session = session()
+        return current
     sync = getattr(session, "sync_session", None)
     if isinstance(sync, Session):
         return sync
@@ -102,12 +107,18 @@ def _async_listen_target(target: Any) -> ListenTarget:
     if async_scoped_session is not None and isinstance(target, async_scoped_session):
         return _async_listen_target(target.session_factory)
     if async_sessionmaker is not None and isinstance(target, async_sessionmaker):
-        current = target.kw.get("sync_session_class") or target.class_.sync_session_class
+        current = (
+            target.kw.get("sync_session_class") or target.class_.sync_session_class
+        )
         if not getattr(current, _OWN_CLASS_MARK, False):
             current = type(current.__name__, (current,), {_OWN_CLASS_MARK: True})
             target.configure(sync_session_class=current)
         return current  # type: ignore[no-any-return]
-    if AsyncSession is not None and isinstance(target, type) and issubclass(target, AsyncSession):
+    if (
+        AsyncSession is not None
+        and isinstance(target, type)
+        and issubclass(target, AsyncSession)
+    ):
         return target.sync_session_class
     raise TypeError(
         "attach() takes a Session (class or instance), sessionmaker, "

@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from . import _listeners
 from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
@@ -26,7 +26,7 @@ __all__ = ["StagedEvent", "stage_event"]
 _EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]*\Z")
 _MAX_NAME = 128
 
-TargetId = Union[str, int, uuid.UUID]
+TargetId = str | int | uuid.UUID
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -47,7 +47,7 @@ class StagedEvent:
     actor_email: str | None
     target_type: str
     target_id: str | Callable[[], TargetId]
-    target_name: str | None | Callable[[], str | None]
+    target_name: str | Callable[[], str | None] | None
     action: str
     reason: str | None
     payload: Mapping[str, Any]
@@ -70,7 +70,8 @@ class StagedEvent:
             )
         if callable(self.target_name):
             self.target_name = _optional_str(
-                call_lazy(self.target_name, where + "target_name"), where + "target_name"
+                call_lazy(self.target_name, where + "target_name"),
+                where + "target_name",
             )
         self.payload = resolve_lazy(self.payload, where + "payload")
         self.lazy = False
@@ -228,7 +229,9 @@ def _merge_metadata(
     merged.update(context_metadata)
     if metadata is not None:
         if not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}")
+            raise TypeError(
+                f"metadata must be a mapping, got {type(metadata).__name__}"
+            )
         merged.update(metadata)
     frozen: Mapping[str, Any] = freeze_json(merged, "metadata")
     return frozen

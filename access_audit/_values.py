@@ -54,7 +54,9 @@ class ReadOnlyList(list):  # type: ignore[type-arg]
         return list.__repr__(self)
 
 
-def freeze_json(value: Any, where: str, *, lazy_ok: bool = False, depth: int = 0) -> Any:
+def freeze_json(
+    value: Any, where: str, *, lazy_ok: bool = False, depth: int = 0
+) -> Any:
     """Return a read-only copy of *value* made of plain JSON types.
 
     ``where`` names the value in error messages (``payload['roles'][2]``).
@@ -123,7 +125,10 @@ def resolve_lazy(value: Any, where: str) -> Any:
     """
     if isinstance(value, dict):
         return ReadOnlyDict(
-            {key: resolve_lazy(item, f"{where}[{key!r}]") for key, item in value.items()}
+            {
+                key: resolve_lazy(item, f"{where}[{key!r}]")
+                for key, item in value.items()
+            }
         )
     if isinstance(value, list):
         return ReadOnlyList(

@@ -1,0 +1,455 @@
+"""AsyncSession: the same transaction semantics through its ``sync_session``.
+
+Every test runs on aiosqlite (a file database with the SAVEPOINT workaround)
+and on asyncpg. pytest-asyncio is not used: each test drives its own event
+loop with :func:`asyncio.run` and disposes its engine inside that loop.
+
+On PostgreSQL every test creates the tables of ``support.Base`` in a schema of
+its own (``schema_translate_map``), so that it cannot clash with other test
+runs using the same database at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import Session
+from support import Base, Item, Recorder
+
+from access_audit import (
+    AuditConfigurationError,
+    AuditEmitter,
+    StagedEvent,
+    signals,
+    stage_event,
+)
+
+POSTGRESQL_ASYNC_URL = os.environ.get(
+    "ACCESS_AUDIT_TEST_POSTGRESQL_ASYNC_URL",
+    "postgresql+asyncpg://root@127.0.0.1:5432/test",
+)
+BACKENDS = ["aiosqlite", "asyncpg"]
+
+AsyncTarget = Any
+"""An AsyncSession, or an async_scoped_session standing for one."""
+
+
+def unavailable(what: str, error: BaseException) -> None:
+    """Skip locally, fail under CI: a missing server must not pass CI silently."""
+    message = f"{what} is not reachable: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI=true requires every database)", pytrace=False)
+    pytest.skip(message)
+
+
+_probed: dict[str, BaseException | None] = {}
+
+
+def probe_asyncpg() -> None:
+    """Connect once per run; skip (or fail under CI) if PostgreSQL is down."""
+    if "asyncpg" not in _probed:
+
+        async def connect() -> None:
+            engine = create_async_engine(POSTGRESQL_ASYNC_URL)
+            try:
+                async with engine.connect() as connection:
+                    await connection.execute(text("SELECT 1"))
+            finally:
+                await engine.dispose()
+
+        try:
+            asyncio.run(connect())
+        except Exception as error:
+            _probed["asyncpg"] = error
+        else:
+            _probed["asyncpg"] = None
+    error = _probed["asyncpg"]
+    if error is not None:
+        unavailable("PostgreSQL (asyncpg)", error)
+
+
+@dataclasses.dataclass
+class Backend:
+    """How to build a fresh async engine for one test, inside its event loop."""
+
+    name: str
+    path: Path
+    schema: str = dataclasses.field(
+        default_factory=lambda: f"audit_async_{uuid.uuid4().hex[:12]}"
+    )
+
+    def engine(self) -> AsyncEngine:
+        if self.name == "aiosqlite":
+            return aiosqlite_engine(self.path)
+        return create_async_engine(
+            POSTGRESQL_ASYNC_URL,
+            execution_options={"schema_translate_map": {None: self.schema}},
+        )
+
+    async def create_tables(self, engine: AsyncEngine) -> None:
+        async with engine.begin() as connection:
+            if self.name == "asyncpg":
+                await connection.execute(text(f'CREATE SCHEMA "{self.schema}"'))
+            await connection.run_sync(Base.metadata.create_all)
+
+    async def drop_tables(self, engine: AsyncEngine) -> None:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.drop_all)
+            if self.name == "asyncpg":
+                await connection.execute(text(f'DROP SCHEMA "{self.schema}" CASCADE'))
+
+
+def aiosqlite_engine(path: Path) -> AsyncEngine:
+    """A file aiosqlite engine with SQLAlchemy's SAVEPOINT recipe.
+
+    The driver's own transaction handling breaks SAVEPOINT; the documented
+    recipe turns it off on ``engine.sync_engine`` and emits BEGIN itself.
+    """
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, record: object) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """aiosqlite on a file in ``tmp_path``, or asyncpg (skipped if down)."""
+    if request.param == "asyncpg":
+        probe_asyncpg()
+    return Backend(request.param, tmp_path / "test.db")
+
+
+Body = Callable[[AsyncEngine], Awaitable[None]]
+
+
+def run(backend: Backend, body: Body) -> None:
+    """Run *body* on a fresh engine with the test tables, in a new event loop."""
+
+    async def main() -> None:
+        engine = backend.engine()
+        try:
+            await backend.create_tables(engine)
+            try:
+                await body(engine)
+            finally:
+                await backend.drop_tables(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def emitter(recorder: Recorder) -> AuditEmitter:
+    """An emitter with the recording plugin, no entry-point plugins."""
+    return AuditEmitter([recorder], load_entrypoints=False)
+
+
+@pytest.fixture
+def discarded(emitter: AuditEmitter) -> Iterator[list[tuple[str, str]]]:
+    """(target_id, reason) of each event ``emitter`` reports as discarded."""
+    seen: list[tuple[str, str]] = []
+
+    def receiver(sender: AuditEmitter, *, event: StagedEvent, reason: str) -> None:
+        seen.append((str(event.target_id), reason))
+
+    signals.audit_event_discarded.connect(receiver, sender=emitter, weak=False)
+    yield seen
+    signals.audit_event_discarded.disconnect(receiver, sender=emitter)
+
+
+def operation(session: AsyncTarget, name: str) -> Item:
+    """Add an Item and stage the event that records it, on an async session."""
+    item = Item(name=name)
+    session.add(item)
+    stage_event(
+        session, "item_created", target_type="item", target_id=name, action="create"
+    )
+    return item
+
+
+async def stored_rows(engine: AsyncEngine) -> dict[str, int]:
+    """name -> id of the Items really in the database (an unaudited session)."""
+    async with AsyncSession(engine) as session:
+        rows = await session.execute(select(Item.name, Item.id))
+        return {name: id_ for name, id_ in rows.tuples()}
+
+
+async def stored_names(engine: AsyncEngine) -> list[str]:
+    return sorted(await stored_rows(engine))
+
+
+# -- transaction semantics, attached through an async_sessionmaker -----------
+
+
+def test_commit_emits(
+    backend: Backend, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An AsyncSession commit emits its events once, in order, as one batch."""
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        async with maker() as session:
+            operation(session, "a")
+            operation(session, "b")
+            assert recorder.events == []
+            await session.commit()
+        assert recorder.names == ["a", "b"]
+        assert [len(batch) for batch in recorder.batches] == [2]
+        assert [envelope.sequence for envelope in recorder.events] == [0, 1]
+        assert await stored_names(engine) == ["a", "b"]
+
+    run(backend, body)
+
+
+def test_savepoint_released_then_commit_emits_all(
+    backend: Backend, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A released SAVEPOINT emits nothing; the later commit emits every event."""
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        async with maker() as session:
+            operation(session, "a")
+            async with session.begin_nested():
+                operation(session, "b")
+            assert recorder.events == []
+            operation(session, "c")
+            await session.commit()
+        assert recorder.names == ["a", "b", "c"]
+        assert len(recorder.batches) == 1
+        assert await stored_names(engine) == ["a", "b", "c"]
+
+    run(backend, body)
+
+
+def test_savepoint_rollback_drops_only_its_events(
+    backend: Backend,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    discarded: list[tuple[str, str]],
+) -> None:
+    """A rolled-back SAVEPOINT drops its events; the outer ones are emitted."""
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        async with maker() as session:
+            operation(session, "a")
+            nested = await session.begin_nested()
+            operation(session, "b")
+            await nested.rollback()
+            assert discarded == [("b", "savepoint_rollback")]
+            operation(session, "c")
+            await session.commit()
+        assert recorder.names == ["a", "c"]
+        assert await stored_names(engine) == ["a", "c"]
+
+    run(backend, body)
+
+
+def test_rollback_emits_nothing(
+    backend: Backend,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    discarded: list[tuple[str, str]],
+) -> None:
+    """rollback() emits nothing, and nothing leaks into the next transaction."""
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        async with maker() as session:
+            operation(session, "a")
+            await session.flush()
+            await session.rollback()
+            assert recorder.events == []
+            assert discarded == [("a", "rollback")]
+            operation(session, "b")
+            await session.commit()
+        assert recorder.names == ["b"]
+        assert await stored_names(engine) == ["b"]
+
+    run(backend, body)
+
+
+def test_lazy_target_id_is_the_generated_key(
+    backend: Backend, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A lazy target_id resolves to the database-generated key on commit."""
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        async with maker() as session:
+            first, second = Item(name="first"), Item(name="second")
+            session.add_all([first, second])
+            for item in (first, second):
+                stage_event(
+                    session,
+                    "item_created",
+                    target_type="item",
+                    target_id=lambda item=item: item.id,  # type: ignore[misc]
+                    target_name=item.name,
+                    action="create",
+                )
+            # Nothing is flushed yet: the keys do not exist at stage time.
+            assert (first.id, second.id) == (None, None)
+            await session.commit()
+        rows = await stored_rows(engine)
+        assert sorted(rows) == ["first", "second"]
+        assert [(e.target_name, e.target_id) for e in recorder.events] == [
+            ("first", str(rows["first"])),
+            ("second", str(rows["second"])),
+        ]
+
+    run(backend, body)
+
+
+# -- every async attach target -----------------------------------------------
+
+
+class OwnSyncSession(Session):
+    """The sync_session_class of :class:`OwnAsyncSession`."""
+
+
+class OwnAsyncSession(AsyncSession):
+    """An AsyncSession subclass with a sync session class of its own."""
+
+    sync_session_class = OwnSyncSession
+
+
+AsyncTargetFactory = Callable[[AsyncEngine], tuple[Any, Callable[[], AsyncTarget]]]
+
+
+def via_async_sessionmaker(engine: AsyncEngine) -> tuple[Any, Callable[[], Any]]:
+    maker = async_sessionmaker(engine)
+    return maker, maker
+
+
+def via_instance(engine: AsyncEngine) -> tuple[Any, Callable[[], Any]]:
+    session = AsyncSession(engine)
+    return session, lambda: session
+
+
+def via_subclass(engine: AsyncEngine) -> tuple[Any, Callable[[], Any]]:
+    return OwnAsyncSession, lambda: OwnAsyncSession(engine)
+
+
+def via_scoped(engine: AsyncEngine) -> tuple[Any, Callable[[], Any]]:
+    scoped = async_scoped_session(
+        async_sessionmaker(engine), scopefunc=asyncio.current_task
+    )
+    return scoped, lambda: scoped
+
+
+ASYNC_TARGETS: list[AsyncTargetFactory] = [
+    via_async_sessionmaker,
+    via_instance,
+    via_subclass,
+    via_scoped,
+]
+ASYNC_TARGET_IDS = [
+    "async_sessionmaker",
+    "AsyncSession_instance",
+    "AsyncSession_subclass",
+    "async_scoped_session",
+]
+
+
+@pytest.mark.parametrize("make_target", ASYNC_TARGETS, ids=ASYNC_TARGET_IDS)
+def test_attach_async_target(
+    backend: Backend,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    make_target: AsyncTargetFactory,
+) -> None:
+    """attach() works on every async target; stage_event takes what it hands out."""
+
+    async def body(engine: AsyncEngine) -> None:
+        target, session_of = make_target(engine)
+        emitter.attach(target)
+        try:
+            session = session_of()
+            operation(session, "a")
+            nested = await session.begin_nested()
+            operation(session, "dropped")
+            await nested.rollback()
+            operation(session, "b")
+            await session.commit()
+            assert recorder.names == ["a", "b"]
+            operation(session, "c")
+            await session.rollback()
+            await session.close()
+            assert recorder.names == ["a", "b"]
+            # An unaudited session next to it is refused, not silently dropped.
+            async with AsyncSession(engine) as other:
+                with pytest.raises(AuditConfigurationError):
+                    operation(other, "lost")
+        finally:
+            if isinstance(target, async_scoped_session):
+                await target.remove()
+            emitter.detach(target)
+        assert await stored_names(engine) == ["a", "b"]
+
+    run(backend, body)
+
+
+def test_async_scoped_session_per_task(
+    backend: Backend, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An async_scoped_session keyed by task keeps each task's events apart."""
+
+    async def body(engine: AsyncEngine) -> None:
+        scoped = async_scoped_session(
+            async_sessionmaker(engine), scopefunc=asyncio.current_task
+        )
+        emitter.attach(scoped)
+
+        async def task(name: str, commit: bool, staged: asyncio.Event) -> None:
+            operation(scoped, name)
+            staged.set()
+            await asyncio.sleep(0)
+            if commit:
+                await scoped.commit()
+            else:
+                await scoped.rollback()
+            await scoped.remove()
+
+        staged = [asyncio.Event(), asyncio.Event()]
+        try:
+            await asyncio.gather(
+                task("committed", True, staged[0]),
+                task("rolled_back", False, staged[1]),
+            )
+        finally:
+            emitter.detach(scoped)
+        assert all(flag.is_set() for flag in staged)
+        assert recorder.names == ["committed"]
+        assert await stored_names(engine) == ["committed"]
+
+    run(backend, body)
