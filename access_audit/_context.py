@@ -29,8 +29,12 @@ ActorLike = Union[Actor, "tuple[str, str | None]", None]
 
 def check_actor_fields(actor_id: object, actor_email: object, where: str) -> None:
     """Raise if an actor's id or e-mail is not a usable string."""
-    if not isinstance(actor_id, str) or not actor_id.strip():
-        raise ValueError(f"{where}: actor_id must be a non-empty str, got {actor_id!r}")
+    if not isinstance(actor_id, str):
+        raise TypeError(
+            f"{where}: actor_id must be a str, got {type(actor_id).__name__}"
+        )
+    if not actor_id.strip():
+        raise ValueError(f"{where}: actor_id must not be empty, got {actor_id!r}")
     if actor_email is not None and not isinstance(actor_email, str):
         raise TypeError(
             f"{where}: actor_email must be a str or None, "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -19,7 +20,25 @@ if TYPE_CHECKING:
     from ._envelope import AuditEventEnvelope
     from ._staging import StagedEvent
 
-__all__ = ["AuditEmitter"]
+__all__ = ["AuditEmitter", "raising_plugin_errors"]
+
+# Above zero while a test recorder asks every emitter to raise plugin errors.
+_raise_everywhere = 0
+
+
+@contextlib.contextmanager
+def raising_plugin_errors() -> Iterator[None]:
+    """Act as if every emitter had ``raise_plugin_errors=True`` inside the block.
+
+    For test runs (``access_audit.testing``): a plugin bug fails the test
+    that triggered it instead of only being logged. Process-wide.
+    """
+    global _raise_everywhere
+    _raise_everywhere += 1
+    try:
+        yield
+    finally:
+        _raise_everywhere -= 1
 
 
 class AuditEmitter:
@@ -106,7 +125,7 @@ class AuditEmitter:
 
     def _deliver(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
         errors = deliver(self.plugin_manager, self, envelopes)
-        if errors and self.raise_plugin_errors:
+        if errors and (self.raise_plugin_errors or _raise_everywhere):
             first = errors[0]
             for later in errors[1:]:
                 if hasattr(first, "add_note"):  # Python 3.11+

@@ -42,6 +42,7 @@ ROLLBACK = "rollback"
 SAVEPOINT_ROLLBACK = "savepoint_rollback"
 CLOSE = "close"
 LAZY_VALUE_FAILED = "lazy_value_failed"
+DETACHED = "detached"
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -93,7 +94,9 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
     pending: _Pending | None = info.get(PENDING_KEY)
     if pending is None:
         pending = info[PENDING_KEY] = _Pending(emitter)
-    elif boundary in pending.committed:
+    elif pending.emitter is not emitter:
+        _change_owner(session, pending, emitter)
+    if boundary in pending.committed:
         raise RuntimeError(
             "stage_event() was called after this transaction committed (from an "
             "after_commit hook?); its events have been sent already. Stage "
@@ -105,6 +108,27 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
     level.append(staged)
     if pending.committing and not session._flushing:
         staged.resolve()
+
+
+def _change_owner(session: Session, pending: _Pending, emitter: AuditEmitter) -> None:
+    """Hand a session's parked events to the emitter that owns it now.
+
+    The emitter attached when the transaction ends sends all of its events
+    (one attached to the session itself after staging began takes over).
+    Levels of transactions that ended while no emitter was listening (after
+    ``detach()``) are dropped here, as ``detach()`` documents.
+    """
+    previous = pending.emitter
+    pending.emitter = emitter
+    open_transactions = set()
+    transaction = session._transaction
+    while transaction is not None:
+        open_transactions.add(transaction)
+        transaction = transaction.parent
+    for stale in [t for t in pending.levels if t not in open_transactions]:
+        previous._discarded(pending.levels.pop(stale), DETACHED)
+    pending.committed &= open_transactions
+    pending.rolled_back &= open_transactions
 
 
 class SessionListeners:

@@ -119,7 +119,15 @@ def _async_listen_target(target: Any) -> ListenTarget:
         and isinstance(target, type)
         and issubclass(target, AsyncSession)
     ):
-        return target.sync_session_class
+        if target.sync_session_class is Session:
+            raise TypeError(
+                f"attach({target.__name__}) would attach to every Session in the "
+                "process (its sync_session_class is Session); attach an "
+                "async_sessionmaker or AsyncSession instance, give the class its "
+                "own sync_session_class, or attach Session itself if you mean it"
+            )
+        sync_class: type[Session] = target.sync_session_class
+        return sync_class
     raise TypeError(
         "attach() takes a Session (class or instance), sessionmaker, "
         "scoped_session, AsyncSession, async_sessionmaker or "

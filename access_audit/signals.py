@@ -32,7 +32,9 @@ audit_event_discarded = _signals.signal(
     :param reason: ``"rollback"`` (its transaction rolled back),
         ``"savepoint_rollback"`` (its SAVEPOINT rolled back), ``"close"`` (its
         transaction ended without commit or rollback: ``close()``, ``reset()``,
-        ``invalidate()``, a SAVEPOINT closed by an error), or
-        ``"lazy_value_failed"``.
+        ``invalidate()``),
+        ``"lazy_value_failed"`` (a lazy value failed after COMMIT, see
+        :func:`~access_audit.stage_event`), or ``"detached"`` (its
+        transaction ended while its emitter was detached).
     """,
 )

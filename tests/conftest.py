@@ -20,9 +20,12 @@ from support import Base, Recorder
 
 from access_audit import AuditEmitter
 
+pytest_plugins = ["pytester"]
+
 SERVER_URLS = {
     "postgresql": os.environ.get(
-        "ACCESS_AUDIT_TEST_POSTGRESQL_URL", "postgresql+psycopg://root@127.0.0.1:5432/test"
+        "ACCESS_AUDIT_TEST_POSTGRESQL_URL",
+        "postgresql+psycopg://root@127.0.0.1:5432/test",
     ),
     "mariadb": os.environ.get(
         "ACCESS_AUDIT_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
@@ -108,7 +111,7 @@ def emitter(recorder: Recorder) -> AuditEmitter:
 
 
 @pytest.fixture
-def Session(engine: Engine, emitter: AuditEmitter) -> Iterator[sessionmaker]:  # noqa: N802
+def Session(engine: Engine, emitter: AuditEmitter) -> Iterator[sessionmaker]:
     """A sessionmaker on ``engine`` with ``emitter`` attached."""
     maker = sessionmaker(engine)
     emitter.attach(maker)

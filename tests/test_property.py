@@ -1,27 +1,39 @@
 """Random sequences of transaction operations against a model of nested levels.
 
-Hypothesis draws a list of operations (stage, SAVEPOINT begin/release/rollback,
-a flush error inside a SAVEPOINT, commit, rollback, close) and runs it on a
-real session of each database. A pure-Python model keeps one list of staged
-names per open level; after every commit, rollback and close the events the
-plugin received, the batches, the discarded events and the rows in the
-database must be exactly what the model says.
+A Hypothesis state machine runs random sequences of operations (stage,
+SAVEPOINT begin/release/rollback, a flush error inside a SAVEPOINT, commit,
+rollback, close) on a real session of each database. A pure-Python model
+keeps one list of staged names per open level; after every commit, rollback
+and close the events the plugin received, the batches, the discarded events
+and the rows in the database must be exactly what the model says.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from sqlalchemy import Engine, String, delete, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    SessionTransaction,
+    mapped_column,
+    sessionmaker,
+)
 from support import Recorder
 
 from access_audit import AuditEmitter, StagedEvent, signals, stage_event
@@ -44,26 +56,6 @@ DUPLICATE = "duplicate"
 """A committed row whose name every flush error inserts again."""
 
 _names = itertools.count()
-
-
-class Op(enum.Enum):
-    STAGE = "stage"
-    BEGIN_NESTED = "begin_nested"
-    RELEASE = "release"
-    SAVEPOINT_ROLLBACK = "savepoint_rollback"
-    FLUSH_ERROR_IN_SAVEPOINT = "flush_error_in_savepoint"
-    FLUSH_ERROR_BLOCK = "flush_error_block"
-    COMMIT = "commit"
-    ROLLBACK = "rollback"
-    CLOSE = "close"
-
-
-# Staging and opening SAVEPOINTs are drawn more often, so that sequences nest.
-OPERATIONS = st.lists(
-    st.sampled_from([Op.STAGE, Op.STAGE, Op.BEGIN_NESTED, *Op]),
-    min_size=1,
-    max_size=30,
-)
 
 ROLLBACK_REASONS = frozenset({"rollback"})
 SAVEPOINT_REASONS = frozenset({"savepoint_rollback"})
@@ -109,77 +101,6 @@ def fail_flush(session: Session) -> None:
         session.flush()
 
 
-def run(session: Session, model: Model, op: Op) -> bool:
-    """Apply *op* to the session and the model; False if it does not apply now."""
-    nested = len(model.levels) >= 2
-    if op is Op.STAGE:
-        name = f"p{next(_names)}"
-        operation(session, name)
-        model.begin()
-        model.levels[-1].append(name)
-    elif op is Op.BEGIN_NESTED:
-        session.begin_nested()
-        model.begin()
-        model.levels.append([])
-    elif op is Op.RELEASE:
-        if not nested:
-            return False
-        savepoint = session.get_nested_transaction()
-        assert savepoint is not None
-        savepoint.commit()
-        released = model.levels.pop()
-        model.levels[-1].extend(released)
-    elif op is Op.SAVEPOINT_ROLLBACK:
-        if not nested:
-            return False
-        savepoint = session.get_nested_transaction()
-        assert savepoint is not None
-        savepoint.rollback()
-        model.drop(model.levels.pop(), SAVEPOINT_REASONS)
-    elif op is Op.FLUSH_ERROR_IN_SAVEPOINT:
-        # A flush error in the open SAVEPOINT; the caller then rolls it back.
-        if not nested:
-            return False
-        savepoint = session.get_nested_transaction()
-        assert savepoint is not None
-        name = f"p{next(_names)}"
-        operation(session, name)
-        model.levels[-1].append(name)
-        fail_flush(session)
-        savepoint.rollback()
-        model.drop(model.levels.pop(), FLUSH_ERROR_REASONS)
-    elif op is Op.FLUSH_ERROR_BLOCK:
-        # The usual idiom: a `with begin_nested():` block that a flush error
-        # leaves; only that block's events go.
-        name = f"p{next(_names)}"
-        with pytest.raises(IntegrityError), session.begin_nested():
-            operation(session, name)
-            session.add(PropItem(name=DUPLICATE))
-            session.flush()
-        model.begin()
-        model.drop([name], FLUSH_ERROR_REASONS)
-    elif op is Op.COMMIT:
-        session.commit()
-        events = [name for level in model.levels for name in level]
-        if events:
-            model.batches.append(events)
-            model.committed.extend(events)
-        model.levels = []
-    elif op is Op.ROLLBACK:
-        session.rollback()
-        if model.levels:
-            model.drop(model.levels[0], ROLLBACK_REASONS)
-            for level in model.levels[1:]:
-                model.drop(level, NESTED_ROLLBACK_REASONS)
-        model.levels = []
-    elif op is Op.CLOSE:
-        session.close()
-        for level in model.levels:
-            model.drop(level, CLOSE_REASONS)
-        model.levels = []
-    return True
-
-
 def check(
     engine: Engine,
     recorder: Recorder,
@@ -207,6 +128,129 @@ def check(
     assert stored == sorted([DUPLICATE, *model.committed])
 
 
+class TransactionMachine(RuleBasedStateMachine):
+    """One session per example; every rule acts on it and on the model."""
+
+    engine: ClassVar[Engine]
+
+    def __init__(self) -> None:
+        super().__init__()
+        with self.engine.begin() as connection:
+            connection.execute(delete(PropItem))
+            connection.execute(insert(PropItem), [{"name": DUPLICATE}])
+        self.recorder = Recorder()
+        self.emitter = AuditEmitter([self.recorder], load_entrypoints=False)
+        self.maker = sessionmaker(self.engine)
+        self.emitter.attach(self.maker)
+        self.discarded: list[tuple[str, str]] = []
+        signals.audit_event_discarded.connect(self.on_discarded, sender=self.emitter)
+        self.model = Model()
+        self.session = self.maker()
+
+    def on_discarded(self, sender: Any, event: StagedEvent, reason: str) -> None:
+        assert isinstance(event.target_id, str)
+        self.discarded.append((event.target_id, reason))
+
+    def nested(self) -> bool:
+        return len(self.model.levels) >= 2
+
+    def check(self) -> None:
+        check(self.engine, self.recorder, self.discarded, self.model)
+
+    def savepoint(self) -> SessionTransaction:
+        savepoint = self.session.get_nested_transaction()
+        assert savepoint is not None
+        return savepoint
+
+    @rule(count=st.integers(1, 3))
+    def stage(self, count: int) -> None:
+        for _ in range(count):
+            name = f"p{next(_names)}"
+            operation(self.session, name)
+            self.model.begin()
+            self.model.levels[-1].append(name)
+
+    @rule()
+    def begin_nested(self) -> None:
+        self.session.begin_nested()
+        self.model.begin()
+        self.model.levels.append([])
+
+    @precondition(nested)
+    @rule()
+    def release(self) -> None:
+        self.savepoint().commit()
+        released = self.model.levels.pop()
+        self.model.levels[-1].extend(released)
+
+    @precondition(nested)
+    @rule()
+    def savepoint_rollback(self) -> None:
+        self.savepoint().rollback()
+        self.model.drop(self.model.levels.pop(), SAVEPOINT_REASONS)
+
+    @precondition(nested)
+    @rule()
+    def flush_error_in_savepoint(self) -> None:
+        """A flush error in the open SAVEPOINT, which the caller rolls back."""
+        savepoint = self.savepoint()
+        name = f"p{next(_names)}"
+        operation(self.session, name)
+        self.model.levels[-1].append(name)
+        fail_flush(self.session)
+        savepoint.rollback()
+        self.model.drop(self.model.levels.pop(), FLUSH_ERROR_REASONS)
+
+    @rule()
+    def flush_error_block(self) -> None:
+        """The usual idiom: a flush error leaves a `with begin_nested():` block."""
+        name = f"p{next(_names)}"
+        with pytest.raises(IntegrityError), self.session.begin_nested():
+            operation(self.session, name)
+            self.session.add(PropItem(name=DUPLICATE))
+            self.session.flush()
+        self.model.begin()
+        self.model.drop([name], FLUSH_ERROR_REASONS)
+
+    @rule()
+    def commit(self) -> None:
+        self.session.commit()
+        events = [name for level in self.model.levels for name in level]
+        if events:
+            self.model.batches.append(events)
+            self.model.committed.extend(events)
+        self.model.levels = []
+        self.check()
+
+    @rule()
+    def rollback(self) -> None:
+        self.session.rollback()
+        if self.model.levels:
+            self.model.drop(self.model.levels[0], ROLLBACK_REASONS)
+            for level in self.model.levels[1:]:
+                self.model.drop(level, NESTED_ROLLBACK_REASONS)
+        self.model.levels = []
+        self.check()
+
+    @rule()
+    def close(self) -> None:
+        self.session.close()
+        for level in self.model.levels:
+            self.model.drop(level, CLOSE_REASONS)
+        self.model.levels = []
+        self.check()
+
+    def teardown(self) -> None:
+        # No checks here: a failed step would be reported a second time.
+        try:
+            self.session.close()
+        finally:
+            signals.audit_event_discarded.disconnect(
+                self.on_discarded, sender=self.emitter
+            )
+            self.emitter.detach(self.maker)
+
+
 @pytest.fixture
 def prop_engine(engine: Engine) -> Iterator[Engine]:
     """``engine`` with this file's own table created."""
@@ -216,39 +260,12 @@ def prop_engine(engine: Engine) -> Iterator[Engine]:
     PropBase.metadata.drop_all(engine)
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(ops=OPERATIONS)
 def test_random_sequences_emit_exactly_the_committed_events(
-    prop_engine: Engine, ops: list[Op]
+    prop_engine: Engine,
 ) -> None:
     """Any sequence of nested operations emits exactly the committed events."""
-    engine = prop_engine
-    with engine.begin() as connection:
-        connection.execute(delete(PropItem))
-        connection.execute(insert(PropItem), [{"name": DUPLICATE}])
-
-    recorder = Recorder()
-    emitter = AuditEmitter([recorder], load_entrypoints=False)
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    discarded: list[tuple[str, str]] = []
-
-    def on_discarded(sender: Any, event: StagedEvent, reason: str) -> None:
-        assert isinstance(event.target_id, str)
-        discarded.append((event.target_id, reason))
-
-    signals.audit_event_discarded.connect(on_discarded, sender=emitter)
-    model = Model()
-    session = maker()
-    try:
-        for op in [*ops, Op.CLOSE]:
-            if run(session, model, op) and op in (Op.COMMIT, Op.ROLLBACK, Op.CLOSE):
-                check(engine, recorder, discarded, model)
-    finally:
-        session.close()
-        signals.audit_event_discarded.disconnect(on_discarded, sender=emitter)
-        emitter.detach(maker)
+    machine = type("TransactionMachine", (TransactionMachine,), {"engine": prop_engine})
+    run_state_machine_as_test(
+        machine,
+        settings=settings(max_examples=60, stateful_step_count=30, deadline=None),
+    )

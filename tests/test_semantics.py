@@ -38,11 +38,10 @@ def test_begin_block_that_raises_emits_nothing(
     Session: sessionmaker, recorder: Recorder, engine: Engine
 ) -> None:
     """``with session.begin():`` that raises rolls back and sends nothing."""
-    with Session() as session, pytest.raises(LookupError):
-        with session.begin():
-            operation(session, "a")
-            session.flush()
-            raise LookupError("the operation failed after its event was staged")
+    with Session() as session, pytest.raises(LookupError), session.begin():
+        operation(session, "a")
+        session.flush()
+        raise LookupError("the operation failed after its event was staged")
     assert recorder.events == []
     assert stored_names(engine) == []
 
@@ -201,7 +200,9 @@ def test_scoped_session_remove_emits_nothing_and_leaks_nothing(
     emitter.attach(registry)
     try:
         operation(registry(), "lost")
-        stage_event(registry, "item_touched", target_type="item", target_id=1, action="x")
+        stage_event(
+            registry, "item_touched", target_type="item", target_id=1, action="x"
+        )
         registry.remove()
         operation(registry(), "next")
         registry.commit()
@@ -289,14 +290,20 @@ def test_commit_without_any_sql_emits_the_staged_events(
     """A transaction that never touched the database still emits on commit."""
     statements: list[str] = []
 
-    def record(connection: object, cursor: object, statement: str, *args: object) -> None:
+    def record(
+        connection: object, cursor: object, statement: str, *args: object
+    ) -> None:
         statements.append(statement)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
         with Session() as session:
             stage_event(
-                session, "report_viewed", target_type="report", target_id=7, action="view"
+                session,
+                "report_viewed",
+                target_type="report",
+                target_id=7,
+                action="view",
             )
             session.commit()
     finally:
@@ -314,7 +321,11 @@ def stage_on_insert() -> Iterator[None]:
         session = OrmSession.object_session(item)
         assert session is not None
         stage_event(
-            session, "item_inserted", target_type="item", target_id=item.name, action="insert"
+            session,
+            "item_inserted",
+            target_type="item",
+            target_id=item.name,
+            action="insert",
         )
 
     event.listen(Item, "after_insert", after_insert)
@@ -332,7 +343,9 @@ def test_events_staged_by_orm_hooks_in_the_final_flush_are_included(
         session.add(Item(name="rolled-back"))
         session.flush()
         savepoint.rollback()
-        stage_event(session, "batch_started", target_type="batch", target_id="b", action="start")
+        stage_event(
+            session, "batch_started", target_type="batch", target_id="b", action="start"
+        )
         session.add(Item(name="first"))
         session.add(Item(name="second"))
         session.commit()  # the final flush runs the after_insert hooks
@@ -350,7 +363,9 @@ def test_staging_without_a_transaction_autobegins(
     """Staging begins a transaction as ``Session.add`` does, without connecting."""
     with Session() as session:
         assert not session.in_transaction()
-        stage_event(session, "thing_done", target_type="thing", target_id=1, action="do")
+        stage_event(
+            session, "thing_done", target_type="thing", target_id=1, action="do"
+        )
         assert session.in_transaction()
         assert session.get_transaction() is not None
         session.commit()
@@ -367,7 +382,9 @@ def test_staging_with_autobegin_off_raises_like_session_add(
         with pytest.raises(InvalidRequestError, match="Autobegin is disabled"):
             session.add(Item(name="x"))
         with pytest.raises(InvalidRequestError, match="Autobegin is disabled"):
-            stage_event(session, "thing_done", target_type="thing", target_id=1, action="do")
+            stage_event(
+                session, "thing_done", target_type="thing", target_id=1, action="do"
+            )
         with session.begin():
             operation(session, "explicit")
     emitter.detach(maker)

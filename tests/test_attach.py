@@ -1,0 +1,430 @@
+"""attach()/detach(): which sessions an emitter hears, and refusing the rest.
+
+Attaching is about routing, not about the database, so these tests run on
+SQLite only (the ``engine`` fixture, parametrised indirectly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from support import Item, Recorder, operation, stored_names
+
+from access_audit import AuditConfigurationError, AuditEmitter, stage_event
+from access_audit.testing import capture_audit_events
+
+SQLITE_ONLY = pytest.mark.parametrize(
+    "engine", ["sqlite"], indirect=True, ids=["sqlite"]
+)
+
+SessionHandle = Any
+"""A Session, or a scoped_session standing for one."""
+Target = tuple[Any, Callable[[], SessionHandle]]
+"""What to attach, and how to get a session that it covers."""
+
+
+def stage(handle: SessionHandle, name: str) -> None:
+    """Add an Item and stage its event through *handle* (Session or scoped)."""
+    handle.add(Item(name=name))
+    stage_event(
+        handle, "item_created", target_type="item", target_id=name, action="create"
+    )
+
+
+def new_emitter() -> tuple[AuditEmitter, Recorder]:
+    recorder = Recorder()
+    return AuditEmitter([recorder], load_entrypoints=False), recorder
+
+
+def via_subclass(engine: Engine) -> Target:
+    class AuditedSession(Session):
+        pass
+
+    return AuditedSession, lambda: AuditedSession(engine)
+
+
+def via_sessionmaker(engine: Engine) -> Target:
+    maker = sessionmaker(engine)
+    return maker, maker
+
+
+def via_scoped_session(engine: Engine) -> Target:
+    scoped = scoped_session(sessionmaker(engine))
+    return scoped, lambda: scoped
+
+
+def via_instance(engine: Engine) -> Target:
+    session = Session(engine)
+    return session, lambda: session
+
+
+TARGETS = [via_subclass, via_sessionmaker, via_scoped_session, via_instance]
+TARGET_IDS = ["Session_subclass", "sessionmaker", "scoped_session", "Session_instance"]
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[tuple[AuditEmitter, Any]]]:
+    """(emitter, target) pairs to detach after the test, whatever happened."""
+    attached: list[tuple[AuditEmitter, Any]] = []
+    yield attached
+    for emitter, target in reversed(attached):
+        emitter.detach(target)
+        if isinstance(target, scoped_session):
+            target.remove()
+
+
+def attach(
+    emitter: AuditEmitter, target: Any, cleanup: list[tuple[AuditEmitter, Any]]
+) -> None:
+    cleanup.append((emitter, target))
+    emitter.attach(target)
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("make_target", TARGETS, ids=TARGET_IDS)
+def test_attach_target_emits_on_commit(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+    make_target: Callable[[Engine], Target],
+) -> None:
+    """Each kind of attach target emits its sessions' committed events."""
+    target, session_of = make_target(engine)
+    attach(emitter, target, cleanup)
+    handle = session_of()
+    stage(handle, "a")
+    stage(handle, "b")
+    assert recorder.events == []
+    handle.commit()
+    assert recorder.names == ["a", "b"]
+    stage(handle, "c")
+    handle.rollback()
+    handle.close()
+    assert recorder.names == ["a", "b"]
+    assert stored_names(engine) == ["a", "b"]
+
+
+@SQLITE_ONLY
+def test_stage_event_accepts_scoped_session(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+) -> None:
+    """stage_event on a scoped_session stages on its current session."""
+    scoped = scoped_session(sessionmaker(engine))
+    attach(emitter, scoped, cleanup)
+    stage_event(scoped, "item_created", target_type="item", target_id="a", action="c")
+    scoped().add(Item(name="a"))
+    scoped.remove()  # closes the current session: its event is dropped
+    stage_event(scoped, "item_created", target_type="item", target_id="b", action="c")
+    scoped().add(Item(name="b"))
+    scoped().commit()
+    assert recorder.names == ["b"]
+    assert stored_names(engine) == ["b"]
+
+
+ATTACH_TWICE = {
+    "same_sessionmaker": lambda maker: (maker, maker),
+    "sessionmaker_then_its_scoped_session": lambda maker: (
+        maker,
+        scoped_session(maker),
+    ),
+    "same_class": lambda maker: (maker.class_, maker.class_),
+    "class_then_its_sessionmaker": lambda maker: (maker.class_, maker),
+}
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("targets", ATTACH_TWICE.values(), ids=ATTACH_TWICE.keys())
+def test_attaching_twice_is_a_noop(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+    targets: Callable[[sessionmaker[Session]], tuple[Any, Any]],
+) -> None:
+    """Attaching the same sessions twice emits each event once, not twice."""
+    maker = sessionmaker(engine)
+    first, second = targets(maker)
+    attach(emitter, first, cleanup)
+    emitter.attach(second)
+    with maker() as session:
+        operation(session, "a")
+        session.commit()
+    assert recorder.names == ["a"]
+    assert len(recorder.batches) == 1
+    # One attachment, so one detach ends it.
+    emitter.detach(second)
+    with maker() as session, pytest.raises(AuditConfigurationError):
+        operation(session, "b")
+    assert recorder.names == ["a"]
+    assert stored_names(engine) == ["a"]
+
+
+@SQLITE_ONLY
+def test_attaching_instance_twice_is_a_noop(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+) -> None:
+    """Attaching the same Session instance twice emits each event once."""
+    session = Session(engine)
+    attach(emitter, session, cleanup)
+    emitter.attach(session)
+    operation(session, "a")
+    session.commit()
+    assert recorder.names == ["a"]
+    assert len(recorder.batches) == 1
+    emitter.detach(session)
+    with pytest.raises(AuditConfigurationError):
+        operation(session, "b")
+    session.rollback()
+    session.close()
+    assert recorder.names == ["a"]
+    assert stored_names(engine) == ["a"]
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("make_target", TARGETS, ids=TARGET_IDS)
+def test_detach_stops_emission(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    make_target: Callable[[Engine], Target],
+) -> None:
+    """After detach, staged events are not sent and stage_event refuses."""
+    target, session_of = make_target(engine)
+    emitter.attach(target)
+    handle = session_of()
+    operation(handle, "a")
+    emitter.detach(target)
+    handle.commit()
+    assert recorder.events == []
+    assert stored_names(engine) == ["a"]
+    with pytest.raises(AuditConfigurationError, match="attach"):
+        operation(handle, "b")
+    handle.rollback()
+    handle.close()
+    if isinstance(target, scoped_session):
+        target.remove()
+    assert recorder.events == []
+    assert stored_names(engine) == ["a"]
+
+
+@SQLITE_ONLY
+def test_detach_then_attach_another_emitter(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+) -> None:
+    """A session that staged under a detached emitter emits to the new one."""
+    other, other_recorder = new_emitter()
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    session = maker()
+    operation(session, "a")
+    emitter.detach(maker)
+    session.commit()  # "a" was staged under the detached emitter: not sent
+    attach(other, maker, cleanup)
+    operation(session, "b")
+    session.commit()
+    session.close()
+    assert stored_names(engine) == ["a", "b"]
+    assert recorder.events == []
+    assert other_recorder.names == ["b"]
+    assert dict(session.info) == {}
+
+
+@SQLITE_ONLY
+def test_events_left_by_a_detached_emitter_are_reported_discarded(
+    engine: Engine, emitter: AuditEmitter, cleanup: list[tuple[AuditEmitter, Any]]
+) -> None:
+    """Events of a transaction that ended after detach() are discarded as "detached"."""
+    other, _ = new_emitter()
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    session = maker()
+    operation(session, "a")
+    emitter.detach(maker)
+    session.commit()
+    attach(other, maker, cleanup)
+    with capture_audit_events() as audit_events:
+        operation(session, "b")
+        session.rollback()
+    session.close()
+    assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+        ("a", "detached"),
+        ("b", "rollback"),
+    ]
+
+
+@SQLITE_ONLY
+def test_instance_attached_mid_transaction_takes_over(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An emitter attached to the session while it stages sends the whole commit."""
+    other, other_recorder = new_emitter()
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    session = maker()
+    operation(session, "before")
+    other.attach(session)
+    operation(session, "after")
+    session.commit()
+    session.close()
+    other.detach(session)
+    emitter.detach(maker)
+    assert recorder.events == []
+    assert other_recorder.names == ["before", "after"]
+
+
+def test_attaching_the_plain_async_session_class_is_refused() -> None:
+    """attach(AsyncSession) would reach every Session, so it raises TypeError."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    with pytest.raises(TypeError, match="every Session in the process"):
+        AuditEmitter(load_entrypoints=False).attach(AsyncSession)
+
+
+@SQLITE_ONLY
+def test_stage_without_emitter_raises(engine: Engine) -> None:
+    """stage_event on an unattached session raises and says how to fix it."""
+    with Session(engine) as session:
+        with pytest.raises(AuditConfigurationError) as caught:
+            operation(session, "a")
+        session.rollback()
+    assert isinstance(caught.value, RuntimeError)
+    message = str(caught.value)
+    assert "no AuditEmitter is attached" in message
+    assert "emitter.attach(" in message
+    assert stored_names(engine) == []
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("make_target", TARGETS, ids=TARGET_IDS)
+def test_second_emitter_on_same_target_raises(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+    make_target: Callable[[Engine], Target],
+) -> None:
+    """Attaching a different emitter to an attached target raises; the first stays."""
+    other, other_recorder = new_emitter()
+    target, session_of = make_target(engine)
+    attach(emitter, target, cleanup)
+    with pytest.raises(AuditConfigurationError, match="detach"):
+        other.attach(target)
+    handle = session_of()
+    operation(handle, "a")
+    handle.commit()
+    handle.close()
+    assert recorder.names == ["a"]
+    assert other_recorder.events == []
+    assert stored_names(engine) == ["a"]
+
+
+@SQLITE_ONLY
+def test_instance_emitter_wins_over_class_emitter(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+) -> None:
+    """An emitter attached to a Session instance wins over its class's emitter."""
+    other, other_recorder = new_emitter()
+    maker = sessionmaker(engine)
+    attach(emitter, maker, cleanup)
+    special = maker()
+    attach(other, special, cleanup)
+    plain = maker()
+    operation(special, "special")
+    operation(plain, "plain")
+    special.commit()
+    plain.commit()
+    special.close()
+    plain.close()
+    assert other_recorder.names == ["special"]
+    assert recorder.names == ["plain"]
+    assert stored_names(engine) == ["plain", "special"]
+
+
+@SQLITE_ONLY
+def test_two_sessionmakers_are_independent(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+) -> None:
+    """Two sessionmakers with two emitters each get only their own events."""
+    other, other_recorder = new_emitter()
+    first_maker, second_maker = sessionmaker(engine), sessionmaker(engine)
+    attach(emitter, first_maker, cleanup)
+    attach(other, second_maker, cleanup)
+    with first_maker() as first, second_maker() as second:
+        operation(first, "first-1")
+        operation(second, "second-1")
+        operation(first, "first-2")
+        first.commit()
+        assert other_recorder.events == []
+        second.commit()
+    assert recorder.names == ["first-1", "first-2"]
+    assert other_recorder.names == ["second-1"]
+    assert stored_names(engine) == ["first-1", "first-2", "second-1"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [object(), "sessionmaker", 42, int, None],
+    ids=["object", "str", "int", "a_class", "None"],
+)
+@pytest.mark.parametrize("method", ["attach", "detach"])
+def test_unknown_target_raises_type_error(target: object, method: str) -> None:
+    """attach()/detach() of something else raises TypeError naming what it takes."""
+    emitter = AuditEmitter(load_entrypoints=False)
+    with pytest.raises(TypeError) as caught:
+        getattr(emitter, method)(target)
+    message = str(caught.value)
+    for accepted in (
+        "Session",
+        "sessionmaker",
+        "scoped_session",
+        "AsyncSession",
+        "async_sessionmaker",
+        "async_scoped_session",
+    ):
+        assert accepted in message
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("other_ends", ["commit", "rollback", "close"])
+def test_events_stay_on_their_session(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    cleanup: list[tuple[AuditEmitter, Any]],
+    other_ends: str,
+) -> None:
+    """Events staged on one session never appear in another session's commit."""
+    maker = sessionmaker(engine)
+    attach(emitter, maker, cleanup)
+    with maker() as one, maker() as other:
+        operation(one, "one")
+        operation(other, "other")
+        getattr(other, other_ends)()
+        expected = ["other"] if other_ends == "commit" else []
+        assert recorder.names == expected
+        one.commit()
+        assert recorder.names == [*expected, "one"]
+        # "one"'s commit carried its own event only, in a batch of its own.
+        assert [len(batch) for batch in recorder.batches] == [1] * len(recorder.names)
+        assert len({e.transaction_id for e in recorder.events}) == len(recorder.names)
+    assert stored_names(engine) == sorted(["one", *expected])

@@ -1,0 +1,298 @@
+"""access_audit.testing: the recorder, ``capture_audit_events()`` and the pytest plugin."""
+
+from __future__ import annotations
+
+import io
+import unittest
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
+from support import Recorder, operation
+
+from access_audit import AuditEmitter, hookimpl, stage_event
+from access_audit.testing import AuditEventRecorder, capture_audit_events
+
+GENERATED_TESTS = """
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+from access_audit import AuditEmitter, stage_event
+
+emitter = AuditEmitter(load_entrypoints=False)
+Session = sessionmaker(create_engine("sqlite://"))
+emitter.attach(Session)
+
+
+def approve(session, request_id, fail=False):
+    stage_event(session, "access_approve", target_type="access_request",
+                target_id=request_id, action="approve", actor_id="u-1",
+                reason="looks fine")
+    if fail:
+        raise RuntimeError("granting the access failed")
+
+
+def test_approval_emits(audit_events):
+    with Session.begin() as session:
+        approve(session, 12)
+    envelope = audit_events.assert_emitted("access_approve", target_id=12, actor_id="u-1")
+    assert envelope.reason == "looks fine"
+
+
+def test_failed_approval_emits_nothing(audit_events):
+    with pytest.raises(RuntimeError), Session.begin() as session:
+        approve(session, 13, fail=True)
+    audit_events.assert_not_emitted("access_approve")
+    assert [d.reason for d in audit_events.discarded] == ["rollback"]
+
+
+def test_wrongly_expects_the_failed_approval(audit_events):
+    with Session.begin() as session:
+        stage_event(session, "group_create", target_type="group", target_id=1,
+                    target_name="admins", action="create", actor_id="u-9")
+    with pytest.raises(RuntimeError), Session.begin() as session:
+        approve(session, 14, fail=True)
+    audit_events.assert_emitted("access_approve", target_id=14)
+"""
+
+
+def test_pytest_plugin_passes_and_fails_exactly_when_it_should(
+    pytester: pytest.Pytester,
+) -> None:
+    """The fixture's assertions pass for emitted events and fail with a useful report."""
+    pytester.makepyfile(test_generated=GENERATED_TESTS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*no 'access_approve' event with target_id=14 was emitted.*",
+            "*Emitted events (1):*",
+            "*#  event_type    target            actor  action*",
+            "*0  group_create  group/1 (admins)  u-9    create*",
+            "*'access_approve' was staged, then discarded by a rollback (1 event).*",
+        ]
+    )
+
+
+def test_pytest_plugin_can_be_turned_off(pytester: pytest.Pytester) -> None:
+    """``-p no:access_audit`` removes the fixture."""
+    pytester.makepyfile(test_off="def test_uses(audit_events):\n    pass\n")
+    result = pytester.runpytest("-p", "no:access_audit", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'audit_events' not found*"])
+
+
+PLUGIN_BUG_TEST = """
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+from access_audit import AuditEmitter, hookimpl, stage_event
+
+class Buggy:
+    @hookimpl
+    def audit_event_logged(self, envelope):
+        raise KeyError("plugin bug")
+
+emitter = AuditEmitter([Buggy()], load_entrypoints=False)
+Session = sessionmaker(create_engine("sqlite://"))
+emitter.attach(Session)
+
+def test_commit(audit_events):
+    with Session.begin() as session:
+        stage_event(session, "tag_create", target_type="tag", target_id=1, action="create")
+    audit_events.assert_emitted("tag_create")
+"""
+
+
+@pytest.mark.parametrize(
+    ("ini", "outcome"),
+    [("", {"passed": 1}), ("audit_raise_plugin_errors = true", {"failed": 1})],
+    ids=["logged-by-default", "raised-with-ini-option"],
+)
+def test_ini_option_makes_plugin_errors_fail_the_test(
+    pytester: pytest.Pytester, ini: str, outcome: dict[str, int]
+) -> None:
+    """With ``audit_raise_plugin_errors = true`` a plugin bug fails the test."""
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(test_bug=PLUGIN_BUG_TEST)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(**outcome)
+    if "failed" in outcome:
+        result.stdout.fnmatch_lines(["*KeyError: 'plugin bug'*"])
+
+
+def test_recorder_sees_commit_rollback_savepoint_rollback_and_close(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """Committed events are recorded in order; dropped ones with their reason."""
+    with capture_audit_events() as audit_events, Session() as session:
+        operation(session, "committed")
+        savepoint = session.begin_nested()
+        operation(session, "in-savepoint")
+        savepoint.rollback()
+        session.commit()
+        operation(session, "rolled-back")
+        session.rollback()
+        operation(session, "closed")
+    assert [e.target_id for e in audit_events.events] == ["committed"]
+    assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+        ("in-savepoint", "savepoint_rollback"),
+        ("rolled-back", "rollback"),
+        ("closed", "close"),
+    ]
+    assert recorder.names == ["committed"]  # the real plugin still got it
+
+
+def test_recorder_stops_recording_after_the_block(
+    Session: sessionmaker,
+) -> None:
+    """Events committed after the block ends are not recorded."""
+    with capture_audit_events() as audit_events:
+        pass
+    with Session.begin() as session:
+        operation(session, "late")
+    assert audit_events.events == []
+
+
+def test_recorder_works_inside_the_rollback_per_test_recipe(
+    engine: Engine, emitter: AuditEmitter
+) -> None:
+    """The outer-transaction test recipe records on ``session.commit()``."""
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        outer = connection.begin()
+        maker = sessionmaker(bind=connection, join_transaction_mode="create_savepoint")
+        emitter.attach(maker)
+        with maker() as session:
+            operation(session, "inside-recipe")
+            session.commit()
+        emitter.detach(maker)
+        outer.rollback()
+    audit_events.assert_emitted("item_created", target_id="inside-recipe")
+
+
+@pytest.fixture
+def recorded() -> AuditEventRecorder:
+    """A recorder holding three hand-staged events on SQLite in memory."""
+    from sqlalchemy import create_engine
+
+    emitter = AuditEmitter(load_entrypoints=False)
+    maker = sessionmaker(create_engine("sqlite://"))
+    emitter.attach(maker)
+    with capture_audit_events() as audit_events, maker.begin() as session:
+        stage_event(
+            session,
+            "group_member_added",
+            target_type="group",
+            target_id=7,
+            action="add_member",
+            actor_id="u-1",
+            payload={"user": {"id": 3, "name": "ada"}, "roles": ["viewer"]},
+            metadata={"request_id": "r-1"},
+        )
+        stage_event(
+            session,
+            "group_member_added",
+            target_type="group",
+            target_id=8,
+            action="add",
+        )
+        stage_event(session, "tag_create", target_type="tag", target_id="t", action="c")
+    return audit_events
+
+
+def test_filter_matches_fields_subsets_and_predicates(
+    recorded: AuditEventRecorder,
+) -> None:
+    """Filters compare fields; payload/metadata are subsets; callables are predicates."""
+    assert len(recorded.filter()) == 3
+    assert len(recorded.filter("group_member_added")) == 2
+    assert [e.target_id for e in recorded.filter(target_id=7)] == ["7"]
+    assert len(recorded.filter(payload={"user": {"id": 3}})) == 1
+    assert recorded.filter(payload={"user": {"id": 4}}) == []
+    assert recorded.filter(payload={"missing": 1}) == []
+    assert len(recorded.filter(metadata={"request_id": "r-1"})) == 1
+    assert len(recorded.filter(actor_id=lambda actor: actor != "system")) == 1
+    with pytest.raises(TypeError, match="unknown envelope field"):
+        recorded.filter(colour="red")
+
+
+def test_assert_emitted_returns_the_first_match(recorded: AuditEventRecorder) -> None:
+    """``assert_emitted`` returns the first matching envelope."""
+    envelope = recorded.assert_emitted("group_member_added")
+    assert envelope.target_id == "7"
+    with pytest.raises(AssertionError, match="no 'group_member_added' event with"):
+        recorded.assert_emitted("group_member_added", actor_id="u-2")
+
+
+def test_assert_not_emitted_lists_what_matched(recorded: AuditEventRecorder) -> None:
+    """``assert_not_emitted`` fails listing the matches, and passes when none match."""
+    recorded.assert_not_emitted("access_approve")
+    recorded.assert_not_emitted("tag_create", target_id="other")
+    with pytest.raises(AssertionError, match=r"(?s)but 1 matched:.*tag/t"):
+        recorded.assert_not_emitted("tag_create")
+    with pytest.raises(AssertionError, match="but 3 matched"):
+        recorded.assert_not_emitted()
+
+
+def test_clear_forgets_everything(recorded: AuditEventRecorder) -> None:
+    """``clear()`` empties events and discarded."""
+    recorded.clear()
+    assert recorded.events == [] and recorded.discarded == []
+    with pytest.raises(AssertionError, match=r"Emitted events \(0\)"):
+        recorded.assert_emitted("tag_create")
+
+
+def test_capture_raise_plugin_errors_raises_after_all_plugins(
+    Session: sessionmaker, recorder: Recorder, emitter: AuditEmitter
+) -> None:
+    """``capture_audit_events(raise_plugin_errors=True)`` makes a plugin bug raise."""
+
+    class Buggy:
+        @hookimpl(tryfirst=True)
+        def audit_event_logged(self, envelope: object) -> None:
+            raise KeyError("plugin bug")
+
+    emitter.register(Buggy())
+    with (
+        capture_audit_events(raise_plugin_errors=True) as audit_events,
+        pytest.raises(KeyError, match="plugin bug"),
+        Session.begin() as session,
+    ):
+        operation(session, "strict")
+    assert recorder.names == ["strict"]  # the other plugin still ran
+    audit_events.assert_emitted("item_created", target_id="strict")
+    with Session.begin() as session:  # outside the block: logged only
+        operation(session, "lenient")
+    assert recorder.names == ["strict", "lenient"]
+
+
+def test_capture_works_in_a_unittest_testcase() -> None:
+    """``capture_audit_events()`` serves a plain ``unittest.TestCase``."""
+    from sqlalchemy import create_engine
+
+    emitter = AuditEmitter(load_entrypoints=False)
+    maker = sessionmaker(create_engine("sqlite://"))
+    emitter.attach(maker)
+
+    class ApprovalTest(unittest.TestCase):
+        def test_emits(self) -> None:
+            with capture_audit_events() as audit_events, maker.begin() as session:
+                stage_event(
+                    session, "tag_create", target_type="tag", target_id=1, action="c"
+                )
+            audit_events.assert_emitted("tag_create", target_id=1)
+
+        def test_wrong_expectation(self) -> None:
+            with capture_audit_events() as audit_events, maker.begin() as session:
+                stage_event(
+                    session, "tag_create", target_type="tag", target_id=1, action="c"
+                )
+            audit_events.assert_emitted("tag_delete")
+
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(ApprovalTest)
+    result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)
+    assert result.testsRun == 2
+    assert [test.id().rsplit(".", 1)[1] for test, _ in result.failures] == [
+        "test_wrong_expectation"
+    ]
+    assert "no 'tag_delete' event was emitted" in result.failures[0][1]
+    assert result.errors == []
