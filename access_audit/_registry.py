@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
@@ -22,6 +23,12 @@ _by_instance: weakref.WeakKeyDictionary[Session, AuditEmitter] = (
 _by_class: weakref.WeakKeyDictionary[type[Session], AuditEmitter] = (
     weakref.WeakKeyDictionary()
 )
+
+# Session classes whose emitter depends on more than the class: a Flask-SQLAlchemy
+# session class shared by several apps, each app with its own emitter.
+_selectors: weakref.WeakKeyDictionary[
+    type[Session], Callable[[Session], AuditEmitter | None]
+] = weakref.WeakKeyDictionary()
 
 # Marks the Session subclass made for an async_sessionmaker, so that attaching
 # to the same maker again finds it instead of making another.
@@ -65,6 +72,11 @@ def emitter_for(session: Session) -> AuditEmitter:
         emitter = _by_class.get(cls)
         if emitter is not None:
             return emitter
+        selector = _selectors.get(cls)
+        if selector is not None:
+            emitter = selector(session)
+            if emitter is not None:
+                return emitter
     raise AuditConfigurationError(
         f"no AuditEmitter is attached to this {type(session).__name__}, so the "
         "event would be lost; call emitter.attach(...) on the session, its "
@@ -148,6 +160,18 @@ def own(target: ListenTarget, emitter: AuditEmitter) -> None:
             "one first (one emitter per session; register several plugins on it)"
         )
     table[target] = emitter
+
+
+def select_by(
+    cls: type[Session], selector: Callable[[Session], AuditEmitter | None]
+) -> None:
+    """Let *selector* pick the emitter of sessions of *cls* at stage time.
+
+    Used where one Session class serves several owners (Flask-SQLAlchemy's
+    session class with several apps). An emitter attached to the class itself,
+    or to a session, still wins. The selector returns None for "not mine".
+    """
+    _selectors[cls] = selector
 
 
 def disown(target: ListenTarget, emitter: AuditEmitter) -> None:

@@ -1,0 +1,202 @@
+"""``AccessAudit``: one emitter per Flask app, attached to Flask-SQLAlchemy's session."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, current_app, has_app_context
+from werkzeug.utils import ImportStringError, import_string
+
+from .._context import ActorLike, to_actor
+from .._emitter import AuditEmitter
+from .._errors import AuditConfigurationError
+from .._registry import listen_target, select_by
+from ._cli import cli
+from ._request import request_metadata
+
+if TYPE_CHECKING:
+    from flask_sqlalchemy import SQLAlchemy
+    from sqlalchemy.orm import Session
+
+    from .._context import Actor
+
+__all__ = ["AccessAudit"]
+
+EXTENSION_KEY = "access_audit"
+
+
+@dataclasses.dataclass(slots=True)
+class _AppState:
+    """What ``app.extensions["access_audit"]`` holds for one app."""
+
+    extension: AccessAudit
+    emitter: AuditEmitter
+
+
+class AccessAudit:
+    """The Flask extension: an :class:`~access_audit.AuditEmitter` per app.
+
+    :param app: a Flask app to initialise now; or call :meth:`init_app` later.
+    :param db: a ``flask_sqlalchemy.SQLAlchemy``; its ``db.session`` is
+        attached, so operations call ``stage_event(db.session, ...)``.
+    :param emitter_options: passed to each app's
+        :class:`~access_audit.AuditEmitter` (``plugins``, ``actor_resolver``,
+        ...). ``load_entrypoints`` and ``raise_plugin_errors`` are the defaults
+        of their config keys, which win; ``ACCESS_AUDIT_PLUGINS`` adds plugins.
+
+    The actor of an event staged in a request comes from the function
+    registered with :meth:`actor_loader` (then from an ``actor_resolver``
+    option); request metadata is captured at stage time, merged under what a
+    ``metadata_provider`` option returns. Config keys (read once by
+    :meth:`init_app`):
+
+    ``ACCESS_AUDIT_ENABLED`` (True)
+        False registers no plugins at all; staging still checks its input and
+        the signals (so the ``audit_events`` test fixture) still see events.
+    ``ACCESS_AUDIT_LOAD_ENTRYPOINTS`` (True)
+        Register plugins from installed packages' ``access_audit`` entry points.
+    ``ACCESS_AUDIT_PLUGINS`` (``[]``)
+        Import strings (``"package.module:object"``) of plugins to register.
+    ``ACCESS_AUDIT_RAISE_PLUGIN_ERRORS`` (False)
+        Strict mode for tests: a plugin error is raised out of the commit.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        db: SQLAlchemy | None = None,
+        **emitter_options: Any,
+    ) -> None:
+        self._emitter_options = emitter_options
+        self._actor_loader: Callable[[], ActorLike] | None = None
+        if app is not None:
+            self.init_app(app, db)
+
+    def init_app(self, app: Flask, db: SQLAlchemy | None = None) -> None:
+        """Create this app's emitter and attach it to ``db.session`` if given.
+
+        :raises RuntimeError: the app already has an ``AccessAudit``.
+        :raises AuditConfigurationError: an ``ACCESS_AUDIT_PLUGINS`` entry
+            cannot be imported; the message names the key and the string.
+        """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "An AccessAudit instance is already registered on this Flask app. "
+                "Import and use that instance instead."
+            )
+        options = dict(self._emitter_options)
+        config = app.config
+        # Constructor options are the defaults of the matching config keys.
+        enabled = config.setdefault("ACCESS_AUDIT_ENABLED", True)
+        options["load_entrypoints"] = bool(
+            config.setdefault(
+                "ACCESS_AUDIT_LOAD_ENTRYPOINTS", options.get("load_entrypoints", True)
+            )
+        )
+        options["raise_plugin_errors"] = bool(
+            config.setdefault(
+                "ACCESS_AUDIT_RAISE_PLUGIN_ERRORS",
+                options.get("raise_plugin_errors", False),
+            )
+        )
+        plugins = list(options.pop("plugins", ()))
+        plugins.extend(_import_plugins(config.setdefault("ACCESS_AUDIT_PLUGINS", [])))
+        options["actor_resolver"] = self._resolve_actor
+        options["metadata_provider"] = self._provide_metadata
+        if not enabled:
+            plugins, options["load_entrypoints"] = [], False
+        emitter = AuditEmitter(plugins, **options)
+        app.extensions[EXTENSION_KEY] = _AppState(self, emitter)
+        app.cli.add_command(cli)
+        if db is not None:
+            _attach_to_flask_sqlalchemy(db, emitter)
+
+    def actor_loader(
+        self, function: Callable[[], ActorLike]
+    ) -> Callable[[], ActorLike]:
+        """Register the function that returns the current actor (a decorator).
+
+        It is called at stage time, inside the request, and returns an
+        :class:`~access_audit.Actor`, an ``(id, email)`` tuple, or None (no
+        logged-in user: the actor falls back to ``"system"``). An explicit
+        actor on the call and :func:`~access_audit.audit_context` win over it.
+        """
+        self._actor_loader = function
+        return function
+
+    @property
+    def emitter(self) -> AuditEmitter:
+        """The current app's emitter (needs an app context)."""
+        return self.emitter_of(current_app)
+
+    @staticmethod
+    def emitter_of(app: Flask) -> AuditEmitter:
+        """The emitter of *app*.
+
+        :raises AuditConfigurationError: AccessAudit was not initialised on it.
+        """
+        state = app.extensions.get(EXTENSION_KEY)
+        if state is None:
+            raise AuditConfigurationError(
+                f"AccessAudit is not initialised on the app {app.name!r}; "
+                "call audit.init_app(app) first"
+            )
+        emitter: AuditEmitter = state.emitter
+        return emitter
+
+    def _resolve_actor(self) -> Actor | None:
+        # The actor loader (inside a request), then an actor_resolver given
+        # to the constructor.
+        if self._actor_loader is not None and has_app_context():
+            actor = to_actor(self._actor_loader(), "actor_loader")
+            if actor is not None:
+                return actor
+        resolver = self._emitter_options.get("actor_resolver")
+        return None if resolver is None else to_actor(resolver(), "actor_resolver")
+
+    def _provide_metadata(self) -> Mapping[str, Any] | None:
+        # Request metadata, under a metadata_provider given to the constructor.
+        found = request_metadata()
+        provider = self._emitter_options.get("metadata_provider")
+        extra = None if provider is None else provider()
+        if extra is None:
+            return found
+        return {**(found or {}), **extra}
+
+
+def _import_plugins(names: Iterable[str]) -> list[object]:
+    if isinstance(names, str):
+        raise AuditConfigurationError(
+            f"ACCESS_AUDIT_PLUGINS must be a list of import strings, got the "
+            f"string {names!r}"
+        )
+    plugins = []
+    for name in names:
+        try:
+            plugins.append(import_string(name))
+        except (ImportStringError, ImportError, AttributeError) as error:
+            raise AuditConfigurationError(
+                f"ACCESS_AUDIT_PLUGINS: cannot import {name!r} ({error}); use "
+                "'package.module:object' or 'package.module'"
+            ) from error
+    return plugins
+
+
+def _attach_to_flask_sqlalchemy(db: SQLAlchemy, emitter: AuditEmitter) -> None:
+    # One SQLAlchemy() may serve several apps with one scoped session (and one
+    # Session class), while each app has its own emitter: install this
+    # emitter's listeners on that class and pick the emitter by current app
+    # when an event is staged.
+    session_class = listen_target(db.session)
+    assert isinstance(session_class, type)
+    select_by(session_class, _current_app_emitter)
+    emitter._listeners.listen(session_class)
+
+
+def _current_app_emitter(session: Session) -> AuditEmitter | None:
+    if not has_app_context():
+        return None
+    state = current_app.extensions.get(EXTENSION_KEY)
+    return None if state is None else state.emitter

@@ -1,0 +1,335 @@
+"""access_audit.flask: the AccessAudit extension."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import String
+from sqlalchemy.orm import Mapped, mapped_column
+from support import Recorder
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from access_audit import Actor, AuditConfigurationError, audit_context, stage_event
+from access_audit.flask import AccessAudit
+from access_audit.testing import AuditEventRecorder, capture_audit_events
+
+IMPORTED = Recorder()
+"""Registered through ACCESS_AUDIT_PLUGINS = ["test_flask:IMPORTED"]."""
+
+REQUEST_KEYS = {"ip_address", "user_agent", "request_id", "method", "path", "endpoint"}
+
+
+def make_app(
+    tmp_path: Path, name: str = "app", **config: Any
+) -> tuple[Flask, SQLAlchemy]:
+    """A Flask app with its own Flask-SQLAlchemy database and a ``/tags`` route."""
+    app = Flask(name)
+    app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path / name}.db"
+    app.config["ACCESS_AUDIT_LOAD_ENTRYPOINTS"] = False
+    app.config.update(config)
+    db = SQLAlchemy(app)
+
+    class Tag(db.Model):  # type: ignore[name-defined,misc]
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(String(40), unique=True)
+
+    @app.post("/tags/<name>")
+    def create_tag(name: str) -> dict[str, Any]:
+        tag = Tag(name=name)
+        db.session.add(tag)
+        stage_event(
+            db.session,
+            "tag_create",
+            target_type="tag",
+            target_id=lambda: tag.id,
+            target_name=name,
+            action="create",
+        )
+        stage_event(
+            db.session, "tag_seen", target_type="tag", target_id=name, action="see"
+        )
+        db.session.commit()
+        return {"id": tag.id}
+
+    with app.app_context():
+        db.create_all()
+    return app, db
+
+
+@pytest.fixture
+def audit_events() -> Iterator[AuditEventRecorder]:
+    with capture_audit_events() as recorder:
+        yield recorder
+
+
+def test_events_staged_in_a_request_carry_request_metadata(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """ip, user agent, request id, method, path and endpoint are captured at stage time."""
+    app, db = make_app(tmp_path)
+    recorder = Recorder()
+    AccessAudit(app, db, plugins=[recorder])
+    response = app.test_client().post(
+        "/tags/red",
+        headers={"User-Agent": "pytest-agent"},
+        environ_base={"REMOTE_ADDR": "203.0.113.9"},
+    )
+    assert response.status_code == 200
+    envelope = audit_events.assert_emitted("tag_create", target_id=response.json["id"])
+    assert set(envelope.metadata) == REQUEST_KEYS
+    assert envelope.metadata["ip_address"] == "203.0.113.9"
+    assert envelope.metadata["user_agent"] == "pytest-agent"
+    assert envelope.metadata["method"] == "POST"
+    assert envelope.metadata["path"] == "/tags/red"
+    assert envelope.metadata["endpoint"] == "create_tag"
+    assert [e.event_type for e in recorder.events] == ["tag_create", "tag_seen"]
+
+
+def test_request_id_is_stable_within_a_request_and_new_per_request(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """One generated request id per request; a sent X-Request-ID is used as is."""
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db)
+    client = app.test_client()
+    client.post("/tags/a")
+    client.post("/tags/b")
+    client.post("/tags/c", headers={"X-Request-ID": "req-123"})
+    ids = [e.metadata["request_id"] for e in audit_events.events]
+    assert ids[0] == ids[1] and ids[2] == ids[3]
+    assert ids[0] != ids[2] and len(ids[0]) == 32
+    assert ids[4:] == ["req-123", "req-123"]
+
+
+def test_a_forwarded_for_header_is_not_trusted(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """A client-sent X-Forwarded-For does not change ip_address."""
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db)
+    app.test_client().post(
+        "/tags/a",
+        headers={"X-Forwarded-For": "198.51.100.66"},
+        environ_base={"REMOTE_ADDR": "203.0.113.9"},
+    )
+    assert audit_events.events[0].metadata["ip_address"] == "203.0.113.9"
+
+
+def test_proxy_fix_gives_the_client_address(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """Behind werkzeug's ProxyFix, ip_address is the address the proxy reports."""
+    app, db = make_app(tmp_path)
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1)  # type: ignore[method-assign]
+    AccessAudit(app, db)
+    app.test_client().post(
+        "/tags/a",
+        headers={"X-Forwarded-For": "198.51.100.66"},
+        environ_base={"REMOTE_ADDR": "10.0.0.1"},
+    )
+    assert audit_events.events[0].metadata["ip_address"] == "198.51.100.66"
+
+
+def test_outside_a_request_metadata_is_absent_and_audit_context_gives_the_actor(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """A CLI job or worker has no request keys; audit_context supplies its actor."""
+    app, db = make_app(tmp_path)
+    audit = AccessAudit(app, db)
+    audit.actor_loader(lambda: Actor("never-called-outside-a-request"))
+    with app.app_context(), audit_context(actor_id="nightly-job", job="sync"):
+        stage_event(
+            db.session, "tag_delete", target_type="tag", target_id=1, action="d"
+        )
+        db.session.commit()
+    envelope = audit_events.assert_emitted("tag_delete", actor_id="nightly-job")
+    assert dict(envelope.metadata) == {"job": "sync"}
+
+
+@pytest.mark.parametrize(
+    ("loaded", "actor"),
+    [
+        (Actor("u-1", "ada@example.com"), ("u-1", "ada@example.com")),
+        (("u-2", None), ("u-2", None)),
+        (None, ("system", None)),
+    ],
+    ids=["Actor", "tuple", "None"],
+)
+def test_actor_loader_supplies_the_actor_of_request_events(
+    tmp_path: Path,
+    audit_events: AuditEventRecorder,
+    loaded: Any,
+    actor: tuple[str, str | None],
+) -> None:
+    """The actor loader is called at stage time; None falls back to "system"."""
+    app, db = make_app(tmp_path)
+    audit = AccessAudit(app, db)
+
+    @audit.actor_loader
+    def current_user() -> Any:
+        return loaded
+
+    app.test_client().post("/tags/a")
+    envelope = audit_events.events[0]
+    assert (envelope.actor_id, envelope.actor_email) == actor
+
+
+def test_two_apps_in_one_process_each_have_their_own_emitter(tmp_path: Path) -> None:
+    """Separate apps (and databases) send only to their own plugins."""
+    first, first_db = make_app(tmp_path, "first")
+    second, second_db = make_app(tmp_path, "second")
+    first_recorder, second_recorder = Recorder(), Recorder()
+    audit = AccessAudit()
+    first.config["ACCESS_AUDIT_PLUGINS"] = []
+    AccessAudit(first, first_db, plugins=[first_recorder])
+    audit.init_app(second, second_db)
+    audit.emitter_of(second).register(second_recorder)
+    first.test_client().post("/tags/one")
+    second.test_client().post("/tags/two")
+    assert first_recorder.names[1:] == ["one"]
+    assert second_recorder.names[1:] == ["two"]
+    assert audit.emitter_of(first) is not audit.emitter_of(second)
+
+
+def test_one_database_shared_by_two_apps_routes_by_current_app(tmp_path: Path) -> None:
+    """With one SQLAlchemy() on two apps, each app's events go to its own emitter."""
+    db = SQLAlchemy()
+
+    class Note(db.Model):  # type: ignore[name-defined,misc]
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    audit = AccessAudit()
+    recorders = {}
+    apps = {}
+    for name in ("left", "right"):
+        app = Flask(name)
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path / name}.db"
+        app.config["ACCESS_AUDIT_LOAD_ENTRYPOINTS"] = False
+        db.init_app(app)
+        audit.init_app(app, db)
+        recorders[name] = Recorder()
+        audit.emitter_of(app).register(recorders[name])
+        with app.app_context():
+            db.create_all()
+        apps[name] = app
+    for name, app in apps.items():
+        with app.app_context():
+            db.session.add(Note())
+            stage_event(
+                db.session, "note_add", target_type="note", target_id=name, action="a"
+            )
+            db.session.commit()
+    assert recorders["left"].names == ["left"]
+    assert recorders["right"].names == ["right"]
+
+
+def test_registering_twice_raises_a_clear_error(tmp_path: Path) -> None:
+    """A second init_app on the same app raises RuntimeError saying what to do."""
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db)
+    with pytest.raises(RuntimeError, match=r"already registered.*use that instance"):
+        AccessAudit(app, db)
+
+
+def test_config_keys_are_read_with_defaults(tmp_path: Path) -> None:
+    """init_app sets every ACCESS_AUDIT_* default in app.config."""
+    app = Flask("defaults")
+    AccessAudit(app)
+    assert app.config["ACCESS_AUDIT_ENABLED"] is True
+    assert app.config["ACCESS_AUDIT_LOAD_ENTRYPOINTS"] is True
+    assert app.config["ACCESS_AUDIT_PLUGINS"] == []
+    assert app.config["ACCESS_AUDIT_RAISE_PLUGIN_ERRORS"] is False
+
+
+def test_plugins_config_key_registers_import_strings(tmp_path: Path) -> None:
+    """ACCESS_AUDIT_PLUGINS imports "module:object" plugins and registers them."""
+    IMPORTED.clear()
+    app, db = make_app(tmp_path, ACCESS_AUDIT_PLUGINS=["test_flask:IMPORTED"])
+    AccessAudit(app, db)
+    app.test_client().post("/tags/imported")
+    assert IMPORTED.names[1:] == ["imported"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [["no_such_module_xyz:plugin"], ["test_flask:NO_SUCH_NAME"], "test_flask:IMPORTED"],
+    ids=["missing-module", "missing-attribute", "not-a-list"],
+)
+def test_bad_plugin_import_string_fails_at_init_app(tmp_path: Path, value: Any) -> None:
+    """A bad ACCESS_AUDIT_PLUGINS entry fails init_app naming the key and string."""
+    app = Flask("bad")
+    app.config["ACCESS_AUDIT_PLUGINS"] = value
+    with pytest.raises(AuditConfigurationError, match="ACCESS_AUDIT_PLUGINS") as caught:
+        AccessAudit(app)
+    assert "test_flask:" in str(caught.value) or "no_such_module_xyz" in str(
+        caught.value
+    )
+    assert "access_audit" not in app.extensions
+
+
+def test_load_entrypoints_config_key(tmp_path: Path) -> None:
+    """ACCESS_AUDIT_LOAD_ENTRYPOINTS controls discovery of installed plugins."""
+    on = Flask("on")
+    off = Flask("off")
+    off.config["ACCESS_AUDIT_LOAD_ENTRYPOINTS"] = False
+    audit = AccessAudit()
+    audit.init_app(on)
+    audit.init_app(off)
+    assert audit.emitter_of(on).plugin_manager.has_plugin("eggsample")
+    assert not audit.emitter_of(off).plugin_manager.has_plugin("eggsample")
+
+
+def test_disabled_registers_no_plugins_but_still_records(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """ACCESS_AUDIT_ENABLED=False: no plugins get events; test recording still works."""
+    recorder = Recorder()
+    app, db = make_app(
+        tmp_path, ACCESS_AUDIT_ENABLED=False, ACCESS_AUDIT_LOAD_ENTRYPOINTS=True
+    )
+    AccessAudit(app, db, plugins=[recorder])
+    app.test_client().post("/tags/quiet")
+    assert recorder.events == []
+    assert AccessAudit.emitter_of(app).plugin_manager.get_plugins() == set()
+    audit_events.assert_emitted("tag_create", target_name="quiet")
+
+
+def test_raise_plugin_errors_config_key(tmp_path: Path) -> None:
+    """ACCESS_AUDIT_RAISE_PLUGIN_ERRORS makes a plugin error fail the request."""
+    from access_audit import hookimpl
+
+    class Buggy:
+        @hookimpl
+        def audit_event_logged(self, envelope: object) -> None:
+            raise KeyError("plugin bug")
+
+    app, db = make_app(tmp_path, ACCESS_AUDIT_RAISE_PLUGIN_ERRORS=True)
+    AccessAudit(app, db, plugins=[Buggy()])
+    app.testing = True
+    with pytest.raises(KeyError, match="plugin bug"):
+        app.test_client().post("/tags/strict")
+    lenient, lenient_db = make_app(tmp_path, "lenient")
+    AccessAudit(lenient, lenient_db, plugins=[Buggy()])
+    assert lenient.test_client().post("/tags/ok").status_code == 200
+
+
+def test_emitter_of_an_app_without_the_extension_raises(tmp_path: Path) -> None:
+    """Asking for the emitter of an app AccessAudit does not know names the fix."""
+    with pytest.raises(AuditConfigurationError, match="init_app"):
+        AccessAudit.emitter_of(Flask("bare"))
+
+
+def test_cli_lists_plugins_with_their_hooks(tmp_path: Path) -> None:
+    """``flask access-audit plugins`` lists entry-point and app plugins and hooks."""
+    app = Flask("cli")
+    AccessAudit(app, plugins=[Recorder()])
+    result = app.test_cli_runner().invoke(args=["access-audit", "plugins"])
+    assert result.exit_code == 0, result.output
+    assert "eggsample  (entry point of access-audit-eggsample" in result.output
+    assert "registered by the app" in result.output
+    assert "hooks: audit_event_logged, audit_events_committed" in result.output
