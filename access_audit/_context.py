@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
-from contextvars import ContextVar
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 __all__ = ["Actor", "ActorLike", "audit_context", "current_context", "to_actor"]
 
@@ -22,6 +23,8 @@ class Actor:
     def __post_init__(self) -> None:
         check_actor_fields(self.id, self.email, "Actor")
 
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 ActorLike = Union[Actor, "tuple[str, str | None]", None]
 """What an actor resolver or loader may return."""
@@ -80,13 +83,7 @@ def current_context() -> tuple[Actor | None, Mapping[str, Any]]:
     return context.actor, context.metadata
 
 
-@contextlib.contextmanager
-def audit_context(
-    *,
-    actor_id: str | None = None,
-    actor_email: str | None = None,
-    **metadata: Any,
-) -> Iterator[None]:
+class audit_context:  # lower case: used like a function, as contextlib.suppress is
     """Set defaults for every event staged inside the block.
 
     Events staged inside take ``actor_id``/``actor_email`` unless the call to
@@ -95,21 +92,67 @@ def audit_context(
     wins and metadata merges outward-in. The state lives in a
     :class:`~contextvars.ContextVar`, so threads and asyncio tasks each see
     their own. Use it where there is no request to take an actor from: CLI
-    commands, workers, schedulers. Also usable as a decorator.
+    commands, workers, schedulers.
+
+    Also a decorator, of plain and ``async`` functions alike; each call runs
+    in a context of its own. One ``audit_context`` object should not be
+    entered by several threads or tasks at once: create one per block.
+
+    :raises ValueError: ``actor_email`` without ``actor_id``, or an empty
+        ``actor_id`` (checked here, not when the block is entered).
+    :raises TypeError: ``actor_id`` or ``actor_email`` is not a str.
     """
-    if actor_id is None and actor_email is not None:
-        raise ValueError("audit_context: actor_email was given without actor_id")
-    parent = _current.get()
-    actor = parent.actor
-    if actor_id is not None:
-        check_actor_fields(actor_id, actor_email, "audit_context")
-        actor = Actor(actor_id, actor_email)
-    merged = MappingProxyType({**parent.metadata, **metadata})
-    token = _current.set(_AmbientContext(actor=actor, metadata=merged))
-    try:
-        yield
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_actor", "_metadata", "_tokens")
+
+    def __init__(
+        self,
+        *,
+        actor_id: str | None = None,
+        actor_email: str | None = None,
+        **metadata: Any,
+    ) -> None:
+        if actor_id is None and actor_email is not None:
+            raise ValueError("audit_context: actor_email was given without actor_id")
+        self._actor: Actor | None = None
+        if actor_id is not None:
+            check_actor_fields(actor_id, actor_email, "audit_context")
+            self._actor = Actor(actor_id, actor_email)
+        self._metadata = metadata
+        self._tokens: list[Token[_AmbientContext]] = []
+
+    def __enter__(self) -> None:
+        parent = _current.get()
+        context = _AmbientContext(
+            actor=self._actor or parent.actor,
+            metadata=MappingProxyType({**parent.metadata, **self._metadata}),
+        )
+        self._tokens.append(_current.set(context))
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __call__(self, function: _F) -> _F:
+        def fresh() -> audit_context:
+            copy = audit_context.__new__(audit_context)
+            copy._actor, copy._metadata, copy._tokens = self._actor, self._metadata, []
+            return copy
+
+        if inspect.iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                with fresh():
+                    return await function(*args, **kwargs)
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with fresh():
+                return function(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
 
 
 ActorResolver = Callable[[], ActorLike]

@@ -109,5 +109,7 @@ def _plugin_failed(
             _call(failure_impl, arguments)
         except Exception:
             logger.exception(
-                "plugin %r raised in audit_delivery_failed", failure_impl.plugin_name
+                "plugin %r raised in audit_delivery_failed for events %s",
+                failure_impl.plugin_name,
+                ", ".join(str(envelope.id) for envelope in envelopes),
             )

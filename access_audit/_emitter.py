@@ -97,7 +97,13 @@ class AuditEmitter:
         """
         registered = self.plugin_manager.register(plugin, name)
         self._refuse_wrappers(plugin)
-        self.plugin_manager.check_pending()
+        try:
+            self.plugin_manager.check_pending()
+        except pluggy.PluginValidationError:
+            # Refused means not registered: it must not receive events, nor
+            # make every later register() fail.
+            self.plugin_manager.unregister(plugin)
+            raise
         return registered
 
     def unregister(self, plugin: object) -> None:

@@ -20,6 +20,24 @@ _FIELDS = (
 )  # fmt: skip
 
 
+_STR = (str,)
+_OPTIONAL_STR = (str, type(None))
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "event_type": _STR,
+    "actor_id": _STR,
+    "actor_email": _OPTIONAL_STR,
+    "target_type": _STR,
+    "target_id": _STR,
+    "target_name": _OPTIONAL_STR,
+    "action": _STR,
+    "reason": _OPTIONAL_STR,
+    "payload": (Mapping,),
+    "metadata": (Mapping,),
+    "sequence": (int,),
+}
+"""What from_dict accepts for the fields it does not parse itself."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class AuditEventEnvelope:
     """One committed audit event: immutable, and the same object for every plugin.
@@ -64,6 +82,10 @@ class AuditEventEnvelope:
                     )
                 object.__setattr__(self, name, freeze_json(value, name))
 
+    def __hash__(self) -> int:
+        # The id identifies the event; payload and metadata are unhashable.
+        return hash(self.id)
+
     def to_dict(self) -> dict[str, Any]:
         """Return JSON-ready primitives: ISO 8601 times, ``str`` UUIDs, plain dicts."""
         return {
@@ -86,7 +108,8 @@ class AuditEventEnvelope:
 
     def to_json(self, **dumps_options: Any) -> str:
         """Return :meth:`to_dict` as a JSON string; options go to :func:`json.dumps`."""
-        dumps_options.setdefault("separators", (",", ":"))
+        if dumps_options.get("indent") is None:
+            dumps_options.setdefault("separators", (",", ":"))
         return json.dumps(self.to_dict(), **dumps_options)
 
     @classmethod
@@ -103,6 +126,16 @@ class AuditEventEnvelope:
                 f"not an audit envelope: missing fields {missing}, "
                 f"unknown fields {unknown}"
             )
+        for name, kinds in _FIELD_TYPES.items():
+            value = data[name]
+            # No field takes a bool, although bool is an int.
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                expected = " or ".join(
+                    "None" if kind is type(None) else kind.__name__ for kind in kinds
+                )
+                raise ValueError(
+                    f"{name} must be {expected}, got {type(value).__name__}"
+                )
         values = dict(data)
         for name in ("id", "transaction_id"):
             values[name] = _parse(uuid.UUID, data[name], name)

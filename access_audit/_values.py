@@ -33,8 +33,9 @@ class ReadOnlyDict(dict):  # type: ignore[type-arg]
     __setitem__ = __delitem__ = __ior__ = _read_only
     clear = pop = popitem = setdefault = update = _read_only
 
-    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
-        return (dict, (dict(self),))
+    def __reduce__(self) -> tuple[type[ReadOnlyDict], tuple[dict[str, Any]]]:
+        # Copies (pickle, copy.deepcopy) stay read-only.
+        return (type(self), (dict(self),))
 
     def __repr__(self) -> str:
         return dict.__repr__(self)
@@ -47,8 +48,8 @@ class ReadOnlyList(list):  # type: ignore[type-arg]
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
     append = extend = insert = pop = remove = clear = sort = reverse = _read_only
 
-    def __reduce__(self) -> tuple[type[list[Any]], tuple[list[Any]]]:
-        return (list, (list(self),))
+    def __reduce__(self) -> tuple[type[ReadOnlyList], tuple[list[Any]]]:
+        return (type(self), (list(self),))
 
     def __repr__(self) -> str:
         return list.__repr__(self)

@@ -2,7 +2,8 @@
 
 Receivers are called one by one: a receiver that raises is logged on the
 ``access_audit`` logger and the others still run; the commit is never failed
-by a receiver. Connect with ``signal.connect(receiver)`` for every emitter, or
+by a receiver (unless the emitter has ``raise_plugin_errors``, which then
+raises the first error after everything ran). Connect with ``signal.connect(receiver)`` for every emitter, or
 ``signal.connect(receiver, sender=emitter)`` for one.
 """
 

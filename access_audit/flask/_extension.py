@@ -58,7 +58,8 @@ class AccessAudit:
     ``ACCESS_AUDIT_LOAD_ENTRYPOINTS`` (True)
         Register plugins from installed packages' ``access_audit`` entry points.
     ``ACCESS_AUDIT_PLUGINS`` (``[]``)
-        Import strings (``"package.module:object"``) of plugins to register.
+        Import strings (``"package.module:object"``) of plugins to register;
+        a class is instantiated with no arguments.
     ``ACCESS_AUDIT_RAISE_PLUGIN_ERRORS`` (False)
         Strict mode for tests: a plugin error is raised out of the commit.
     """
@@ -175,12 +176,14 @@ def _import_plugins(names: Iterable[str]) -> list[object]:
     plugins = []
     for name in names:
         try:
-            plugins.append(import_string(name))
+            plugin = import_string(name)
         except (ImportStringError, ImportError, AttributeError) as error:
             raise AuditConfigurationError(
                 f"ACCESS_AUDIT_PLUGINS: cannot import {name!r} ({error}); use "
                 "'package.module:object' or 'package.module'"
             ) from error
+        # A class is a plugin factory: its hook methods need an instance.
+        plugins.append(plugin() if isinstance(plugin, type) else plugin)
     return plugins
 
 

@@ -1,0 +1,560 @@
+"""SPEC.md section 3, bad input: every refusal names the field, and loses nothing.
+
+A bad ``stage_event`` call fails at once with ``ValueError`` or ``TypeError``
+and a message naming the field; nothing of it is parked, so the next good
+event commits alone. A lazy value that raises or resolves to garbage fails the
+``commit()`` before COMMIT, and lazy values are never called for a transaction
+that does not commit. The tests that touch the database run on all three.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+from support import Item, Recorder, operation, stored_names
+
+from access_audit import AuditEmitter, StagedEvent, signals, stage_event
+
+GOOD: dict[str, Any] = {
+    "event_type": "item_created",
+    "target_type": "item",
+    "target_id": "bad",
+    "action": "create",
+}
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"x": value}
+    return value
+
+
+def _self_referencing() -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    value["self"] = value
+    return value
+
+
+# (id, keyword arguments replacing GOOD's, exception type, regex the message matches)
+BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
+    # event_type
+    ("event_type-empty", {"event_type": ""}, ValueError, "event_type"),
+    ("event_type-upper", {"event_type": "Item_Created"}, ValueError, "event_type"),
+    ("event_type-digit-first", {"event_type": "1item"}, ValueError, "event_type"),
+    ("event_type-underscore-first", {"event_type": "_item"}, ValueError, "event_type"),
+    ("event_type-hyphen", {"event_type": "item-created"}, ValueError, "event_type"),
+    ("event_type-space", {"event_type": "item created"}, ValueError, "event_type"),
+    ("event_type-padded", {"event_type": " item_created"}, ValueError, "event_type"),
+    ("event_type-newline", {"event_type": "item_created\n"}, ValueError, "event_type"),
+    ("event_type-129", {"event_type": "a" * 129}, ValueError, "event_type"),
+    ("event_type-int", {"event_type": 42}, TypeError, "event_type"),
+    ("event_type-none", {"event_type": None}, TypeError, "event_type"),
+    ("event_type-bytes", {"event_type": b"item_created"}, TypeError, "event_type"),
+    # target_type and action
+    ("target_type-empty", {"target_type": ""}, ValueError, "target_type"),
+    ("target_type-leading", {"target_type": " item"}, ValueError, "target_type"),
+    ("target_type-trailing", {"target_type": "item "}, ValueError, "target_type"),
+    ("target_type-blank", {"target_type": "   "}, ValueError, "target_type"),
+    ("target_type-control", {"target_type": "it\nem"}, ValueError, "target_type"),
+    ("target_type-129", {"target_type": "t" * 129}, ValueError, "target_type"),
+    ("target_type-int", {"target_type": 1}, TypeError, "target_type"),
+    ("target_type-none", {"target_type": None}, TypeError, "target_type"),
+    ("action-empty", {"action": ""}, ValueError, "action"),
+    ("action-leading", {"action": "\tcreate"}, ValueError, "action"),
+    ("action-trailing", {"action": "create "}, ValueError, "action"),
+    ("action-129", {"action": "c" * 129}, ValueError, "action"),
+    ("action-int", {"action": 1}, TypeError, "action"),
+    # target_id, target_name, reason, actor
+    ("target_id-float", {"target_id": 1.5}, TypeError, "target_id"),
+    ("target_id-none", {"target_id": None}, TypeError, "target_id"),
+    ("target_id-true", {"target_id": True}, TypeError, "target_id"),
+    ("target_id-false", {"target_id": False}, TypeError, "target_id"),
+    ("target_id-bytes", {"target_id": b"id"}, TypeError, "target_id"),
+    ("target_id-list", {"target_id": ["id"]}, TypeError, "target_id"),
+    ("target_id-object", {"target_id": object()}, TypeError, "target_id"),
+    ("target_id-empty", {"target_id": ""}, ValueError, "target_id"),
+    ("target_name-int", {"target_name": 5}, TypeError, "target_name"),
+    ("reason-int", {"reason": 5}, TypeError, "reason"),
+    ("actor_id-int", {"actor_id": 42}, TypeError, "actor_id"),
+    ("actor_id-empty", {"actor_id": ""}, ValueError, "actor_id"),
+    ("actor_id-blank", {"actor_id": "  "}, ValueError, "actor_id"),
+    (
+        "actor_email-int",
+        {"actor_id": "someone", "actor_email": 5},
+        TypeError,
+        "actor_email",
+    ),
+    (
+        "actor_email-without-actor_id",
+        {"actor_email": "a@example.com"},
+        ValueError,
+        "actor_email",
+    ),
+    # payload
+    ("payload-set", {"payload": {"when": {1, 2}}}, TypeError, r"payload\['when'\]"),
+    (
+        "payload-frozenset",
+        {"payload": {"when": frozenset()}},
+        TypeError,
+        r"payload\['when'\]",
+    ),
+    ("payload-bytes", {"payload": {"when": b"x"}}, TypeError, r"payload\['when'\]"),
+    (
+        "payload-datetime",
+        {"payload": {"when": datetime.datetime.now(datetime.timezone.utc)}},
+        TypeError,
+        r"payload\['when'\]",
+    ),
+    (
+        "payload-date",
+        {"payload": {"when": datetime.date(2024, 1, 1)}},
+        TypeError,
+        r"payload\['when'\]",
+    ),
+    (
+        "payload-decimal",
+        {"payload": {"when": decimal.Decimal("1.5")}},
+        TypeError,
+        r"payload\['when'\]",
+    ),
+    (
+        "payload-uuid",
+        {"payload": {"when": uuid.uuid4()}},
+        TypeError,
+        r"payload\['when'\]",
+    ),
+    (
+        "payload-object",
+        {"payload": {"when": object()}},
+        TypeError,
+        r"payload\['when'\]",
+    ),
+    ("payload-complex", {"payload": {"when": 1j}}, TypeError, r"payload\['when'\]"),
+    (
+        "payload-nested-path",
+        {"payload": {"a": {"b": [1, b"x"]}}},
+        TypeError,
+        r"payload\['a'\]\['b'\]\[1\]",
+    ),
+    ("payload-int-key", {"payload": {1: "x"}}, TypeError, "payload"),
+    ("payload-none-key", {"payload": {None: "x"}}, TypeError, "payload"),
+    (
+        "payload-nested-tuple-key",
+        {"payload": {"a": {(1, 2): "x"}}},
+        TypeError,
+        r"payload\['a'\]",
+    ),
+    ("payload-nan", {"payload": {"x": float("nan")}}, ValueError, r"payload\['x'\]"),
+    ("payload-inf", {"payload": {"x": float("inf")}}, ValueError, r"payload\['x'\]"),
+    (
+        "payload-nested-minus-inf",
+        {"payload": {"x": [float("-inf")]}},
+        ValueError,
+        r"payload\['x'\]\[0\]",
+    ),
+    ("payload-too-deep", {"payload": _deep(40)}, ValueError, "payload"),
+    ("payload-self-reference", {"payload": _self_referencing()}, ValueError, "payload"),
+    ("payload-list", {"payload": [1, 2]}, TypeError, "payload"),
+    ("payload-str", {"payload": "text"}, TypeError, "payload"),
+    ("payload-int", {"payload": 3}, TypeError, "payload"),
+    ("payload-tuple", {"payload": ("a",)}, TypeError, "payload"),
+    # metadata
+    ("metadata-set", {"metadata": {"when": {1}}}, TypeError, r"metadata\['when'\]"),
+    ("metadata-bytes", {"metadata": {"when": b"x"}}, TypeError, r"metadata\['when'\]"),
+    (
+        "metadata-datetime",
+        {"metadata": {"when": datetime.datetime.now(datetime.timezone.utc)}},
+        TypeError,
+        r"metadata\['when'\]",
+    ),
+    (
+        "metadata-object",
+        {"metadata": {"when": object()}},
+        TypeError,
+        r"metadata\['when'\]",
+    ),
+    (
+        "metadata-lazy",
+        {"metadata": {"when": lambda: "later"}},
+        TypeError,
+        r"metadata\['when'\]",
+    ),
+    ("metadata-int-key", {"metadata": {1: "x"}}, TypeError, "metadata"),
+    ("metadata-nan", {"metadata": {"x": float("nan")}}, ValueError, r"metadata\['x'\]"),
+    ("metadata-list", {"metadata": [1]}, TypeError, "metadata"),
+    ("metadata-str", {"metadata": "text"}, TypeError, "metadata"),
+]
+
+
+@pytest.fixture
+def discarded(emitter: AuditEmitter) -> Iterator[list[tuple[StagedEvent, str]]]:
+    """The (event, reason) pairs ``audit_event_discarded`` sends for ``emitter``."""
+    received: list[tuple[StagedEvent, str]] = []
+
+    def receiver(sender: object, *, event: StagedEvent, reason: str) -> None:
+        received.append((event, reason))
+
+    signals.audit_event_discarded.connect(receiver, sender=emitter)
+    yield received
+    signals.audit_event_discarded.disconnect(receiver, sender=emitter)
+
+
+def _assert_only_good_committed(recorder: Recorder, engine: Engine) -> None:
+    assert recorder.names == ["good"]
+    assert [len(batch) for batch in recorder.batches] == [1]
+    assert stored_names(engine) == ["good"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "names"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
+def test_bad_input_is_refused_naming_the_field(
+    Session: sessionmaker,
+    recorder: Recorder,
+    engine: Engine,
+    discarded: list[tuple[StagedEvent, str]],
+    fields: dict[str, Any],
+    error: type[Exception],
+    names: str,
+) -> None:
+    """Bad input raises the right type naming the field; the next event commits alone."""
+    with Session() as session:
+        with pytest.raises(error, match=names) as raised:
+            stage_event(session, **{**GOOD, **fields})
+        assert type(raised.value) is error
+        operation(session, "good")
+        session.commit()
+    _assert_only_good_committed(recorder, engine)
+    assert discarded == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"event_type": "a" * 128},
+        {"event_type": "a.b_2.c"},
+        {"target_type": "t" * 128, "action": "c" * 128},
+        {"target_type": "Group Member", "action": "add-member"},
+        {"target_id": 0},
+        {"target_id": uuid.UUID(int=7)},
+        {"payload": {"tuple": (1, 2), "none": None, "float": 1.5, "ok": True}},
+    ],
+    ids=[
+        "event_type-128",
+        "event_type-dots-digits",
+        "names-128",
+        "names-inner-space-hyphen",
+        "target_id-zero",
+        "target_id-uuid",
+        "payload-plain-json",
+    ],
+)
+def test_edge_of_valid_input_is_accepted(
+    Session: sessionmaker, recorder: Recorder, fields: dict[str, Any]
+) -> None:
+    """Values just inside the rules are staged and emitted unchanged (ids as str)."""
+    with Session() as session:
+        stage_event(session, **{**GOOD, **fields})
+        session.commit()
+    [envelope] = recorder.events
+    for name, value in fields.items():
+        if name == "target_id":
+            assert envelope.target_id == str(value)
+        elif name == "payload":
+            assert envelope.payload == {**value, "tuple": [1, 2]}
+        else:
+            assert getattr(envelope, name) == value
+
+
+class Colour(str, enum.Enum):
+    RED = "red"
+
+
+class Size(enum.IntEnum):
+    BIG = 3
+
+
+def test_str_and_int_subclasses_become_plain_values(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """Str/int enum members are accepted and arrive as plain ``str``/``int``."""
+    with Session() as session:
+        stage_event(
+            session,
+            **{**GOOD, "target_id": Size.BIG},
+            payload={"colour": Colour.RED, "size": Size.BIG},
+        )
+        session.commit()
+    [envelope] = recorder.events
+    assert envelope.target_id == "3"
+    assert type(envelope.payload["colour"]) is str
+    assert type(envelope.payload["size"]) is int
+    assert envelope.payload == {"colour": "red", "size": 3}
+
+
+def _raise() -> Any:
+    raise ZeroDivisionError("the lazy value broke")
+
+
+def _nan() -> float:
+    return float("nan")
+
+
+# (id, keyword arguments replacing GOOD's, exception type, regex the message matches)
+BAD_LAZIES: list[tuple[str, dict[str, Any], type[Exception], str]] = [
+    ("target_id-raises", {"target_id": _raise}, ValueError, "target_id"),
+    ("target_id-none", {"target_id": lambda: None}, TypeError, "target_id"),
+    ("target_id-object", {"target_id": object}, TypeError, "target_id"),
+    ("target_id-bool", {"target_id": lambda: True}, TypeError, "target_id"),
+    ("target_id-empty", {"target_id": lambda: ""}, ValueError, "target_id"),
+    ("target_name-raises", {"target_name": _raise}, ValueError, "target_name"),
+    ("target_name-int", {"target_name": lambda: 5}, TypeError, "target_name"),
+    (
+        "payload-raises",
+        {"payload": {"x": _raise}},
+        ValueError,
+        r"payload\['x'\]",
+    ),
+    (
+        "payload-object",
+        {"payload": {"x": object}},
+        TypeError,
+        r"payload\['x'\]",
+    ),
+    (
+        "payload-bytes",
+        {"payload": {"x": lambda: b"raw"}},
+        TypeError,
+        r"payload\['x'\]",
+    ),
+    ("payload-nan", {"payload": {"x": _nan}}, ValueError, r"payload\['x'\]"),
+    (
+        "payload-nested-list",
+        {"payload": {"ids": [lambda: 1, lambda: {1, 2}]}},
+        TypeError,
+        r"payload\['ids'\]\[1\]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "names"),
+    [case[1:] for case in BAD_LAZIES],
+    ids=[case[0] for case in BAD_LAZIES],
+)
+def test_bad_lazy_value_fails_commit_before_commit(
+    Session: sessionmaker,
+    recorder: Recorder,
+    engine: Engine,
+    discarded: list[tuple[StagedEvent, str]],
+    fields: dict[str, Any],
+    error: type[Exception],
+    names: str,
+) -> None:
+    """A lazy that raises or returns garbage fails commit() before COMMIT; rollback heals."""
+    with Session() as session:
+        session.add(Item(name="doomed"))
+        stage_event(session, **{**GOOD, **fields})
+        with pytest.raises(error, match=names) as raised:
+            session.commit()
+        assert type(raised.value) is error
+        if fields.get("target_id") is _raise or fields.get("target_name") is _raise:
+            assert isinstance(raised.value.__cause__, ZeroDivisionError)
+        assert recorder.events == []
+        assert stored_names(engine) == []  # no COMMIT was sent
+        session.rollback()
+        assert stored_names(engine) == []
+        assert recorder.events == []
+        assert [event.event_type for event, _ in discarded] == ["item_created"]
+        operation(session, "good")
+        session.commit()
+    _assert_only_good_committed(recorder, engine)
+    assert len(discarded) == 1
+
+
+def test_bad_lazy_inside_open_savepoint_fails_commit_before_commit(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """commit() with a SAVEPOINT still open also fails before COMMIT on a bad lazy."""
+    with Session() as session:
+        session.add(Item(name="outer"))
+        session.begin_nested()
+        session.add(Item(name="inner"))
+        stage_event(session, **{**GOOD, "target_id": _raise})
+        with pytest.raises(ValueError, match="target_id"):
+            session.commit()
+        assert stored_names(engine) == []
+        session.rollback()
+        assert recorder.events == []
+        operation(session, "good")
+        session.commit()
+    _assert_only_good_committed(recorder, engine)
+
+
+def test_lazy_values_get_database_generated_keys(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """Lazy target_id, target_name and payload values see the id the INSERT made."""
+    with Session() as session:
+        item = Item(name="lazy")
+        session.add(item)
+        assert item.id is None  # not flushed: the id does not exist yet
+        stage_event(
+            session,
+            "item_created",
+            target_type="item",
+            target_id=lambda: item.id,
+            target_name=lambda: item.name,
+            action="create",
+            payload={
+                "id": lambda: item.id,
+                "nested": {"ids": [lambda: item.id, "fixed"]},
+                "plain": 1,
+            },
+        )
+        session.commit()
+    with Session() as check:
+        [stored_id] = check.scalars(select(Item.id).where(Item.name == "lazy"))
+    [envelope] = recorder.events
+    assert envelope.target_id == str(stored_id)
+    assert envelope.target_name == "lazy"
+    assert envelope.payload == {
+        "id": stored_id,
+        "nested": {"ids": [stored_id, "fixed"]},
+        "plain": 1,
+    }
+    assert type(envelope.payload["id"]) is int
+    assert isinstance(envelope.payload["nested"]["ids"], list)
+
+
+class Counter:
+    """A lazy value that counts its calls."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return self.value
+
+
+def _stage_lazy(session: Any, name: str, counter: Counter) -> None:
+    session.add(Item(name=name))
+    stage_event(
+        session,
+        "item_created",
+        target_type="item",
+        target_id=counter,
+        target_name=counter,
+        action="create",
+        payload={"name": counter, "list": [counter]},
+    )
+
+
+def test_each_lazy_is_called_once_per_commit(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """Lazies are resolved exactly once, however many flushes the commit makes."""
+    counter = Counter("once")
+    with Session() as session:
+        _stage_lazy(session, "once", counter)
+        session.flush()
+        session.add(Item(name="second-flush"))
+        session.flush()
+        assert counter.calls == 0  # not before the commit
+        session.commit()
+        assert counter.calls == 4  # target_id, target_name and two payload values
+        session.commit()
+    assert counter.calls == 4
+    [envelope] = recorder.events
+    assert (envelope.target_id, envelope.target_name) == ("once", "once")
+    assert envelope.payload == {"name": "once", "list": ["once"]}
+    assert stored_names(engine) == ["once", "second-flush"]
+
+
+def _end_rollback(session: Any, counter: Counter) -> None:
+    _stage_lazy(session, "gone", counter)
+    session.flush()
+    session.rollback()
+
+
+def _end_close(session: Any, counter: Counter) -> None:
+    _stage_lazy(session, "gone", counter)
+    session.flush()
+    session.close()
+
+
+def _end_begin_block_raises(session: Any, counter: Counter) -> None:
+    with pytest.raises(LookupError), session.begin():
+        _stage_lazy(session, "gone", counter)
+        raise LookupError("the operation failed")
+
+
+def _end_savepoint_rollback(session: Any, counter: Counter) -> None:
+    savepoint = session.begin_nested()
+    _stage_lazy(session, "gone", counter)
+    session.flush()
+    savepoint.rollback()
+    session.commit()
+
+
+def _end_released_then_rollback(session: Any, counter: Counter) -> None:
+    with session.begin_nested():
+        _stage_lazy(session, "gone", counter)
+    session.rollback()
+
+
+def _end_flush_error(session: Any, counter: Counter) -> None:
+    _stage_lazy(session, "taken", counter)
+    with pytest.raises(IntegrityError):
+        session.commit()
+    session.rollback()
+
+
+ENDINGS: dict[str, Callable[[Any, Counter], None]] = {
+    "rollback": _end_rollback,
+    "close": _end_close,
+    "begin-block-raises": _end_begin_block_raises,
+    "savepoint-rollback": _end_savepoint_rollback,
+    "released-savepoint-outer-rollback": _end_released_then_rollback,
+    "commit-flush-error": _end_flush_error,
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS.values()), ids=list(ENDINGS))
+def test_lazy_is_never_called_for_a_transaction_that_does_not_commit(
+    Session: sessionmaker,
+    recorder: Recorder,
+    engine: Engine,
+    ending: Callable[[Any, Counter], None],
+) -> None:
+    """A rolled-back or abandoned transaction never calls its lazies; the next works."""
+    with Session() as session:
+        operation(session, "taken")
+        session.commit()
+        recorder.clear()
+        counter = Counter("gone")
+        ending(session, counter)
+        assert counter.calls == 0
+        assert recorder.events == []
+        assert stored_names(engine) == ["taken"]
+        kept = Counter("kept")
+        _stage_lazy(session, "kept", kept)
+        session.commit()
+    assert counter.calls == 0
+    assert kept.calls == 4
+    assert recorder.names == ["kept"]
+    assert stored_names(engine) == ["kept", "taken"]
