@@ -15,6 +15,7 @@ from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._listeners import SessionListeners
 from ._logging import logger
 from ._registry import disown, listen_target, own
+from ._values import PayloadRules
 
 if TYPE_CHECKING:
     from ._envelope import AuditEventEnvelope
@@ -54,6 +55,13 @@ class AuditEmitter:
         None (then the actor is ``"system"``).
     :param metadata_provider: called at stage time; returns a mapping merged
         under the context's and the call's metadata, or None.
+    :param redact_keys: key names (any case) whose values in payload and
+        metadata, at any depth, become ``"[REDACTED]"`` when an event is
+        staged, before any plugin, receiver or the outbox sees it. A redacted
+        lazy value is never called.
+    :param max_payload_bytes: the largest payload, measured as compact UTF-8
+        JSON; a larger one fails ``stage_event`` (or, when lazy values make
+        it larger, the commit, before COMMIT) with ``ValueError``.
     :param raise_plugin_errors: strict mode for tests. After every plugin and
         receiver ran, the first error one raised is raised out of the
         ``commit()``; the data is committed and the session is clean.
@@ -67,6 +75,8 @@ class AuditEmitter:
         actor_resolver: ActorResolver | None = None,
         metadata_provider: MetadataProvider | None = None,
         raise_plugin_errors: bool = False,
+        redact_keys: Iterable[str] = (),
+        max_payload_bytes: int | None = None,
     ) -> None:
         self.plugin_manager = pluggy.PluginManager(PROJECT_NAME)
         """The :class:`pluggy.PluginManager` holding this emitter's plugins."""
@@ -74,6 +84,8 @@ class AuditEmitter:
         self.actor_resolver = actor_resolver
         self.metadata_provider = metadata_provider
         self.raise_plugin_errors = raise_plugin_errors
+        self.payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
+        """Redaction and size rules applied to every event staged for this emitter."""
         self._listeners = SessionListeners(self)
         for plugin in plugins:
             self.register(plugin)

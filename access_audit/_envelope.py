@@ -112,6 +112,51 @@ class AuditEventEnvelope:
             dumps_options.setdefault("separators", (",", ":"))
         return json.dumps(self.to_dict(), **dumps_options)
 
+    def to_cloudevent(
+        self, source: str, *, type_prefix: str = "access_audit."
+    ) -> dict[str, Any]:
+        """Return a CloudEvents 1.0 event in structured mode, as a JSON-ready dict.
+
+        ``id`` is the envelope id, ``type`` is ``type_prefix + event_type``,
+        ``subject`` is ``target_type/target_id``, ``time`` the commit time, and
+        ``data`` holds everything else (the actor's e-mail address only there).
+        The ``partitionkey`` extension (``target_type:target_id``) keeps one
+        target's events in order on partitioned brokers; ``audittransaction``
+        groups the events of one commit.
+
+        :param source: the CloudEvents ``source``, a URI-reference naming the
+            producer (``"/services/access-app"``); must not be empty.
+        """
+        if not isinstance(source, str) or not source:
+            raise ValueError("source must be a non-empty URI-reference string")
+        subject = f"{self.target_type}/{self.target_id}"
+        return {
+            "specversion": "1.0",
+            "id": str(self.id),
+            "source": source,
+            "type": f"{type_prefix}{self.event_type}",
+            "subject": subject,
+            "time": self.timestamp.isoformat(),
+            "datacontenttype": "application/json",
+            "partitionkey": f"{self.target_type}:{self.target_id}",
+            "audittransaction": str(self.transaction_id),
+            "data": {
+                "event_type": self.event_type,
+                "actor_id": self.actor_id,
+                "actor_email": self.actor_email,
+                "target_type": self.target_type,
+                "target_id": self.target_id,
+                "target_name": self.target_name,
+                "action": self.action,
+                "reason": self.reason,
+                "payload": thaw(self.payload),
+                "metadata": thaw(self.metadata),
+                "staged_at": self.staged_at.isoformat(),
+                "transaction_id": str(self.transaction_id),
+                "sequence": self.sequence,
+            },
+        }
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditEventEnvelope:
         """Rebuild an envelope from :meth:`to_dict` output (or its JSON, parsed).

@@ -13,7 +13,14 @@ from . import _listeners
 from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
 from ._registry import emitter_for, sync_session_of
 from ._uuid import uuid7
-from ._values import call_lazy, freeze_json, has_lazy, resolve_lazy
+from ._values import (
+    NO_RULES,
+    PayloadRules,
+    call_lazy,
+    freeze_json,
+    has_lazy,
+    resolve_lazy,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -54,6 +61,8 @@ class StagedEvent:
     metadata: Mapping[str, Any]
     lazy: bool
     """Whether some value is still an unresolved callable."""
+    rules: PayloadRules = dataclasses.field(default=NO_RULES, repr=False)
+    """The emitter's redaction and size rules, for values resolved later."""
 
     def resolve(self) -> None:
         """Call the lazy values and check what they return, at most once.
@@ -73,7 +82,8 @@ class StagedEvent:
                 call_lazy(self.target_name, where + "target_name"),
                 where + "target_name",
             )
-        self.payload = resolve_lazy(self.payload, where + "payload")
+        self.payload = resolve_lazy(self.payload, where + "payload", self.rules)
+        self.rules.check_size(self.payload, self.event_type)
         self.lazy = False
 
 
@@ -130,12 +140,16 @@ def stage_event(
     else:
         target_name = _optional_str(target_name, "target_name")
     reason = _optional_str(reason, "reason")
-    frozen_payload = freeze_json(
-        {} if payload is None else payload, "payload", lazy_ok=True
-    )
-    if not isinstance(frozen_payload, dict):
+    rules = emitter.payload_rules
+    if payload is not None and not isinstance(payload, Mapping):
         raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
-    lazy = lazy or has_lazy(frozen_payload)
+    frozen_payload = freeze_json(
+        {} if payload is None else payload, "payload", lazy_ok=True, rules=rules
+    )
+    if has_lazy(frozen_payload):
+        lazy = True
+    else:
+        rules.check_size(frozen_payload, event_type)
 
     context_actor, context_metadata = current_context()
     if actor_id is not None:
@@ -143,7 +157,7 @@ def stage_event(
         actor = Actor(actor_id, actor_email)
     else:
         actor = context_actor or _resolve_actor(emitter) or SYSTEM_ACTOR
-    merged_metadata = _merge_metadata(emitter, context_metadata, metadata)
+    merged_metadata = _merge_metadata(emitter, context_metadata, metadata, rules)
 
     event = StagedEvent(
         id=uuid7(),
@@ -159,6 +173,7 @@ def stage_event(
         payload=frozen_payload,
         metadata=merged_metadata,
         lazy=lazy,
+        rules=rules,
     )
     _listeners.park(sync_session, emitter, event)
 
@@ -216,6 +231,7 @@ def _merge_metadata(
     emitter: AuditEmitter,
     context_metadata: Mapping[str, Any],
     metadata: Mapping[str, Any] | None,
+    rules: PayloadRules,
 ) -> Mapping[str, Any]:
     merged: dict[str, Any] = {}
     if emitter.metadata_provider is not None:
@@ -233,5 +249,5 @@ def _merge_metadata(
                 f"metadata must be a mapping, got {type(metadata).__name__}"
             )
         merged.update(metadata)
-    frozen: Mapping[str, Any] = freeze_json(merged, "metadata")
+    frozen: Mapping[str, Any] = freeze_json(merged, "metadata", rules=rules)
     return frozen

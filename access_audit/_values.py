@@ -7,11 +7,21 @@ can change what another plugin (or the outbox) sees.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
-__all__ = ["ReadOnlyDict", "ReadOnlyList", "freeze_json", "resolve_lazy", "thaw"]
+__all__ = [
+    "REDACTED",
+    "PayloadRules",
+    "ReadOnlyDict",
+    "ReadOnlyList",
+    "freeze_json",
+    "resolve_lazy",
+    "thaw",
+]
 
 # Deep enough for any real payload; stops a self-referencing structure early
 # with a clear message instead of a RecursionError.
@@ -55,45 +65,143 @@ class ReadOnlyList(list):  # type: ignore[type-arg]
         return list.__repr__(self)
 
 
+REDACTED = "[REDACTED]"
+"""What a redacted value becomes."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PayloadRules:
+    """An emitter's rules for what payload and metadata may hold."""
+
+    redact: frozenset[str] = frozenset()
+    """Casefolded key names whose values become ``"[REDACTED]"``, at any depth."""
+    max_payload_bytes: int | None = None
+    """Largest payload, as compact UTF-8 JSON; None for no limit."""
+
+    @classmethod
+    def build(
+        cls, redact_keys: Iterable[str], max_payload_bytes: int | None
+    ) -> PayloadRules:
+        """Check an emitter's options and make its rules.
+
+        :raises TypeError: ``redact_keys`` is a single string or holds a
+            non-string; ``max_payload_bytes`` is not an int.
+        :raises ValueError: ``max_payload_bytes`` is not positive.
+        """
+        if isinstance(redact_keys, str):
+            raise TypeError(
+                "redact_keys must be a collection of key names, not one string: "
+                f"use ({redact_keys!r},)"
+            )
+        keys = list(redact_keys)
+        for key in keys:
+            if not isinstance(key, str):
+                raise TypeError(f"redact_keys must hold str, got {type(key).__name__}")
+        if max_payload_bytes is not None:
+            if isinstance(max_payload_bytes, bool) or not isinstance(
+                max_payload_bytes, int
+            ):
+                raise TypeError("max_payload_bytes must be an int or None")
+            if max_payload_bytes <= 0:
+                raise ValueError("max_payload_bytes must be positive")
+        return cls(frozenset(key.casefold() for key in keys), max_payload_bytes)
+
+    def check_size(self, payload: Mapping[str, Any], event_type: str) -> None:
+        """Raise if a resolved payload is larger than ``max_payload_bytes``.
+
+        :raises ValueError: naming the event type, the size and the limit.
+        """
+        if self.max_payload_bytes is None:
+            return
+        size = len(json.dumps(payload, separators=(",", ":")).encode())
+        if size > self.max_payload_bytes:
+            raise ValueError(
+                f"event {event_type!r}: payload is {size} bytes as JSON, more than "
+                f"max_payload_bytes={self.max_payload_bytes}; store large data "
+                "elsewhere and put a reference in the payload"
+            )
+
+
+NO_RULES = PayloadRules()
+
+
+class _BadValue(Exception):
+    """A value that cannot go into an event; its path is filled in on the way up.
+
+    Building the path (``payload['a'][2]``) only when something is wrong
+    keeps the common case cheap.
+    """
+
+    def __init__(self, kind: type[Exception], message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.path: list[str | int] = []
+
+    def reraise(self, where: str) -> NoReturn:
+        location = where + "".join(f"[{step!r}]" for step in reversed(self.path))
+        raise self.kind(f"{location} {self.message}") from self.__cause__
+
+
 def freeze_json(
-    value: Any, where: str, *, lazy_ok: bool = False, depth: int = 0
+    value: Any, where: str, *, lazy_ok: bool = False, rules: PayloadRules = NO_RULES
 ) -> Any:
     """Return a read-only copy of *value* made of plain JSON types.
 
     ``where`` names the value in error messages (``payload['roles'][2]``).
     With ``lazy_ok``, zero-argument callables are kept as they are, to be
-    replaced by :func:`resolve_lazy` later.
+    replaced by :func:`resolve_lazy` later. Keys named in ``rules.redact``
+    (any case, any depth) get ``"[REDACTED]"`` as their value, which is then
+    neither checked nor, if lazy, ever called.
 
     :raises TypeError: a value JSON cannot represent, or a non-``str`` key.
     :raises ValueError: a float that is NaN or infinite, or nesting deeper than
         32 levels.
     """
+    try:
+        return _freeze(value, lazy_ok, rules.redact, 0)
+    except _BadValue as bad:
+        bad.reraise(where)
+
+
+def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> Any:
     kind = type(value)
     if value is None or kind is str or kind is int or kind is bool:
         return value
     if kind is float:
         if not math.isfinite(value):
-            raise ValueError(f"{where} is {value!r}, which JSON cannot represent")
+            raise _BadValue(ValueError, f"is {value!r}, which JSON cannot represent")
         return value
     if depth >= _MAX_DEPTH:
-        raise ValueError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+        raise _BadValue(ValueError, f"is nested more than {_MAX_DEPTH} levels deep")
     if isinstance(value, Mapping):
         frozen = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise TypeError(
-                    f"{where} has the key {key!r} of type {type(key).__name__}; "
-                    "JSON object keys must be str"
+                raise _BadValue(
+                    TypeError,
+                    f"has the key {key!r} of type {type(key).__name__}; "
+                    "JSON object keys must be str",
                 )
-            frozen[str.__str__(key)] = freeze_json(
-                item, f"{where}[{key!r}]", lazy_ok=lazy_ok, depth=depth + 1
-            )
+            key = str.__str__(key)
+            if redact and key.casefold() in redact:
+                frozen[key] = REDACTED
+                continue
+            try:
+                frozen[key] = _freeze(item, lazy_ok, redact, depth + 1)
+            except _BadValue as bad:
+                bad.path.append(key)
+                raise
         return ReadOnlyDict(frozen)
     if isinstance(value, (list, tuple)):
-        return ReadOnlyList(
-            freeze_json(item, f"{where}[{index}]", lazy_ok=lazy_ok, depth=depth + 1)
-            for index, item in enumerate(value)
-        )
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(_freeze(item, lazy_ok, redact, depth + 1))
+            except _BadValue as bad:
+                bad.path.append(index)
+                raise
+        return ReadOnlyList(items)
     # Subclasses of the plain types (str and int enums, say) become the plain
     # type, as json.dumps would write them.
     if isinstance(value, str):
@@ -101,12 +209,13 @@ def freeze_json(
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        return freeze_json(float(value), where)
+        return _freeze(float(value), lazy_ok, redact, depth)
     if lazy_ok and callable(value):
         return value
-    raise TypeError(
-        f"{where} is a {kind.__name__}, which is not JSON-serialisable; "
-        "convert it to str, int, float, bool, None, a list or a dict first"
+    raise _BadValue(
+        TypeError,
+        f"is a {kind.__name__}, which is not JSON-serialisable; "
+        "convert it to str, int, float, bool, None, a list or a dict first",
     )
 
 
@@ -119,24 +228,47 @@ def has_lazy(value: Any) -> bool:
     return callable(value)
 
 
-def resolve_lazy(value: Any, where: str) -> Any:
+def resolve_lazy(value: Any, where: str, rules: PayloadRules = NO_RULES) -> Any:
     """Call every callable left in *value* and freeze what it returns.
 
-    :raises ValueError: a callable raised (chained) or returned a non-JSON value.
+    What a callable returns is redacted by ``rules`` like staged values are.
+
+    :raises ValueError: a callable raised (chained), or returned a value that
+        is NaN, infinite or nested too deeply.
+    :raises TypeError: a callable returned a value JSON cannot represent.
     """
+    try:
+        return _resolve(value, rules.redact)
+    except _BadValue as bad:
+        bad.reraise(where)
+
+
+def _resolve(value: Any, redact: frozenset[str]) -> Any:
     if isinstance(value, dict):
-        return ReadOnlyDict(
-            {
-                key: resolve_lazy(item, f"{where}[{key!r}]")
-                for key, item in value.items()
-            }
-        )
+        resolved = {}
+        for key, item in value.items():
+            try:
+                resolved[key] = _resolve(item, redact)
+            except _BadValue as bad:
+                bad.path.append(key)
+                raise
+        return ReadOnlyDict(resolved)
     if isinstance(value, list):
-        return ReadOnlyList(
-            resolve_lazy(item, f"{where}[{index}]") for index, item in enumerate(value)
-        )
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(_resolve(item, redact))
+            except _BadValue as bad:
+                bad.path.append(index)
+                raise
+        return ReadOnlyList(items)
     if callable(value):
-        return freeze_json(call_lazy(value, where), where)
+        try:
+            result = value()
+        except Exception as error:
+            failure = _BadValue(ValueError, f"(a lazy value) raised {error!r}")
+            raise failure from error
+        return _freeze(result, False, redact, 0)
     return value
 
 

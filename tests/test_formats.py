@@ -1,0 +1,249 @@
+"""Redaction, payload limits and CloudEvents output (SPEC section 1, the sinks issue)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+from support import Recorder
+
+from access_audit import AuditEmitter, audit_context, signals, stage_event
+
+cloudevents_json = pytest.importorskip("cloudevents.core.formats.json")
+
+
+@pytest.fixture
+def make_session(recorder: Recorder) -> Iterator[Any]:
+    """A sessionmaker on SQLite in memory whose emitter has the given options."""
+    engine = create_engine("sqlite://")
+
+    def make(**options: Any) -> sessionmaker:
+        emitter = AuditEmitter([recorder], load_entrypoints=False, **options)
+        maker = sessionmaker(engine)
+        emitter.attach(maker)
+        return maker
+
+    yield make
+    engine.dispose()
+
+
+SECRET_PAYLOAD = {
+    "user": "ada",
+    "Password": "hunter2",
+    "nested": {"api_TOKEN": "t-1", "keep": 1, "deeper": [{"secret": "s", "ok": True}]},
+}
+
+
+def test_redact_keys_apply_at_any_depth_in_payload_and_metadata(
+    make_session: Any, recorder: Recorder
+) -> None:
+    """Named keys (any case, any depth) become "[REDACTED]" for plugins and receivers."""
+    Session = make_session(
+        redact_keys=("password", "Api_Token", "secret", "session"),
+        metadata_provider=lambda: {"session": "cookie-value", "ip": "10.0.0.1"},
+    )
+    seen_by_receiver: list[Any] = []
+
+    def receiver(sender: object, envelope: Any) -> None:
+        seen_by_receiver.append(envelope)
+
+    with (
+        signals.audit_event_committed.connected_to(receiver),
+        Session.begin() as session,
+        audit_context(actor_id="u-1", secret="from-context"),
+    ):
+        stage_event(
+            session,
+            "user_login",
+            target_type="user",
+            target_id="ada",
+            action="login",
+            payload=SECRET_PAYLOAD,
+            metadata={"request": {"password": "x", "path": "/login"}},
+        )
+    expected_payload = {
+        "user": "ada",
+        "Password": "[REDACTED]",
+        "nested": {
+            "api_TOKEN": "[REDACTED]",
+            "keep": 1,
+            "deeper": [{"secret": "[REDACTED]", "ok": True}],
+        },
+    }
+    expected_metadata = {
+        "session": "[REDACTED]",
+        "ip": "10.0.0.1",
+        "secret": "[REDACTED]",
+        "request": {"password": "[REDACTED]", "path": "/login"},
+    }
+    for envelope in (recorder.events[0], seen_by_receiver[0]):
+        assert envelope.payload == expected_payload
+        assert envelope.metadata == expected_metadata
+    assert "hunter2" not in recorder.events[0].to_json()
+
+
+def test_redaction_reaches_discarded_events_and_lazy_results(
+    make_session: Any, recorder: Recorder
+) -> None:
+    """Dropped events are redacted too; a redacted lazy is never called."""
+    Session = make_session(redact_keys=["token"])
+    calls: list[str] = []
+
+    def lazy_token() -> str:
+        calls.append("token")
+        return "t-2"
+
+    discarded: list[Any] = []
+    with signals.audit_event_discarded.connected_to(
+        lambda sender, event, reason: discarded.append(event)
+    ):
+        session = Session()
+        stage_event(
+            session,
+            "a",
+            target_type="t",
+            target_id=1,
+            action="x",
+            payload={"token": "t"},
+        )
+        session.rollback()
+        stage_event(
+            session,
+            "b",
+            target_type="t",
+            target_id=2,
+            action="x",
+            payload={"token": lazy_token, "profile": lambda: {"token": "t-3", "n": 1}},
+        )
+        session.commit()
+        session.close()
+    assert discarded[0].payload == {"token": "[REDACTED]"}
+    assert recorder.events[0].payload == {
+        "token": "[REDACTED]",
+        "profile": {"token": "[REDACTED]", "n": 1},
+    }
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"redact_keys": "password"}, TypeError, "not one string"),
+        ({"redact_keys": [1]}, TypeError, "redact_keys must hold str"),
+        ({"max_payload_bytes": 0}, ValueError, "max_payload_bytes must be positive"),
+        ({"max_payload_bytes": "10"}, TypeError, "max_payload_bytes must be an int"),
+    ],
+    ids=["string", "non-str-key", "zero", "not-int"],
+)
+def test_bad_emitter_options_are_refused(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Misconfigured redact_keys and max_payload_bytes fail at construction."""
+    with pytest.raises(error, match=match):
+        AuditEmitter(load_entrypoints=False, **options)
+
+
+def test_oversized_payload_fails_at_stage_time(
+    make_session: Any, recorder: Recorder
+) -> None:
+    """A payload larger than max_payload_bytes raises ValueError when staged."""
+    Session = make_session(max_payload_bytes=64)
+    fits = {"data": "x" * 40}  # {"data":"xxx..."} is 51 bytes
+    assert len(json.dumps(fits, separators=(",", ":"))) <= 64
+    with Session.begin() as session:
+        with pytest.raises(
+            ValueError,
+            match=r"payload is 109 bytes as JSON, more than max_payload_bytes=64",
+        ):
+            stage_event(
+                session,
+                "big",
+                target_type="t",
+                target_id=1,
+                action="x",
+                payload={"data": "x" * 98},
+            )
+        stage_event(
+            session, "small", target_type="t", target_id=2, action="x", payload=fits
+        )
+    assert [e.event_type for e in recorder.events] == ["small"]
+
+
+def test_lazy_payload_that_grows_too_large_fails_the_commit(
+    make_session: Any, recorder: Recorder
+) -> None:
+    """A lazy value that makes the payload too large fails commit() before COMMIT."""
+    Session = make_session(max_payload_bytes=100)
+    session = Session()
+    stage_event(
+        session,
+        "big",
+        target_type="t",
+        target_id=1,
+        action="x",
+        payload={"rows": lambda: ["r"] * 200},
+    )
+    with pytest.raises(ValueError, match="max_payload_bytes=100"):
+        session.commit()
+    session.rollback()
+    session.close()
+    assert recorder.events == []
+
+
+@pytest.fixture
+def committed(make_session: Any, recorder: Recorder) -> Any:
+    Session = make_session()
+    with Session.begin() as session:
+        stage_event(
+            session,
+            "group_member_added",
+            target_type="group",
+            target_id=42,
+            target_name="admins",
+            action="add_member",
+            actor_id="u-7",
+            actor_email="ada@example.com",
+            reason="approved",
+            payload={"user_id": 7},
+            metadata={"request_id": "r-1"},
+        )
+    return recorder.events[0]
+
+
+def test_cloudevent_is_valid_structured_cloudevents_json(committed: Any) -> None:
+    """to_cloudevent() output parses with the CloudEvents SDK, attributes mapped."""
+    structured = committed.to_cloudevent(source="/services/access-app")
+    event = cloudevents_json.JSONFormat().read(None, json.dumps(structured))
+    assert event.get_specversion() == "1.0"
+    assert event.get_id() == str(committed.id)
+    assert event.get_source() == "/services/access-app"
+    assert event.get_type() == "access_audit.group_member_added"
+    assert event.get_subject() == "group/42"
+    assert event.get_time() == committed.timestamp
+    assert event.get_datacontenttype() == "application/json"
+    assert event.get_extension("partitionkey") == "group:42"
+    assert event.get_extension("audittransaction") == str(committed.transaction_id)
+    data = event.get_data()
+    assert data["actor_email"] == "ada@example.com"
+    assert data["payload"] == {"user_id": 7}
+    assert data["metadata"] == {"request_id": "r-1"}
+    assert data["sequence"] == 0
+
+
+def test_cloudevent_keeps_the_email_address_inside_data(committed: Any) -> None:
+    """No attribute outside ``data`` carries the actor's e-mail address."""
+    structured = committed.to_cloudevent(source="/s", type_prefix="com.example.audit.")
+    outside = {key: value for key, value in structured.items() if key != "data"}
+    assert "ada@example.com" not in json.dumps(outside)
+    assert structured["type"] == "com.example.audit.group_member_added"
+
+
+@pytest.mark.parametrize("source", ["", None, 5], ids=["empty", "None", "int"])
+def test_cloudevent_needs_a_source(committed: Any, source: Any) -> None:
+    """An empty or non-string source is refused with ValueError."""
+    with pytest.raises(ValueError, match="source"):
+        committed.to_cloudevent(source=source)
