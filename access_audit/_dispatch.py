@@ -7,7 +7,9 @@ at the first receiver that raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import uuid
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import signals
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 
     from ._envelope import AuditEventEnvelope
 
-__all__ = ["deliver", "send_isolated"]
+__all__ = ["DeliveryReport", "deliver", "delivering_plugins", "send_isolated"]
 
 
 def _in_call_order(hook: HookCaller) -> list[HookImpl]:
@@ -31,22 +33,59 @@ def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:
     impl.function(*[arguments[name] for name in impl.argnames])
 
 
+@dataclasses.dataclass(slots=True)
+class DeliveryReport:
+    """What went wrong while delivering one batch."""
+
+    errors: list[Exception] = dataclasses.field(default_factory=list)
+    """Every error raised, by plugins and receivers, in the order raised."""
+    failed: dict[str, set[uuid.UUID]] = dataclasses.field(default_factory=dict)
+    """Plugin name -> ids of the events that plugin failed to take."""
+    last_error: dict[str, Exception] = dataclasses.field(default_factory=dict)
+    """Plugin name -> the last error it raised."""
+
+    def _plugin_error(
+        self, name: str, envelopes: Sequence[AuditEventEnvelope], error: Exception
+    ) -> None:
+        self.errors.append(error)
+        self.failed.setdefault(name, set()).update(e.id for e in envelopes)
+        self.last_error[name] = error
+
+
+def delivering_plugins(plugin_manager: PluginManager) -> set[str]:
+    """Names of the plugins that take events (implement a delivery hook)."""
+    hook = plugin_manager.hook
+    return {
+        impl.plugin_name
+        for caller in (hook.audit_event_logged, hook.audit_events_committed)
+        for impl in caller.get_hookimpls()
+    }
+
+
 def deliver(
     plugin_manager: PluginManager,
     sender: object,
     envelopes: Sequence[AuditEventEnvelope],
-) -> list[Exception]:
+    *,
+    only: Collection[str] | None = None,
+    send_signals: bool = True,
+) -> DeliveryReport:
     """Send one committed batch to every plugin, then to signal receivers.
 
     Calls ``audit_event_logged`` per event and implementation, then
     ``audit_events_committed`` once per implementation, then the
-    ``audit_event_committed`` receivers per event. Returns the errors raised,
-    in the order they happened, after logging each and reporting plugin
-    errors through ``audit_delivery_failed``.
+    ``audit_event_committed`` receivers per event. Each error is logged and
+    plugin errors are reported through ``audit_delivery_failed``; none stops
+    the rest. ``only`` restricts delivery to the plugins of those names (a
+    relay re-delivering), ``send_signals=False`` skips the receivers.
     """
     hook = plugin_manager.hook
-    errors: list[Exception] = []
+    report = DeliveryReport()
     logged = _in_call_order(hook.audit_event_logged)
+    committed = _in_call_order(hook.audit_events_committed)
+    if only is not None:
+        logged = [impl for impl in logged if impl.plugin_name in only]
+        committed = [impl for impl in committed if impl.plugin_name in only]
     for envelope in envelopes:
         for impl in logged:
             try:
@@ -55,20 +94,20 @@ def deliver(
                 else:
                     _call(impl, {"envelope": envelope})
             except Exception as error:
-                errors.append(error)
+                report._plugin_error(impl.plugin_name, (envelope,), error)
                 _plugin_failed(plugin_manager, impl, (envelope,), error)
-    for impl in _in_call_order(hook.audit_events_committed):
+    for impl in committed:
         try:
             _call(impl, {"envelopes": envelopes})
         except Exception as error:
-            errors.append(error)
+            report._plugin_error(impl.plugin_name, envelopes, error)
             _plugin_failed(plugin_manager, impl, envelopes, error)
-    if signals.audit_event_committed.receivers:
+    if send_signals and signals.audit_event_committed.receivers:
         for envelope in envelopes:
-            errors.extend(
+            report.errors.extend(
                 send_isolated(signals.audit_event_committed, sender, envelope=envelope)
             )
-    return errors
+    return report
 
 
 def send_isolated(signal: Any, sender: object, **kwargs: Any) -> list[Exception]:

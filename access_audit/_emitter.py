@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import signals
+from ._background import BLOCK, DROP, BackgroundDispatcher
 from ._context import ActorResolver, MetadataProvider
-from ._dispatch import deliver, send_isolated
+from ._dispatch import DeliveryReport, deliver, delivering_plugins, send_isolated
+from ._errors import AuditConfigurationError
 from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._listeners import SessionListeners
 from ._logging import logger
@@ -18,10 +23,18 @@ from ._registry import disown, listen_target, own
 from ._values import PayloadRules
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+
     from ._envelope import AuditEventEnvelope
     from ._staging import StagedEvent
+    from .outbox import Outbox, RelayStats
 
 __all__ = ["AuditEmitter", "raising_plugin_errors"]
+
+INLINE = "inline"
+BACKGROUND = "background"
+OUTBOX_RETRY_AFTER = timedelta(seconds=1)
+"""When the relay may retry a delivery that failed right after COMMIT."""
 
 # Above zero while a test recorder asks every emitter to raise plugin errors.
 _raise_everywhere = 0
@@ -62,6 +75,16 @@ class AuditEmitter:
     :param max_payload_bytes: the largest payload, measured as compact UTF-8
         JSON; a larger one fails ``stage_event`` (or, when lazy values make
         it larger, the commit, before COMMIT) with ``ValueError``.
+    :param dispatch: ``"inline"`` delivers in the committing thread before
+        ``commit()`` returns; ``"background"`` queues the batch for a worker
+        thread and returns at once (see :meth:`flush` and :meth:`close`).
+    :param outbox: an :class:`~access_audit.outbox.Outbox`: envelopes are
+        also written to its table inside the committing transaction and
+        marked delivered per plugin, for at-least-once delivery with a relay.
+    :param queue_size: background dispatch: the most batches queued.
+    :param queue_full: background dispatch with a full queue: ``"block"``
+        the committing thread until there is room, or ``"drop"`` the batch
+        and count it in :attr:`dropped` (only with an outbox).
     :param raise_plugin_errors: strict mode for tests. After every plugin and
         receiver ran, the first error one raised is raised out of the
         ``commit()``; the data is committed and the session is clean.
@@ -77,7 +100,24 @@ class AuditEmitter:
         raise_plugin_errors: bool = False,
         redact_keys: Iterable[str] = (),
         max_payload_bytes: int | None = None,
+        dispatch: str = "inline",
+        outbox: Outbox | None = None,
+        queue_size: int = 10_000,
+        queue_full: str = "block",
     ) -> None:
+        if dispatch not in (INLINE, BACKGROUND):
+            raise ValueError(
+                f"dispatch must be 'inline' or 'background', got {dispatch!r}"
+            )
+        if queue_full not in (BLOCK, DROP):
+            raise ValueError(
+                f"queue_full must be 'block' or 'drop', got {queue_full!r}"
+            )
+        if queue_full == DROP and outbox is None:
+            raise ValueError(
+                "queue_full='drop' loses events without an outbox to re-deliver "
+                "them; pass outbox=Outbox(...) or use queue_full='block'"
+            )
         self.plugin_manager = pluggy.PluginManager(PROJECT_NAME)
         """The :class:`pluggy.PluginManager` holding this emitter's plugins."""
         self.plugin_manager.add_hookspecs(AuditEventsPluginSpec)
@@ -86,6 +126,13 @@ class AuditEmitter:
         self.raise_plugin_errors = raise_plugin_errors
         self.payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
         """Redaction and size rules applied to every event staged for this emitter."""
+        self.outbox = outbox
+        """The :class:`~access_audit.outbox.Outbox` events are written to, or None."""
+        self._background = (
+            BackgroundDispatcher(queue_size, queue_full)
+            if dispatch == BACKGROUND
+            else None
+        )
         self._listeners = SessionListeners(self)
         for plugin in plugins:
             self.register(plugin)
@@ -141,14 +188,118 @@ class AuditEmitter:
         self._listeners.remove(resolved)
         disown(resolved, self)
 
-    def _deliver(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
-        errors = deliver(self.plugin_manager, self, envelopes)
+    @property
+    def dropped(self) -> int:
+        """Batches a full background queue dropped (``queue_full="drop"``)."""
+        return 0 if self._background is None else self._background.dropped
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until background dispatch delivered everything committed so far.
+
+        Returns False if *timeout* (seconds) passed first; True at once for
+        inline dispatch.
+        """
+        return True if self._background is None else self._background.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Deliver what background dispatch has queued, then stop its thread.
+
+        Events committed afterwards on attached sessions make ``commit()``
+        log an error. The interpreter's exit does this too. Returns False if
+        *timeout* passed first.
+        """
+        return True if self._background is None else self._background.close(timeout)
+
+    def relay(self, bind: Engine | Connection, **options: Any) -> RelayStats:
+        """Re-deliver what the outbox holds undelivered; see :func:`access_audit.outbox.relay`.
+
+        :raises AuditConfigurationError: the emitter has no outbox.
+        """
+        from .outbox import relay
+
+        if self.outbox is None:
+            raise AuditConfigurationError(
+                "this emitter has no outbox to relay from; create it with "
+                "AuditEmitter(..., outbox=Outbox(...))"
+            )
+        return relay(self, bind, self.outbox, **options)
+
+    def _committed(
+        self,
+        envelopes: tuple[AuditEventEnvelope, ...],
+        outbox_bind: Engine | Connection | None,
+    ) -> None:
+        """Dispatch a committed batch, inline or on the background thread."""
+        if self._background is None:
+            self._deliver(envelopes, outbox_bind, None)
+            return
+        loop = _running_loop()
+        try:
+            self._background.submit(
+                functools.partial(self._deliver, envelopes, outbox_bind, loop)
+            )
+        except RuntimeError:
+            logger.exception(
+                "events %s committed after the emitter was closed were not sent",
+                ", ".join(str(envelope.id) for envelope in envelopes),
+            )
+
+    def _deliver(
+        self,
+        envelopes: Sequence[AuditEventEnvelope],
+        outbox_bind: Engine | Connection | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        report = deliver(self.plugin_manager, self, envelopes)
+        if outbox_bind is not None:
+            self._mark_outbox(outbox_bind, envelopes, report, loop)
+        errors = report.errors
+        if errors and self._background is not None:
+            return  # logged already; nobody to raise to
         if errors and (self.raise_plugin_errors or _raise_everywhere):
             first = errors[0]
             for later in errors[1:]:
                 if hasattr(first, "add_note"):  # Python 3.11+
                     first.add_note(f"access_audit: another plugin raised {later!r}")
             raise first
+
+    def _mark_outbox(
+        self,
+        bind: Engine | Connection,
+        envelopes: Sequence[AuditEventEnvelope],
+        report: DeliveryReport,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        from .outbox._store import mark_dispatched
+
+        assert self.outbox is not None
+        outbox = self.outbox
+
+        def mark() -> None:
+            mark_dispatched(
+                bind,
+                outbox,
+                envelopes,
+                delivering_plugins(self.plugin_manager),
+                report,
+                OUTBOX_RETRY_AFTER,
+            )
+
+        try:
+            if bind.dialect.is_async and loop is not None:
+                # An async engine's connections belong to its event loop: run
+                # the update there, from this worker thread.
+                from sqlalchemy.util import greenlet_spawn
+
+                asyncio.run_coroutine_threadsafe(greenlet_spawn(mark), loop).result(60)
+            else:
+                mark()
+        except Exception:
+            logger.exception(
+                "could not mark outbox rows %s as delivered; the relay will "
+                "deliver them again (consumers de-duplicate by id)",
+                ", ".join(str(envelope.id) for envelope in envelopes),
+            )
 
     def _discarded(self, events: Sequence[StagedEvent], reason: str) -> None:
         if not signals.audit_event_discarded.receivers:
@@ -170,3 +321,10 @@ class AuditEmitter:
                         "declare it with a plain @hookimpl"
                     )
         logger.debug("registered plugin %r", self.plugin_manager.get_name(plugin))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -15,11 +15,12 @@ as committed; it also fires for RELEASE SAVEPOINT.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ._envelope import AuditEventEnvelope
@@ -57,8 +58,33 @@ class _Pending:
     rolled_back: set[SessionTransaction] = dataclasses.field(default_factory=set)
     committing: bool = False
     """The outermost boundary is inside ``commit()``, past ``before_commit``."""
+    built: list[AuditEventEnvelope] = dataclasses.field(default_factory=list)
+    """Envelopes of the outermost boundary's events, in order, as they are built:
+    in ``after_commit``, or before COMMIT when they go to an outbox."""
+    transaction_id: uuid.UUID | None = None
+    committed_at: datetime | None = None
+    outbox_bind: Engine | Connection | None = None
+    """Where the outbox rows of this commit were written, to mark them later."""
     envelopes: tuple[AuditEventEnvelope, ...] = ()
-    """Built in ``after_commit`` of the outermost boundary, sent at its end."""
+    """The finished batch, from ``after_commit`` until the transaction ends."""
+
+    def build(self, events: list[StagedEvent]) -> list[AuditEventEnvelope]:
+        """Make envelopes for the events not yet built; return the new ones."""
+        start = len(self.built)
+        if start == len(events):
+            return []
+        if self.transaction_id is None:
+            self.transaction_id = uuid7()
+            self.committed_at = datetime.now(timezone.utc)
+        new = _envelopes(events[start:], start, self.transaction_id, self.committed_at)
+        self.built.extend(new)
+        return new
+
+    def reset_commit(self) -> None:
+        """Forget the per-commit state once the outermost transaction ended."""
+        self.committing = False
+        self.built = []
+        self.transaction_id = self.committed_at = self.outbox_bind = None
 
 
 def _boundary(session: Session) -> SessionTransaction | None:
@@ -175,6 +201,7 @@ class SessionListeners:
         try:
             session.flush()
             _resolve(pending.levels.values())
+            self._write_outbox(session, pending)
         except BaseException:
             # The commit fails before COMMIT; the transaction stays open for
             # the caller's rollback() and is not committing any more.
@@ -185,6 +212,19 @@ class SessionListeners:
         pending = self._mine(session)
         if pending is not None and pending.committing:
             _resolve(pending.levels.values())
+            self._write_outbox(session, pending)
+
+    def _write_outbox(self, session: Session, pending: _Pending) -> None:
+        outbox = self._emitter.outbox
+        root = session.get_transaction()
+        if outbox is None or root is None:
+            return
+        from .outbox._store import write
+
+        new = pending.build(pending.levels.get(root, []))
+        if new:
+            write(session, outbox, new)
+            pending.outbox_bind = session.get_bind(clause=outbox.table)
 
     def _after_commit(self, session: Session) -> None:
         pending = self._mine(session)
@@ -204,7 +244,16 @@ class SessionListeners:
             failed = _resolve_or_drop(events)
             if failed:
                 self._emitter._discarded(failed, LAZY_VALUE_FAILED)
-            pending.envelopes = _envelopes(events)
+            written = len(pending.built)
+            pending.build(events)
+            if pending.outbox_bind is not None and len(pending.built) > written:
+                logger.warning(
+                    "events %s joined the commit after its outbox rows were "
+                    "written (a SAVEPOINT released by root.commit()); they are "
+                    "dispatched, but the relay cannot re-deliver them",
+                    ", ".join(str(e.id) for e in pending.built[written:]),
+                )
+            pending.envelopes = tuple(pending.built)
 
     def _after_rollback(self, session: Session) -> None:
         pending = self._mine(session)
@@ -226,13 +275,14 @@ class SessionListeners:
         pending.rolled_back.discard(transaction)
         outer = _enclosing_boundary(transaction)
         envelopes: tuple[AuditEventEnvelope, ...] = ()
+        outbox_bind = pending.outbox_bind
         if committed and outer is None:
             envelopes, pending.envelopes = pending.envelopes, ()
         elif committed and events and outer is not None:
             pending.levels.setdefault(outer, []).extend(events)
             events = None
         if transaction.parent is None:
-            pending.committing = False
+            pending.reset_commit()
         if not pending.levels and not pending.envelopes:
             del session.info[PENDING_KEY]
         if events and not committed:
@@ -244,7 +294,7 @@ class SessionListeners:
         if envelopes:
             session.info[DISPATCHING_KEY] = True
             try:
-                self._emitter._deliver(envelopes)
+                self._emitter._committed(envelopes, outbox_bind)
             finally:
                 del session.info[DISPATCHING_KEY]
 
@@ -269,12 +319,14 @@ def _resolve_or_drop(events: list[StagedEvent]) -> list[StagedEvent]:
     return failed
 
 
-def _envelopes(events: list[StagedEvent] | tuple[()]) -> tuple[AuditEventEnvelope, ...]:
-    if not events:
-        return ()
-    committed_at = datetime.now(timezone.utc)
-    transaction_id = uuid7()
-    return tuple(
+def _envelopes(
+    events: list[StagedEvent],
+    first_sequence: int,
+    transaction_id: uuid.UUID,
+    committed_at: datetime | None,
+) -> list[AuditEventEnvelope]:
+    assert committed_at is not None
+    return [
         AuditEventEnvelope(
             id=staged.id,
             event_type=staged.event_type,
@@ -292,5 +344,5 @@ def _envelopes(events: list[StagedEvent] | tuple[()]) -> tuple[AuditEventEnvelop
             transaction_id=transaction_id,
             sequence=sequence,
         )
-        for sequence, staged in enumerate(events)
-    )
+        for sequence, staged in enumerate(events, start=first_sequence)
+    ]

@@ -10,12 +10,14 @@ Override the URLs with ``ACCESS_AUDIT_TEST_POSTGRESQL_URL`` and
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import NullPool
 from support import Base, Recorder
 
 from access_audit import AuditEmitter
@@ -64,16 +66,44 @@ def sqlite_engine(path: Path) -> Engine:
 
 _server_engines: dict[str, Engine | BaseException] = {}
 
+# Each run works in a namespace of its own (a PostgreSQL schema, a MariaDB
+# database), so runs on one machine at the same time cannot trip over each
+# other's tables; it is dropped at the end of the run.
+RUN_NAMESPACE = f"audit_run_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
+def _execute_once(name: str, statement: str) -> None:
+    admin = create_engine(SERVER_URLS[name], poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(statement))
+            connection.commit()
+    finally:
+        admin.dispose()
+
+
+def _isolated_engine(name: str) -> Engine:
+    if name == "postgresql":
+        _execute_once(name, f"CREATE SCHEMA {RUN_NAMESPACE}")
+        url = make_url(SERVER_URLS[name]).update_query_dict(
+            {"options": f"-csearch_path={RUN_NAMESPACE}"}
+        )
+    else:
+        _execute_once(name, f"CREATE DATABASE {RUN_NAMESPACE}")
+        url = make_url(SERVER_URLS[name]).set(database=RUN_NAMESPACE)
+    # The URL alone names the run's namespace, so code given only the URL
+    # (a Flask app's SQLALCHEMY_DATABASE_URI) lands in it too.
+    return create_engine(url, pool_pre_ping=True)
+
 
 def server_engine(name: str) -> Engine:
     """One engine per server for the whole run; skip/fail if it is down."""
     if name not in _server_engines:
-        engine = create_engine(SERVER_URLS[name], pool_pre_ping=True)
         try:
+            engine = _isolated_engine(name)
             with engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
         except Exception as error:
-            engine.dispose()
             _server_engines[name] = error
         else:
             _server_engines[name] = engine
@@ -82,6 +112,17 @@ def server_engine(name: str) -> Engine:
         unavailable(name, found)
     assert isinstance(found, Engine)
     return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_run_namespaces() -> Iterator[None]:
+    yield
+    for name, engine in _server_engines.items():
+        if not isinstance(engine, Engine):
+            continue
+        engine.dispose()
+        drop = "SCHEMA {} CASCADE" if name == "postgresql" else "DATABASE {}"
+        _execute_once(name, "DROP " + drop.format(RUN_NAMESPACE))
 
 
 @pytest.fixture(params=DATABASES)

@@ -1,0 +1,131 @@
+"""Background dispatch: commits return at once; a worker thread delivers."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ._logging import logger
+
+__all__ = ["BackgroundDispatcher"]
+
+Job = Callable[[], None]
+
+BLOCK = "block"
+DROP = "drop"
+
+
+class BackgroundDispatcher:
+    """A bounded queue of delivery jobs and the one thread that runs them in order.
+
+    When the queue is full, ``"block"`` makes the committing thread wait for
+    room, and ``"drop"`` drops the batch and counts it (only offered with an
+    outbox, whose relay re-delivers what was dropped). A thread running an
+    asyncio event loop is never made to wait: its jobs are queued past the
+    bound instead. The interpreter's exit drains the queue.
+    """
+
+    def __init__(self, maxsize: int, when_full: str) -> None:
+        if maxsize <= 0:
+            raise ValueError("queue_size must be positive")
+        self.maxsize = maxsize
+        self.when_full = when_full
+        self.dropped = 0
+        """Batches dropped because the queue was full."""
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._unfinished = 0
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, applying the queue-full policy.
+
+        :raises RuntimeError: the dispatcher was closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(
+                    "this emitter's background dispatcher is closed; events "
+                    "committed now cannot be delivered"
+                )
+            if len(self._jobs) >= self.maxsize and not _in_event_loop():
+                if self.when_full == DROP:
+                    self.dropped += 1
+                    logger.warning(
+                        "background queue full (%d batches): dropped a batch; "
+                        "the outbox relay will deliver it",
+                        self.maxsize,
+                    )
+                    return
+                while len(self._jobs) >= self.maxsize and not self._closed:
+                    self._lock.wait()
+            self._jobs.append(job)
+            self._unfinished += 1
+            self._lock.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="access_audit-dispatch", daemon=True
+                )
+                self._thread.start()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued job ran; False if *timeout* passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._unfinished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Deliver what is queued, then stop the thread; False on timeout."""
+        drained = self.flush(timeout)
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        thread = self._thread
+        if drained and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        return drained
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._lock.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self._lock.notify_all()
+            try:
+                job()
+            except Exception:  # pragma: no cover - jobs log their own errors
+                logger.exception("background delivery job failed")
+            finally:
+                with self._lock:
+                    self._unfinished -= 1
+                    self._lock.notify_all()
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _close_at_exit(reference: weakref.ref[Any]) -> None:
+    dispatcher = reference()
+    if dispatcher is not None:
+        dispatcher.close(timeout=30)

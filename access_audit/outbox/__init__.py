@@ -1,0 +1,34 @@
+"""At-least-once delivery: the transactional outbox and its relay.
+
+An emitter created with ``outbox=Outbox(...)`` writes each committed event to
+the outbox table inside the transaction that commits it, dispatches right
+after COMMIT as usual, and marks each row delivered per plugin. A relay
+(:meth:`AuditEmitter.relay <access_audit.AuditEmitter.relay>`,
+``python -m access_audit relay`` or ``flask access-audit relay``) re-delivers
+what a crash, a deploy or a failing plugin left undelivered. Consumers
+de-duplicate by the envelope ``id``.
+"""
+
+from ._relay import RelayStats as RelayStats
+from ._relay import count_pending as count_pending
+from ._relay import list_dead as list_dead
+from ._relay import prune as prune
+from ._relay import relay as relay
+from ._relay import retry_dead as retry_dead
+from ._table import DEAD as DEAD
+from ._table import DELIVERED as DELIVERED
+from ._table import PENDING as PENDING
+from ._table import Outbox as Outbox
+
+__all__ = [
+    "DEAD",
+    "DELIVERED",
+    "PENDING",
+    "Outbox",
+    "RelayStats",
+    "count_pending",
+    "list_dead",
+    "prune",
+    "relay",
+    "retry_dead",
+]

@@ -1,0 +1,329 @@
+"""The relay: re-deliver what a crash or a failing plugin left undelivered."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, delete, func, select, update
+
+from .._dispatch import deliver, delivering_plugins
+from .._logging import logger
+from ._store import OutboxRow, transaction
+from ._table import DEAD, DELIVERED, PENDING, Outbox
+
+if TYPE_CHECKING:
+    from .._emitter import AuditEmitter
+
+__all__ = ["RelayStats", "list_dead", "prune", "relay", "retry_dead"]
+
+
+@dataclasses.dataclass(slots=True)
+class RelayStats:
+    """What a relay run did, counted per (event, plugin) delivery."""
+
+    delivered: int = 0
+    failed: int = 0
+    """Attempts that raised (each to be retried, or given up)."""
+    dead: int = 0
+    """Deliveries given up on after ``max_attempts`` during this run."""
+    batches: int = 0
+    pruned: int = 0
+
+    def line(self, pending: int | None = None) -> str:
+        """A one-line progress report."""
+        text = (
+            f"relay: {self.delivered} delivered, {self.failed} failed, "
+            f"{self.dead} dead, {self.batches} batches"
+        )
+        return text if pending is None else f"{text}, {pending} pending"
+
+
+def relay(
+    emitter: AuditEmitter,
+    bind: Engine | Connection,
+    outbox: Outbox,
+    *,
+    batch_size: int = 100,
+    max_attempts: int = 8,
+    backoff: float = 1.0,
+    max_backoff: float = 300.0,
+    once: bool = True,
+    interval: float = 1.0,
+    retention: timedelta | None = None,
+    stop: threading.Event | None = None,
+    progress: Callable[[RelayStats], None] | None = None,
+) -> RelayStats:
+    """Deliver pending outbox rows to the emitter's plugins that lack them.
+
+    Rows are taken in commit order; a target's later events wait while an
+    earlier one of the same target waits for a retry. Each plugin gets only
+    the events it has not taken (``audit_event_logged`` per event,
+    ``audit_events_committed`` per transaction); a plugin that raises is
+    retried after ``backoff * 2**(attempts - 1)`` seconds (at most
+    ``max_backoff``) and given up on after ``max_attempts`` (the row is then
+    ``dead`` for it: see :func:`list_dead` and :func:`retry_dead`).
+
+    Rows are locked with ``FOR UPDATE SKIP LOCKED`` while they are delivered,
+    so several relays may run at once on PostgreSQL and MariaDB without
+    delivering an event to a plugin twice concurrently; on SQLite run one.
+
+    :param once: return when no row is due; otherwise keep polling every
+        ``interval`` seconds until ``stop`` is set.
+    :param retention: delete ``delivered`` rows older than this.
+    :param progress: called with the running totals after each batch.
+    """
+    stats = RelayStats()
+    plugins = sorted(delivering_plugins(emitter.plugin_manager))
+    while stop is None or not stop.is_set():
+        done = _relay_batch(
+            emitter, bind, outbox, plugins, stats, batch_size, max_attempts, backoff,
+            max_backoff,
+        )  # fmt: skip
+        if done and progress is not None:
+            progress(stats)
+        if done:
+            continue
+        if retention is not None:
+            stats.pruned += prune(bind, outbox, retention)
+        if once:
+            break
+        if stop is not None:
+            stop.wait(interval)
+        else:
+            threading.Event().wait(interval)
+    return stats
+
+
+def _relay_batch(
+    emitter: AuditEmitter,
+    bind: Engine | Connection,
+    outbox: Outbox,
+    plugins: list[str],
+    stats: RelayStats,
+    batch_size: int,
+    max_attempts: int,
+    backoff: float,
+    max_backoff: float,
+) -> int:
+    table = outbox.table
+    now = datetime.now(timezone.utc)
+    order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
+    with transaction(bind) as connection:
+        # Unlocked look-ahead in commit order, to keep each target's events in
+        # order: a target whose earlier event is not ours to deliver now (not
+        # due, or locked by another relay) waits.
+        candidates = connection.execute(
+            select(table.c.id, table.c.aggregatetype, table.c.aggregateid)
+            .where(table.c.status == PENDING)
+            .order_by(*order)
+            .limit(batch_size * 4)
+        ).all()
+        if not candidates:
+            return 0
+        locked = {
+            row["id"]: OutboxRow(row)
+            for row in connection.execute(
+                select(table)
+                .where(
+                    table.c.id.in_([c.id for c in candidates]),
+                    table.c.status == PENDING,
+                    table.c.next_attempt_at <= now,
+                )
+                .with_for_update(skip_locked=True)
+            ).mappings()
+        }
+        eligible: list[OutboxRow] = []
+        blocked: set[tuple[str, str]] = set()
+        for candidate in candidates:
+            target = (candidate.aggregatetype, candidate.aggregateid)
+            if target in blocked:
+                continue
+            row = locked.get(candidate.id)
+            if row is None:
+                blocked.add(target)
+                continue
+            eligible.append(row)
+            if len(eligible) >= batch_size:
+                break
+        if not eligible:
+            return 0
+        _deliver_rows(emitter, eligible, plugins, stats, max_attempts)
+        for row in eligible:
+            _save(connection, outbox, row, plugins, now, backoff, max_backoff)
+        stats.batches += 1
+        return len(eligible)
+
+
+def _deliver_rows(
+    emitter: AuditEmitter,
+    rows: list[OutboxRow],
+    plugins: list[str],
+    stats: RelayStats,
+    max_attempts: int,
+) -> None:
+    envelopes = {row.id: row.envelope() for row in rows}
+    for plugin in plugins:
+        wanted = [row for row in rows if plugin in row.wanting(plugins)]
+        # One audit_events_committed call per original transaction.
+        by_transaction: dict[str, list[OutboxRow]] = {}
+        for row in wanted:
+            by_transaction.setdefault(row.transaction_id, []).append(row)
+        for group in by_transaction.values():
+            batch = tuple(envelopes[row.id] for row in group)
+            report = deliver(
+                emitter.plugin_manager,
+                emitter,
+                batch,
+                only={plugin},
+                send_signals=False,
+            )
+            failed = report.failed.get(plugin, set())
+            for row, envelope in zip(group, batch, strict=True):
+                if envelope.id not in failed:
+                    row.delivered_to.add(plugin)
+                    row.failures.pop(plugin, None)
+                    stats.delivered += 1
+                    continue
+                stats.failed += 1
+                state = row.failures.setdefault(plugin, {"attempts": 0})
+                state["attempts"] = int(state.get("attempts", 0)) + 1
+                state["error"] = repr(report.last_error.get(plugin))[:500]
+                state["dead"] = state["attempts"] >= max_attempts
+                if state["dead"]:
+                    stats.dead += 1
+                    logger.error(
+                        "relay: giving up delivering event %s to plugin %r after "
+                        "%d attempts",
+                        row.id,
+                        plugin,
+                        state["attempts"],
+                    )
+
+
+def _save(
+    connection: Connection,
+    outbox: Outbox,
+    row: OutboxRow,
+    plugins: list[str],
+    now: datetime,
+    backoff: float,
+    max_backoff: float,
+) -> None:
+    status = row.status_for(plugins)
+    retrying = [
+        int(state.get("attempts", 1))
+        for name, state in row.failures.items()
+        if name in plugins and not state.get("dead", False)
+    ]
+    delay = min(max_backoff, backoff * 2 ** (min(retrying, default=1) - 1))
+    table = outbox.table
+    connection.execute(
+        update(table)
+        .where(table.c.id == row.id)
+        .values(
+            status=status,
+            delivered_to=json.dumps(sorted(row.delivered_to)),
+            failures=json.dumps(row.failures, sort_keys=True),
+            next_attempt_at=now + timedelta(seconds=delay),
+            delivered_at=now if status == DELIVERED else None,
+        )
+    )
+
+
+def list_dead(bind: Engine | Connection, outbox: Outbox) -> list[dict[str, Any]]:
+    """Rows some plugin gave up on: id, type, target, and each dead plugin's error."""
+    table = outbox.table
+    found = []
+    with transaction(bind) as connection:
+        rows = connection.execute(
+            select(table)
+            .where(table.c.status.in_((DEAD, PENDING)), table.c.failures != "{}")
+            .order_by(table.c.created_at, table.c.transaction_id, table.c.sequence)
+        ).mappings()
+        for mapping in rows:
+            row = OutboxRow(mapping)
+            dead = {
+                name: state.get("error", "")
+                for name, state in row.failures.items()
+                if state.get("dead")
+            }
+            if dead:
+                found.append(
+                    {
+                        "id": row.id,
+                        "type": mapping["type"],
+                        "target": "/".join(row.target),
+                        "status": row.status,
+                        "dead_plugins": dead,
+                    }
+                )
+    return found
+
+
+def retry_dead(
+    bind: Engine | Connection, outbox: Outbox, plugins: set[str] | None = None
+) -> int:
+    """Make dead deliveries due again (for *plugins*, or all); returns rows changed.
+
+    Plugins that already took an event are not sent it again.
+    """
+    table = outbox.table
+    changed = 0
+    now = datetime.now(timezone.utc)
+    with transaction(bind) as connection:
+        rows = connection.execute(
+            select(table.c.id, table.c.failures)
+            .where(table.c.status.in_((DEAD, PENDING)), table.c.failures != "{}")
+            .with_for_update()
+        ).all()
+        for row_id, failures_text in rows:
+            failures = json.loads(failures_text)
+            revived = [
+                name
+                for name, state in failures.items()
+                if state.get("dead") and (plugins is None or name in plugins)
+            ]
+            if not revived:
+                continue
+            for name in revived:
+                del failures[name]
+            connection.execute(
+                update(table)
+                .where(table.c.id == row_id)
+                .values(
+                    status=PENDING,
+                    failures=json.dumps(failures, sort_keys=True),
+                    next_attempt_at=now,
+                )
+            )
+            changed += 1
+    return changed
+
+
+def prune(bind: Engine | Connection, outbox: Outbox, older_than: timedelta) -> int:
+    """Delete ``delivered`` rows delivered more than *older_than* ago."""
+    table = outbox.table
+    cutoff = datetime.now(timezone.utc) - older_than
+    with transaction(bind) as connection:
+        result = connection.execute(
+            delete(table).where(
+                table.c.status == DELIVERED, table.c.delivered_at < cutoff
+            )
+        )
+        return int(result.rowcount or 0)
+
+
+def count_pending(bind: Engine | Connection, outbox: Outbox) -> int:
+    """How many rows are still pending."""
+    table = outbox.table
+    with transaction(bind) as connection:
+        return int(
+            connection.execute(
+                select(func.count()).where(table.c.status == PENDING)
+            ).scalar_one()
+        )

@@ -1,0 +1,164 @@
+"""Reading and writing outbox rows."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, insert, update
+
+from .._envelope import AuditEventEnvelope
+from ._table import DEAD, DELIVERED, PENDING, Outbox
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from .._dispatch import DeliveryReport
+
+__all__ = ["OutboxRow", "mark_dispatched", "row_values", "transaction", "write"]
+
+_CHUNK = 500
+
+
+def row_values(envelope: AuditEventEnvelope) -> dict[str, Any]:
+    """The outbox row of a freshly committed envelope."""
+    return {
+        "id": str(envelope.id),
+        "aggregatetype": envelope.target_type,
+        "aggregateid": envelope.target_id,
+        "type": envelope.event_type,
+        "payload": envelope.to_json(),
+        "created_at": envelope.timestamp,
+        "transaction_id": str(envelope.transaction_id),
+        "sequence": envelope.sequence,
+        "status": PENDING,
+        "delivered_to": "[]",
+        "failures": "{}",
+        "next_attempt_at": envelope.timestamp,
+        "delivered_at": None,
+    }
+
+
+def write(
+    session: Session, outbox: Outbox, envelopes: Sequence[AuditEventEnvelope]
+) -> None:
+    """Insert rows for *envelopes* in the session's transaction (before COMMIT)."""
+    if envelopes:
+        session.execute(insert(outbox.table), [row_values(e) for e in envelopes])
+
+
+@contextmanager
+def transaction(bind: Engine | Connection) -> Iterator[Connection]:
+    """A connection in a transaction of its own, or the joined caller's one.
+
+    A session bound to a Connection (the rollback-per-test recipe) already
+    runs inside the caller's transaction: outbox updates go there too.
+    """
+    if isinstance(bind, Connection):
+        yield bind
+    else:
+        with bind.begin() as connection:
+            yield connection
+
+
+def mark_dispatched(
+    bind: Engine | Connection,
+    outbox: Outbox,
+    envelopes: Sequence[AuditEventEnvelope],
+    plugins: Iterable[str],
+    report: DeliveryReport,
+    retry_after: timedelta,
+) -> None:
+    """Record the outcome of delivering freshly committed envelopes.
+
+    Rows every plugin took become ``delivered``; the others stay ``pending``
+    with the plugins that took them and the failures, for the relay.
+    """
+    table = outbox.table
+    plugins = sorted(set(plugins))
+    now = datetime.now(timezone.utc)
+    failed_by_event: dict[uuid.UUID, set[str]] = {}
+    for name, ids in report.failed.items():
+        for event_id in ids:
+            failed_by_event.setdefault(event_id, set()).add(name)
+    with transaction(bind) as connection:
+        done = [str(e.id) for e in envelopes if e.id not in failed_by_event]
+        for start in range(0, len(done), _CHUNK):
+            connection.execute(
+                update(table)
+                .where(table.c.id.in_(done[start : start + _CHUNK]))
+                .values(
+                    status=DELIVERED,
+                    delivered_to=json.dumps(plugins),
+                    delivered_at=now,
+                )
+            )
+        for event_id, failed in failed_by_event.items():
+            failures = {
+                name: {"attempts": 1, "error": _describe(report, name), "dead": False}
+                for name in failed
+            }
+            connection.execute(
+                update(table)
+                .where(table.c.id == str(event_id))
+                .values(
+                    delivered_to=json.dumps([p for p in plugins if p not in failed]),
+                    failures=json.dumps(failures, sort_keys=True),
+                    next_attempt_at=now + retry_after,
+                )
+            )
+
+
+def _describe(report: DeliveryReport, plugin: str) -> str:
+    error = report.last_error.get(plugin)
+    return "" if error is None else repr(error)[:500]
+
+
+class OutboxRow:
+    """One outbox row as the relay sees it."""
+
+    __slots__ = (
+        "delivered_to",
+        "failures",
+        "id",
+        "next_attempt_at",
+        "payload",
+        "status",
+        "target",
+        "transaction_id",
+    )
+
+    def __init__(self, mapping: Any) -> None:
+        self.id: str = mapping["id"]
+        self.target = (mapping["aggregatetype"], mapping["aggregateid"])
+        self.transaction_id: str = mapping["transaction_id"]
+        self.status: str = mapping["status"]
+        self.delivered_to: set[str] = set(json.loads(mapping["delivered_to"]))
+        self.failures: dict[str, dict[str, Any]] = json.loads(mapping["failures"])
+        self.next_attempt_at: datetime = mapping["next_attempt_at"]
+        self.payload: str = mapping["payload"]
+
+    def envelope(self) -> AuditEventEnvelope:
+        return AuditEventEnvelope.from_dict(json.loads(self.payload))
+
+    def wanting(self, plugins: Iterable[str]) -> list[str]:
+        """The plugins that have neither taken this event nor given up on it."""
+        return [
+            name
+            for name in plugins
+            if name not in self.delivered_to
+            and not self.failures.get(name, {}).get("dead", False)
+        ]
+
+    def status_for(self, plugins: Iterable[str]) -> str:
+        """``delivered``, ``dead`` or ``pending`` given the relay's plugins."""
+        missing = [name for name in plugins if name not in self.delivered_to]
+        if not missing:
+            return DELIVERED
+        if all(self.failures.get(name, {}).get("dead", False) for name in missing):
+            return DEAD
+        return PENDING

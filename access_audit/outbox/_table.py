@@ -1,0 +1,121 @@
+"""The outbox table: one row per committed event, written inside its transaction."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["DEAD", "DELIVERED", "PENDING", "Outbox"]
+
+PENDING = "pending"
+"""Some plugin has yet to take the event."""
+DELIVERED = "delivered"
+"""Every plugin took the event."""
+DEAD = "dead"
+"""Every plugin that has not taken the event gave up after ``max_attempts``."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes, stored as naive UTC with microseconds on every database."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> Any:
+        if value is None:
+            return None
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        result: datetime = value.replace(tzinfo=timezone.utc)
+        return result
+
+
+class Outbox:
+    """Where an emitter with ``outbox=`` writes its envelopes before COMMIT.
+
+    The table follows the common outbox/CDC conventions (Debezium's outbox
+    event router reads ``id``, ``aggregatetype``, ``aggregateid``, ``type``
+    and ``payload`` as they are), plus delivery state for the relay:
+
+    ============== =========================================================
+    id             the envelope id (UUIDv7 text): the idempotency key
+    aggregatetype  ``target_type``
+    aggregateid    ``target_id``
+    type           ``event_type``
+    payload        the envelope as JSON (``AuditEventEnvelope.to_json()``)
+    created_at     the envelope's ``timestamp``
+    transaction_id the envelope's ``transaction_id``; with ``sequence``, the
+    sequence       commit order
+    status         ``pending``, ``delivered`` or ``dead``
+    delivered_to   JSON list of the plugin names that took the event
+    failures       JSON object: plugin name -> attempts, last error, dead
+    next_attempt_at when the relay may try again
+    delivered_at   when the last plugin took it (the relay prunes by it)
+    ============== =========================================================
+
+    :param metadata: the ``MetaData`` to define the table on, so that
+        ``metadata.create_all()`` and Alembic autogenerate see it; a private
+        one by default (then call :meth:`create`).
+    :param table_name: the table's name.
+    :param schema: the table's schema, if not the default.
+    """
+
+    def __init__(
+        self,
+        metadata: MetaData | None = None,
+        *,
+        table_name: str = "access_audit_outbox",
+        schema: str | None = None,
+    ) -> None:
+        self.metadata = metadata if metadata is not None else MetaData()
+        self.table = Table(
+            table_name,
+            self.metadata,
+            Column("id", String(36), primary_key=True),
+            Column("aggregatetype", String(128), nullable=False),
+            Column("aggregateid", String(255), nullable=False),
+            Column("type", String(128), nullable=False),
+            Column("payload", Text, nullable=False),
+            Column("created_at", UtcDateTime, nullable=False),
+            Column("transaction_id", String(36), nullable=False),
+            Column("sequence", Integer, nullable=False),
+            Column("status", String(16), nullable=False, default=PENDING),
+            Column("delivered_to", Text, nullable=False, default="[]"),
+            Column("failures", Text, nullable=False, default="{}"),
+            Column("next_attempt_at", UtcDateTime, nullable=False),
+            Column("delivered_at", UtcDateTime, nullable=True),
+            Index(f"ix_{table_name}_status_order", "status", "created_at"),
+            schema=schema,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Outbox table={self.table.fullname!r}>"
+
+    def create(self, bind: Any) -> None:
+        """Create the table if it does not exist (``bind``: Engine or Connection)."""
+        self.table.create(bind, checkfirst=True)
+
+    def drop(self, bind: Any) -> None:
+        """Drop the table if it exists."""
+        self.table.drop(bind, checkfirst=True)
