@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
-from werkzeug.utils import ImportStringError, import_string
 
 from .._context import ActorLike, to_actor
 from .._emitter import AuditEmitter
 from .._errors import AuditConfigurationError
+from .._imports import import_plugin
 from .._registry import listen_target, select_by
 from ._cli import cli
 from ._request import request_metadata
@@ -33,6 +33,7 @@ class _AppState:
 
     extension: AccessAudit
     emitter: AuditEmitter
+    db: SQLAlchemy | None
 
 
 class AccessAudit:
@@ -75,8 +76,14 @@ class AccessAudit:
         if app is not None:
             self.init_app(app, db)
 
-    def init_app(self, app: Flask, db: SQLAlchemy | None = None) -> None:
+    def init_app(
+        self, app: Flask, db: SQLAlchemy | None = None, **emitter_options: Any
+    ) -> None:
         """Create this app's emitter and attach it to ``db.session`` if given.
+
+        ``emitter_options`` apply to this app only, over the constructor's
+        (with an app factory and a module-level ``AccessAudit()``, this is
+        where per-app ``plugins=`` or ``outbox=`` go).
 
         :raises RuntimeError: the app already has an ``AccessAudit``.
         :raises AuditConfigurationError: an ``ACCESS_AUDIT_PLUGINS`` entry
@@ -87,7 +94,7 @@ class AccessAudit:
                 "An AccessAudit instance is already registered on this Flask app. "
                 "Import and use that instance instead."
             )
-        options = dict(self._emitter_options)
+        options = {**self._emitter_options, **emitter_options}
         config = app.config
         # Constructor options are the defaults of the matching config keys.
         enabled = config.setdefault("ACCESS_AUDIT_ENABLED", True)
@@ -109,7 +116,7 @@ class AccessAudit:
         if not enabled:
             plugins, options["load_entrypoints"] = [], False
         emitter = AuditEmitter(plugins, **options)
-        app.extensions[EXTENSION_KEY] = _AppState(self, emitter)
+        app.extensions[EXTENSION_KEY] = _AppState(self, emitter, db)
         app.cli.add_command(cli)
         if db is not None:
             _attach_to_flask_sqlalchemy(db, emitter)
@@ -147,6 +154,20 @@ class AccessAudit:
         emitter: AuditEmitter = state.emitter
         return emitter
 
+    @staticmethod
+    def outbox_engine_of(app: Flask) -> Any:
+        """The engine that holds *app*'s outbox table (needs an app context).
+
+        :raises AuditConfigurationError: no outbox, or no ``db`` to find it in.
+        """
+        state = app.extensions.get(EXTENSION_KEY)
+        emitter = AccessAudit.emitter_of(app)
+        if emitter.outbox is None or state is None or state.db is None:
+            raise AuditConfigurationError(
+                "the relay needs AccessAudit(app, db, outbox=Outbox(db.metadata))"
+            )
+        return state.db.session.get_bind(clause=emitter.outbox.table)
+
     def _resolve_actor(self) -> Actor | None:
         # The actor loader (inside a request), then an actor_resolver given
         # to the constructor.
@@ -173,18 +194,7 @@ def _import_plugins(names: Iterable[str]) -> list[object]:
             f"ACCESS_AUDIT_PLUGINS must be a list of import strings, got the "
             f"string {names!r}"
         )
-    plugins = []
-    for name in names:
-        try:
-            plugin = import_string(name)
-        except (ImportStringError, ImportError, AttributeError) as error:
-            raise AuditConfigurationError(
-                f"ACCESS_AUDIT_PLUGINS: cannot import {name!r} ({error}); use "
-                "'package.module:object' or 'package.module'"
-            ) from error
-        # A class is a plugin factory: its hook methods need an instance.
-        plugins.append(plugin() if isinstance(plugin, type) else plugin)
-    return plugins
+    return [import_plugin(name, "ACCESS_AUDIT_PLUGINS") for name in names]
 
 
 def _attach_to_flask_sqlalchemy(db: SQLAlchemy, emitter: AuditEmitter) -> None:

@@ -60,10 +60,11 @@ def relay(
 ) -> RelayStats:
     """Deliver pending outbox rows to the emitter's plugins that lack them.
 
-    Rows are taken in commit order; a target's later events wait while an
-    earlier one of the same target waits for a retry. Each plugin gets only
-    the events it has not taken (``audit_event_logged`` per event,
-    ``audit_events_committed`` per transaction); a plugin that raises is
+    Rows are taken in commit order, a transaction's rows together; a target's
+    later events wait while an earlier one of the same target waits for a
+    retry. Each plugin gets only the events it has not taken
+    (``audit_event_logged`` per event, ``audit_events_committed`` once per
+    original transaction with those of its events); a plugin that raises is
     retried after ``backoff * 2**(attempts - 1)`` seconds (at most
     ``max_backoff``) and given up on after ``max_attempts`` (the row is then
     ``dead`` for it: see :func:`list_dead` and :func:`retry_dead`).
@@ -114,47 +115,60 @@ def _relay_batch(
     now = datetime.now(timezone.utc)
     order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
     with transaction(bind) as connection:
-        # Unlocked look-ahead in commit order, to keep each target's events in
-        # order: a target whose earlier event is not ours to deliver now (not
-        # due, or locked by another relay) waits.
+        # Unlocked look-ahead in commit order. Transactions are delivered
+        # whole (a batch hook gets the batch it would have got at commit),
+        # and a target whose earlier event is not ours to deliver now (not
+        # due, or locked by another relay) waits, keeping its events in order.
         candidates = connection.execute(
-            select(table.c.id, table.c.aggregatetype, table.c.aggregateid)
+            select(table.c.transaction_id)
             .where(table.c.status == PENDING)
             .order_by(*order)
             .limit(batch_size * 4)
-        ).all()
-        if not candidates:
+        ).scalars()
+        transactions = list(dict.fromkeys(candidates))
+        if not transactions:
             return 0
+        pending = connection.execute(
+            select(
+                table.c.id,
+                table.c.aggregatetype,
+                table.c.aggregateid,
+                table.c.transaction_id,
+            )
+            .where(table.c.transaction_id.in_(transactions), table.c.status == PENDING)
+            .order_by(*order)
+        ).all()
         locked = {
             row["id"]: OutboxRow(row)
             for row in connection.execute(
                 select(table)
                 .where(
-                    table.c.id.in_([c.id for c in candidates]),
+                    table.c.transaction_id.in_(transactions),
                     table.c.status == PENDING,
                     table.c.next_attempt_at <= now,
                 )
                 .with_for_update(skip_locked=True)
             ).mappings()
         }
+        by_transaction: dict[str, list[Any]] = {}
+        for found in pending:
+            by_transaction.setdefault(found.transaction_id, []).append(found)
         eligible: list[OutboxRow] = []
         blocked: set[tuple[str, str]] = set()
-        for candidate in candidates:
-            target = (candidate.aggregatetype, candidate.aggregateid)
-            if target in blocked:
+        for transaction_id in transactions:
+            rows = by_transaction.get(transaction_id, [])
+            targets = {(row.aggregatetype, row.aggregateid) for row in rows}
+            if targets & blocked or not all(row.id in locked for row in rows):
+                blocked |= targets
                 continue
-            row = locked.get(candidate.id)
-            if row is None:
-                blocked.add(target)
-                continue
-            eligible.append(row)
+            eligible.extend(locked[row.id] for row in rows)
             if len(eligible) >= batch_size:
                 break
         if not eligible:
             return 0
         _deliver_rows(emitter, eligible, plugins, stats, max_attempts)
-        for row in eligible:
-            _save(connection, outbox, row, plugins, now, backoff, max_backoff)
+        for taken in eligible:
+            _save(connection, outbox, taken, plugins, now, backoff, max_backoff)
         stats.batches += 1
         return len(eligible)
 

@@ -1,0 +1,173 @@
+"""``python -m access_audit relay``: run the outbox relay from a shell or a job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TextIO
+
+from .._imports import import_plugin
+from ._relay import RelayStats, count_pending, list_dead, relay, retry_dead
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from .._emitter import AuditEmitter
+    from ._table import Outbox
+
+__all__ = ["main", "run_command"]
+
+
+def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by every way of starting the relay."""
+    parser.add_argument("--once", action="store_true", help="exit when nothing is due")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between polls"
+    )
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--max-attempts", type=int, default=8)
+    parser.add_argument(
+        "--backoff", type=float, default=1.0, help="first retry delay, s"
+    )
+    parser.add_argument("--max-backoff", type=float, default=300.0)
+    parser.add_argument(
+        "--retention-days",
+        type=float,
+        default=None,
+        help="delete delivered rows older than this",
+    )
+    parser.add_argument("--list-dead", action="store_true", help="list dead deliveries")
+    parser.add_argument(
+        "--retry-dead", action="store_true", help="make dead deliveries due again"
+    )
+    parser.add_argument(
+        "--only-plugin",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="with --retry-dead: only this plugin's (repeatable)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run_command(
+    options: argparse.Namespace,
+    emitter: AuditEmitter,
+    engine: Engine,
+    outbox: Outbox,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Run what *options* ask for; returns the exit status."""
+    if options.list_dead:
+        for row in list_dead(engine, outbox):
+            out.write(json.dumps(row, sort_keys=True) + "\n")
+        return 0
+    if options.retry_dead:
+        only = set(options.only_plugin) if options.only_plugin else None
+        changed = retry_dead(engine, outbox, only)
+        out.write(f"relay: {changed} dead rows are due again\n")
+        if not options.once:
+            return 0  # with --once, deliver them right away too
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    report = _progress_printer(out, engine, outbox, quiet=options.quiet)
+    stats = relay(
+        emitter,
+        engine,
+        outbox,
+        batch_size=options.batch_size,
+        max_attempts=options.max_attempts,
+        backoff=options.backoff,
+        max_backoff=options.max_backoff,
+        once=options.once,
+        interval=options.interval,
+        retention=(
+            None
+            if options.retention_days is None
+            else timedelta(days=options.retention_days)
+        ),
+        stop=stop,
+        progress=report,
+    )
+    if not options.quiet:
+        out.write(stats.line(count_pending(engine, outbox)) + "\n")
+    return 0
+
+
+def _progress_printer(
+    out: TextIO, engine: Engine, outbox: Outbox, *, quiet: bool
+) -> Callable[[RelayStats], None]:
+    last = [time.monotonic()]
+
+    def report(stats: RelayStats) -> None:
+        now = time.monotonic()
+        if quiet or now - last[0] < 2.0:
+            return
+        last[0] = now
+        out.write(stats.line(count_pending(engine, outbox)) + "\n")
+        out.flush()
+
+    return report
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m access_audit relay --database-url URL [options]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m access_audit",
+        description="access_audit tools. 'relay' re-delivers undelivered outbox rows.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    relay_parser = commands.add_parser(
+        "relay", help="re-deliver what the outbox holds undelivered"
+    )
+    relay_parser.add_argument("--database-url", required=True)
+    relay_parser.add_argument("--table", default="access_audit_outbox")
+    relay_parser.add_argument("--schema", default=None)
+    relay_parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE:OBJECT",
+        help="a plugin to deliver to (repeatable); a class is instantiated",
+    )
+    relay_parser.add_argument(
+        "--no-entrypoints",
+        action="store_true",
+        help="do not load plugins from 'access_audit' entry points",
+    )
+    relay_parser.add_argument(
+        "--create-table", action="store_true", help="create the outbox table if missing"
+    )
+    add_relay_arguments(relay_parser)
+    options = parser.parse_args(argv)
+
+    from sqlalchemy import create_engine
+
+    from .._emitter import AuditEmitter
+    from ._table import Outbox
+
+    outbox = Outbox(table_name=options.table, schema=options.schema)
+    plugins: list[Any] = [import_plugin(spec, "--plugin") for spec in options.plugin]
+    emitter = AuditEmitter(
+        plugins, load_entrypoints=not options.no_entrypoints, outbox=outbox
+    )
+    engine = create_engine(options.database_url)
+    try:
+        if options.create_table:
+            outbox.create(engine)
+        return run_command(options, emitter, engine, outbox)
+    finally:
+        engine.dispose()
