@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
 
-from .._context import ActorLike, to_actor
+from .._context import ActorLike, ActorResolver, MetadataProvider, to_actor
 from .._emitter import AuditEmitter
 from .._errors import AuditConfigurationError
 from .._imports import import_plugin
@@ -111,8 +112,12 @@ class AccessAudit:
         )
         plugins = list(options.pop("plugins", ()))
         plugins.extend(_import_plugins(config.setdefault("ACCESS_AUDIT_PLUGINS", [])))
-        options["actor_resolver"] = self._resolve_actor
-        options["metadata_provider"] = self._provide_metadata
+        options["actor_resolver"] = functools.partial(
+            self._resolve_actor, options.get("actor_resolver")
+        )
+        options["metadata_provider"] = functools.partial(
+            _provide_metadata, options.get("metadata_provider")
+        )
         if not enabled:
             plugins, options["load_entrypoints"] = [], False
         emitter = AuditEmitter(plugins, **options)
@@ -168,24 +173,22 @@ class AccessAudit:
             )
         return state.db.session.get_bind(clause=emitter.outbox.table)
 
-    def _resolve_actor(self) -> Actor | None:
-        # The actor loader (inside a request), then an actor_resolver given
-        # to the constructor.
+    def _resolve_actor(self, resolver: ActorResolver | None) -> Actor | None:
+        # The actor loader (inside a request), then an actor_resolver option.
         if self._actor_loader is not None and has_app_context():
             actor = to_actor(self._actor_loader(), "actor_loader")
             if actor is not None:
                 return actor
-        resolver = self._emitter_options.get("actor_resolver")
         return None if resolver is None else to_actor(resolver(), "actor_resolver")
 
-    def _provide_metadata(self) -> Mapping[str, Any] | None:
-        # Request metadata, under a metadata_provider given to the constructor.
-        found = request_metadata()
-        provider = self._emitter_options.get("metadata_provider")
-        extra = None if provider is None else provider()
-        if extra is None:
-            return found
-        return {**(found or {}), **extra}
+
+def _provide_metadata(provider: MetadataProvider | None) -> Mapping[str, Any] | None:
+    # Request metadata, under what a metadata_provider option returns.
+    found = request_metadata()
+    extra = None if provider is None else provider()
+    if extra is None:
+        return found
+    return {**(found or {}), **extra}
 
 
 def _import_plugins(names: Iterable[str]) -> list[object]:
