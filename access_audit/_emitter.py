@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -149,11 +150,23 @@ class AuditEmitter:
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register a plugin; returns its name (None if it was blocked).
 
+        Without *name*, a module is named by its ``__name__`` and any other
+        object by its class (``"package.module.ClassName"``), or by pluggy's
+        default if that name is taken already.
+
         :raises ValueError: the plugin, or its name, is registered already, or
             it declares a hook wrapper.
         :raises pluggy.PluginValidationError: it implements a hook that does not
             exist, or with arguments the hook does not have.
         """
+        if name is None and not isinstance(plugin, types.ModuleType):
+            # A stable default (pluggy would use id(plugin)): logs, the
+            # outbox's per-plugin delivery state and relays in other
+            # processes need a name that is the same every run.
+            kind = type(plugin)
+            candidate = f"{kind.__module__}.{kind.__qualname__}"
+            if self.plugin_manager.get_plugin(candidate) is None:
+                name = candidate
         registered = self.plugin_manager.register(plugin, name)
         self._refuse_wrappers(plugin)
         try:

@@ -1,6 +1,6 @@
 """A plain-SQLAlchemy walk-through: events reach plugins only for what committed.
 
-Run it with ``./scripts/demo`` (or ``python examples/quickstart.py``). It uses an
+Run it with ``python examples/quickstart.py`` (after ``pip install -e .``). It uses an
 in-memory SQLite database and prints each committed envelope as JSON.
 """
 
