@@ -130,6 +130,8 @@ class AuditEventEnvelope:
         if not isinstance(source, str) or not source:
             raise ValueError("source must be a non-empty URI-reference string")
         subject = f"{self.target_type}/{self.target_id}"
+        data = self.to_dict()
+        del data["id"], data["timestamp"]  # they are the id and time attributes
         return {
             "specversion": "1.0",
             "id": str(self.id),
@@ -140,21 +142,7 @@ class AuditEventEnvelope:
             "datacontenttype": "application/json",
             "partitionkey": f"{self.target_type}:{self.target_id}",
             "audittransaction": str(self.transaction_id),
-            "data": {
-                "event_type": self.event_type,
-                "actor_id": self.actor_id,
-                "actor_email": self.actor_email,
-                "target_type": self.target_type,
-                "target_id": self.target_id,
-                "target_name": self.target_name,
-                "action": self.action,
-                "reason": self.reason,
-                "payload": thaw(self.payload),
-                "metadata": thaw(self.metadata),
-                "staged_at": self.staged_at.isoformat(),
-                "transaction_id": str(self.transaction_id),
-                "sequence": self.sequence,
-            },
+            "data": data,
         }
 
     @classmethod
