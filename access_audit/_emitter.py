@@ -7,7 +7,6 @@ import contextlib
 import functools
 import types
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -34,8 +33,6 @@ __all__ = ["AuditEmitter", "raising_plugin_errors"]
 
 INLINE = "inline"
 BACKGROUND = "background"
-OUTBOX_RETRY_AFTER = timedelta(seconds=1)
-"""When the relay may retry a delivery that failed right after COMMIT."""
 
 # Above zero while a test recorder asks every emitter to raise plugin errors.
 _raise_everywhere = 0
@@ -295,7 +292,6 @@ class AuditEmitter:
                 envelopes,
                 delivering_plugins(self.plugin_manager),
                 report,
-                OUTBOX_RETRY_AFTER,
             )
 
         try:

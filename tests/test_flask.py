@@ -333,3 +333,64 @@ def test_cli_lists_plugins_with_their_hooks(tmp_path: Path) -> None:
     assert "eggsample  (entry point of access-audit-eggsample" in result.output
     assert "registered by the app" in result.output
     assert "hooks: audit_event_logged, audit_events_committed" in result.output
+
+
+def test_init_app_takes_per_app_emitter_options(tmp_path: Path) -> None:
+    """Options given to init_app apply to that app only, over the constructor's."""
+    shared, only_first = Recorder(), Recorder()
+    audit = AccessAudit(plugins=[shared], actor_resolver=lambda: ("from-option", None))
+    first, first_db = make_app(tmp_path, "first")
+    second, second_db = make_app(tmp_path, "second")
+    audit.init_app(first, first_db, plugins=[shared, only_first])
+    audit.init_app(second, second_db)
+    first.test_client().post("/tags/one")
+    second.test_client().post("/tags/two")
+    assert only_first.names[1:] == ["one"]
+    assert shared.names[1::2] == ["one", "two"]
+    assert {e.actor_id for e in shared.events} == {"from-option"}
+
+
+def test_flask_relay_command_redelivers_from_the_outbox(tmp_path: Path) -> None:
+    """``flask access-audit relay --once`` delivers what a failing plugin missed."""
+    from access_audit import hookimpl
+    from access_audit.outbox import Outbox
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.broken = True
+            self.received: list[str] = []
+
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            if self.broken:
+                raise ConnectionError("sink down")
+            self.received.append(envelope.target_id)
+
+    flaky = Flaky()
+    app, db = make_app(tmp_path)
+    outbox = Outbox(db.metadata)
+    with app.app_context():
+        outbox.create(db.engine)
+    audit = AccessAudit()
+    audit.init_app(app, db, outbox=outbox)
+    audit.emitter_of(app).register(flaky, name="flaky")
+    app.test_client().post("/tags/red")
+    assert flaky.received == []
+    flaky.broken = False
+    result = app.test_cli_runner().invoke(
+        args=["access-audit", "relay", "--once", "--backoff", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert flaky.received[1:] == ["red"]
+    assert "2 delivered" in result.output
+    again = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
+    assert "0 delivered" in again.output
+
+
+def test_flask_relay_command_needs_an_outbox(tmp_path: Path) -> None:
+    """Without an outbox the relay command fails with a clear message."""
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db)
+    result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
+    assert result.exit_code != 0
+    assert "no outbox" in result.output

@@ -24,7 +24,7 @@ __all__ = ["OutboxRow", "mark_dispatched", "row_values", "transaction", "write"]
 _CHUNK = 500
 
 
-def row_values(envelope: AuditEventEnvelope) -> dict[str, Any]:
+def row_values(envelope: AuditEventEnvelope, relay_after: timedelta) -> dict[str, Any]:
     """The outbox row of a freshly committed envelope."""
     return {
         "id": str(envelope.id),
@@ -38,7 +38,7 @@ def row_values(envelope: AuditEventEnvelope) -> dict[str, Any]:
         "status": PENDING,
         "delivered_to": "[]",
         "failures": "{}",
-        "next_attempt_at": envelope.timestamp,
+        "next_attempt_at": envelope.timestamp + relay_after,
         "delivered_at": None,
     }
 
@@ -48,7 +48,8 @@ def write(
 ) -> None:
     """Insert rows for *envelopes* in the session's transaction (before COMMIT)."""
     if envelopes:
-        session.execute(insert(outbox.table), [row_values(e) for e in envelopes])
+        rows = [row_values(e, outbox.relay_after) for e in envelopes]
+        session.execute(insert(outbox.table), rows)
 
 
 @contextmanager
@@ -71,12 +72,12 @@ def mark_dispatched(
     envelopes: Sequence[AuditEventEnvelope],
     plugins: Iterable[str],
     report: DeliveryReport,
-    retry_after: timedelta,
 ) -> None:
     """Record the outcome of delivering freshly committed envelopes.
 
     Rows every plugin took become ``delivered``; the others stay ``pending``
-    with the plugins that took them and the failures, for the relay.
+    with the plugins that took them and the failures, due for the relay at
+    once.
     """
     table = outbox.table
     plugins = sorted(set(plugins))
@@ -108,7 +109,7 @@ def mark_dispatched(
                 .values(
                     delivered_to=json.dumps([p for p in plugins if p not in failed]),
                     failures=json.dumps(failures, sort_keys=True),
-                    next_attempt_at=now + retry_after,
+                    next_attempt_at=now,
                 )
             )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import (
@@ -79,6 +79,11 @@ class Outbox:
         one by default (then call :meth:`create`).
     :param table_name: the table's name.
     :param schema: the table's schema, if not the default.
+    :param relay_after: how long a relay leaves a fresh row to the dispatch
+        that follows its COMMIT before it takes the row over itself (after a
+        crash, say). Rows whose dispatch failed are due at once. A relay
+        taking over a row that is still being dispatched sends it twice, so
+        keep this above your slowest dispatch (or background queue wait).
     """
 
     def __init__(
@@ -87,7 +92,11 @@ class Outbox:
         *,
         table_name: str = "access_audit_outbox",
         schema: str | None = None,
+        relay_after: timedelta = timedelta(seconds=60),
     ) -> None:
+        if relay_after < timedelta(0):
+            raise ValueError("relay_after must not be negative")
+        self.relay_after = relay_after
         self.metadata = metadata if metadata is not None else MetaData()
         self.table = Table(
             table_name,
