@@ -9,7 +9,8 @@ with 400, 401, 403, 404 or 409. A JSON body may carry a ``reason``; for
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flask import Blueprint, g, request
 from flask.typing import ResponseReturnValue
@@ -31,6 +32,9 @@ from .models import (
 __all__ = ["bp"]
 
 bp = Blueprint("api", __name__)
+
+_Request = TypeVar("_Request", AccessRequest, RoleRequest)
+_Result = TypeVar("_Result")
 
 _OPEN_ENDPOINTS = {"api.create_user"}
 """Endpoints that change something without an acting user."""
@@ -180,8 +184,41 @@ def _request_json(req: AccessRequest | RoleRequest) -> dict[str, Any]:
     return found
 
 
-def _deleted(kind: str, row_id: int) -> dict[str, Any]:
-    return {"deleted": {"type": kind, "id": row_id}}
+# -- what several routes do: run one operation on the URL's rows, commit once
+
+
+def _change_group(
+    operation: Callable[..., object], group_id: int, user_id: int
+) -> ResponseReturnValue:
+    """Run ``operation(group, user, reason=...)``, commit, answer the group."""
+    group = ops.get(Group, group_id)
+    operation(group, ops.get(User, user_id), reason=_reason(_body()))
+    db.session.commit()
+    return _group_json(group)
+
+
+def _delete(
+    operation: Callable[..., object], model: type[Group | App | Tag], row_id: int
+) -> ResponseReturnValue:
+    """Run ``operation(row, reason=...)``, commit, answer what was deleted."""
+    operation(ops.get(model, row_id), reason=_reason(_body()))
+    db.session.commit()
+    return {"deleted": {"type": model.__name__.lower(), "id": row_id}}
+
+
+def _decide(
+    decision: Callable[..., _Result],
+    model: type[_Request],
+    request_id: int,
+) -> tuple[_Request, _Result]:
+    """Run ``decision(request, acting user, reason=...)`` and commit.
+
+    Returns the request and what the decision returned.
+    """
+    req = ops.get(model, request_id)
+    result = decision(req, _acting_user(), reason=_reason(_body()))
+    db.session.commit()
+    return req, result
 
 
 # -- users and roles (not audited)
@@ -258,41 +295,27 @@ def show_group(group_id: int) -> ResponseReturnValue:
 
 @bp.delete("/groups/<int:group_id>")
 def delete_group(group_id: int) -> ResponseReturnValue:
-    ops.delete_group(ops.get(Group, group_id), reason=_reason(_body()))
-    db.session.commit()
-    return _deleted("group", group_id)
+    return _delete(ops.delete_group, Group, group_id)
 
 
 @bp.put("/groups/<int:group_id>/members/<int:user_id>")
 def add_member(group_id: int, user_id: int) -> ResponseReturnValue:
-    group = ops.get(Group, group_id)
-    ops.add_member(group, ops.get(User, user_id), reason=_reason(_body()))
-    db.session.commit()
-    return _group_json(group)
+    return _change_group(ops.add_member, group_id, user_id)
 
 
 @bp.delete("/groups/<int:group_id>/members/<int:user_id>")
 def remove_member(group_id: int, user_id: int) -> ResponseReturnValue:
-    group = ops.get(Group, group_id)
-    ops.remove_member(group, ops.get(User, user_id), reason=_reason(_body()))
-    db.session.commit()
-    return _group_json(group)
+    return _change_group(ops.remove_member, group_id, user_id)
 
 
 @bp.put("/groups/<int:group_id>/owners/<int:user_id>")
 def add_owner(group_id: int, user_id: int) -> ResponseReturnValue:
-    group = ops.get(Group, group_id)
-    ops.add_owner(group, ops.get(User, user_id), reason=_reason(_body()))
-    db.session.commit()
-    return _group_json(group)
+    return _change_group(ops.add_owner, group_id, user_id)
 
 
 @bp.delete("/groups/<int:group_id>/owners/<int:user_id>")
 def remove_owner(group_id: int, user_id: int) -> ResponseReturnValue:
-    group = ops.get(Group, group_id)
-    ops.remove_owner(group, ops.get(User, user_id), reason=_reason(_body()))
-    db.session.commit()
-    return _group_json(group)
+    return _change_group(ops.remove_owner, group_id, user_id)
 
 
 # -- apps and tags
@@ -319,9 +342,7 @@ def show_app(app_id: int) -> ResponseReturnValue:
 
 @bp.delete("/apps/<int:app_id>")
 def delete_app(app_id: int) -> ResponseReturnValue:
-    ops.delete_application(ops.get(App, app_id), reason=_reason(_body()))
-    db.session.commit()
-    return _deleted("app", app_id)
+    return _delete(ops.delete_application, App, app_id)
 
 
 @bp.post("/tags")
@@ -357,9 +378,7 @@ def update_tag(tag_id: int) -> ResponseReturnValue:
 
 @bp.delete("/tags/<int:tag_id>")
 def delete_tag(tag_id: int) -> ResponseReturnValue:
-    ops.delete_tag(ops.get(Tag, tag_id), reason=_reason(_body()))
-    db.session.commit()
-    return _deleted("tag", tag_id)
+    return _delete(ops.delete_tag, Tag, tag_id)
 
 
 # -- access requests
@@ -384,17 +403,13 @@ def show_access_request(request_id: int) -> ResponseReturnValue:
 
 @bp.post("/access-requests/<int:request_id>/approve")
 def approve_access(request_id: int) -> ResponseReturnValue:
-    req = ops.get(AccessRequest, request_id)
-    ops.approve_access(req, _acting_user(), reason=_reason(_body()))
-    db.session.commit()
+    req, _ = _decide(ops.approve_access, AccessRequest, request_id)
     return _request_json(req)
 
 
 @bp.post("/access-requests/<int:request_id>/reject")
 def reject_access(request_id: int) -> ResponseReturnValue:
-    req = ops.get(AccessRequest, request_id)
-    ops.reject_access(req, _acting_user(), reason=_reason(_body()))
-    db.session.commit()
+    req, _ = _decide(ops.reject_access, AccessRequest, request_id)
     return _request_json(req)
 
 
@@ -421,15 +436,11 @@ def show_role_request(request_id: int) -> ResponseReturnValue:
 
 @bp.post("/role-requests/<int:request_id>/approve")
 def approve_role_request(request_id: int) -> ResponseReturnValue:
-    req = ops.get(RoleRequest, request_id)
-    added = ops.approve_role_request(req, _acting_user(), reason=_reason(_body()))
-    db.session.commit()
+    req, added = _decide(ops.approve_role_request, RoleRequest, request_id)
     return {**_request_json(req), "member_ids_added": [user.id for user in added]}
 
 
 @bp.post("/role-requests/<int:request_id>/reject")
 def reject_role_request(request_id: int) -> ResponseReturnValue:
-    req = ops.get(RoleRequest, request_id)
-    ops.reject_role_request(req, _acting_user(), reason=_reason(_body()))
-    db.session.commit()
+    req, _ = _decide(ops.reject_role_request, RoleRequest, request_id)
     return _request_json(req)

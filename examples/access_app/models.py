@@ -16,6 +16,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Mapper,
+    declared_attr,
     mapped_column,
     relationship,
 )
@@ -47,30 +48,24 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-group_owners = Table(
-    "access_app_group_owners",
-    Base.metadata,
-    Column("group_id", ForeignKey("access_app_groups.id"), primary_key=True),
-    Column("user_id", ForeignKey("access_app_users.id"), primary_key=True),
-)
-role_members = Table(
-    "access_app_role_members",
-    Base.metadata,
-    Column("role_id", ForeignKey("access_app_roles.id"), primary_key=True),
-    Column("user_id", ForeignKey("access_app_users.id"), primary_key=True),
-)
-role_groups = Table(
-    "access_app_role_groups",
-    Base.metadata,
-    Column("role_id", ForeignKey("access_app_roles.id"), primary_key=True),
-    Column("group_id", ForeignKey("access_app_groups.id"), primary_key=True),
-)
-app_tags = Table(
-    "access_app_app_tags",
-    Base.metadata,
-    Column("app_id", ForeignKey("access_app_apps.id"), primary_key=True),
-    Column("tag_id", ForeignKey("access_app_tags.id"), primary_key=True),
-)
+def _link_table(name: str, left: str, right: str) -> Table:
+    """The many-to-many table ``access_app_<name>``: ``<left>_id`` and
+    ``<right>_id``, each a foreign key to the ``access_app_<left or right>s``
+    table, together the primary key."""
+    return Table(
+        f"access_app_{name}",
+        Base.metadata,
+        *(
+            Column(f"{side}_id", ForeignKey(f"access_app_{side}s.id"), primary_key=True)
+            for side in (left, right)
+        ),
+    )
+
+
+group_owners = _link_table("group_owners", "group", "user")
+role_members = _link_table("role_members", "role", "user")
+role_groups = _link_table("role_groups", "role", "group")
+app_tags = _link_table("app_tags", "app", "tag")
 
 
 class User(db.Model):  # type: ignore[name-defined,misc]
@@ -83,7 +78,20 @@ class User(db.Model):  # type: ignore[name-defined,misc]
     name: Mapped[str] = mapped_column(String(120))
 
 
-class Group(db.Model):  # type: ignore[name-defined,misc]
+class _Named:
+    """Columns of a row known by a unique name: a group, role, tag or app."""
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+
+
+class _Described(_Named):
+    """A named row with a free-text description."""
+
+    description: Mapped[str] = mapped_column(String(400), default="")
+
+
+class Group(_Described, db.Model):  # type: ignore[name-defined,misc]
     """A group of users, with owners who decide who may join.
 
     A ``locked`` group (say, one mirrored from the HR system) takes no new
@@ -93,9 +101,6 @@ class Group(db.Model):  # type: ignore[name-defined,misc]
 
     __tablename__ = "access_app_groups"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(80), unique=True)
-    description: Mapped[str] = mapped_column(String(400), default="")
     locked: Mapped[bool] = mapped_column(default=False)
 
     memberships: Mapped[list[Membership]] = relationship(
@@ -155,13 +160,10 @@ def _locked_groups_take_no_new_members(
         )
 
 
-class Role(db.Model):  # type: ignore[name-defined,misc]
+class Role(_Named, db.Model):  # type: ignore[name-defined,misc]
     """A set of users; assigning the role to a group makes them its members."""
 
     __tablename__ = "access_app_roles"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(80), unique=True)
 
     members: Mapped[list[User]] = relationship(secondary=role_members)
     groups: Mapped[list[Group]] = relationship(
@@ -169,26 +171,18 @@ class Role(db.Model):  # type: ignore[name-defined,misc]
     )
 
 
-class Tag(db.Model):  # type: ignore[name-defined,misc]
+class Tag(_Described, db.Model):  # type: ignore[name-defined,misc]
     """A label for apps (``prod``, ``pii``, ...)."""
 
     __tablename__ = "access_app_tags"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(80), unique=True)
-    description: Mapped[str] = mapped_column(String(400), default="")
-
     apps: Mapped[list[App]] = relationship(secondary=app_tags, back_populates="tags")
 
 
-class App(db.Model):  # type: ignore[name-defined,misc]
+class App(_Described, db.Model):  # type: ignore[name-defined,misc]
     """An application whose access is managed through groups."""
 
     __tablename__ = "access_app_apps"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(80), unique=True)
-    description: Mapped[str] = mapped_column(String(400), default="")
 
     tags: Mapped[list[Tag]] = relationship(secondary=app_tags, back_populates="apps")
 
@@ -207,45 +201,51 @@ _STATUS = Enum(
 )
 
 
-class AccessRequest(db.Model):  # type: ignore[name-defined,misc]
+class _Request:
+    """What access and role requests share: who asked, for which group, why,
+    and who decided how.
+
+    A request is created ``pending`` and decided once (``approved`` or
+    ``rejected``) by a resolver, who may give a ``resolution``.
+    """
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    requester_id: Mapped[int] = mapped_column(ForeignKey("access_app_users.id"))
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("access_app_groups.id"))
+    reason: Mapped[str] = mapped_column(String(400), default="")
+    status: Mapped[RequestStatus] = mapped_column(
+        _STATUS, default=RequestStatus.PENDING
+    )
+    resolver_id: Mapped[int | None] = mapped_column(ForeignKey("access_app_users.id"))
+    resolution: Mapped[str | None] = mapped_column(String(400))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+    # Two foreign keys to users: each relationship names its own.
+    @declared_attr
+    @classmethod
+    def requester(cls) -> Mapped[User]:
+        return relationship(foreign_keys=lambda: [cls.requester_id])
+
+    @declared_attr
+    @classmethod
+    def resolver(cls) -> Mapped[User | None]:
+        return relationship(foreign_keys=lambda: [cls.resolver_id])
+
+
+class AccessRequest(_Request, db.Model):  # type: ignore[name-defined,misc]
     """A user asks to join a group; an owner of the group approves or rejects."""
 
     __tablename__ = "access_app_access_requests"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    requester_id: Mapped[int] = mapped_column(ForeignKey("access_app_users.id"))
-    group_id: Mapped[int | None] = mapped_column(ForeignKey("access_app_groups.id"))
-    reason: Mapped[str] = mapped_column(String(400), default="")
-    status: Mapped[RequestStatus] = mapped_column(
-        _STATUS, default=RequestStatus.PENDING
-    )
-    resolver_id: Mapped[int | None] = mapped_column(ForeignKey("access_app_users.id"))
-    resolution: Mapped[str | None] = mapped_column(String(400))
-    created_at: Mapped[datetime] = mapped_column(default=_now)
-
-    requester: Mapped[User] = relationship(foreign_keys=[requester_id])
-    resolver: Mapped[User | None] = relationship(foreign_keys=[resolver_id])
     group: Mapped[Group | None] = relationship(back_populates="access_requests")
 
 
-class RoleRequest(db.Model):  # type: ignore[name-defined,misc]
+class RoleRequest(_Request, db.Model):  # type: ignore[name-defined,misc]
     """Someone asks that a role be assigned to a group; a group owner decides."""
 
     __tablename__ = "access_app_role_requests"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    requester_id: Mapped[int] = mapped_column(ForeignKey("access_app_users.id"))
     role_id: Mapped[int] = mapped_column(ForeignKey("access_app_roles.id"))
-    group_id: Mapped[int | None] = mapped_column(ForeignKey("access_app_groups.id"))
-    reason: Mapped[str] = mapped_column(String(400), default="")
-    status: Mapped[RequestStatus] = mapped_column(
-        _STATUS, default=RequestStatus.PENDING
-    )
-    resolver_id: Mapped[int | None] = mapped_column(ForeignKey("access_app_users.id"))
-    resolution: Mapped[str | None] = mapped_column(String(400))
-    created_at: Mapped[datetime] = mapped_column(default=_now)
 
-    requester: Mapped[User] = relationship(foreign_keys=[requester_id])
-    resolver: Mapped[User | None] = relationship(foreign_keys=[resolver_id])
     role: Mapped[Role] = relationship()
     group: Mapped[Group | None] = relationship(back_populates="role_requests")
