@@ -39,17 +39,18 @@ class DeliveryReport:
 
     errors: list[Exception] = dataclasses.field(default_factory=list)
     """Every error raised, by plugins and receivers, in the order raised."""
-    failed: dict[str, set[uuid.UUID]] = dataclasses.field(default_factory=dict)
-    """Plugin name -> ids of the events that plugin failed to take."""
-    last_error: dict[str, Exception] = dataclasses.field(default_factory=dict)
-    """Plugin name -> the last error it raised."""
+    failed: dict[str, dict[uuid.UUID, Exception]] = dataclasses.field(
+        default_factory=dict
+    )
+    """Plugin name -> id of each event that plugin failed to take -> the error."""
 
     def _plugin_error(
         self, name: str, envelopes: Sequence[AuditEventEnvelope], error: Exception
     ) -> None:
         self.errors.append(error)
-        self.failed.setdefault(name, set()).update(e.id for e in envelopes)
-        self.last_error[name] = error
+        failed = self.failed.setdefault(name, {})
+        for envelope in envelopes:
+            failed.setdefault(envelope.id, error)
 
 
 def delivering_plugins(plugin_manager: PluginManager) -> set[str]:

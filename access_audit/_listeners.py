@@ -192,8 +192,14 @@ class SessionListeners:
         pending = self._mine(session)
         # before_commit also fires for RELEASE SAVEPOINT: lazy values wait for
         # the outermost commit.
-        if pending is None or session.get_nested_transaction() is not None:
+        if session.get_nested_transaction() is not None:
             return
+        if pending is None:
+            if self._emitter.outbox is None or PENDING_KEY in session.info:
+                return
+            # ORM hooks of the commit's own flush may stage the first events;
+            # with an outbox they must be written before COMMIT too.
+            pending = session.info[PENDING_KEY] = _Pending(self._emitter)
         pending.committing = True
         # Flush now (the commit would next) so database-generated keys exist,
         # then resolve. Events staged by ORM hooks of a later flush in this

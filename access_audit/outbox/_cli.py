@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .._imports import import_plugin
 from ._relay import RelayStats, count_pending, list_dead, relay, retry_dead
@@ -140,8 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--plugin",
         action="append",
         default=[],
-        metavar="MODULE:OBJECT",
-        help="a plugin to deliver to (repeatable); a class is instantiated",
+        metavar="[NAME=]MODULE:OBJECT",
+        help=(
+            "a plugin to deliver to (repeatable); a class is instantiated; NAME "
+            "is the name the app registered it under (default: its class path)"
+        ),
     )
     relay_parser.add_argument(
         "--no-entrypoints",
@@ -160,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._table import Outbox
 
     outbox = Outbox(table_name=options.table, schema=options.schema)
-    plugins: list[Any] = [import_plugin(spec, "--plugin") for spec in options.plugin]
-    emitter = AuditEmitter(
-        plugins, load_entrypoints=not options.no_entrypoints, outbox=outbox
-    )
+    emitter = AuditEmitter(load_entrypoints=not options.no_entrypoints, outbox=outbox)
+    for spec in options.plugin:
+        # NAME=module:object registers under NAME, the name the app gave the
+        # plugin: delivery state is kept per plugin name.
+        name, _, target = spec.rpartition("=")
+        emitter.register(import_plugin(target, "--plugin"), name=name or None)
     engine = create_engine(options.database_url)
     try:
         if options.create_table:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, select, tuple_, update
 
 from .._dispatch import deliver, delivering_plugins
 from .._logging import logger
@@ -100,6 +100,9 @@ def relay(
     return stats
 
 
+_Order = tuple[datetime, str, int]
+
+
 def _relay_batch(
     emitter: AuditEmitter,
     bind: Engine | Connection,
@@ -111,57 +114,80 @@ def _relay_batch(
     backoff: float,
     max_backoff: float,
 ) -> int:
+    """Deliver one locked batch; returns how many rows it handled.
+
+    Every handled row is delivered, or its next attempt is rescheduled, so a
+    relay run with ``once`` always comes to an end.
+    """
     table = outbox.table
     now = datetime.now(timezone.utc)
     order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
+    pending = table.c.status == PENDING
     with transaction(bind) as connection:
-        # Unlocked look-ahead in commit order. Transactions are delivered
-        # whole (a batch hook gets the batch it would have got at commit),
-        # and a target whose earlier event is not ours to deliver now (not
-        # due, or locked by another relay) waits, keeping its events in order.
-        candidates = connection.execute(
-            select(table.c.transaction_id)
-            .where(table.c.status == PENDING)
-            .order_by(*order)
-            .limit(batch_size * 4)
-        ).scalars()
-        transactions = list(dict.fromkeys(candidates))
+        # Due transactions in commit order; each is delivered whole (a batch
+        # hook gets the batch it would have got at commit).
+        transactions = list(
+            dict.fromkeys(
+                connection.execute(
+                    select(table.c.transaction_id)
+                    .where(pending, table.c.next_attempt_at <= now)
+                    .order_by(*order)
+                    .limit(batch_size * 4)
+                ).scalars()
+            )
+        )
         if not transactions:
             return 0
-        pending = connection.execute(
-            select(
-                table.c.id,
-                table.c.aggregatetype,
-                table.c.aggregateid,
-                table.c.transaction_id,
-            )
-            .where(table.c.transaction_id.in_(transactions), table.c.status == PENDING)
+        rows = connection.execute(
+            select(table.c.id, table.c.aggregatetype, table.c.aggregateid, *order)
+            .where(table.c.transaction_id.in_(transactions), pending)
             .order_by(*order)
         ).all()
+        targets = {(row.aggregatetype, row.aggregateid) for row in rows}
+        # A target's event waiting for a retry holds back its later events.
+        waiting: dict[tuple[str, str], _Order] = {}
+        for later in connection.execute(
+            select(table.c.aggregatetype, table.c.aggregateid, *order).where(
+                pending,
+                table.c.next_attempt_at > now,
+                tuple_(table.c.aggregatetype, table.c.aggregateid).in_(targets),
+            )
+        ):
+            target = (later.aggregatetype, later.aggregateid)
+            key = (later.created_at, later.transaction_id, later.sequence)
+            waiting[target] = min(waiting.get(target, key), key)
         locked = {
             row["id"]: OutboxRow(row)
             for row in connection.execute(
                 select(table)
                 .where(
                     table.c.transaction_id.in_(transactions),
-                    table.c.status == PENDING,
+                    pending,
                     table.c.next_attempt_at <= now,
                 )
                 .with_for_update(skip_locked=True)
             ).mappings()
         }
-        by_transaction: dict[str, list[Any]] = {}
-        for found in pending:
-            by_transaction.setdefault(found.transaction_id, []).append(found)
+        groups: dict[str, list[Any]] = {}
+        for row in rows:
+            groups.setdefault(row.transaction_id, []).append(row)
         eligible: list[OutboxRow] = []
         blocked: set[tuple[str, str]] = set()
         for transaction_id in transactions:
-            rows = by_transaction.get(transaction_id, [])
-            targets = {(row.aggregatetype, row.aggregateid) for row in rows}
-            if targets & blocked or not all(row.id in locked for row in rows):
-                blocked |= targets
+            group = groups.get(transaction_id, [])
+            if not group:
                 continue
-            eligible.extend(locked[row.id] for row in rows)
+            group_targets = {(row.aggregatetype, row.aggregateid) for row in group}
+            first = (group[0].created_at, group[0].transaction_id, group[0].sequence)
+            held = any(
+                target in waiting and waiting[target] < first
+                for target in group_targets
+            )
+            whole = all(row.id in locked for row in group)
+            if held or group_targets & blocked or not whole:
+                blocked |= group_targets
+                continue
+            eligible.extend(locked[row.id] for row in group)
             if len(eligible) >= batch_size:
                 break
         if not eligible:
@@ -179,15 +205,24 @@ def _deliver_rows(
     plugins: list[str],
     stats: RelayStats,
     max_attempts: int,
-) -> None:
+) -> int:
+    """Deliver each row to the plugins that want it; returns attempts made.
+
+    For each plugin, a failure holds back that plugin's later events of the
+    same targets in this batch, so each target's events stay in order.
+    """
     envelopes = {row.id: row.envelope() for row in rows}
+    attempted = 0
     for plugin in plugins:
-        wanted = [row for row in rows if plugin in row.wanting(plugins)]
-        # One audit_events_committed call per original transaction.
         by_transaction: dict[str, list[OutboxRow]] = {}
-        for row in wanted:
-            by_transaction.setdefault(row.transaction_id, []).append(row)
+        for row in rows:
+            if plugin in row.wanting(plugins):
+                by_transaction.setdefault(row.transaction_id, []).append(row)
+        held: set[tuple[str, str]] = set()
         for group in by_transaction.values():
+            targets = {row.target for row in group}
+            if targets & held:
+                continue
             batch = tuple(envelopes[row.id] for row in group)
             report = deliver(
                 emitter.plugin_manager,
@@ -196,27 +231,37 @@ def _deliver_rows(
                 only={plugin},
                 send_signals=False,
             )
-            failed = report.failed.get(plugin, set())
+            attempted += len(group)
+            failed = report.failed.get(plugin, {})
+            if failed:
+                held |= targets
             for row, envelope in zip(group, batch, strict=True):
-                if envelope.id not in failed:
+                error = failed.get(envelope.id)
+                if error is None:
                     row.delivered_to.add(plugin)
                     row.failures.pop(plugin, None)
                     stats.delivered += 1
                     continue
                 stats.failed += 1
-                state = row.failures.setdefault(plugin, {"attempts": 0})
-                state["attempts"] = int(state.get("attempts", 0)) + 1
-                state["error"] = repr(report.last_error.get(plugin))[:500]
-                state["dead"] = state["attempts"] >= max_attempts
-                if state["dead"]:
-                    stats.dead += 1
-                    logger.error(
-                        "relay: giving up delivering event %s to plugin %r after "
-                        "%d attempts",
-                        row.id,
-                        plugin,
-                        state["attempts"],
-                    )
+                _count_failure(row, plugin, error, max_attempts, stats)
+    return attempted
+
+
+def _count_failure(
+    row: OutboxRow, plugin: str, error: Exception, max_attempts: int, stats: RelayStats
+) -> None:
+    state = row.failures.setdefault(plugin, {"attempts": 0})
+    state["attempts"] = int(state.get("attempts", 0)) + 1
+    state["error"] = repr(error)[:500]
+    state["dead"] = state["attempts"] >= max_attempts
+    if state["dead"]:
+        stats.dead += 1
+        logger.error(
+            "relay: giving up delivering event %s to plugin %r after %d attempts",
+            row.id,
+            plugin,
+            state["attempts"],
+        )
 
 
 def _save(
@@ -234,7 +279,12 @@ def _save(
         for name, state in row.failures.items()
         if name in plugins and not state.get("dead", False)
     ]
-    delay = min(max_backoff, backoff * 2 ** (min(retrying, default=1) - 1))
+    if retrying or row.wanting(plugins):
+        delay = min(max_backoff, backoff * 2 ** (min(retrying, default=1) - 1))
+    else:
+        # Pending only for plugins this relay does not have: leave it to a
+        # relay that has them, looking again now and then.
+        delay = max(max_backoff, 1.0)
     table = outbox.table
     connection.execute(
         update(table)

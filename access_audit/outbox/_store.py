@@ -82,10 +82,10 @@ def mark_dispatched(
     table = outbox.table
     plugins = sorted(set(plugins))
     now = datetime.now(timezone.utc)
-    failed_by_event: dict[uuid.UUID, set[str]] = {}
-    for name, ids in report.failed.items():
-        for event_id in ids:
-            failed_by_event.setdefault(event_id, set()).add(name)
+    failed_by_event: dict[uuid.UUID, dict[str, Exception]] = {}
+    for name, errors in report.failed.items():
+        for event_id, error in errors.items():
+            failed_by_event.setdefault(event_id, {})[name] = error
     with transaction(bind) as connection:
         done = [str(e.id) for e in envelopes if e.id not in failed_by_event]
         for start in range(0, len(done), _CHUNK):
@@ -100,8 +100,8 @@ def mark_dispatched(
             )
         for event_id, failed in failed_by_event.items():
             failures = {
-                name: {"attempts": 1, "error": _describe(report, name), "dead": False}
-                for name in failed
+                name: {"attempts": 1, "error": repr(error)[:500], "dead": False}
+                for name, error in failed.items()
             }
             connection.execute(
                 update(table)
@@ -112,11 +112,6 @@ def mark_dispatched(
                     next_attempt_at=now,
                 )
             )
-
-
-def _describe(report: DeliveryReport, plugin: str) -> str:
-    error = report.last_error.get(plugin)
-    return "" if error is None else repr(error)[:500]
 
 
 class OutboxRow:
@@ -156,8 +151,13 @@ class OutboxRow:
         ]
 
     def status_for(self, plugins: Iterable[str]) -> str:
-        """``delivered``, ``dead`` or ``pending`` given the relay's plugins."""
-        missing = [name for name in plugins if name not in self.delivered_to]
+        """``delivered``, ``dead`` or ``pending`` given the relay's plugins.
+
+        A plugin that failed on this event counts even when this relay does
+        not have it: the event stays pending for a relay that does.
+        """
+        wanted = set(plugins) | set(self.failures)
+        missing = [name for name in wanted if name not in self.delivered_to]
         if not missing:
             return DELIVERED
         if all(self.failures.get(name, {}).get("dead", False) for name in missing):

@@ -1,0 +1,425 @@
+"""Background dispatch: commits return at once, a worker thread delivers in order.
+
+Most tests commit transactions that run no SQL (one staged event each), which
+is the cheapest commit there is; the outbox tests use the ``engine`` fixture
+(SQLite, PostgreSQL and MariaDB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, select, update
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import sessionmaker
+
+from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit.outbox import DELIVERED, PENDING, Outbox
+
+
+class Sink:
+    """Records envelopes; optionally sleeps per event or waits at a gate first."""
+
+    def __init__(self, *, delay: float = 0.0, gated: bool = False) -> None:
+        self.events: list[AuditEventEnvelope] = []
+        self.delay = delay
+        self.slept = 0.0
+        """Seconds really spent sleeping, summed."""
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        self.entered.set()
+        self.gate.wait(30)
+        if self.delay:
+            started = time.perf_counter()
+            time.sleep(self.delay)
+            self.slept += time.perf_counter() - started
+        self.events.append(envelope)
+
+    @property
+    def names(self) -> list[str]:
+        return [envelope.target_id for envelope in self.events]
+
+
+@pytest.fixture
+def emitters() -> Iterator[list[AuditEmitter]]:
+    """Emitters made by a test; closed afterwards so no worker outlives it."""
+    made: list[AuditEmitter] = []
+    yield made
+    for emitter in made:
+        emitter.close(timeout=30)
+
+
+def background(
+    emitters: list[AuditEmitter], sink: Sink, **options: Any
+) -> tuple[AuditEmitter, sessionmaker]:
+    """A background emitter delivering to *sink* ("sink"), and an attached maker."""
+    bind = options.pop("bind", None)
+    emitter = AuditEmitter(load_entrypoints=False, dispatch="background", **options)
+    emitters.append(emitter)
+    emitter.register(sink, name="sink")
+    maker = sessionmaker(bind)
+    emitter.attach(maker)
+    return emitter, maker
+
+
+def commit_one(maker: sessionmaker, target: str) -> None:
+    """A transaction that stages one event and runs no SQL."""
+    with maker() as session:
+        stage_event(
+            session, "report_viewed", target_type="report", target_id=target,
+            action="view",
+        )  # fmt: skip
+        session.commit()
+
+
+def in_thread(function: Any, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=function, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_many_commits_return_long_before_a_slow_plugin_is_done(
+    emitters: list[AuditEmitter],
+) -> None:
+    """10,000 commits take far less than the plugin; flush() sees all, in order."""
+    sink = Sink(delay=0.0002)
+    emitter, maker = background(emitters, sink, queue_size=20_000)
+    count = 10_000
+    started = time.perf_counter()
+    for number in range(count):
+        commit_one(maker, str(number))
+    committing = time.perf_counter() - started
+    delivered_by_then = len(sink.events)
+    assert emitter.flush(timeout=60)
+    assert sink.names == [str(number) for number in range(count)]
+    assert delivered_by_then < count
+    assert committing < 0.5 * sink.slept, (committing, sink.slept)
+    assert [e.sequence for e in sink.events[:3]] == [0, 0, 0]
+
+
+def test_flush_times_out_while_delivery_is_stuck(
+    emitters: list[AuditEmitter],
+) -> None:
+    """flush(timeout) returns False while a batch is undelivered, True once it is."""
+    sink = Sink(gated=True)
+    emitter, maker = background(emitters, sink)
+    try:
+        commit_one(maker, "stuck")
+        assert sink.entered.wait(10)
+        started = time.monotonic()
+        assert emitter.flush(timeout=0.1) is False
+        assert time.monotonic() - started >= 0.1
+        assert sink.events == []
+    finally:
+        sink.gate.set()
+    assert emitter.flush(timeout=10) is True
+    assert sink.names == ["stuck"]
+
+
+def dispatch_threads() -> int:
+    return sum(t.name == "access_audit-dispatch" for t in threading.enumerate())
+
+
+def test_close_delivers_what_is_queued_then_stops_the_worker(
+    emitters: list[AuditEmitter],
+) -> None:
+    """close() with batches queued delivers them all, in order, and ends the thread."""
+    before = dispatch_threads()
+    sink = Sink(delay=0.002)
+    emitter, maker = background(emitters, sink)
+    for number in range(50):
+        commit_one(maker, str(number))
+    assert len(sink.events) < 50
+    assert dispatch_threads() == before + 1
+    assert emitter.close(timeout=30) is True
+    assert sink.names == [str(number) for number in range(50)]
+    assert dispatch_threads() == before
+
+
+def test_commit_after_close_logs_an_error_and_does_not_raise(
+    emitters: list[AuditEmitter], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit after close() succeeds, sends nothing, and logs the event as lost."""
+    sink = Sink()
+    emitter, maker = background(emitters, sink)
+    commit_one(maker, "before")
+    emitter.close(timeout=10)
+    with caplog.at_level(logging.ERROR, logger="access_audit"):
+        commit_one(maker, "after")
+    assert sink.names == ["before"]
+    [record] = [r for r in caplog.records if r.name == "access_audit"]
+    assert record.levelno == logging.ERROR
+    assert "committed after the emitter was closed" in record.getMessage()
+    assert emitter.flush(timeout=1) is True
+
+
+def test_full_queue_blocks_the_committer_until_there_is_room(
+    emitters: list[AuditEmitter],
+) -> None:
+    """With queue_full="block", a commit waits for room; then all arrive in order."""
+    sink = Sink(gated=True)
+    emitter, maker = background(emitters, sink, queue_size=2, queue_full="block")
+    try:
+        commit_one(maker, "0")
+        assert sink.entered.wait(10)  # the worker holds batch 0
+        commit_one(maker, "1")
+        commit_one(maker, "2")  # the queue is full now
+        waiting = in_thread(commit_one, maker, "3")
+        waiting.join(0.3)
+        assert waiting.is_alive(), "the commit did not wait for room in the queue"
+        assert sink.events == []
+    finally:
+        sink.gate.set()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert emitter.flush(timeout=10)
+    assert sink.names == ["0", "1", "2", "3"]
+    assert emitter.dropped == 0
+
+
+def test_drop_policy_requires_an_outbox() -> None:
+    """queue_full="drop" without an outbox is refused: it would lose events."""
+    with pytest.raises(ValueError, match="outbox"):
+        AuditEmitter(load_entrypoints=False, dispatch="background", queue_full="drop")
+
+
+@pytest.fixture
+def outbox(engine: Engine) -> Iterator[Outbox]:
+    """The outbox table, created fresh on ``engine`` and dropped afterwards."""
+    table = Outbox()
+    table.drop(engine)
+    table.create(engine)
+    yield table
+    table.drop(engine)
+
+
+def outbox_rows(engine: Engine, outbox: Outbox) -> list[dict[str, Any]]:
+    """Every outbox row, in commit order, as plain dicts."""
+    table = outbox.table
+    with engine.connect() as connection:
+        return [
+            dict(row)
+            for row in connection.execute(
+                select(table).order_by(
+                    table.c.created_at, table.c.transaction_id, table.c.sequence
+                )
+            ).mappings()
+        ]
+
+
+def test_full_queue_drops_and_counts_and_the_relay_delivers_the_dropped(
+    emitters: list[AuditEmitter], engine: Engine, outbox: Outbox
+) -> None:
+    """queue_full="drop" drops batches and counts them; the relay delivers them."""
+    sink = Sink(gated=True)
+    emitter, maker = background(
+        emitters, sink, bind=engine, outbox=outbox, queue_size=1, queue_full="drop"
+    )
+    try:
+        commit_one(maker, "0")
+        assert sink.entered.wait(10)
+        committer = in_thread(lambda: [commit_one(maker, n) for n in ("1", "2", "3")])
+        committer.join(10)
+        assert not committer.is_alive(), "a full queue blocked with queue_full='drop'"
+        assert emitter.dropped == 2
+    finally:
+        sink.gate.set()
+    assert emitter.flush(timeout=10)
+    assert sink.names == ["0", "1"]
+    rows = outbox_rows(engine, outbox)
+    assert [row["aggregateid"] for row in rows] == ["0", "1", "2", "3"]
+    assert [row["status"] for row in rows] == [DELIVERED, DELIVERED, PENDING, PENDING]
+
+    assert emitter.relay(engine, once=True).delivered == 0  # not due yet
+    table = outbox.table
+    with engine.begin() as connection:  # as if relay_after had passed
+        connection.execute(update(table).values(next_attempt_at=table.c.created_at))
+    stats = emitter.relay(engine, once=True)
+    assert stats.delivered == 2
+    assert sink.names == ["0", "1", "2", "3"]
+    assert [str(e.id) for e in sink.events] == [row["id"] for row in rows]
+    assert {row["status"] for row in outbox_rows(engine, outbox)} == {DELIVERED}
+
+
+def test_background_dispatch_marks_outbox_rows(
+    emitters: list[AuditEmitter], engine: Engine, outbox: Outbox
+) -> None:
+    """The worker marks rows delivered per plugin, and a failing plugin's pending."""
+    sink = Sink()
+    emitter, maker = background(emitters, sink, bind=engine, outbox=outbox)
+
+    class Broken:
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            if envelope.target_id == "bad":
+                raise RuntimeError("broken for bad")
+
+    emitter.register(Broken(), name="broken")
+    for name in ("one", "two", "bad"):
+        commit_one(maker, name)
+    assert emitter.flush(timeout=10)
+    assert sink.names == ["one", "two", "bad"]
+    rows = {row["aggregateid"]: row for row in outbox_rows(engine, outbox)}
+    assert list(rows) == ["one", "two", "bad"]
+    for name in ("one", "two"):
+        assert rows[name]["status"] == DELIVERED
+        assert json.loads(rows[name]["delivered_to"]) == ["broken", "sink"]
+    assert rows["bad"]["status"] == PENDING
+    assert json.loads(rows["bad"]["delivered_to"]) == ["sink"]
+    assert list(json.loads(rows["bad"]["failures"])) == ["broken"]
+
+
+EXITING_CHILD = """
+import sys
+import time
+
+from sqlalchemy.orm import Session
+
+from access_audit import AuditEmitter, hookimpl, stage_event
+
+
+class Slow:
+    @hookimpl
+    def audit_event_logged(self, envelope):
+        time.sleep(0.01)
+        with open(sys.argv[1], "a") as log:
+            log.write(envelope.target_id + "\\n")
+
+
+emitter = AuditEmitter(load_entrypoints=False, dispatch="background")
+emitter.register(Slow(), name="slow")
+for number in range(20):
+    with Session() as session:
+        emitter.attach(session)
+        stage_event(
+            session, "report_viewed", target_type="report",
+            target_id=str(number), action="view",
+        )
+        session.commit()
+print("committed", flush=True)
+"""
+
+
+def test_interpreter_exit_drains_the_queue(tmp_path: Path) -> None:
+    """A process that exits right after committing still delivers what it queued."""
+    script = tmp_path / "exiting_child.py"
+    script.write_text(EXITING_CHILD)
+    log = tmp_path / "delivered.log"
+    completed = subprocess.run(
+        [sys.executable, str(script), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "committed\n"
+    assert log.read_text().splitlines() == [str(number) for number in range(20)]
+
+
+def aiosqlite_engine(path: Path) -> AsyncEngine:
+    """A file aiosqlite engine with SQLAlchemy's SAVEPOINT recipe."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, record: object) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+@pytest.mark.parametrize("with_outbox", [False, True], ids=["plain", "outbox"])
+def test_async_commit_does_not_wait_for_a_slow_plugin(
+    emitters: list[AuditEmitter], tmp_path: Path, with_outbox: bool
+) -> None:
+    """With AsyncSession the awaited commit returns before a 0.2 s plugin is done."""
+    sink = Sink(delay=0.2)
+    outbox = Outbox() if with_outbox else None
+    emitter = AuditEmitter(load_entrypoints=False, dispatch="background", outbox=outbox)
+    emitters.append(emitter)
+    emitter.register(sink, name="sink")
+
+    async def main() -> tuple[float, int, list[dict[str, Any]]]:
+        engine = aiosqlite_engine(tmp_path / "async.db")
+        try:
+            if outbox is not None:
+                async with engine.begin() as connection:
+                    await connection.run_sync(outbox.create)
+            maker = async_sessionmaker(engine)
+            emitter.attach(maker)
+            async with maker() as session:
+                stage_event(
+                    session, "report_viewed", target_type="report", target_id=1,
+                    action="view",
+                )  # fmt: skip
+                started = time.perf_counter()
+                await session.commit()
+                took = time.perf_counter() - started
+            # The loop keeps running while the worker delivers.
+            ticks = 0
+            while not sink.events and ticks < 100:
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert await asyncio.to_thread(emitter.flush, 10)
+            rows: list[dict[str, Any]] = []
+            if outbox is not None:
+                async with AsyncSession(engine) as reader:
+                    result = await reader.execute(select(outbox.table))
+                    rows = [dict(row) for row in result.mappings()]
+            return took, ticks, rows
+        finally:
+            await engine.dispose()
+
+    took, ticks, rows = asyncio.run(main())
+    assert sink.names == ["1"]
+    assert took < 0.1, took
+    assert ticks >= 5  # the loop ran while the plugin slept
+    if outbox is not None:
+        assert [row["id"] for row in rows] == [str(sink.events[0].id)]
+        assert rows[0]["status"] == DELIVERED
+        assert json.loads(rows[0]["delivered_to"]) == ["sink"]
+
+
+def test_background_commit_from_an_orm_session_on_a_database(
+    emitters: list[AuditEmitter], engine: Engine
+) -> None:
+    """Commits that run SQL return before delivery and deliver every event once."""
+    sink = Sink(gated=True)
+    emitter, maker = background(emitters, sink, bind=engine)
+    try:
+        for number in range(5):
+            with maker() as session:
+                session.execute(select(1))
+                stage_event(
+                    session, "report_viewed", target_type="report",
+                    target_id=str(number), action="view",
+                )  # fmt: skip
+                session.commit()
+        assert sink.events == []
+    finally:
+        sink.gate.set()
+    assert emitter.flush(timeout=10)
+    assert sink.names == [str(number) for number in range(5)]

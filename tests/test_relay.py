@@ -1,0 +1,719 @@
+"""The outbox relay: re-delivery after a crash or a failing plugin, dead letters,
+order per target, retention, the command line, and several relays at once.
+
+Database tests run on SQLite, PostgreSQL and MariaDB (the ``engine`` fixture)
+unless they say otherwise. Each creates the outbox table on the engine and
+drops it afterwards; server engines already work in a namespace of this run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session as OrmSession
+
+from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit.outbox import (
+    DEAD,
+    DELIVERED,
+    PENDING,
+    Outbox,
+    RelayStats,
+    count_pending,
+    list_dead,
+    prune,
+    retry_dead,
+)
+
+
+class Sink:
+    """A plugin that records every envelope it takes.
+
+    ``fail_first`` makes the first that many calls per event raise;
+    ``failing`` makes every call raise while it is true.
+    """
+
+    def __init__(self, *, failing: bool = False, fail_first: int = 0) -> None:
+        self.events: list[AuditEventEnvelope] = []
+        self.calls: dict[str, int] = {}
+        self.failing = failing
+        self.fail_first = fail_first
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        key = str(envelope.id)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.failing or self.calls[key] <= self.fail_first:
+            raise RuntimeError(f"sink down for {envelope.target_id}")
+        self.events.append(envelope)
+
+    @property
+    def names(self) -> list[str]:
+        return [envelope.target_id for envelope in self.events]
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(envelope.id) for envelope in self.events]
+
+
+@pytest.fixture
+def outbox(engine: Engine) -> Iterator[Outbox]:
+    """The outbox table, created fresh on ``engine`` and dropped afterwards."""
+    table = Outbox()
+    table.drop(engine)
+    table.create(engine)
+    yield table
+    table.drop(engine)
+
+
+def make_emitter(outbox: Outbox, **plugins: object) -> AuditEmitter:
+    """An outbox emitter with *plugins* registered under their keyword names."""
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    for name, plugin in plugins.items():
+        emitter.register(plugin, name=name)
+    return emitter
+
+
+def commit_events(
+    engine: Engine, emitter: AuditEmitter, *transactions: list[str]
+) -> None:
+    """Commit one transaction per list, staging an event per target id in it."""
+    with OrmSession(engine) as session:
+        emitter.attach(session)
+        for targets in transactions:
+            for target in targets:
+                stage_event(
+                    session, "item_updated", target_type="item", target_id=target,
+                    action="update",
+                )  # fmt: skip
+            session.commit()
+        emitter.detach(session)
+
+
+def outbox_rows(engine: Engine, outbox: Outbox) -> list[dict[str, Any]]:
+    """Every outbox row, in commit order, as plain dicts."""
+    table = outbox.table
+    with engine.connect() as connection:
+        return [
+            dict(row)
+            for row in connection.execute(
+                select(table).order_by(
+                    table.c.created_at, table.c.transaction_id, table.c.sequence
+                )
+            ).mappings()
+        ]
+
+
+def make_due(engine: Engine, outbox: Outbox) -> None:
+    """Make every row due now, as if ``relay_after`` and any backoff had passed."""
+    table = outbox.table
+    with engine.begin() as connection:
+        connection.execute(update(table).values(next_attempt_at=table.c.created_at))
+
+
+def relay_until_idle(
+    emitter: AuditEmitter, engine: Engine, **options: Any
+) -> RelayStats:
+    """Run the relay until a run neither delivers nor fails; return the totals."""
+    total = RelayStats()
+    for _ in range(50):
+        stats = emitter.relay(engine, once=True, **options)
+        total.delivered += stats.delivered
+        total.failed += stats.failed
+        total.dead += stats.dead
+        total.batches += stats.batches
+        total.pruned += stats.pruned
+        if not stats.delivered and not stats.failed:
+            return total
+    raise AssertionError(f"the relay did not settle: {total}")
+
+
+def database_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+# --------------------------------------------------------------------------
+# Crash between COMMIT and delivery
+# --------------------------------------------------------------------------
+
+CRASHING_CHILD = """
+import sys
+import threading
+
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from access_audit import AuditEmitter, hookimpl, stage_event
+from access_audit.outbox import Outbox
+
+url, dispatch, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+engine = create_engine(url)
+entered = threading.Semaphore(0)
+never = threading.Event()
+
+
+class Blocking:
+    @hookimpl
+    def audit_event_logged(self, envelope):
+        entered.release()
+        never.wait()  # blocks forever: the process is killed in here
+
+
+emitter = AuditEmitter(load_entrypoints=False, outbox=Outbox(), dispatch=dispatch)
+emitter.register(Blocking(), name="sink")
+
+
+def stage(session, target):
+    stage_event(
+        session, "item_updated", target_type="item", target_id=target,
+        action="update",
+    )
+
+
+def commit(index):
+    with Session(engine) as session:
+        emitter.attach(session)
+        stage(session, f"c{index}-0")
+        stage(session, f"c{index}-1")
+        session.commit()
+
+
+for index in range(count):
+    with Session(engine) as session:
+        emitter.attach(session)
+        stage(session, f"r{index}")
+        session.flush()
+        session.rollback()
+    if dispatch == "inline":
+        # Each commit blocks in delivery, so each gets a thread of its own.
+        threading.Thread(target=commit, args=(index,), daemon=True).start()
+        entered.acquire()
+    else:
+        commit(index)
+if dispatch == "background":
+    entered.acquire()
+print("blocked", flush=True)
+never.wait()
+"""
+
+
+@pytest.mark.parametrize(
+    "dispatch", ["inline", "background"], ids=["inline", "background"]
+)
+@pytest.mark.parametrize(
+    "engine", ["sqlite", "postgresql"], indirect=True, ids=["sqlite", "postgresql"]
+)
+def test_relay_delivers_what_a_killed_process_committed_exactly_once(
+    engine: Engine, outbox: Outbox, tmp_path: Path, dispatch: str
+) -> None:
+    """After SIGKILL between COMMIT and delivery, the relay delivers each event once."""
+    count = 4 if dispatch == "inline" else 10
+    script = tmp_path / "crashing_child.py"
+    script.write_text(CRASHING_CHILD)
+    child = subprocess.Popen(
+        [sys.executable, str(script), database_url(engine), dispatch, str(count)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(60, child.kill)
+    watchdog.start()
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line == "blocked\n", line or child.communicate()[1]
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        watchdog.cancel()
+        child.kill()
+        child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    committed = [f"c{index}-{n}" for index in range(count) for n in (0, 1)]
+    rows = outbox_rows(engine, outbox)
+    assert [row["aggregateid"] for row in rows] == committed
+    assert {row["status"] for row in rows} == {PENDING}
+    assert {row["delivered_to"] for row in rows} == {"[]"}
+
+    fresh = Sink()
+    early = make_emitter(outbox, sink=fresh).relay(engine, once=True)
+    assert early.delivered == 0  # rows are left to their dispatch for relay_after
+    assert fresh.events == []
+    make_due(engine, outbox)
+    stats = make_emitter(outbox, sink=fresh).relay(engine, once=True)
+    assert fresh.names == committed
+    assert sorted(fresh.ids) == sorted(row["id"] for row in rows)
+    assert stats.delivered == len(committed)
+    assert stats.failed == 0
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DELIVERED}
+    assert {row["delivered_to"] for row in rows} == {'["sink"]'}
+    again = make_emitter(outbox, sink=fresh).relay(engine, once=True)
+    assert again.delivered == 0
+    assert len(fresh.events) == len(committed)
+
+
+def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """A relay does not take rows whose dispatch is still under way; it does later."""
+    gate = threading.Event()
+    entered = threading.Event()
+    dispatched: list[str] = []
+
+    class Gated:
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            entered.set()
+            gate.wait(30)
+            dispatched.append(envelope.target_id)
+
+    app = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="background")
+    app.register(Gated(), name="sink")
+    try:
+        commit_events(engine, app, ["a"], ["b"])
+        assert entered.wait(10)
+        relayed = Sink()
+        stats = make_emitter(outbox, sink=relayed).relay(engine, once=True)
+        assert stats.delivered == 0
+        assert relayed.events == []
+    finally:
+        gate.set()
+        app.close(timeout=10)
+    assert dispatched == ["a", "b"]
+    rows = outbox_rows(engine, outbox)
+    assert [(row["aggregateid"], row["status"]) for row in rows] == [
+        ("a", DELIVERED),
+        ("b", DELIVERED),
+    ]
+    make_due(engine, outbox)
+    assert make_emitter(outbox, sink=relayed).relay(engine, once=True).delivered == 0
+    assert relayed.events == []
+
+
+# --------------------------------------------------------------------------
+# Retries, dead letters
+# --------------------------------------------------------------------------
+
+
+def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """A plugin failing 3 times then working gets each event once; others no repeat."""
+    flaky, steady = Sink(fail_first=3), Sink()
+    emitter = make_emitter(outbox, flaky=flaky, steady=steady)
+    commit_events(engine, emitter, ["a", "b"], ["c"])
+    assert steady.names == ["a", "b", "c"]
+    assert flaky.events == []
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {PENDING}
+    make_due(engine, outbox)
+
+    stats = relay_until_idle(emitter, engine, backoff=0)
+    assert flaky.names == ["a", "b", "c"]
+    assert set(flaky.calls.values()) == {4}
+    assert steady.names == ["a", "b", "c"]
+    assert stats.failed == 2 * 3  # two more failures per event, then success
+    assert stats.delivered == 3
+    rows = outbox_rows(engine, outbox)
+    assert [row["id"] for row in rows] == flaky.ids == steady.ids
+    for row in rows:
+        assert row["status"] == DELIVERED
+        assert json.loads(row["delivered_to"]) == ["flaky", "steady"]
+        assert json.loads(row["failures"]) == {}
+        assert row["delivered_at"] is not None
+
+
+def test_always_failing_plugin_ends_dead_and_retry_dead_redelivers_once_fixed(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """After max_attempts a delivery is dead; retry_dead re-delivers only to its plugin."""
+    broken, steady = Sink(failing=True), Sink()
+    emitter = make_emitter(outbox, broken=broken, steady=steady)
+    commit_events(engine, emitter, ["a"], ["b"])
+    make_due(engine, outbox)
+
+    stats = relay_until_idle(emitter, engine, backoff=0, max_attempts=3)
+    assert stats.dead == 2
+    assert stats.failed == 2 * 2
+    assert broken.events == []
+    assert set(broken.calls.values()) == {3}
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DEAD}
+    dead = list_dead(engine, outbox)
+    assert [entry["id"] for entry in dead] == [row["id"] for row in rows]
+    assert [entry["target"] for entry in dead] == ["item/a", "item/b"]
+    for entry in dead:
+        assert list(entry["dead_plugins"]) == ["broken"]
+        assert "sink down for" in entry["dead_plugins"]["broken"]
+    # Dead rows are not retried by later runs.
+    assert emitter.relay(engine, once=True, backoff=0).failed == 0
+    assert retry_dead(engine, outbox, {"steady"}) == 0
+
+    broken.failing = False
+    assert retry_dead(engine, outbox) == 2
+    assert list_dead(engine, outbox) == []
+    relay_until_idle(emitter, engine, backoff=0, max_attempts=3)
+    assert broken.names == ["a", "b"]
+    assert steady.names == ["a", "b"]
+    rows = outbox_rows(engine, outbox)
+    assert [row["id"] for row in rows] == broken.ids == steady.ids
+    for row in rows:
+        assert row["status"] == DELIVERED
+        assert json.loads(row["delivered_to"]) == ["broken", "steady"]
+        assert json.loads(row["failures"]) == {}
+
+
+CLI_PLUGIN = """
+import os
+
+from access_audit import hookimpl
+
+
+@hookimpl
+def audit_event_logged(envelope):
+    with open(os.environ["AUDIT_RELAY_CLI_LOG"], "a") as log:
+        log.write(f"{envelope.id} {envelope.target_id}\\n")
+"""
+CLI_PLUGIN_NAME = "audit_relay_cli_sink"
+"""The module plugin's name: pluggy names a module plugin by its module name."""
+
+
+def run_cli(engine: Engine, tmp_path: Path, *options: str) -> str:
+    """Run ``python -m access_audit relay`` on the engine's database; its stdout."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(tmp_path), environment.get("PYTHONPATH")])
+    )
+    environment["AUDIT_RELAY_CLI_LOG"] = str(tmp_path / "cli.log")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "access_audit",
+            "relay",
+            "--database-url",
+            database_url(engine),
+            "--no-entrypoints",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+def test_cli_lists_dead_deliveries_and_retry_dead_redelivers_them(
+    engine: Engine, outbox: Outbox, tmp_path: Path
+) -> None:
+    """``relay --list-dead`` shows dead rows; ``--retry-dead --once`` delivers them."""
+    (tmp_path / f"{CLI_PLUGIN_NAME}.py").write_text(CLI_PLUGIN)
+    broken, steady = Sink(failing=True), Sink()
+    emitter = make_emitter(outbox, steady=steady, **{CLI_PLUGIN_NAME: broken})
+    commit_events(engine, emitter, ["a", "b"])
+    make_due(engine, outbox)
+    relay_until_idle(emitter, engine, backoff=0, max_attempts=2)
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DEAD}
+
+    output = run_cli(engine, tmp_path, "--list-dead")
+    listed = [json.loads(line) for line in output.splitlines()]
+    assert [entry["id"] for entry in listed] == [row["id"] for row in rows]
+    assert [list(entry["dead_plugins"]) for entry in listed] == [[CLI_PLUGIN_NAME]] * 2
+
+    output = run_cli(
+        engine, tmp_path, "--retry-dead", "--once", "--backoff", "0",
+        "--plugin", CLI_PLUGIN_NAME,
+    )  # fmt: skip
+    assert "2 dead rows are due again" in output
+    assert "2 delivered" in output
+    log = (tmp_path / "cli.log").read_text().splitlines()
+    assert log == [f"{row['id']} {row['aggregateid']}" for row in rows]
+    assert steady.names == ["a", "b"]
+    assert broken.events == []
+    rows = outbox_rows(engine, outbox)
+    for row in rows:
+        assert row["status"] == DELIVERED
+        assert json.loads(row["delivered_to"]) == sorted([CLI_PLUGIN_NAME, "steady"])
+        assert json.loads(row["failures"]) == {}
+    assert run_cli(engine, tmp_path, "--list-dead") == ""
+
+
+@pytest.mark.parametrize(
+    "relay_plugins", [["taken"], []], ids=["other-plugin-only", "no-plugins"]
+)
+def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
+    engine: Engine, outbox: Outbox, relay_plugins: list[str]
+) -> None:
+    """A relay lacking a plugin does not mark rows delivered that it still lacks."""
+    taken, failing = Sink(), Sink(failing=True)
+    commit_events(engine, make_emitter(outbox, taken=taken, failing=failing), ["a"])
+    make_due(engine, outbox)
+    other_relay = Sink()
+    relay_emitter = make_emitter(
+        outbox, **{name: other_relay for name in relay_plugins}
+    )
+    stats = relay_emitter.relay(engine, once=True)
+    assert stats.delivered == 0
+    assert other_relay.events == []
+    [row] = outbox_rows(engine, outbox)
+    assert json.loads(row["delivered_to"]) == ["taken"]
+    assert row["status"] == PENDING
+    assert count_pending(engine, outbox) == 1
+
+
+# --------------------------------------------------------------------------
+# Order per target
+# --------------------------------------------------------------------------
+
+
+class OrderedSink(Sink):
+    """Records ``payload["n"]``; fails once for the numbers in ``fail_once``."""
+
+    def __init__(self) -> None:
+        super().__init__(failing=True)
+        self.fail_once: set[int] = set()
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        number = envelope.payload["n"]
+        if number in self.fail_once:
+            self.fail_once.discard(number)
+            raise RuntimeError(f"transient failure for {number}")
+        super().audit_event_logged(envelope)
+
+
+def commit_numbered(engine: Engine, emitter: AuditEmitter, targets: list[str]) -> None:
+    """One transaction per target, each event numbered in commit order."""
+    with OrmSession(engine) as session:
+        emitter.attach(session)
+        for number, target in enumerate(targets):
+            stage_event(
+                session, "item_updated", target_type="item", target_id=target,
+                action="update", payload={"n": number},
+            )  # fmt: skip
+            session.commit()
+        emitter.detach(session)
+
+
+def test_relay_delivers_in_commit_order(engine: Engine, outbox: Outbox) -> None:
+    """Undelivered events reach a plugin in commit order, across batches."""
+    sink = OrderedSink()
+    emitter = make_emitter(outbox, sink=sink)
+    targets = [f"t{number % 3}" for number in range(12)]
+    commit_numbered(engine, emitter, targets)
+    sink.failing = False
+    make_due(engine, outbox)
+    stats = emitter.relay(engine, once=True, batch_size=5)
+    assert [e.payload["n"] for e in sink.events] == list(range(12))
+    assert sink.names == targets
+    assert stats.batches >= 3
+
+
+def test_relay_keeps_a_targets_later_events_behind_one_waiting_for_retry(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """While a target's event waits for a retry, its later events wait too."""
+    sink = OrderedSink()
+    emitter = make_emitter(outbox, sink=sink)
+    commit_numbered(engine, emitter, ["x", "y", "x", "y"])  # n = 0, 1, 2, 3
+    sink.failing = False
+    sink.fail_once = {0}
+    make_due(engine, outbox)
+
+    emitter.relay(engine, once=True, backoff=60)
+    assert [e.payload["n"] for e in sink.events] == [1, 3]  # x waits behind n=0
+    statuses = [row["status"] for row in outbox_rows(engine, outbox)]
+    assert statuses == [PENDING, DELIVERED, PENDING, DELIVERED]
+
+    make_due(engine, outbox)
+    emitter.relay(engine, once=True, backoff=60)
+    assert [e.payload["n"] for e in sink.events] == [1, 3, 0, 2]
+    assert {row["status"] for row in outbox_rows(engine, outbox)} == {DELIVERED}
+
+
+def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """Events of other targets are delivered while one target's backlog waits."""
+    sink = OrderedSink()
+    emitter = make_emitter(outbox, sink=sink)
+    commit_numbered(engine, emitter, ["x"] * 8 + ["y"])  # y is n = 8
+    sink.failing = False
+    sink.fail_once = set(range(8))  # every x fails its next attempt
+    make_due(engine, outbox)
+
+    emitter.relay(engine, once=True, backoff=60, batch_size=2)
+    assert sink.names == ["y"]
+    statuses = {
+        row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)
+    }
+    assert statuses == {"x": PENDING, "y": DELIVERED}
+
+
+# --------------------------------------------------------------------------
+# Retention
+# --------------------------------------------------------------------------
+
+
+def test_retention_prunes_old_delivered_rows_only(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """The relay's retention deletes delivered rows older than it, nothing else."""
+    sink = Sink()
+    emitter = make_emitter(outbox, sink=sink)
+    commit_events(engine, emitter, ["old-1", "old-2"], ["recent"])
+    sink.failing = True
+    commit_events(engine, emitter, ["undelivered"])
+    table = outbox.table
+    long_ago = datetime.now(timezone.utc) - timedelta(days=10)
+    with engine.begin() as connection:
+        connection.execute(
+            update(table)
+            .where(table.c.aggregateid.in_(["old-1", "old-2", "undelivered"]))
+            .values(created_at=long_ago)
+        )
+        connection.execute(
+            update(table)
+            .where(table.c.aggregateid.in_(["old-1", "old-2"]))
+            .values(delivered_at=long_ago)
+        )
+    stats = emitter.relay(engine, once=True, retention=timedelta(days=7))
+    assert stats.pruned == 2
+    remaining = {
+        row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)
+    }
+    assert remaining == {"recent": DELIVERED, "undelivered": PENDING}
+    assert prune(engine, outbox, timedelta(days=7)) == 0
+    assert prune(engine, outbox, timedelta(0)) == 1
+    remaining = {
+        row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)
+    }
+    assert remaining == {"undelivered": PENDING}
+
+
+# --------------------------------------------------------------------------
+# Several relays at once
+# --------------------------------------------------------------------------
+
+
+class SharedSink:
+    """Appends (relay, n, target) to a list shared by every relay, under a lock."""
+
+    def __init__(self, relay: str, into: list[tuple[str, int, str]]) -> None:
+        self.relay = relay
+        self.into = into
+        self.lock = threading.Lock()
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        with self.lock:
+            self.into.append((self.relay, envelope.payload["n"], envelope.target_id))
+
+
+class StuckSink:
+    """Hangs at a gate, then fails: a sink that is down while a backlog builds."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    @hookimpl
+    def audit_events_committed(self, envelopes: tuple[AuditEventEnvelope, ...]) -> None:
+        self.gate.wait(30)
+        raise RuntimeError("sink is down")
+
+
+@pytest.mark.parametrize(
+    "engine", ["postgresql", "mariadb"], indirect=True, ids=["postgresql", "mariadb"]
+)
+def test_two_relays_at_once_deliver_each_event_once(
+    engine: Engine, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two concurrent relays over 5,000 events deliver each once, in order per target."""
+    transactions, per_transaction, targets = 250, 20, 97
+    # The backlog: "sink" hangs, so the background queue (one batch) drops
+    # the rest, and what it did take fails: every row stays pending for "sink".
+    stuck = StuckSink()
+    backlog = AuditEmitter(
+        load_entrypoints=False, outbox=outbox, dispatch="background",
+        queue_size=1, queue_full="drop",
+    )  # fmt: skip
+    backlog.register(stuck, name="sink")
+    caplog.set_level("CRITICAL", logger="access_audit")
+    try:
+        with OrmSession(engine) as session:
+            backlog.attach(session)
+            for number in range(transactions * per_transaction):
+                stage_event(
+                    session, "item_updated", target_type="item",
+                    target_id=f"t{number % targets}", action="update",
+                    payload={"n": number},
+                )  # fmt: skip
+                if number % per_transaction == per_transaction - 1:
+                    session.commit()
+    finally:
+        stuck.gate.set()
+        backlog.close(timeout=30)
+    assert backlog.dropped >= transactions - 2
+    total = transactions * per_transaction
+    assert count_pending(engine, outbox) == total
+    make_due(engine, outbox)
+
+    delivered: list[tuple[str, int, str]] = []
+    shared_lock = threading.Lock()
+    start = threading.Barrier(2)
+    totals: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        sink = SharedSink(name, delivered)
+        sink.lock = shared_lock
+        emitter = make_emitter(outbox, sink=sink)
+        count = 0
+        try:
+            start.wait()
+            deadline = time.monotonic() + 60
+            while count_pending(engine, outbox) and time.monotonic() < deadline:
+                stats = emitter.relay(engine, once=True, batch_size=50)
+                count += stats.delivered
+                if not stats.delivered:
+                    time.sleep(0.005)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+        totals[name] = count
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("r1", "r2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    numbers = [number for _, number, _ in delivered]
+    assert len(numbers) == total
+    assert sorted(numbers) == list(range(total))
+    assert sum(totals.values()) == total
+    assert min(totals.values()) > 0, f"one relay did all the work: {totals}"
+    by_target: dict[str, list[int]] = {}
+    for _, number, target in delivered:
+        by_target.setdefault(target, []).append(number)
+    for target, seen in by_target.items():
+        assert seen == sorted(seen), f"{target} out of commit order"
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DELIVERED}
+    assert {row["delivered_to"] for row in rows} == {'["sink"]'}
+    assert count_pending(engine, outbox) == 0
