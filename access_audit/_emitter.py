@@ -122,8 +122,7 @@ class AuditEmitter:
         self.actor_resolver = actor_resolver
         self.metadata_provider = metadata_provider
         self.raise_plugin_errors = raise_plugin_errors
-        self.payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
-        """Redaction and size rules applied to every event staged for this emitter."""
+        self._payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
         self.outbox = outbox
         """The :class:`~access_audit.outbox.Outbox` events are written to, or None."""
         self._background = (

@@ -7,9 +7,12 @@ import json
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._values import ReadOnlyDict, freeze_json, thaw
+
+if TYPE_CHECKING:
+    from ._staging import StagedEvent
 
 __all__ = ["AuditEventEnvelope"]
 
@@ -81,6 +84,44 @@ class AuditEventEnvelope:
                         f"{name} must be a mapping, got {type(value).__name__}"
                     )
                 object.__setattr__(self, name, freeze_json(value, name))
+
+    @classmethod
+    def _trusted(
+        cls,
+        staged: StagedEvent,
+        timestamp: datetime,
+        transaction_id: uuid.UUID,
+        sequence: int,
+    ) -> AuditEventEnvelope:
+        """Build from a resolved staged event whose values are frozen already.
+
+        Skips ``__init__``'s frozen-instance checks and ``__post_init__``:
+        this runs once per committed event.
+        """
+        envelope = object.__new__(cls)
+        for setter, value in zip(
+            _SETTERS,
+            (
+                staged.id,
+                staged.event_type,
+                timestamp,
+                staged.staged_at,
+                staged.actor_id,
+                staged.actor_email,
+                staged.target_type,
+                staged.target_id,
+                staged.target_name,
+                staged.action,
+                staged.reason,
+                staged.payload,
+                staged.metadata,
+                transaction_id,
+                sequence,
+            ),
+            strict=True,
+        ):
+            setter(envelope, value)
+        return envelope
 
     def __hash__(self) -> int:
         # The id identifies the event; payload and metadata are unhashable.
@@ -178,6 +219,10 @@ class AuditEventEnvelope:
                 raise ValueError(f"{name} must carry a UTC offset, got {data[name]!r}")
             values[name] = moment.astimezone(timezone.utc)
         return cls(**values)
+
+
+# The slot descriptors, in _FIELDS order, for AuditEventEnvelope._trusted.
+_SETTERS = tuple(AuditEventEnvelope.__dict__[name].__set__ for name in _FIELDS)
 
 
 def _parse(parse: Any, value: Any, name: str) -> Any:

@@ -9,11 +9,12 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from . import _listeners
 from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
+from ._pending import park
 from ._registry import emitter_for, sync_session_of
 from ._uuid import uuid7
 from ._values import (
+    EMPTY,
     NO_RULES,
     PayloadRules,
     call_lazy,
@@ -61,11 +62,12 @@ class StagedEvent:
     metadata: Mapping[str, Any]
     lazy: bool
     """Whether some value is still an unresolved callable."""
-    rules: PayloadRules = dataclasses.field(default=NO_RULES, repr=False)
-    """The emitter's redaction and size rules, for values resolved later."""
+    _rules: PayloadRules = dataclasses.field(default=NO_RULES, repr=False)
 
-    def resolve(self) -> None:
+    def _resolve(self) -> None:
         """Call the lazy values and check what they return, at most once.
+
+        Only the library calls this, before COMMIT of a committing transaction.
 
         :raises ValueError, TypeError: a lazy value raised or returned
             something unusable; the message names the event and the field.
@@ -82,8 +84,8 @@ class StagedEvent:
                 call_lazy(self.target_name, where + "target_name"),
                 where + "target_name",
             )
-        self.payload = resolve_lazy(self.payload, where + "payload", self.rules)
-        self.rules.check_size(self.payload, self.event_type)
+        self.payload = resolve_lazy(self.payload, where + "payload", self._rules)
+        self._rules.check_size(self.payload, self.event_type)
         self.lazy = False
 
 
@@ -125,31 +127,40 @@ def stage_event(
     """
     sync_session = sync_session_of(session)
     emitter = emitter_for(sync_session)
-    _check_event_type(event_type)
-    _check_name(target_type, "target_type")
-    _check_name(action, "action")
+    if event_type not in _good_event_types:
+        _check_event_type(event_type)
+    if target_type not in _good_names:
+        _check_name(target_type, "target_type")
+    if action not in _good_names:
+        _check_name(action, "action")
     if actor_id is None and actor_email is not None:
         raise ValueError("actor_email was given without actor_id; pass both")
     lazy = False
-    if callable(target_id):
-        lazy = True
+    if type(target_id) is not str or not target_id:
+        if callable(target_id):
+            lazy = True
+        else:
+            target_id = _target_id(target_id, "target_id")
+    if target_name is not None and type(target_name) is not str:
+        if callable(target_name):
+            lazy = True
+        else:
+            target_name = _optional_str(target_name, "target_name")
+    if reason is not None and type(reason) is not str:
+        reason = _optional_str(reason, "reason")
+    rules = emitter._payload_rules
+    if not payload:
+        if payload is not None and not isinstance(payload, Mapping):
+            raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
+        frozen_payload: Mapping[str, Any] = EMPTY
     else:
-        target_id = _target_id(target_id, "target_id")
-    if callable(target_name):
-        lazy = True
-    else:
-        target_name = _optional_str(target_name, "target_name")
-    reason = _optional_str(reason, "reason")
-    rules = emitter.payload_rules
-    if payload is not None and not isinstance(payload, Mapping):
-        raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
-    frozen_payload = freeze_json(
-        {} if payload is None else payload, "payload", lazy_ok=True, rules=rules
-    )
-    if has_lazy(frozen_payload):
-        lazy = True
-    else:
-        rules.check_size(frozen_payload, event_type)
+        if not isinstance(payload, Mapping):
+            raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
+        frozen_payload = freeze_json(payload, "payload", lazy_ok=True, rules=rules)
+        if has_lazy(frozen_payload):
+            lazy = True
+        else:
+            rules.check_size(frozen_payload, event_type)
 
     context_actor, context_metadata = current_context()
     if actor_id is not None:
@@ -157,25 +168,41 @@ def stage_event(
         actor = Actor(actor_id, actor_email)
     else:
         actor = context_actor or _resolve_actor(emitter) or SYSTEM_ACTOR
-    merged_metadata = _merge_metadata(emitter, context_metadata, metadata, rules)
+    if metadata is None and not context_metadata and emitter.metadata_provider is None:
+        merged_metadata: Mapping[str, Any] = EMPTY
+    else:
+        merged_metadata = _merge_metadata(emitter, context_metadata, metadata, rules)
 
     event = StagedEvent(
-        id=uuid7(),
-        event_type=event_type,
-        staged_at=datetime.now(timezone.utc),
-        actor_id=actor.id,
-        actor_email=actor.email,
-        target_type=target_type,
-        target_id=target_id,
-        target_name=target_name,
-        action=action,
-        reason=reason,
-        payload=frozen_payload,
-        metadata=merged_metadata,
-        lazy=lazy,
-        rules=rules,
+        uuid7(),
+        event_type,
+        datetime.now(timezone.utc),
+        actor.id,
+        actor.email,
+        target_type,
+        target_id,
+        target_name,
+        action,
+        reason,
+        frozen_payload,
+        merged_metadata,
+        lazy,
+        rules,
     )
-    _listeners.park(sync_session, emitter, event)
+    park(sync_session, emitter, event)
+
+
+# Names that passed their checks already: most applications stage a few
+# dozen event types over and over. Bounded, in case names are generated.
+_good_event_types: set[str] = set()
+_good_names: set[str] = set()
+_MAX_REMEMBERED = 4096
+
+
+def _remember(good: set[str], value: str) -> None:
+    if len(good) >= _MAX_REMEMBERED:
+        good.clear()
+    good.add(value)
 
 
 def _check_event_type(event_type: object) -> None:
@@ -186,6 +213,8 @@ def _check_event_type(event_type: object) -> None:
             f"event_type {event_type!r} is malformed: it must match "
             f"[a-z][a-z0-9_.]* and be at most {_MAX_NAME} characters"
         )
+    if type(event_type) is str:
+        _remember(_good_event_types, event_type)
 
 
 def _check_name(value: object, field: str) -> None:
@@ -198,6 +227,8 @@ def _check_name(value: object, field: str) -> None:
         )
     if len(value) > _MAX_NAME:
         raise ValueError(f"{field} is longer than {_MAX_NAME} characters")
+    if type(value) is str:
+        _remember(_good_names, value)
 
 
 def _target_id(value: object, field: str) -> str:

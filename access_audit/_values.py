@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 __all__ = [
+    "EMPTY",
     "REDACTED",
     "PayloadRules",
     "ReadOnlyDict",
@@ -113,7 +114,9 @@ class PayloadRules:
         """
         if self.max_payload_bytes is None:
             return
-        size = len(json.dumps(payload, separators=(",", ":")).encode())
+        size = len(
+            json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        )
         if size > self.max_payload_bytes:
             raise ValueError(
                 f"event {event_type!r}: payload is {size} bytes as JSON, more than "
@@ -123,6 +126,9 @@ class PayloadRules:
 
 
 NO_RULES = PayloadRules()
+
+EMPTY: Mapping[str, Any] = ReadOnlyDict()
+"""The payload or metadata of an event that has none (shared: it is read-only)."""
 
 
 class _BadValue(Exception):

@@ -1,0 +1,209 @@
+"""The events a session holds until its transaction ends, per boundary.
+
+Staged events are parked in ``session.info`` per transaction *boundary*: the
+outermost :class:`~sqlalchemy.orm.SessionTransaction` or a SAVEPOINT (the
+internal subtransactions a flush opens are not boundaries). Nothing of ours
+stays in ``session.info`` once the outermost transaction has ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.session import SessionTransactionState
+
+from ._envelope import AuditEventEnvelope
+from ._uuid import uuid7
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+
+    from ._emitter import AuditEmitter
+    from ._staging import StagedEvent
+
+__all__ = ["PENDING_KEY", "Pending", "committing_root", "park", "prepare_commit"]
+
+PENDING_KEY = "access_audit.pending"
+"""``session.info`` key holding a :class:`Pending` while events wait."""
+DISPATCHING_KEY = "access_audit.dispatching"
+"""``session.info`` key present while the session dispatches its commit."""
+
+DETACHED = "detached"
+
+_COMMITTED = SessionTransactionState.COMMITTED
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Pending:
+    """One session's parked events, by boundary, and what happened to them."""
+
+    emitter: AuditEmitter
+    levels: dict[SessionTransaction, list[StagedEvent]] = dataclasses.field(
+        default_factory=dict
+    )
+    committed: set[SessionTransaction] = dataclasses.field(default_factory=set)
+    rolled_back: set[SessionTransaction] = dataclasses.field(default_factory=set)
+    lazy: list[StagedEvent] = dataclasses.field(default_factory=list)
+    """Staged events whose lazy values are not resolved yet."""
+    built: list[AuditEventEnvelope] = dataclasses.field(default_factory=list)
+    """Envelopes of the commit's events, in order, as they are built: in
+    ``after_commit``, or before COMMIT when they go to an outbox."""
+    transaction_id: uuid.UUID | None = None
+    committed_at: datetime | None = None
+    outbox_bind: Engine | Connection | None = None
+    """Where the outbox rows of this commit were written, to mark them later."""
+    envelopes: tuple[AuditEventEnvelope, ...] = ()
+    """The finished batch, from ``after_commit`` until the transaction ends."""
+
+    def in_commit_order(self, session: Session) -> list[StagedEvent]:
+        """The events of every open boundary, in the order the commit sends them.
+
+        SAVEPOINTs still open when the outermost transaction commits are
+        released into it innermost-last, so their events follow the outer ones.
+        """
+        chain = []
+        transaction = session._transaction
+        while transaction is not None:
+            if transaction.nested or transaction.parent is None:
+                chain.append(transaction)
+            transaction = transaction.parent
+        events: list[StagedEvent] = []
+        for boundary in reversed(chain):
+            events.extend(self.levels.get(boundary, ()))
+        return events
+
+    def build(self, events: list[StagedEvent]) -> list[AuditEventEnvelope]:
+        """Make envelopes for the events not yet built; return the new ones."""
+        start = len(self.built)
+        if start >= len(events):
+            return []
+        if self.transaction_id is None:
+            self.transaction_id = uuid7()
+            self.committed_at = datetime.now(timezone.utc)
+        assert self.committed_at is not None
+        new = [
+            AuditEventEnvelope._trusted(
+                staged, self.committed_at, self.transaction_id, sequence
+            )
+            for sequence, staged in enumerate(events[start:], start)
+        ]
+        self.built.extend(new)
+        return new
+
+    def resolve(self) -> None:
+        """Resolve the lazy values staged so far (they raise to the caller)."""
+        while self.lazy:
+            self.lazy[0]._resolve()
+            del self.lazy[0]
+
+    def reset_commit(self) -> None:
+        """Forget the per-commit state once the outermost transaction ended."""
+        self.lazy = []
+        self.built = []
+        self.transaction_id = self.committed_at = self.outbox_bind = None
+
+
+def committing_root(session: Session) -> SessionTransaction | None:
+    """The outermost transaction while it is inside ``commit()`` before COMMIT.
+
+    ``before_commit`` fires for RELEASE SAVEPOINT too, and the outermost
+    commit may still have SAVEPOINTs open when it starts, so neither
+    ``in_nested_transaction()`` nor the event itself tells them apart; the
+    state change the transaction is running does (SQLAlchemy records it as
+    ``_current_fn``; ``tests/test_semantics.py`` pins this on every database).
+    """
+    root = session.get_transaction()
+    if root is None:
+        return None
+    running = getattr(root, "_current_fn", None)
+    if getattr(running, "__name__", None) == "_prepare_impl":
+        return root
+    return None
+
+
+def prepare_commit(session: Session, pending: Pending) -> None:
+    """Resolve lazy values and write outbox rows: the work due before COMMIT.
+
+    Called before the outermost commit's final flush, after each flush in
+    it, and for each event staged during it; each call handles what is new.
+    """
+    pending.resolve()
+    outbox = pending.emitter.outbox
+    if outbox is None:
+        return
+    new = pending.build(pending.in_commit_order(session))
+    if new:
+        from .outbox._store import write
+
+        write(session, outbox, new)
+        pending.outbox_bind = session.get_bind(clause=outbox.table)
+
+
+def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
+    """Add a checked event to the session's innermost boundary.
+
+    :raises RuntimeError: the session is dispatching its own commit, or its
+        transaction has committed already and is only closing.
+    """
+    info = session.info
+    if DISPATCHING_KEY in info:
+        raise RuntimeError(
+            "stage_event() was called on a session while it dispatches its own "
+            "commit; stage on another session (its events are emitted when it "
+            "commits), or stage before committing"
+        )
+    boundary = session.get_nested_transaction() or session.get_transaction()
+    if boundary is None:
+        # Begin as Session.add() does: no connection yet, and the same
+        # InvalidRequestError when the session has autobegin=False.
+        boundary = session._autobegin_t()
+    elif boundary._state is _COMMITTED:
+        raise RuntimeError(
+            "stage_event() was called after this transaction committed (from an "
+            "after_commit hook?); its events are being sent already. Stage "
+            "before the commit, or in the next transaction"
+        )
+    pending: Pending | None = info.get(PENDING_KEY)
+    if pending is None:
+        pending = info[PENDING_KEY] = Pending(emitter)
+    elif pending.emitter is not emitter:
+        _change_owner(session, pending, emitter)
+    level = pending.levels.get(boundary)
+    if level is None:
+        pending.levels[boundary] = [staged]
+    else:
+        level.append(staged)
+    if staged.lazy:
+        pending.lazy.append(staged)
+    if not session._flushing and committing_root(session) is not None:
+        # Staged by a before_commit hook (or a SAVEPOINT released by this
+        # commit) after our own preparation ran: prepare it now, keys first.
+        session.flush()
+        prepare_commit(session, pending)
+
+
+def _change_owner(session: Session, pending: Pending, emitter: AuditEmitter) -> None:
+    """Hand a session's parked events to the emitter that owns it now.
+
+    The emitter attached when the transaction ends sends all of its events
+    (one attached to the session itself after staging began takes over).
+    Levels of transactions that ended while no emitter was listening (after
+    ``detach()``) are dropped here, as ``detach()`` documents.
+    """
+    previous = pending.emitter
+    pending.emitter = emitter
+    open_transactions = set()
+    transaction = session._transaction
+    while transaction is not None:
+        open_transactions.add(transaction)
+        transaction = transaction.parent
+    for stale in [t for t in pending.levels if t not in open_transactions]:
+        dropped = pending.levels.pop(stale)
+        pending.lazy = [e for e in pending.lazy if e not in dropped]
+        previous._discarded(dropped, DETACHED)
+    pending.committed &= open_transactions
+    pending.rolled_back &= open_transactions

@@ -1,0 +1,233 @@
+"""Events staged around the edges of commit(): SAVEPOINTs still open, ORM hooks,
+other before_commit/after_commit listeners. Lazy values must be resolved and
+outbox rows written before COMMIT in every one of these, on every database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, func, select
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import sessionmaker
+from support import Item, Recorder, stored_names
+
+from access_audit import AuditEmitter, stage_event
+from access_audit.outbox import Outbox
+
+
+def stage(session: OrmSession, name: str, **fields: Any) -> None:
+    fields.setdefault("target_id", name)
+    stage_event(session, "item_touched", target_type="item", action="touch", **fields)
+
+
+@pytest.fixture
+def outbox(engine: Engine) -> Iterator[Outbox]:
+    box = Outbox(table_name="audit_edges_outbox")
+    box.create(engine)
+    yield box
+    box.drop(engine)
+
+
+@pytest.fixture
+def OutboxSession(
+    engine: Engine, recorder: Recorder, outbox: Outbox
+) -> Iterator[sessionmaker]:
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    emitter.register(recorder, name="recorder")
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    yield maker
+    emitter.detach(maker)
+
+
+def outbox_ids(engine: Engine, outbox: Outbox) -> list[str]:
+    with engine.connect() as connection:
+        return list(
+            connection.scalars(
+                select(outbox.table.c.id).order_by(outbox.table.c.sequence)
+            )
+        )
+
+
+def test_begin_block_with_a_savepoint_left_open_resolves_before_commit(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """``with session.begin():`` ending with a SAVEPOINT open fails before COMMIT."""
+
+    def broken() -> str:
+        raise KeyError("no id")
+
+    with pytest.raises(ValueError, match="target_id"), Session.begin() as session:
+        session.add(Item(name="never"))
+        stage(session, "broken", target_id=broken)
+        session.begin_nested()
+        stage(session, "inner")
+    assert recorder.events == []
+    assert stored_names(engine) == []
+
+
+def test_begin_block_with_a_savepoint_left_open_reads_expired_attributes(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """A lazy value may load an expired attribute: it runs before COMMIT."""
+    session = Session()
+    item = Item(name="admins")
+    session.add(item)
+    session.commit()  # item is expired now
+    with session.begin():
+        stage(session, "renamed", target_name=lambda: item.name)
+        session.begin_nested()
+        stage(session, "inner")
+    session.close()
+    assert [(e.target_id, e.target_name) for e in recorder.events] == [
+        ("renamed", "admins"),
+        ("inner", None),
+    ]
+
+
+def test_outbox_rows_are_written_when_the_commit_releases_open_savepoints(
+    OutboxSession: sessionmaker, recorder: Recorder, engine: Engine, outbox: Outbox
+) -> None:
+    """Root commit with SAVEPOINTs open: every level's events get outbox rows."""
+    with OutboxSession.begin() as session:
+        stage(session, "outer")
+        session.begin_nested()
+        stage(session, "middle")
+        session.begin_nested()
+        stage(session, "inner")
+    assert recorder.names == ["outer", "middle", "inner"]
+    assert outbox_ids(engine, outbox) == [str(e.id) for e in recorder.events]
+
+
+@pytest.fixture
+def stage_on_insert() -> Iterator[None]:
+    """An after_insert hook stages an event whose lazy value fails for "bad"."""
+
+    def after_insert(mapper: object, connection: object, item: Item) -> None:
+        session = OrmSession.object_session(item)
+        assert session is not None
+        stage(
+            session,
+            f"inserted-{item.name}",
+            target_name=lambda: None if item.name == "bad" else item.name.upper(),
+            payload={"id": lambda: item.id if item.name != "bad" else object()},
+        )
+
+    event.listen(Item, "after_insert", after_insert)
+    yield
+    event.remove(Item, "after_insert", after_insert)
+
+
+@pytest.mark.usefixtures("stage_on_insert")
+def test_first_event_staged_by_an_orm_hook_in_the_final_flush_fails_before_commit(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """With nothing staged before commit(), a hook's bad lazy value fails it."""
+    session = Session()
+    session.add(Item(name="bad"))
+    with pytest.raises(TypeError, match="payload"):
+        session.commit()
+    session.rollback()
+    session.add(Item(name="good"))
+    session.commit()
+    session.close()
+    assert [(e.target_id, e.target_name) for e in recorder.events] == [
+        ("inserted-good", "GOOD")
+    ]
+    assert stored_names(engine) == ["good"]
+
+
+@pytest.mark.usefixtures("stage_on_insert")
+def test_first_events_staged_by_an_orm_hook_get_outbox_rows(
+    OutboxSession: sessionmaker, recorder: Recorder, engine: Engine, outbox: Outbox
+) -> None:
+    """Events that the commit's own flush stages are written to the outbox."""
+    with OutboxSession.begin() as session:
+        session.add_all([Item(name="a"), Item(name="b")])
+    assert recorder.names == ["inserted-a", "inserted-b"]
+    assert outbox_ids(engine, outbox) == [str(e.id) for e in recorder.events]
+
+
+def test_event_staged_by_a_later_before_commit_listener_gets_keys_and_rows(
+    OutboxSession: sessionmaker, recorder: Recorder, engine: Engine, outbox: Outbox
+) -> None:
+    """An app before_commit listener may add rows and stage lazy events."""
+
+    def before_commit(session: OrmSession) -> None:
+        if session.info.pop("add_late", False):
+            late = Item(name="late")
+            session.add(late)
+            stage(session, "late", payload={"id": lambda: late.id})
+
+    event.listen(OutboxSession, "before_commit", before_commit)
+    try:
+        session = OutboxSession()
+        session.info["add_late"] = True
+        session.add(Item(name="first"))
+        stage(session, "first")
+        session.commit()
+        session.close()
+    finally:
+        event.remove(OutboxSession, "before_commit", before_commit)
+    assert recorder.names == ["first", "late"]
+    assert isinstance(recorder.events[1].payload["id"], int)
+    assert outbox_ids(engine, outbox) == [str(e.id) for e in recorder.events]
+    assert stored_names(engine) == ["first", "late"]
+
+
+@pytest.mark.parametrize("prior", [False, True], ids=["nothing-staged", "staged"])
+def test_staging_from_an_after_commit_listener_raises(
+    Session: sessionmaker, recorder: Recorder, prior: bool
+) -> None:
+    """After COMMIT the transaction takes no more events, staged before or not."""
+    errors: list[BaseException] = []
+
+    def after_commit(session: OrmSession) -> None:
+        try:
+            stage(session, "too-late")
+        except RuntimeError as error:
+            errors.append(error)
+
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        with Session() as session:
+            if prior:
+                stage(session, "in-time")
+            session.add(Item(name="x"))
+            session.commit()
+    finally:
+        event.remove(Session, "after_commit", after_commit)
+    assert len(errors) == 1
+    assert "after this transaction committed" in str(errors[0])
+    assert recorder.names == (["in-time"] if prior else [])
+
+
+def test_a_commit_refused_by_an_app_listener_leaves_staging_as_before(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """A before_commit listener that raises: later lazies still wait for COMMIT."""
+
+    def refuse(session: OrmSession) -> None:
+        if session.info.pop("refuse", False):
+            raise PermissionError("not now")
+
+    event.listen(Session, "before_commit", refuse)
+    try:
+        session = Session()
+        stage(session, "first")
+        session.info["refuse"] = True
+        with pytest.raises(PermissionError):
+            session.commit()
+        item = Item(name="pending")
+        session.add(item)
+        stage(session, "second", payload={"id": lambda: item.id})
+        session.commit()
+        session.close()
+    finally:
+        event.remove(Session, "before_commit", refuse)
+    assert recorder.names == ["first", "second"]
+    assert isinstance(recorder.events[1].payload["id"], int)
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(Item)) == 1
