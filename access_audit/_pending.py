@@ -137,9 +137,10 @@ def prepare_commit(session: Session, pending: Pending) -> None:
         return
     new = pending.build(pending.in_commit_order(session))
     if new:
+        from ._dispatch import delivering_plugins
         from .outbox._store import write
 
-        write(session, outbox, new)
+        write(session, outbox, new, delivering_plugins(pending.emitter.plugin_manager))
         pending.outbox_bind = session.get_bind(clause=outbox.table)
 
 

@@ -477,6 +477,33 @@ def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
     assert count_pending(engine, outbox) == 1
 
 
+def test_relay_lacking_a_plugin_leaves_crashed_rows_pending_for_it(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """Rows a crash left unmarked stay pending for a plugin the relay lacks."""
+    siem, s3 = Sink(), Sink()
+    commit_events(engine, make_emitter(outbox, siem=siem, s3=s3), ["a"])
+    table = outbox.table
+    with engine.begin() as connection:  # as written before COMMIT: no marks
+        connection.execute(
+            update(table).values(
+                status=PENDING, delivered_to="[]", delivered_at=None,
+                next_attempt_at=table.c.created_at,
+            )
+        )  # fmt: skip
+    late_s3 = Sink()
+    make_emitter(outbox, s3=late_s3).relay(engine, once=True)
+    [row] = outbox_rows(engine, outbox)
+    assert late_s3.names == ["a"]
+    assert json.loads(row["recipients"]) == ["s3", "siem"]
+    assert (row["status"], json.loads(row["delivered_to"])) == (PENDING, ["s3"])
+    make_due(engine, outbox)
+    late_siem = Sink()
+    make_emitter(outbox, siem=late_siem, s3=Sink()).relay(engine, once=True)
+    assert late_siem.names == ["a"]
+    assert outbox_rows(engine, outbox)[0]["status"] == "delivered"
+
+
 # --------------------------------------------------------------------------
 # Order per target
 # --------------------------------------------------------------------------

@@ -9,7 +9,18 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, delete, func, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 
 from .._dispatch import deliver, delivering_plugins
 from .._logging import logger
@@ -124,72 +135,33 @@ def _relay_batch(
     order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
     pending = table.c.status == PENDING
     with transaction(bind) as connection:
-        # Due transactions in commit order; each is delivered whole (a batch
-        # hook gets the batch it would have got at commit).
-        transactions = list(
-            dict.fromkeys(
-                connection.execute(
-                    select(table.c.transaction_id)
-                    .where(pending, table.c.next_attempt_at <= now)
-                    .order_by(*order)
-                    .limit(batch_size * 4)
-                ).scalars()
-            )
-        )
-        if not transactions:
+        ours = _claim(connection, table, now, order, batch_size)
+        if not ours:
             return 0
-        rows = connection.execute(
-            select(table.c.id, table.c.aggregatetype, table.c.aggregateid, *order)
-            .where(table.c.transaction_id.in_(transactions), pending)
-            .order_by(*order)
-        ).all()
-        targets = {(row.aggregatetype, row.aggregateid) for row in rows}
-        # A target's event waiting for a retry holds back its later events.
-        waiting: dict[tuple[str, str], _Order] = {}
-        for later in connection.execute(
+        # A target's earlier pending event held by another relay makes this
+        # relay leave the target's later events alone, keeping their order.
+        first: dict[tuple[str, str], _Order] = {}
+        for row in ours:
+            first.setdefault(row.target, row.order)
+        foreign: dict[tuple[str, str], _Order] = {}
+        for found in connection.execute(
             select(table.c.aggregatetype, table.c.aggregateid, *order).where(
                 pending,
-                table.c.next_attempt_at > now,
-                tuple_(table.c.aggregatetype, table.c.aggregateid).in_(targets),
+                tuple_(table.c.aggregatetype, table.c.aggregateid).in_(list(first)),
+                table.c.id.not_in([row.id for row in ours]),
             )
         ):
-            target = (later.aggregatetype, later.aggregateid)
-            key = (later.created_at, later.transaction_id, later.sequence)
-            waiting[target] = min(waiting.get(target, key), key)
-        locked = {
-            row["id"]: OutboxRow(row)
-            for row in connection.execute(
-                select(table)
-                .where(
-                    table.c.transaction_id.in_(transactions),
-                    pending,
-                    table.c.next_attempt_at <= now,
-                )
-                .with_for_update(skip_locked=True)
-            ).mappings()
-        }
-        groups: dict[str, list[Any]] = {}
-        for row in rows:
-            groups.setdefault(row.transaction_id, []).append(row)
+            target = (found.aggregatetype, found.aggregateid)
+            key = (found.created_at, found.transaction_id, found.sequence)
+            foreign[target] = min(foreign.get(target, key), key)
         eligible: list[OutboxRow] = []
-        blocked: set[tuple[str, str]] = set()
-        for transaction_id in transactions:
-            group = groups.get(transaction_id, [])
-            if not group:
+        held = {target for target, key in foreign.items() if key < first[target]}
+        for group in _by_transaction(ours):
+            targets = {row.target for row in group}
+            if targets & held:
+                held |= targets
                 continue
-            group_targets = {(row.aggregatetype, row.aggregateid) for row in group}
-            first = (group[0].created_at, group[0].transaction_id, group[0].sequence)
-            held = any(
-                target in waiting and waiting[target] < first
-                for target in group_targets
-            )
-            whole = all(row.id in locked for row in group)
-            if held or group_targets & blocked or not whole:
-                blocked |= group_targets
-                continue
-            eligible.extend(locked[row.id] for row in group)
-            if len(eligible) >= batch_size:
-                break
+            eligible.extend(group)
         if not eligible:
             return 0
         _deliver_rows(emitter, eligible, plugins, stats, max_attempts)
@@ -197,6 +169,100 @@ def _relay_batch(
             _save(connection, outbox, taken, plugins, now, backoff, max_backoff)
         stats.batches += 1
         return len(eligible)
+
+
+def _claim(
+    connection: Connection,
+    table: Table,
+    now: datetime,
+    order: tuple[Any, ...],
+    batch_size: int,
+) -> list[OutboxRow]:
+    """Lock up to *batch_size* rows of whole due transactions, in commit order.
+
+    A transaction is due when none of its rows waits for a retry, and no
+    earlier event of one of its targets does.
+    """
+    pending = table.c.status == PENDING
+    waiting = table.alias("waiting")
+    held_by_target = (
+        select(waiting.c.id)
+        .where(
+            waiting.c.status == PENDING,
+            waiting.c.next_attempt_at > now,
+            waiting.c.aggregatetype == table.c.aggregatetype,
+            waiting.c.aggregateid == table.c.aggregateid,
+            or_(
+                waiting.c.created_at < table.c.created_at,
+                and_(
+                    waiting.c.created_at == table.c.created_at,
+                    waiting.c.transaction_id < table.c.transaction_id,
+                ),
+            ),
+        )
+        .exists()
+    )
+    sibling = table.alias("sibling")
+    incomplete = (
+        select(sibling.c.id)
+        .where(
+            sibling.c.status == PENDING,
+            sibling.c.next_attempt_at > now,
+            sibling.c.transaction_id == table.c.transaction_id,
+        )
+        .exists()
+    )
+    # Find candidates without locks, then lock exactly those rows by primary
+    # key: a locking read that scans (InnoDB) would lock every row it reads.
+    transactions = list(
+        dict.fromkeys(
+            connection.execute(
+                select(table.c.transaction_id)
+                .where(pending, table.c.next_attempt_at <= now)
+                .where(~held_by_target, ~incomplete)
+                .order_by(*order)
+                .limit(batch_size)
+            ).scalars()
+        )
+    )
+    if not transactions:
+        return []
+    members: dict[str, list[str]] = {}
+    for transaction_id, row_id in connection.execute(
+        select(table.c.transaction_id, table.c.id).where(
+            table.c.transaction_id.in_(transactions), pending
+        )
+    ):
+        members.setdefault(transaction_id, []).append(row_id)
+    rows = [
+        OutboxRow(mapping)
+        for mapping in connection.execute(
+            select(table)
+            .where(
+                table.c.id.in_([i for ids in members.values() for i in ids]),
+                pending,
+                table.c.next_attempt_at <= now,
+            )
+            .order_by(*order)
+            .with_for_update(skip_locked=True)
+        ).mappings()
+    ]
+    # A transaction another relay holds part of (or that changed meanwhile)
+    # is left alone.
+    locked = {row.id for row in rows}
+    complete = {
+        transaction_id
+        for transaction_id, ids in members.items()
+        if all(row_id in locked for row_id in ids)
+    }
+    return [row for row in rows if row.transaction_id in complete]
+
+
+def _by_transaction(rows: list[OutboxRow]) -> list[list[OutboxRow]]:
+    groups: dict[str, list[OutboxRow]] = {}
+    for row in rows:
+        groups.setdefault(row.transaction_id, []).append(row)
+    return list(groups.values())
 
 
 def _deliver_rows(

@@ -24,7 +24,9 @@ __all__ = ["OutboxRow", "mark_dispatched", "row_values", "transaction", "write"]
 _CHUNK = 500
 
 
-def row_values(envelope: AuditEventEnvelope, relay_after: timedelta) -> dict[str, Any]:
+def row_values(
+    envelope: AuditEventEnvelope, relay_after: timedelta, recipients: str
+) -> dict[str, Any]:
     """The outbox row of a freshly committed envelope."""
     return {
         "id": str(envelope.id),
@@ -40,15 +42,24 @@ def row_values(envelope: AuditEventEnvelope, relay_after: timedelta) -> dict[str
         "failures": "{}",
         "next_attempt_at": envelope.timestamp + relay_after,
         "delivered_at": None,
+        "recipients": recipients,
     }
 
 
 def write(
-    session: Session, outbox: Outbox, envelopes: Sequence[AuditEventEnvelope]
+    session: Session,
+    outbox: Outbox,
+    envelopes: Sequence[AuditEventEnvelope],
+    recipients: Iterable[str],
 ) -> None:
-    """Insert rows for *envelopes* in the session's transaction (before COMMIT)."""
+    """Insert rows for *envelopes* in the session's transaction (before COMMIT).
+
+    *recipients* are the plugins each event is for: a relay that lacks one of
+    them leaves the event pending for a relay that has it.
+    """
     if envelopes:
-        rows = [row_values(e, outbox.relay_after) for e in envelopes]
+        names = json.dumps(sorted(recipients))
+        rows = [row_values(e, outbox.relay_after, names) for e in envelopes]
         session.execute(insert(outbox.table), rows)
 
 
@@ -122,7 +133,9 @@ class OutboxRow:
         "failures",
         "id",
         "next_attempt_at",
+        "order",
         "payload",
+        "recipients",
         "status",
         "target",
         "transaction_id",
@@ -137,6 +150,12 @@ class OutboxRow:
         self.failures: dict[str, dict[str, Any]] = json.loads(mapping["failures"])
         self.next_attempt_at: datetime = mapping["next_attempt_at"]
         self.payload: str = mapping["payload"]
+        self.recipients: set[str] = set(json.loads(mapping["recipients"]))
+        self.order: tuple[datetime, str, int] = (
+            mapping["created_at"],
+            mapping["transaction_id"],
+            mapping["sequence"],
+        )
 
     def envelope(self) -> AuditEventEnvelope:
         return AuditEventEnvelope.from_dict(json.loads(self.payload))
@@ -153,10 +172,11 @@ class OutboxRow:
     def status_for(self, plugins: Iterable[str]) -> str:
         """``delivered``, ``dead`` or ``pending`` given the relay's plugins.
 
-        A plugin that failed on this event counts even when this relay does
-        not have it: the event stays pending for a relay that does.
+        The plugins the event was written for, and any that failed on it,
+        count even when this relay does not have them: the event stays
+        pending for a relay that does.
         """
-        wanted = set(plugins) | set(self.failures)
+        wanted = set(plugins) | self.recipients | set(self.failures)
         missing = [name for name in wanted if name not in self.delivered_to]
         if not missing:
             return DELIVERED

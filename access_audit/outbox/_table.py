@@ -72,6 +72,7 @@ class Outbox:
     failures       JSON object: plugin name -> attempts, last error, dead
     next_attempt_at when the relay may try again
     delivered_at   when the last plugin took it (the relay prunes by it)
+    recipients     JSON list of the plugins the event was written for
     ============== =========================================================
 
     :param metadata: the ``MetaData`` to define the table on, so that
@@ -114,7 +115,10 @@ class Outbox:
             Column("failures", Text, nullable=False, default="{}"),
             Column("next_attempt_at", UtcDateTime, nullable=False),
             Column("delivered_at", UtcDateTime, nullable=True),
+            Column("recipients", Text, nullable=False, default="[]"),
             Index(f"ix_{table_name}_status_order", "status", "created_at"),
+            Index(f"ix_{table_name}_target", "aggregatetype", "aggregateid"),
+            Index(f"ix_{table_name}_transaction", "transaction_id"),
             schema=schema,
         )
 
