@@ -27,8 +27,9 @@ class BackgroundDispatcher:
     When the queue is full, ``"block"`` makes the committing thread wait for
     room, and ``"drop"`` drops the batch and counts it (only offered with an
     outbox, whose relay re-delivers what was dropped). A thread running an
-    asyncio event loop is never made to wait: its jobs are queued past the
-    bound instead. The interpreter's exit drains the queue.
+    asyncio event loop, and the worker itself (a plugin committing another
+    session), are never made to wait: their jobs are queued past the bound
+    instead. The interpreter's exit drains the queue.
     """
 
     def __init__(self, maxsize: int, when_full: str) -> None:
@@ -56,7 +57,11 @@ class BackgroundDispatcher:
                     "this emitter's background dispatcher is closed; events "
                     "committed now cannot be delivered"
                 )
-            if len(self._jobs) >= self.maxsize and not _in_event_loop():
+            if (
+                len(self._jobs) >= self.maxsize
+                and threading.current_thread() is not self._thread
+                and not _in_event_loop()
+            ):
                 if self.when_full == DROP:
                     self.dropped += 1
                     logger.warning(
@@ -77,7 +82,13 @@ class BackgroundDispatcher:
                 self._thread.start()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued job ran; False if *timeout* passed first."""
+        """Wait until every queued job ran; False if *timeout* passed first.
+
+        From the worker thread itself (a plugin), returns False at once: it
+        cannot wait for its own queue.
+        """
+        if threading.current_thread() is self._thread:
+            return False
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._unfinished:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
+import inspect
 import types
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -147,8 +149,9 @@ class AuditEmitter:
         """Register a plugin; returns its name (None if it was blocked).
 
         Without *name*, a module is named by its ``__name__`` and any other
-        object by its class (``"package.module.ClassName"``), or by pluggy's
-        default if that name is taken already.
+        object by its class (``"package.module.ClassName"``, then
+        ``"...ClassName#2"`` for a second one): names stay the same from one
+        process to the next, as the outbox's per-plugin state needs.
 
         :raises ValueError: the plugin, or its name, is registered already, or
             it declares a hook wrapper.
@@ -160,9 +163,11 @@ class AuditEmitter:
             # outbox's per-plugin delivery state and relays in other
             # processes need a name that is the same every run.
             kind = type(plugin)
-            candidate = f"{kind.__module__}.{kind.__qualname__}"
-            if self.plugin_manager.get_plugin(candidate) is None:
-                name = candidate
+            base = f"{kind.__module__}.{kind.__qualname__}"
+            name, number = base, 1
+            while self.plugin_manager.get_plugin(name) is not None:
+                number += 1
+                name = f"{base}#{number}"
         registered = self.plugin_manager.register(plugin, name)
         self._refuse_wrappers(plugin)
         try:
@@ -293,21 +298,34 @@ class AuditEmitter:
                 report,
             )
 
-        try:
-            if bind.dialect.is_async and loop is not None:
-                # An async engine's connections belong to its event loop: run
-                # the update there, from this worker thread.
-                from sqlalchemy.util import greenlet_spawn
-
-                asyncio.run_coroutine_threadsafe(greenlet_spawn(mark), loop).result(60)
-            else:
-                mark()
-        except Exception:
-            logger.exception(
+        def failed(error: BaseException | None = None) -> None:
+            logger.error(
                 "could not mark outbox rows %s as delivered; the relay will "
                 "deliver them again (consumers de-duplicate by id)",
                 ", ".join(str(envelope.id) for envelope in envelopes),
+                exc_info=error,
             )
+
+        if bind.dialect.is_async and loop is not None:
+            # An async engine's connections belong to its event loop: run the
+            # update there. Without waiting: the loop may be the one blocked in
+            # emitter.flush(), waiting for this very job.
+            from sqlalchemy.util import greenlet_spawn
+
+            def check(done: concurrent.futures.Future[None]) -> None:
+                if done.cancelled():
+                    failed()
+                elif done.exception() is not None:
+                    failed(done.exception())
+
+            asyncio.run_coroutine_threadsafe(
+                greenlet_spawn(mark), loop
+            ).add_done_callback(check)
+            return
+        try:
+            mark()
+        except Exception:
+            failed()
 
     def _discarded(self, events: Sequence[StagedEvent], reason: str) -> None:
         if not signals.audit_event_discarded.receivers:
@@ -317,9 +335,22 @@ class AuditEmitter:
                 signals.audit_event_discarded, self, event=staged, reason=reason
             )
 
+    def _listen_to_class(self, session_class: type[Any]) -> None:
+        """Install this emitter's listeners on a class whose owner a selector picks."""
+        self._listeners.listen(session_class)
+
     def _refuse_wrappers(self, plugin: object) -> None:
         for caller in self.plugin_manager.get_hookcallers(plugin) or ():
             for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and inspect.iscoroutinefunction(impl.function):
+                    name = impl.plugin_name
+                    self.plugin_manager.unregister(plugin)
+                    raise ValueError(
+                        f"plugin {name!r} implements {caller.name} as a coroutine "
+                        "function; hooks are called synchronously (nothing would "
+                        "await it): make it a plain def, and hand the work to your "
+                        "event loop yourself"
+                    )
                 if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
                     name = impl.plugin_name
                     self.plugin_manager.unregister(plugin)

@@ -423,3 +423,33 @@ def test_background_commit_from_an_orm_session_on_a_database(
         sink.gate.set()
     assert emitter.flush(timeout=10)
     assert sink.names == [str(number) for number in range(5)]
+
+
+def test_a_plugin_committing_another_session_never_deadlocks_the_worker(
+    emitters: list[AuditEmitter],
+) -> None:
+    """With a full queue, a plugin's own commit is queued past the bound."""
+    follow_ups: list[str] = []
+
+    class Chaining:
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            if envelope.event_type == "report_viewed":
+                with maker() as other:  # another attached session
+                    stage_event(
+                        other, "report_followed_up", target_type="report",
+                        target_id=envelope.target_id, action="follow_up",
+                    )  # fmt: skip
+                    other.commit()
+            else:
+                follow_ups.append(envelope.target_id)
+                assert emitter.flush(timeout=5) is False  # from the worker itself
+
+    sink = Sink()
+    emitter, maker = background(emitters, sink, queue_size=1)
+    emitter.register(Chaining(), name="chaining")
+    committer = in_thread(lambda: [commit_one(maker, str(n)) for n in range(5)])
+    committer.join(timeout=30)
+    assert not committer.is_alive(), "a commit is stuck behind the worker"
+    assert emitter.flush(timeout=30)
+    assert sorted(follow_ups) == ["0", "1", "2", "3", "4"]

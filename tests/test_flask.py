@@ -394,3 +394,17 @@ def test_flask_relay_command_needs_an_outbox(tmp_path: Path) -> None:
     result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
     assert result.exit_code != 0
     assert "no outbox" in result.output
+
+
+def test_request_id_is_per_request_even_inside_one_app_context(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """Requests made while a test holds an app context still get their own ids."""
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db)
+    with app.app_context():
+        client = app.test_client()
+        client.post("/tags/a")
+        client.post("/tags/b")
+    ids = [e.metadata["request_id"] for e in audit_events.events]
+    assert ids[0] == ids[1] != ids[2] == ids[3]

@@ -765,3 +765,26 @@ def test_hook_call_order_follows_pluggy(
     calls.clear()
     emitter.plugin_manager.hook.audit_event_logged(envelope=None)
     assert calls == {"audit_event_logged": expected}
+
+
+def test_coroutine_hook_implementations_are_refused() -> None:
+    """An ``async def`` hook would never be awaited: register() refuses it."""
+
+    class AsyncSink:
+        @hookimpl
+        async def audit_event_logged(self, envelope: object) -> None:
+            raise AssertionError("never awaited")
+
+    emitter = AuditEmitter(load_entrypoints=False)
+    sink = AsyncSink()
+    with pytest.raises(ValueError, match="coroutine function"):
+        emitter.register(sink)
+    assert not emitter.plugin_manager.is_registered(sink)
+
+
+def test_unnamed_plugins_get_stable_names_by_class() -> None:
+    """Unnamed instances are named by class path, then "#2", "#3"."""
+    emitter = AuditEmitter(load_entrypoints=False)
+    names = [emitter.register(Recorder()) for _ in range(3)]
+    base = f"{Recorder.__module__}.{Recorder.__qualname__}"
+    assert names == [base, f"{base}#2", f"{base}#3"]

@@ -208,7 +208,7 @@ def _attach_to_flask_sqlalchemy(db: SQLAlchemy, emitter: AuditEmitter) -> None:
     session_class = listen_target(db.session)
     assert isinstance(session_class, type)
     select_by(session_class, _current_app_emitter)
-    emitter._listeners.listen(session_class)
+    emitter._listen_to_class(session_class)
 
 
 def _current_app_emitter(session: Session) -> AuditEmitter | None:

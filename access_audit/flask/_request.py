@@ -6,13 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import g, has_request_context, request
+from flask import has_request_context, request
 
 __all__ = ["request_metadata"]
 
 _REQUEST_ID_HEADER = "X-Request-ID"
 _MAX_REQUEST_ID = 200
-_G_REQUEST_ID = "_access_audit_request_id"
+_ENVIRON_REQUEST_ID = "access_audit.request_id"
 
 
 def request_metadata() -> dict[str, Any] | None:
@@ -39,12 +39,15 @@ def request_id() -> str:
 
     Every event of one request gets the same id.
     """
-    found: str | None = g.get(_G_REQUEST_ID)
+    # Kept in the WSGI environ: it is the request's own (an app context, and
+    # so flask.g, may outlive several requests, in tests for one).
+    environ = request.environ
+    found: str | None = environ.get(_ENVIRON_REQUEST_ID)
     if found is None:
         sent = request.headers.get(_REQUEST_ID_HEADER, "")
         if 0 < len(sent) <= _MAX_REQUEST_ID and sent.isprintable():
             found = sent
         else:
             found = uuid.uuid4().hex
-        setattr(g, _G_REQUEST_ID, found)
+        environ[_ENVIRON_REQUEST_ID] = found
     return found

@@ -1,8 +1,8 @@
 """The pytest plugin: the ``audit_events`` fixture.
 
 Loaded through the ``pytest11`` entry point named ``access_audit``; turn it
-off with ``-p no:access_audit``. It imports nothing of access_audit until
-the fixture is used, so it costs nothing in suites that do not use it.
+off with ``-p no:access_audit``. Loading it imports access_audit's core (and
+so SQLAlchemy, pluggy and blinker), never Flask or any sink's client library.
 """
 
 from __future__ import annotations

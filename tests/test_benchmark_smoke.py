@@ -1,0 +1,116 @@
+"""The benchmark's quick mode runs end to end, so that it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD_KEYS = ("commit", "flask_signal", "bulk", "memory")
+RATIO_KEYS = ("median", "q1", "q3", "low", "high")
+
+
+def run_benchmark(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks ARGUMENTS`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    """One quick run on SQLite: its printed table and its JSON figures."""
+    output = tmp_path_factory.mktemp("benchmark") / "latest.json"
+    completed = run_benchmark(
+        "--quick", "--databases", "sqlite", "--output", str(output)
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout, json.loads(output.read_text())
+
+
+def test_quick_run_describes_the_machine(quick_run: tuple[str, dict[str, Any]]) -> None:
+    """The JSON names CPU, cores, Python and SQLAlchemy; quick mode enforces nothing."""
+    _, figures = quick_run
+    machine = figures["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1
+    assert machine["python"].endswith(platform.python_version())
+    assert machine["versions"]["SQLAlchemy"][0].isdigit()
+    assert figures["settings"]["quick"] is True
+    assert figures["passed"] is None
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_KEYS, ids=WORKLOAD_KEYS)
+def test_quick_run_writes_each_workload(
+    quick_run: tuple[str, dict[str, Any]], workload: str
+) -> None:
+    """Every workload has its figures under the database it ran on, and only that."""
+    _, figures = quick_run
+    assert list(figures["databases"]) == ["sqlite"]
+    assert workload in figures["databases"]["sqlite"]
+
+
+def test_quick_run_figures_are_measured(quick_run: tuple[str, dict[str, Any]]) -> None:
+    """Ratios, rates and memory figures are present and positive where they must be."""
+    _, figures = quick_run
+    sqlite = figures["databases"]["sqlite"]
+    commit, flask = sqlite["commit"], sqlite["flask_signal"]
+    for ratio in (commit["no_event_ratio"], commit["one_event_ratio"]):
+        assert set(ratio) == set(RATIO_KEYS) and ratio["median"] > 0
+    for key in ("track_modifications_ratio", "access_audit_ratio"):
+        assert flask[key]["median"] > 0
+    bulk = sqlite["bulk"]
+    assert len(bulk["sizes"]) == 3 and len(bulk["savepoints"]) == 2
+    for size in bulk["sizes"].values():
+        assert size["commit_dispatch_events_per_s"]["median"] > 0
+        assert size["stage_us_per_event"]["median"] > 0
+    assert bulk["scaling_total_per_event"]["median"] > 0
+    for ending in ("rollback", "close"):
+        assert sqlite["memory"][ending]["transactions"] > 0
+        assert sqlite["memory"][ending]["info_keys_left"] == []
+        assert isinstance(sqlite["memory"][ending]["retained_bytes"], int)
+
+
+def test_quick_run_prints_targets_unchecked(
+    quick_run: tuple[str, dict[str, Any]],
+) -> None:
+    """The table lists every target, marked as not enforced in quick mode."""
+    table, figures = quick_run
+    targets = figures["targets"]
+    assert {target["workload"].split()[0] for target in targets} == {
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+    }
+    assert all(isinstance(target["passed"], bool) for target in targets)
+    assert all(target["rounds"] for target in targets if target["unit"] == "x")
+    results = {
+        line.split("|")[-2].strip()
+        for line in table.splitlines()
+        if line.startswith("| sqlite")
+    }
+    assert results == {"", "(quick)"}
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [("--databases", "oracle"), ("--workloads", "commit,nonsense")],
+    ids=["unknown-database", "unknown-workload"],
+)
+def test_unknown_names_are_a_usage_error(arguments: tuple[str, ...]) -> None:
+    """An unknown database or workload name exits 2 and names the valid choices."""
+    completed = run_benchmark("--quick", *arguments)
+    assert completed.returncode == 2
+    assert "choose from" in completed.stderr
