@@ -150,7 +150,7 @@ class SessionListeners:
             pending.levels.setdefault(outer, []).extend(events)
             events = None
         if events and not committed:
-            pending.lazy = [e for e in pending.lazy if e not in events]
+            pending.forget(events)
         if not pending.levels and not pending.envelopes:
             del session.info[PENDING_KEY]
         if events and not committed:

@@ -8,7 +8,6 @@ stays in ``session.info`` once the outermost transaction has ended.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -37,27 +36,45 @@ DETACHED = "detached"
 _COMMITTED = SessionTransactionState.COMMITTED
 
 
-@dataclasses.dataclass(slots=True, eq=False)
 class Pending:
     """One session's parked events, by boundary, and what happened to them."""
 
-    emitter: AuditEmitter
-    levels: dict[SessionTransaction, list[StagedEvent]] = dataclasses.field(
-        default_factory=dict
+    __slots__ = (
+        "built",
+        "committed",
+        "committed_at",
+        "emitter",
+        "envelopes",
+        "lazy",
+        "levels",
+        "outbox_bind",
+        "rolled_back",
+        "transaction_id",
     )
-    committed: set[SessionTransaction] = dataclasses.field(default_factory=set)
-    rolled_back: set[SessionTransaction] = dataclasses.field(default_factory=set)
-    lazy: list[StagedEvent] = dataclasses.field(default_factory=list)
-    """Staged events whose lazy values are not resolved yet."""
-    built: list[AuditEventEnvelope] = dataclasses.field(default_factory=list)
-    """Envelopes of the commit's events, in order, as they are built: in
-    ``after_commit``, or before COMMIT when they go to an outbox."""
-    transaction_id: uuid.UUID | None = None
-    committed_at: datetime | None = None
-    outbox_bind: Engine | Connection | None = None
-    """Where the outbox rows of this commit were written, to mark them later."""
-    envelopes: tuple[AuditEventEnvelope, ...] = ()
-    """The finished batch, from ``after_commit`` until the transaction ends."""
+
+    def __init__(self, emitter: AuditEmitter) -> None:
+        # Made for every transaction that stages an event: plain literals.
+        self.emitter = emitter
+        self.levels: dict[SessionTransaction, list[StagedEvent]] = {}
+        self.committed: set[SessionTransaction] = set()
+        self.rolled_back: set[SessionTransaction] = set()
+        self.lazy: list[StagedEvent] = []
+        """Staged events whose lazy values are not resolved yet."""
+        self.built: list[AuditEventEnvelope] = []
+        """Envelopes of the commit's events, in order, as they are built: in
+        ``after_commit``, or before COMMIT when they go to an outbox."""
+        self.transaction_id: uuid.UUID | None = None
+        self.committed_at: datetime | None = None
+        self.outbox_bind: Engine | Connection | None = None
+        """Where the outbox rows of this commit were written, to mark them later."""
+        self.envelopes: tuple[AuditEventEnvelope, ...] = ()
+        """The finished batch, from ``after_commit`` until the transaction ends."""
+
+    def forget(self, events: list[StagedEvent]) -> None:
+        """Drop *events* from the lazy ones still to resolve."""
+        if self.lazy:
+            dropped = set(events)
+            self.lazy = [staged for staged in self.lazy if staged not in dropped]
 
     def in_commit_order(self, session: Session) -> list[StagedEvent]:
         """The events of every open boundary, in the order the commit sends them.
@@ -102,8 +119,10 @@ class Pending:
 
     def reset_commit(self) -> None:
         """Forget the per-commit state once the outermost transaction ended."""
-        self.lazy = []
-        self.built = []
+        if self.lazy:
+            self.lazy = []
+        if self.built:
+            self.built = []
         self.transaction_id = self.committed_at = self.outbox_bind = None
 
 
@@ -204,7 +223,7 @@ def _change_owner(session: Session, pending: Pending, emitter: AuditEmitter) -> 
         transaction = transaction.parent
     for stale in [t for t in pending.levels if t not in open_transactions]:
         dropped = pending.levels.pop(stale)
-        pending.lazy = [e for e in pending.lazy if e not in dropped]
+        pending.forget(dropped)
         previous._discarded(dropped, DETACHED)
     pending.committed &= open_transactions
     pending.rolled_back &= open_transactions

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Union
 
@@ -17,18 +16,13 @@ __all__ = ["disown", "emitter_for", "listen_target", "own", "sync_session_of"]
 
 ListenTarget = Union[Session, "type[Session]"]
 
-_by_instance: weakref.WeakKeyDictionary[Session, AuditEmitter] = (
-    weakref.WeakKeyDictionary()
-)
-_by_class: weakref.WeakKeyDictionary[type[Session], AuditEmitter] = (
-    weakref.WeakKeyDictionary()
-)
-
+# The owning emitter is kept as an attribute of the Session instance or class
+# it was attached to: one getattr() then finds the most specific owner (the
+# instance, then the classes in MRO order) at the cost of an attribute lookup.
+_OWNER = "_access_audit_emitter"
 # Session classes whose emitter depends on more than the class: a Flask-SQLAlchemy
 # session class shared by several apps, each app with its own emitter.
-_selectors: weakref.WeakKeyDictionary[
-    type[Session], Callable[[Session], AuditEmitter | None]
-] = weakref.WeakKeyDictionary()
+_SELECTOR = "_access_audit_selector"
 
 # Marks the Session subclass made for an async_sessionmaker, so that attaching
 # to the same maker again finds it instead of making another.
@@ -65,18 +59,14 @@ def emitter_for(session: Session) -> AuditEmitter:
 
     :raises AuditConfigurationError: no emitter is attached.
     """
-    emitter = _by_instance.get(session)
+    emitter: AuditEmitter | None = getattr(session, _OWNER, None)
     if emitter is not None:
         return emitter
-    for cls in type(session).__mro__:
-        emitter = _by_class.get(cls)
+    selector = getattr(type(session), _SELECTOR, None)
+    if selector is not None:
+        emitter = selector(session)
         if emitter is not None:
             return emitter
-        selector = _selectors.get(cls)
-        if selector is not None:
-            emitter = selector(session)
-            if emitter is not None:
-                return emitter
     raise AuditConfigurationError(
         f"no AuditEmitter is attached to this {type(session).__name__}, so the "
         "event would be lost; call emitter.attach(...) on the session, its "
@@ -152,14 +142,13 @@ def own(target: ListenTarget, emitter: AuditEmitter) -> None:
 
     :raises AuditConfigurationError: another emitter owns it already.
     """
-    table: Any = _by_class if isinstance(target, type) else _by_instance
-    current = table.get(target)
+    current = _own_attribute(target)
     if current is not None and current is not emitter:
         raise AuditConfigurationError(
             f"{target!r} already has another AuditEmitter attached; detach that "
             "one first (one emitter per session; register several plugins on it)"
         )
-    table[target] = emitter
+    setattr(target, _OWNER, emitter)
 
 
 def select_by(
@@ -171,11 +160,16 @@ def select_by(
     session class with several apps). An emitter attached to the class itself,
     or to a session, still wins. The selector returns None for "not mine".
     """
-    _selectors[cls] = selector
+    setattr(cls, _SELECTOR, selector)
 
 
 def disown(target: ListenTarget, emitter: AuditEmitter) -> None:
     """Forget *emitter* as the owner of *target*, if it is."""
-    table: Any = _by_class if isinstance(target, type) else _by_instance
-    if table.get(target) is emitter:
-        del table[target]
+    if _own_attribute(target) is emitter:
+        delattr(target, _OWNER)
+
+
+def _own_attribute(target: ListenTarget) -> AuditEmitter | None:
+    """The emitter attached to *target* itself (not inherited), if any."""
+    found: AuditEmitter | None = vars(target).get(_OWNER)
+    return found
