@@ -7,7 +7,6 @@ at the first receiver that raises.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,16 +32,16 @@ def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:
     impl.function(*[arguments[name] for name in impl.argnames])
 
 
-@dataclasses.dataclass(slots=True)
 class DeliveryReport:
     """What went wrong while delivering one batch."""
 
-    errors: list[Exception] = dataclasses.field(default_factory=list)
-    """Every error raised, by plugins and receivers, in the order raised."""
-    failed: dict[str, dict[uuid.UUID, Exception]] = dataclasses.field(
-        default_factory=dict
-    )
-    """Plugin name -> id of each event that plugin failed to take -> the error."""
+    __slots__ = ("errors", "failed")
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+        """Every error raised, by plugins and receivers, in the order raised."""
+        self.failed: dict[str, dict[uuid.UUID, Exception]] = {}
+        """Plugin name -> id of each event that plugin failed to take -> the error."""
 
     def _plugin_error(
         self, name: str, envelopes: Sequence[AuditEventEnvelope], error: Exception
