@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
 from ._envelope import AuditEventEnvelope
+from ._uuid import with_inverted_tail
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -133,7 +134,7 @@ def transaction_id_for(first_event_id: uuid.UUID) -> uuid.UUID:
     event id and no other commit's id can equal it, and it sorts beside the
     events it groups. Cheaper than drawing another id for every commit.
     """
-    return uuid.UUID(int=first_event_id.int ^ 0xFFFF_FFFF)
+    return with_inverted_tail(first_event_id)
 
 
 def committing_root(session: Session) -> SessionTransaction | None:

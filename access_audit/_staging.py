@@ -19,7 +19,7 @@ from ._values import (
     PayloadRules,
     call_lazy,
     freeze_json,
-    has_lazy,
+    freeze_payload,
     resolve_lazy,
 )
 
@@ -156,8 +156,8 @@ def stage_event(
     else:
         if not isinstance(payload, Mapping):
             raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
-        frozen_payload = freeze_json(payload, "payload", lazy_ok=True, rules=rules)
-        if has_lazy(frozen_payload):
+        frozen_payload, payload_lazy = freeze_payload(payload, rules)
+        if payload_lazy:
             lazy = True
         else:
             rules.check_size(frozen_payload, event_type)

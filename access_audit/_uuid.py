@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable
+from os import urandom
+from time import time_ns
 
-__all__ = ["uuid7"]
+__all__ = ["uuid7", "with_inverted_tail"]
 
 # 42 bits of counter: the 12 bits of ``rand_a`` and the top 30 bits of ``rand_b``
 # (RFC 9562 section 6.2, method 1), re-seeded each new millisecond with its top
@@ -21,13 +22,11 @@ _SAFE = uuid.SafeUUID.unknown
 _RANDOM_CHUNK = 4096
 
 
-def _uuid_from_int(value: int) -> uuid.UUID:
-    # uuid.UUID(int=...) re-validates and costs as much again; the value is
-    # built in range here. CPython 3.14 does the same in uuid.UUID._from_int.
-    made = object.__new__(uuid.UUID)
-    object.__setattr__(made, "int", value)
-    object.__setattr__(made, "is_safe", _SAFE)
-    return made
+# uuid.UUID(int=...) re-validates and costs as much again; the value is built
+# in range here. CPython 3.14 does the same in uuid.UUID._from_int.
+_UUID = uuid.UUID
+_new_uuid = object.__new__
+_set = object.__setattr__
 
 
 class _Uuid7Generator:
@@ -49,20 +48,20 @@ class _Uuid7Generator:
         self._random = b""
         self._offset = 0
 
-    def _take(self, size: int) -> int:
-        """*size* random bytes as an int, from a buffer refilled in chunks."""
-        start = self._offset
-        if start + size > len(self._random):
-            self._random, start = os.urandom(_RANDOM_CHUNK), 0
-        self._offset = start + size
-        return int.from_bytes(self._random[start : start + size], "big")
-
     def __call__(self) -> uuid.UUID:
+        # Hot: one call per staged event. Written out flat, as few operations
+        # as the layout needs (RFC 9562 UUIDv7, method 1 counter).
         with self._lock:
-            now_ms = time.time_ns() // 1_000_000
+            now_ms = time_ns() // 1_000_000
+            offset = self._offset
+            if offset + 10 > len(self._random):
+                self._random, offset = urandom(_RANDOM_CHUNK), 0
+            random = self._random
+            self._offset = offset + 10
             if now_ms > self._last_ms:
                 self._last_ms = now_ms
-                self._counter = self._take(6) >> 7
+                # A fresh counter with its top bit clear leaves room to count.
+                self._counter = int.from_bytes(random[offset : offset + 6], "big") >> 7
             else:
                 # Same millisecond, or the clock stepped back: keep sorting
                 # after the previous id by counting up, borrowing a millisecond
@@ -72,13 +71,16 @@ class _Uuid7Generator:
                     self._last_ms += 1
                     self._counter = 0
             unix_ms, counter = self._last_ms, self._counter
-            tail = self._take(4)
+        tail = int.from_bytes(random[offset + 6 : offset + 10], "big")
         # Two 64-bit halves, joined once: cheaper than six 128-bit operations.
         # High: 48 bits of milliseconds, version 7, the counter's top 12 bits.
         high = (unix_ms & 0xFFFF_FFFF_FFFF) << 16 | 0x7000 | counter >> 30
         # Low: the RFC 4122 variant, the counter's low 30 bits, 32 random bits.
         low = 0x8000_0000_0000_0000 | (counter & 0x3FFF_FFFF) << 32 | tail
-        return _uuid_from_int(high << 64 | low)
+        made = _new_uuid(_UUID)
+        _set(made, "int", high << 64 | low)
+        _set(made, "is_safe", _SAFE)
+        return made
 
 
 def _locked_stdlib_uuid7() -> Callable[[], uuid.UUID] | None:
@@ -99,3 +101,11 @@ def _locked_stdlib_uuid7() -> Callable[[], uuid.UUID] | None:
 
 uuid7: Callable[[], uuid.UUID] = _locked_stdlib_uuid7() or _Uuid7Generator()
 """Return a new UUIDv7; a later call returns a greater UUID than an earlier one."""
+
+
+def with_inverted_tail(value: uuid.UUID) -> uuid.UUID:
+    """*value* with its 32 trailing (random) bits inverted; still a UUIDv7."""
+    made = _new_uuid(_UUID)
+    _set(made, "int", value.int ^ 0xFFFF_FFFF)
+    _set(made, "is_safe", _SAFE)
+    return made

@@ -170,6 +170,29 @@ def freeze_json(
         bad.reraise(where)
 
 
+def freeze_payload(
+    payload: Mapping[str, Any], rules: PayloadRules
+) -> tuple[Mapping[str, Any], bool]:
+    """Freeze a staged payload; also say whether it holds lazy values.
+
+    :raises TypeError, ValueError: as :func:`freeze_json` does.
+    """
+    if type(payload) is dict and not rules.redact:
+        # The common payload: a flat dict of strings, ints, bools and None.
+        for key, item in payload.items():
+            if type(key) is not str or type(item) not in _PLAIN:
+                break
+        else:
+            return ReadOnlyDict(payload), False
+    frozen = freeze_json(payload, "payload", lazy_ok=True, rules=rules)
+    return frozen, has_lazy(frozen)
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+"""Exact types that freeze to themselves with nothing to check (floats need
+the NaN check, subclasses the conversion to their base type)."""
+
+
 def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> Any:
     kind = type(value)
     if value is None or kind is str or kind is int or kind is bool:
