@@ -83,7 +83,9 @@ def main() -> None:
         weak=False,
     )
 
-    with audit_context(actor_id="u-42", actor_email="ada@example.com", job="quickstart"):
+    with audit_context(
+        actor_id="u-42", actor_email="ada@example.com", job="quickstart"
+    ):
         print("1. create a group and commit: one event")
         with SessionLocal.begin() as session:
             create_group(session, "admins")
@@ -104,7 +106,9 @@ def main() -> None:
             savepoint.rollback()
 
     with SessionLocal() as session:
-        names = sorted(session.scalars(Group.__table__.select().with_only_columns(Group.name)))
+        names = sorted(
+            session.scalars(Group.__table__.select().with_only_columns(Group.name))
+        )
     print("groups in the database:", names)
 
 
