@@ -168,14 +168,16 @@ class AuditEmitter:
             while self.plugin_manager.get_plugin(name) is not None:
                 number += 1
                 name = f"{base}#{number}"
-        registered = self.plugin_manager.register(plugin, name)
-        self._refuse_wrappers(plugin)
         try:
+            registered = self.plugin_manager.register(plugin, name)
+            self._refuse_wrappers(plugin)
             self.plugin_manager.check_pending()
         except pluggy.PluginValidationError:
             # Refused means not registered: it must not receive events, nor
-            # make every later register() fail.
-            self.plugin_manager.unregister(plugin)
+            # make every later register() fail. (Older pluggy keeps a plugin
+            # that register() itself refused.)
+            if self.plugin_manager.is_registered(plugin):
+                self.plugin_manager.unregister(plugin)
             raise
         return registered
 

@@ -237,7 +237,13 @@ def _target_id(value: object, field: str) -> str:
             f"{field} must be a str, int or UUID (or a callable returning one), "
             f"got {type(value).__name__}"
         )
-    text = str(value) if not isinstance(value, str) else str.__str__(value)
+    # int() first: before Python 3.11, str() of an IntEnum member is its name.
+    if isinstance(value, str):
+        text = str.__str__(value)
+    elif isinstance(value, int):
+        text = str(int(value))
+    else:
+        text = str(value)
     if not text:
         raise ValueError(f"{field} must not be empty")
     return text
