@@ -155,13 +155,19 @@ def _relay_batch(
             key = (found.created_at, found.transaction_id, found.sequence)
             foreign[target] = min(foreign.get(target, key), key)
         eligible: list[OutboxRow] = []
-        held = {target for target, key in foreign.items() if key < first[target]}
+        held: set[tuple[str, str]] = set()
         for group in _by_transaction(ours):
             targets = {row.target for row in group}
-            if targets & held:
+            behind = any(
+                row.target in foreign and foreign[row.target] < row.order
+                for row in group
+            )
+            if behind or targets & held:
                 held |= targets
                 continue
             eligible.extend(group)
+            if len(eligible) >= batch_size:
+                break
         if not eligible:
             return 0
         _deliver_rows(emitter, eligible, plugins, stats, max_attempts)
@@ -178,7 +184,7 @@ def _claim(
     order: tuple[Any, ...],
     batch_size: int,
 ) -> list[OutboxRow]:
-    """Lock up to *batch_size* rows of whole due transactions, in commit order.
+    """Lock the rows of whole due transactions, in commit order.
 
     A transaction is due when none of its rows waits for a retry, and no
     earlier event of one of its targets does.
@@ -221,7 +227,9 @@ def _claim(
                 .where(pending, table.c.next_attempt_at <= now)
                 .where(~held_by_target, ~incomplete)
                 .order_by(*order)
-                .limit(batch_size)
+                # Look ahead: rows another relay holds are skipped, and this
+                # one works on the transactions after them.
+                .limit(batch_size * 4)
             ).scalars()
         )
     )
