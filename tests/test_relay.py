@@ -574,6 +574,33 @@ def test_relay_keeps_a_targets_later_events_behind_one_waiting_for_retry(
     assert {row["status"] for row in outbox_rows(engine, outbox)} == {DELIVERED}
 
 
+@pytest.mark.parametrize(
+    "engine", ["postgresql", "mariadb"], indirect=True, ids=["postgresql", "mariadb"]
+)
+def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """A target's events after one locked by another relay wait for it."""
+    sink = OrderedSink()
+    emitter = make_emitter(outbox, sink=sink)
+    commit_numbered(engine, emitter, ["x", "y", "x", "y", "x"])  # n = 0 .. 4
+    sink.failing = False
+    make_due(engine, outbox)
+    table = outbox.table
+    held_id = outbox_rows(engine, outbox)[2]["id"]  # n = 2, target x
+    with engine.connect() as other_relay:
+        other_relay.begin()
+        other_relay.execute(
+            select(table.c.id).where(table.c.id == held_id).with_for_update()
+        ).all()
+        emitter.relay(engine, once=True)
+        # n = 0 is before the held row; n = 4 (x) must wait behind it.
+        assert [e.payload["n"] for e in sink.events] == [0, 1, 3]
+        other_relay.rollback()
+    emitter.relay(engine, once=True)
+    assert [e.payload["n"] for e in sink.events] == [0, 1, 3, 2, 4]
+
+
 def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
     engine: Engine, outbox: Outbox
 ) -> None:
