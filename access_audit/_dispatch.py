@@ -25,7 +25,9 @@ __all__ = ["DeliveryReport", "deliver", "delivering_plugins", "send_isolated"]
 def _in_call_order(hook: HookCaller) -> list[HookImpl]:
     # pluggy calls the last registered implementation first (tryfirst and
     # trylast already sorted in); keep that order.
-    return hook.get_hookimpls()[::-1]
+    impls = hook.get_hookimpls()  # a copy: reversing it in place is safe
+    impls.reverse()
+    return impls
 
 
 def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:

@@ -99,28 +99,27 @@ class AuditEventEnvelope:
         this runs once per committed event.
         """
         envelope = object.__new__(cls)
-        for setter, value in zip(
-            _SETTERS,
-            (
-                staged.id,
-                staged.event_type,
-                timestamp,
-                staged.staged_at,
-                staged.actor_id,
-                staged.actor_email,
-                staged.target_type,
-                staged.target_id,
-                staged.target_name,
-                staged.action,
-                staged.reason,
-                staged.payload,
-                staged.metadata,
-                transaction_id,
-                sequence,
-            ),
-            strict=True,
-        ):
-            setter(envelope, value)
+        (
+            set_id, set_event_type, set_timestamp, set_staged_at, set_actor_id,
+            set_actor_email, set_target_type, set_target_id, set_target_name,
+            set_action, set_reason, set_payload, set_metadata, set_transaction_id,
+            set_sequence,
+        ) = _SETTERS  # fmt: skip
+        set_id(envelope, staged.id)
+        set_event_type(envelope, staged.event_type)
+        set_timestamp(envelope, timestamp)
+        set_staged_at(envelope, staged.staged_at)
+        set_actor_id(envelope, staged.actor_id)
+        set_actor_email(envelope, staged.actor_email)
+        set_target_type(envelope, staged.target_type)
+        set_target_id(envelope, staged.target_id)
+        set_target_name(envelope, staged.target_name)
+        set_action(envelope, staged.action)
+        set_reason(envelope, staged.reason)
+        set_payload(envelope, staged.payload)
+        set_metadata(envelope, staged.metadata)
+        set_transaction_id(envelope, transaction_id)
+        set_sequence(envelope, sequence)
         return envelope
 
     def __hash__(self) -> int:
