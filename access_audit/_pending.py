@@ -33,7 +33,9 @@ DISPATCHING_KEY = "access_audit.dispatching"
 
 DETACHED = "detached"
 
-_COMMITTED = SessionTransactionState.COMMITTED
+# A two-phase transaction is PREPARED between prepare() and commit(): its
+# outbox rows and lazy values were settled by prepare().
+_PAST_STAGING = (SessionTransactionState.PREPARED, SessionTransactionState.COMMITTED)
 
 
 class Pending:
@@ -192,11 +194,11 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         # Begin as Session.add() does: no connection yet, and the same
         # InvalidRequestError when the session has autobegin=False.
         boundary = session._autobegin_t()
-    elif boundary._state is _COMMITTED:
+    elif boundary._state in _PAST_STAGING:
         raise RuntimeError(
-            "stage_event() was called after this transaction committed (from an "
-            "after_commit hook?); its events are being sent already. Stage "
-            "before the commit, or in the next transaction"
+            "stage_event() was called after this transaction was prepared or "
+            "committed (from an after_commit hook?); its events are being sent "
+            "already. Stage before the commit, or in the next transaction"
         )
     pending: Pending | None = info.get(PENDING_KEY)
     if pending is None:

@@ -200,7 +200,7 @@ def test_staging_from_an_after_commit_listener_raises(
     finally:
         event.remove(Session, "after_commit", after_commit)
     assert len(errors) == 1
-    assert "after this transaction committed" in str(errors[0])
+    assert "after this transaction was prepared or committed" in str(errors[0])
     assert recorder.names == (["in-time"] if prior else [])
 
 

@@ -601,6 +601,35 @@ def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
     assert [e.payload["n"] for e in sink.events] == [0, 1, 3, 2, 4]
 
 
+@pytest.mark.parametrize(
+    "engine", ["postgresql", "mariadb"], indirect=True, ids=["postgresql", "mariadb"]
+)
+def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """Relays lock only what they deliver; another takes the next rows."""
+    from access_audit.outbox._relay import _claim
+
+    sink = OrderedSink()
+    commit_numbered(
+        engine, make_emitter(outbox, sink=sink), [f"t{n}" for n in range(12)]
+    )
+    make_due(engine, outbox)
+    now = datetime.now(timezone.utc)
+    with engine.connect() as first, engine.connect() as second:
+        first.begin()
+        second.begin()
+        taken_first = _claim(first, outbox.table, now, 4)
+        taken_second = _claim(second, outbox.table, now, 4)
+        first.rollback()
+        second.rollback()
+    numbers = [
+        [json.loads(row.payload)["payload"]["n"] for row in taken]
+        for taken in (taken_first, taken_second)
+    ]
+    assert numbers == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
 def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
     engine: Engine, outbox: Outbox
 ) -> None:
@@ -761,12 +790,14 @@ def test_two_relays_at_once_deliver_each_event_once(
     assert len(numbers) == total
     assert sorted(numbers) == list(range(total))
     assert sum(totals.values()) == total
-    assert min(totals.values()) > 0, f"one relay did all the work: {totals}"
+    # No share of the work is promised: here every transaction touches 20 of
+    # 97 targets, so keeping each target in order leaves little to run side
+    # by side; what two relays must never do is deliver twice or reorder.
     by_target: dict[str, list[int]] = {}
     for _, number, target in delivered:
         by_target.setdefault(target, []).append(number)
     for target, seen in by_target.items():
-        assert seen == sorted(seen), f"{target} out of commit order"
+        assert seen == sorted(seen), f"{target} out of commit order: {seen}"
     rows = outbox_rows(engine, outbox)
     assert {row["status"] for row in rows} == {DELIVERED}
     assert {row["delivered_to"] for row in rows} == {'["sink"]'}

@@ -13,10 +13,8 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
-    and_,
     delete,
     func,
-    or_,
     select,
     tuple_,
     update,
@@ -111,9 +109,6 @@ def relay(
     return stats
 
 
-_Order = tuple[datetime, str, int]
-
-
 def _relay_batch(
     emitter: AuditEmitter,
     bind: Engine | Connection,
@@ -130,44 +125,9 @@ def _relay_batch(
     Every handled row is delivered, or its next attempt is rescheduled, so a
     relay run with ``once`` always comes to an end.
     """
-    table = outbox.table
     now = datetime.now(timezone.utc)
-    order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
-    pending = table.c.status == PENDING
     with transaction(bind) as connection:
-        ours = _claim(connection, table, now, order, batch_size)
-        if not ours:
-            return 0
-        # A target's earlier pending event held by another relay makes this
-        # relay leave the target's later events alone, keeping their order.
-        first: dict[tuple[str, str], _Order] = {}
-        for row in ours:
-            first.setdefault(row.target, row.order)
-        foreign: dict[tuple[str, str], _Order] = {}
-        for found in connection.execute(
-            select(table.c.aggregatetype, table.c.aggregateid, *order).where(
-                pending,
-                tuple_(table.c.aggregatetype, table.c.aggregateid).in_(list(first)),
-                table.c.id.not_in([row.id for row in ours]),
-            )
-        ):
-            target = (found.aggregatetype, found.aggregateid)
-            key = (found.created_at, found.transaction_id, found.sequence)
-            foreign[target] = min(foreign.get(target, key), key)
-        eligible: list[OutboxRow] = []
-        held: set[tuple[str, str]] = set()
-        for group in _by_transaction(ours):
-            targets = {row.target for row in group}
-            behind = any(
-                row.target in foreign and foreign[row.target] < row.order
-                for row in group
-            )
-            if behind or targets & held:
-                held |= targets
-                continue
-            eligible.extend(group)
-            if len(eligible) >= batch_size:
-                break
+        eligible = _claim(connection, outbox.table, now, batch_size)
         if not eligible:
             return 0
         _deliver_rows(emitter, eligible, plugins, stats, max_attempts)
@@ -178,99 +138,128 @@ def _relay_batch(
 
 
 def _claim(
+    connection: Connection, table: Table, now: datetime, batch_size: int
+) -> list[OutboxRow]:
+    """Lock and return up to about *batch_size* rows this relay may deliver now.
+
+    Whole transactions, in commit order. A transaction is taken only if all
+    its pending rows are due and free (not locked by another relay), and no
+    earlier pending event of one of its targets is left behind: that one is
+    waiting for a retry, held by another relay, or in a transaction not
+    taken. Candidates are read without locks, page by page, and only the
+    rows to deliver are locked, by primary key: a locking read that scans
+    (InnoDB) would lock every row it reads, and idle relays would starve.
+    """
+    order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
+    pending = table.c.status == PENDING
+    held: set[tuple[str, str]] = set()
+    claimed: list[OutboxRow] = []
+    seen: set[str] = set()
+    page_size = max(batch_size * 4, 50)
+    after: tuple[Any, ...] | None = None
+    for _page in range(_MAX_PAGES):
+        # Keyset paging: rows that other relays deliver meanwhile leave the
+        # pending set, and OFFSET would then skip rows this scan must see.
+        query = (
+            select(
+                table.c.id,
+                table.c.aggregatetype,
+                table.c.aggregateid,
+                table.c.next_attempt_at,
+                *order,
+            )
+            .where(pending)
+            .order_by(*order)
+            .limit(page_size)
+        )
+        if after is not None:
+            query = query.where(tuple_(*order) > tuple_(*after))
+        rows = connection.execute(query).all()
+        if not rows:
+            break
+        after = (rows[-1].created_at, rows[-1].transaction_id, rows[-1].sequence)
+        # Complete the last transaction of the page, which the limit may cut;
+        # the next page skips what this one saw.
+        groups = _group_rows(row for row in rows if row.transaction_id not in seen)
+        if not groups:
+            continue
+        last = next(reversed(groups))
+        groups[last] = list(
+            connection.execute(
+                select(
+                    table.c.id,
+                    table.c.aggregatetype,
+                    table.c.aggregateid,
+                    table.c.next_attempt_at,
+                    *order,
+                )
+                .where(pending, table.c.transaction_id == last)
+                .order_by(*order)
+            )
+        )
+        seen.update(groups)
+        pending_groups = list(groups.values())
+        while pending_groups and len(claimed) < batch_size:
+            # Try the next few groups this relay could take; those another
+            # relay holds are left behind (and hold their targets back), and
+            # the scan goes on with the groups after them.
+            wanted: list[list[Any]] = []
+            room = batch_size - len(claimed)
+            while pending_groups and room > 0:
+                group = pending_groups.pop(0)
+                targets = {(row.aggregatetype, row.aggregateid) for row in group}
+                due = all(row.next_attempt_at <= now for row in group)
+                if not due or targets & held:
+                    held |= targets
+                    continue
+                wanted.append(group)
+                room -= len(group)
+            if wanted:
+                _lock_whole(connection, table, now, wanted, held, claimed)
+        if len(claimed) >= batch_size or len(rows) < page_size:
+            break
+    return claimed
+
+
+def _lock_whole(
     connection: Connection,
     table: Table,
     now: datetime,
-    order: tuple[Any, ...],
-    batch_size: int,
-) -> list[OutboxRow]:
-    """Lock the rows of whole due transactions, in commit order.
-
-    A transaction is due when none of its rows waits for a retry, and no
-    earlier event of one of its targets does.
-    """
-    pending = table.c.status == PENDING
-    waiting = table.alias("waiting")
-    held_by_target = (
-        select(waiting.c.id)
-        .where(
-            waiting.c.status == PENDING,
-            waiting.c.next_attempt_at > now,
-            waiting.c.aggregatetype == table.c.aggregatetype,
-            waiting.c.aggregateid == table.c.aggregateid,
-            or_(
-                waiting.c.created_at < table.c.created_at,
-                and_(
-                    waiting.c.created_at == table.c.created_at,
-                    waiting.c.transaction_id < table.c.transaction_id,
-                ),
-            ),
-        )
-        .exists()
-    )
-    sibling = table.alias("sibling")
-    incomplete = (
-        select(sibling.c.id)
-        .where(
-            sibling.c.status == PENDING,
-            sibling.c.next_attempt_at > now,
-            sibling.c.transaction_id == table.c.transaction_id,
-        )
-        .exists()
-    )
-    # Find candidates without locks, then lock exactly those rows by primary
-    # key: a locking read that scans (InnoDB) would lock every row it reads.
-    transactions = list(
-        dict.fromkeys(
-            connection.execute(
-                select(table.c.transaction_id)
-                .where(pending, table.c.next_attempt_at <= now)
-                .where(~held_by_target, ~incomplete)
-                .order_by(*order)
-                # Look ahead: rows another relay holds are skipped, and this
-                # one works on the transactions after them.
-                .limit(batch_size * 4)
-            ).scalars()
-        )
-    )
-    if not transactions:
-        return []
-    members: dict[str, list[str]] = {}
-    for transaction_id, row_id in connection.execute(
-        select(table.c.transaction_id, table.c.id).where(
-            table.c.transaction_id.in_(transactions), pending
-        )
-    ):
-        members.setdefault(transaction_id, []).append(row_id)
-    rows = [
-        OutboxRow(mapping)
+    wanted: list[list[Any]],
+    held: set[tuple[str, str]],
+    claimed: list[OutboxRow],
+) -> None:
+    """Lock *wanted* groups' rows; claim the groups locked whole, in order."""
+    locked = {
+        mapping["id"]: OutboxRow(mapping)
         for mapping in connection.execute(
             select(table)
             .where(
-                table.c.id.in_([i for ids in members.values() for i in ids]),
-                pending,
+                table.c.id.in_([row.id for group in wanted for row in group]),
+                table.c.status == PENDING,
                 table.c.next_attempt_at <= now,
             )
-            .order_by(*order)
             .with_for_update(skip_locked=True)
         ).mappings()
-    ]
-    # A transaction another relay holds part of (or that changed meanwhile)
-    # is left alone.
-    locked = {row.id for row in rows}
-    complete = {
-        transaction_id
-        for transaction_id, ids in members.items()
-        if all(row_id in locked for row_id in ids)
     }
-    return [row for row in rows if row.transaction_id in complete]
+    for group in wanted:
+        targets = {(row.aggregatetype, row.aggregateid) for row in group}
+        if targets & held or not all(row.id in locked for row in group):
+            held |= targets
+            continue
+        claimed.extend(locked[row.id] for row in group)
 
 
-def _by_transaction(rows: list[OutboxRow]) -> list[list[OutboxRow]]:
-    groups: dict[str, list[OutboxRow]] = {}
+# How many pages of candidates one batch reads before it settles for what it
+# has: a backlog held behind a few waiting targets can be long.
+_MAX_PAGES = 50
+
+
+def _group_rows(rows: Any) -> dict[str, list[Any]]:
+    groups: dict[str, list[Any]] = {}
     for row in rows:
         groups.setdefault(row.transaction_id, []).append(row)
-    return list(groups.values())
+    return groups
 
 
 def _deliver_rows(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -14,6 +15,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
+    insert,
+    update,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
@@ -49,6 +53,22 @@ class UtcDateTime(TypeDecorator[datetime]):
             return None
         result: datetime = value.replace(tzinfo=timezone.utc)
         return result
+
+
+class _Statements:
+    """Outbox statements built once: constructing them costs more than running."""
+
+    def __init__(self, table: Table) -> None:
+        self.insert = insert(table)
+        self.mark_delivered = (
+            update(table)
+            .where(table.c.id.in_(bindparam("ids", expanding=True)))
+            .values(
+                status=DELIVERED,
+                delivered_to=bindparam("delivered_to"),
+                delivered_at=bindparam("delivered_at"),
+            )
+        )
 
 
 class Outbox:
@@ -124,6 +144,11 @@ class Outbox:
 
     def __repr__(self) -> str:
         return f"<Outbox table={self.table.fullname!r}>"
+
+    @functools.cached_property
+    def statements(self) -> _Statements:
+        """The statements run on every commit, built once."""
+        return _Statements(self.table)
 
     def create(self, bind: Any) -> None:
         """Create the table if it does not exist (``bind``: Engine or Connection)."""
