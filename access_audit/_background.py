@@ -13,7 +13,7 @@ from typing import Any
 
 from ._logging import logger
 
-__all__ = ["BackgroundDispatcher"]
+__all__ = ["BackgroundDispatcher", "running_loop"]
 
 Job = Callable[[], None]
 
@@ -60,7 +60,7 @@ class BackgroundDispatcher:
             if (
                 len(self._jobs) >= self.maxsize
                 and threading.current_thread() is not self._thread
-                and not _in_event_loop()
+                and running_loop() is None
             ):
                 if self.when_full == DROP:
                     self.dropped += 1
@@ -128,12 +128,12 @@ class BackgroundDispatcher:
                     self._lock.notify_all()
 
 
-def _in_event_loop() -> bool:
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio event loop running in this thread, if any."""
     try:
-        asyncio.get_running_loop()
+        return asyncio.get_running_loop()
     except RuntimeError:
-        return False
-    return True
+        return None
 
 
 def _close_at_exit(reference: weakref.ref[Any]) -> None:

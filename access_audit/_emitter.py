@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import signals
-from ._background import BLOCK, DROP, BackgroundDispatcher
+from ._background import BLOCK, DROP, BackgroundDispatcher, running_loop
 from ._context import ActorResolver, MetadataProvider
 from ._dispatch import DeliveryReport, deliver, delivering_plugins, send_isolated
 from ._errors import AuditConfigurationError
@@ -138,7 +138,7 @@ class AuditEmitter:
         if load_entrypoints:
             self.plugin_manager.load_setuptools_entrypoints(PROJECT_NAME)
             for plugin in self.plugin_manager.get_plugins():
-                self._refuse_wrappers(plugin)
+                self._refuse_unsupported_hooks(plugin)
         self.plugin_manager.check_pending()
 
     def __repr__(self) -> str:
@@ -170,7 +170,7 @@ class AuditEmitter:
                 name = f"{base}#{number}"
         try:
             registered = self.plugin_manager.register(plugin, name)
-            self._refuse_wrappers(plugin)
+            self._refuse_unsupported_hooks(plugin)
             self.plugin_manager.check_pending()
         except pluggy.PluginValidationError:
             # Refused means not registered: it must not receive events, nor
@@ -249,7 +249,7 @@ class AuditEmitter:
         if self._background is None:
             self._deliver(envelopes, outbox_bind, None)
             return
-        loop = _running_loop()
+        loop = running_loop()
         try:
             self._background.submit(
                 functools.partial(self._deliver, envelopes, outbox_bind, loop)
@@ -341,31 +341,26 @@ class AuditEmitter:
         """Install this emitter's listeners on a class whose owner a selector picks."""
         self._listeners.listen(session_class)
 
-    def _refuse_wrappers(self, plugin: object) -> None:
+    def _refuse_unsupported_hooks(self, plugin: object) -> None:
+        # Each implementation is called on its own and synchronously: a
+        # wrapper has nothing to wrap, and nothing would await a coroutine.
         for caller in self.plugin_manager.get_hookcallers(plugin) or ():
             for impl in caller.get_hookimpls():
-                if impl.plugin is plugin and inspect.iscoroutinefunction(impl.function):
-                    name = impl.plugin_name
-                    self.plugin_manager.unregister(plugin)
-                    raise ValueError(
-                        f"plugin {name!r} implements {caller.name} as a coroutine "
-                        "function; hooks are called synchronously (nothing would "
-                        "await it): make it a plain def, and hand the work to your "
-                        "event loop yourself"
+                if impl.plugin is not plugin:
+                    continue
+                if inspect.iscoroutinefunction(impl.function):
+                    problem = (
+                        "as a coroutine function; hooks are called synchronously: "
+                        "make it a plain def and hand the work to your event loop"
                     )
-                if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
-                    name = impl.plugin_name
-                    self.plugin_manager.unregister(plugin)
-                    raise ValueError(
-                        f"plugin {name!r} declares {caller.name} as a wrapper; "
-                        "access_audit calls each implementation on its own, so "
-                        "declare it with a plain @hookimpl"
+                elif impl.hookwrapper or impl.wrapper:
+                    problem = (
+                        "as a wrapper; access_audit calls each implementation on "
+                        "its own, so declare it with a plain @hookimpl"
                     )
+                else:
+                    continue
+                name = impl.plugin_name
+                self.plugin_manager.unregister(plugin)
+                raise ValueError(f"plugin {name!r} declares {caller.name} {problem}")
         logger.debug("registered plugin %r", self.plugin_manager.get_name(plugin))
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

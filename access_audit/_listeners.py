@@ -149,16 +149,17 @@ class SessionListeners:
                 outer = outer.parent
             pending.levels.setdefault(outer, []).extend(events)
             events = None
-        if events and not committed:
-            pending.forget(events)
-        if not pending.levels and not pending.envelopes:
+        dropped = events if events and not committed else None
+        if dropped:
+            pending.forget(dropped)
+        if not pending.levels:
             del session.info[PENDING_KEY]
-        if events and not committed:
+        if dropped:
             if rolled_back:
                 reason = SAVEPOINT_ROLLBACK if transaction.nested else ROLLBACK
             else:
                 reason = CLOSE
-            self._emitter._discarded(events, reason)
+            self._emitter._discarded(dropped, reason)
         if envelopes:
             session.info[DISPATCHING_KEY] = True
             try:

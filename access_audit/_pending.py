@@ -101,7 +101,10 @@ class Pending:
         if start >= len(events):
             return []
         if self.transaction_id is None:
-            self.transaction_id = transaction_id_for(events[0].id)
+            # The commit's id: its first event id with the random bits
+            # inverted; ids never repeat a (time, counter) pair, so no event
+            # or other commit has it, and it sorts beside its events.
+            self.transaction_id = with_inverted_tail(events[0].id)
             self.committed_at = datetime.now(timezone.utc)
         assert self.committed_at is not None
         new = [
@@ -114,10 +117,14 @@ class Pending:
         return new
 
     def resolve(self) -> None:
-        """Resolve the lazy values staged so far (they raise to the caller)."""
-        while self.lazy:
-            self.lazy[0]._resolve()
-            del self.lazy[0]
+        """Resolve the lazy values staged so far (they raise to the caller).
+
+        An event resolved before a later one raised is not called again: its
+        values are plain now.
+        """
+        for staged in self.lazy:
+            staged._resolve()
+        self.lazy.clear()
 
     def reset_commit(self) -> None:
         """Forget the per-commit state once the outermost transaction ended."""
@@ -126,17 +133,6 @@ class Pending:
         if self.built:
             self.built = []
         self.transaction_id = self.committed_at = self.outbox_bind = None
-
-
-def transaction_id_for(first_event_id: uuid.UUID) -> uuid.UUID:
-    """The id of the commit whose first event has *first_event_id*.
-
-    A UUIDv7 with the event id's time and counter and the 32 random bits
-    inverted: the id generator never repeats a (time, counter) pair, so no
-    event id and no other commit's id can equal it, and it sorts beside the
-    events it groups. Cheaper than drawing another id for every commit.
-    """
-    return with_inverted_tail(first_event_id)
 
 
 def committing_root(session: Session) -> SessionTransaction | None:
@@ -149,12 +145,12 @@ def committing_root(session: Session) -> SessionTransaction | None:
     ``_current_fn``; ``tests/test_semantics.py`` pins this on every database).
     """
     root = session.get_transaction()
-    if root is None:
-        return None
+    return root if root is not None and _preparing(root) else None
+
+
+def _preparing(root: SessionTransaction) -> bool:
     running = getattr(root, "_current_fn", None)
-    if getattr(running, "__name__", None) == "_prepare_impl":
-        return root
-    return None
+    return getattr(running, "__name__", None) == "_prepare_impl"
 
 
 def prepare_commit(session: Session, pending: Pending) -> None:
@@ -189,11 +185,12 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
             "commit; stage on another session (its events are emitted when it "
             "commits), or stage before committing"
         )
-    boundary = session.get_nested_transaction() or session.get_transaction()
+    root = session.get_transaction()
+    boundary = session.get_nested_transaction() or root
     if boundary is None:
         # Begin as Session.add() does: no connection yet, and the same
         # InvalidRequestError when the session has autobegin=False.
-        boundary = session._autobegin_t()
+        root = boundary = session._autobegin_t()
     elif boundary._state in _PAST_STAGING:
         raise RuntimeError(
             "stage_event() was called after this transaction was prepared or "
@@ -212,7 +209,7 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         level.append(staged)
     if staged.lazy:
         pending.lazy.append(staged)
-    if not session._flushing and committing_root(session) is not None:
+    if not session._flushing and root is not None and _preparing(root):
         # Staged by a before_commit hook (or a SAVEPOINT released by this
         # commit) after our own preparation ran: prepare it now, keys first.
         session.flush()

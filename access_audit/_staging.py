@@ -123,7 +123,7 @@ def stage_event(
     :raises TypeError: a value of the wrong type, or not JSON-serialisable.
     :raises AuditConfigurationError: no emitter is attached to the session.
     :raises RuntimeError: the session is dispatching its own commit, or its
-        transaction has already committed.
+        transaction has already been prepared or committed.
     """
     sync_session = sync_session_of(session)
     emitter = emitter_for(sync_session)
@@ -149,13 +149,11 @@ def stage_event(
     if reason is not None and type(reason) is not str:
         reason = _optional_str(reason, "reason")
     rules = emitter._payload_rules
+    if payload is not None and not isinstance(payload, Mapping):
+        raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
     if not payload:
-        if payload is not None and not isinstance(payload, Mapping):
-            raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
         frozen_payload: Mapping[str, Any] = EMPTY
     else:
-        if not isinstance(payload, Mapping):
-            raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
         frozen_payload, payload_lazy = freeze_payload(payload, rules)
         if payload_lazy:
             lazy = True

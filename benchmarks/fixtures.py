@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from time import perf_counter_ns
 from typing import Any
 
 from sqlalchemy import Engine, String, create_engine, event, text
@@ -20,6 +21,7 @@ __all__ = [
     "make_engine",
     "server_version",
     "stage_one",
+    "timed_commits",
 ]
 
 DATABASES = ("sqlite", "postgresql")
@@ -66,6 +68,18 @@ def stage_one(session: Any, name: str) -> None:
         action="create",
         payload={"name": name},
     )
+
+
+def timed_commits(session: Any, ops: int, stage: bool) -> int:
+    """Insert a row and commit *ops* times; with ``stage``, audit each. Returns ns."""
+    start = perf_counter_ns()
+    for number in range(ops):
+        name = f"item-{number}"
+        session.add(BenchItem(name=name))
+        if stage:
+            stage_one(session, name)
+        session.commit()
+    return perf_counter_ns() - start
 
 
 def database_url(database: str) -> str:

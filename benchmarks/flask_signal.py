@@ -19,7 +19,6 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from time import perf_counter_ns
 from typing import Any
 
 from flask import Flask
@@ -27,7 +26,7 @@ from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session as FlaskSession
 from flask_sqlalchemy.track_modifications import models_committed
 
-from .fixtures import Base, BenchItem, database_url, make_emitter, stage_one
+from .fixtures import Base, database_url, make_emitter, timed_commits
 from .harness import (
     Batch,
     Settings,
@@ -65,15 +64,7 @@ def _flask_batch(app: Flask, db: SQLAlchemy, stage: bool) -> Batch:
 
     def batch(ops: int) -> int:
         with app.app_context():
-            session = db.session
-            start = perf_counter_ns()
-            for number in range(ops):
-                name = f"item-{number}"
-                session.add(BenchItem(name=name))
-                if stage:
-                    stage_one(session, name)
-                session.commit()
-            return perf_counter_ns() - start
+            return timed_commits(db.session, ops, stage)
 
     return batch
 

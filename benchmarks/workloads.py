@@ -22,7 +22,14 @@ from sqlalchemy.orm import sessionmaker
 
 from access_audit.outbox import Outbox
 
-from .fixtures import Base, BenchItem, make_emitter, make_engine, stage_one
+from .fixtures import (
+    Base,
+    BenchItem,
+    make_emitter,
+    make_engine,
+    stage_one,
+    timed_commits,
+)
 from .harness import (
     Batch,
     Row,
@@ -52,14 +59,7 @@ def _commit_batch(maker: sessionmaker[Any], stage: bool) -> Batch:
 
     def batch(ops: int) -> int:
         with maker() as session:
-            start = perf_counter_ns()
-            for number in range(ops):
-                name = f"item-{number}"
-                session.add(BenchItem(name=name))
-                if stage:
-                    stage_one(session, name)
-                session.commit()
-            return perf_counter_ns() - start
+            return timed_commits(session, ops, stage)
 
     return batch
 

@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 from support import Base, Recorder
 
 from access_audit import AuditEmitter
+from access_audit.outbox import Outbox
 
 pytest_plugins = ["pytester"]
 
@@ -158,3 +159,13 @@ def Session(engine: Engine, emitter: AuditEmitter) -> Iterator[sessionmaker]:
     emitter.attach(maker)
     yield maker
     emitter.detach(maker)
+
+
+@pytest.fixture
+def outbox(engine: Engine) -> Iterator[Outbox]:
+    """The outbox table, created fresh on ``engine`` and dropped afterwards."""
+    table = Outbox()
+    table.drop(engine)
+    table.create(engine)
+    yield table
+    table.drop(engine)

@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import ForeignKeyConstraint, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from access_audit import AuditEventEnvelope, hookimpl, stage_event
+from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit.outbox import Outbox
 
 
 class Base(DeclarativeBase):
@@ -88,3 +89,25 @@ def stored_names(engine: Any) -> list[str]:
 
 def iter_names(events: list[AuditEventEnvelope]) -> Iterator[str]:
     return (envelope.target_id for envelope in events)
+
+
+def outbox_emitter(outbox: Outbox, **plugins: object) -> AuditEmitter:
+    """An outbox emitter with *plugins* registered under their keyword names."""
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    for name, plugin in plugins.items():
+        emitter.register(plugin, name=name)
+    return emitter
+
+
+def outbox_rows(engine: Any, outbox: Outbox) -> list[dict[str, Any]]:
+    """Every outbox row, in commit order, as plain dicts."""
+    table = outbox.table
+    with Session(engine) as session:
+        return [
+            dict(row)
+            for row in session.execute(
+                select(table).order_by(
+                    table.c.created_at, table.c.transaction_id, table.c.sequence
+                )
+            ).mappings()
+        ]

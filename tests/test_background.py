@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import sessionmaker
+from support import outbox_rows
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import DELIVERED, PENDING, Outbox
@@ -201,30 +202,6 @@ def test_drop_policy_requires_an_outbox() -> None:
     """queue_full="drop" without an outbox is refused: it would lose events."""
     with pytest.raises(ValueError, match="outbox"):
         AuditEmitter(load_entrypoints=False, dispatch="background", queue_full="drop")
-
-
-@pytest.fixture
-def outbox(engine: Engine) -> Iterator[Outbox]:
-    """The outbox table, created fresh on ``engine`` and dropped afterwards."""
-    table = Outbox()
-    table.drop(engine)
-    table.create(engine)
-    yield table
-    table.drop(engine)
-
-
-def outbox_rows(engine: Engine, outbox: Outbox) -> list[dict[str, Any]]:
-    """Every outbox row, in commit order, as plain dicts."""
-    table = outbox.table
-    with engine.connect() as connection:
-        return [
-            dict(row)
-            for row in connection.execute(
-                select(table).order_by(
-                    table.c.created_at, table.c.transaction_id, table.c.sequence
-                )
-            ).mappings()
-        ]
 
 
 def test_full_queue_drops_and_counts_and_the_relay_delivers_the_dropped(

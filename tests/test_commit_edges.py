@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
-from support import Item, Recorder, stored_names
+from support import Item, Recorder, outbox_rows, stored_names
 
 from access_audit import AuditEmitter, stage_event
 from access_audit.outbox import Outbox
@@ -20,14 +20,6 @@ from access_audit.outbox import Outbox
 def stage(session: OrmSession, name: str, **fields: Any) -> None:
     fields.setdefault("target_id", name)
     stage_event(session, "item_touched", target_type="item", action="touch", **fields)
-
-
-@pytest.fixture
-def outbox(engine: Engine) -> Iterator[Outbox]:
-    box = Outbox(table_name="audit_edges_outbox")
-    box.create(engine)
-    yield box
-    box.drop(engine)
 
 
 @pytest.fixture
@@ -43,12 +35,7 @@ def OutboxSession(
 
 
 def outbox_ids(engine: Engine, outbox: Outbox) -> list[str]:
-    with engine.connect() as connection:
-        return list(
-            connection.scalars(
-                select(outbox.table.c.id).order_by(outbox.table.c.sequence)
-            )
-        )
+    return [row["id"] for row in outbox_rows(engine, outbox)]
 
 
 def test_begin_block_with_a_savepoint_left_open_resolves_before_commit(

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
-from support import Child, Item, operation, stored_names
+from support import Child, Item, operation, outbox_emitter, outbox_rows, stored_names
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import DELIVERED, PENDING, Outbox
@@ -49,24 +49,6 @@ class Sink:
 
 
 @pytest.fixture
-def outbox(engine: Engine) -> Iterator[Outbox]:
-    """The outbox table, created fresh on ``engine`` and dropped afterwards."""
-    table = Outbox()
-    table.drop(engine)
-    table.create(engine)
-    yield table
-    table.drop(engine)
-
-
-def make_emitter(outbox: Outbox, **plugins: Sink) -> AuditEmitter:
-    """An outbox emitter with *plugins* registered under their keyword names."""
-    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    for name, plugin in plugins.items():
-        emitter.register(plugin, name=name)
-    return emitter
-
-
-@pytest.fixture
 def sink() -> Sink:
     return Sink()
 
@@ -74,25 +56,11 @@ def sink() -> Sink:
 @pytest.fixture
 def Session(engine: Engine, outbox: Outbox, sink: Sink) -> Iterator[sessionmaker]:
     """A sessionmaker whose emitter writes to ``outbox`` and delivers to "sink"."""
-    emitter = make_emitter(outbox, sink=sink)
+    emitter = outbox_emitter(outbox, sink=sink)
     maker = sessionmaker(engine)
     emitter.attach(maker)
     yield maker
     emitter.detach(maker)
-
-
-def outbox_rows(engine: Engine, outbox: Outbox) -> list[dict[str, Any]]:
-    """Every outbox row, in commit order, as plain dicts."""
-    table = outbox.table
-    with engine.connect() as connection:
-        return [
-            dict(row)
-            for row in connection.execute(
-                select(table).order_by(
-                    table.c.created_at, table.c.transaction_id, table.c.sequence
-                )
-            ).mappings()
-        ]
 
 
 def row_names(engine: Engine, outbox: Outbox) -> list[str]:
@@ -261,7 +229,7 @@ def test_inline_dispatch_marks_rows_delivered_to_every_plugin(
 ) -> None:
     """After inline dispatch each row is delivered, to the names of all plugins."""
     first, second = Sink(), Sink()
-    emitter = make_emitter(outbox, alpha=first, beta=second)
+    emitter = outbox_emitter(outbox, alpha=first, beta=second)
     with OrmSession(engine) as session:
         emitter.attach(session)
         operation(session, "one")
@@ -283,7 +251,7 @@ def test_raising_plugin_leaves_rows_pending_with_the_others_delivered(
 ) -> None:
     """A raising plugin leaves its rows pending, naming who took them and the error."""
     good, bad = Sink(), Sink(failing=True)
-    emitter = make_emitter(outbox, good=good, bad=bad)
+    emitter = outbox_emitter(outbox, good=good, bad=bad)
     with OrmSession(engine) as session:
         emitter.attach(session)
         operation(session, "one")
@@ -388,7 +356,7 @@ def test_async_session_commit_writes_and_marks_rows(tmp_path: Path) -> None:
     """With AsyncSession (aiosqlite), committed events get rows marked delivered."""
     outbox = Outbox()
     sink = Sink()
-    emitter = make_emitter(outbox, sink=sink)
+    emitter = outbox_emitter(outbox, sink=sink)
 
     async def main() -> list[dict[str, Any]]:
         engine = aiosqlite_engine(tmp_path / "async.db")

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session as OrmSession
+from support import outbox_emitter, outbox_rows
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import (
@@ -68,24 +68,6 @@ class Sink:
         return [str(envelope.id) for envelope in self.events]
 
 
-@pytest.fixture
-def outbox(engine: Engine) -> Iterator[Outbox]:
-    """The outbox table, created fresh on ``engine`` and dropped afterwards."""
-    table = Outbox()
-    table.drop(engine)
-    table.create(engine)
-    yield table
-    table.drop(engine)
-
-
-def make_emitter(outbox: Outbox, **plugins: object) -> AuditEmitter:
-    """An outbox emitter with *plugins* registered under their keyword names."""
-    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    for name, plugin in plugins.items():
-        emitter.register(plugin, name=name)
-    return emitter
-
-
 def commit_events(
     engine: Engine, emitter: AuditEmitter, *transactions: list[str]
 ) -> None:
@@ -100,20 +82,6 @@ def commit_events(
                 )  # fmt: skip
             session.commit()
         emitter.detach(session)
-
-
-def outbox_rows(engine: Engine, outbox: Outbox) -> list[dict[str, Any]]:
-    """Every outbox row, in commit order, as plain dicts."""
-    table = outbox.table
-    with engine.connect() as connection:
-        return [
-            dict(row)
-            for row in connection.execute(
-                select(table).order_by(
-                    table.c.created_at, table.c.transaction_id, table.c.sequence
-                )
-            ).mappings()
-        ]
 
 
 def make_due(engine: Engine, outbox: Outbox) -> None:
@@ -248,11 +216,11 @@ def test_relay_delivers_what_a_killed_process_committed_exactly_once(
     assert {row["delivered_to"] for row in rows} == {"[]"}
 
     fresh = Sink()
-    early = make_emitter(outbox, sink=fresh).relay(engine, once=True)
+    early = outbox_emitter(outbox, sink=fresh).relay(engine, once=True)
     assert early.delivered == 0  # rows are left to their dispatch for relay_after
     assert fresh.events == []
     make_due(engine, outbox)
-    stats = make_emitter(outbox, sink=fresh).relay(engine, once=True)
+    stats = outbox_emitter(outbox, sink=fresh).relay(engine, once=True)
     assert fresh.names == committed
     assert sorted(fresh.ids) == sorted(row["id"] for row in rows)
     assert stats.delivered == len(committed)
@@ -260,7 +228,7 @@ def test_relay_delivers_what_a_killed_process_committed_exactly_once(
     rows = outbox_rows(engine, outbox)
     assert {row["status"] for row in rows} == {DELIVERED}
     assert {row["delivered_to"] for row in rows} == {'["sink"]'}
-    again = make_emitter(outbox, sink=fresh).relay(engine, once=True)
+    again = outbox_emitter(outbox, sink=fresh).relay(engine, once=True)
     assert again.delivered == 0
     assert len(fresh.events) == len(committed)
 
@@ -286,7 +254,7 @@ def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
         commit_events(engine, app, ["a"], ["b"])
         assert entered.wait(10)
         relayed = Sink()
-        stats = make_emitter(outbox, sink=relayed).relay(engine, once=True)
+        stats = outbox_emitter(outbox, sink=relayed).relay(engine, once=True)
         assert stats.delivered == 0
         assert relayed.events == []
     finally:
@@ -299,7 +267,7 @@ def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
         ("b", DELIVERED),
     ]
     make_due(engine, outbox)
-    assert make_emitter(outbox, sink=relayed).relay(engine, once=True).delivered == 0
+    assert outbox_emitter(outbox, sink=relayed).relay(engine, once=True).delivered == 0
     assert relayed.events == []
 
 
@@ -313,7 +281,7 @@ def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
 ) -> None:
     """A plugin failing 3 times then working gets each event once; others no repeat."""
     flaky, steady = Sink(fail_first=3), Sink()
-    emitter = make_emitter(outbox, flaky=flaky, steady=steady)
+    emitter = outbox_emitter(outbox, flaky=flaky, steady=steady)
     commit_events(engine, emitter, ["a", "b"], ["c"])
     assert steady.names == ["a", "b", "c"]
     assert flaky.events == []
@@ -341,7 +309,7 @@ def test_always_failing_plugin_ends_dead_and_retry_dead_redelivers_once_fixed(
 ) -> None:
     """After max_attempts a delivery is dead; retry_dead re-delivers only to its plugin."""
     broken, steady = Sink(failing=True), Sink()
-    emitter = make_emitter(outbox, broken=broken, steady=steady)
+    emitter = outbox_emitter(outbox, broken=broken, steady=steady)
     commit_events(engine, emitter, ["a"], ["b"])
     make_due(engine, outbox)
 
@@ -424,7 +392,7 @@ def test_cli_lists_dead_deliveries_and_retry_dead_redelivers_them(
     """``relay --list-dead`` shows dead rows; ``--retry-dead --once`` delivers them."""
     (tmp_path / f"{CLI_PLUGIN_NAME}.py").write_text(CLI_PLUGIN)
     broken, steady = Sink(failing=True), Sink()
-    emitter = make_emitter(outbox, steady=steady, **{CLI_PLUGIN_NAME: broken})
+    emitter = outbox_emitter(outbox, steady=steady, **{CLI_PLUGIN_NAME: broken})
     commit_events(engine, emitter, ["a", "b"])
     make_due(engine, outbox)
     relay_until_idle(emitter, engine, backoff=0, max_attempts=2)
@@ -462,10 +430,10 @@ def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
 ) -> None:
     """A relay lacking a plugin does not mark rows delivered that it still lacks."""
     taken, failing = Sink(), Sink(failing=True)
-    commit_events(engine, make_emitter(outbox, taken=taken, failing=failing), ["a"])
+    commit_events(engine, outbox_emitter(outbox, taken=taken, failing=failing), ["a"])
     make_due(engine, outbox)
     other_relay = Sink()
-    relay_emitter = make_emitter(
+    relay_emitter = outbox_emitter(
         outbox, **{name: other_relay for name in relay_plugins}
     )
     stats = relay_emitter.relay(engine, once=True)
@@ -482,7 +450,7 @@ def test_relay_lacking_a_plugin_leaves_crashed_rows_pending_for_it(
 ) -> None:
     """Rows a crash left unmarked stay pending for a plugin the relay lacks."""
     siem, s3 = Sink(), Sink()
-    commit_events(engine, make_emitter(outbox, siem=siem, s3=s3), ["a"])
+    commit_events(engine, outbox_emitter(outbox, siem=siem, s3=s3), ["a"])
     table = outbox.table
     with engine.begin() as connection:  # as written before COMMIT: no marks
         connection.execute(
@@ -492,14 +460,14 @@ def test_relay_lacking_a_plugin_leaves_crashed_rows_pending_for_it(
             )
         )  # fmt: skip
     late_s3 = Sink()
-    make_emitter(outbox, s3=late_s3).relay(engine, once=True)
+    outbox_emitter(outbox, s3=late_s3).relay(engine, once=True)
     [row] = outbox_rows(engine, outbox)
     assert late_s3.names == ["a"]
     assert json.loads(row["recipients"]) == ["s3", "siem"]
     assert (row["status"], json.loads(row["delivered_to"])) == (PENDING, ["s3"])
     make_due(engine, outbox)
     late_siem = Sink()
-    make_emitter(outbox, siem=late_siem, s3=Sink()).relay(engine, once=True)
+    outbox_emitter(outbox, siem=late_siem, s3=Sink()).relay(engine, once=True)
     assert late_siem.names == ["a"]
     assert outbox_rows(engine, outbox)[0]["status"] == "delivered"
 
@@ -541,7 +509,7 @@ def commit_numbered(engine: Engine, emitter: AuditEmitter, targets: list[str]) -
 def test_relay_delivers_in_commit_order(engine: Engine, outbox: Outbox) -> None:
     """Undelivered events reach a plugin in commit order, across batches."""
     sink = OrderedSink()
-    emitter = make_emitter(outbox, sink=sink)
+    emitter = outbox_emitter(outbox, sink=sink)
     targets = [f"t{number % 3}" for number in range(12)]
     commit_numbered(engine, emitter, targets)
     sink.failing = False
@@ -557,7 +525,7 @@ def test_relay_keeps_a_targets_later_events_behind_one_waiting_for_retry(
 ) -> None:
     """While a target's event waits for a retry, its later events wait too."""
     sink = OrderedSink()
-    emitter = make_emitter(outbox, sink=sink)
+    emitter = outbox_emitter(outbox, sink=sink)
     commit_numbered(engine, emitter, ["x", "y", "x", "y"])  # n = 0, 1, 2, 3
     sink.failing = False
     sink.fail_once = {0}
@@ -582,7 +550,7 @@ def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
 ) -> None:
     """A target's events after one locked by another relay wait for it."""
     sink = OrderedSink()
-    emitter = make_emitter(outbox, sink=sink)
+    emitter = outbox_emitter(outbox, sink=sink)
     commit_numbered(engine, emitter, ["x", "y", "x", "y", "x"])  # n = 0 .. 4
     sink.failing = False
     make_due(engine, outbox)
@@ -612,7 +580,7 @@ def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
 
     sink = OrderedSink()
     commit_numbered(
-        engine, make_emitter(outbox, sink=sink), [f"t{n}" for n in range(12)]
+        engine, outbox_emitter(outbox, sink=sink), [f"t{n}" for n in range(12)]
     )
     make_due(engine, outbox)
     now = datetime.now(timezone.utc)
@@ -635,7 +603,7 @@ def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
 ) -> None:
     """Events of other targets are delivered while one target's backlog waits."""
     sink = OrderedSink()
-    emitter = make_emitter(outbox, sink=sink)
+    emitter = outbox_emitter(outbox, sink=sink)
     commit_numbered(engine, emitter, ["x"] * 8 + ["y"])  # y is n = 8
     sink.failing = False
     sink.fail_once = set(range(8))  # every x fails its next attempt
@@ -659,7 +627,7 @@ def test_retention_prunes_old_delivered_rows_only(
 ) -> None:
     """The relay's retention deletes delivered rows older than it, nothing else."""
     sink = Sink()
-    emitter = make_emitter(outbox, sink=sink)
+    emitter = outbox_emitter(outbox, sink=sink)
     commit_events(engine, emitter, ["old-1", "old-2"], ["recent"])
     sink.failing = True
     commit_events(engine, emitter, ["undelivered"])
@@ -766,7 +734,7 @@ def test_two_relays_at_once_deliver_each_event_once(
     def run(name: str) -> None:
         sink = SharedSink(name, delivered)
         sink.lock = shared_lock
-        emitter = make_emitter(outbox, sink=sink)
+        emitter = outbox_emitter(outbox, sink=sink)
         count = 0
         try:
             start.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import threading
@@ -152,6 +153,13 @@ def _claim(
     """
     order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
     pending = table.c.status == PENDING
+    candidate = select(
+        table.c.id,
+        table.c.aggregatetype,
+        table.c.aggregateid,
+        table.c.next_attempt_at,
+        *order,
+    ).order_by(*order)
     held: set[tuple[str, str]] = set()
     claimed: list[OutboxRow] = []
     seen: set[str] = set()
@@ -160,18 +168,7 @@ def _claim(
     for _page in range(_MAX_PAGES):
         # Keyset paging: rows that other relays deliver meanwhile leave the
         # pending set, and OFFSET would then skip rows this scan must see.
-        query = (
-            select(
-                table.c.id,
-                table.c.aggregatetype,
-                table.c.aggregateid,
-                table.c.next_attempt_at,
-                *order,
-            )
-            .where(pending)
-            .order_by(*order)
-            .limit(page_size)
-        )
+        query = candidate.where(pending).limit(page_size)
         if after is not None:
             query = query.where(tuple_(*order) > tuple_(*after))
         rows = connection.execute(query).all()
@@ -185,20 +182,10 @@ def _claim(
             continue
         last = next(reversed(groups))
         groups[last] = list(
-            connection.execute(
-                select(
-                    table.c.id,
-                    table.c.aggregatetype,
-                    table.c.aggregateid,
-                    table.c.next_attempt_at,
-                    *order,
-                )
-                .where(pending, table.c.transaction_id == last)
-                .order_by(*order)
-            )
+            connection.execute(candidate.where(pending, table.c.transaction_id == last))
         )
         seen.update(groups)
-        pending_groups = list(groups.values())
+        pending_groups = collections.deque(groups.values())
         while pending_groups and len(claimed) < batch_size:
             # Try the next few groups this relay could take; those another
             # relay holds are left behind (and hold their targets back), and
@@ -206,7 +193,7 @@ def _claim(
             wanted: list[list[Any]] = []
             room = batch_size - len(claimed)
             while pending_groups and room > 0:
-                group = pending_groups.pop(0)
+                group = pending_groups.popleft()
                 targets = {(row.aggregatetype, row.aggregateid) for row in group}
                 due = all(row.next_attempt_at <= now for row in group)
                 if not due or targets & held:
@@ -268,21 +255,17 @@ def _deliver_rows(
     plugins: list[str],
     stats: RelayStats,
     max_attempts: int,
-) -> int:
-    """Deliver each row to the plugins that want it; returns attempts made.
+) -> None:
+    """Deliver each row to the plugins that want it.
 
     For each plugin, a failure holds back that plugin's later events of the
     same targets in this batch, so each target's events stay in order.
     """
     envelopes = {row.id: row.envelope() for row in rows}
-    attempted = 0
     for plugin in plugins:
-        by_transaction: dict[str, list[OutboxRow]] = {}
-        for row in rows:
-            if plugin in row.wanting(plugins):
-                by_transaction.setdefault(row.transaction_id, []).append(row)
+        wanted = _group_rows(row for row in rows if plugin in row.wanting(plugins))
         held: set[tuple[str, str]] = set()
-        for group in by_transaction.values():
+        for group in wanted.values():
             targets = {row.target for row in group}
             if targets & held:
                 continue
@@ -294,7 +277,6 @@ def _deliver_rows(
                 only={plugin},
                 send_signals=False,
             )
-            attempted += len(group)
             failed = report.failed.get(plugin, {})
             if failed:
                 held |= targets
@@ -307,7 +289,6 @@ def _deliver_rows(
                     continue
                 stats.failed += 1
                 _count_failure(row, plugin, error, max_attempts, stats)
-    return attempted
 
 
 def _count_failure(
