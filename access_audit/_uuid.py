@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import uuid
 from collections.abc import Callable
@@ -16,10 +17,30 @@ __all__ = ["uuid7", "with_inverted_tail"]
 # bit clear so that many increments fit before it overflows.
 _COUNTER_BITS = 42
 _COUNTER_MAX = (1 << _COUNTER_BITS) - 1
-
+_LOW_BITS = 30
+_LOW_MASK = (1 << _LOW_BITS) - 1
+"""The counter's low 30 bits, which end the 96-bit head of the UUID."""
 
 _SAFE = uuid.SafeUUID.unknown
-_RANDOM_CHUNK = 4096
+_RANDOM_INTS = 1024
+"""32-bit random ints drawn from the OS at a time."""
+_RANDOM_BYTES = 4 * _RANDOM_INTS
+_unpack_random = struct.Struct(f">{_RANDOM_INTS}I").unpack
+
+
+def _head(unix_ms: int, counter: int) -> int:
+    """The UUID's top 96 bits: milliseconds, version, counter, variant, counter."""
+    return (
+        (unix_ms & 0xFFFF_FFFF_FFFF) << 48
+        | 0x7 << 44
+        | (counter >> _LOW_BITS) << 32
+        | 0b10 << _LOW_BITS
+        | (counter & _LOW_MASK)
+    )
+
+
+def _counter_of(head: int) -> int:
+    return ((head >> 32) & 0xFFF) << _LOW_BITS | (head & _LOW_MASK)
 
 
 # uuid.UUID(int=...) re-validates and costs as much again; the value is built
@@ -33,11 +54,7 @@ class _Uuid7Generator:
     """A monotonic UUIDv7 source; thread-safe and fork-safe."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last_ms = -1
-        self._counter = 0
-        self._random = b""
-        self._offset = 0
+        self._reset()
         if hasattr(os, "register_at_fork"):
             # A forked child must not replay the parent's random bytes.
             os.register_at_fork(after_in_child=self._reset)
@@ -45,40 +62,44 @@ class _Uuid7Generator:
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
-        self._random = b""
-        self._offset = 0
+        self._head = 0
+        self._random: tuple[int, ...] = ()
+        self._index = _RANDOM_INTS
 
     def __call__(self) -> uuid.UUID:
-        # Hot: one call per staged event. Written out flat, as few operations
-        # as the layout needs (RFC 9562 UUIDv7, method 1 counter).
+        # Hot: one call per staged event. The head (everything but the 32
+        # random tail bits) of the previous id is kept, so the common case,
+        # another id in the same millisecond, is one addition; random bits
+        # come from a buffer unpacked to ints in one call per refill.
         with self._lock:
             now_ms = time_ns() // 1_000_000
-            offset = self._offset
-            if offset + 10 > len(self._random):
-                self._random, offset = urandom(_RANDOM_CHUNK), 0
+            index = self._index
+            if index > _RANDOM_INTS - 2:
+                self._random = _unpack_random(urandom(_RANDOM_BYTES))
+                index = 0
             random = self._random
-            self._offset = offset + 10
             if now_ms > self._last_ms:
+                # A fresh counter (41 random bits; its top bit clear leaves
+                # room to count) takes a second random int.
                 self._last_ms = now_ms
-                # A fresh counter with its top bit clear leaves room to count.
-                self._counter = int.from_bytes(random[offset : offset + 6], "big") >> 7
+                head = self._head = _head(now_ms, random[index + 1] << 9)
+                self._index = index + 2
             else:
-                # Same millisecond, or the clock stepped back: keep sorting
-                # after the previous id by counting up, borrowing a millisecond
-                # on overflow rather than ever going backwards.
-                self._counter += 1
-                if self._counter > _COUNTER_MAX:
-                    self._last_ms += 1
-                    self._counter = 0
-            unix_ms, counter = self._last_ms, self._counter
-        tail = int.from_bytes(random[offset + 6 : offset + 10], "big")
-        # Two 64-bit halves, joined once: cheaper than six 128-bit operations.
-        # High: 48 bits of milliseconds, version 7, the counter's top 12 bits.
-        high = (unix_ms & 0xFFFF_FFFF_FFFF) << 16 | 0x7000 | counter >> 30
-        # Low: the RFC 4122 variant, the counter's low 30 bits, 32 random bits.
-        low = 0x8000_0000_0000_0000 | (counter & 0x3FFF_FFFF) << 32 | tail
+                self._index = index + 1
+                if self._head & _LOW_MASK != _LOW_MASK:
+                    head = self._head = self._head + 1
+                else:
+                    # The counter's low bits would overflow into the variant
+                    # bits, so count in full; borrow a millisecond on overflow
+                    # rather than ever going backwards (also when the clock
+                    # stepped back).
+                    counter = _counter_of(self._head) + 1
+                    if counter > _COUNTER_MAX:
+                        self._last_ms += 1
+                        counter = 0
+                    head = self._head = _head(self._last_ms, counter)
         made = _new_uuid(_UUID)
-        _set(made, "int", high << 64 | low)
+        _set(made, "int", head << 32 | random[index])
         _set(made, "is_safe", _SAFE)
         return made
 

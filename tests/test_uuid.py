@@ -1,0 +1,136 @@
+"""The UUIDv7 source: version and variant bits, order, and its counter's edges."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import pytest
+
+from access_audit import _uuid
+from access_audit._uuid import _COUNTER_MAX, _Uuid7Generator, with_inverted_tail
+
+MS = 1_764_000_000_000
+"""A fixed clock, in milliseconds."""
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch, *readings_ms: int) -> None:
+    """Make the generator read *readings_ms*, then keep reading the last one."""
+    values = list(readings_ms)
+
+    def time_ns() -> int:
+        value = values.pop(0) if len(values) > 1 else values[0]
+        return value * 1_000_000
+
+    monkeypatch.setattr(_uuid, "time_ns", time_ns)
+
+
+def _check_layout(value: uuid.UUID, unix_ms: int) -> None:
+    assert value.version == 7
+    assert value.variant == uuid.RFC_4122
+    assert value.int >> 80 == unix_ms
+    assert uuid.UUID(str(value)) == value
+
+
+def _counter(value: uuid.UUID) -> int:
+    return ((value.int >> 64) & 0xFFF) << 30 | (value.int >> 32) & 0x3FFF_FFFF
+
+
+def test_ids_in_one_millisecond_count_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, MS)
+    generator = _Uuid7Generator()
+    ids = [generator() for _ in range(1000)]
+    for value in ids:
+        _check_layout(value, MS)
+    counters = [_counter(value) for value in ids]
+    assert counters == list(range(counters[0], counters[0] + 1000))
+    assert counters[0] < 1 << 41  # seeded with its top bit clear
+
+
+def test_counter_carries_across_the_variant_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _clock(monkeypatch, MS)
+    generator = _Uuid7Generator()
+    generator()
+    generator._head = (generator._head | 0x3FFF_FFFF) - 1
+    before = _counter(generator())  # the counter's low 30 bits are all set
+    after = generator()
+    _check_layout(after, MS)
+    assert before & 0x3FFF_FFFF == 0x3FFF_FFFF
+    assert _counter(after) == before + 1
+    assert after.int & (0x3FFF_FFFF << 32) == 0
+
+
+def test_counter_overflow_borrows_a_millisecond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _clock(monkeypatch, MS)
+    generator = _Uuid7Generator()
+    first = generator()
+    generator._head = first.int >> 32 | 0xFFF << 32 | 0x3FFF_FFFF
+    assert _counter(uuid.UUID(int=generator._head << 32)) == _COUNTER_MAX
+    borrowed = generator()
+    _check_layout(borrowed, MS + 1)
+    assert _counter(borrowed) == 0
+    assert borrowed > first
+    # The real clock catching up does not go back either.
+    _check_layout(generator(), MS + 1)
+
+
+def test_clock_stepping_back_keeps_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, MS, MS - 5_000, MS - 5_000, MS + 1)
+    generator = _Uuid7Generator()
+    ids = [generator() for _ in range(4)]
+    assert ids == sorted(ids)
+    for value in ids[:3]:
+        _check_layout(value, MS)
+    _check_layout(ids[3], MS + 1)
+
+
+def test_ids_are_unique_and_ordered_per_thread() -> None:
+    generator = _Uuid7Generator()
+    made: list[list[uuid.UUID]] = [[] for _ in range(4)]
+
+    def work(into: list[uuid.UUID]) -> None:
+        for _ in range(5_000):
+            into.append(generator())
+
+    threads = [threading.Thread(target=work, args=(into,)) for into in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for ids in made:
+        assert ids == sorted(ids)
+    assert len({value for ids in made for value in ids}) == 20_000
+
+
+def test_inverted_tail_is_another_uuid7_beside_its_source() -> None:
+    value = _Uuid7Generator()()
+    inverted = with_inverted_tail(value)
+    assert inverted != value
+    assert inverted.version == 7 and inverted.variant == uuid.RFC_4122
+    assert inverted.int >> 32 == value.int >> 32
+    assert with_inverted_tail(inverted) == value
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_draws_its_own_random_bits() -> None:
+    generator = _Uuid7Generator()
+    generator()  # the parent's random buffer is filled now
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.write(write, generator().bytes)
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    in_child = uuid.UUID(bytes=os.read(read, 16))
+    os.close(read)
+    in_parent = generator()
+    # Without the reset both would take the same next random int as tail.
+    assert in_child.int & 0xFFFF_FFFF != in_parent.int & 0xFFFF_FFFF
