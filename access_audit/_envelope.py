@@ -98,29 +98,24 @@ class AuditEventEnvelope:
         Skips ``__init__``'s frozen-instance checks and ``__post_init__``:
         this runs once per committed event.
         """
-        envelope = object.__new__(cls)
-        (
-            set_id, set_event_type, set_timestamp, set_staged_at, set_actor_id,
-            set_actor_email, set_target_type, set_target_id, set_target_name,
-            set_action, set_reason, set_payload, set_metadata, set_transaction_id,
-            set_sequence,
-        ) = _SETTERS  # fmt: skip
-        set_id(envelope, staged.id)
-        set_event_type(envelope, staged.event_type)
-        set_timestamp(envelope, timestamp)
-        set_staged_at(envelope, staged.staged_at)
-        set_actor_id(envelope, staged.actor_id)
-        set_actor_email(envelope, staged.actor_email)
-        set_target_type(envelope, staged.target_type)
-        set_target_id(envelope, staged.target_id)
-        set_target_name(envelope, staged.target_name)
-        set_action(envelope, staged.action)
-        set_reason(envelope, staged.reason)
-        set_payload(envelope, staged.payload)
-        set_metadata(envelope, staged.metadata)
-        set_transaction_id(envelope, transaction_id)
-        set_sequence(envelope, sequence)
-        return envelope
+        envelope = _new(_Unfrozen)
+        envelope.id = staged.id
+        envelope.event_type = staged.event_type
+        envelope.timestamp = timestamp
+        envelope.staged_at = staged.staged_at
+        envelope.actor_id = staged.actor_id
+        envelope.actor_email = staged.actor_email
+        envelope.target_type = staged.target_type
+        envelope.target_id = staged.target_id  # type: ignore[assignment]
+        envelope.target_name = staged.target_name  # type: ignore[assignment]
+        envelope.action = staged.action
+        envelope.reason = staged.reason
+        envelope.payload = staged.payload
+        envelope.metadata = staged.metadata
+        envelope.transaction_id = transaction_id
+        envelope.sequence = sequence
+        envelope.__class__ = cls  # type: ignore[assignment]
+        return envelope  # type: ignore[return-value]
 
     def __hash__(self) -> int:
         # The id identifies the event; payload and metadata are unhashable.
@@ -220,8 +215,35 @@ class AuditEventEnvelope:
         return cls(**values)
 
 
-# The slot descriptors, in _FIELDS order, for AuditEventEnvelope._trusted.
-_SETTERS = tuple(AuditEventEnvelope.__dict__[name].__set__ for name in _FIELDS)
+class _Unfrozen:
+    """An envelope under construction, for :meth:`AuditEventEnvelope._trusted`.
+
+    It has the envelope's slots in the same layout but not the frozen
+    ``__setattr__``, so its fields are filled in with plain attribute stores;
+    then its class becomes :class:`AuditEventEnvelope` (Python allows
+    ``__class__`` assignment between classes whose layouts are the same).
+    """
+
+    __slots__ = AuditEventEnvelope.__slots__
+
+    id: uuid.UUID
+    event_type: str
+    timestamp: datetime
+    staged_at: datetime
+    actor_id: str
+    actor_email: str | None
+    target_type: str
+    target_id: str
+    target_name: str | None
+    action: str
+    reason: str | None
+    payload: Mapping[str, Any]
+    metadata: Mapping[str, Any]
+    transaction_id: uuid.UUID
+    sequence: int
+
+
+_new = object.__new__
 
 
 def _parse(parse: Any, value: Any, name: str) -> Any:
