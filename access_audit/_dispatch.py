@@ -7,27 +7,75 @@ at the first receiver that raises.
 
 from __future__ import annotations
 
+import types
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
+
+import pluggy
 
 from . import signals
 from ._logging import logger
 
 if TYPE_CHECKING:
-    from pluggy import HookCaller, HookImpl, PluginManager
+    from pluggy import HookCaller, HookImpl
 
     from ._envelope import AuditEventEnvelope
 
-__all__ = ["DeliveryReport", "deliver", "delivering_plugins", "send_isolated"]
+__all__ = [
+    "DeliveryReport",
+    "PluginManager",
+    "deliver",
+    "delivering_plugins",
+    "send_isolated",
+]
 
 
-def _in_call_order(hook: HookCaller) -> list[HookImpl]:
-    # pluggy calls the last registered implementation first (tryfirst and
-    # trylast already sorted in); keep that order.
-    impls = hook.get_hookimpls()  # a copy: reversing it in place is safe
-    impls.reverse()
-    return impls
+class PluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager, remembering each hook's implementations in call order.
+
+    Dispatch calls every implementation on its own, so it needs them as a
+    list; this keeps one per hook until a plugin is registered or
+    unregistered (or hook specifications are added), instead of copying
+    them on every commit. A list handed out is never changed afterwards, so
+    a dispatch running in another thread keeps a consistent one.
+    """
+
+    def __init__(self, project_name: str) -> None:
+        super().__init__(project_name)
+        self._call_orders: dict[str, list[HookImpl]] = {}
+
+    def call_order(self, hook_name: str) -> list[HookImpl]:
+        """The implementations of *hook_name*, in the order pluggy calls them.
+
+        pluggy calls the last registered implementation first (``tryfirst``
+        and ``trylast`` already sorted in); this keeps that order.
+        """
+        impls = self._call_orders.get(hook_name)
+        if impls is None:
+            caller: HookCaller = getattr(self.hook, hook_name)
+            impls = caller.get_hookimpls()  # a copy: reversing it is safe
+            impls.reverse()
+            self._call_orders[hook_name] = impls
+        return impls
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        try:
+            return super().register(plugin, name)
+        finally:
+            self._call_orders = {}
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        try:
+            return super().unregister(plugin, name)
+        finally:
+            self._call_orders = {}
+
+    def add_hookspecs(self, module_or_class: types.ModuleType | type) -> None:
+        try:
+            super().add_hookspecs(module_or_class)
+        finally:
+            self._call_orders = {}
 
 
 def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:
@@ -81,10 +129,9 @@ def deliver(
     the rest. ``only`` restricts delivery to the plugins of those names (a
     relay re-delivering), ``send_signals=False`` skips the receivers.
     """
-    hook = plugin_manager.hook
     report = DeliveryReport()
-    logged = _in_call_order(hook.audit_event_logged)
-    committed = _in_call_order(hook.audit_events_committed)
+    logged = plugin_manager.call_order("audit_event_logged")
+    committed = plugin_manager.call_order("audit_events_committed")
     if only is not None:
         logged = [impl for impl in logged if impl.plugin_name in only]
         committed = [impl for impl in committed if impl.plugin_name in only]
@@ -145,7 +192,7 @@ def _plugin_failed(
         exc_info=error,
     )
     arguments = {"plugin_name": name, "envelopes": tuple(envelopes), "error": error}
-    for failure_impl in _in_call_order(plugin_manager.hook.audit_delivery_failed):
+    for failure_impl in plugin_manager.call_order("audit_delivery_failed"):
         try:
             _call(failure_impl, arguments)
         except Exception:

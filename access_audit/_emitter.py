@@ -16,7 +16,13 @@ import pluggy
 from . import signals
 from ._background import BLOCK, DROP, BackgroundDispatcher, running_loop
 from ._context import ActorResolver, MetadataProvider
-from ._dispatch import DeliveryReport, deliver, delivering_plugins, send_isolated
+from ._dispatch import (
+    DeliveryReport,
+    PluginManager,
+    deliver,
+    delivering_plugins,
+    send_isolated,
+)
 from ._errors import AuditConfigurationError
 from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._listeners import SessionListeners
@@ -118,7 +124,7 @@ class AuditEmitter:
                 "queue_full='drop' loses events without an outbox to re-deliver "
                 "them; pass outbox=Outbox(...) or use queue_full='block'"
             )
-        self.plugin_manager = pluggy.PluginManager(PROJECT_NAME)
+        self.plugin_manager = PluginManager(PROJECT_NAME)
         """The :class:`pluggy.PluginManager` holding this emitter's plugins."""
         self.plugin_manager.add_hookspecs(AuditEventsPluginSpec)
         self.actor_resolver = actor_resolver

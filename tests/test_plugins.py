@@ -767,6 +767,39 @@ def test_hook_call_order_follows_pluggy(
     assert calls == {"audit_event_logged": expected}
 
 
+def test_plugins_changed_between_commits_take_effect_on_the_next(
+    Session: sessionmaker, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Registering, unregistering and blocking apply from the next commit on.
+
+    Dispatch keeps each hook's implementations between commits; any change
+    made through the emitter or straight on its plugin manager replaces them.
+    """
+    calls: dict[str, list[str]] = {}
+    late = Ordered("late", calls, raising=False)
+    blocked = Ordered("blocked", calls, raising=False)
+
+    def commit(name: str) -> None:
+        with Session() as session:
+            operation(session, name)
+            session.commit()
+
+    commit("a")
+    emitter.plugin_manager.register(late, "late")
+    commit("b")
+    emitter.register(blocked, "blocked")
+    emitter.plugin_manager.set_blocked("blocked")
+    emitter.unregister(recorder)
+    commit("c")
+    emitter.plugin_manager.unregister(name="late")
+    commit("d")
+    assert recorder.names == ["a", "b"]
+    assert calls == {
+        "audit_event_logged": ["late", "late"],
+        "audit_events_committed": ["late", "late"],
+    }
+
+
 def test_coroutine_hook_implementations_are_refused() -> None:
     """An ``async def`` hook would never be awaited: register() refuses it."""
 
