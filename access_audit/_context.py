@@ -10,7 +10,14 @@ from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import Any, TypeVar, Union
 
-__all__ = ["Actor", "ActorLike", "audit_context", "current_context", "to_actor"]
+__all__ = [
+    "Actor",
+    "ActorLike",
+    "AmbientContext",
+    "audit_context",
+    "current_context",
+    "to_actor",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,21 +73,21 @@ SYSTEM_ACTOR = Actor("system")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _AmbientContext:
+class AmbientContext:
+    """What the innermost :func:`audit_context` sets: its actor (or None) and
+    the metadata merged from every enclosing block."""
+
     actor: Actor | None
     metadata: Mapping[str, Any]
 
 
-_EMPTY = _AmbientContext(actor=None, metadata=MappingProxyType({}))
-_current: ContextVar[_AmbientContext] = ContextVar(
+_EMPTY = AmbientContext(actor=None, metadata=MappingProxyType({}))
+_current: ContextVar[AmbientContext] = ContextVar(
     "access_audit_context", default=_EMPTY
 )
 
-
-def current_context() -> tuple[Actor | None, Mapping[str, Any]]:
-    """The innermost :func:`audit_context` actor (or None) and its merged metadata."""
-    context = _current.get()
-    return context.actor, context.metadata
+current_context: Callable[[], AmbientContext] = _current.get
+"""The :class:`AmbientContext` in effect here (one C call: it runs per staged event)."""
 
 
 class audit_context:  # lower case: used like a function, as contextlib.suppress is
@@ -119,11 +126,11 @@ class audit_context:  # lower case: used like a function, as contextlib.suppress
             check_actor_fields(actor_id, actor_email, "audit_context")
             self._actor = Actor(actor_id, actor_email)
         self._metadata = metadata
-        self._tokens: list[Token[_AmbientContext]] = []
+        self._tokens: list[Token[AmbientContext]] = []
 
     def __enter__(self) -> None:
         parent = _current.get()
-        context = _AmbientContext(
+        context = AmbientContext(
             actor=self._actor or parent.actor,
             metadata=MappingProxyType({**parent.metadata, **self._metadata}),
         )

@@ -65,16 +65,20 @@ class SessionListeners:
             if event.contains(target, name, function):
                 event.remove(target, name, function)
 
-    def _mine(self, session: Session) -> Pending | None:
-        pending: Pending | None = session.info.get(PENDING_KEY)
-        if pending is None or pending.emitter is not self._emitter:
-            return None
-        return pending
+    # The hooks below run on every commit of every attached session, with or
+    # without events; each reads its Pending inline (one dict lookup) rather
+    # than through a shared helper. A Pending that another emitter owns (one
+    # attached to a more specific target) is that emitter's to handle.
 
     def _before_commit(self, session: Session) -> None:
-        pending = self._mine(session)
-        if pending is None or committing_root(session) is None:
-            return  # nothing staged yet, or a RELEASE SAVEPOINT
+        pending: Pending | None = session.info.get(PENDING_KEY)
+        if (
+            pending is None
+            or pending.emitter is not self._emitter
+            or not (pending.lazy or self._emitter.outbox is not None)
+            or committing_root(session) is None
+        ):
+            return  # nothing due before COMMIT, or a RELEASE SAVEPOINT
         # Flush now (the commit would next) so database-generated keys exist,
         # then resolve and write the outbox. Events that ORM hooks of a later
         # flush in this commit stage are handled in after_flush_postexec.
@@ -82,15 +86,22 @@ class SessionListeners:
         prepare_commit(session, pending)
 
     def _after_flush_postexec(self, session: Session, flush_context: Any) -> None:
-        pending = self._mine(session)
-        if pending is not None and committing_root(session) is not None:
+        pending: Pending | None = session.info.get(PENDING_KEY)
+        if (
+            pending is not None
+            and pending.emitter is self._emitter
+            and (pending.lazy or self._emitter.outbox is not None)
+            and committing_root(session) is not None
+        ):
             prepare_commit(session, pending)
 
     def _after_commit(self, session: Session) -> None:
-        pending = self._mine(session)
-        if pending is None:
+        pending: Pending | None = session.info.get(PENDING_KEY)
+        if pending is None or pending.emitter is not self._emitter:
             return
-        boundary = session.get_nested_transaction() or session.get_transaction()
+        # The committing transaction is still the session's current one: it
+        # closes (handing over to its parent) only after this event.
+        boundary = session._transaction
         if boundary is None:  # pragma: no cover - SQLAlchemy always has one here
             return
         pending.committed.add(boundary)
@@ -117,8 +128,8 @@ class SessionListeners:
         pending.envelopes = tuple(pending.built)
 
     def _after_rollback(self, session: Session) -> None:
-        pending = self._mine(session)
-        if pending is not None:
+        pending: Pending | None = session.info.get(PENDING_KEY)
+        if pending is not None and pending.emitter is self._emitter:
             boundary = session.get_nested_transaction() or session.get_transaction()
             if boundary is not None:
                 pending.rolled_back.add(boundary)
@@ -126,10 +137,11 @@ class SessionListeners:
     def _after_transaction_end(
         self, session: Session, transaction: SessionTransaction
     ) -> None:
-        if transaction.parent is not None and not transaction.nested:
+        parent = transaction._parent
+        if parent is not None and not transaction.nested:
             return  # a flush's subtransaction: never a boundary
-        pending = self._mine(session)
-        if pending is None:
+        pending: Pending | None = session.info.get(PENDING_KEY)
+        if pending is None or pending.emitter is not self._emitter:
             return
         events = pending.levels.pop(transaction, None)
         committed = transaction in pending.committed
@@ -138,15 +150,15 @@ class SessionListeners:
         pending.rolled_back.discard(transaction)
         envelopes: tuple[AuditEventEnvelope, ...] = ()
         outbox_bind = pending.outbox_bind
-        if transaction.parent is None:
+        if parent is None:
             if committed:
                 envelopes = pending.envelopes
             pending.envelopes = ()
             pending.reset_commit()
         elif committed and events:
-            outer = transaction.parent
-            while not outer.nested and outer.parent is not None:
-                outer = outer.parent
+            outer = parent
+            while not outer.nested and outer._parent is not None:
+                outer = outer._parent
             pending.levels.setdefault(outer, []).extend(events)
             events = None
         dropped = events if events and not committed else None

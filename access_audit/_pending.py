@@ -185,8 +185,11 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
             "commit; stage on another session (its events are emitted when it "
             "commits), or stage before committing"
         )
-    root = session.get_transaction()
-    boundary = session.get_nested_transaction() or root
+    boundary = root = session._transaction
+    if root is not None and root._parent is not None:
+        # Inside a SAVEPOINT or a flush: the innermost SAVEPOINT, else the root.
+        root = session.get_transaction()
+        boundary = session.get_nested_transaction() or root
     if boundary is None:
         # Begin as Session.add() does: no connection yet, and the same
         # InvalidRequestError when the session has autobegin=False.
@@ -209,7 +212,12 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         level.append(staged)
     if staged.lazy:
         pending.lazy.append(staged)
-    if not session._flushing and root is not None and _preparing(root):
+    if (
+        (pending.lazy or emitter.outbox is not None)  # work due before COMMIT
+        and not session._flushing
+        and root is not None
+        and _preparing(root)
+    ):
         # Staged by a before_commit hook (or a SAVEPOINT released by this
         # commit) after our own preparation ran: prepare it now, keys first.
         session.flush()

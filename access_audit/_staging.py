@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm import Session
+
 from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
 from ._pending import park
 from ._registry import emitter_for, sync_session_of
@@ -25,7 +27,7 @@ from ._values import (
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session, scoped_session
+    from sqlalchemy.orm import scoped_session
 
     from ._emitter import AuditEmitter
 
@@ -125,7 +127,7 @@ def stage_event(
     :raises RuntimeError: the session is dispatching its own commit, or its
         transaction has already been prepared or committed.
     """
-    sync_session = sync_session_of(session)
+    sync_session = session if isinstance(session, Session) else sync_session_of(session)
     emitter = emitter_for(sync_session)
     if event_type not in _good_event_types:
         _check_event_type(event_type)
@@ -149,7 +151,11 @@ def stage_event(
     if reason is not None and type(reason) is not str:
         reason = _optional_str(reason, "reason")
     rules = emitter._payload_rules
-    if payload is not None and not isinstance(payload, Mapping):
+    if (
+        payload is not None
+        and type(payload) is not dict
+        and not isinstance(payload, Mapping)
+    ):
         raise TypeError(f"payload must be a mapping, got {type(payload).__name__}")
     if not payload:
         frozen_payload: Mapping[str, Any] = EMPTY
@@ -157,15 +163,20 @@ def stage_event(
         frozen_payload, payload_lazy = freeze_payload(payload, rules)
         if payload_lazy:
             lazy = True
-        else:
+        elif rules.max_payload_bytes is not None:
             rules.check_size(frozen_payload, event_type)
 
-    context_actor, context_metadata = current_context()
+    context = current_context()
     if actor_id is not None:
         check_actor_fields(actor_id, actor_email, "stage_event")
         actor = Actor(actor_id, actor_email)
+    elif context.actor is not None:
+        actor = context.actor
+    elif emitter.actor_resolver is not None:
+        actor = to_actor(emitter.actor_resolver(), "actor_resolver") or SYSTEM_ACTOR
     else:
-        actor = context_actor or _resolve_actor(emitter) or SYSTEM_ACTOR
+        actor = SYSTEM_ACTOR
+    context_metadata = context.metadata
     if metadata is None and not context_metadata and emitter.metadata_provider is None:
         merged_metadata: Mapping[str, Any] = EMPTY
     else:
@@ -253,13 +264,6 @@ def _optional_str(value: object, field: str) -> str | None:
     if not isinstance(value, str):
         raise TypeError(f"{field} must be a str or None, got {type(value).__name__}")
     return str.__str__(value)
-
-
-def _resolve_actor(emitter: AuditEmitter) -> Actor | None:
-    resolver = emitter.actor_resolver
-    if resolver is None:
-        return None
-    return to_actor(resolver(), "actor_resolver")
 
 
 def _merge_metadata(
