@@ -125,7 +125,6 @@ class SessionListeners:
                 "dispatched, but the relay cannot re-deliver them",
                 ", ".join(str(e.id) for e in pending.built[written:]),
             )
-        pending.envelopes = tuple(pending.built)
 
     def _after_rollback(self, session: Session) -> None:
         pending: Pending | None = session.info.get(PENDING_KEY)
@@ -140,44 +139,49 @@ class SessionListeners:
         parent = transaction._parent
         if parent is not None and not transaction.nested:
             return  # a flush's subtransaction: never a boundary
-        pending: Pending | None = session.info.get(PENDING_KEY)
+        info = session.info
+        pending: Pending | None = info.get(PENDING_KEY)
         if pending is None or pending.emitter is not self._emitter:
             return
-        events = pending.levels.pop(transaction, None)
-        committed = transaction in pending.committed
-        pending.committed.discard(transaction)
-        rolled_back = transaction in pending.rolled_back
-        pending.rolled_back.discard(transaction)
-        envelopes: tuple[AuditEventEnvelope, ...] = ()
-        outbox_bind = pending.outbox_bind
         if parent is None:
-            if committed:
-                envelopes = pending.envelopes
-            pending.envelopes = ()
-            pending.reset_commit()
-        elif committed and events:
-            outer = parent
-            while not outer.nested and outer._parent is not None:
-                outer = outer._parent
-            pending.levels.setdefault(outer, []).extend(events)
-            events = None
-        dropped = events if events and not committed else None
+            # The outermost transaction ended, every SAVEPOINT in it before.
+            del info[PENDING_KEY]
+            if transaction in pending.committed:
+                self._dispatch(session, pending)
+                return
+            dropped = pending.levels.get(transaction)
+            rolled_back = transaction in pending.rolled_back
+            reason = ROLLBACK
+        else:
+            dropped = pending.levels.pop(transaction, None)
+            if dropped and transaction in pending.committed:
+                # Released: its events join the enclosing boundary.
+                outer = parent
+                while not outer.nested and outer._parent is not None:
+                    outer = outer._parent
+                pending.levels.setdefault(outer, []).extend(dropped)
+                dropped = None
+            elif dropped:
+                pending.forget(dropped)
+            if not pending.levels:
+                del info[PENDING_KEY]
+            pending.committed.discard(transaction)
+            rolled_back = transaction in pending.rolled_back
+            pending.rolled_back.discard(transaction)
+            reason = SAVEPOINT_ROLLBACK
         if dropped:
-            pending.forget(dropped)
-        if not pending.levels:
-            del session.info[PENDING_KEY]
-        if dropped:
-            if rolled_back:
-                reason = SAVEPOINT_ROLLBACK if transaction.nested else ROLLBACK
-            else:
-                reason = CLOSE
-            self._emitter._discarded(dropped, reason)
-        if envelopes:
-            session.info[DISPATCHING_KEY] = True
-            try:
-                self._emitter._committed(envelopes, outbox_bind)
-            finally:
-                del session.info[DISPATCHING_KEY]
+            self._emitter._discarded(dropped, reason if rolled_back else CLOSE)
+
+    def _dispatch(self, session: Session, pending: Pending) -> None:
+        """Send the committed batch; the session refuses staging meanwhile."""
+        if not pending.built:
+            return  # nothing was staged, or every lazy value failed
+        info = session.info
+        info[DISPATCHING_KEY] = True
+        try:
+            self._emitter._committed(tuple(pending.built), pending.outbox_bind)
+        finally:
+            del info[DISPATCHING_KEY]
 
 
 def _resolve_or_drop(pending: Pending, events: list[StagedEvent]) -> list[StagedEvent]:

@@ -46,7 +46,6 @@ class Pending:
         "committed",
         "committed_at",
         "emitter",
-        "envelopes",
         "lazy",
         "levels",
         "outbox_bind",
@@ -54,7 +53,7 @@ class Pending:
         "transaction_id",
     )
 
-    def __init__(self, emitter: AuditEmitter) -> None:
+    def __init__(self, emitter: AuditEmitter, first_id: uuid.UUID) -> None:
         # Made for every transaction that stages an event: plain literals.
         self.emitter = emitter
         self.levels: dict[SessionTransaction, list[StagedEvent]] = {}
@@ -65,12 +64,14 @@ class Pending:
         self.built: list[AuditEventEnvelope] = []
         """Envelopes of the commit's events, in order, as they are built: in
         ``after_commit``, or before COMMIT when they go to an outbox."""
-        self.transaction_id: uuid.UUID | None = None
+        self.transaction_id = with_inverted_tail(first_id)
+        """The commit's id: the id of the first event staged in it with the
+        random bits inverted. Ids never repeat a (time, counter) pair, so no
+        event or other commit has it, and it sorts beside its events. Made
+        here, next to the event's own id, rather than on the commit path."""
         self.committed_at: datetime | None = None
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to mark them later."""
-        self.envelopes: tuple[AuditEventEnvelope, ...] = ()
-        """The finished batch, from ``after_commit`` until the transaction ends."""
 
     def forget(self, events: list[StagedEvent]) -> None:
         """Drop *events* from the lazy ones still to resolve."""
@@ -97,24 +98,18 @@ class Pending:
 
     def build(self, events: list[StagedEvent]) -> list[AuditEventEnvelope]:
         """Make envelopes for the events not yet built; return the new ones."""
-        start = len(self.built)
+        built = self.built
+        start = len(built)
         if start >= len(events):
             return []
-        if self.transaction_id is None:
-            # The commit's id: its first event id with the random bits
-            # inverted; ids never repeat a (time, counter) pair, so no event
-            # or other commit has it, and it sorts beside its events.
-            self.transaction_id = with_inverted_tail(events[0].id)
+        if self.committed_at is None:
             self.committed_at = datetime.now(timezone.utc)
-        assert self.committed_at is not None
-        new = [
-            AuditEventEnvelope._trusted(
-                staged, self.committed_at, self.transaction_id, sequence
-            )
-            for sequence, staged in enumerate(events[start:], start)
-        ]
-        self.built.extend(new)
-        return new
+        timestamp, transaction_id = self.committed_at, self.transaction_id
+        assert timestamp is not None
+        trusted = AuditEventEnvelope._trusted
+        for sequence in range(start, len(events)):
+            built.append(trusted(events[sequence], timestamp, transaction_id, sequence))
+        return built[start:]
 
     def resolve(self) -> None:
         """Resolve the lazy values staged so far (they raise to the caller).
@@ -125,14 +120,6 @@ class Pending:
         for staged in self.lazy:
             staged._resolve()
         self.lazy.clear()
-
-    def reset_commit(self) -> None:
-        """Forget the per-commit state once the outermost transaction ended."""
-        if self.lazy:
-            self.lazy = []
-        if self.built:
-            self.built = []
-        self.transaction_id = self.committed_at = self.outbox_bind = None
 
 
 def committing_root(session: Session) -> SessionTransaction | None:
@@ -202,7 +189,7 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         )
     pending: Pending | None = info.get(PENDING_KEY)
     if pending is None:
-        pending = info[PENDING_KEY] = Pending(emitter)
+        pending = info[PENDING_KEY] = Pending(emitter, staged.id)
     elif pending.emitter is not emitter:
         _change_owner(session, pending, emitter)
     level = pending.levels.get(boundary)

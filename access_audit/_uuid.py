@@ -60,7 +60,10 @@ class _Uuid7Generator:
             os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        lock = threading.Lock()
+        # Bound once: cheaper per call than ``with lock`` looking up
+        # __enter__ and __exit__.
+        self._acquire, self._release = lock.acquire, lock.release
         self._last_ms = -1
         self._head = 0
         self._random: tuple[int, ...] = ()
@@ -71,7 +74,8 @@ class _Uuid7Generator:
         # random tail bits) of the previous id is kept, so the common case,
         # another id in the same millisecond, is one addition; random bits
         # come from a buffer unpacked to ints in one call per refill.
-        with self._lock:
+        self._acquire()
+        try:
             now_ms = time_ns() // 1_000_000
             index = self._index
             if index > _RANDOM_INTS - 2:
@@ -98,6 +102,8 @@ class _Uuid7Generator:
                         self._last_ms += 1
                         counter = 0
                     head = self._head = _head(self._last_ms, counter)
+        finally:
+            self._release()
         made = _new_uuid(_UUID)
         _set(made, "int", head << 32 | random[index])
         _set(made, "is_safe", _SAFE)
