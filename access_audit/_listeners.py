@@ -28,7 +28,6 @@ from ._pending import (
 
 if TYPE_CHECKING:
     from ._emitter import AuditEmitter
-    from ._envelope import AuditEventEnvelope
     from ._registry import ListenTarget
     from ._staging import StagedEvent
 
