@@ -31,6 +31,11 @@ __all__ = [
 ]
 
 
+DeliveryOrder = tuple[list[tuple["HookImpl", bool]], list["HookImpl"]]
+"""``audit_event_logged`` implementations (each with whether it takes just
+``envelope``) and ``audit_events_committed`` ones, in call order."""
+
+
 class PluginManager(pluggy.PluginManager):
     """pluggy's plugin manager, remembering each hook's implementations in call order.
 
@@ -44,6 +49,25 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self, project_name: str) -> None:
         super().__init__(project_name)
         self._call_orders: dict[str, list[HookImpl]] = {}
+        self._delivery_order: DeliveryOrder | None = None
+
+    def delivery_order(self) -> DeliveryOrder:
+        """:meth:`call_order` of ``audit_event_logged`` and ``audit_events_committed``.
+
+        Each ``audit_event_logged`` implementation comes with whether it takes
+        exactly ``(envelope)``, so that it can be called without building
+        its arguments by name.
+        """
+        order = self._delivery_order
+        if order is None:
+            order = self._delivery_order = (
+                [
+                    (impl, impl.argnames == ("envelope",))
+                    for impl in self.call_order("audit_event_logged")
+                ],
+                self.call_order("audit_events_committed"),
+            )
+        return order
 
     def call_order(self, hook_name: str) -> list[HookImpl]:
         """The implementations of *hook_name*, in the order pluggy calls them.
@@ -59,23 +83,27 @@ class PluginManager(pluggy.PluginManager):
             self._call_orders[hook_name] = impls
         return impls
 
+    def _forget_call_orders(self) -> None:
+        self._call_orders = {}
+        self._delivery_order = None
+
     def register(self, plugin: object, name: str | None = None) -> str | None:
         try:
             return super().register(plugin, name)
         finally:
-            self._call_orders = {}
+            self._forget_call_orders()
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
         try:
             return super().unregister(plugin, name)
         finally:
-            self._call_orders = {}
+            self._forget_call_orders()
 
     def add_hookspecs(self, module_or_class: types.ModuleType | type) -> None:
         try:
             super().add_hookspecs(module_or_class)
         finally:
-            self._call_orders = {}
+            self._forget_call_orders()
 
 
 def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:
@@ -83,7 +111,11 @@ def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:
 
 
 class DeliveryReport:
-    """What went wrong while delivering one batch."""
+    """What went wrong while delivering one batch.
+
+    :func:`deliver` returns the shared :data:`NOTHING_FAILED` when nothing
+    did: a report is made only for a batch that needs one.
+    """
 
     __slots__ = ("errors", "failed")
 
@@ -100,6 +132,14 @@ class DeliveryReport:
         failed = self.failed.setdefault(name, {})
         for envelope in envelopes:
             failed.setdefault(envelope.id, error)
+
+
+NOTHING_FAILED = DeliveryReport()
+"""The report of every batch delivered without an error; never modified."""
+
+
+def _writable(report: DeliveryReport) -> DeliveryReport:
+    return DeliveryReport() if report is NOTHING_FAILED else report
 
 
 def delivering_plugins(plugin_manager: PluginManager) -> set[str]:
@@ -129,33 +169,37 @@ def deliver(
     the rest. ``only`` restricts delivery to the plugins of those names (a
     relay re-delivering), ``send_signals=False`` skips the receivers.
     """
-    report = DeliveryReport()
-    logged = plugin_manager.call_order("audit_event_logged")
-    committed = plugin_manager.call_order("audit_events_committed")
+    report = NOTHING_FAILED
+    logged, committed = plugin_manager.delivery_order()
     if only is not None:
-        logged = [impl for impl in logged if impl.plugin_name in only]
+        logged = [pair for pair in logged if pair[0].plugin_name in only]
         committed = [impl for impl in committed if impl.plugin_name in only]
     for envelope in envelopes:
-        for impl in logged:
+        for impl, takes_envelope in logged:
             try:
-                if impl.argnames == ("envelope",):
+                if takes_envelope:
                     impl.function(envelope)
                 else:
                     _call(impl, {"envelope": envelope})
             except Exception as error:
+                report = _writable(report)
                 report._plugin_error(impl.plugin_name, (envelope,), error)
                 _plugin_failed(plugin_manager, impl, (envelope,), error)
     for impl in committed:
         try:
             _call(impl, {"envelopes": envelopes})
         except Exception as error:
+            report = _writable(report)
             report._plugin_error(impl.plugin_name, envelopes, error)
             _plugin_failed(plugin_manager, impl, envelopes, error)
     if send_signals and signals.audit_event_committed.receivers:
         for envelope in envelopes:
-            report.errors.extend(
-                send_isolated(signals.audit_event_committed, sender, envelope=envelope)
+            errors = send_isolated(
+                signals.audit_event_committed, sender, envelope=envelope
             )
+            if errors:
+                report = _writable(report)
+                report.errors.extend(errors)
     return report
 
 

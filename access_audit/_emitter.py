@@ -253,7 +253,9 @@ class AuditEmitter:
     ) -> None:
         """Dispatch a committed batch, inline or on the background thread."""
         if self._background is None:
-            self._deliver(envelopes, outbox_bind, None)
+            report = deliver(self.plugin_manager, self, envelopes)
+            if outbox_bind is not None or report.errors:
+                self._settle(envelopes, outbox_bind, report, None)
             return
         loop = running_loop()
         try:
@@ -273,6 +275,16 @@ class AuditEmitter:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         report = deliver(self.plugin_manager, self, envelopes)
+        self._settle(envelopes, outbox_bind, report, loop)
+
+    def _settle(
+        self,
+        envelopes: Sequence[AuditEventEnvelope],
+        outbox_bind: Engine | Connection | None,
+        report: DeliveryReport,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        """After delivery: mark the outbox rows, raise in strict mode."""
         if outbox_bind is not None:
             self._mark_outbox(outbox_bind, envelopes, report, loop)
         errors = report.errors

@@ -103,16 +103,25 @@ class SessionListeners:
         boundary = session._transaction
         if boundary is None:  # pragma: no cover - SQLAlchemy always has one here
             return
-        pending.committed.add(boundary)
+        pending.ended[boundary] = True
         if boundary.nested:
             return
-        events = pending.levels.get(boundary, [])
+        events = pending.levels.get(boundary) or []
+        if pending.lazy or self._emitter.outbox is not None:
+            self._late_events(pending, events)
+        else:
+            pending.build(events)
+
+    def _late_events(self, pending: Pending, events: list[StagedEvent]) -> None:
+        """Build the envelopes of events staged after the last point before COMMIT.
+
+        Such events were staged by an ``after_flush_postexec`` hook that ran
+        after ours. COMMIT is done and objects are not expired yet; raising
+        now would leave the session unusable, so a lazy value that fails drops
+        its event, and the outbox has no row for them.
+        """
         written = len(pending.built)
         if pending.lazy:
-            # Staged after the last point before COMMIT (by an
-            # after_flush_postexec hook that ran after ours). COMMIT is done
-            # and objects are not expired yet; raising now would leave the
-            # session unusable, so a value that fails drops its event.
             failed = _resolve_or_drop(pending, events)
             if failed:
                 self._emitter._discarded(failed, LAZY_VALUE_FAILED)
@@ -130,7 +139,7 @@ class SessionListeners:
         if pending is not None and pending.emitter is self._emitter:
             boundary = session.get_nested_transaction() or session.get_transaction()
             if boundary is not None:
-                pending.rolled_back.add(boundary)
+                pending.ended[boundary] = False
 
     def _after_transaction_end(
         self, session: Session, transaction: SessionTransaction
@@ -145,15 +154,24 @@ class SessionListeners:
         if parent is None:
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
-            if transaction in pending.committed:
-                self._dispatch(session, pending)
+            ended = pending.ended.get(transaction)
+            if ended:
+                if pending.built:  # else every lazy value failed
+                    # Staging on this session is refused while it dispatches.
+                    info[DISPATCHING_KEY] = True
+                    try:
+                        self._emitter._committed(
+                            tuple(pending.built), pending.outbox_bind
+                        )
+                    finally:
+                        del info[DISPATCHING_KEY]
                 return
             dropped = pending.levels.get(transaction)
-            rolled_back = transaction in pending.rolled_back
             reason = ROLLBACK
         else:
             dropped = pending.levels.pop(transaction, None)
-            if dropped and transaction in pending.committed:
+            ended = pending.ended.pop(transaction, None)
+            if dropped and ended:
                 # Released: its events join the enclosing boundary.
                 outer = parent
                 while not outer.nested and outer._parent is not None:
@@ -164,23 +182,11 @@ class SessionListeners:
                 pending.forget(dropped)
             if not pending.levels:
                 del info[PENDING_KEY]
-            pending.committed.discard(transaction)
-            rolled_back = transaction in pending.rolled_back
-            pending.rolled_back.discard(transaction)
             reason = SAVEPOINT_ROLLBACK
         if dropped:
-            self._emitter._discarded(dropped, reason if rolled_back else CLOSE)
-
-    def _dispatch(self, session: Session, pending: Pending) -> None:
-        """Send the committed batch; the session refuses staging meanwhile."""
-        if not pending.built:
-            return  # nothing was staged, or every lazy value failed
-        info = session.info
-        info[DISPATCHING_KEY] = True
-        try:
-            self._emitter._committed(tuple(pending.built), pending.outbox_bind)
-        finally:
-            del info[DISPATCHING_KEY]
+            # Rolled back (False), or ended without either (None: close(),
+            # a flush error, invalidate()).
+            self._emitter._discarded(dropped, CLOSE if ended is None else reason)
 
 
 def _resolve_or_drop(pending: Pending, events: list[StagedEvent]) -> list[StagedEvent]:

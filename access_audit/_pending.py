@@ -35,6 +35,8 @@ DETACHED = "detached"
 
 # A two-phase transaction is PREPARED between prepare() and commit(): its
 # outbox rows and lazy values were settled by prepare().
+_trusted = AuditEventEnvelope._trusted
+
 _PAST_STAGING = (SessionTransactionState.PREPARED, SessionTransactionState.COMMITTED)
 
 
@@ -43,28 +45,30 @@ class Pending:
 
     __slots__ = (
         "built",
-        "committed",
         "committed_at",
         "emitter",
+        "ended",
         "lazy",
         "levels",
         "outbox_bind",
-        "rolled_back",
         "transaction_id",
     )
 
-    def __init__(self, emitter: AuditEmitter, first_id: uuid.UUID) -> None:
+    def __init__(
+        self, emitter: AuditEmitter, boundary: SessionTransaction, first: StagedEvent
+    ) -> None:
         # Made for every transaction that stages an event: plain literals.
         self.emitter = emitter
-        self.levels: dict[SessionTransaction, list[StagedEvent]] = {}
-        self.committed: set[SessionTransaction] = set()
-        self.rolled_back: set[SessionTransaction] = set()
-        self.lazy: list[StagedEvent] = []
+        self.levels: dict[SessionTransaction, list[StagedEvent]] = {boundary: [first]}
+        self.ended: dict[SessionTransaction, bool] = {}
+        """Boundaries that committed (True) or rolled back (False), until
+        their ``after_transaction_end``."""
+        self.lazy: list[StagedEvent] = [first] if first.lazy else []
         """Staged events whose lazy values are not resolved yet."""
         self.built: list[AuditEventEnvelope] = []
         """Envelopes of the commit's events, in order, as they are built: in
         ``after_commit``, or before COMMIT when they go to an outbox."""
-        self.transaction_id = with_inverted_tail(first_id)
+        self.transaction_id = with_inverted_tail(first.id)
         """The commit's id: the id of the first event staged in it with the
         random bits inverted. Ids never repeat a (time, counter) pair, so no
         event or other commit has it, and it sorts beside its events. Made
@@ -96,20 +100,19 @@ class Pending:
             events.extend(self.levels.get(boundary, ()))
         return events
 
-    def build(self, events: list[StagedEvent]) -> list[AuditEventEnvelope]:
-        """Make envelopes for the events not yet built; return the new ones."""
+    def build(self, events: list[StagedEvent]) -> None:
+        """Make envelopes for the events not yet built, appending to :attr:`built`."""
         built = self.built
         start = len(built)
-        if start >= len(events):
-            return []
-        if self.committed_at is None:
-            self.committed_at = datetime.now(timezone.utc)
-        timestamp, transaction_id = self.committed_at, self.transaction_id
-        assert timestamp is not None
-        trusted = AuditEventEnvelope._trusted
-        for sequence in range(start, len(events)):
-            built.append(trusted(events[sequence], timestamp, transaction_id, sequence))
-        return built[start:]
+        if start < len(events):
+            timestamp = self.committed_at
+            if timestamp is None:
+                timestamp = self.committed_at = datetime.now(timezone.utc)
+            transaction_id = self.transaction_id
+            for sequence in range(start, len(events)):
+                built.append(
+                    _trusted(events[sequence], timestamp, transaction_id, sequence)
+                )
 
     def resolve(self) -> None:
         """Resolve the lazy values staged so far (they raise to the caller).
@@ -150,7 +153,9 @@ def prepare_commit(session: Session, pending: Pending) -> None:
     outbox = pending.emitter.outbox
     if outbox is None:
         return
-    new = pending.build(pending.in_commit_order(session))
+    written = len(pending.built)
+    pending.build(pending.in_commit_order(session))
+    new = pending.built[written:]
     if new:
         from ._dispatch import delivering_plugins
         from .outbox._store import write
@@ -189,16 +194,17 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         )
     pending: Pending | None = info.get(PENDING_KEY)
     if pending is None:
-        pending = info[PENDING_KEY] = Pending(emitter, staged.id)
-    elif pending.emitter is not emitter:
-        _change_owner(session, pending, emitter)
-    level = pending.levels.get(boundary)
-    if level is None:
-        pending.levels[boundary] = [staged]
+        pending = info[PENDING_KEY] = Pending(emitter, boundary, staged)
     else:
-        level.append(staged)
-    if staged.lazy:
-        pending.lazy.append(staged)
+        if pending.emitter is not emitter:
+            _change_owner(session, pending, emitter)
+        level = pending.levels.get(boundary)
+        if level is None:
+            pending.levels[boundary] = [staged]
+        else:
+            level.append(staged)
+        if staged.lazy:
+            pending.lazy.append(staged)
     if (
         (pending.lazy or emitter.outbox is not None)  # work due before COMMIT
         and not session._flushing
@@ -230,5 +236,5 @@ def _change_owner(session: Session, pending: Pending, emitter: AuditEmitter) -> 
         dropped = pending.levels.pop(stale)
         pending.forget(dropped)
         previous._discarded(dropped, DETACHED)
-    pending.committed &= open_transactions
-    pending.rolled_back &= open_transactions
+    for stale in [t for t in pending.ended if t not in open_transactions]:
+        del pending.ended[stale]

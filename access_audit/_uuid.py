@@ -25,6 +25,7 @@ _SAFE = uuid.SafeUUID.unknown
 _RANDOM_INTS = 1024
 """32-bit random ints drawn from the OS at a time."""
 _RANDOM_BYTES = 4 * _RANDOM_INTS
+_LAST_PAIR = _RANDOM_INTS - 2
 _unpack_random = struct.Struct(f">{_RANDOM_INTS}I").unpack
 
 
@@ -78,36 +79,39 @@ class _Uuid7Generator:
         try:
             now_ms = time_ns() // 1_000_000
             index = self._index
-            if index > _RANDOM_INTS - 2:
+            if index > _LAST_PAIR:
                 self._random = _unpack_random(urandom(_RANDOM_BYTES))
                 index = 0
             random = self._random
+            # Two random ints per id: the tail, and the counter's seed should
+            # this be a new millisecond.
+            self._index = index + 2
             if now_ms > self._last_ms:
                 # A fresh counter (41 random bits; its top bit clear leaves
-                # room to count) takes a second random int.
+                # room to count).
                 self._last_ms = now_ms
-                head = self._head = _head(now_ms, random[index + 1] << 9)
-                self._index = index + 2
+                head = _head(now_ms, random[index + 1] << 9)
             else:
-                self._index = index + 1
-                if self._head & _LOW_MASK != _LOW_MASK:
-                    head = self._head = self._head + 1
-                else:
-                    # The counter's low bits would overflow into the variant
-                    # bits, so count in full; borrow a millisecond on overflow
-                    # rather than ever going backwards (also when the clock
-                    # stepped back).
-                    counter = _counter_of(self._head) + 1
-                    if counter > _COUNTER_MAX:
-                        self._last_ms += 1
-                        counter = 0
-                    head = self._head = _head(self._last_ms, counter)
+                head = self._head + 1
+                if not head & _LOW_MASK:
+                    head = self._carry()
+            self._head = head
         finally:
             self._release()
         made = _new_uuid(_UUID)
         _set(made, "int", head << 32 | random[index])
         _set(made, "is_safe", _SAFE)
         return made
+
+    def _carry(self) -> int:
+        # The counter's low bits overflowed into the variant bits: count in
+        # full instead. Borrow a millisecond when the whole counter overflows
+        # rather than ever going backwards (also when the clock stepped back).
+        counter = _counter_of(self._head) + 1
+        if counter > _COUNTER_MAX:
+            self._last_ms += 1
+            counter = 0
+        return _head(self._last_ms, counter)
 
 
 def _locked_stdlib_uuid7() -> Callable[[], uuid.UUID] | None:

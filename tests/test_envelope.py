@@ -20,13 +20,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 from support import Base, Recorder, operation
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import (
+    AuditEmitter,
+    AuditEventEnvelope,
+    StagedEvent,
+    hookimpl,
+    stage_event,
+)
 
 FIELDS = [field.name for field in dataclasses.fields(AuditEventEnvelope)]
 
@@ -588,3 +595,28 @@ def test_hand_built_envelope_is_frozen_too() -> None:
     with pytest.raises(TypeError):
         envelope.payload["roles"].append("c")
     assert AuditEventEnvelope.from_dict(json.loads(envelope.to_json())) == envelope
+
+
+@hypothesis.given(
+    staged_ns=hypothesis.strategies.integers(0, 8_000_000_000 * 10**9),
+)
+def test_staged_at_is_the_clock_reading_to_the_microsecond(staged_ns: int) -> None:
+    """The staged event keeps a clock reading; its datetime is exact (truncated)."""
+    staged = StagedEvent(
+        uuid.uuid4(),
+        "x",
+        staged_ns,
+        "system",
+        None,
+        "t",
+        "1",
+        None,
+        "a",
+        None,
+        {},
+        {},
+        False,
+    )
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert staged.staged_at == epoch + timedelta(microseconds=staged_ns // 1000)
+    assert staged.staged_at.tzinfo is timezone.utc
