@@ -22,7 +22,7 @@ _LOW_MASK = (1 << _LOW_BITS) - 1
 """The counter's low 30 bits, which end the 96-bit head of the UUID."""
 
 _SAFE = uuid.SafeUUID.unknown
-_RANDOM_INTS = 1024
+_RANDOM_INTS = 256
 """32-bit random ints drawn from the OS at a time."""
 _RANDOM_BYTES = 4 * _RANDOM_INTS
 _LAST_PAIR = _RANDOM_INTS - 2
