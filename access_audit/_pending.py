@@ -8,7 +8,6 @@ stays in ``session.info`` once the outermost transaction has ended.
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
