@@ -7,6 +7,7 @@ at the first receiver that raises.
 
 from __future__ import annotations
 
+import threading
 import types
 import uuid
 from collections.abc import Callable, Collection, Sequence
@@ -43,13 +44,18 @@ class PluginManager(pluggy.PluginManager):
     list; this keeps one per hook until a plugin is registered or
     unregistered (or hook specifications are added), instead of copying
     them on every commit. A list handed out is never changed afterwards, so
-    a dispatch running in another thread keeps a consistent one.
+    a dispatch running in another thread keeps a consistent one; one that
+    was being built while the plugins changed serves that dispatch only and
+    is never kept.
     """
 
     def __init__(self, project_name: str) -> None:
         super().__init__(project_name)
         self._call_orders: dict[str, list[HookImpl]] = {}
         self._delivery_order: DeliveryOrder | None = None
+        self._generation = 0
+        """Counts plugin changes; an order built across one is not kept."""
+        self._cache_lock = threading.Lock()
 
     def delivery_order(self) -> DeliveryOrder:
         """:meth:`call_order` of ``audit_event_logged`` and ``audit_events_committed``.
@@ -60,13 +66,17 @@ class PluginManager(pluggy.PluginManager):
         """
         order = self._delivery_order
         if order is None:
-            order = self._delivery_order = (
+            generation = self._generation
+            order = (
                 [
                     (impl, impl.argnames == ("envelope",))
                     for impl in self.call_order("audit_event_logged")
                 ],
                 self.call_order("audit_events_committed"),
             )
+            with self._cache_lock:
+                if self._generation == generation:
+                    self._delivery_order = order
         return order
 
     def call_order(self, hook_name: str) -> list[HookImpl]:
@@ -77,15 +87,22 @@ class PluginManager(pluggy.PluginManager):
         """
         impls = self._call_orders.get(hook_name)
         if impls is None:
+            generation = self._generation
             caller: HookCaller = getattr(self.hook, hook_name)
             impls = caller.get_hookimpls()  # a copy: reversing it is safe
             impls.reverse()
-            self._call_orders[hook_name] = impls
+            with self._cache_lock:
+                if self._generation == generation:
+                    self._call_orders[hook_name] = impls
         return impls
 
     def _forget_call_orders(self) -> None:
-        self._call_orders = {}
-        self._delivery_order = None
+        # Runs after pluggy changed the implementations: an order whose
+        # building began before this is not kept, one begun after sees them.
+        with self._cache_lock:
+            self._generation += 1
+            self._call_orders = {}
+            self._delivery_order = None
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         try:

@@ -68,10 +68,11 @@ class Pending:
         """Envelopes of the commit's events, in order, as they are built: in
         ``after_commit``, or before COMMIT when they go to an outbox."""
         self.transaction_id = with_inverted_tail(first.id)
-        """The commit's id: the id of the first event staged in it with the
-        random bits inverted. Ids never repeat a (time, counter) pair, so no
-        event or other commit has it, and it sorts beside its events. Made
-        here, next to the event's own id, rather than on the commit path."""
+        """The commit's id: the id of the first event staged in it (even one
+        a rolled-back SAVEPOINT drops later) with the random bits inverted.
+        Ids never repeat a (time, counter) pair, so no event or other commit
+        has it, and it sorts just before or among its events. Made here, next
+        to the event's own id, rather than on the commit path."""
         self.committed_at: datetime | None = None
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to mark them later."""

@@ -121,10 +121,16 @@ def _locked_stdlib_uuid7() -> Callable[[], uuid.UUID] | None:
     stdlib = getattr(uuid, "uuid7", None)
     if stdlib is None:
         return None
-    lock = threading.Lock()
+    locks = [threading.Lock()]
+    if hasattr(os, "register_at_fork"):
+        # A fork while another thread held the lock must not leave the
+        # child's copy locked forever.
+        os.register_at_fork(
+            after_in_child=lambda: locks.__setitem__(0, threading.Lock())
+        )
 
     def locked() -> uuid.UUID:
-        with lock:
+        with locks[0]:
             return stdlib()  # type: ignore[no-any-return]
 
     return locked

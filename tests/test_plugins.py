@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -798,6 +799,45 @@ def test_plugins_changed_between_commits_take_effect_on_the_next(
         "audit_event_logged": ["late", "late"],
         "audit_events_committed": ["late", "late"],
     }
+
+
+def test_a_plugin_registered_while_another_thread_reads_the_order_is_called(
+    Session: sessionmaker,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An order read across a registration serves that dispatch only.
+
+    A dispatching thread is held just after it read the implementations
+    (as a thread switch would hold it) while the main thread registers a
+    plugin; every later commit must still reach the new plugin.
+    """
+    late = Recorder()
+    read, resume = threading.Event(), threading.Event()
+    get_hookimpls = pluggy.HookCaller.get_hookimpls
+
+    def held(caller: pluggy.HookCaller) -> list[Any]:
+        impls = get_hookimpls(caller)
+        if threading.current_thread().name == "dispatcher":
+            read.set()
+            resume.wait(5)
+        return impls
+
+    monkeypatch.setattr(pluggy.HookCaller, "get_hookimpls", held)
+    emitter.register(Recorder(), "other")  # forget the order built so far
+    dispatcher = threading.Thread(
+        target=emitter.plugin_manager.delivery_order, name="dispatcher"
+    )
+    dispatcher.start()
+    assert read.wait(5)
+    emitter.register(late, "late")
+    resume.set()
+    dispatcher.join(5)
+    with Session() as session:
+        operation(session, "a")
+        session.commit()
+    assert late.names == recorder.names == ["a"]
 
 
 def test_coroutine_hook_implementations_are_refused() -> None:

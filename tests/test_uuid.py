@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 import uuid
 
 import pytest
@@ -134,3 +136,45 @@ def test_a_forked_child_draws_its_own_random_bits() -> None:
     in_parent = generator()
     # Without the reset both would take the same next random int as tail.
     assert in_child.int & 0xFFFF_FFFF != in_parent.int & 0xFFFF_FFFF
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads
+def test_stdlib_uuid7_lock_is_fresh_in_a_forked_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.14+: a fork while another thread holds the lock must not hang."""
+    holding, release = threading.Event(), threading.Event()
+
+    def stdlib_uuid7() -> uuid.UUID:
+        if threading.current_thread().name == "holder":
+            holding.set()
+            release.wait(10)
+        return uuid.uuid4()
+
+    monkeypatch.setattr(uuid, "uuid7", stdlib_uuid7, raising=False)
+    locked = _uuid._locked_stdlib_uuid7()
+    assert locked is not None
+    holder = threading.Thread(target=locked, name="holder")
+    holder.start()
+    assert holding.wait(10)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            locked()
+        finally:
+            os._exit(0)
+    try:
+        for _ in range(100):
+            finished, status = os.waitpid(child, os.WNOHANG)
+            if finished:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail("the child hung on the lock its parent's thread held")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        holder.join()
