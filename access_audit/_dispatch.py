@@ -38,12 +38,12 @@ DeliveryOrder = tuple[list[tuple["HookImpl", bool]], list["HookImpl"]]
 
 
 class PluginManager(pluggy.PluginManager):
-    """pluggy's plugin manager, remembering each hook's implementations in call order.
+    """pluggy's plugin manager, remembering the delivery hooks' implementations in call order.
 
-    Dispatch calls every implementation on its own, so it needs them as a
-    list; this keeps one per hook until a plugin is registered or
-    unregistered (or hook specifications are added), instead of copying
-    them on every commit. A list handed out is never changed afterwards, so
+    Dispatch calls every implementation on its own, so it needs them as
+    lists; this keeps them until a plugin is registered or unregistered (or
+    hook specifications are added), instead of copying them on every
+    commit. A list handed out is never changed afterwards, so
     a dispatch running in another thread keeps a consistent one; one that
     was being built while the plugins changed serves that dispatch only and
     is never kept.
@@ -51,14 +51,13 @@ class PluginManager(pluggy.PluginManager):
 
     def __init__(self, project_name: str) -> None:
         super().__init__(project_name)
-        self._call_orders: dict[str, list[HookImpl]] = {}
         self._delivery_order: DeliveryOrder | None = None
         self._generation = 0
         """Counts plugin changes; an order built across one is not kept."""
         self._cache_lock = threading.Lock()
 
     def delivery_order(self) -> DeliveryOrder:
-        """:meth:`call_order` of ``audit_event_logged`` and ``audit_events_committed``.
+        """:meth:`call_order` of ``audit_event_logged`` and ``audit_events_committed``, kept.
 
         Each ``audit_event_logged`` implementation comes with whether it takes
         exactly ``(envelope)``, so that it can be called without building
@@ -85,15 +84,9 @@ class PluginManager(pluggy.PluginManager):
         pluggy calls the last registered implementation first (``tryfirst``
         and ``trylast`` already sorted in); this keeps that order.
         """
-        impls = self._call_orders.get(hook_name)
-        if impls is None:
-            generation = self._generation
-            caller: HookCaller = getattr(self.hook, hook_name)
-            impls = caller.get_hookimpls()  # a copy: reversing it is safe
-            impls.reverse()
-            with self._cache_lock:
-                if self._generation == generation:
-                    self._call_orders[hook_name] = impls
+        caller: HookCaller = getattr(self.hook, hook_name)
+        impls = caller.get_hookimpls()  # a copy: reversing it is safe
+        impls.reverse()
         return impls
 
     def _forget_call_orders(self) -> None:
@@ -101,7 +94,6 @@ class PluginManager(pluggy.PluginManager):
         # building began before this is not kept, one begun after sees them.
         with self._cache_lock:
             self._generation += 1
-            self._call_orders = {}
             self._delivery_order = None
 
     def register(self, plugin: object, name: str | None = None) -> str | None:

@@ -98,7 +98,7 @@ class AuditEventEnvelope:
         Skips ``__init__``'s frozen-instance checks and ``__post_init__``:
         this runs once per committed event.
         """
-        envelope = _new(_Unfrozen)
+        envelope: Any = _new(_Unfrozen)  # the fields are AuditEventEnvelope's
         envelope.id = staged.id
         envelope.event_type = staged.event_type
         envelope.timestamp = timestamp
@@ -106,16 +106,16 @@ class AuditEventEnvelope:
         envelope.actor_id = staged.actor_id
         envelope.actor_email = staged.actor_email
         envelope.target_type = staged.target_type
-        envelope.target_id = staged.target_id  # type: ignore[assignment]
-        envelope.target_name = staged.target_name  # type: ignore[assignment]
+        envelope.target_id = staged.target_id
+        envelope.target_name = staged.target_name
         envelope.action = staged.action
         envelope.reason = staged.reason
         envelope.payload = staged.payload
         envelope.metadata = staged.metadata
         envelope.transaction_id = transaction_id
         envelope.sequence = sequence
-        envelope.__class__ = cls  # type: ignore[assignment]
-        return envelope  # type: ignore[return-value]
+        envelope.__class__ = cls
+        return envelope  # type: ignore[no-any-return]
 
     def __hash__(self) -> int:
         # The id identifies the event; payload and metadata are unhashable.
@@ -225,22 +225,6 @@ class _Unfrozen:
     """
 
     __slots__ = AuditEventEnvelope.__slots__
-
-    id: uuid.UUID
-    event_type: str
-    timestamp: datetime
-    staged_at: datetime
-    actor_id: str
-    actor_email: str | None
-    target_type: str
-    target_id: str
-    target_name: str | None
-    action: str
-    reason: str | None
-    payload: Mapping[str, Any]
-    metadata: Mapping[str, Any]
-    transaction_id: uuid.UUID
-    sequence: int
 
 
 _new = object.__new__

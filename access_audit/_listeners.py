@@ -65,33 +65,34 @@ class SessionListeners:
                 event.remove(target, name, function)
 
     # The hooks below run on every commit of every attached session, with or
-    # without events; each reads its Pending inline (one dict lookup) rather
-    # than through a shared helper. A Pending that another emitter owns (one
-    # attached to a more specific target) is that emitter's to handle.
+    # without events. A Pending that another emitter owns (one attached to a
+    # more specific target) is that emitter's to handle.
 
-    def _before_commit(self, session: Session) -> None:
+    def _due_before_commit(self, session: Session) -> Pending | None:
+        """Our Pending, while the outermost commit has work due before COMMIT."""
         pending: Pending | None = session.info.get(PENDING_KEY)
         if (
             pending is None
             or pending.emitter is not self._emitter
-            or not (pending.lazy or self._emitter.outbox is not None)
-            or committing_root(session) is None
+            or not pending.work_before_commit()
+            or committing_root(session) is None  # a RELEASE SAVEPOINT
         ):
-            return  # nothing due before COMMIT, or a RELEASE SAVEPOINT
-        # Flush now (the commit would next) so database-generated keys exist,
-        # then resolve and write the outbox. Events that ORM hooks of a later
-        # flush in this commit stage are handled in after_flush_postexec.
-        session.flush()
-        prepare_commit(session, pending)
+            return None
+        return pending
+
+    def _before_commit(self, session: Session) -> None:
+        pending = self._due_before_commit(session)
+        if pending is not None:
+            # Flush now (the commit would next) so database-generated keys
+            # exist, then resolve and write the outbox. Events that ORM hooks
+            # of a later flush in this commit stage are handled in
+            # after_flush_postexec.
+            session.flush()
+            prepare_commit(session, pending)
 
     def _after_flush_postexec(self, session: Session, flush_context: Any) -> None:
-        pending: Pending | None = session.info.get(PENDING_KEY)
-        if (
-            pending is not None
-            and pending.emitter is self._emitter
-            and (pending.lazy or self._emitter.outbox is not None)
-            and committing_root(session) is not None
-        ):
+        pending = self._due_before_commit(session)
+        if pending is not None:
             prepare_commit(session, pending)
 
     def _after_commit(self, session: Session) -> None:
@@ -107,7 +108,7 @@ class SessionListeners:
         if boundary.nested:
             return
         events = pending.levels.get(boundary) or []
-        if pending.lazy or self._emitter.outbox is not None:
+        if pending.work_before_commit():
             self._late_events(pending, events)
         else:
             pending.build(events)

@@ -32,10 +32,10 @@ DISPATCHING_KEY = "access_audit.dispatching"
 
 DETACHED = "detached"
 
-# A two-phase transaction is PREPARED between prepare() and commit(): its
-# outbox rows and lazy values were settled by prepare().
 _trusted = AuditEventEnvelope._trusted
 
+# A two-phase transaction is PREPARED between prepare() and commit(): its
+# outbox rows and lazy values were settled by prepare().
 _PAST_STAGING = (SessionTransactionState.PREPARED, SessionTransactionState.COMMITTED)
 
 
@@ -76,6 +76,12 @@ class Pending:
         self.committed_at: datetime | None = None
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to mark them later."""
+
+    def work_before_commit(self) -> bool:
+        """Whether the commit has work before COMMIT: lazy values to resolve
+        or outbox rows to write. Without either, nothing is due until COMMIT
+        has succeeded."""
+        return bool(self.lazy) or self.emitter.outbox is not None
 
     def forget(self, events: list[StagedEvent]) -> None:
         """Drop *events* from the lazy ones still to resolve."""
@@ -206,7 +212,7 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         if staged.lazy:
             pending.lazy.append(staged)
     if (
-        (pending.lazy or emitter.outbox is not None)  # work due before COMMIT
+        pending.work_before_commit()
         and not session._flushing
         and root is not None
         and _preparing(root)

@@ -10,8 +10,6 @@ from datetime import datetime, timezone
 from time import time_ns
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
-
 from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
 from ._pending import park
 from ._registry import emitter_for, sync_session_of
@@ -28,7 +26,7 @@ from ._values import (
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import scoped_session
+    from sqlalchemy.orm import Session, scoped_session
 
     from ._emitter import AuditEmitter
 
@@ -140,7 +138,7 @@ def stage_event(
     :raises RuntimeError: the session is dispatching its own commit, or its
         transaction has already been prepared or committed.
     """
-    sync_session = session if isinstance(session, Session) else sync_session_of(session)
+    sync_session = sync_session_of(session)
     emitter = emitter_for(sync_session)
     if event_type not in _good_event_types:
         _check_event_type(event_type)
@@ -176,7 +174,7 @@ def stage_event(
         frozen_payload, payload_lazy = freeze_payload(payload, rules)
         if payload_lazy:
             lazy = True
-        elif rules.max_payload_bytes is not None:
+        else:
             rules.check_size(frozen_payload, event_type)
 
     context = current_context()
