@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from ._uuid import as_uuid
 from ._values import ReadOnlyDict, freeze_json, thaw
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class AuditEventEnvelope:
         this runs once per committed event.
         """
         envelope: Any = _new(_Unfrozen)  # the fields are AuditEventEnvelope's
-        envelope.id = staged.id
+        envelope.id = as_uuid(staged.id_int)
         envelope.event_type = staged.event_type
         envelope.timestamp = timestamp
         envelope.staged_at = staged.staged_at

@@ -8,6 +8,7 @@ stays in ``session.info`` once the outermost transaction has ended.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
 from ._envelope import AuditEventEnvelope
-from ._uuid import with_inverted_tail
+from ._uuid import as_uuid, with_inverted_tail
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -50,6 +51,7 @@ class Pending:
         "lazy",
         "levels",
         "outbox_bind",
+        "first_id",
         "transaction_id",
     )
 
@@ -67,13 +69,12 @@ class Pending:
         self.built: list[AuditEventEnvelope] = []
         """Envelopes of the commit's events, in order, as they are built: in
         ``after_commit``, or before COMMIT when they go to an outbox."""
-        self.transaction_id = with_inverted_tail(first.id)
-        """The commit's id: the id of the first event staged in it (even one
-        a rolled-back SAVEPOINT drops later) with the random bits inverted.
-        Ids never repeat a (time, counter) pair, so no event or other commit
-        has it, and it sorts just before or among its events. Made here, next
-        to the event's own id, rather than on the commit path."""
+        self.first_id = first.id_int
+        """The id of the first event staged in this transaction (even one a
+        rolled-back SAVEPOINT drops later), which the commit's id comes from."""
         self.committed_at: datetime | None = None
+        """When the commit's first envelope was built, with :attr:`transaction_id`."""
+        self.transaction_id: uuid.UUID | None = None
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to mark them later."""
 
@@ -112,9 +113,15 @@ class Pending:
         start = len(built)
         if start < len(events):
             timestamp = self.committed_at
-            if timestamp is None:
-                timestamp = self.committed_at = datetime.now(timezone.utc)
             transaction_id = self.transaction_id
+            if timestamp is None or transaction_id is None:
+                timestamp = self.committed_at = datetime.now(timezone.utc)
+                # The first event's id with its random bits inverted: ids
+                # never repeat a (time, counter) pair, so no event or other
+                # commit has it, and it sorts just before or among its events.
+                transaction_id = self.transaction_id = as_uuid(
+                    with_inverted_tail(self.first_id)
+                )
             for sequence in range(start, len(events)):
                 built.append(
                     _trusted(events[sequence], timestamp, transaction_id, sequence)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
 from ._pending import park
 from ._registry import emitter_for, sync_session_of
-from ._uuid import uuid7
+from ._uuid import as_uuid, uuid7_int
 from ._values import (
     EMPTY,
     NO_RULES,
@@ -49,7 +49,8 @@ class StagedEvent:
     that rolls back.
     """
 
-    id: uuid.UUID
+    id_int: int
+    """The event's id as a 128-bit int (:attr:`id` is the UUID)."""
     event_type: str
     staged_ns: int
     """When :func:`stage_event` ran, in nanoseconds since the Unix epoch
@@ -67,6 +68,11 @@ class StagedEvent:
     lazy: bool
     """Whether some value is still an unresolved callable."""
     _rules: PayloadRules = dataclasses.field(default=NO_RULES, repr=False)
+
+    @property
+    def id(self) -> uuid.UUID:
+        """The event's UUIDv7, as its envelope will carry it."""
+        return as_uuid(self.id_int)
 
     @property
     def staged_at(self) -> datetime:
@@ -194,7 +200,7 @@ def stage_event(
         merged_metadata = _merge_metadata(emitter, context_metadata, metadata, rules)
 
     event = StagedEvent(
-        uuid7(),
+        uuid7_int(),
         event_type,
         time_ns(),
         actor.id,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from os import urandom
 from time import time_ns
 
-__all__ = ["uuid7", "with_inverted_tail"]
+__all__ = ["as_uuid", "uuid7_int", "with_inverted_tail"]
 
 # 42 bits of counter: the 12 bits of ``rand_a`` and the top 30 bits of ``rand_b``
 # (RFC 9562 section 6.2, method 1), re-seeded each new millisecond with its top
@@ -70,7 +70,7 @@ class _Uuid7Generator:
         self._random: tuple[int, ...] = ()
         self._index = _RANDOM_INTS
 
-    def __call__(self) -> uuid.UUID:
+    def __call__(self) -> int:
         # Hot: one call per staged event. The head (everything but the 32
         # random tail bits) of the previous id is kept, so the common case,
         # another id in the same millisecond, is one addition; random bits
@@ -98,10 +98,7 @@ class _Uuid7Generator:
             self._head = head
         finally:
             self._release()
-        made = _new_uuid(_UUID)
-        _set(made, "int", head << 32 | random[index])
-        _set(made, "is_safe", _SAFE)
-        return made
+        return head << 32 | random[index]
 
     def _carry(self) -> int:
         # The counter's low bits overflowed into the variant bits: count in
@@ -114,7 +111,7 @@ class _Uuid7Generator:
         return _head(self._last_ms, counter)
 
 
-def _locked_stdlib_uuid7() -> Callable[[], uuid.UUID] | None:
+def _locked_stdlib_uuid7() -> Callable[[], int] | None:
     # Python 3.14's uuid.uuid7 counts within a millisecond the same way, but
     # keeps its state in module globals without a lock: serialise the calls so
     # that ids stay unique and ordered across threads.
@@ -129,20 +126,28 @@ def _locked_stdlib_uuid7() -> Callable[[], uuid.UUID] | None:
             after_in_child=lambda: locks.__setitem__(0, threading.Lock())
         )
 
-    def locked() -> uuid.UUID:
+    def locked() -> int:
         with locks[0]:
-            return stdlib()  # type: ignore[no-any-return]
+            return stdlib().int  # type: ignore[no-any-return]
 
     return locked
 
 
-uuid7: Callable[[], uuid.UUID] = _locked_stdlib_uuid7() or _Uuid7Generator()
-"""Return a new UUIDv7; a later call returns a greater UUID than an earlier one."""
+uuid7_int: Callable[[], int] = _locked_stdlib_uuid7() or _Uuid7Generator()
+"""Return the 128-bit value of a new UUIDv7; a later call returns a greater one.
+
+A value rather than a :class:`uuid.UUID`: the object is made by
+:func:`as_uuid` when it is needed, next to the commit's other objects."""
 
 
-def with_inverted_tail(value: uuid.UUID) -> uuid.UUID:
-    """*value* with its 32 trailing (random) bits inverted; still a UUIDv7."""
+def as_uuid(value: int) -> uuid.UUID:
+    """The :class:`uuid.UUID` of a 128-bit *value* known to be in range."""
     made = _new_uuid(_UUID)
-    _set(made, "int", value.int ^ 0xFFFF_FFFF)
+    _set(made, "int", value)
     _set(made, "is_safe", _SAFE)
     return made
+
+
+def with_inverted_tail(value: int) -> int:
+    """*value* with its 32 trailing (random) bits inverted; still a UUIDv7."""
+    return value ^ 0xFFFF_FFFF

@@ -603,7 +603,7 @@ def test_hand_built_envelope_is_frozen_too() -> None:
 def test_staged_at_is_the_clock_reading_to_the_microsecond(staged_ns: int) -> None:
     """The staged event keeps a clock reading; its datetime is exact (truncated)."""
     staged = StagedEvent(
-        uuid.uuid4(),
+        uuid.uuid4().int,
         "x",
         staged_ns,
         "system",
@@ -620,3 +620,4 @@ def test_staged_at_is_the_clock_reading_to_the_microsecond(staged_ns: int) -> No
     epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
     assert staged.staged_at == epoch + timedelta(microseconds=staged_ns // 1000)
     assert staged.staged_at.tzinfo is timezone.utc
+    assert staged.id == uuid.UUID(int=staged.id_int)

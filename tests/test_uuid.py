@@ -11,7 +11,12 @@ import uuid
 import pytest
 
 from access_audit import _uuid
-from access_audit._uuid import _COUNTER_MAX, _Uuid7Generator, with_inverted_tail
+from access_audit._uuid import (
+    _COUNTER_MAX,
+    _Uuid7Generator,
+    as_uuid,
+    with_inverted_tail,
+)
 
 MS = 1_764_000_000_000
 """A fixed clock, in milliseconds."""
@@ -28,6 +33,11 @@ def _clock(monkeypatch: pytest.MonkeyPatch, *readings_ms: int) -> None:
     monkeypatch.setattr(_uuid, "time_ns", time_ns)
 
 
+def _new(generator: _Uuid7Generator) -> uuid.UUID:
+    """The generator's next id, as the UUID an envelope carries."""
+    return as_uuid(generator())
+
+
 def _check_layout(value: uuid.UUID, unix_ms: int) -> None:
     assert value.version == 7
     assert value.variant == uuid.RFC_4122
@@ -42,7 +52,7 @@ def _counter(value: uuid.UUID) -> int:
 def test_ids_in_one_millisecond_count_up(monkeypatch: pytest.MonkeyPatch) -> None:
     _clock(monkeypatch, MS)
     generator = _Uuid7Generator()
-    ids = [generator() for _ in range(1000)]
+    ids = [_new(generator) for _ in range(1000)]
     for value in ids:
         _check_layout(value, MS)
     counters = [_counter(value) for value in ids]
@@ -55,10 +65,10 @@ def test_counter_carries_across_the_variant_bits(
 ) -> None:
     _clock(monkeypatch, MS)
     generator = _Uuid7Generator()
-    generator()
+    _new(generator)
     generator._head = (generator._head | 0x3FFF_FFFF) - 1
-    before = _counter(generator())  # the counter's low 30 bits are all set
-    after = generator()
+    before = _counter(_new(generator))  # the counter's low 30 bits are all set
+    after = _new(generator)
     _check_layout(after, MS)
     assert before & 0x3FFF_FFFF == 0x3FFF_FFFF
     assert _counter(after) == before + 1
@@ -70,21 +80,21 @@ def test_counter_overflow_borrows_a_millisecond(
 ) -> None:
     _clock(monkeypatch, MS)
     generator = _Uuid7Generator()
-    first = generator()
+    first = _new(generator)
     generator._head = first.int >> 32 | 0xFFF << 32 | 0x3FFF_FFFF
     assert _counter(uuid.UUID(int=generator._head << 32)) == _COUNTER_MAX
-    borrowed = generator()
+    borrowed = _new(generator)
     _check_layout(borrowed, MS + 1)
     assert _counter(borrowed) == 0
     assert borrowed > first
     # The real clock catching up does not go back either.
-    _check_layout(generator(), MS + 1)
+    _check_layout(_new(generator), MS + 1)
 
 
 def test_clock_stepping_back_keeps_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
     _clock(monkeypatch, MS, MS - 5_000, MS - 5_000, MS + 1)
     generator = _Uuid7Generator()
-    ids = [generator() for _ in range(4)]
+    ids = [_new(generator) for _ in range(4)]
     assert ids == sorted(ids)
     for value in ids[:3]:
         _check_layout(value, MS)
@@ -97,7 +107,7 @@ def test_ids_are_unique_and_ordered_per_thread() -> None:
 
     def work(into: list[uuid.UUID]) -> None:
         for _ in range(5_000):
-            into.append(generator())
+            into.append(_new(generator))
 
     threads = [threading.Thread(target=work, args=(into,)) for into in made]
     for thread in threads:
@@ -110,30 +120,30 @@ def test_ids_are_unique_and_ordered_per_thread() -> None:
 
 
 def test_inverted_tail_is_another_uuid7_beside_its_source() -> None:
-    value = _Uuid7Generator()()
-    inverted = with_inverted_tail(value)
+    value = _new(_Uuid7Generator())
+    inverted = as_uuid(with_inverted_tail(value.int))
     assert inverted != value
     assert inverted.version == 7 and inverted.variant == uuid.RFC_4122
     assert inverted.int >> 32 == value.int >> 32
-    assert with_inverted_tail(inverted) == value
+    assert with_inverted_tail(inverted.int) == value.int
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_draws_its_own_random_bits() -> None:
     generator = _Uuid7Generator()
-    generator()  # the parent's random buffer is filled now
+    _new(generator)  # the parent's random buffer is filled now
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
-            os.write(write, generator().bytes)
+            os.write(write, _new(generator).bytes)
         finally:
             os._exit(0)
     os.close(write)
     os.waitpid(child, 0)
     in_child = uuid.UUID(bytes=os.read(read, 16))
     os.close(read)
-    in_parent = generator()
+    in_parent = _new(generator)
     # Without the reset both would take the same next random int as tail.
     assert in_child.int & 0xFFFF_FFFF != in_parent.int & 0xFFFF_FFFF
 
