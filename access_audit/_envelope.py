@@ -15,7 +15,7 @@ from ._values import ReadOnlyDict, freeze_json, thaw
 if TYPE_CHECKING:
     from ._staging import StagedEvent
 
-__all__ = ["AuditEventEnvelope"]
+__all__ = ["AuditEventEnvelope", "utc_datetime"]
 
 _FIELDS = (
     "id", "event_type", "timestamp", "staged_at", "actor_id", "actor_email",
@@ -103,7 +103,7 @@ class AuditEventEnvelope:
         envelope.id = as_uuid(staged.id_int)
         envelope.event_type = staged.event_type
         envelope.timestamp = timestamp
-        envelope.staged_at = staged.staged_at
+        envelope.staged_at = utc_datetime(staged.staged_ns)
         envelope.actor_id = staged.actor_id
         envelope.actor_email = staged.actor_email
         envelope.target_type = staged.target_type
@@ -214,6 +214,19 @@ class AuditEventEnvelope:
                 raise ValueError(f"{name} must carry a UTC offset, got {data[name]!r}")
             values[name] = moment.astimezone(timezone.utc)
         return cls(**values)
+
+
+def utc_datetime(ns: int) -> datetime:
+    """The aware UTC datetime of *ns* nanoseconds since the Unix epoch, truncated
+    to the microsecond."""
+    # Exact: a whole number of microseconds over 1e6 is within a quarter
+    # microsecond as a float for dates before the 23rd century, and
+    # fromtimestamp() rounds to the nearest microsecond.
+    return _from_timestamp(ns // 1000 / 1e6, _UTC)
+
+
+_from_timestamp = datetime.fromtimestamp
+_UTC = timezone.utc
 
 
 class _Unfrozen:

@@ -48,10 +48,10 @@ class Pending:
         "committed_at",
         "emitter",
         "ended",
+        "first_id",
         "lazy",
         "levels",
         "outbox_bind",
-        "first_id",
         "transaction_id",
     )
 

@@ -6,11 +6,12 @@ import dataclasses
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime
 from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
+from ._envelope import utc_datetime
 from ._pending import park
 from ._registry import emitter_for, sync_session_of
 from ._uuid import as_uuid, uuid7_int
@@ -77,11 +78,7 @@ class StagedEvent:
     @property
     def staged_at(self) -> datetime:
         """When :func:`stage_event` ran (UTC, aware, microseconds)."""
-        # Exact: a whole number of microseconds over 1e6 is within a quarter
-        # microsecond as a float for dates before the 23rd century, and
-        # fromtimestamp() rounds to the nearest microsecond. It also runs the
-        # same code as the commit's datetime.now(), just used before it.
-        return datetime.fromtimestamp(self.staged_ns // 1000 / 1e6, timezone.utc)
+        return utc_datetime(self.staged_ns)
 
     def _resolve(self) -> None:
         """Call the lazy values and check what they return, at most once.

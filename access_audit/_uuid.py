@@ -133,7 +133,9 @@ def _locked_stdlib_uuid7() -> Callable[[], int] | None:
     return locked
 
 
-uuid7_int: Callable[[], int] = _locked_stdlib_uuid7() or _Uuid7Generator()
+# The generator's bound method: calling it skips the instance call's lookup
+# of __call__.
+uuid7_int: Callable[[], int] = _locked_stdlib_uuid7() or _Uuid7Generator().__call__
 """Return the 128-bit value of a new UUIDv7; a later call returns a greater one.
 
 A value rather than a :class:`uuid.UUID`: the object is made by
