@@ -9,13 +9,14 @@ stays in ``session.info`` once the outermost transaction has ended.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
+from time import time_ns
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
-from ._envelope import AuditEventEnvelope
+from ._envelope import AuditEventEnvelope, utc_datetime
 from ._uuid import as_uuid, with_inverted_tail
 
 if TYPE_CHECKING:
@@ -115,7 +116,9 @@ class Pending:
             timestamp = self.committed_at
             transaction_id = self.transaction_id
             if timestamp is None or transaction_id is None:
-                timestamp = self.committed_at = datetime.now(timezone.utc)
+                # The clock and the conversion staged_at used: the same
+                # code, still in the CPU's caches for the events' own.
+                timestamp = self.committed_at = utc_datetime(time_ns())
                 # The first event's id with its random bits inverted: ids
                 # never repeat a (time, counter) pair, so no event or other
                 # commit has it, and it sorts just before or among its events.

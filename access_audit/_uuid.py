@@ -22,17 +22,16 @@ _LOW_MASK = (1 << _LOW_BITS) - 1
 """The counter's low 30 bits, which end the 96-bit head of the UUID."""
 
 _SAFE = uuid.SafeUUID.unknown
-_RANDOM_INTS = 256
-"""32-bit random ints drawn from the OS at a time."""
-_RANDOM_BYTES = 4 * _RANDOM_INTS
-_LAST_PAIR = _RANDOM_INTS - 2
-_unpack_random = struct.Struct(f">{_RANDOM_INTS}I").unpack
+_BATCH = 128
+"""Ids made from one draw of random bytes from the OS."""
+_unpack_random = struct.Struct(f">{2 * _BATCH}I").unpack
+_MS_MASK = 0xFFFF_FFFF_FFFF
 
 
 def _head(unix_ms: int, counter: int) -> int:
     """The UUID's top 96 bits: milliseconds, version, counter, variant, counter."""
     return (
-        (unix_ms & 0xFFFF_FFFF_FFFF) << 48
+        (unix_ms & _MS_MASK) << 48
         | 0x7 << 44
         | (counter >> _LOW_BITS) << 32
         | 0b10 << _LOW_BITS
@@ -67,38 +66,49 @@ class _Uuid7Generator:
         self._acquire, self._release = lock.acquire, lock.release
         self._last_ms = -1
         self._head = 0
-        self._random: tuple[int, ...] = ()
-        self._index = _RANDOM_INTS
+        self._tails: tuple[int, ...] = ()
+        self._seeds: tuple[int, ...] = ()
+        self._index = _BATCH
+
+    def _refill(self) -> None:
+        """Draw the random bits of the next :data:`_BATCH` ids from the OS.
+
+        Each id takes a random 32-bit tail and, should it start a new
+        millisecond, a fresh counter: 32 random bits shifted up by 9 (its top
+        bit stays clear, leaving room to count), stored already laid out as
+        the head's low 48 bits, so that a new millisecond is one shift and
+        one ``|`` in :meth:`__call__`.
+        """
+        random = _unpack_random(urandom(8 * _BATCH))
+        self._tails = random[:_BATCH]
+        self._seeds = tuple(_head(0, seed << 9) for seed in random[_BATCH:])
+        self._index = 0
 
     def __call__(self) -> int:
         # Hot: one call per staged event. The head (everything but the 32
-        # random tail bits) of the previous id is kept, so the common case,
-        # another id in the same millisecond, is one addition; random bits
-        # come from a buffer unpacked to ints in one call per refill.
+        # random tail bits) of the previous id is kept, so another id in the
+        # same millisecond is one addition; one in a new millisecond is the
+        # time and a seed laid out in advance by _refill().
         self._acquire()
         try:
             now_ms = time_ns() // 1_000_000
             index = self._index
-            if index > _LAST_PAIR:
-                self._random = _unpack_random(urandom(_RANDOM_BYTES))
+            if index == _BATCH:
+                self._refill()
                 index = 0
-            random = self._random
-            # Two random ints per id: the tail, and the counter's seed should
-            # this be a new millisecond.
-            self._index = index + 2
+            self._index = index + 1
             if now_ms > self._last_ms:
-                # A fresh counter (41 random bits; its top bit clear leaves
-                # room to count).
                 self._last_ms = now_ms
-                head = _head(now_ms, random[index + 1] << 9)
+                head = (now_ms & _MS_MASK) << 48 | self._seeds[index]
             else:
                 head = self._head + 1
                 if not head & _LOW_MASK:
                     head = self._carry()
             self._head = head
+            tail = self._tails[index]
         finally:
             self._release()
-        return head << 32 | random[index]
+        return head << 32 | tail
 
     def _carry(self) -> int:
         # The counter's low bits overflowed into the variant bits: count in

@@ -14,6 +14,7 @@ import json
 import pickle
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -617,7 +618,8 @@ def test_staged_at_is_the_clock_reading_to_the_microsecond(staged_ns: int) -> No
         {},
         False,
     )
-    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
-    assert staged.staged_at == epoch + timedelta(microseconds=staged_ns // 1000)
+    seconds, micros = divmod(staged_ns // 1000, 1_000_000)
+    fields = time.gmtime(seconds)[:6]
+    assert staged.staged_at == datetime(*fields, micros, tzinfo=timezone.utc)
     assert staged.staged_at.tzinfo is timezone.utc
     assert staged.id == uuid.UUID(int=staged.id_int)
