@@ -29,17 +29,19 @@ from flask_sqlalchemy.track_modifications import models_committed
 from .fixtures import Base, database_url, make_emitter, timed_commits
 from .harness import (
     Batch,
+    Samples,
     Settings,
     WorkloadResult,
     figure_row,
     interleave,
     ops_per_round,
     per_round_ratios,
+    pooled,
     ratio_row,
     spread,
 )
 
-__all__ = ["flask_signal"]
+__all__ = ["flask_samples", "flask_signal"]
 
 
 def _on_models_committed(sender: Flask, changes: list[tuple[Any, str]]) -> None:
@@ -93,8 +95,8 @@ def _apps(database: str) -> Iterator[dict[str, Batch]]:
                 db.engine.dispose()
 
 
-def flask_signal(database: str, settings: Settings) -> WorkloadResult:
-    """Workload 3: both overheads against the same plain Flask-SQLAlchemy baseline."""
+def flask_samples(database: str, settings: Settings) -> tuple[Samples, int]:
+    """One process's rounds of workload 3: nanoseconds per commit, and operations per batch."""
     with _apps(database) as batches:
         ops = ops_per_round(batches["plain"], settings)
         samples = interleave(
@@ -102,6 +104,12 @@ def flask_signal(database: str, settings: Settings) -> WorkloadResult:
             settings.rounds,
             collect_each=False,
         )
+    return samples, ops
+
+
+def flask_signal(database: str, settings: Settings) -> WorkloadResult:
+    """Workload 3: both overheads against the same plain Flask-SQLAlchemy baseline."""
+    samples, ops = pooled("flask", database, settings)
     base = samples["plain"]
     tracked = per_round_ratios(samples["track_modifications"], base)
     audited = per_round_ratios(samples["access_audit"], base)
@@ -111,7 +119,7 @@ def flask_signal(database: str, settings: Settings) -> WorkloadResult:
     )
     figures: dict[str, Any] = {
         "ops_per_round": ops,
-        "rounds": settings.rounds,
+        "rounds": len(base),
         "us_per_commit": {
             name: spread([ns / 1000 for ns in values])
             for name, values in samples.items()

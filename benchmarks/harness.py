@@ -6,18 +6,22 @@ with ``gc.collect()`` between samples or rounds, so that drift on a noisy
 machine (another process, frequency scaling, a growing table) reaches every
 variant alike. Figures are medians over the rounds; a ratio is the median of
 the per-round ratios of two variants measured in the same round, timed with
-:func:`time.perf_counter_ns` around a batch of operations.
+:func:`time.perf_counter_ns` around a batch of operations. The per-commit
+workloads share their rounds among several fresh interpreters
+(:func:`pooled`), since where objects land in memory differs between them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
@@ -29,6 +33,7 @@ __all__ = [
     "QUICK",
     "Batch",
     "Row",
+    "Samples",
     "Settings",
     "WorkloadResult",
     "figure_row",
@@ -36,6 +41,7 @@ __all__ = [
     "machine",
     "ops_per_round",
     "per_round_ratios",
+    "pooled",
     "ratio_row",
     "spread",
 ]
@@ -53,7 +59,16 @@ class Settings:
     quick: bool
     """Tiny sizes for the smoke test; targets are reported, not enforced."""
     rounds: int
-    """Rounds of the per-commit workloads (1 to 3)."""
+    """Rounds of the per-commit workloads (1 to 3), over all their processes."""
+    processes: int
+    """Fresh interpreters the rounds of workloads 1 to 3 are shared among.
+
+    Where objects land in memory differs from one interpreter to the next and
+    moves these ratios by several percent (1.07x to 1.15x for the same code
+    on the same machine), more than the rounds within one vary: pooling the
+    rounds of several interpreters keeps one lucky or unlucky layout from
+    deciding a target.
+    """
     round_seconds: float
     """Wanted duration of one variant's batch in one round of workloads 1 to 3.
 
@@ -78,7 +93,8 @@ class Settings:
 
 FULL = Settings(
     quick=False,
-    rounds=101,
+    rounds=105,
+    processes=5,
     round_seconds=0.015,
     fixed_ops=None,
     bulk_rounds=11,
@@ -93,7 +109,8 @@ FULL = Settings(
 
 QUICK = Settings(
     quick=True,
-    rounds=3,
+    rounds=4,
+    processes=2,
     round_seconds=0.0,
     fixed_ops=5,
     bulk_rounds=2,
@@ -198,6 +215,49 @@ def interleave(
                 gc.collect()
             samples[name].append(variants[name]())
     return samples
+
+
+Samples = dict[str, list[float]]
+"""Per-round values of each variant, in round order."""
+
+
+def pooled(
+    sampler: str, database: str, settings: Settings
+) -> tuple[Samples, list[int]]:
+    """Run a per-commit workload's rounds in ``settings.processes`` fresh interpreters.
+
+    Each runs ``python -m benchmarks.worker`` (*sampler* on *database*, its
+    share of the rounds, calibrating its own batch size) one after another,
+    so that no two compete for the CPU. Returns every variant's samples,
+    pooled in process order, and each process's operations per batch.
+
+    :raises RuntimeError: a worker failed; the message holds its output.
+    """
+    share = math.ceil(settings.rounds / settings.processes)
+    mode = "quick" if settings.quick else "full"
+    pooled_samples: Samples = {}
+    ops: list[int] = []
+    command = [sys.executable, "-m", "benchmarks.worker", sampler, database]
+    command += [mode, str(share)]
+    for _ in range(settings.processes):
+        completed = subprocess.run(
+            command,
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(
+                f"benchmark worker {sampler} on {database} failed:\n"
+                + completed.stdout
+                + completed.stderr
+            )
+        result = json.loads(completed.stdout)
+        ops.append(result["ops"])
+        for name, values in result["samples"].items():
+            pooled_samples.setdefault(name, []).extend(values)
+    return pooled_samples, ops
 
 
 def per_round_ratios(values: Sequence[float], baseline: Sequence[float]) -> list[float]:

@@ -33,17 +33,19 @@ from .fixtures import (
 from .harness import (
     Batch,
     Row,
+    Samples,
     Settings,
     WorkloadResult,
     figure_row,
     interleave,
     ops_per_round,
     per_round_ratios,
+    pooled,
     ratio_row,
     spread,
 )
 
-__all__ = ["bulk", "commit_overhead"]
+__all__ = ["bulk", "commit_overhead", "commit_samples"]
 
 NO_EVENT_LIMIT = 1.02
 ONE_EVENT_LIMIT = 1.10
@@ -64,8 +66,12 @@ def _commit_batch(maker: sessionmaker[Any], stage: bool) -> Batch:
     return batch
 
 
-def commit_overhead(database: str, settings: Settings) -> WorkloadResult:
-    """Workloads 1 and 2: per-commit cost with an emitter, against plain SQLAlchemy."""
+def commit_samples(database: str, settings: Settings) -> tuple[Samples, int]:
+    """One process's rounds of workloads 1 and 2 (and the outbox variant).
+
+    Returns nanoseconds per commit of each variant per round, and the
+    operations per batch.
+    """
     engine = make_engine(database)
     Base.metadata.create_all(engine)
     plain = sessionmaker(engine)
@@ -98,12 +104,18 @@ def commit_overhead(database: str, settings: Settings) -> WorkloadResult:
         durable_emitter.detach(durable)
         outbox.drop(engine)
         engine.dispose()
+    return samples, ops
+
+
+def commit_overhead(database: str, settings: Settings) -> WorkloadResult:
+    """Workloads 1 and 2: per-commit cost with an emitter, against plain SQLAlchemy."""
+    samples, ops = pooled("commit", database, settings)
     no_event = per_round_ratios(samples["attached_no_event"], samples["plain"])
     one_event = per_round_ratios(samples["one_event"], samples["plain"])
     outbox_event = per_round_ratios(samples["outbox_one_event"], samples["plain"])
     figures = {
         "ops_per_round": ops,
-        "rounds": settings.rounds,
+        "rounds": len(samples["plain"]),
         "us_per_commit": {
             name: spread([ns / 1000 for ns in values])
             for name, values in samples.items()

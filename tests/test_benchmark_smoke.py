@@ -69,6 +69,11 @@ def test_quick_run_figures_are_measured(quick_run: tuple[str, dict[str, Any]]) -
         assert set(ratio) == set(RATIO_KEYS) and ratio["median"] > 0
     for key in ("track_modifications_ratio", "access_audit_ratio"):
         assert flask[key]["median"] > 0
+    processes = figures["settings"]["processes"]
+    for pooled in (commit, flask):
+        # Rounds come from that many worker interpreters, each calibrating.
+        assert len(pooled["ops_per_round"]) == processes >= 2
+        assert pooled["rounds"] == figures["settings"]["rounds"]
     bulk = sqlite["bulk"]
     assert len(bulk["sizes"]) == 3 and len(bulk["savepoints"]) == 2
     for size in bulk["sizes"].values():
@@ -114,3 +119,25 @@ def test_unknown_names_are_a_usage_error(arguments: tuple[str, ...]) -> None:
     completed = run_benchmark("--quick", *arguments)
     assert completed.returncode == 2
     assert "choose from" in completed.stderr
+
+
+def test_a_failing_worker_fails_the_run_with_its_output() -> None:
+    """A worker interpreter that fails raises, showing what the worker printed."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from benchmarks.harness import QUICK, pooled; "
+            "pooled('nonsense', 'sqlite', QUICK)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode != 0
+    assert (
+        "RuntimeError: benchmark worker nonsense on sqlite failed" in completed.stderr
+    )
+    assert "Usage: ``python -m benchmarks.worker" in completed.stderr
