@@ -47,7 +47,10 @@ def _counter_of(head: int) -> int:
 # in range here. CPython 3.14 does the same in uuid.UUID._from_int.
 _UUID = uuid.UUID
 _new_uuid = object.__new__
-_set = object.__setattr__
+# The slots' own setters: UUID.__setattr__ refuses changes, and
+# object.__setattr__ looks the slot up again on every call.
+_set_int = _UUID.__dict__["int"].__set__
+_set_is_safe = _UUID.__dict__["is_safe"].__set__
 
 
 class _Uuid7Generator:
@@ -155,8 +158,8 @@ A value rather than a :class:`uuid.UUID`: the object is made by
 def as_uuid(value: int) -> uuid.UUID:
     """The :class:`uuid.UUID` of a 128-bit *value* known to be in range."""
     made = _new_uuid(_UUID)
-    _set(made, "int", value)
-    _set(made, "is_safe", _SAFE)
+    _set_int(made, value)
+    _set_is_safe(made, _SAFE)
     return made
 
 

@@ -43,6 +43,7 @@ def _check_layout(value: uuid.UUID, unix_ms: int) -> None:
     assert value.variant == uuid.RFC_4122
     assert value.int >> 80 == unix_ms
     assert uuid.UUID(str(value)) == value
+    assert value.is_safe is uuid.SafeUUID.unknown
 
 
 def _counter(value: uuid.UUID) -> int:
