@@ -221,11 +221,10 @@ def utc_datetime(ns: int) -> datetime:
     to the microsecond."""
     # Integer arithmetic, so exact; also cheaper than fromtimestamp(), which
     # goes through a float, the C library's gmtime() and tzinfo.fromutc().
-    return _EPOCH + _timedelta(0, 0, ns // 1000)
+    return _EPOCH + timedelta(0, 0, ns // 1000)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_timedelta = timedelta
 
 
 class _Unfrozen:

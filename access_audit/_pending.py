@@ -46,14 +46,13 @@ class Pending:
 
     __slots__ = (
         "built",
-        "committed_at",
         "emitter",
         "ended",
         "first_id",
         "lazy",
         "levels",
         "outbox_bind",
-        "transaction_id",
+        "stamp",
     )
 
     def __init__(
@@ -73,9 +72,8 @@ class Pending:
         self.first_id = first.id_int
         """The id of the first event staged in this transaction (even one a
         rolled-back SAVEPOINT drops later), which the commit's id comes from."""
-        self.committed_at: datetime | None = None
-        """When the commit's first envelope was built, with :attr:`transaction_id`."""
-        self.transaction_id: uuid.UUID | None = None
+        self.stamp: tuple[datetime, uuid.UUID] | None = None
+        """The commit's timestamp and id, made with its first envelope."""
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to mark them later."""
 
@@ -113,18 +111,19 @@ class Pending:
         built = self.built
         start = len(built)
         if start < len(events):
-            timestamp = self.committed_at
-            transaction_id = self.transaction_id
-            if timestamp is None or transaction_id is None:
-                # The clock and the conversion staged_at used: the same
-                # code, still in the CPU's caches for the events' own.
-                timestamp = self.committed_at = utc_datetime(time_ns())
-                # The first event's id with its random bits inverted: ids
-                # never repeat a (time, counter) pair, so no event or other
-                # commit has it, and it sorts just before or among its events.
-                transaction_id = self.transaction_id = as_uuid(
-                    with_inverted_tail(self.first_id)
+            stamp = self.stamp
+            if stamp is None:
+                # The timestamp: the clock and the conversion staged_at used
+                # (the same code, still in the CPU's caches for the events'
+                # own). The id: the first event's with its random bits
+                # inverted; ids never repeat a (time, counter) pair, so no
+                # event or other commit has it, and it sorts just before or
+                # among its events.
+                stamp = self.stamp = (
+                    utc_datetime(time_ns()),
+                    as_uuid(with_inverted_tail(self.first_id)),
                 )
+            timestamp, transaction_id = stamp
             for sequence in range(start, len(events)):
                 built.append(
                     _trusted(events[sequence], timestamp, transaction_id, sequence)
