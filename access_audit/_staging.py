@@ -196,10 +196,11 @@ def stage_event(
     else:
         merged_metadata = _merge_metadata(emitter, context_metadata, metadata, rules)
 
+    now_ns = time_ns()
     event = StagedEvent(
-        uuid7_int(),
+        uuid7_int(now_ns),
         event_type,
-        time_ns(),
+        now_ns,
         actor.id,
         actor.email,
         target_type,

@@ -8,7 +8,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from os import urandom
-from time import time_ns
 
 __all__ = ["as_uuid", "uuid7_int", "with_inverted_tail"]
 
@@ -24,17 +23,23 @@ _LOW_MASK = (1 << _LOW_BITS) - 1
 _SAFE = uuid.SafeUUID.unknown
 _BATCH = 128
 """Ids made from one draw of random bytes from the OS."""
-_unpack_random = struct.Struct(f">{2 * _BATCH}I").unpack
+_unpack_random = struct.Struct(f">{_BATCH}Q").unpack
 _MS_MASK = 0xFFFF_FFFF_FFFF
+_SEED_MASK = 0x7FF << 32 | 0x3FFF_FE00
+"""Where a new millisecond's counter seed takes its 32 random bits, in the
+head's low 48 bits: ``rand_a`` but its top bit, and the counter's 30 bits in
+``rand_b`` but the lowest nine (a top bit clear and nine clear low bits leave
+room to count)."""
+_TAIL_MASK = 0xFFFF_FFFF
+_VERSION_VARIANT = 0x7 << 44 | 0b10 << _LOW_BITS
 
 
 def _head(unix_ms: int, counter: int) -> int:
     """The UUID's top 96 bits: milliseconds, version, counter, variant, counter."""
     return (
         (unix_ms & _MS_MASK) << 48
-        | 0x7 << 44
+        | _VERSION_VARIANT
         | (counter >> _LOW_BITS) << 32
-        | 0b10 << _LOW_BITS
         | (counter & _LOW_MASK)
     )
 
@@ -56,6 +61,8 @@ _set_is_safe = _UUID.__dict__["is_safe"].__set__
 class _Uuid7Generator:
     """A monotonic UUIDv7 source; thread-safe and fork-safe."""
 
+    __slots__ = ("_acquire", "_head", "_index", "_last_ms", "_random", "_release")
+
     def __init__(self) -> None:
         self._reset()
         if hasattr(os, "register_at_fork"):
@@ -69,49 +76,36 @@ class _Uuid7Generator:
         self._acquire, self._release = lock.acquire, lock.release
         self._last_ms = -1
         self._head = 0
-        self._tails: tuple[int, ...] = ()
-        self._seeds: tuple[int, ...] = ()
+        self._random: tuple[int, ...] = ()
         self._index = _BATCH
 
-    def _refill(self) -> None:
-        """Draw the random bits of the next :data:`_BATCH` ids from the OS.
-
-        Each id takes a random 32-bit tail and, should it start a new
-        millisecond, a fresh counter: 32 random bits shifted up by 9 (its top
-        bit stays clear, leaving room to count), stored already laid out as
-        the head's low 48 bits, so that a new millisecond is one shift and
-        one ``|`` in :meth:`__call__`.
-        """
-        random = _unpack_random(urandom(8 * _BATCH))
-        self._tails = random[:_BATCH]
-        self._seeds = tuple(_head(0, seed << 9) for seed in random[_BATCH:])
-        self._index = 0
-
-    def __call__(self) -> int:
+    def __call__(self, now_ns: int) -> int:
         # Hot: one call per staged event. The head (everything but the 32
         # random tail bits) of the previous id is kept, so another id in the
-        # same millisecond is one addition; one in a new millisecond is the
-        # time and a seed laid out in advance by _refill().
+        # same millisecond is one addition. Each id takes 64 random bits: its
+        # tail, and the counter's seed should it start a new millisecond.
+        now_ms = now_ns // 1_000_000
         self._acquire()
         try:
-            now_ms = time_ns() // 1_000_000
             index = self._index
             if index == _BATCH:
-                self._refill()
+                self._random = _unpack_random(urandom(8 * _BATCH))
                 index = 0
             self._index = index + 1
+            random = self._random[index]
             if now_ms > self._last_ms:
                 self._last_ms = now_ms
-                head = (now_ms & _MS_MASK) << 48 | self._seeds[index]
+                head = (
+                    (now_ms & _MS_MASK) << 48 | random & _SEED_MASK | _VERSION_VARIANT
+                )
             else:
                 head = self._head + 1
                 if not head & _LOW_MASK:
                     head = self._carry()
             self._head = head
-            tail = self._tails[index]
         finally:
             self._release()
-        return head << 32 | tail
+        return head << 32 | random & _TAIL_MASK
 
     def _carry(self) -> int:
         # The counter's low bits overflowed into the variant bits: count in
@@ -124,10 +118,11 @@ class _Uuid7Generator:
         return _head(self._last_ms, counter)
 
 
-def _locked_stdlib_uuid7() -> Callable[[], int] | None:
+def _locked_stdlib_uuid7() -> Callable[[int], int] | None:
     # Python 3.14's uuid.uuid7 counts within a millisecond the same way, but
     # keeps its state in module globals without a lock: serialise the calls so
-    # that ids stay unique and ordered across threads.
+    # that ids stay unique and ordered across threads. It reads the clock
+    # itself.
     stdlib = getattr(uuid, "uuid7", None)
     if stdlib is None:
         return None
@@ -139,7 +134,7 @@ def _locked_stdlib_uuid7() -> Callable[[], int] | None:
             after_in_child=lambda: locks.__setitem__(0, threading.Lock())
         )
 
-    def locked() -> int:
+    def locked(now_ns: int) -> int:
         with locks[0]:
             return stdlib().int  # type: ignore[no-any-return]
 
@@ -148,8 +143,10 @@ def _locked_stdlib_uuid7() -> Callable[[], int] | None:
 
 # The generator's bound method: calling it skips the instance call's lookup
 # of __call__.
-uuid7_int: Callable[[], int] = _locked_stdlib_uuid7() or _Uuid7Generator().__call__
-"""Return the 128-bit value of a new UUIDv7; a later call returns a greater one.
+uuid7_int: Callable[[int], int] = _locked_stdlib_uuid7() or _Uuid7Generator().__call__
+"""Return the 128-bit value of a new UUIDv7 for the time ``now_ns`` (the
+caller's reading of :func:`time.time_ns`, which it also uses); a later call
+returns a greater one, even should the clock step back.
 
 A value rather than a :class:`uuid.UUID`: the object is made by
 :func:`as_uuid` when it is needed, next to the commit's other objects."""

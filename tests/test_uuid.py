@@ -22,20 +22,10 @@ MS = 1_764_000_000_000
 """A fixed clock, in milliseconds."""
 
 
-def _clock(monkeypatch: pytest.MonkeyPatch, *readings_ms: int) -> None:
-    """Make the generator read *readings_ms*, then keep reading the last one."""
-    values = list(readings_ms)
-
-    def time_ns() -> int:
-        value = values.pop(0) if len(values) > 1 else values[0]
-        return value * 1_000_000
-
-    monkeypatch.setattr(_uuid, "time_ns", time_ns)
-
-
-def _new(generator: _Uuid7Generator) -> uuid.UUID:
-    """The generator's next id, as the UUID an envelope carries."""
-    return as_uuid(generator())
+def _new(generator: _Uuid7Generator, unix_ms: int | None = None) -> uuid.UUID:
+    """The generator's next id at *unix_ms* (default: now), as an envelope's UUID."""
+    now_ns = time.time_ns() if unix_ms is None else unix_ms * 1_000_000 + 999_999
+    return as_uuid(generator(now_ns))
 
 
 def _check_layout(value: uuid.UUID, unix_ms: int) -> None:
@@ -50,52 +40,46 @@ def _counter(value: uuid.UUID) -> int:
     return ((value.int >> 64) & 0xFFF) << 30 | (value.int >> 32) & 0x3FFF_FFFF
 
 
-def test_ids_in_one_millisecond_count_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    _clock(monkeypatch, MS)
+def test_ids_in_one_millisecond_count_up() -> None:
     generator = _Uuid7Generator()
-    ids = [_new(generator) for _ in range(1000)]
+    ids = [_new(generator, MS) for _ in range(1000)]
     for value in ids:
         _check_layout(value, MS)
     counters = [_counter(value) for value in ids]
     assert counters == list(range(counters[0], counters[0] + 1000))
-    assert counters[0] < 1 << 41  # seeded with its top bit clear
+    # Seeded with its top bit and its nine low bits clear, room to count.
+    assert counters[0] < 1 << 41
+    assert counters[0] & 0x1FF == 0
 
 
-def test_counter_carries_across_the_variant_bits(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    _clock(monkeypatch, MS)
+def test_counter_carries_across_the_variant_bits() -> None:
     generator = _Uuid7Generator()
-    _new(generator)
+    _new(generator, MS)
     generator._head = (generator._head | 0x3FFF_FFFF) - 1
-    before = _counter(_new(generator))  # the counter's low 30 bits are all set
-    after = _new(generator)
+    before = _counter(_new(generator, MS))  # the counter's low 30 bits are all set
+    after = _new(generator, MS)
     _check_layout(after, MS)
     assert before & 0x3FFF_FFFF == 0x3FFF_FFFF
     assert _counter(after) == before + 1
     assert after.int & (0x3FFF_FFFF << 32) == 0
 
 
-def test_counter_overflow_borrows_a_millisecond(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    _clock(monkeypatch, MS)
+def test_counter_overflow_borrows_a_millisecond() -> None:
     generator = _Uuid7Generator()
-    first = _new(generator)
+    first = _new(generator, MS)
     generator._head = first.int >> 32 | 0xFFF << 32 | 0x3FFF_FFFF
     assert _counter(uuid.UUID(int=generator._head << 32)) == _COUNTER_MAX
-    borrowed = _new(generator)
+    borrowed = _new(generator, MS)
     _check_layout(borrowed, MS + 1)
     assert _counter(borrowed) == 0
     assert borrowed > first
     # The real clock catching up does not go back either.
-    _check_layout(_new(generator), MS + 1)
+    _check_layout(_new(generator, MS + 1), MS + 1)
 
 
-def test_clock_stepping_back_keeps_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    _clock(monkeypatch, MS, MS - 5_000, MS - 5_000, MS + 1)
+def test_clock_stepping_back_keeps_the_order() -> None:
     generator = _Uuid7Generator()
-    ids = [_new(generator) for _ in range(4)]
+    ids = [_new(generator, ms) for ms in (MS, MS - 5_000, MS - 5_000, MS + 1)]
     assert ids == sorted(ids)
     for value in ids[:3]:
         _check_layout(value, MS)
@@ -166,13 +150,13 @@ def test_stdlib_uuid7_lock_is_fresh_in_a_forked_child(
     monkeypatch.setattr(uuid, "uuid7", stdlib_uuid7, raising=False)
     locked = _uuid._locked_stdlib_uuid7()
     assert locked is not None
-    holder = threading.Thread(target=locked, name="holder")
+    holder = threading.Thread(target=locked, args=(0,), name="holder")
     holder.start()
     assert holding.wait(10)
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
-            locked()
+            locked(0)
         finally:
             os._exit(0)
     try:
