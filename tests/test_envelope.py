@@ -353,6 +353,71 @@ def test_transaction_id_and_sequence_per_commit(
     assert isinstance(first, tuple)
 
 
+DEFERRED = ("id", "staged_at", "timestamp", "transaction_id")
+
+
+def _slot_value(envelope: AuditEventEnvelope, name: str) -> Any:
+    """What the field's slot holds, without making it (AttributeError: unset)."""
+    return vars(AuditEventEnvelope)[name].__get__(envelope, AuditEventEnvelope)
+
+
+def test_ids_and_times_are_made_on_first_read_and_kept(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """id, staged_at, timestamp and transaction_id are made when first read, once.
+
+    A plugin that never reads them does not pay for them; the commit's
+    timestamp and transaction_id are one object for all of its envelopes.
+    """
+    with Session() as session:
+        for name in ("a", "b"):
+            operation(session, name)
+        session.commit()
+    first, second = recorder.events
+    for name in DEFERRED:
+        with pytest.raises(AttributeError):
+            _slot_value(first, name)
+    made = {name: getattr(first, name) for name in DEFERRED}
+    assert isinstance(made["id"], uuid.UUID) and made["id"].version == 7
+    assert isinstance(made["transaction_id"], uuid.UUID)
+    assert made["timestamp"].tzinfo is timezone.utc
+    assert made["staged_at"] <= made["timestamp"]
+    for name in DEFERRED:
+        assert _slot_value(first, name) is made[name]  # kept in the slot
+        assert getattr(first, name) is made[name]
+    assert second.timestamp is first.timestamp
+    assert second.transaction_id is first.transaction_id
+    assert second.id > first.id
+    assert second.staged_at >= first.staged_at
+
+
+def test_an_unread_envelope_behaves_as_a_read_one(
+    committed: AuditEventEnvelope,
+) -> None:
+    """Copies, equality, hashing, repr and replace() make the deferred fields."""
+    unread = committed
+    for name in DEFERRED:
+        with pytest.raises(AttributeError):
+            _slot_value(unread, name)
+    again = pickle.loads(pickle.dumps(unread))
+    assert [getattr(again, name) for name in DEFERRED] == [
+        _slot_value(unread, name) for name in DEFERRED
+    ]
+    assert again == unread and hash(again) == hash(unread)
+    assert f"id={unread.id!r}" in repr(unread)
+    moved = dataclasses.replace(unread, sequence=5)
+    assert (moved.id, moved.timestamp) == (unread.id, unread.timestamp)
+    assert moved.sequence == 5
+
+
+def test_an_envelope_has_no_other_attributes(committed: AuditEventEnvelope) -> None:
+    """Reading an attribute that is not a field fails as usual, naming it."""
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        committed.nope  # type: ignore[attr-defined]  # noqa: B018
+    assert not hasattr(committed, "nope")
+    assert getattr(committed, "nope", None) is None
+
+
 def _assign(envelope: AuditEventEnvelope) -> None:
     envelope.payload["count"] = 4  # type: ignore[index]
 
