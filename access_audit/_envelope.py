@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from ._uuid import as_uuid, with_inverted_tail
+from ._uuid import as_uuid
 from ._values import ReadOnlyDict, freeze_json, thaw
 
 if TYPE_CHECKING:
     from ._staging import StagedEvent
 
-__all__ = ["AuditEventEnvelope", "CommitStamp", "utc_datetime"]
+__all__ = ["AuditEventEnvelope", "utc_datetime"]
 
 _FIELDS = (
     "id", "event_type", "timestamp", "staged_at", "actor_id", "actor_email",
@@ -42,43 +42,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 """What from_dict accepts for the fields it does not parse itself."""
 
 
-class _Deferred:
-    """Where an envelope keeps, until they are first read, what its ``id``,
-    ``staged_at``, ``timestamp`` and ``transaction_id`` are made from."""
-
-    __slots__ = ("_id_int", "_staged_ns", "_stamp")
-
-
-class CommitStamp:
-    """One commit's time and id, shared by its envelopes; made into objects once.
-
-    The commit's id is the first event's (an int) with its random bits
-    inverted: ids never repeat a (time, counter) pair, so no event or other
-    commit has it, and it sorts just before or among its events.
-    """
-
-    __slots__ = ("_objects", "first_id", "ns")
-
-    def __init__(self, ns: int, first_id: int) -> None:
-        self.ns = ns
-        """When the commit happened, in nanoseconds since the Unix epoch."""
-        self.first_id = first_id
-        """The id of the first event the transaction staged."""
-        self._objects: tuple[datetime, uuid.UUID] | None = None
-
-    def objects(self) -> tuple[datetime, uuid.UUID]:
-        """The commit's ``timestamp`` and ``transaction_id``, made on first call."""
-        objects = self._objects
-        if objects is None:
-            objects = self._objects = (
-                utc_datetime(self.ns),
-                as_uuid(with_inverted_tail(self.first_id)),
-            )
-        return objects
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
-class AuditEventEnvelope(_Deferred):
+class AuditEventEnvelope:
     """One committed audit event: immutable, and the same object for every plugin.
 
     Envelopes are made only for a transaction that really committed.
@@ -86,12 +51,6 @@ class AuditEventEnvelope(_Deferred):
     (they are ``dict``/``list`` subclasses that refuse changes, so
     ``json.dumps`` takes them as they are). ``id`` is a UUIDv7: ids sort in
     staging order within a process, and consumers de-duplicate by it.
-
-    An envelope the library builds makes its ``id``, ``staged_at``,
-    ``timestamp`` and ``transaction_id`` objects when each is first read, and
-    keeps them: a plugin that never reads them does not pay for them, and one
-    that hands envelopes to a worker thread pays there. Nothing else about
-    the fields changes (equality, hashing, copies, ``dataclasses.fields``).
     """
 
     id: uuid.UUID
@@ -129,20 +88,22 @@ class AuditEventEnvelope(_Deferred):
 
     @classmethod
     def _trusted(
-        cls, staged: StagedEvent, stamp: CommitStamp, sequence: int
+        cls,
+        staged: StagedEvent,
+        timestamp: datetime,
+        transaction_id: uuid.UUID,
+        sequence: int,
     ) -> AuditEventEnvelope:
         """Build from a resolved staged event whose values are frozen already.
 
         Skips ``__init__``'s frozen-instance checks and ``__post_init__``:
-        this runs once per committed event. ``id``, ``staged_at``,
-        ``timestamp`` and ``transaction_id`` are left unset, for
-        :meth:`__getattr__` to make on first read.
+        this runs once per committed event.
         """
         envelope: Any = _new(_Unfrozen)  # the fields are AuditEventEnvelope's
-        envelope._id_int = staged.id_int
-        envelope._staged_ns = staged.staged_ns
-        envelope._stamp = stamp
+        envelope.id = as_uuid(staged.id_int)
         envelope.event_type = staged.event_type
+        envelope.timestamp = timestamp
+        envelope.staged_at = utc_datetime(staged.staged_ns)
         envelope.actor_id = staged.actor_id
         envelope.actor_email = staged.actor_email
         envelope.target_type = staged.target_type
@@ -152,32 +113,10 @@ class AuditEventEnvelope(_Deferred):
         envelope.reason = staged.reason
         envelope.payload = staged.payload
         envelope.metadata = staged.metadata
+        envelope.transaction_id = transaction_id
         envelope.sequence = sequence
         envelope.__class__ = cls
         return envelope  # type: ignore[no-any-return]
-
-    if not TYPE_CHECKING:  # to type checkers, an envelope has its fields only
-
-        def __getattr__(self, name: str) -> Any:
-            # Python calls this only for an attribute it did not find: here,
-            # one of the four deferred fields of an envelope _trusted() built.
-            # Once set, the slot answers every later read directly.
-            if name == "id":
-                value = as_uuid(self._id_int)
-            elif name == "staged_at":
-                value = utc_datetime(self._staged_ns)
-            elif name == "timestamp":
-                value = self._stamp.objects()[0]
-            elif name == "transaction_id":
-                value = self._stamp.objects()[1]
-            else:
-                raise AttributeError(
-                    f"{type(self).__name__!r} object has no attribute {name!r}",
-                    name=name,
-                    obj=self,
-                )
-            _SET_SLOT[name](self, value)
-            return value
 
     def __hash__(self) -> int:
         # The id identifies the event; payload and metadata are unhashable.
@@ -288,14 +227,7 @@ def utc_datetime(ns: int) -> datetime:
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-_SET_SLOT = {
-    name: AuditEventEnvelope.__dict__[name].__set__
-    for name in ("id", "staged_at", "timestamp", "transaction_id")
-}
-"""The deferred fields' slot setters (the frozen ``__setattr__`` refuses)."""
-
-
-class _Unfrozen(_Deferred):
+class _Unfrozen:
     """An envelope under construction, for :meth:`AuditEventEnvelope._trusted`.
 
     It has the envelope's slots in the same layout but not the frozen

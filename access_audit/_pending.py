@@ -8,13 +8,16 @@ stays in ``session.info`` once the outermost transaction has ended.
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from time import time_ns
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
-from ._envelope import AuditEventEnvelope, CommitStamp
+from ._envelope import AuditEventEnvelope, utc_datetime
+from ._uuid import as_uuid, with_inverted_tail
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -69,8 +72,8 @@ class Pending:
         self.first_id = first.id_int
         """The id of the first event staged in this transaction (even one a
         rolled-back SAVEPOINT drops later), which the commit's id comes from."""
-        self.stamp: CommitStamp | None = None
-        """The commit's timestamp and id, taken with its first envelope."""
+        self.stamp: tuple[datetime, uuid.UUID] | None = None
+        """The commit's timestamp and id, made with its first envelope."""
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to mark them later."""
 
@@ -110,9 +113,21 @@ class Pending:
         if start < len(events):
             stamp = self.stamp
             if stamp is None:
-                stamp = self.stamp = CommitStamp(time_ns(), self.first_id)
+                # The timestamp: the clock and the conversion staged_at used
+                # (the same code, still in the CPU's caches for the events'
+                # own). The id: the first event's with its random bits
+                # inverted; ids never repeat a (time, counter) pair, so no
+                # event or other commit has it, and it sorts just before or
+                # among its events.
+                stamp = self.stamp = (
+                    utc_datetime(time_ns()),
+                    as_uuid(with_inverted_tail(self.first_id)),
+                )
+            timestamp, transaction_id = stamp
             for sequence in range(start, len(events)):
-                built.append(_trusted(events[sequence], stamp, sequence))
+                built.append(
+                    _trusted(events[sequence], timestamp, transaction_id, sequence)
+                )
 
     def resolve(self) -> None:
         """Resolve the lazy values staged so far (they raise to the caller).
