@@ -219,12 +219,31 @@ class AuditEventEnvelope:
 def utc_datetime(ns: int) -> datetime:
     """The aware UTC datetime of *ns* nanoseconds since the Unix epoch, truncated
     to the microsecond."""
-    # Integer arithmetic, so exact; also cheaper than fromtimestamp(), which
-    # goes through a float, the C library's gmtime() and tzinfo.fromutc().
-    return _EPOCH + timedelta(0, 0, ns // 1000)
+    # Exact integer arithmetic. The calendar fields of the second are worked
+    # out once per second (epoch + timedelta); within it, the constructor
+    # only adds the microseconds, which costs less than the addition.
+    seconds, microsecond = divmod(ns // 1000, 1_000_000)
+    second = _second
+    if second[0] != seconds:
+        second = _calendar_second(seconds)
+    _, year, month, day, hour, minute, sec = second
+    return datetime(year, month, day, hour, minute, sec, microsecond, _UTC)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_UTC = timezone.utc
+_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+
+
+def _calendar_second(seconds: int) -> tuple[int, ...]:
+    """Remember and return the calendar fields of *seconds* since the epoch."""
+    global _second
+    moment = _EPOCH + timedelta(0, seconds)
+    # One tuple, replaced whole: a thread reads either the old or the new.
+    _second = (seconds, *moment.timetuple()[:6])
+    return _second
+
+
+_second: tuple[int, ...] = (-1,)
 
 
 class _Unfrozen:

@@ -35,6 +35,7 @@ from access_audit import (
     hookimpl,
     stage_event,
 )
+from access_audit._envelope import utc_datetime
 
 FIELDS = [field.name for field in dataclasses.fields(AuditEventEnvelope)]
 
@@ -618,8 +619,28 @@ def test_staged_at_is_the_clock_reading_to_the_microsecond(staged_ns: int) -> No
         {},
         False,
     )
-    seconds, micros = divmod(staged_ns // 1000, 1_000_000)
-    fields = time.gmtime(seconds)[:6]
-    assert staged.staged_at == datetime(*fields, micros, tzinfo=timezone.utc)
+    assert staged.staged_at == _from_gmtime(staged_ns)
     assert staged.staged_at.tzinfo is timezone.utc
     assert staged.id == uuid.UUID(int=staged.id_int)
+
+
+def _from_gmtime(ns: int) -> datetime:
+    """The oracle: the datetime of *ns* by the C library's calendar."""
+    seconds, micros = divmod(ns // 1000, 1_000_000)
+    return datetime(*time.gmtime(seconds)[:6], micros, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "start_ns",
+    [
+        1_764_000_000 * 10**9,
+        951_782_399 * 10**9 + 999_999_000,  # 2000-02-28T23:59:59.999999
+        1_735_689_599 * 10**9 + 999_999_999,  # 2024-12-31T23:59:59.999999999
+    ],
+)
+def test_datetimes_within_and_across_a_second_are_exact(start_ns: int) -> None:
+    """Readings in one second (the calendar fields are reused) and the next."""
+    readings = [start_ns + step for step in (0, 1, 1_000, 999, 2_000, 10**9, 10**9 + 7)]
+    readings += [start_ns, start_ns - 10**9]  # back to an earlier second
+    for ns in readings:
+        assert utc_datetime(ns) == _from_gmtime(ns)
