@@ -141,3 +141,35 @@ def test_a_failing_worker_fails_the_run_with_its_output() -> None:
         "RuntimeError: benchmark worker nonsense on sqlite failed" in completed.stderr
     )
     assert "Usage: ``python -m benchmarks.worker" in completed.stderr
+
+
+def test_breakdown_times_each_entry_point_in_the_loop() -> None:
+    """``python -m benchmarks.breakdown`` finds every listener where it is called."""
+    arguments = ("--commits", "20", "--rounds", "2")
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.breakdown", *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    rows = {
+        cells[0]: cells[1:]
+        for line in completed.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| piece", "| ---"))
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    # Per audited commit: one stage, each commit-path listener once, and
+    # after_transaction_end twice (the flush's subtransaction, then the commit).
+    calls = {name: float(cells[0]) for name, cells in rows.items() if cells[0]}
+    assert calls == {
+        "stage_event": 1.0,
+        "_before_commit": 1.0,
+        "_after_flush_postexec": 1.0,
+        "_after_commit": 1.0,
+        "_after_rollback": 0.0,
+        "_after_transaction_end": 2.0,
+    }
+    assert float(rows["all of access_audit"][1]) > 0
