@@ -238,12 +238,15 @@ def _calendar_second(seconds: int) -> tuple[int, ...]:
     """Remember and return the calendar fields of *seconds* since the epoch."""
     global _second
     moment = _EPOCH + timedelta(0, seconds)
-    # One tuple, replaced whole: a thread reads either the old or the new.
-    _second = (seconds, *moment.timetuple()[:6])
-    return _second
+    # One tuple, replaced whole: a thread reads either the old or the new,
+    # and this call returns its own.
+    second = _second = (seconds, *moment.timetuple()[:6])
+    return second
 
 
-_second: tuple[int, ...] = (-1,)
+_second: tuple[int, ...]
+"""The second last asked for and its year, month, day, hour, minute, second."""
+_calendar_second(0)
 
 
 class _Unfrozen:

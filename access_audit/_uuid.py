@@ -23,14 +23,15 @@ _LOW_MASK = (1 << _LOW_BITS) - 1
 _SAFE = uuid.SafeUUID.unknown
 _BATCH = 128
 """Ids made from one draw of random bytes from the OS."""
-_unpack_random = struct.Struct(f">{_BATCH}Q").unpack
+_unpack_random = struct.Struct(f">{_BATCH}Q{_BATCH}I").unpack
+"""Per id of a batch: 64 bits for its counter seed (the mask takes 32 of them),
+then, after all of those, 32 bits for its tail."""
 _MS_MASK = 0xFFFF_FFFF_FFFF
 _SEED_MASK = 0x7FF << 32 | 0x3FFF_FE00
 """Where a new millisecond's counter seed takes its 32 random bits, in the
 head's low 48 bits: ``rand_a`` but its top bit, and the counter's 30 bits in
 ``rand_b`` but the lowest nine (a top bit clear and nine clear low bits leave
 room to count)."""
-_TAIL_MASK = 0xFFFF_FFFF
 _VERSION_VARIANT = 0x7 << 44 | 0b10 << _LOW_BITS
 
 
@@ -82,21 +83,24 @@ class _Uuid7Generator:
     def __call__(self, now_ns: int) -> int:
         # Hot: one call per staged event. The head (everything but the 32
         # random tail bits) of the previous id is kept, so another id in the
-        # same millisecond is one addition. Each id takes 64 random bits: its
-        # tail, and the counter's seed should it start a new millisecond.
+        # same millisecond is one addition. Each id has random bits of its
+        # own for its tail and, should it start a new millisecond, its
+        # counter's seed; the two never share a bit.
         now_ms = now_ns // 1_000_000
         self._acquire()
         try:
             index = self._index
             if index == _BATCH:
-                self._random = _unpack_random(urandom(8 * _BATCH))
+                self._random = _unpack_random(urandom(12 * _BATCH))
                 index = 0
             self._index = index + 1
-            random = self._random[index]
+            random = self._random
             if now_ms > self._last_ms:
                 self._last_ms = now_ms
                 head = (
-                    (now_ms & _MS_MASK) << 48 | random & _SEED_MASK | _VERSION_VARIANT
+                    (now_ms & _MS_MASK) << 48
+                    | random[index] & _SEED_MASK
+                    | _VERSION_VARIANT
                 )
             else:
                 head = self._head + 1
@@ -105,7 +109,7 @@ class _Uuid7Generator:
             self._head = head
         finally:
             self._release()
-        return head << 32 | random & _TAIL_MASK
+        return head << 32 | random[_BATCH + index]
 
     def _carry(self) -> int:
         # The counter's low bits overflowed into the variant bits: count in
@@ -144,9 +148,13 @@ def _locked_stdlib_uuid7() -> Callable[[int], int] | None:
 # The generator's bound method: calling it skips the instance call's lookup
 # of __call__.
 uuid7_int: Callable[[int], int] = _locked_stdlib_uuid7() or _Uuid7Generator().__call__
-"""Return the 128-bit value of a new UUIDv7 for the time ``now_ns`` (the
-caller's reading of :func:`time.time_ns`, which it also uses); a later call
-returns a greater one, even should the clock step back.
+"""Return the 128-bit value of a new UUIDv7; a later call returns a greater one,
+even should the clock step back.
+
+``now_ns`` is the caller's reading of :func:`time.time_ns`, so that it need
+not be read twice; the id carries its millisecond, or a later one where an
+earlier call's id already did (the standard library's ``uuid7``, where it is
+used, reads the clock itself).
 
 A value rather than a :class:`uuid.UUID`: the object is made by
 :func:`as_uuid` when it is needed, next to the commit's other objects."""

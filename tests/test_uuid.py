@@ -52,6 +52,16 @@ def test_ids_in_one_millisecond_count_up() -> None:
     assert counters[0] & 0x1FF == 0
 
 
+def test_tail_and_counter_seed_are_drawn_apart() -> None:
+    """An id starting a millisecond has random bits for its seed and its tail."""
+    generator = _Uuid7Generator()
+    ids = [_new(generator, MS + step) for step in range(64)]  # each a new ms
+    # Were both taken from the same random bits, these would always match.
+    same = [value.int & 0x3FFF_FE00 == _counter(value) & 0x3FFF_FE00 for value in ids]
+    assert sum(same) <= 1
+    assert len({value.int & 0xFFFF_FFFF for value in ids}) >= 60
+
+
 def test_counter_carries_across_the_variant_bits() -> None:
     generator = _Uuid7Generator()
     _new(generator, MS)
