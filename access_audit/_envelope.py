@@ -219,9 +219,9 @@ class AuditEventEnvelope:
 def utc_datetime(ns: int) -> datetime:
     """The aware UTC datetime of *ns* nanoseconds since the Unix epoch, truncated
     to the microsecond."""
-    # Exact integer arithmetic. The calendar fields of the second are worked
-    # out once per second (epoch + timedelta); within it, the constructor
-    # only adds the microseconds, which costs less than the addition.
+    # Exact integer arithmetic. The calendar fields of a second are worked
+    # out once (epoch + timedelta); within that second, constructing the
+    # datetime from them and the microseconds costs less than the addition.
     seconds, microsecond = divmod(ns // 1000, 1_000_000)
     second = _second
     if second[0] != seconds:
