@@ -42,14 +42,19 @@ LAZY_VALUE_FAILED = "lazy_value_failed"
 class SessionListeners:
     """The session event listeners of one emitter, attachable to many targets."""
 
+    EVENTS = (
+        "before_commit",
+        "after_flush_postexec",
+        "after_commit",
+        "after_rollback",
+        "after_transaction_end",
+    )
+    """The session events listened to; each by the method ``_`` + its name."""
+
     def __init__(self, emitter: AuditEmitter) -> None:
         self._emitter = emitter
         self._hooks: dict[str, Callable[..., None]] = {
-            "before_commit": self._before_commit,
-            "after_flush_postexec": self._after_flush_postexec,
-            "after_commit": self._after_commit,
-            "after_rollback": self._after_rollback,
-            "after_transaction_end": self._after_transaction_end,
+            name: getattr(self, "_" + name) for name in self.EVENTS
         }
 
     def listen(self, target: ListenTarget) -> None:

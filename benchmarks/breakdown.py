@@ -31,13 +31,7 @@ from .fixtures import DATABASES, Base, make_emitter, make_engine, timed_commits
 
 __all__ = ["HOOKS", "breakdown", "main"]
 
-HOOKS = (
-    "_before_commit",
-    "_after_flush_postexec",
-    "_after_commit",
-    "_after_rollback",
-    "_after_transaction_end",
-)
+HOOKS = tuple("_" + name for name in SessionListeners.EVENTS)
 """The session listeners of :class:`SessionListeners`, as its methods are named."""
 
 STAGE = "stage_event"

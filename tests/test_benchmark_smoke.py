@@ -16,16 +16,21 @@ WORKLOAD_KEYS = ("commit", "flask_signal", "bulk", "memory")
 RATIO_KEYS = ("median", "q1", "q3", "low", "high")
 
 
-def run_benchmark(*arguments: str) -> subprocess.CompletedProcess[str]:
-    """``python -m benchmarks ARGUMENTS`` from the repository root."""
+def run_python(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGUMENTS`` from the repository root, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks", *arguments],
+        [sys.executable, *arguments],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def run_benchmark(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks ARGUMENTS`` from the repository root."""
+    return run_python("-m", "benchmarks", *arguments)
 
 
 @pytest.fixture(scope="module")
@@ -123,18 +128,10 @@ def test_unknown_names_are_a_usage_error(arguments: tuple[str, ...]) -> None:
 
 def test_a_failing_worker_fails_the_run_with_its_output() -> None:
     """A worker interpreter that fails raises, showing what the worker printed."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from benchmarks.harness import QUICK, pooled; "
-            "pooled('nonsense', 'sqlite', QUICK)",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    completed = run_python(
+        "-c",
+        "from benchmarks.harness import QUICK, pooled; "
+        "pooled('nonsense', 'sqlite', QUICK)",
     )
     assert completed.returncode != 0
     assert (
@@ -145,14 +142,8 @@ def test_a_failing_worker_fails_the_run_with_its_output() -> None:
 
 def test_breakdown_times_each_entry_point_in_the_loop() -> None:
     """``python -m benchmarks.breakdown`` finds every listener where it is called."""
-    arguments = ("--commits", "20", "--rounds", "2")
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.breakdown", *arguments],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    completed = run_python(
+        "-m", "benchmarks.breakdown", "--commits", "20", "--rounds", "2"
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     rows = {
