@@ -496,6 +496,103 @@ def test_verify_signature_refuses_an_empty_secret() -> None:
         WebhookPlugin("https://example.com/", secret="")
 
 
+GENUINE_TIMESTAMP = "1700000000"
+GENUINE_BODY = b'{"id":"0190b3a4-0000-7000-8000-000000000000"}'
+GENUINE_NOW = 1700000001.0
+
+# Each replaces one argument of a genuine (secret, timestamp, body, signature).
+MALFORMED: dict[str, tuple[str, object]] = {
+    "timestamp-none": ("timestamp", None),
+    "timestamp-empty": ("timestamp", ""),
+    "timestamp-float": ("timestamp", 1700000000.0),
+    "timestamp-list": ("timestamp", [GENUINE_TIMESTAMP]),
+    "timestamp-bytes-not-ascii": ("timestamp", b"17000000\xff\xff"),
+    "timestamp-over-float-range": ("timestamp", "9" * 400),
+    "timestamp-over-int-digit-limit": ("timestamp", "1" * 5000),
+    "timestamp-int-over-digit-limit": ("timestamp", 10**5000),
+    "timestamp-negative": ("timestamp", -1700000000),
+    "signature-none": ("signature", None),
+    "signature-empty": ("signature", ""),
+    "signature-int": ("signature", 0),
+    "signature-list": ("signature", ["sha256=" + "0" * 64]),
+    "signature-prefix-only": ("signature", "sha256="),
+    "signature-not-hex": ("signature", "sha256=" + "zz" * 32),
+    "signature-too-long": ("signature", "sha256=" + "0" * 66),
+    "signature-bytes-not-ascii": ("signature", b"sha256=\xff"),
+    "signature-lone-surrogate": ("signature", "sha256=\ud800"),
+    "body-none": ("body", None),
+    "body-int": ("body", 7),
+    "body-parsed-json": ("body", {"id": "0190b3a4-0000-7000-8000-000000000000"}),
+    "body-lone-surrogate": ("body", '{"id":"\ud800"}'),
+    "secret-none": ("secret", None),
+    "secret-int": ("secret", 7),
+    "secret-lone-surrogate": ("secret", "s3cr3t-\ud800"),
+}
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), list(MALFORMED.values()), ids=list(MALFORMED)
+)
+def test_verify_signature_returns_false_for_malformed_input(
+    argument: str, value: object
+) -> None:
+    """A value of the wrong type or shape is refused with False, never an exception."""
+    genuine: dict[str, object] = {
+        "secret": SECRET,
+        "timestamp": GENUINE_TIMESTAMP,
+        "body": GENUINE_BODY,
+        "signature": access_audit_webhook.sign(SECRET, GENUINE_TIMESTAMP, GENUINE_BODY),
+    }
+    assert verify_signature(**genuine, now=GENUINE_NOW) is True  # type: ignore[arg-type]
+    arguments = {**genuine, argument: value}
+    assert verify_signature(**arguments, now=GENUINE_NOW) is False  # type: ignore[arg-type]
+    # And with the default clock, as a receiver calls it.
+    assert verify_signature(**arguments) is False  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "body", "signature"),
+    [
+        (GENUINE_TIMESTAMP, GENUINE_BODY, str),
+        (GENUINE_TIMESTAMP.encode(), GENUINE_BODY, bytes),
+        (int(GENUINE_TIMESTAMP), GENUINE_BODY.decode(), str),
+    ],
+    ids=["str-headers", "bytes-headers", "int-timestamp-str-body"],
+)
+def test_verify_signature_takes_header_values_as_str_or_bytes(
+    timestamp: str | bytes | int, body: bytes | str, signature: type[str | bytes]
+) -> None:
+    """Header values as str or as bytes (ASGI), an int timestamp, a str body: genuine."""
+    made = access_audit_webhook.sign(SECRET, GENUINE_TIMESTAMP, GENUINE_BODY)
+    given = made if signature is str else made.encode()
+    assert verify_signature(SECRET, timestamp, body, given, now=GENUINE_NOW) is True
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tolerance": -1},
+        {"tolerance": float("nan")},
+        {"tolerance": "300"},
+        {"now": float("nan")},
+        {"now": float("inf")},
+    ],
+    ids=[
+        "tolerance-negative",
+        "tolerance-nan",
+        "tolerance-str",
+        "now-nan",
+        "now-infinite",
+    ],
+)
+def test_verify_signature_refuses_a_meaningless_window(options: dict[str, Any]) -> None:
+    """A tolerance or clock no age compares against raises ValueError, naming it."""
+    signature = access_audit_webhook.sign(SECRET, GENUINE_TIMESTAMP, GENUINE_BODY)
+    (name,) = options
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        verify_signature(SECRET, GENUINE_TIMESTAMP, GENUINE_BODY, signature, **options)
+
+
 def test_cloudevents_mode_posts_structured_cloudevents(
     endpoint: Endpoint, make_app: Callable[..., App]
 ) -> None:
