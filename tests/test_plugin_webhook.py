@@ -12,17 +12,22 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import access_audit_webhook
 import pytest
 from access_audit_webhook import (
+    DEFAULT_SOURCE,
     ENVIRONMENT_VARIABLES,
     WebhookDeliveryError,
     WebhookPlugin,
@@ -591,6 +596,111 @@ def test_verify_signature_refuses_a_meaningless_window(options: dict[str, Any]) 
     (name,) = options
     with pytest.raises(ValueError, match=f"^{name} must be"):
         verify_signature(SECRET, GENUINE_TIMESTAMP, GENUINE_BODY, signature, **options)
+
+
+# -- the receiver recipe ---------------------------------------------------------
+
+PACKAGE_README = (
+    Path(__file__).parent.parent / "examples" / "plugins" / "webhook" / "README.md"
+)
+
+Receive = Callable[[Message, bytes], int]
+
+
+@pytest.fixture
+def recipe() -> dict[str, Any]:
+    """The package README's receiver recipe, run: its ``receive`` and ``received``."""
+    blocks = re.findall(r"```python\n(.*?)```", PACKAGE_README.read_text(), re.DOTALL)
+    (code,) = [block for block in blocks if "def receive(" in block]
+    namespace: dict[str, Any] = {"__name__": "receiver_recipe", "SECRET": SECRET}
+    exec(
+        compile(code, "examples/plugins/webhook/README.md[receive]", "exec"), namespace
+    )
+    return namespace
+
+
+def as_received(
+    request: Received, changes: Mapping[str, str | None] | None = None
+) -> Message:
+    """*request*'s headers as a web framework hands them over (any-case lookup),
+    with *changes* applied: a value replaces the header, None removes it."""
+    message = Message()
+    for name, value in request.headers.items():
+        message[name] = value
+    for name, changed in (changes or {}).items():
+        del message[name]
+        if changed is not None:
+            message[name] = changed
+    return message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"cloudevents": True}, {"batch": True}],
+    ids=["json", "cloudevents", "batch"],
+)
+def test_the_receiver_recipe_stores_a_replay_with_a_forged_event_id_once(
+    endpoint: Endpoint,
+    make_app: Callable[..., App],
+    recipe: dict[str, Any],
+    options: dict[str, Any],
+) -> None:
+    """Retries and a replay whose X-Audit-Event-Id is forged store each event once."""
+    endpoint.script("500")  # the first request is sent again, signed afresh
+    app = make_app(webhook(endpoint, **options))
+    batch = app.commit("a", "b")
+    assert app.failures.calls == []
+    receive: Receive = recipe["receive"]
+    for request in endpoint.requests:
+        assert receive(as_received(request), request.body) == 200
+    # Captured and replayed inside the window: the signature still holds.
+    first = endpoint.requests[0]
+    forged = as_received(first, {"X-Audit-Event-Id": str(uuid.uuid4())})
+    assert receive(forged, first.body) == 200
+    assert recipe["received"] == {
+        str(envelope.id): envelope.to_cloudevent(DEFAULT_SOURCE)
+        if options.get("cloudevents")
+        else envelope.to_dict()
+        for envelope in batch
+    }
+
+
+def _stale(request: Received) -> tuple[dict[str, str | None], bytes]:
+    timestamp = str(int(time.time()) - 301)
+    signature = access_audit_webhook.sign(SECRET, timestamp, request.body)
+    changes: dict[str, str | None] = {
+        "X-Audit-Timestamp": timestamp,
+        "X-Audit-Signature": signature,
+    }
+    return changes, request.body
+
+
+REFUSED: dict[str, Callable[[Received], tuple[dict[str, str | None], bytes]]] = {
+    "unsigned": lambda r: ({"X-Audit-Signature": None}, r.body),
+    "no-timestamp": lambda r: ({"X-Audit-Timestamp": None}, r.body),
+    "signature-not-hex": lambda r: ({"X-Audit-Signature": "sha256=xyz"}, r.body),
+    "body-changed": lambda r: ({}, r.body.replace(b'"a"', b'"z"')),
+    "stale": _stale,
+}
+
+
+@pytest.mark.parametrize("change", list(REFUSED.values()), ids=list(REFUSED))
+def test_the_receiver_recipe_answers_401_and_stores_nothing_unverified(
+    endpoint: Endpoint,
+    make_app: Callable[..., App],
+    recipe: dict[str, Any],
+    change: Callable[[Received], tuple[dict[str, str | None], bytes]],
+) -> None:
+    """A missing or malformed header, a changed body or an old request: 401."""
+    app = make_app(webhook(endpoint))
+    (envelope,) = app.commit("a")
+    (request,) = endpoint.requests
+    receive: Receive = recipe["receive"]
+    changes, body = change(request)
+    assert receive(as_received(request, changes), body) == 401
+    assert recipe["received"] == {}
+    assert receive(as_received(request), request.body) == 200
+    assert recipe["received"] == {str(envelope.id): envelope.to_dict()}
 
 
 def test_cloudevents_mode_posts_structured_cloudevents(

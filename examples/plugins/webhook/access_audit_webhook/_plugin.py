@@ -140,8 +140,9 @@ class WebhookPlugin:
     (``Content-Type: application/cloudevents+json``, or
     ``application/cloudevents-batch+json`` for a batch). Headers:
 
-    - ``X-Audit-Event-Id``: the envelope id, the receiver's de-duplication
-      key (per-event mode only; in a batch, each element carries its ``id``);
+    - ``X-Audit-Event-Id``: the envelope id, for routing and logs (per-event
+      mode only). It is not signed: receivers de-duplicate by the ``id``
+      inside the body (each element's in a batch), which the signature covers;
     - ``X-Audit-Transaction-Id``: the id shared by the commit's events;
     - ``X-Audit-Timestamp``: unix seconds when this attempt was sent;
     - ``X-Audit-Signature: sha256=<hex>`` when a *secret* is set: see
@@ -157,7 +158,7 @@ class WebhookPlugin:
     endpoint is presumably down), and the hook raises
     :class:`WebhookDeliveryError` naming what was and was not delivered.
     A request that timed out may still have been processed, so a retry can
-    deliver an event twice: receivers de-duplicate by envelope id.
+    deliver an event twice: receivers de-duplicate by the body's ``id``.
 
     The hook runs in the committing thread, which it holds for up to about
     ``attempts * timeout`` plus the waits (16.5 s with the defaults) when
