@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["StagedEvent", "stage_event"]
 
-_EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]*\Z")
+# Dot-separated non-empty tokens: each becomes a NATS subject token, say.
+_EVENT_TYPE_FORM = r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*"
+_EVENT_TYPE = re.compile(_EVENT_TYPE_FORM + r"\Z")
 _MAX_NAME = 128
 
 TargetId = str | int | uuid.UUID
@@ -234,8 +236,10 @@ def _check_event_type(event_type: object) -> None:
         raise TypeError(f"event_type must be a str, got {type(event_type).__name__}")
     if not _EVENT_TYPE.match(event_type) or len(event_type) > _MAX_NAME:
         raise ValueError(
-            f"event_type {event_type!r} is malformed: it must match "
-            f"[a-z][a-z0-9_.]* and be at most {_MAX_NAME} characters"
+            f"event_type {event_type!r} is malformed: it must be at most "
+            f"{_MAX_NAME} characters of dot-separated, non-empty tokens of "
+            "a-z, 0-9 and _, starting with a letter (group.member_added), "
+            f"matching {_EVENT_TYPE_FORM}"
         )
     if type(event_type) is str:
         _remember(_good_event_types, event_type)

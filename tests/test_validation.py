@@ -60,6 +60,15 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("event_type-int", {"event_type": 42}, TypeError, "event_type"),
     ("event_type-none", {"event_type": None}, TypeError, "event_type"),
     ("event_type-bytes", {"event_type": b"item_created"}, TypeError, "event_type"),
+    ("event_type-trailing-dot", {"event_type": "grp."}, ValueError, "dot-separated"),
+    ("event_type-double-dot", {"event_type": "a..b"}, ValueError, "dot-separated"),
+    ("event_type-leading-dot", {"event_type": ".a"}, ValueError, "dot-separated"),
+    (
+        "event_type-empty-last-token",
+        {"event_type": "grp.member."},
+        ValueError,
+        r"event_type 'grp\.member\.' is malformed",
+    ),
     # target_type and action
     ("target_type-empty", {"target_type": ""}, ValueError, "target_type"),
     ("target_type-leading", {"target_type": " item"}, ValueError, "target_type"),
