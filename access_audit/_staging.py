@@ -20,6 +20,8 @@ from ._values import (
     NO_RULES,
     PayloadRules,
     call_lazy,
+    check_int,
+    check_text,
     freeze_json,
     freeze_payload,
     resolve_lazy,
@@ -137,7 +139,8 @@ def stage_event(
     ``metadata_provider``, then the audit context, then ``metadata``.
 
     :raises ValueError: ``event_type``, ``target_type`` or ``action`` is empty
-        or malformed, or another field has an unusable value.
+        or malformed, or another field has an unusable value: an int of more
+        than 4,300 digits (pass it as a str), text holding a lone surrogate.
     :raises TypeError: a value of the wrong type, or not JSON-serialisable.
     :raises AuditConfigurationError: no emitter is attached to the session.
     :raises RuntimeError: the session is dispatching its own commit, or its
@@ -154,17 +157,19 @@ def stage_event(
     if actor_id is None and actor_email is not None:
         raise ValueError("actor_email was given without actor_id; pass both")
     lazy = False
-    if type(target_id) is not str or not target_id:
+    if type(target_id) is not str or not target_id or not target_id.isascii():
         if callable(target_id):
             lazy = True
         else:
             target_id = _target_id(target_id, "target_id")
-    if target_name is not None and type(target_name) is not str:
+    if target_name is not None and (
+        type(target_name) is not str or not target_name.isascii()
+    ):
         if callable(target_name):
             lazy = True
         else:
             target_name = _optional_str(target_name, "target_name")
-    if reason is not None and type(reason) is not str:
+    if reason is not None and (type(reason) is not str or not reason.isascii()):
         reason = _optional_str(reason, "reason")
     rules = emitter._payload_rules
     if (
@@ -185,6 +190,9 @@ def stage_event(
     context = current_context()
     if actor_id is not None:
         check_actor_fields(actor_id, actor_email, "stage_event")
+        check_text(actor_id, "actor_id")
+        if actor_email is not None:
+            check_text(actor_email, "actor_email")
         actor = Actor(actor_id, actor_email)
     elif context.actor is not None:
         actor = context.actor
@@ -268,8 +276,17 @@ def _target_id(value: object, field: str) -> str:
     # int() first: before Python 3.11, str() of an IntEnum member is its name.
     if isinstance(value, str):
         text = str.__str__(value)
+        check_text(text, field)
     elif isinstance(value, int):
-        text = str(int(value))
+        number = int(value)
+        check_int(number, field)
+        try:
+            text = str(number)
+        except ValueError as error:  # this process lowered its int-to-str limit
+            raise ValueError(
+                f"{field} is an int of more digits than this process's "
+                "sys.get_int_max_str_digits() allows; pass it as a str"
+            ) from error
     else:
         text = str(value)
     if not text:
@@ -282,7 +299,9 @@ def _optional_str(value: object, field: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"{field} must be a str or None, got {type(value).__name__}")
-    return str.__str__(value)
+    text = str.__str__(value)
+    check_text(text, field)
+    return text
 
 
 def _merge_metadata(

@@ -15,10 +15,13 @@ from typing import Any, NoReturn
 
 __all__ = [
     "EMPTY",
+    "MAX_INT_DIGITS",
     "REDACTED",
     "PayloadRules",
     "ReadOnlyDict",
     "ReadOnlyList",
+    "check_int",
+    "check_text",
     "freeze_json",
     "resolve_lazy",
     "thaw",
@@ -27,6 +30,19 @@ __all__ = [
 # Deep enough for any real payload; stops a self-referencing structure early
 # with a clear message instead of a RecursionError.
 _MAX_DEPTH = 32
+
+MAX_INT_DIGITS = 4300
+"""The most decimal digits an int in an event may have.
+
+It is Python's default ``sys.get_int_max_str_digits()``, beyond which
+``json.dumps`` raises. It is fixed here rather than read from ``sys``: an
+envelope is encoded in other processes too (sinks, the outbox relay), which
+have the default limit whatever this one set.
+"""
+_SAFE_INT_BITS = 14_284
+"""Every int of at most this many bits has at most 4,300 digits (2**14284 <
+10**4300), so only longer ints need counting."""
+_TOO_MANY_DIGITS = 10**MAX_INT_DIGITS
 
 
 def _read_only(self: object, *args: object, **kwargs: object) -> NoReturn:
@@ -131,6 +147,58 @@ EMPTY: Mapping[str, Any] = ReadOnlyDict()
 """The payload or metadata of an event that has none (shared: it is read-only)."""
 
 
+def _int_problem(value: int) -> str | None:
+    if value.bit_length() <= _SAFE_INT_BITS or abs(value) < _TOO_MANY_DIGITS:
+        return None
+    return (
+        f"is an int of more than {MAX_INT_DIGITS} digits, which JSON encoders "
+        "refuse (Python's default int-to-str limit); pass it as a str"
+    )
+
+
+def _text_problem(text: str) -> str | None:
+    # Only ASCII can be ruled out in O(1); UTF-8 encodes every code point but
+    # the surrogates, so a failed encode means one of those.
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return (
+            f"holds a lone surrogate ({text[error.start]!r} at index "
+            f"{error.start}), which UTF-8 cannot encode; decode the text it "
+            "came from properly first (bytes.decode(errors='replace'), say)"
+        )
+    return None
+
+
+def check_int(value: int, where: str) -> None:
+    """Raise if *value* has more than :data:`MAX_INT_DIGITS` decimal digits.
+
+    Cheap for any int of up to 14,284 bits (one ``bit_length()``).
+
+    :raises ValueError: naming ``where`` and saying to pass it as a str.
+    """
+    problem = _int_problem(value)
+    if problem is not None:
+        raise ValueError(f"{where} {problem}")
+
+
+def check_text(value: str, where: str) -> None:
+    """Raise if *value* holds a lone surrogate, which UTF-8 cannot encode.
+
+    Such strings come from decoding with ``errors="surrogateescape"`` or from
+    unpaired ``\\ud800``-style JSON escapes; ``json.dumps`` escapes them by
+    default, but every UTF-8 writer fails on them (files, HTTP bodies,
+    database columns). Cheap for ASCII (one ``isascii()``).
+
+    :raises ValueError: naming ``where``, the code point and its index.
+    """
+    problem = _text_problem(value)
+    if problem is not None:
+        raise ValueError(f"{where} {problem}")
+
+
 class _BadValue(Exception):
     """A value that cannot go into an event; its path is filled in on the way up.
 
@@ -161,8 +229,9 @@ def freeze_json(
     neither checked nor, if lazy, ever called.
 
     :raises TypeError: a value JSON cannot represent, or a non-``str`` key.
-    :raises ValueError: a float that is NaN or infinite, or nesting deeper than
-        32 levels.
+    :raises ValueError: a float that is NaN or infinite, an int of more than
+        :data:`MAX_INT_DIGITS` digits, a string or key holding a lone
+        surrogate, or nesting deeper than 32 levels.
     """
     try:
         return _freeze(value, lazy_ok, rules.redact, 0)
@@ -178,9 +247,19 @@ def freeze_payload(
     :raises TypeError, ValueError: as :func:`freeze_json` does.
     """
     if type(payload) is dict and not rules.redact:
-        # The common payload: a flat dict of strings, ints, bools and None.
+        # The common payload: a flat dict of ASCII strings, ints that are not
+        # huge, bools and None. Anything else takes the full walk below.
         for key, item in payload.items():
-            if type(key) is not str or type(item) not in _PLAIN:
+            if type(key) is not str or not key.isascii():
+                break
+            kind = type(item)
+            if kind is str:
+                if not item.isascii():
+                    break
+            elif kind is int:
+                if item.bit_length() > _SAFE_INT_BITS:
+                    break
+            elif item is not None and kind is not bool:
                 break
         else:
             return ReadOnlyDict(payload), False
@@ -188,14 +267,17 @@ def freeze_payload(
     return frozen, has_lazy(frozen)
 
 
-_PLAIN = frozenset({str, int, bool, type(None)})
-"""Exact types that freeze to themselves with nothing to check (floats need
-the NaN check, subclasses the conversion to their base type)."""
-
-
 def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> Any:
     kind = type(value)
-    if value is None or kind is str or kind is int or kind is bool:
+    if kind is str:
+        if not value.isascii():
+            _refuse(_text_problem(value))
+        return value
+    if kind is int:
+        if value.bit_length() > _SAFE_INT_BITS:
+            _refuse(_int_problem(value))
+        return value
+    if value is None or kind is bool:
         return value
     if kind is float:
         if not math.isfinite(value):
@@ -213,6 +295,10 @@ def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> An
                     "JSON object keys must be str",
                 )
             key = str.__str__(key)
+            if not key.isascii():
+                problem = _text_problem(key)
+                if problem is not None:
+                    raise _BadValue(ValueError, f"has the key {key!r}: it {problem}")
             if redact and key.casefold() in redact:
                 frozen[key] = REDACTED
                 continue
@@ -234,9 +320,9 @@ def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> An
     # Subclasses of the plain types (str and int enums, say) become the plain
     # type, as json.dumps would write them.
     if isinstance(value, str):
-        return str.__str__(value)
+        return _freeze(str.__str__(value), lazy_ok, redact, depth)
     if isinstance(value, int):
-        return int(value)
+        return _freeze(int(value), lazy_ok, redact, depth)
     if isinstance(value, float):
         return _freeze(float(value), lazy_ok, redact, depth)
     if lazy_ok and callable(value):
@@ -246,6 +332,11 @@ def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> An
         f"is a {kind.__name__}, which is not JSON-serialisable; "
         "convert it to str, int, float, bool, None, a list or a dict first",
     )
+
+
+def _refuse(problem: str | None) -> None:
+    if problem is not None:
+        raise _BadValue(ValueError, problem)
 
 
 def has_lazy(value: Any) -> bool:
@@ -262,8 +353,8 @@ def resolve_lazy(value: Any, where: str, rules: PayloadRules = NO_RULES) -> Any:
 
     What a callable returns is redacted by ``rules`` like staged values are.
 
-    :raises ValueError: a callable raised (chained), or returned a value that
-        is NaN, infinite or nested too deeply.
+    :raises ValueError: a callable raised (chained), or returned a value
+        :func:`freeze_json` refuses with ``ValueError``.
     :raises TypeError: a callable returned a value JSON cannot represent.
     """
     try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import json
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,6 +45,23 @@ def _self_referencing() -> dict[str, Any]:
     value: dict[str, Any] = {}
     value["self"] = value
     return value
+
+
+# Python's default int-to-str limit is 4,300 digits: json.dumps refuses more.
+LARGEST_INT = 10**4300 - 1
+"""The largest int an event may carry: 4,300 digits."""
+TOO_MANY_DIGITS = 10**4300
+"""4,301 digits: refused wherever an event would carry it."""
+HUGE_INT = "is an int of more than 4300 digits.*pass it as a str"
+SURROGATE = "holds a lone surrogate"
+
+
+class Whole(int):
+    """An int subclass: frozen as a plain int, checked like one."""
+
+
+class Text(str):
+    """A str subclass: frozen as a plain str, checked like one."""
 
 
 # (id, keyword arguments replacing GOOD's, exception type, regex the message matches)
@@ -92,6 +111,49 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("target_id-list", {"target_id": ["id"]}, TypeError, "target_id"),
     ("target_id-object", {"target_id": object()}, TypeError, "target_id"),
     ("target_id-empty", {"target_id": ""}, ValueError, "target_id"),
+    (
+        "target_id-int-4301-digits",
+        {"target_id": TOO_MANY_DIGITS},
+        ValueError,
+        "^target_id " + HUGE_INT,
+    ),
+    (
+        "target_id-int-5000-digits",
+        {"target_id": 10**4999},
+        ValueError,
+        "^target_id " + HUGE_INT,
+    ),
+    (
+        "target_id-negative-int-4301-digits",
+        {"target_id": -TOO_MANY_DIGITS},
+        ValueError,
+        "^target_id " + HUGE_INT,
+    ),
+    (
+        "target_id-surrogate",
+        {"target_id": "id-\ud800"},
+        ValueError,
+        "^target_id " + SURROGATE,
+    ),
+    (
+        "target_name-surrogate",
+        {"target_name": "\udce9"},
+        ValueError,
+        "^target_name " + SURROGATE,
+    ),
+    ("reason-surrogate", {"reason": "caf\udce9"}, ValueError, "^reason " + SURROGATE),
+    (
+        "actor_id-surrogate",
+        {"actor_id": "u-\ud800"},
+        ValueError,
+        "^actor_id " + SURROGATE,
+    ),
+    (
+        "actor_email-surrogate",
+        {"actor_id": "u-7", "actor_email": "\udc80@example.com"},
+        ValueError,
+        "^actor_email " + SURROGATE,
+    ),
     ("target_name-int", {"target_name": 5}, TypeError, "target_name"),
     ("reason-int", {"reason": 5}, TypeError, "reason"),
     ("actor_id-int", {"actor_id": 42}, TypeError, "actor_id"),
@@ -177,6 +239,60 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("payload-str", {"payload": "text"}, TypeError, "payload"),
     ("payload-int", {"payload": 3}, TypeError, "payload"),
     ("payload-tuple", {"payload": ("a",)}, TypeError, "payload"),
+    (
+        "payload-int-4301-digits",
+        {"payload": {"count": TOO_MANY_DIGITS}},
+        ValueError,
+        r"^payload\['count'\] " + HUGE_INT,
+    ),
+    (
+        "payload-negative-int-4301-digits",
+        {"payload": {"count": -TOO_MANY_DIGITS}},
+        ValueError,
+        r"^payload\['count'\] " + HUGE_INT,
+    ),
+    (
+        "payload-nested-int-5000-digits",
+        {"payload": {"a": {"b": [1, 10**4999]}}},
+        ValueError,
+        r"^payload\['a'\]\['b'\]\[1\] " + HUGE_INT,
+    ),
+    (
+        "payload-int-subclass-4301-digits",
+        {"payload": {"count": Whole(TOO_MANY_DIGITS)}},
+        ValueError,
+        r"^payload\['count'\] " + HUGE_INT,
+    ),
+    (
+        "payload-surrogate",
+        {"payload": {"note": "caf\udce9"}},
+        ValueError,
+        r"^payload\['note'\] " + SURROGATE,
+    ),
+    (
+        "payload-nested-surrogate",
+        {"payload": {"a": ["ok", {"b": "\ud800"}]}},
+        ValueError,
+        r"^payload\['a'\]\[1\]\['b'\] " + SURROGATE,
+    ),
+    (
+        "payload-str-subclass-surrogate",
+        {"payload": {"note": Text("\ud800")}},
+        ValueError,
+        r"^payload\['note'\] " + SURROGATE,
+    ),
+    (
+        "payload-surrogate-key",
+        {"payload": {"caf\udce9": 1}},
+        ValueError,
+        "^payload has the key .* " + SURROGATE,
+    ),
+    (
+        "payload-nested-surrogate-key",
+        {"payload": {"a": {"\ud800": 1}}},
+        ValueError,
+        r"^payload\['a'\] has the key .* " + SURROGATE,
+    ),
     # metadata
     ("metadata-set", {"metadata": {"when": {1}}}, TypeError, r"metadata\['when'\]"),
     ("metadata-bytes", {"metadata": {"when": b"x"}}, TypeError, r"metadata\['when'\]"),
@@ -202,6 +318,24 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("metadata-nan", {"metadata": {"x": float("nan")}}, ValueError, r"metadata\['x'\]"),
     ("metadata-list", {"metadata": [1]}, TypeError, "metadata"),
     ("metadata-str", {"metadata": "text"}, TypeError, "metadata"),
+    (
+        "metadata-int-4301-digits",
+        {"metadata": {"count": TOO_MANY_DIGITS}},
+        ValueError,
+        r"^metadata\['count'\] " + HUGE_INT,
+    ),
+    (
+        "metadata-surrogate",
+        {"metadata": {"agent": "\udcff"}},
+        ValueError,
+        r"^metadata\['agent'\] " + SURROGATE,
+    ),
+    (
+        "metadata-surrogate-key",
+        {"metadata": {"\ud800": "x"}},
+        ValueError,
+        "^metadata has the key .* " + SURROGATE,
+    ),
 ]
 
 
@@ -287,6 +421,56 @@ def test_edge_of_valid_input_is_accepted(
             assert getattr(envelope, name) == value
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"payload": {"count": LARGEST_INT, "negative": -LARGEST_INT}},
+        {"metadata": {"count": LARGEST_INT}},
+        {"target_id": LARGEST_INT},
+        {"target_id": lambda: LARGEST_INT, "payload": {"count": lambda: LARGEST_INT}},
+        {
+            "target_id": "ïd-☕",
+            "target_name": "Zoë 😀",
+            "reason": "café",
+            "actor_id": "ü-7",
+            "actor_email": "zoë@example.com",
+            "payload": {"naïve": ["日本", {"ключ": "значение"}]},
+            "metadata": {"agent": "Mozilla/5.0 (ñ)"},
+        },
+        {"event_type": "grp.member_added.v2"},
+        {"event_type": "a._1.b2"},
+    ],
+    ids=[
+        "payload-int-4300-digits",
+        "metadata-int-4300-digits",
+        "target_id-int-4300-digits",
+        "lazy-int-4300-digits",
+        "non-ascii-text",
+        "event_type-dotted",
+        "event_type-dotted-underscore-digit",
+    ],
+)
+def test_values_at_the_limits_are_accepted_and_encode(
+    Session: sessionmaker, recorder: Recorder, fields: dict[str, Any]
+) -> None:
+    """4,300-digit ints, non-ASCII text and dotted types stage and encode as UTF-8 JSON."""
+    with Session() as session:
+        stage_event(session, **{**GOOD, **fields})
+        session.commit()
+    [envelope] = recorder.events
+    encoded = envelope.to_json(ensure_ascii=False).encode("utf-8")
+    decoded = json.loads(encoded)
+    for name, value in fields.items():
+        if callable(value):
+            value = value()
+        elif name == "payload" and callable(value.get("count")):
+            value = {"count": value["count"]()}
+        if name == "target_id":
+            value = str(value)
+        assert getattr(envelope, name) == value
+        assert decoded[name] == value
+
+
 class Colour(str, enum.Enum):
     RED = "red"
 
@@ -350,6 +534,42 @@ BAD_LAZIES: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ),
     ("payload-nan", {"payload": {"x": _nan}}, ValueError, r"payload\['x'\]"),
     (
+        "target_id-int-5000-digits",
+        {"target_id": lambda: 10**4999},
+        ValueError,
+        "^event 'item_created': target_id " + HUGE_INT,
+    ),
+    (
+        "target_id-surrogate",
+        {"target_id": lambda: "id-\ud800"},
+        ValueError,
+        "^event 'item_created': target_id " + SURROGATE,
+    ),
+    (
+        "target_name-surrogate",
+        {"target_name": lambda: "\udce9"},
+        ValueError,
+        "^event 'item_created': target_name " + SURROGATE,
+    ),
+    (
+        "payload-int-4301-digits",
+        {"payload": {"count": lambda: TOO_MANY_DIGITS}},
+        ValueError,
+        r"^event 'item_created': payload\['count'\] " + HUGE_INT,
+    ),
+    (
+        "payload-surrogate",
+        {"payload": {"x": lambda: ["ok", "\ud800"]}},
+        ValueError,
+        r"^event 'item_created': payload\['x'\]\[1\] " + SURROGATE,
+    ),
+    (
+        "payload-surrogate-key",
+        {"payload": {"x": lambda: {"\ud800": 1}}},
+        ValueError,
+        r"^event 'item_created': payload\['x'\] has the key .* " + SURROGATE,
+    ),
+    (
         "payload-nested-list",
         {"payload": {"ids": [lambda: 1, lambda: {1, 2}]}},
         TypeError,
@@ -391,6 +611,89 @@ def test_bad_lazy_value_fails_commit_before_commit(
         session.commit()
     _assert_only_good_committed(recorder, engine)
     assert len(discarded) == 1
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["staged", "lazy"])
+def test_lone_surrogate_under_max_payload_bytes_names_the_field(
+    engine: Engine,
+    recorder: Recorder,
+    lazy: bool,
+) -> None:
+    """With max_payload_bytes, a lone surrogate is refused naming the field, not a UnicodeEncodeError."""
+    emitter = AuditEmitter([recorder], load_entrypoints=False, max_payload_bytes=1000)
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    note: object = (lambda: "caf\udce9") if lazy else "caf\udce9"
+    message = r"payload\['note'\] " + SURROGATE
+    with maker() as session:
+        session.add(Item(name="doomed"))
+        if lazy:
+            stage_event(session, **GOOD, payload={"note": note})
+            with pytest.raises(ValueError, match=message) as raised:
+                session.commit()
+            assert stored_names(engine) == []  # no COMMIT was sent
+            session.rollback()
+        else:
+            with pytest.raises(ValueError, match=message) as raised:
+                stage_event(session, **GOOD, payload={"note": note})
+            session.rollback()
+        assert type(raised.value) is ValueError
+        operation(session, "good")
+        session.commit()
+    _assert_only_good_committed(recorder, engine)
+
+
+needs_int_limit = pytest.mark.skipif(
+    not hasattr(sys, "set_int_max_str_digits"),
+    reason="this Python has no int-to-str digit limit",
+)
+
+
+@pytest.fixture
+def int_digit_limit() -> Iterator[Callable[[int], None]]:
+    """Sets this process's ``sys.set_int_max_str_digits`` for the test, then restores it."""
+    before = sys.get_int_max_str_digits()
+    yield sys.set_int_max_str_digits
+    sys.set_int_max_str_digits(before)
+
+
+@needs_int_limit
+@pytest.mark.parametrize("limit", [0, 640, 100_000], ids=["off", "lowered", "raised"])
+def test_int_digit_limit_does_not_follow_this_process(
+    Session: sessionmaker,
+    recorder: Recorder,
+    engine: Engine,
+    int_digit_limit: Callable[[int], None],
+    limit: int,
+) -> None:
+    """4,300 digits pass and 4,301 are refused whatever this process's own limit is."""
+    int_digit_limit(limit)
+    with Session() as session:
+        with pytest.raises(ValueError, match=r"^payload\['count'\] " + HUGE_INT):
+            stage_event(session, **GOOD, payload={"count": TOO_MANY_DIGITS})
+        with pytest.raises(ValueError, match="^target_id " + HUGE_INT):
+            stage_event(session, **{**GOOD, "target_id": TOO_MANY_DIGITS})
+        operation(session, "good", payload={"count": LARGEST_INT})
+        session.commit()
+    _assert_only_good_committed(recorder, engine)
+    assert recorder.events[0].payload == {"count": LARGEST_INT}
+
+
+@needs_int_limit
+def test_int_target_id_beyond_a_lowered_process_limit_names_the_field(
+    Session: sessionmaker,
+    recorder: Recorder,
+    engine: Engine,
+    int_digit_limit: Callable[[int], None],
+) -> None:
+    """An int target_id this process cannot write as str is a ValueError naming it."""
+    int_digit_limit(640)
+    with Session() as session:
+        with pytest.raises(ValueError, match=r"^target_id .*pass it as a str"):
+            stage_event(session, **{**GOOD, "target_id": 10**1000})
+        operation(session, "good")
+        session.commit()
+    _assert_only_good_committed(recorder, engine)
 
 
 def test_bad_lazy_inside_open_savepoint_fails_commit_before_commit(
