@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import functools
+import os
 import threading
 import time
 import weakref
@@ -30,6 +32,11 @@ class BackgroundDispatcher:
     asyncio event loop, and the worker itself (a plugin committing another
     session), are never made to wait: their jobs are queued past the bound
     instead. The interpreter's exit drains the queue.
+
+    The worker survives whatever a job raises. A process forked from this one
+    (gunicorn ``--preload``) starts with an empty queue and no worker, as a
+    new dispatcher would: the jobs queued at the fork are the parent's to run,
+    and the child's own are delivered by a worker of its own.
     """
 
     def __init__(self, maxsize: int, when_full: str) -> None:
@@ -37,14 +44,22 @@ class BackgroundDispatcher:
             raise ValueError("queue_size must be positive")
         self.maxsize = maxsize
         self.when_full = when_full
+        self._closed = False
+        self._start_empty()
+        reference = weakref.ref(self)
+        atexit.register(_close_at_exit, reference)
+        if hasattr(os, "register_at_fork"):  # not on Windows
+            os.register_at_fork(
+                after_in_child=functools.partial(_start_empty_in_child, reference)
+            )
+
+    def _start_empty(self) -> None:
         self.dropped = 0
         """Batches dropped because the queue was full."""
         self._jobs: collections.deque[Job] = collections.deque()
         self._unfinished = 0
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = False
-        atexit.register(_close_at_exit, weakref.ref(self))
 
     def submit(self, job: Job) -> None:
         """Queue a job, applying the queue-full policy.
@@ -120,7 +135,9 @@ class BackgroundDispatcher:
                 self._lock.notify_all()
             try:
                 job()
-            except Exception:  # pragma: no cover - jobs log their own errors
+            except BaseException:  # pragma: no cover - jobs log their own errors
+                # Even a SystemExit: ending this thread would strand every
+                # later job, and make flush() and the exit wait in vain.
                 logger.exception("background delivery job failed")
             finally:
                 with self._lock:
@@ -134,6 +151,14 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _start_empty_in_child(reference: weakref.ref[BackgroundDispatcher]) -> None:
+    # The child has copies of the parent's worker (not running here), of its
+    # lock (possibly held by a thread that does not exist here) and of its queue.
+    dispatcher = reference()
+    if dispatcher is not None:
+        dispatcher._start_empty()
 
 
 def _close_at_exit(reference: weakref.ref[Any]) -> None:

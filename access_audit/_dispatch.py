@@ -2,7 +2,9 @@
 
 pluggy's own hook call stops at the first implementation that raises, so each
 implementation is called here one at a time; blinker's ``send`` likewise stops
-at the first receiver that raises.
+at the first receiver that raises. Anything one raises is isolated, ``GeneratorExit``
+and other ``BaseException`` subclasses included, except the types the caller
+lets through (:data:`INTERRUPTS` by default).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from ._envelope import AuditEventEnvelope
 
 __all__ = [
+    "INTERRUPTS",
     "DeliveryReport",
     "PluginManager",
     "deliver",
@@ -31,6 +34,10 @@ __all__ = [
     "send_isolated",
 ]
 
+
+INTERRUPTS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit)
+"""What delivery lets through by default: a user's Ctrl-C or a ``sys.exit()``
+means stop the program, not "this plugin failed"."""
 
 DeliveryOrder = tuple[list[tuple["HookImpl", bool]], list["HookImpl"]]
 """``audit_event_logged`` implementations (each with whether it takes just
@@ -129,13 +136,16 @@ class DeliveryReport:
     __slots__ = ("errors", "failed")
 
     def __init__(self) -> None:
-        self.errors: list[Exception] = []
+        self.errors: list[BaseException] = []
         """Every error raised, by plugins and receivers, in the order raised."""
-        self.failed: dict[str, dict[uuid.UUID, Exception]] = {}
+        self.failed: dict[str, dict[uuid.UUID, BaseException]] = {}
         """Plugin name -> id of each event that plugin failed to take -> the error."""
 
     def _plugin_error(
-        self, name: str, envelopes: Sequence[AuditEventEnvelope], error: Exception
+        self,
+        name: str,
+        envelopes: Sequence[AuditEventEnvelope],
+        error: BaseException,
     ) -> None:
         self.errors.append(error)
         failed = self.failed.setdefault(name, {})
@@ -168,6 +178,7 @@ def deliver(
     *,
     only: Collection[str] | None = None,
     send_signals: bool = True,
+    let_through: tuple[type[BaseException], ...] = INTERRUPTS,
 ) -> DeliveryReport:
     """Send one committed batch to every plugin, then to signal receivers.
 
@@ -177,6 +188,10 @@ def deliver(
     plugin errors are reported through ``audit_delivery_failed``; none stops
     the rest. ``only`` restricts delivery to the plugins of those names (a
     relay re-delivering), ``send_signals=False`` skips the receivers.
+
+    An exception of a type in ``let_through`` is not isolated: it propagates
+    at once, from a plugin, a receiver or a failure hook. The background
+    worker passes ``()``: nothing it could stop belongs to the program.
     """
     report = NOTHING_FAILED
     logged, committed = plugin_manager.delivery_order()
@@ -190,21 +205,28 @@ def deliver(
                     impl.function(envelope)
                 else:
                     _call(impl, {"envelope": envelope})
-            except Exception as error:
+            except let_through:
+                raise
+            except BaseException as error:
                 report = _writable(report)
                 report._plugin_error(impl.plugin_name, (envelope,), error)
-                _plugin_failed(plugin_manager, impl, (envelope,), error)
+                _plugin_failed(plugin_manager, impl, (envelope,), error, let_through)
     for impl in committed:
         try:
             _call(impl, {"envelopes": envelopes})
-        except Exception as error:
+        except let_through:
+            raise
+        except BaseException as error:
             report = _writable(report)
             report._plugin_error(impl.plugin_name, envelopes, error)
-            _plugin_failed(plugin_manager, impl, envelopes, error)
+            _plugin_failed(plugin_manager, impl, envelopes, error, let_through)
     if send_signals and signals.audit_event_committed.receivers:
         for envelope in envelopes:
             errors = send_isolated(
-                signals.audit_event_committed, sender, envelope=envelope
+                signals.audit_event_committed,
+                sender,
+                let_through=let_through,
+                envelope=envelope,
             )
             if errors:
                 report = _writable(report)
@@ -212,14 +234,26 @@ def deliver(
     return report
 
 
-def send_isolated(signal: Any, sender: object, **kwargs: Any) -> list[Exception]:
-    """Call each receiver of a blinker signal on its own; log and return errors."""
-    errors: list[Exception] = []
+def send_isolated(
+    signal: Any,
+    sender: object,
+    *,
+    let_through: tuple[type[BaseException], ...] = INTERRUPTS,
+    **kwargs: Any,
+) -> list[BaseException]:
+    """Call each receiver of a blinker signal on its own; log and return errors.
+
+    Whatever a receiver raises is isolated, except a type in ``let_through``,
+    which propagates at once.
+    """
+    errors: list[BaseException] = []
     receiver: Callable[..., Any]
     for receiver in signal.receivers_for(sender):
         try:
             receiver(sender, **kwargs)
-        except Exception as error:
+        except let_through:
+            raise
+        except BaseException as error:
             errors.append(error)
             logger.error(
                 "receiver %r of signal %r raised",
@@ -234,7 +268,8 @@ def _plugin_failed(
     plugin_manager: PluginManager,
     impl: HookImpl,
     envelopes: Sequence[AuditEventEnvelope],
-    error: Exception,
+    error: BaseException,
+    let_through: tuple[type[BaseException], ...],
 ) -> None:
     name = impl.plugin_name
     logger.error(
@@ -248,7 +283,9 @@ def _plugin_failed(
     for failure_impl in plugin_manager.call_order("audit_delivery_failed"):
         try:
             _call(failure_impl, arguments)
-        except Exception:
+        except let_through:
+            raise
+        except BaseException:
             logger.exception(
                 "plugin %r raised in audit_delivery_failed for events %s",
                 failure_impl.plugin_name,

@@ -274,7 +274,12 @@ class AuditEmitter:
         outbox_bind: Engine | Connection | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        report = deliver(self.plugin_manager, self, envelopes)
+        """The background worker's job: deliver a batch, isolating everything.
+
+        Even ``KeyboardInterrupt`` and ``SystemExit``: raised in the worker by a
+        plugin, they would stop the worker, not the program.
+        """
+        report = deliver(self.plugin_manager, self, envelopes, let_through=())
         self._settle(envelopes, outbox_bind, report, loop)
 
     def _settle(
