@@ -25,6 +25,7 @@ from ._dispatch import (
 )
 from ._errors import AuditConfigurationError
 from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
+from ._imports import plugin_from
 from ._listeners import SessionListeners
 from ._logging import logger
 from ._registry import disown, listen_target, own
@@ -142,7 +143,7 @@ class AuditEmitter:
         for plugin in plugins:
             self.register(plugin)
         if load_entrypoints:
-            self.plugin_manager.load_setuptools_entrypoints(PROJECT_NAME)
+            self._load_entrypoints()
             for plugin in self.plugin_manager.get_plugins():
                 self._refuse_unsupported_hooks(plugin)
         self.plugin_manager.check_pending()
@@ -359,6 +360,37 @@ class AuditEmitter:
             send_isolated(
                 signals.audit_event_discarded, self, event=staged, reason=reason
             )
+
+    def _load_entrypoints(self) -> None:
+        """Register what each ``access_audit`` entry point names, under its name.
+
+        As pluggy's ``load_setuptools_entrypoints``, except that a class is a
+        plugin factory, as in ``ACCESS_AUDIT_PLUGINS``: an instance of it is
+        registered, and ``list_plugin_distinfo()`` pairs that instance with
+        its distribution.
+
+        :raises AuditConfigurationError: an entry point names a class that
+            cannot be instantiated with no arguments.
+        """
+        manager = self.plugin_manager
+        manager.load_setuptools_entrypoints(PROJECT_NAME)
+        # pluggy registers a class as it is (its hook methods then miss their
+        # instance at every call) and keeps (plugin, distribution) pairs in a
+        # list of its own, whose item type differs between pluggy versions:
+        # swap the class for an instance in both, keeping pluggy's item.
+        records = manager._plugin_distinfo
+        for index, (plugin, dist) in enumerate(records):
+            if not isinstance(plugin, type):
+                continue
+            name = manager.get_name(plugin)
+            instance = plugin_from(
+                plugin,
+                f"entry point {name!r} of the distribution "
+                f"{dist.metadata['Name']} {dist.version}",
+            )
+            manager.unregister(plugin)
+            manager.register(instance, name)
+            records[index] = (instance, dist)
 
     def _listen_to_class(self, session_class: type[Any]) -> None:
         """Install this emitter's listeners on a class whose owner a selector picks."""
