@@ -292,7 +292,11 @@ def _deliver_rows(
 
 
 def _count_failure(
-    row: OutboxRow, plugin: str, error: Exception, max_attempts: int, stats: RelayStats
+    row: OutboxRow,
+    plugin: str,
+    error: BaseException,
+    max_attempts: int,
+    stats: RelayStats,
 ) -> None:
     state = row.failures.setdefault(plugin, {"attempts": 0})
     state["attempts"] = int(state.get("attempts", 0)) + 1

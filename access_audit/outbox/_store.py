@@ -96,7 +96,7 @@ def mark_dispatched(
     table = outbox.table
     plugins = sorted(set(plugins))
     now = datetime.now(timezone.utc)
-    failed_by_event: dict[uuid.UUID, dict[str, Exception]] = {}
+    failed_by_event: dict[uuid.UUID, dict[str, BaseException]] = {}
     for name, errors in report.failed.items():
         for event_id, error in errors.items():
             failed_by_event.setdefault(event_id, {})[name] = error
