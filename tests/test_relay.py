@@ -103,6 +103,7 @@ def relay_until_idle(
         total.dead += stats.dead
         total.batches += stats.batches
         total.pruned += stats.pruned
+        total.missing_plugins = stats.missing_plugins
         if not stats.delivered and not stats.failed:
             return total
     raise AssertionError(f"the relay did not settle: {total}")
@@ -470,6 +471,214 @@ def test_relay_lacking_a_plugin_leaves_crashed_rows_pending_for_it(
     outbox_emitter(outbox, siem=late_siem, s3=Sink()).relay(engine, once=True)
     assert late_siem.names == ["a"]
     assert outbox_rows(engine, outbox)[0]["status"] == "delivered"
+
+
+# --------------------------------------------------------------------------
+# Plugin names: a row goes only to the names it was written for
+# --------------------------------------------------------------------------
+
+APP_NAME = "app.audit.Siem"
+"""The name the application registered its plugin under."""
+
+TWENTY = [
+    [f"t{number}" for number in range(start, start + 5)] for start in (0, 5, 10, 15)
+]
+"""Twenty events in four transactions."""
+
+
+def leave_pending(engine: Engine, outbox: Outbox, how: str) -> list[str]:
+    """Commit TWENTY for APP_NAME and leave every row pending; the row ids.
+
+    ``failed``: the plugin raised at dispatch. ``crashed``: the process died
+    before marking the rows (they are as written before COMMIT).
+    """
+    commit_events(
+        engine, outbox_emitter(outbox, **{APP_NAME: Sink(failing=True)}), *TWENTY
+    )
+    if how == "crashed":
+        table = outbox.table
+        with engine.begin() as connection:
+            connection.execute(update(table).values(failures="{}"))
+    make_due(engine, outbox)
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {PENDING}
+    assert {row["recipients"] for row in rows} == {json.dumps([APP_NAME])}
+    return [row["id"] for row in rows]
+
+
+def relay_emitter(outbox: Outbox, plugin: object, name: str | None) -> AuditEmitter:
+    """A relay's emitter with *plugin* under *name* (None: its class path)."""
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    emitter.register(plugin, name=name)
+    return emitter
+
+
+@pytest.mark.parametrize(
+    ("relay_name", "how"),
+    [(None, "failed"), ("siem", "crashed")],
+    ids=["class-path-name-after-failure", "other-name-after-crash"],
+)
+def test_relay_under_another_name_delivers_nothing_and_reports_the_recorded_name(
+    engine: Engine,
+    outbox: Outbox,
+    caplog: pytest.LogCaptureFixture,
+    relay_name: str | None,
+    how: str,
+) -> None:
+    """The same plugin class under another name gets nothing; the rows' name is reported."""
+    ids = leave_pending(engine, outbox, how)
+    caplog.set_level("WARNING", logger="access_audit")
+    misnamed = Sink()
+    stats = relay_until_idle(relay_emitter(outbox, misnamed, relay_name), engine)
+    assert misnamed.events == []
+    assert stats.delivered == stats.failed == 0
+    assert stats.missing_plugins == {APP_NAME: 20}
+    assert stats.missing_lines() == [
+        f"relay: 20 rows pending for plugin {APP_NAME!r}, which this relay does not have"
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        f"20 rows pending for plugin {APP_NAME!r}, which this relay does not have"
+        in message
+        for message in warnings
+    ), warnings
+    rows = outbox_rows(engine, outbox)
+    assert [row["id"] for row in rows] == ids
+    assert {row["status"] for row in rows} == {PENDING}
+    assert {row["delivered_to"] for row in rows} == {"[]"}
+
+    make_due(engine, outbox)
+    recorded = Sink()
+    stats = relay_until_idle(relay_emitter(outbox, recorded, APP_NAME), engine)
+    assert sorted(recorded.ids) == sorted(ids)
+    assert len(recorded.ids) == len(set(recorded.ids)) == 20
+    assert stats.delivered == 20
+    assert stats.missing_plugins == {}
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DELIVERED}
+    assert {row["delivered_to"] for row in rows} == {json.dumps([APP_NAME])}
+    make_due(engine, outbox)
+    assert (
+        relay_until_idle(relay_emitter(outbox, Sink(), relay_name), engine).delivered
+        == 0
+    )
+    assert misnamed.events == []
+
+
+def test_relay_with_both_names_delivers_each_event_once_to_the_recorded_name(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """A relay that also has the plugin under another name sends it nothing."""
+    ids = leave_pending(engine, outbox, "failed")
+    recorded, misnamed = Sink(), Sink()
+    emitter = outbox_emitter(outbox, **{APP_NAME: recorded, "siem": misnamed})
+    stats = relay_until_idle(emitter, engine)
+    assert sorted(recorded.ids) == sorted(ids)
+    assert len(recorded.ids) == 20
+    assert misnamed.events == []
+    assert stats.delivered == 20
+    assert stats.missing_plugins == {}
+    assert count_pending(engine, outbox) == 0
+
+
+def test_a_polling_relay_warns_once_about_a_name_it_lacks(
+    engine: Engine,
+    outbox: Outbox,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A relay polling an idle outbox warns about a lacking name once, not each poll."""
+    from access_audit.outbox import _relay
+
+    leave_pending(engine, outbox, "failed")
+    caplog.clear()
+    caplog.set_level("WARNING", logger="access_audit")
+    polls = [0]
+    batch = _relay._relay_batch
+
+    def counted_batch(*args: Any) -> int:
+        polls[0] += 1
+        return batch(*args)
+
+    monkeypatch.setattr(_relay, "_relay_batch", counted_batch)
+    stop = threading.Event()
+    emitter = relay_emitter(outbox, Sink(), "siem")
+    runner = threading.Thread(
+        target=lambda: emitter.relay(engine, once=False, interval=0.01, stop=stop)
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (polls[0] < 10 or not caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        runner.join(30)
+    assert polls[0] >= 10
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1, messages
+    assert f"20 rows pending for plugin {APP_NAME!r}" in messages[0]
+
+
+def test_cli_delivers_only_under_the_given_name_and_prints_the_missing_names(
+    engine: Engine, outbox: Outbox, tmp_path: Path
+) -> None:
+    """``--plugin MODULE`` under its own name delivers nothing; ``NAME=MODULE`` once each."""
+    (tmp_path / f"{CLI_PLUGIN_NAME}.py").write_text(CLI_PLUGIN)
+    ids = leave_pending(engine, outbox, "failed")
+    log = tmp_path / "cli.log"
+
+    output = run_cli(engine, tmp_path, "--once", "--plugin", CLI_PLUGIN_NAME)
+    assert not log.exists()
+    assert "0 delivered" in output
+    assert (
+        f"relay: 20 rows pending for plugin {APP_NAME!r}, which this relay does "
+        "not have\n" in output
+    )
+    assert "--plugin NAME=MODULE:OBJECT" in output
+    assert count_pending(engine, outbox) == 20
+
+    make_due(engine, outbox)
+    output = run_cli(
+        engine, tmp_path, "--once", "--plugin", f"{APP_NAME}={CLI_PLUGIN_NAME}"
+    )
+    assert "20 delivered" in output
+    assert "does not have" not in output
+    make_due(engine, outbox)
+    run_cli(engine, tmp_path, "--once", "--plugin", f"{APP_NAME}={CLI_PLUGIN_NAME}")
+    run_cli(engine, tmp_path, "--once", "--plugin", CLI_PLUGIN_NAME)
+    delivered = [line.split()[0] for line in log.read_text().splitlines()]
+    assert sorted(delivered) == sorted(ids)
+    assert len(delivered) == 20
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DELIVERED}
+    assert {row["delivered_to"] for row in rows} == {json.dumps([APP_NAME])}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["=json"], "--plugin: empty plugin name in '=json'"),
+        (["siem="], "--plugin: expected an import string"),
+        (["siem=no_such_module_here:Sink"], "--plugin: cannot import"),
+        (["siem=json", "siem=json"], "--plugin 'siem=json': "),
+    ],
+    ids=["empty-name", "empty-target", "not-importable", "name-taken"],
+)
+def test_cli_refuses_an_invalid_plugin_option_naming_it(
+    capsys: pytest.CaptureFixture[str], values: list[str], message: str
+) -> None:
+    """A malformed, unimportable or duplicate ``--plugin`` is a usage error naming it."""
+    from access_audit.outbox._cli import main
+
+    argv = ["relay", "--database-url", "sqlite://", "--no-entrypoints"]
+    for value in values:
+        argv += ["--plugin", value]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert "python -m access_audit relay: error: " + message in error, error
 
 
 # --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, TextIO
 
+from .._errors import AuditConfigurationError
 from .._imports import import_plugin
 from ._relay import RelayStats, count_pending, list_dead, relay, retry_dead
 
@@ -97,7 +98,18 @@ def run_command(
     )
     if not options.quiet:
         out.write(stats.line(count_pending(engine, outbox)) + "\n")
+        for line in stats.missing_lines():
+            out.write(line + "\n")
+        if stats.missing_plugins:
+            out.write(_MISSING_HINT + "\n")
     return 0
+
+
+_MISSING_HINT = (
+    "relay: rows are delivered only to the plugin names they were written for; "
+    "give the relay each plugin under the name the app registered it with "
+    "(--plugin NAME=MODULE:OBJECT)"
+)
 
 
 def _progress_printer(
@@ -123,6 +135,32 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(signum, lambda *_: stop.set())
 
 
+def _register_plugin(emitter: AuditEmitter, spec: str) -> None:
+    """Register ``--plugin [NAME=]MODULE:OBJECT`` on *emitter*.
+
+    Rows are delivered only to the plugin names they were written for, so
+    NAME is the name the application registered the plugin under; without
+    it, the plugin gets the emitter's default name (its class path).
+
+    :raises AuditConfigurationError: *spec* is malformed or does not import;
+        the message names the option.
+    :raises ValueError: the name is taken (by another ``--plugin`` or an
+        entry point).
+    """
+    name, equals, target = spec.rpartition("=")
+    if equals and not name.strip():
+        raise AuditConfigurationError(
+            f"--plugin: empty plugin name in {spec!r}; use NAME=MODULE:OBJECT "
+            "with the name the application registered the plugin under, or "
+            "MODULE:OBJECT alone"
+        )
+    plugin = import_plugin(target, "--plugin")
+    try:
+        emitter.register(plugin, name=name or None)
+    except ValueError as error:
+        raise ValueError(f"--plugin {spec!r}: {error}") from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m access_audit relay --database-url URL [options]``."""
     parser = argparse.ArgumentParser(
@@ -142,8 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="[NAME=]MODULE:OBJECT",
         help=(
-            "a plugin to deliver to (repeatable); a class is instantiated; NAME "
-            "is the name the app registered it under (default: its class path)"
+            "a plugin to deliver to (repeatable); a class is instantiated. Rows "
+            "go only to the plugin names they were written for: NAME is the "
+            "name the app registered the plugin under (default: its class path)"
         ),
     )
     relay_parser.add_argument(
@@ -165,10 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     outbox = Outbox(table_name=options.table, schema=options.schema)
     emitter = AuditEmitter(load_entrypoints=not options.no_entrypoints, outbox=outbox)
     for spec in options.plugin:
-        # NAME=module:object registers under NAME, the name the app gave the
-        # plugin: delivery state is kept per plugin name.
-        name, _, target = spec.rpartition("=")
-        emitter.register(import_plugin(target, "--plugin"), name=name or None)
+        try:
+            _register_plugin(emitter, spec)
+        except (AuditConfigurationError, ValueError) as error:
+            relay_parser.error(str(error))
     engine = create_engine(options.database_url)
     try:
         if options.create_table:

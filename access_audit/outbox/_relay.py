@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from sqlalchemy import (
 
 from .._dispatch import deliver, delivering_plugins
 from .._logging import logger
-from ._store import OutboxRow, transaction
+from ._store import OutboxRow, transaction, waiting_plugins
 from ._table import DEAD, DELIVERED, PENDING, Outbox
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ class RelayStats:
     """Deliveries given up on after ``max_attempts`` during this run."""
     batches: int = 0
     pruned: int = 0
+    missing_plugins: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Pending rows per plugin name this relay does not have, as counted when
+    the run last found nothing due. Those rows are never delivered to another
+    plugin: they wait for a relay with a plugin registered under that name."""
 
     def line(self, pending: int | None = None) -> str:
         """A one-line progress report."""
@@ -51,6 +56,14 @@ class RelayStats:
             f"{self.dead} dead, {self.batches} batches"
         )
         return text if pending is None else f"{text}, {pending} pending"
+
+    def missing_lines(self) -> list[str]:
+        """One line per name in :attr:`missing_plugins`, sorted by name."""
+        return [
+            f"relay: {count} {'row' if count == 1 else 'rows'} pending for plugin "
+            f"{name!r}, which this relay does not have"
+            for name, count in sorted(self.missing_plugins.items())
+        ]
 
 
 def relay(
@@ -79,6 +92,14 @@ def relay(
     ``max_backoff``) and given up on after ``max_attempts`` (the row is then
     ``dead`` for it: see :func:`list_dead` and :func:`retry_dead`).
 
+    An event is only ever delivered to the plugin names it was written for
+    (the emitter's plugins when it committed), and plugins are matched by
+    name alone: register each under the name the application gave it.
+    Whenever a run finds nothing due (at its end with ``once``; otherwise at
+    most once a minute), it counts the pending rows that wait for plugin
+    names it does not have into :attr:`RelayStats.missing_plugins`, and logs
+    a warning naming each such name when it first sees it.
+
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` while they are delivered,
     so several relays may run at once on PostgreSQL and MariaDB without
     delivering an event to a plugin twice concurrently; on SQLite run one.
@@ -90,6 +111,7 @@ def relay(
     """
     stats = RelayStats()
     plugins = sorted(delivering_plugins(emitter.plugin_manager))
+    counted_at: float | None = None
     while stop is None or not stop.is_set():
         done = _relay_batch(
             emitter, bind, outbox, plugins, stats, batch_size, max_attempts, backoff,
@@ -101,6 +123,9 @@ def relay(
             continue
         if retention is not None:
             stats.pruned += prune(bind, outbox, retention)
+        if counted_at is None or time.monotonic() - counted_at >= _COUNT_MISSING_EVERY:
+            counted_at = time.monotonic()
+            _count_missing(bind, outbox, plugins, stats)
         if once:
             break
         if stop is not None:
@@ -108,6 +133,68 @@ def relay(
         else:
             threading.Event().wait(interval)
     return stats
+
+
+# Seconds between counts of the rows waiting for plugins a polling relay
+# lacks: the count reads every pending row.
+_COUNT_MISSING_EVERY = 60.0
+
+
+def _count_missing(
+    bind: Engine | Connection, outbox: Outbox, plugins: list[str], stats: RelayStats
+) -> None:
+    """Set ``stats.missing_plugins``; warn about each name not missing before."""
+    before = stats.missing_plugins
+    stats.missing_plugins = {
+        name: count
+        for name, count in sorted(_pending_by_plugin(bind, outbox).items())
+        if name not in plugins
+    }
+    for name, count in stats.missing_plugins.items():
+        if name not in before:
+            logger.warning(
+                "relay: %d %s pending for plugin %r, which this relay does not "
+                "have; they wait for a relay with a plugin registered under "
+                "that name",
+                count,
+                "row" if count == 1 else "rows",
+                name,
+            )
+
+
+def _pending_by_plugin(
+    bind: Engine | Connection, outbox: Outbox
+) -> collections.Counter[str]:
+    """How many pending rows wait for each plugin name."""
+    table = outbox.table
+    counts: collections.Counter[str] = collections.Counter()
+    # Most pending rows share a few failure-free delivery states: parse each
+    # of those once.
+    parsed: dict[tuple[str, str], frozenset[str]] = {}
+    with transaction(bind) as connection:
+        states = connection.execute(
+            select(table.c.recipients, table.c.delivered_to, table.c.failures).where(
+                table.c.status == PENDING
+            )
+        )
+        for recipients, delivered_to, failures in states:
+            if failures != "{}":
+                counts.update(
+                    waiting_plugins(
+                        json.loads(recipients),
+                        json.loads(delivered_to),
+                        json.loads(failures),
+                    )
+                )
+                continue
+            key = (recipients, delivered_to)
+            waiting = parsed.get(key)
+            if waiting is None:
+                waiting = parsed[key] = waiting_plugins(
+                    json.loads(recipients), json.loads(delivered_to), {}
+                )
+            counts.update(waiting)
+    return counts
 
 
 def _relay_batch(
@@ -321,7 +408,7 @@ def _save(
     backoff: float,
     max_backoff: float,
 ) -> None:
-    status = row.status_for(plugins)
+    status = row.updated_status()
     retrying = [
         int(state.get("attempts", 1))
         for name, state in row.failures.items()

@@ -19,7 +19,14 @@ if TYPE_CHECKING:
 
     from .._dispatch import DeliveryReport
 
-__all__ = ["OutboxRow", "mark_dispatched", "row_values", "transaction", "write"]
+__all__ = [
+    "OutboxRow",
+    "mark_dispatched",
+    "row_values",
+    "transaction",
+    "waiting_plugins",
+    "write",
+]
 
 _CHUNK = 500
 
@@ -163,26 +170,45 @@ class OutboxRow:
     def envelope(self) -> AuditEventEnvelope:
         return AuditEventEnvelope.from_dict(json.loads(self.payload))
 
-    def wanting(self, plugins: Iterable[str]) -> list[str]:
-        """The plugins that have neither taken this event nor given up on it."""
-        return [
-            name
-            for name in plugins
-            if name not in self.delivered_to
-            and not self.failures.get(name, {}).get("dead", False)
-        ]
+    def waiting(self) -> frozenset[str]:
+        """The plugin names that have neither taken this event nor given up on it.
 
-    def status_for(self, plugins: Iterable[str]) -> str:
-        """``delivered``, ``dead`` or ``pending`` given the relay's plugins.
-
-        The plugins the event was written for, and any that failed on it,
-        count even when this relay does not have them: the event stays
-        pending for a relay that does.
+        Only plugins the event is for count: see :func:`waiting_plugins`.
         """
-        wanted = set(plugins) | self.recipients | set(self.failures)
-        missing = [name for name in wanted if name not in self.delivered_to]
-        if not missing:
-            return DELIVERED
-        if all(self.failures.get(name, {}).get("dead", False) for name in missing):
-            return DEAD
-        return PENDING
+        return waiting_plugins(self.recipients, self.delivered_to, self.failures)
+
+    def wanting(self, plugins: Iterable[str]) -> list[str]:
+        """Those of *plugins* that this event is still waiting for."""
+        waiting = self.waiting()
+        return [name for name in plugins if name in waiting]
+
+    def updated_status(self) -> str:
+        """``delivered``, ``dead`` or ``pending``, from the delivery state now.
+
+        The event stays pending while a plugin it is for has neither taken it
+        nor given up on it, whether the asking relay has that plugin or not.
+        """
+        if self.waiting():
+            return PENDING
+        audience = self.recipients | set(self.failures)
+        return DEAD if audience - self.delivered_to else DELIVERED
+
+
+def waiting_plugins(
+    recipients: Iterable[str],
+    delivered_to: Iterable[str],
+    failures: dict[str, dict[str, Any]],
+) -> frozenset[str]:
+    """The plugin names an event still waits for, from its row's delivery state.
+
+    An event is for the plugins it was written for (*recipients*) and any
+    that failed on it (one registered between the write and the dispatch);
+    never for another plugin, whatever its class. Of those, it waits for the
+    ones not in *delivered_to* and not dead in *failures*.
+    """
+    taken = set(delivered_to)
+    return frozenset(
+        name
+        for name in {*recipients, *failures}
+        if name not in taken and not failures.get(name, {}).get("dead", False)
+    )

@@ -92,7 +92,8 @@ class Outbox:
     failures       JSON object: plugin name -> attempts, last error, dead
     next_attempt_at when the relay may try again
     delivered_at   when the last plugin took it (the relay prunes by it)
-    recipients     JSON list of the plugins the event was written for
+    recipients     JSON list of the plugin names the event was written for:
+                   the only ones a relay delivers it to
     ============== =========================================================
 
     :param metadata: the ``MetaData`` to define the table on, so that
