@@ -20,10 +20,10 @@ from ._values import (
     NO_RULES,
     PayloadRules,
     call_lazy,
-    check_int,
     check_text,
     freeze_json,
     freeze_payload,
+    int_text,
     resolve_lazy,
 )
 
@@ -268,29 +268,22 @@ def _check_name(value: object, field: str) -> None:
 
 
 def _target_id(value: object, field: str) -> str:
+    if type(value) is int:  # the usual id that is not a str: a database key
+        return int_text(value, field)
     if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
         raise TypeError(
             f"{field} must be a str, int or UUID (or a callable returning one), "
             f"got {type(value).__name__}"
         )
     # int() first: before Python 3.11, str() of an IntEnum member is its name.
-    if isinstance(value, str):
-        text = str.__str__(value)
-        check_text(text, field)
-    elif isinstance(value, int):
-        number = int(value)
-        check_int(number, field)
-        try:
-            text = str(number)
-        except ValueError as error:  # this process lowered its int-to-str limit
-            raise ValueError(
-                f"{field} is an int of more digits than this process's "
-                "sys.get_int_max_str_digits() allows; pass it as a str"
-            ) from error
-    else:
-        text = str(value)
+    if isinstance(value, int):
+        return int_text(int(value), field)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    text = str.__str__(value)
     if not text:
         raise ValueError(f"{field} must not be empty")
+    check_text(text, field)
     return text
 
 

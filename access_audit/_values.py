@@ -20,9 +20,9 @@ __all__ = [
     "PayloadRules",
     "ReadOnlyDict",
     "ReadOnlyList",
-    "check_int",
     "check_text",
     "freeze_json",
+    "int_text",
     "resolve_lazy",
     "thaw",
 ]
@@ -172,16 +172,24 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
-def check_int(value: int, where: str) -> None:
-    """Raise if *value* has more than :data:`MAX_INT_DIGITS` decimal digits.
+def int_text(value: int, where: str) -> str:
+    """Return *value* in decimal, refusing more than :data:`MAX_INT_DIGITS` digits.
 
-    Cheap for any int of up to 14,284 bits (one ``bit_length()``).
-
-    :raises ValueError: naming ``where`` and saying to pass it as a str.
+    :raises ValueError: naming ``where`` and saying to pass it as a str; also
+        when this process lowered ``sys.set_int_max_str_digits`` below the
+        int's length.
     """
-    problem = _int_problem(value)
-    if problem is not None:
-        raise ValueError(f"{where} {problem}")
+    if value.bit_length() > _SAFE_INT_BITS:
+        problem = _int_problem(value)
+        if problem is not None:
+            raise ValueError(f"{where} {problem}")
+    try:
+        return str(value)
+    except ValueError as error:
+        raise ValueError(
+            f"{where} is an int of more digits than this process's "
+            "sys.get_int_max_str_digits() allows; pass it as a str"
+        ) from error
 
 
 def check_text(value: str, where: str) -> None:
