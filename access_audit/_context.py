@@ -10,6 +10,8 @@ from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import Any, TypeVar, Union
 
+from ._values import check_text
+
 __all__ = [
     "Actor",
     "ActorLike",
@@ -50,6 +52,9 @@ def check_actor_fields(actor_id: object, actor_email: object, where: str) -> Non
             f"{where}: actor_email must be a str or None, "
             f"got {type(actor_email).__name__}"
         )
+    check_text(actor_id, f"{where}: actor_id")
+    if actor_email is not None:
+        check_text(actor_email, f"{where}: actor_email")
 
 
 def to_actor(value: object, where: str) -> Actor | None:

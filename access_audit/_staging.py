@@ -190,9 +190,6 @@ def stage_event(
     context = current_context()
     if actor_id is not None:
         check_actor_fields(actor_id, actor_email, "stage_event")
-        check_text(actor_id, "actor_id")
-        if actor_email is not None:
-            check_text(actor_email, "actor_email")
         actor = Actor(actor_id, actor_email)
     elif context.actor is not None:
         actor = context.actor

@@ -509,3 +509,17 @@ def test_actor_is_a_frozen_value() -> None:
         Actor("a").id = "b"  # type: ignore[misc]
     with pytest.raises(ValueError, match="actor_id"):
         Actor("")
+
+
+@pytest.mark.parametrize(
+    "make_actor",
+    [
+        lambda: audit_context(actor_id="u-\ud800"),
+        lambda: Actor("u-7", "\udc80@example.com"),
+    ],
+    ids=["audit_context", "Actor"],
+)
+def test_actor_text_with_a_lone_surrogate_is_refused(make_actor: Any) -> None:
+    """An actor field UTF-8 cannot encode is refused where the actor is made."""
+    with pytest.raises(ValueError, match="actor_(id|email) holds a lone surrogate"):
+        make_actor()
