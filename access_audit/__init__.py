@@ -9,6 +9,8 @@ from ._hookspecs import AuditEventsPluginSpec as AuditEventsPluginSpec
 from ._hookspecs import hookimpl as hookimpl
 from ._staging import StagedEvent as StagedEvent
 from ._staging import stage_event as stage_event
+from ._withdraw import discard_staged as discard_staged
+from ._withdraw import staged_events as staged_events
 
 __all__ = [
     "Actor",
@@ -18,6 +20,8 @@ __all__ = [
     "AuditEventsPluginSpec",
     "StagedEvent",
     "audit_context",
+    "discard_staged",
     "hookimpl",
     "stage_event",
+    "staged_events",
 ]

@@ -92,6 +92,15 @@ class AuditEmitter:
     :param queue_full: background dispatch with a full queue: ``"block"``
         the committing thread until there is room, or ``"drop"`` the batch
         and count it in :attr:`dropped` (only with an outbox).
+    :param joined_transactions: for a session joined to a transaction it
+        does not end itself (bound to a connection that was in a transaction
+        already, in any ``join_transaction_mode`` but ``"control_fully"``;
+        sessions sharing one connection): ``"outer"`` holds its committed
+        events until that outer transaction commits (delivered then, once)
+        or rolls back (discarded, reason ``"rollback"``), and refuses
+        staging where that ending cannot be observed (a SAVEPOINT the
+        session did not open encloses it); ``"session"`` delivers them on
+        the session's own ``commit()``, for rollback-per-test suites.
     :param raise_plugin_errors: strict mode for tests. After every plugin and
         receiver ran, the first error one raised is raised out of the
         ``commit()``; the data is committed and the session is clean.
@@ -111,10 +120,16 @@ class AuditEmitter:
         outbox: Outbox | None = None,
         queue_size: int = 10_000,
         queue_full: str = "block",
+        joined_transactions: str = "outer",
     ) -> None:
         if dispatch not in (INLINE, BACKGROUND):
             raise ValueError(
                 f"dispatch must be 'inline' or 'background', got {dispatch!r}"
+            )
+        if joined_transactions not in ("outer", "session"):
+            raise ValueError(
+                "joined_transactions must be 'outer' or 'session', "
+                f"got {joined_transactions!r}"
             )
         if queue_full not in (BLOCK, DROP):
             raise ValueError(
@@ -131,6 +146,8 @@ class AuditEmitter:
         self.actor_resolver = actor_resolver
         self.metadata_provider = metadata_provider
         self.raise_plugin_errors = raise_plugin_errors
+        self.joined_transactions = joined_transactions
+        """``"outer"`` or ``"session"``: see the constructor."""
         self._payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
         self.outbox = outbox
         """The :class:`~access_audit.outbox.Outbox` events are written to, or None."""

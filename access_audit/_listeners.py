@@ -11,17 +11,20 @@ RELEASE SAVEPOINT.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ._logging import logger
+from ._outer import wait_for_outer
 from ._pending import (
     DISPATCHING_KEY,
     PENDING_KEY,
     Pending,
+    check_connection,
     committing_root,
     prepare_commit,
 )
@@ -43,6 +46,7 @@ class SessionListeners:
     """The session event listeners of one emitter, attachable to many targets."""
 
     EVENTS = (
+        "after_begin",
         "before_commit",
         "after_flush_postexec",
         "after_commit",
@@ -56,22 +60,41 @@ class SessionListeners:
         self._hooks: dict[str, Callable[..., None]] = {
             name: getattr(self, "_" + name) for name in self.EVENTS
         }
+        # What listen() really installed. SQLAlchemy's own registry
+        # (event.contains) is keyed by id(target) and keeps the keys of
+        # collected classes, so a new sessionmaker's Session subclass that
+        # lands at a collected one's address would look attached already.
+        self._installed: weakref.WeakSet[ListenTarget] = weakref.WeakSet()
 
     def listen(self, target: ListenTarget) -> None:
         """Install the listeners on *target*; a second call is a no-op."""
+        if target in self._installed:
+            return
         for name, function in self._hooks.items():
-            if not event.contains(target, name, function):
-                event.listen(target, name, function)
+            event.listen(target, name, function)
+        self._installed.add(target)
 
     def remove(self, target: ListenTarget) -> None:
         """Remove the listeners from *target*, if installed."""
+        if target not in self._installed:
+            return
+        self._installed.discard(target)
         for name, function in self._hooks.items():
-            if event.contains(target, name, function):
-                event.remove(target, name, function)
+            event.remove(target, name, function)
 
     # The hooks below run on every commit of every attached session, with or
     # without events. A Pending that another emitter owns (one attached to a
     # more specific target) is that emitter's to handle.
+
+    def _after_begin(
+        self, session: Session, transaction: SessionTransaction, connection: Connection
+    ) -> None:
+        if transaction._parent is not None:
+            return  # a SAVEPOINT: on a connection the outermost checked
+        pending: Pending | None = session.info.get(PENDING_KEY)
+        if pending is not None and pending.emitter is self._emitter:
+            # Events were staged before the session had this connection.
+            check_connection(session, transaction, connection, pending)
 
     def _due_before_commit(self, session: Session) -> Pending | None:
         """Our Pending, while the outermost commit has work due before COMMIT."""
@@ -160,9 +183,12 @@ class SessionListeners:
         if parent is None:
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
+            pending.settled = True
             ended = pending.ended.get(transaction)
             if ended:
-                if pending.built:  # else every lazy value failed
+                if pending.outer:
+                    self._wait_for_outer(pending, pending.levels.get(transaction))
+                elif pending.built:  # else every lazy value failed
                     # Staging on this session is refused while it dispatches.
                     info[DISPATCHING_KEY] = True
                     try:
@@ -188,11 +214,33 @@ class SessionListeners:
                 pending.forget(dropped)
             if not pending.levels:
                 del info[PENDING_KEY]
+                pending.settled = True
             reason = SAVEPOINT_ROLLBACK
         if dropped:
             # Rolled back (False), or ended without either (None: close(),
             # a flush error, invalidate()).
             self._emitter._discarded(dropped, CLOSE if ended is None else reason)
+
+    def _wait_for_outer(
+        self, pending: Pending, events: list[StagedEvent] | None
+    ) -> None:
+        """Hold a joined session's committed batch until its outer transaction ends."""
+        envelopes = tuple(pending.built)
+        staged = list(events or ())
+        emitter = self._emitter
+        outbox_bind = pending.outbox_bind
+        if outbox_bind is not None:
+            # Mark the rows through a connection of its own: the joined one
+            # is the caller's, and may be in its next transaction by then.
+            outbox_bind = outbox_bind.engine
+
+        def settle(committed: bool) -> None:
+            if not committed:
+                emitter._discarded(staged, ROLLBACK)
+            elif envelopes:
+                emitter._committed(envelopes, outbox_bind)
+
+        wait_for_outer(pending.outer or [], settle)
 
 
 def _resolve_or_drop(pending: Pending, events: list[StagedEvent]) -> list[StagedEvent]:

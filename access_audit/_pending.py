@@ -13,14 +13,24 @@ from datetime import datetime
 from time import time_ns
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
 from ._envelope import AuditEventEnvelope, utc_datetime
+from ._errors import AuditConfigurationError
+from ._sqla import (
+    connection_entry,
+    encloses_foreign_savepoint,
+    ends_outer_transaction,
+    is_autocommit,
+    session_connections,
+)
 from ._uuid import as_uuid, with_inverted_tail
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Engine
+    from sqlalchemy import Engine
+    from sqlalchemy.engine import Transaction
 
     from ._emitter import AuditEmitter
     from ._staging import StagedEvent
@@ -33,6 +43,7 @@ DISPATCHING_KEY = "access_audit.dispatching"
 """``session.info`` key present while the session dispatches its commit."""
 
 DETACHED = "detached"
+CLOSE = "close"
 
 _trusted = AuditEventEnvelope._trusted
 
@@ -52,6 +63,8 @@ class Pending:
         "lazy",
         "levels",
         "outbox_bind",
+        "outer",
+        "settled",
         "stamp",
     )
 
@@ -76,6 +89,25 @@ class Pending:
         """The commit's timestamp and id, made with its first envelope."""
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to mark them later."""
+        self.outer: list[Connection] | None = None
+        """Connections of the session joined to an outer transaction that
+        the session does not end: its commit waits for them
+        (``joined_transactions="outer"``). Found when staging begins and as
+        the session connects."""
+        self.settled = False
+        """Set once the listeners have taken the Pending out of the session."""
+
+    def __del__(self) -> None:
+        # The last resort of "never lost silently": the session was dropped
+        # with its transaction open, or its listeners were removed (detach())
+        # before the transaction ended. Either way nothing was committed.
+        if self.settled or not self.levels:
+            return
+        try:
+            events = [staged for level in self.levels.values() for staged in level]
+            self.emitter._discarded(events, CLOSE)
+        except Exception:  # pragma: no cover - during interpreter shutdown
+            pass
 
     def work_before_commit(self) -> bool:
         """Whether the commit has work before COMMIT: lazy values to resolve
@@ -88,6 +120,30 @@ class Pending:
         if self.lazy:
             dropped = set(events)
             self.lazy = [staged for staged in self.lazy if staged not in dropped]
+
+    def withdraw(self, events: list[StagedEvent] | None) -> list[StagedEvent]:
+        """Take *events* (all if None) out of every level; returns them in order.
+
+        :raises ValueError: one of *events* is not waiting here.
+        """
+        waiting = [staged for level in self.levels.values() for staged in level]
+        if events is None:
+            chosen = waiting
+        else:
+            present = set(waiting)
+            for staged in events:
+                if staged not in present:
+                    raise ValueError(
+                        f"event {staged.id} ({staged.event_type}) is not staged "
+                        "on this session's transaction; it was sent, discarded "
+                        "or staged on another session"
+                    )
+            chosen = [staged for staged in waiting if staged in set(events)]
+        gone = set(chosen)
+        for level in self.levels.values():
+            level[:] = [staged for staged in level if staged not in gone]
+        self.forget(chosen)
+        return chosen
 
     def in_commit_order(self, session: Session) -> list[StagedEvent]:
         """The events of every open boundary, in the order the commit sends them.
@@ -209,7 +265,9 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         )
     pending: Pending | None = info.get(PENDING_KEY)
     if pending is None:
+        outer = _check_binds(session, session.get_transaction() or boundary, emitter)
         pending = info[PENDING_KEY] = Pending(emitter, boundary, staged)
+        pending.outer = outer
     else:
         if pending.emitter is not emitter:
             _change_owner(session, pending, emitter)
@@ -230,6 +288,95 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         # commit) after our own preparation ran: prepare it now, keys first.
         session.flush()
         prepare_commit(session, pending)
+
+
+def _check_binds(
+    session: Session, root: SessionTransaction, emitter: AuditEmitter
+) -> list[Connection] | None:
+    """Refuse staging where the transaction's ending cannot be trusted.
+
+    Checks the connections the session holds; before it has one, the bind
+    it will use (a connection it acquires later is checked by the
+    ``after_begin`` listener, through :func:`check_connection`). Returns
+    the connections whose outer transaction the commit must wait for, or
+    None.
+
+    :raises AuditConfigurationError: as :func:`_refuse`.
+    """
+    outer = None
+    connected = False
+    for connection, transaction, commits in session_connections(root):
+        connected = True
+        if _refuse(session, connection, transaction, commits, emitter):
+            outer = [*(outer or ()), connection]
+    if not connected:
+        bind = session.bind
+        if bind is not None:
+            _refuse(session, bind, None, True, emitter)
+    return outer
+
+
+def check_connection(
+    session: Session,
+    root: SessionTransaction,
+    connection: Connection,
+    pending: Pending,
+) -> None:
+    """Check a connection the session acquired after staging began.
+
+    :raises AuditConfigurationError: as :func:`_refuse`.
+    """
+    entry = connection_entry(root, connection)
+    if entry is not None and _refuse(
+        session, connection, entry[0], entry[1], pending.emitter
+    ):
+        pending.outer = [*(pending.outer or ()), connection]
+
+
+def _refuse(
+    session: Session,
+    bind: Engine | Connection,
+    transaction: Transaction | None,
+    commits: bool,
+    emitter: AuditEmitter,
+) -> bool:
+    """Raise if events on *bind* could outlive, or die without, their change.
+
+    Returns whether the session's commit must wait for an outer transaction
+    on *bind* (``joined_transactions="outer"``, a session joined to a
+    transaction it does not end).
+
+    :raises AuditConfigurationError: *bind* runs in ``AUTOCOMMIT`` isolation
+        (each statement commits on its own, so a rollback that drops the
+        event keeps the change), or, with ``joined_transactions="outer"``,
+        the session's transaction sits in a SAVEPOINT the session did not
+        open, whose rollback access_audit cannot observe.
+    """
+    if is_autocommit(bind):
+        raise AuditConfigurationError(
+            f"stage_event() refused: the session's {type(bind).__name__} runs in "
+            "AUTOCOMMIT isolation, where each statement commits on its own and "
+            "no rollback can undo it, so its audit events could be dropped for "
+            "changes that stay. Use a transactional isolation level for audited "
+            "sessions, e.g. engine.execution_options(isolation_level="
+            "'READ COMMITTED')"
+        )
+    if emitter.joined_transactions != "outer" or not isinstance(bind, Connection):
+        return False
+    if transaction is None:
+        foreign = bind.in_nested_transaction()  # the session will join inside it
+    else:
+        foreign = encloses_foreign_savepoint(transaction, session.join_transaction_mode)
+    if foreign:
+        raise AuditConfigurationError(
+            "stage_event() refused: the session is joined to a connection whose "
+            "transaction is inside a SAVEPOINT that the session did not open; "
+            "a rollback to it would undo the change without access_audit "
+            "seeing it. Bind the session where no outside SAVEPOINT encloses "
+            "it, or create the emitter with joined_transactions='session' to "
+            "deliver on session.commit() (for rollback-per-test suites)"
+        )
+    return transaction is not None and not ends_outer_transaction(transaction, commits)
 
 
 def _change_owner(session: Session, pending: Pending, emitter: AuditEmitter) -> None:

@@ -30,12 +30,14 @@ audit_event_discarded = _signals.signal(
 
     :param sender: the :class:`~access_audit.AuditEmitter`.
     :param event: the :class:`~access_audit.StagedEvent` (lazy values unresolved).
-    :param reason: ``"rollback"`` (its transaction rolled back),
+    :param reason: ``"rollback"`` (its transaction rolled back, or the
+        outer transaction a joined session waited for did),
         ``"savepoint_rollback"`` (its SAVEPOINT rolled back), ``"close"`` (its
         transaction ended without commit or rollback: ``close()``, ``reset()``,
-        ``invalidate()``),
+        ``invalidate()``, the session garbage-collected with it open),
         ``"lazy_value_failed"`` (a lazy value failed after COMMIT, see
-        :func:`~access_audit.stage_event`), or ``"detached"`` (its
-        transaction ended while its emitter was detached).
+        :func:`~access_audit.stage_event`), ``"detached"`` (its
+        transaction ended while its emitter was detached), or ``"unstaged"``
+        (withdrawn by :func:`~access_audit.discard_staged`).
     """,
 )

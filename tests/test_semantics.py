@@ -398,7 +398,8 @@ def test_staging_with_autobegin_off_raises_like_session_add(
 def test_session_joined_to_an_outer_transaction_emits_on_its_commit(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:
-    """With join_transaction_mode="create_savepoint", session.commit() emits."""
+    """With joined_transactions="session", a joined session's commit emits."""
+    emitter.joined_transactions = "session"
     with engine.connect() as connection:
         outer = connection.begin()
         maker = sessionmaker(bind=connection, join_transaction_mode="create_savepoint")

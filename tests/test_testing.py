@@ -157,6 +157,7 @@ def test_recorder_works_inside_the_rollback_per_test_recipe(
     engine: Engine, emitter: AuditEmitter
 ) -> None:
     """The outer-transaction test recipe records on ``session.commit()``."""
+    emitter.joined_transactions = "session"
     with engine.connect() as connection, capture_audit_events() as audit_events:
         outer = connection.begin()
         maker = sessionmaker(bind=connection, join_transaction_mode="create_savepoint")

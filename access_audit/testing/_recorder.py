@@ -23,6 +23,7 @@ _REASONS = {
     "close": "the session closing without a commit",
     "lazy_value_failed": "a lazy value that failed",
     "detached": "its emitter being detached",
+    "unstaged": "discard_staged()",
 }
 
 
@@ -33,7 +34,7 @@ class DiscardedEvent:
     event: StagedEvent
     reason: str
     """One of ``"rollback"``, ``"savepoint_rollback"``, ``"close"``,
-    ``"lazy_value_failed"``, ``"detached"``."""
+    ``"lazy_value_failed"``, ``"detached"``, ``"unstaged"``."""
 
     @property
     def event_type(self) -> str:

@@ -1,0 +1,290 @@
+"""Sessions joined to an outer transaction they do not end, on every database.
+
+A ``Session(bind=connection)`` on a connection that is in a transaction
+already only releases a SAVEPOINT (or does nothing) on ``commit()``; whoever
+began the connection's transaction decides. By default the events wait for
+that outer transaction; ``joined_transactions="session"`` sends them on the
+session's commit, for rollback-per-test suites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session
+from support import Child, Item, Recorder, operation, outbox_rows, stored_names
+
+from access_audit import AuditConfigurationError, AuditEmitter, staged_events
+from access_audit.outbox import Outbox
+from access_audit.testing import capture_audit_events
+
+JOIN_MODES = ["conditional_savepoint", "create_savepoint", "rollback_only"]
+
+
+def joined_session(
+    emitter: AuditEmitter, connection: Connection, mode: str = "conditional_savepoint"
+) -> Session:
+    session = Session(bind=connection, join_transaction_mode=mode)  # type: ignore[arg-type]
+    emitter.attach(session)
+    return session
+
+
+@pytest.mark.parametrize("mode", JOIN_MODES, ids=JOIN_MODES)
+def test_events_wait_for_the_outer_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, mode: str
+) -> None:
+    """A joined session's commit sends nothing until the outer transaction commits."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with joined_session(emitter, connection, mode) as session:
+            operation(session, "joined")
+            session.commit()
+            assert recorder.names == []
+        outer.commit()
+        connection.begin()  # the next transaction: the COMMIT went through
+        assert recorder.names == ["joined"]
+        assert [len(batch) for batch in recorder.batches] == [1]
+        connection.rollback()
+    assert recorder.names == ["joined"]
+    assert stored_names(engine) == ["joined"]
+
+
+@pytest.mark.parametrize("mode", JOIN_MODES, ids=JOIN_MODES)
+def test_outer_rollback_discards_the_events(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, mode: str
+) -> None:
+    """A joined session's events are discarded ("rollback") when the outer rolls back."""
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        outer = connection.begin()
+        with joined_session(emitter, connection, mode) as session:
+            operation(session, "undone")
+            session.commit()
+        outer.rollback()
+        assert [d.reason for d in audit_events.discarded] == ["rollback"]
+        assert audit_events.discarded[0].event.target_id == "undone"
+    assert recorder.names == []
+    assert stored_names(engine) == []
+
+
+def test_outer_block_delivers_when_it_commits_and_closes(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Inside ``with engine.begin()`` the events go out as the block commits."""
+    with engine.begin() as connection:
+        with joined_session(emitter, connection) as session:
+            operation(session, "in-block")
+            session.commit()
+        assert recorder.names == []
+    assert recorder.names == ["in-block"]
+    assert stored_names(engine) == ["in-block"]
+
+
+def test_control_fully_delivers_on_the_session_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """In "control_fully" mode the session's commit commits the outer: it sends."""
+    with engine.connect() as connection:
+        connection.begin()
+        with joined_session(emitter, connection, "control_fully") as session:
+            operation(session, "owned")
+            session.commit()
+        assert recorder.names == ["owned"]
+    assert stored_names(engine) == ["owned"]
+
+
+@pytest.mark.parametrize("outer_commits", [True, False], ids=["commit", "rollback"])
+def test_two_sessions_sharing_one_connection(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, outer_commits: bool
+) -> None:
+    """The session that joined waits for the one that began the transaction."""
+    with engine.connect() as connection:
+        first = joined_session(emitter, connection)
+        operation(first, "first")  # first begins the connection's transaction
+        first.flush()
+        second = joined_session(emitter, connection)
+        operation(second, "second")
+        second.commit()  # joined: only the first one's commit is final
+        assert recorder.names == []
+        if outer_commits:
+            first.commit()
+        else:
+            first.rollback()
+        first.close()
+        second.close()
+        connection.begin()
+        expected = ["first", "second"] if outer_commits else []
+        assert recorder.names == expected
+        connection.rollback()
+    assert stored_names(engine) == expected
+
+
+def test_session_mode_delivers_on_the_session_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """``joined_transactions="session"``: sent on session.commit(), whatever follows."""
+    emitter.joined_transactions = "session"
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with joined_session(emitter, connection, "create_savepoint") as session:
+            operation(session, "per-test")
+            session.commit()
+            assert recorder.names == ["per-test"]
+        outer.rollback()
+    assert recorder.names == ["per-test"]
+    assert stored_names(engine) == []
+
+
+def test_outer_commit_that_fails_discards_the_events(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An outer COMMIT that fails (a deferred constraint) sends nothing."""
+    if engine.dialect.name == "mysql":
+        pytest.skip("MariaDB cannot defer a constraint to COMMIT")
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        outer = connection.begin()
+        with joined_session(emitter, connection) as session:
+            session.add(Child(item_id=999_999))  # checked only at COMMIT
+            operation(session, "orphan")
+            session.commit()
+        with pytest.raises(DatabaseError):
+            outer.commit()
+        assert recorder.names == []
+        connection.rollback()
+        assert [d.reason for d in audit_events.discarded] == ["rollback"]
+    assert recorder.names == []
+    assert stored_names(engine) == []
+
+
+def test_killed_connection_discards_the_events(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A connection invalidated while the outer transaction is open sends nothing."""
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        connection.begin()
+        with joined_session(emitter, connection) as session:
+            operation(session, "lost")
+            session.commit()
+        connection.invalidate()
+        assert [d.reason for d in audit_events.discarded] == ["rollback"]
+    assert recorder.names == []
+    assert stored_names(engine) == []
+
+
+def test_outbox_with_an_outer_rollback_sends_nothing(
+    engine: Engine, outbox: Outbox, recorder: Recorder
+) -> None:
+    """In outbox mode, the rows roll back with the outer and nothing is sent inline."""
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    emitter.register(recorder, name="recorder")
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with joined_session(emitter, connection) as session:
+            operation(session, "outboxed")
+            session.commit()
+        outer.rollback()
+    assert recorder.names == []
+    assert outbox_rows(engine, outbox) == []
+
+
+def test_outbox_with_an_outer_commit_sends_once(
+    engine: Engine, outbox: Outbox, recorder: Recorder
+) -> None:
+    """In outbox mode, the outer commit sends the events and keeps their rows."""
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    emitter.register(recorder, name="recorder")
+    with (
+        engine.begin() as connection,
+        joined_session(emitter, connection) as session,
+    ):
+        operation(session, "outboxed")
+        session.commit()
+    assert recorder.names == ["outboxed"]
+    assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == ["outboxed"]
+    assert emitter.relay(engine).delivered == 0  # marked delivered already
+
+
+def _nested_before_connecting(connection: Connection, session: Session) -> None:
+    connection.begin_nested()
+
+
+def _nested_after_connecting(connection: Connection, session: Session) -> None:
+    connection.begin_nested()
+    session.connection()
+
+
+@pytest.mark.parametrize(
+    "arrange",
+    [_nested_before_connecting, _nested_after_connecting],
+    ids=["staged-before-joining", "staged-after-joining"],
+)
+@pytest.mark.parametrize("mode", [*JOIN_MODES, "control_fully"])
+def test_foreign_savepoint_is_refused_at_stage_time(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    mode: str,
+    arrange: Callable[[Connection, Session], None],
+) -> None:
+    """Inside a SAVEPOINT the session did not open, staging raises: its rollback is invisible."""
+    with engine.connect() as connection:
+        connection.begin()
+        session = Session(bind=connection, join_transaction_mode=mode)  # type: ignore[arg-type]
+        emitter.attach(session)
+        arrange(connection, session)
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            operation(session, "refused")
+        assert staged_events(session) == ()
+        session.close()
+        connection.rollback()
+    assert recorder.names == []
+
+
+def test_foreign_savepoint_found_when_connecting_fails_the_flush(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A connection acquired after staging is checked too: the flush raises."""
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        connection.begin()
+        connection.begin_nested()
+        session = Session(binds={Item: connection})  # no session-wide bind to check
+        emitter.attach(session)
+        operation(session, "late")
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            session.flush()
+        session.close()
+        connection.rollback()
+        assert [d.event.target_id for d in audit_events.discarded] == ["late"]
+    assert recorder.names == []
+
+
+def test_savepoint_the_session_opened_is_accepted(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A joined session's own SAVEPOINTs are observable: staging inside one works."""
+    with (
+        engine.begin() as connection,
+        joined_session(emitter, connection, "create_savepoint") as session,
+    ):
+        with session.begin_nested():
+            operation(session, "inner")
+        session.commit()
+    assert recorder.names == ["inner"]
+
+
+def test_outer_connection_statement_runs_before_delivery(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Work the outer transaction does after the session's commit is part of it."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with joined_session(emitter, connection) as session:
+            operation(session, "with-more")
+            session.commit()
+        connection.execute(text("DELETE FROM audit_test_item"))
+        assert recorder.names == []
+        outer.commit()
+    assert recorder.names == ["with-more"]
+    assert stored_names(engine) == []  # the outer deleted it: the event is true

@@ -1,0 +1,146 @@
+"""Every staged event ends delivered, discarded with a reason, or refused.
+
+The ways adopters lose events without noticing: an app factory or test
+fixture that makes a new sessionmaker each time (whose Session class may land
+at a collected one's address), a session dropped with its transaction open,
+an emitter detached while events wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
+from support import Base, Recorder, operation, stored_names
+
+from access_audit import AuditEmitter, stage_event
+from access_audit.testing import capture_audit_events
+
+ROUNDS = 200
+"""The most makers a reuse test makes; CPython reuses an id within a few."""
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["kept", "detached"])
+def test_new_sessionmaker_per_round_delivers_every_event(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, detach: bool
+) -> None:
+    """A fresh sessionmaker per round (gc between) delivers, even at a reused id()."""
+    seen: set[int] = set()
+    reused = rounds = 0
+    while reused < 3 and rounds < ROUNDS:
+        maker = sessionmaker(engine)
+        if id(maker.class_) in seen:
+            reused += 1
+        seen.add(id(maker.class_))
+        emitter.attach(maker)
+        with maker() as session:
+            operation(session, f"round-{rounds}")
+            session.commit()
+        if detach:
+            emitter.detach(maker)
+        rounds += 1
+        del maker, session
+        gc.collect()
+    assert reused == 3, "no Session class landed at a collected one's id()"
+    assert recorder.names == [f"round-{n}" for n in range(rounds)]
+    assert len(stored_names(engine)) == rounds
+
+
+def test_new_async_sessionmaker_per_round_delivers_every_event(
+    tmp_path: Path, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A fresh async_sessionmaker per round (gc between) delivers every event."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    async def run() -> int:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        seen: set[int] = set()
+        reused = rounds = 0
+        while reused < 3 and rounds < ROUNDS:
+            maker = async_sessionmaker(engine)
+            emitter.attach(maker)
+            sync_class = maker.kw["sync_session_class"]
+            if id(sync_class) in seen:
+                reused += 1
+            seen.add(id(sync_class))
+            async with maker() as session:
+                stage_event(
+                    session,
+                    "item_created",
+                    target_type="item",
+                    target_id=f"round-{rounds}",
+                    action="create",
+                )
+                await session.commit()
+            rounds += 1
+            del maker, session, sync_class
+            gc.collect()
+        await engine.dispose()
+        assert reused == 3, "no Session class landed at a collected one's id()"
+        return rounds
+
+    rounds = asyncio.run(run())
+    assert recorder.names == [f"round-{n}" for n in range(rounds)]
+
+
+def test_session_dropped_with_its_transaction_open_reports_its_events(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """A session garbage-collected mid-transaction discards its events ("close")."""
+    with capture_audit_events() as audit_events:
+        session = Session()
+        operation(session, "dropped")
+        session.flush()
+        del session
+        gc.collect()
+        assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+            ("dropped", "close")
+        ]
+    assert recorder.events == []
+    assert stored_names(engine) == []
+
+
+def test_events_of_a_detached_emitter_are_reported_when_the_session_goes(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Detached while events wait, then committed and dropped: they are reported."""
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    with capture_audit_events() as audit_events:
+        session = maker()
+        operation(session, "orphaned")
+        emitter.detach(maker)
+        session.commit()  # nobody listens: nothing sent, nothing reported yet
+        session.close()
+        assert recorder.events == []
+        del session
+        gc.collect()
+        assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+            ("orphaned", "close")
+        ]
+    assert stored_names(engine) == ["orphaned"]
+
+
+def test_settled_transactions_report_nothing_more_when_collected(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """A committed or rolled-back transaction's events are never reported twice."""
+    with capture_audit_events() as audit_events:
+        session = Session()
+        operation(session, "kept")
+        session.commit()
+        operation(session, "undone")
+        session.rollback()
+        session.close()
+        del session
+        gc.collect()
+        assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+            ("undone", "rollback")
+        ]
+    assert recorder.names == ["kept"]
