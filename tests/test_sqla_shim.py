@@ -1,0 +1,90 @@
+"""Each SQLAlchemy internal that ``access_audit._sqla`` reads, checked by name.
+
+An SQLAlchemy release that renames or reshapes one fails here, loudly,
+instead of silently changing which events are delivered.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import NestedTransaction, RootTransaction
+from sqlalchemy.orm import Session
+
+from access_audit._sqla import (
+    connection_entry,
+    encloses_foreign_savepoint,
+    ends_outer_transaction,
+    is_autocommit,
+    session_connections,
+)
+
+
+def test_session_transaction_connections_hold_connection_transaction_commits(
+    engine: Engine,
+) -> None:
+    """``SessionTransaction._connections`` maps a connection to (conn, trans, commits, autoclose)."""
+    with Session(engine) as session:
+        connection = session.connection()
+        root = session.get_transaction()
+        assert root is not None
+        entry = root._connections[connection]
+        assert entry[0] is connection
+        assert isinstance(entry[1], RootTransaction)
+        assert entry[2] is True and entry[3] is True
+        assert list(session_connections(root)) == [(connection, entry[1], True)]
+        assert connection_entry(root, connection) == (entry[1], True)
+
+
+def test_joined_modes_are_told_apart(engine: Engine) -> None:
+    """rollback_only does not commit; create_savepoint runs in a NestedTransaction."""
+    with engine.connect() as connection:
+        connection.begin()
+        for mode, nested, commits in [
+            ("rollback_only", False, False),
+            ("create_savepoint", True, True),
+            ("control_fully", False, True),
+        ]:
+            with Session(bind=connection, join_transaction_mode=mode) as session:  # type: ignore[arg-type]
+                session.connection()
+                root = session.get_transaction()
+                assert root is not None
+                [(_, transaction, found_commits)] = session_connections(root)
+                assert isinstance(transaction, NestedTransaction) is nested
+                assert found_commits is commits
+                assert ends_outer_transaction(transaction, commits) is (
+                    mode == "control_fully"
+                )
+                assert not encloses_foreign_savepoint(transaction, mode)
+        connection.rollback()
+
+
+def test_nested_transaction_knows_the_savepoint_enclosing_it(engine: Engine) -> None:
+    """``NestedTransaction._previous_nested`` names the SAVEPOINT around it."""
+    with engine.connect() as connection:
+        connection.begin()
+        outer = connection.begin_nested()
+        inner = connection.begin_nested()
+        assert inner._previous_nested is outer
+        assert outer._previous_nested is None
+        assert encloses_foreign_savepoint(inner, "create_savepoint")
+        assert not encloses_foreign_savepoint(outer, "create_savepoint")
+        assert encloses_foreign_savepoint(outer, "rollback_only")
+        connection.rollback()
+
+
+def test_autocommit_is_read_from_options_and_the_dialect(engine: Engine) -> None:
+    """``Connection._is_autocommit_isolation`` and ``dialect._on_connect_isolation_level``."""
+    assert not is_autocommit(engine)
+    assert is_autocommit(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    with engine.connect() as connection:
+        assert not connection._is_autocommit_isolation()
+        assert not is_autocommit(connection)
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        assert is_autocommit(connection)
+    url = engine.url.render_as_string(hide_password=False)
+    autocommit = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        assert autocommit.dialect._on_connect_isolation_level == "AUTOCOMMIT"
+        assert is_autocommit(autocommit)
+    finally:
+        autocommit.dispose()
