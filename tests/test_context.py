@@ -521,5 +521,5 @@ def test_actor_is_a_frozen_value() -> None:
 )
 def test_actor_text_with_a_lone_surrogate_is_refused(make_actor: Any) -> None:
     """An actor field UTF-8 cannot encode is refused where the actor is made."""
-    with pytest.raises(ValueError, match="actor_(id|email) holds a lone surrogate"):
+    with pytest.raises(ValueError, match=r"actor_(id|email) holds a lone surrogate"):
         make_actor()
