@@ -28,6 +28,7 @@ from ._pending import (
     committing_root,
     prepare_commit,
 )
+from ._sqla import connection_is_autocommit
 
 if TYPE_CHECKING:
     from ._emitter import AuditEmitter
@@ -92,8 +93,13 @@ class SessionListeners:
         if transaction._parent is not None:
             return  # a SAVEPOINT: on a connection the outermost checked
         pending: Pending | None = session.info.get(PENDING_KEY)
-        if pending is not None and pending.emitter is self._emitter:
-            # Events were staged before the session had this connection.
+        if (
+            pending is not None
+            and pending.emitter is self._emitter
+            and (pending.recheck or connection_is_autocommit(connection))
+        ):
+            # Events were staged before the session had this connection, and
+            # staging could not check all of it.
             check_connection(session, transaction, connection, pending)
 
     def _due_before_commit(self, session: Session) -> Pending | None:
@@ -183,7 +189,7 @@ class SessionListeners:
         if parent is None:
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
-            pending.settled = True
+            pending.settle()
             ended = pending.ended.get(transaction)
             if ended:
                 if pending.outer:
@@ -214,7 +220,7 @@ class SessionListeners:
                 pending.forget(dropped)
             if not pending.levels:
                 del info[PENDING_KEY]
-                pending.settled = True
+                pending.settle()
             reason = SAVEPOINT_ROLLBACK
         if dropped:
             # Rolled back (False), or ended without either (None: close(),

@@ -13,7 +13,7 @@ from datetime import datetime
 from time import time_ns
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 
@@ -23,13 +23,14 @@ from ._sqla import (
     connection_entry,
     encloses_foreign_savepoint,
     ends_outer_transaction,
+    engine_is_autocommit,
+    has_connections,
     is_autocommit,
     session_connections,
 )
 from ._uuid import as_uuid, with_inverted_tail
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
     from sqlalchemy.engine import Transaction
 
     from ._emitter import AuditEmitter
@@ -50,6 +51,7 @@ _trusted = AuditEventEnvelope._trusted
 # A two-phase transaction is PREPARED between prepare() and commit(): its
 # outbox rows and lazy values were settled by prepare().
 _PAST_STAGING = (SessionTransactionState.PREPARED, SessionTransactionState.COMMITTED)
+_DEFAULT_GET_BIND = Session.get_bind
 
 
 class Pending:
@@ -64,7 +66,7 @@ class Pending:
         "levels",
         "outbox_bind",
         "outer",
-        "settled",
+        "recheck",
         "stamp",
     )
 
@@ -94,20 +96,19 @@ class Pending:
         the session does not end: its commit waits for them
         (``joined_transactions="outer"``). Found when staging begins and as
         the session connects."""
-        self.settled = False
-        """Set once the listeners have taken the Pending out of the session."""
+        self.recheck = True
+        """Whether a connection acquired later needs the full check."""
 
-    def __del__(self) -> None:
-        # The last resort of "never lost silently": the session was dropped
-        # with its transaction open, or its listeners were removed (detach())
-        # before the transaction ended. Either way nothing was committed.
-        if self.settled or not self.levels:
-            return
-        try:
-            events = [staged for level in self.levels.values() for staged in level]
-            self.emitter._discarded(events, CLOSE)
-        except Exception:  # pragma: no cover - during interpreter shutdown
-            pass
+    def settle(self) -> None:
+        """Mark the Pending as taken out of its session by the listeners.
+
+        From now on its events are the listeners' to deliver or discard;
+        collecting it reports nothing.
+        """
+        # Switching to the base class drops __del__: a settled Pending is
+        # collected after every commit, and a Python-level __del__ call for
+        # nothing is a cost every audited commit would pay.
+        self.__class__ = Pending
 
     def work_before_commit(self) -> bool:
         """Whether the commit has work before COMMIT: lazy values to resolve
@@ -196,6 +197,27 @@ class Pending:
         self.lazy.clear()
 
 
+class UnsettledPending(Pending):
+    """A :class:`Pending` still in its session: reports its events if collected.
+
+    The last resort of "never lost silently": the session was dropped with
+    its transaction open, or its listeners were removed (``detach()``)
+    before the transaction ended. Either way nothing was committed, and the
+    events are discarded with reason ``"close"``.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        if not self.levels:
+            return
+        try:
+            events = [staged for level in self.levels.values() for staged in level]
+            self.emitter._discarded(events, CLOSE)
+        except Exception:  # pragma: no cover - during interpreter shutdown
+            pass
+
+
 def committing_root(session: Session) -> SessionTransaction | None:
     """The outermost transaction while it is inside ``commit()`` before COMMIT.
 
@@ -265,9 +287,26 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         )
     pending: Pending | None = info.get(PENDING_KEY)
     if pending is None:
-        outer = _check_binds(session, session.get_transaction() or boundary, emitter)
-        pending = info[PENDING_KEY] = Pending(emitter, boundary, staged)
-        pending.outer = outer
+        # The first event of this transaction: check where it will commit.
+        assert root is not None  # begun above, if it was not
+        bind = session.bind
+        if (
+            type(bind) is Engine
+            and not has_connections(root)
+            and not session.binds
+            and type(session).get_bind is _DEFAULT_GET_BIND
+        ):
+            # The common case, kept to a few lookups: an unconnected session
+            # that will take its one connection from its engine.
+            if engine_is_autocommit(bind):
+                _refuse(session, bind, None, True, emitter)
+            pending = info[PENDING_KEY] = UnsettledPending(emitter, boundary, staged)
+            pending.recheck = False
+        else:
+            outer, recheck = _check_binds(session, root, emitter)
+            pending = info[PENDING_KEY] = UnsettledPending(emitter, boundary, staged)
+            pending.outer = outer
+            pending.recheck = recheck
     else:
         if pending.emitter is not emitter:
             _change_owner(session, pending, emitter)
@@ -292,14 +331,14 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
 
 def _check_binds(
     session: Session, root: SessionTransaction, emitter: AuditEmitter
-) -> list[Connection] | None:
+) -> tuple[list[Connection] | None, bool]:
     """Refuse staging where the transaction's ending cannot be trusted.
 
     Checks the connections the session holds; before it has one, the bind
-    it will use (a connection it acquires later is checked by the
-    ``after_begin`` listener, through :func:`check_connection`). Returns
-    the connections whose outer transaction the commit must wait for, or
-    None.
+    it will use. Returns the connections whose outer transaction the commit
+    must wait for (or None), and whether a connection the session acquires
+    later needs the full check of :func:`check_connection` (it may come from
+    another bind than the one checked, or join a transaction begun since).
 
     :raises AuditConfigurationError: as :func:`_refuse`.
     """
@@ -309,11 +348,15 @@ def _check_binds(
         connected = True
         if _refuse(session, connection, transaction, commits, emitter):
             outer = [*(outer or ()), connection]
-    if not connected:
-        bind = session.bind
-        if bind is not None:
-            _refuse(session, bind, None, True, emitter)
-    return outer
+    bind = session.bind
+    if not connected and bind is not None:
+        _refuse(session, bind, None, True, emitter)
+    recheck = (
+        bool(session.binds)
+        or type(session).get_bind is not Session.get_bind
+        or (not connected and (bind is None or isinstance(bind, Connection)))
+    )
+    return outer, recheck
 
 
 def check_connection(
@@ -324,8 +367,15 @@ def check_connection(
 ) -> None:
     """Check a connection the session acquired after staging began.
 
+    When staging checked the engine the connection comes from, only the
+    connection's own isolation level is left to check.
+
     :raises AuditConfigurationError: as :func:`_refuse`.
     """
+    if not pending.recheck:
+        if is_autocommit(connection):
+            _refuse(session, connection, None, True, pending.emitter)
+        return
     entry = connection_entry(root, connection)
     if entry is not None and _refuse(
         session, connection, entry[0], entry[1], pending.emitter

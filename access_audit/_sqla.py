@@ -16,8 +16,11 @@ from sqlalchemy.orm import SessionTransaction
 
 __all__ = [
     "connection_entry",
+    "connection_is_autocommit",
     "encloses_foreign_savepoint",
     "ends_outer_transaction",
+    "engine_is_autocommit",
+    "has_connections",
     "is_autocommit",
     "session_connections",
 ]
@@ -39,6 +42,11 @@ def session_connections(
         if id(connection) not in seen:
             seen.add(id(connection))
             yield connection, transaction, commits
+
+
+def has_connections(root: SessionTransaction) -> bool:
+    """Whether the session's outermost transaction holds a connection yet."""
+    return bool(root._connections)
 
 
 def connection_entry(
@@ -88,8 +96,18 @@ def is_autocommit(bind: Engine | Connection) -> bool:
     a connection's own test is ``Connection._is_autocommit_isolation()``.
     """
     if isinstance(bind, Connection):
-        return bind._is_autocommit_isolation()
-    level = bind.get_execution_options().get("isolation_level")
+        return connection_is_autocommit(bind)
+    return engine_is_autocommit(bind)
+
+
+def connection_is_autocommit(connection: Connection) -> bool:
+    """:func:`is_autocommit` for a :class:`~sqlalchemy.engine.Connection`."""
+    return connection._is_autocommit_isolation()
+
+
+def engine_is_autocommit(engine: Engine) -> bool:
+    """:func:`is_autocommit` for an :class:`~sqlalchemy.engine.Engine`."""
+    level = engine._execution_options.get("isolation_level")
     if level is None:
-        level = bind.dialect._on_connect_isolation_level
-    return bool(level == "AUTOCOMMIT")
+        level = engine.dialect._on_connect_isolation_level
+    return level == "AUTOCOMMIT"

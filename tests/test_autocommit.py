@@ -95,3 +95,15 @@ def test_transactional_isolation_levels_are_accepted(
         operation(session, "accepted")
         session.commit()
     assert recorder.names == ["accepted"]
+
+
+def test_autocommit_connection_asked_for_after_staging_fails_there(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """session.connection(execution_options=AUTOCOMMIT) after staging raises."""
+    with Session(engine) as session:
+        emitter.attach(session)
+        operation(session, "late")
+        with pytest.raises(AuditConfigurationError, match="AUTOCOMMIT"):
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    assert recorder.events == []

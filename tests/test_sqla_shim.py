@@ -14,6 +14,8 @@ from access_audit._sqla import (
     connection_entry,
     encloses_foreign_savepoint,
     ends_outer_transaction,
+    engine_is_autocommit,
+    has_connections,
     is_autocommit,
     session_connections,
 )
@@ -24,9 +26,12 @@ def test_session_transaction_connections_hold_connection_transaction_commits(
 ) -> None:
     """``SessionTransaction._connections`` maps a connection to (conn, trans, commits, autoclose)."""
     with Session(engine) as session:
-        connection = session.connection()
+        session.begin()
         root = session.get_transaction()
         assert root is not None
+        assert not has_connections(root)
+        connection = session.connection()
+        assert has_connections(root)
         entry = root._connections[connection]
         assert entry[0] is connection
         assert isinstance(entry[1], RootTransaction)
@@ -75,7 +80,11 @@ def test_nested_transaction_knows_the_savepoint_enclosing_it(engine: Engine) -> 
 def test_autocommit_is_read_from_options_and_the_dialect(engine: Engine) -> None:
     """``Connection._is_autocommit_isolation`` and ``dialect._on_connect_isolation_level``."""
     assert not is_autocommit(engine)
-    assert is_autocommit(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    assert engine._execution_options.get("isolation_level") is None
+    autocommit_options = engine.execution_options(isolation_level="AUTOCOMMIT")
+    assert autocommit_options._execution_options["isolation_level"] == "AUTOCOMMIT"
+    assert is_autocommit(autocommit_options)
+    assert engine_is_autocommit(autocommit_options)
     with engine.connect() as connection:
         assert not connection._is_autocommit_isolation()
         assert not is_autocommit(connection)
