@@ -28,7 +28,7 @@ from ._pending import (
     committing_root,
     prepare_commit,
 )
-from ._sqla import connection_is_autocommit
+from ._sqla import inherits_options
 
 if TYPE_CHECKING:
     from ._emitter import AuditEmitter
@@ -96,7 +96,10 @@ class SessionListeners:
         if (
             pending is not None
             and pending.emitter is self._emitter
-            and (pending.recheck or connection_is_autocommit(connection))
+            and (
+                pending.checked is None
+                or not inherits_options(connection, pending.checked)
+            )
         ):
             # Events were staged before the session had this connection, and
             # staging could not check all of it.

@@ -20,10 +20,10 @@ from sqlalchemy.orm.session import SessionTransactionState
 from ._envelope import AuditEventEnvelope, utc_datetime
 from ._errors import AuditConfigurationError
 from ._sqla import (
+    checked_engine_options,
     connection_entry,
     encloses_foreign_savepoint,
     ends_outer_transaction,
-    engine_is_autocommit,
     has_connections,
     is_autocommit,
     session_connections,
@@ -59,6 +59,7 @@ class Pending:
 
     __slots__ = (
         "built",
+        "checked",
         "emitter",
         "ended",
         "first_id",
@@ -66,7 +67,6 @@ class Pending:
         "levels",
         "outbox_bind",
         "outer",
-        "recheck",
         "stamp",
     )
 
@@ -96,8 +96,11 @@ class Pending:
         the session does not end: its commit waits for them
         (``joined_transactions="outer"``). Found when staging begins and as
         the session connects."""
-        self.recheck = True
-        """Whether a connection acquired later needs the full check."""
+        self.checked: object | None = None
+        """The execution options of the engine that staging checked, when
+        the session's connection will come from it: a connection that still
+        has exactly these needs no check of its own. None: a connection
+        acquired later gets the full check."""
 
     def settle(self) -> None:
         """Mark the Pending as taken out of its session by the listeners.
@@ -298,15 +301,15 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
         ):
             # The common case, kept to a few lookups: an unconnected session
             # that will take its one connection from its engine.
-            if engine_is_autocommit(bind):
+            options = checked_engine_options(bind)
+            if options is None:
                 _refuse(session, bind, None, True, emitter)
             pending = info[PENDING_KEY] = UnsettledPending(emitter, boundary, staged)
-            pending.recheck = False
+            pending.checked = options
         else:
-            outer, recheck = _check_binds(session, root, emitter)
+            outer = _check_binds(session, root, emitter)
             pending = info[PENDING_KEY] = UnsettledPending(emitter, boundary, staged)
             pending.outer = outer
-            pending.recheck = recheck
     else:
         if pending.emitter is not emitter:
             _change_owner(session, pending, emitter)
@@ -331,14 +334,14 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
 
 def _check_binds(
     session: Session, root: SessionTransaction, emitter: AuditEmitter
-) -> tuple[list[Connection] | None, bool]:
+) -> list[Connection] | None:
     """Refuse staging where the transaction's ending cannot be trusted.
 
     Checks the connections the session holds; before it has one, the bind
     it will use. Returns the connections whose outer transaction the commit
-    must wait for (or None), and whether a connection the session acquires
-    later needs the full check of :func:`check_connection` (it may come from
-    another bind than the one checked, or join a transaction begun since).
+    must wait for, or None. A connection the session acquires later gets the
+    full check of :func:`check_connection`: it may come from another bind
+    than the one checked, or join a transaction begun since.
 
     :raises AuditConfigurationError: as :func:`_refuse`.
     """
@@ -351,12 +354,7 @@ def _check_binds(
     bind = session.bind
     if not connected and bind is not None:
         _refuse(session, bind, None, True, emitter)
-    recheck = (
-        bool(session.binds)
-        or type(session).get_bind is not Session.get_bind
-        or (not connected and (bind is None or isinstance(bind, Connection)))
-    )
-    return outer, recheck
+    return outer
 
 
 def check_connection(
@@ -372,7 +370,7 @@ def check_connection(
 
     :raises AuditConfigurationError: as :func:`_refuse`.
     """
-    if not pending.recheck:
+    if pending.checked is not None:
         if is_autocommit(connection):
             _refuse(session, connection, None, True, pending.emitter)
         return

@@ -15,12 +15,14 @@ from sqlalchemy.engine import NestedTransaction, Transaction
 from sqlalchemy.orm import SessionTransaction
 
 __all__ = [
+    "checked_engine_options",
     "connection_entry",
     "connection_is_autocommit",
     "encloses_foreign_savepoint",
     "ends_outer_transaction",
     "engine_is_autocommit",
     "has_connections",
+    "inherits_options",
     "is_autocommit",
     "session_connections",
 ]
@@ -107,7 +109,27 @@ def connection_is_autocommit(connection: Connection) -> bool:
 
 def engine_is_autocommit(engine: Engine) -> bool:
     """:func:`is_autocommit` for an :class:`~sqlalchemy.engine.Engine`."""
-    level = engine._execution_options.get("isolation_level")
+    return checked_engine_options(engine) is None
+
+
+def checked_engine_options(engine: Engine) -> object | None:
+    """The engine's execution options if it is not ``AUTOCOMMIT``, else None.
+
+    A connection of the engine shares this very object until options are
+    set on the connection itself (:func:`inherits_options`), so its
+    isolation level is the engine's.
+    """
+    options = engine._execution_options
+    level = options.get("isolation_level")
     if level is None:
         level = engine.dialect._on_connect_isolation_level
-    return level == "AUTOCOMMIT"
+    return None if level == "AUTOCOMMIT" else options
+
+
+def inherits_options(connection: Connection, options: object) -> bool:
+    """Whether *connection* still runs with exactly the engine's *options*.
+
+    SQLAlchemy gives a new connection its engine's execution options object
+    and replaces it when options are set on the connection.
+    """
+    return connection._execution_options is options

@@ -14,8 +14,10 @@ from access_audit._sqla import (
     connection_entry,
     encloses_foreign_savepoint,
     ends_outer_transaction,
+    checked_engine_options,
     engine_is_autocommit,
     has_connections,
+    inherits_options,
     is_autocommit,
     session_connections,
 )
@@ -97,3 +99,17 @@ def test_autocommit_is_read_from_options_and_the_dialect(engine: Engine) -> None
         assert is_autocommit(autocommit)
     finally:
         autocommit.dispose()
+
+
+def test_a_connection_shares_its_engines_options_until_it_sets_its_own(
+    engine: Engine,
+) -> None:
+    """``Connection._execution_options`` is the engine's object until replaced."""
+    options = checked_engine_options(engine)
+    assert options is engine._execution_options
+    with engine.connect() as connection:
+        assert inherits_options(connection, options)
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        assert not inherits_options(connection, options)
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    assert checked_engine_options(autocommit) is None
