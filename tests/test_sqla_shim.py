@@ -11,10 +11,10 @@ from sqlalchemy.engine import NestedTransaction, RootTransaction
 from sqlalchemy.orm import Session
 
 from access_audit._sqla import (
+    checked_engine_options,
     connection_entry,
     encloses_foreign_savepoint,
     ends_outer_transaction,
-    checked_engine_options,
     engine_is_autocommit,
     has_connections,
     inherits_options,
