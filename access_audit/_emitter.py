@@ -28,11 +28,12 @@ from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._imports import plugin_from
 from ._listeners import SessionListeners
 from ._logging import logger
-from ._registry import disown, listen_target, own
+from ._registry import attached_to_instance, disown, listen_target, own
 from ._values import PayloadRules
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
+    from sqlalchemy.orm import Session
 
     from ._envelope import AuditEventEnvelope
     from ._staging import StagedEvent
@@ -408,6 +409,10 @@ class AuditEmitter:
             manager.unregister(plugin)
             manager.register(instance, name)
             records[index] = (instance, dist)
+
+    def _watch_connections(self, session: Session) -> None:
+        """Check the connections *session* acquires from now on (see SessionListeners)."""
+        self._listeners.watch_connections(session, attached_to_instance(session))
 
     def _listen_to_class(self, session_class: type[Any]) -> None:
         """Install this emitter's listeners on a class whose owner a selector picks."""

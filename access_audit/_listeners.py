@@ -47,7 +47,6 @@ class SessionListeners:
     """The session event listeners of one emitter, attachable to many targets."""
 
     EVENTS = (
-        "after_begin",
         "before_commit",
         "after_flush_postexec",
         "after_commit",
@@ -66,6 +65,8 @@ class SessionListeners:
         # collected classes, so a new sessionmaker's Session subclass that
         # lands at a collected one's address would look attached already.
         self._installed: weakref.WeakSet[ListenTarget] = weakref.WeakSet()
+        self._watching: weakref.WeakSet[ListenTarget] = weakref.WeakSet()
+        """Where ``after_begin`` is installed (see :meth:`watch_connections`)."""
 
     def listen(self, target: ListenTarget) -> None:
         """Install the listeners on *target*; a second call is a no-op."""
@@ -77,11 +78,28 @@ class SessionListeners:
 
     def remove(self, target: ListenTarget) -> None:
         """Remove the listeners from *target*, if installed."""
+        if target in self._watching:
+            self._watching.discard(target)
+            event.remove(target, "after_begin", self._after_begin)
         if target not in self._installed:
             return
         self._installed.discard(target)
         for name, function in self._hooks.items():
             event.remove(target, name, function)
+
+    def watch_connections(self, session: Session, on_instance: bool) -> None:
+        """Have ``after_begin`` check the connections *session* acquires.
+
+        Needed only where staging could not check the connection the session
+        will use (it had none yet, and its bind is not a plain Engine), so it
+        is installed on the first such session of a class (or on the session
+        itself, *on_instance*, when the emitter is attached to it alone):
+        sessions of other classes never pay for the call.
+        """
+        target: ListenTarget = session if on_instance else type(session)
+        if target not in self._watching:
+            event.listen(target, "after_begin", self._after_begin)
+            self._watching.add(target)
 
     # The hooks below run on every commit of every attached session, with or
     # without events. A Pending that another emitter owns (one attached to a
@@ -90,6 +108,7 @@ class SessionListeners:
     def _after_begin(
         self, session: Session, transaction: SessionTransaction, connection: Connection
     ) -> None:
+        """Check a connection the session acquires after staging began."""
         if transaction._parent is not None:
             return  # a SAVEPOINT: on a connection the outermost checked
         pending: Pending | None = session.info.get(PENDING_KEY)

@@ -310,6 +310,7 @@ def park(session: Session, emitter: AuditEmitter, staged: StagedEvent) -> None:
             outer = _check_binds(session, root, emitter)
             pending = info[PENDING_KEY] = UnsettledPending(emitter, boundary, staged)
             pending.outer = outer
+            emitter._watch_connections(session)
     else:
         if pending.emitter is not emitter:
             _change_owner(session, pending, emitter)

@@ -169,6 +169,11 @@ def disown(target: ListenTarget, emitter: AuditEmitter) -> None:
         delattr(target, _OWNER)
 
 
+def attached_to_instance(session: Session) -> bool:
+    """Whether an emitter is attached to *session* itself, not to its class."""
+    return _OWNER in vars(session)
+
+
 def _own_attribute(target: ListenTarget) -> AuditEmitter | None:
     """The emitter attached to *target* itself (not inherited), if any."""
     found: AuditEmitter | None = vars(target).get(_OWNER)

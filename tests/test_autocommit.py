@@ -97,13 +97,13 @@ def test_transactional_isolation_levels_are_accepted(
     assert recorder.names == ["accepted"]
 
 
-def test_autocommit_connection_asked_for_after_staging_fails_there(
+def test_autocommit_connection_asked_for_before_staging_is_refused(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:
-    """session.connection(execution_options=AUTOCOMMIT) after staging raises."""
+    """session.connection(execution_options=AUTOCOMMIT), then staging: refused."""
     with Session(engine) as session:
         emitter.attach(session)
-        operation(session, "late")
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         with pytest.raises(AuditConfigurationError, match="AUTOCOMMIT"):
-            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            operation(session, "refused")
     assert recorder.events == []

@@ -152,13 +152,11 @@ def test_breakdown_times_each_entry_point_in_the_loop() -> None:
         if line.startswith("| ") and not line.startswith(("| piece", "| ---"))
         for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
     }
-    # Per audited commit: one stage, each commit-path listener once (after_begin
-    # when the flush takes a connection), and after_transaction_end twice (the
-    # flush's subtransaction, then the commit).
+    # Per audited commit: one stage, each commit-path listener once, and
+    # after_transaction_end twice (the flush's subtransaction, then the commit).
     calls = {name: float(cells[0]) for name, cells in rows.items() if cells[0]}
     assert calls == {
         "stage_event": 1.0,
-        "_after_begin": 1.0,
         "_before_commit": 1.0,
         "_after_flush_postexec": 1.0,
         "_after_commit": 1.0,
