@@ -32,7 +32,6 @@ EXTENSION_KEY = "access_audit"
 class _AppState:
     """What ``app.extensions["access_audit"]`` holds for one app."""
 
-    extension: AccessAudit
     emitter: AuditEmitter
     db: SQLAlchemy | None
 
@@ -121,7 +120,7 @@ class AccessAudit:
         if not enabled:
             plugins, options["load_entrypoints"] = [], False
         emitter = AuditEmitter(plugins, **options)
-        app.extensions[EXTENSION_KEY] = _AppState(self, emitter, db)
+        app.extensions[EXTENSION_KEY] = _AppState(emitter, db)
         app.cli.add_command(cli)
         if db is not None:
             _attach_to_flask_sqlalchemy(db, emitter)

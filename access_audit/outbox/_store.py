@@ -143,7 +143,6 @@ class OutboxRow:
         "failures",
         "id",
         "next_attempt_at",
-        "order",
         "payload",
         "recipients",
         "status",
@@ -161,11 +160,6 @@ class OutboxRow:
         self.next_attempt_at: datetime = mapping["next_attempt_at"]
         self.payload: str = mapping["payload"]
         self.recipients: set[str] = set(json.loads(mapping["recipients"]))
-        self.order: tuple[datetime, str, int] = (
-            mapping["created_at"],
-            mapping["transaction_id"],
-            mapping["sequence"],
-        )
 
     def envelope(self) -> AuditEventEnvelope:
         return AuditEventEnvelope.from_dict(json.loads(self.payload))
