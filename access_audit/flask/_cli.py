@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
+
+from ..outbox._cli import RelayOptions, relay_cli_options, run_command
 
 __all__ = ["cli"]
 
@@ -35,24 +38,37 @@ def list_plugins() -> None:
         click.echo(f"    hooks: {', '.join(hooks) or '(none)'}")
 
 
-@cli.command(
-    "relay",
-    context_settings={"ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
-@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
-def relay(arguments: tuple[str, ...]) -> None:
+def _relay_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Declare the relay's options (those of ``python -m access_audit relay``)."""
+    # click applies the innermost decorator first: go backwards to keep
+    # --help's order that of RelayOptions.
+    for option in reversed(relay_cli_options()):
+        if option.value_type is None:
+            declare = click.option(option.flag, is_flag=True, help=option.help)
+        else:
+            declare = click.option(
+                option.flag,
+                type=option.value_type,
+                default=option.default,
+                multiple=option.repeatable,
+                metavar=option.metavar,
+                help=option.help,
+                show_default=option.default not in (None, ()),
+            )
+        command = declare(command)
+    return command
+
+
+@cli.command("relay")
+@_relay_options
+def relay(**options: Any) -> None:
     """Re-deliver undelivered outbox rows (options as for python -m access_audit relay).
 
     Uses this app's emitter (its plugins and outbox) and the database that
-    holds the outbox table. Run with --help for the options.
+    holds the outbox table.
     """
-    from ..outbox._cli import add_relay_arguments, run_command
     from ._extension import AccessAudit
 
-    parser = argparse.ArgumentParser(prog="flask access-audit relay")
-    add_relay_arguments(parser)
-    options = parser.parse_args(arguments)
     emitter = AccessAudit.emitter_of(current_app)
     if emitter.outbox is None:
         raise click.ClickException(
@@ -60,6 +76,8 @@ def relay(arguments: tuple[str, ...]) -> None:
             "outbox=Outbox(db.metadata)) to use the relay"
         )
     engine = AccessAudit.outbox_engine_of(current_app)
-    status = run_command(options, emitter, engine, emitter.outbox, out=sys.stdout)
+    status = run_command(
+        RelayOptions(**options), emitter, engine, emitter.outbox, out=sys.stdout
+    )
     if status:
-        raise SystemExit(status)
+        click.get_current_context().exit(status)

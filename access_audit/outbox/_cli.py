@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -10,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .._errors import AuditConfigurationError
 from .._imports import import_plugin
@@ -22,43 +23,119 @@ if TYPE_CHECKING:
     from .._emitter import AuditEmitter
     from ._table import Outbox
 
-__all__ = ["main", "run_command"]
+__all__ = [
+    "CliOption",
+    "RelayOptions",
+    "add_relay_arguments",
+    "main",
+    "relay_cli_options",
+    "run_command",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CliOption:
+    """How one :class:`RelayOptions` field is written on a command line."""
+
+    value_type: type[Any] | None
+    """What the value converts to; None for a switch (present or not)."""
+    help: str
+    metavar: str | None = None
+    repeatable: bool = False
+    name: str = ""
+    """The field's name (set by :func:`relay_cli_options`)."""
+    default: Any = None
+
+    @property
+    def flag(self) -> str:
+        """``--batch-size`` for the field ``batch_size``."""
+        return "--" + self.name.replace("_", "-")
+
+
+def _option(default: Any, cli: CliOption) -> Any:
+    return dataclasses.field(default=default, metadata={"cli": cli})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayOptions:
+    """The options of every command that runs the relay, and their defaults.
+
+    Each field is one ``--option``: ``python -m access_audit relay``
+    (argparse, :func:`add_relay_arguments`) and ``flask access-audit relay``
+    (click) both declare theirs from :func:`relay_cli_options`.
+    """
+
+    once: bool = _option(False, CliOption(None, "exit when nothing is due"))
+    interval: float = _option(1.0, CliOption(float, "seconds between polls"))
+    batch_size: int = _option(100, CliOption(int, "rows per batch"))
+    max_attempts: int = _option(
+        8, CliOption(int, "attempts before a delivery is given up (dead)")
+    )
+    backoff: float = _option(1.0, CliOption(float, "first retry delay, s"))
+    max_backoff: float = _option(300.0, CliOption(float, "longest retry delay, s"))
+    retention_days: float | None = _option(
+        None, CliOption(float, "delete delivered rows older than this")
+    )
+    list_dead: bool = _option(False, CliOption(None, "list dead deliveries"))
+    retry_dead: bool = _option(False, CliOption(None, "make dead deliveries due again"))
+    only_plugin: tuple[str, ...] = _option(
+        (),
+        CliOption(
+            str,
+            "with --retry-dead: only this plugin's (repeatable)",
+            metavar="NAME",
+            repeatable=True,
+        ),
+    )
+    quiet: bool = _option(False, CliOption(None, "no progress lines"))
+
+    @classmethod
+    def from_namespace(cls, parsed: argparse.Namespace) -> RelayOptions:
+        """The relay options among what :func:`add_relay_arguments` parsed."""
+        values = {
+            option.name: getattr(parsed, option.name) for option in relay_cli_options()
+        }
+        # argparse leaves a repeatable option that was never given None.
+        values["only_plugin"] = tuple(values["only_plugin"] or ())
+        return cls(**values)
+
+
+def relay_cli_options() -> list[CliOption]:
+    """Each :class:`RelayOptions` field as a command-line option, in order."""
+    return [
+        dataclasses.replace(
+            field.metadata["cli"], name=field.name, default=field.default
+        )
+        for field in dataclasses.fields(RelayOptions)
+    ]
 
 
 def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options shared by every way of starting the relay."""
-    parser.add_argument("--once", action="store_true", help="exit when nothing is due")
-    parser.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between polls"
-    )
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--max-attempts", type=int, default=8)
-    parser.add_argument(
-        "--backoff", type=float, default=1.0, help="first retry delay, s"
-    )
-    parser.add_argument("--max-backoff", type=float, default=300.0)
-    parser.add_argument(
-        "--retention-days",
-        type=float,
-        default=None,
-        help="delete delivered rows older than this",
-    )
-    parser.add_argument("--list-dead", action="store_true", help="list dead deliveries")
-    parser.add_argument(
-        "--retry-dead", action="store_true", help="make dead deliveries due again"
-    )
-    parser.add_argument(
-        "--only-plugin",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help="with --retry-dead: only this plugin's (repeatable)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    """Add the :class:`RelayOptions` to an argparse *parser*."""
+    for option in relay_cli_options():
+        if option.value_type is None:
+            parser.add_argument(option.flag, action="store_true", help=option.help)
+        elif option.repeatable:
+            # argparse appends to a list of its own, so the default stays None.
+            parser.add_argument(
+                option.flag,
+                action="append",
+                type=option.value_type,
+                metavar=option.metavar,
+                help=option.help,
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                type=option.value_type,
+                default=option.default,
+                metavar=option.metavar,
+                help=option.help,
+            )
 
 
 def run_command(
-    options: argparse.Namespace,
+    options: RelayOptions,
     emitter: AuditEmitter,
     engine: Engine,
     outbox: Outbox,
@@ -212,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.create_table:
             outbox.create(engine)
-        return run_command(options, emitter, engine, outbox)
+        return run_command(
+            RelayOptions.from_namespace(options), emitter, engine, outbox
+        )
     finally:
         engine.dispose()
