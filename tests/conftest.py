@@ -9,16 +9,17 @@ Override the URLs with ``ACCESS_AUDIT_TEST_POSTGRESQL_URL`` and
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
-from support import Base, Recorder
+from support import Base, Recorder, reach, sqlite_engine
 
 from access_audit import AuditEmitter
 from access_audit.outbox import Outbox
@@ -36,41 +37,12 @@ SERVER_URLS = {
 }
 DATABASES = ["sqlite", *SERVER_URLS]
 
-
-def unavailable(what: str, error: BaseException) -> None:
-    """Skip locally, fail under CI: a missing server must not pass CI silently."""
-    message = f"{what} is not reachable: {error}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true requires every database)", pytrace=False)
-    pytest.skip(message)
-
-
-def sqlite_engine(path: Path) -> Engine:
-    """A file SQLite engine with the pysqlite SAVEPOINT workaround.
-
-    pysqlite's own transaction handling breaks SAVEPOINT; SQLAlchemy's
-    documented recipe turns it off and emits BEGIN itself.
-    """
-    engine = create_engine(f"sqlite:///{path}")
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: object, record: object) -> None:
-        dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
-        dbapi_connection.execute("PRAGMA foreign_keys = ON")  # type: ignore[attr-defined]
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: object) -> None:
-        connection.exec_driver_sql("BEGIN")  # type: ignore[attr-defined]
-
-    return engine
-
-
-_server_engines: dict[str, Engine | BaseException] = {}
-
 # Each run works in a namespace of its own (a PostgreSQL schema, a MariaDB
 # database), so runs on one machine at the same time cannot trip over each
 # other's tables; it is dropped at the end of the run.
 RUN_NAMESPACE = f"audit_run_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+_server_engines: dict[str, Engine] = {}
 
 
 def _execute_once(name: str, statement: str) -> None:
@@ -83,7 +55,7 @@ def _execute_once(name: str, statement: str) -> None:
         admin.dispose()
 
 
-def _isolated_engine(name: str) -> Engine:
+def _connected_engine(name: str) -> Engine:
     if name == "postgresql":
         _execute_once(name, f"CREATE SCHEMA {RUN_NAMESPACE}")
         url = make_url(SERVER_URLS[name]).update_query_dict(
@@ -94,33 +66,22 @@ def _isolated_engine(name: str) -> Engine:
         url = make_url(SERVER_URLS[name]).set(database=RUN_NAMESPACE)
     # The URL alone names the run's namespace, so code given only the URL
     # (a Flask app's SQLALCHEMY_DATABASE_URI) lands in it too.
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    _server_engines[name] = engine
+    return engine
 
 
 def server_engine(name: str) -> Engine:
     """One engine per server for the whole run; skip/fail if it is down."""
-    if name not in _server_engines:
-        try:
-            engine = _isolated_engine(name)
-            with engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-        except Exception as error:
-            _server_engines[name] = error
-        else:
-            _server_engines[name] = engine
-    found = _server_engines[name]
-    if isinstance(found, BaseException):
-        unavailable(name, found)
-    assert isinstance(found, Engine)
-    return found
+    return reach(name, functools.partial(_connected_engine, name))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _drop_run_namespaces() -> Iterator[None]:
     yield
     for name, engine in _server_engines.items():
-        if not isinstance(engine, Engine):
-            continue
         engine.dispose()
         drop = "SCHEMA {} CASCADE" if name == "postgresql" else "DATABASE {}"
         _execute_once(name, "DROP " + drop.format(RUN_NAMESPACE))
@@ -139,6 +100,19 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     Base.metadata.drop_all(engine)
     if request.param == "sqlite":
         engine.dispose()
+
+
+@pytest.fixture
+def sqlite_file_engine(tmp_path: Path) -> Iterator[Engine]:
+    """A file SQLite engine with the test tables.
+
+    A module whose behaviour does not depend on the database runs on SQLite
+    only by overriding ``engine`` with this one.
+    """
+    engine = sqlite_engine(tmp_path / "test.db")
+    Base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
@@ -169,3 +143,12 @@ def outbox(engine: Engine) -> Iterator[Outbox]:
     table.create(engine)
     yield table
     table.drop(engine)
+
+
+@pytest.fixture
+def emitters() -> Iterator[list[AuditEmitter]]:
+    """Emitters made by a test; closed afterwards so no worker outlives it."""
+    made: list[AuditEmitter] = []
+    yield made
+    for emitter in made:
+        emitter.close(timeout=30)

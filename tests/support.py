@@ -1,15 +1,109 @@
-"""Models and small helpers shared by the tests (imported as ``support``)."""
+"""Models, recording plugins and small helpers shared by the tests.
+
+Imported as ``support`` by the core suite in ``tests/`` and by the example
+packages' own tests (the repository's root ``conftest.py`` puts this folder
+on ``sys.path`` for them). Fixtures live in the two ``conftest.py`` files.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar, cast
 
-from sqlalchemy import ForeignKeyConstraint, String, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+import pytest
+from sqlalchemy import (
+    Engine,
+    ForeignKeyConstraint,
+    String,
+    create_engine,
+    event,
+    select,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import Outbox
+
+T = TypeVar("T")
+
+# -- servers: skip locally, fail under CI --------------------------------------
+
+
+def unavailable(what: str, error: BaseException) -> NoReturn:
+    """Skip locally, fail under CI: a missing server must not pass CI silently."""
+    message = f"{what} is not reachable: {type(error).__name__}: {error}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI=true requires every server)", pytrace=False)
+    pytest.skip(message)
+
+
+_reached: dict[str, Any] = {}
+
+
+def reach(what: str, connect: Callable[[], T]) -> T:
+    """What ``connect()`` returned the first time a test needed *what*.
+
+    Called once per run: if it raised, every test that needs *what* is
+    :func:`unavailable` (without waiting for the server again).
+    """
+    if what not in _reached:
+        try:
+            _reached[what] = connect()
+        except Exception as error:
+            _reached[what] = error
+    found = _reached[what]
+    if isinstance(found, Exception):
+        unavailable(what, found)
+    return cast(T, found)
+
+
+# -- engines -------------------------------------------------------------------
+
+
+def sqlite_engine(path: Path) -> Engine:
+    """A file SQLite engine with the pysqlite SAVEPOINT workaround.
+
+    pysqlite's own transaction handling breaks SAVEPOINT; SQLAlchemy's
+    documented recipe turns it off and emits BEGIN itself.
+    """
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: object) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def aiosqlite_engine(path: Path) -> AsyncEngine:
+    """A file aiosqlite engine with the same SAVEPOINT recipe.
+
+    The recipe goes on ``engine.sync_engine``: the driver's own transaction
+    handling is turned off and BEGIN emitted by SQLAlchemy.
+    """
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, record: object) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+# -- tables, recording plugins, audited operations ---------------------------
 
 
 class Base(DeclarativeBase):
@@ -33,7 +127,7 @@ class Child(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     item_id: Mapped[int]
 
-    # MariaDB cannot defer a constraint, so it gets none (see test_semantics).
+    # MariaDB cannot defer a constraint, so it gets none (see make_commit_fail).
     __table_args__ = (
         ForeignKeyConstraint(
             ["item_id"], ["audit_test_item.id"], deferrable=True, initially="DEFERRED"
@@ -66,6 +160,35 @@ class Recorder:
         self.batches.clear()
 
 
+class Failures:
+    """A plugin that keeps every ``audit_delivery_failed`` call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[AuditEventEnvelope, ...], BaseException]] = []
+
+    @hookimpl
+    def audit_delivery_failed(
+        self,
+        plugin_name: str,
+        envelopes: Sequence[AuditEventEnvelope],
+        error: BaseException,
+    ) -> None:
+        self.calls.append((plugin_name, tuple(envelopes), error))
+
+    def targets(self) -> list[tuple[str, list[str]]]:
+        """(plugin name, target ids of its envelopes) for each call, in order."""
+        return [
+            (name, [envelope.target_id for envelope in envelopes])
+            for name, envelopes, _ in self.calls
+        ]
+
+    def named(self, name: str) -> list[tuple[str, tuple[AuditEventEnvelope, ...]]]:
+        """(plugin name, envelopes) of the calls about the plugin *name*."""
+        return [
+            (plugin, envelopes) for plugin, envelopes, _ in self.calls if plugin == name
+        ]
+
+
 def operation(session: Session, name: str, **fields: Any) -> Item:
     """Add an Item and stage the event that records it: one audited operation."""
     item = Item(name=name)
@@ -87,8 +210,28 @@ def stored_names(engine: Any) -> list[str]:
         return sorted(session.scalars(select(Item.name)))
 
 
-def iter_names(events: list[AuditEventEnvelope]) -> Iterator[str]:
-    return (envelope.target_id for envelope in events)
+def commit_one(maker: sessionmaker[Session], target: str) -> None:
+    """A transaction that stages one event and runs no SQL."""
+    with maker() as session:
+        stage_event(
+            session, "report_viewed", target_type="report", target_id=target,
+            action="view",
+        )  # fmt: skip
+        session.commit()
+
+
+def make_commit_fail(session: Session, engine: Engine) -> None:
+    """Arrange for the next COMMIT itself to fail, the way each database can."""
+    if engine.dialect.name == "mysql":
+        # MariaDB cannot defer constraints: lose the connection instead, which
+        # makes COMMIT fail just the same.
+        connection_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+        with engine.connect() as killer:
+            killer.execute(text(f"KILL {int(connection_id)}"))
+    else:
+        # A deferred foreign key is checked only at COMMIT.
+        session.add(Child(item_id=999_999))
+        session.flush()
 
 
 def outbox_emitter(outbox: Outbox, **plugins: object) -> AuditEmitter:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, inspect, select, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
-from support import Base, Item, Recorder
+from support import Base, Item, Recorder, aiosqlite_engine, reach
 
 from access_audit import (
     AuditConfigurationError,
@@ -49,38 +49,18 @@ AsyncTarget = Any
 """An AsyncSession, or an async_scoped_session standing for one."""
 
 
-def unavailable(what: str, error: BaseException) -> None:
-    """Skip locally, fail under CI: a missing server must not pass CI silently."""
-    message = f"{what} is not reachable: {error}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true requires every database)", pytrace=False)
-    pytest.skip(message)
-
-
-_probed: dict[str, BaseException | None] = {}
-
-
 def probe_asyncpg() -> None:
     """Connect once per run; skip (or fail under CI) if PostgreSQL is down."""
-    if "asyncpg" not in _probed:
 
-        async def connect() -> None:
-            engine = create_async_engine(POSTGRESQL_ASYNC_URL)
-            try:
-                async with engine.connect() as connection:
-                    await connection.execute(text("SELECT 1"))
-            finally:
-                await engine.dispose()
-
+    async def connect() -> None:
+        engine = create_async_engine(POSTGRESQL_ASYNC_URL)
         try:
-            asyncio.run(connect())
-        except Exception as error:
-            _probed["asyncpg"] = error
-        else:
-            _probed["asyncpg"] = None
-    failure = _probed["asyncpg"]
-    if failure is not None:
-        unavailable("PostgreSQL (asyncpg)", failure)
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        finally:
+            await engine.dispose()
+
+    reach("PostgreSQL (asyncpg)", lambda: asyncio.run(connect()))
 
 
 @dataclasses.dataclass
@@ -112,25 +92,6 @@ class Backend:
             await connection.run_sync(Base.metadata.drop_all)
             if self.name == "asyncpg":
                 await connection.execute(text(f'DROP SCHEMA "{self.schema}" CASCADE'))
-
-
-def aiosqlite_engine(path: Path) -> AsyncEngine:
-    """A file aiosqlite engine with SQLAlchemy's SAVEPOINT recipe.
-
-    The driver's own transaction handling breaks SAVEPOINT; the documented
-    recipe turns it off on ``engine.sync_engine`` and emits BEGIN itself.
-    """
-    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection: Any, record: object) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
-
-    return engine
 
 
 @pytest.fixture(params=BACKENDS)

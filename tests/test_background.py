@@ -14,20 +14,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select, update
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy import Engine, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
-from support import outbox_rows
+from support import aiosqlite_engine, commit_one, outbox_rows
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import DELIVERED, PENDING, Outbox
@@ -61,15 +55,6 @@ class Sink:
         return [envelope.target_id for envelope in self.events]
 
 
-@pytest.fixture
-def emitters() -> Iterator[list[AuditEmitter]]:
-    """Emitters made by a test; closed afterwards so no worker outlives it."""
-    made: list[AuditEmitter] = []
-    yield made
-    for emitter in made:
-        emitter.close(timeout=30)
-
-
 def background(
     emitters: list[AuditEmitter], sink: Sink, **options: Any
 ) -> tuple[AuditEmitter, sessionmaker]:
@@ -81,16 +66,6 @@ def background(
     maker = sessionmaker(bind)
     emitter.attach(maker)
     return emitter, maker
-
-
-def commit_one(maker: sessionmaker, target: str) -> None:
-    """A transaction that stages one event and runs no SQL."""
-    with maker() as session:
-        stage_event(
-            session, "report_viewed", target_type="report", target_id=target,
-            action="view",
-        )  # fmt: skip
-        session.commit()
 
 
 def in_thread(function: Any, *args: Any) -> threading.Thread:
@@ -311,21 +286,6 @@ def test_interpreter_exit_drains_the_queue(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout == "committed\n"
     assert log.read_text().splitlines() == [str(number) for number in range(20)]
-
-
-def aiosqlite_engine(path: Path) -> AsyncEngine:
-    """A file aiosqlite engine with SQLAlchemy's SAVEPOINT recipe."""
-    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection: Any, record: object) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
-
-    return engine
 
 
 @pytest.mark.parametrize("with_outbox", [False, True], ids=["plain", "outbox"])

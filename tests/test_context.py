@@ -12,34 +12,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
-from support import Base, Recorder, operation, stored_names
+from support import Recorder, operation, stored_names
 
 from access_audit import Actor, AuditEmitter, audit_context, stage_event
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """A file SQLite engine (the pysqlite SAVEPOINT recipe) with the test tables."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'context.db'}")
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, record: object) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
-
-    Base.metadata.create_all(engine)
-    yield engine
-    engine.dispose()
+def engine(sqlite_file_engine: Engine) -> Engine:
+    """SQLite only: who acted does not depend on the database."""
+    return sqlite_file_engine
 
 
 MakeSession = Callable[..., sessionmaker]

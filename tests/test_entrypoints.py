@@ -14,8 +14,9 @@ from types import ModuleType
 
 import pytest
 from sqlalchemy.orm import sessionmaker
+from support import commit_one
 
-from access_audit import AuditConfigurationError, AuditEmitter, stage_event
+from access_audit import AuditConfigurationError, AuditEmitter
 from access_audit._imports import import_plugin
 
 PLUGIN_MODULE = '''
@@ -85,18 +86,6 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install
     sys.modules.pop(module_name, None)
 
 
-def commit_one(emitter: AuditEmitter, target: str) -> None:
-    """Commit a transaction that stages one event and runs no SQL."""
-    maker = sessionmaker()
-    emitter.attach(maker)
-    with maker() as session:
-        stage_event(
-            session, "report_viewed", target_type="report", target_id=target,
-            action="view",
-        )  # fmt: skip
-        session.commit()
-
-
 def test_an_entry_point_naming_a_class_registers_an_instance(
     install: Install,
 ) -> None:
@@ -105,7 +94,9 @@ def test_an_entry_point_naming_a_class_registers_an_instance(
     emitter = AuditEmitter()
     plugin = emitter.plugin_manager.get_plugin("collector")
     assert isinstance(plugin, module.Collector)
-    commit_one(emitter, "a")
+    maker = sessionmaker()
+    emitter.attach(maker)
+    commit_one(maker, "a")
     assert plugin.events == ["a"]
     [dist] = [
         dist
@@ -122,7 +113,9 @@ def test_an_entry_point_naming_a_module_registers_the_module(
     module = install({"collector": "{module}"})
     emitter = AuditEmitter()
     assert emitter.plugin_manager.get_plugin("collector") is module
-    commit_one(emitter, "a")
+    maker = sessionmaker()
+    emitter.attach(maker)
+    commit_one(maker, "a")
     assert module.received == ["a"]
 
 

@@ -16,17 +16,16 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import hypothesis
 import pytest
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
-from support import Base, Recorder, operation
+from support import Recorder, operation
 
 from access_audit import (
     AuditEmitter,
@@ -41,21 +40,9 @@ FIELDS = [field.name for field in dataclasses.fields(AuditEventEnvelope)]
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """A file SQLite engine (the pysqlite SAVEPOINT recipe) with the test tables."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'envelope.db'}")
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, record: object) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
-
-    Base.metadata.create_all(engine)
-    yield engine
-    engine.dispose()
+def engine(sqlite_file_engine: Engine) -> Engine:
+    """SQLite only: the envelope does not depend on the database."""
+    return sqlite_file_engine
 
 
 def _stage(session: OrmSession, target_id: str, **fields: Any) -> None:
@@ -99,15 +86,6 @@ def _committed(Session: sessionmaker, recorder: Recorder) -> AuditEventEnvelope:
 def committed(Session: sessionmaker, recorder: Recorder) -> AuditEventEnvelope:
     """The envelope of one committed event with every field set."""
     return _committed(Session, recorder)
-
-
-@pytest.fixture
-def Session(engine: Engine, emitter: AuditEmitter) -> Iterator[sessionmaker]:
-    """A sessionmaker on the SQLite engine with ``emitter`` attached."""
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    yield maker
-    emitter.detach(maker)
 
 
 def test_json_round_trip_gives_an_equal_envelope(committed: AuditEventEnvelope) -> None:

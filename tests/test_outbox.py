@@ -14,17 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select, text
+from sqlalchemy import Engine, event, select
 from sqlalchemy.exc import DatabaseError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
-from support import Child, Item, operation, outbox_emitter, outbox_rows, stored_names
+from support import (
+    Item,
+    aiosqlite_engine,
+    make_commit_fail,
+    operation,
+    outbox_emitter,
+    outbox_rows,
+    stored_names,
+)
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import DELIVERED, PENDING, Outbox
@@ -303,19 +306,6 @@ def test_redaction_applies_to_the_outbox_payload(
     assert AuditEventEnvelope.from_dict(stored) == sink.events[0]
 
 
-def _make_commit_fail(session: OrmSession, engine: Engine) -> None:
-    """Arrange for the next COMMIT itself to fail, the way each database can."""
-    if engine.dialect.name == "mysql":
-        # MariaDB cannot defer constraints: lose the connection instead.
-        connection_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
-        with engine.connect() as killer:
-            killer.execute(text(f"KILL {int(connection_id)}"))
-    else:
-        # A deferred foreign key is checked only at COMMIT.
-        session.add(Child(item_id=999_999))
-        session.flush()
-
-
 def test_failed_commit_leaves_no_rows(
     Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox
 ) -> None:
@@ -323,7 +313,7 @@ def test_failed_commit_leaves_no_rows(
     session = Session()
     operation(session, "doomed")
     session.flush()
-    _make_commit_fail(session, engine)
+    make_commit_fail(session, engine)
     with pytest.raises(DatabaseError):
         session.commit()
     session.rollback()
@@ -335,21 +325,6 @@ def test_failed_commit_leaves_no_rows(
     assert sink.names == ["next"]
     assert row_names(engine, outbox) == ["next"]
     assert stored_names(engine) == ["next"]
-
-
-def aiosqlite_engine(path: Path) -> AsyncEngine:
-    """A file aiosqlite engine with SQLAlchemy's SAVEPOINT recipe."""
-    engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection: Any, record: object) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
-
-    return engine
 
 
 def test_async_session_commit_writes_and_marks_rows(tmp_path: Path) -> None:

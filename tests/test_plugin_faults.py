@@ -21,15 +21,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
-from support import Recorder, operation, stored_names
+from support import Failures, Recorder, commit_one, operation, stored_names
 
-from access_audit import (
-    AuditEmitter,
-    AuditEventEnvelope,
-    hookimpl,
-    signals,
-    stage_event,
-)
+from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, signals
 
 
 class CustomBaseError(BaseException):
@@ -63,24 +57,6 @@ class Faulty:
     @hookimpl
     def audit_events_committed(self, envelopes: tuple[AuditEventEnvelope, ...]) -> None:
         self._maybe_raise("audit_events_committed", envelopes)
-
-
-class Failures:
-    """Keeps each ``audit_delivery_failed`` call as (plugin name, targets, error)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[str], BaseException]] = []
-
-    @hookimpl
-    def audit_delivery_failed(
-        self,
-        plugin_name: str,
-        envelopes: tuple[AuditEventEnvelope, ...],
-        error: BaseException,
-    ) -> None:
-        self.calls.append(
-            (plugin_name, [envelope.target_id for envelope in envelopes], error)
-        )
 
 
 @pytest.fixture
@@ -126,10 +102,7 @@ def test_a_base_exception_from_a_plugin_is_isolated(
     assert recorder.names == ["a", "b"]
     assert [len(batch) for batch in recorder.batches] == [1, 1]
     assert received == ["a", "b"]
-    assert [(name, targets) for name, targets, _ in failures.calls] == [
-        ("faulty", ["a"]),
-        ("faulty", ["b"]),
-    ]
+    assert failures.targets() == [("faulty", ["a"]), ("faulty", ["b"])]
     assert all(type(raised) is error for _, _, raised in failures.calls)
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2
@@ -204,15 +177,6 @@ def test_keyboard_interrupt_and_system_exit_stop_an_inline_commit(
 # -- background dispatch -------------------------------------------------------
 
 
-@pytest.fixture
-def emitters() -> Iterator[list[AuditEmitter]]:
-    """Emitters made by a test; closed afterwards so no worker outlives it."""
-    made: list[AuditEmitter] = []
-    yield made
-    for emitter in made:
-        emitter.close(timeout=5)
-
-
 def background_emitter(emitters: list[AuditEmitter], *plugins: object) -> AuditEmitter:
     """A background emitter with *plugins*, each named by its class in lower case."""
     emitter = AuditEmitter(load_entrypoints=False, dispatch="background")
@@ -241,8 +205,8 @@ def test_the_background_worker_survives_anything_a_plugin_raises(
     assert emitter.flush(timeout=5)
     assert recorder.names == ["first", "second"]
     assert faulty.events == ["second"]
-    [(name, targets, raised)] = failures.calls
-    assert (name, targets, type(raised)) == ("faulty", ["first"], error)
+    assert failures.targets() == [("faulty", ["first"])]
+    assert [type(raised) for _, _, raised in failures.calls] == [error]
 
 
 class Gated:
@@ -259,16 +223,6 @@ class Gated:
             self.entered.set()
             self.gate.wait(30)
         self.events.append(envelope.target_id)
-
-
-def commit_one(maker: sessionmaker, target: str) -> None:
-    """A transaction that stages one event and runs no SQL."""
-    with maker() as session:
-        stage_event(
-            session, "report_viewed", target_type="report", target_id=target,
-            action="view",
-        )  # fmt: skip
-        session.commit()
 
 
 def in_child(work: Any) -> dict[str, Any]:

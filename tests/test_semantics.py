@@ -10,11 +10,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import DatabaseError, IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session, sessionmaker
-from support import Child, Item, Recorder, operation, stored_names
+from support import Item, Recorder, make_commit_fail, operation, stored_names
 
 from access_audit import AuditEmitter, signals, stage_event
 
@@ -251,20 +251,6 @@ def test_flask_sqlalchemy_teardown_emits_nothing(
     assert stored_names(engine) == ["kept"]
 
 
-def _make_commit_fail(session: OrmSession, engine: Engine) -> None:
-    """Arrange for the next COMMIT itself to fail, the way each database can."""
-    if engine.dialect.name == "mysql":
-        # MariaDB cannot defer constraints: lose the connection instead, which
-        # makes COMMIT fail just the same.
-        connection_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
-        with engine.connect() as killer:
-            killer.execute(text(f"KILL {int(connection_id)}"))
-    else:
-        # A deferred foreign key is checked only at COMMIT.
-        session.add(Child(item_id=999_999))
-        session.flush()
-
-
 def test_failed_commit_emits_nothing_and_leaves_the_session_clean(
     Session: sessionmaker, recorder: Recorder, engine: Engine
 ) -> None:
@@ -272,7 +258,7 @@ def test_failed_commit_emits_nothing_and_leaves_the_session_clean(
     session = Session()
     operation(session, "doomed")
     session.flush()
-    _make_commit_fail(session, engine)
+    make_commit_fail(session, engine)
     with pytest.raises(DatabaseError):
         session.commit()
     assert recorder.events == []

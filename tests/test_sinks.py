@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
-from support import Base, Recorder, operation, stored_names
+from support import Base, Failures, Recorder, operation, stored_names
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl
+from access_audit import AuditEmitter, AuditEventEnvelope
 from access_audit.sinks import JsonLinesSink, LoggingSink
 
 try:
@@ -313,25 +313,14 @@ def test_json_lines_sink_write_failure_reaches_the_emitter(
     directory = tmp_path / "logs"
     directory.mkdir()
     sink = JsonLinesSink(directory / "audit.jsonl")
-    failures: list[tuple[str, int, BaseException]] = []
-
-    class Failures:
-        @hookimpl
-        def audit_delivery_failed(
-            self,
-            plugin_name: str,
-            envelopes: Sequence[AuditEventEnvelope],
-            error: BaseException,
-        ) -> None:
-            failures.append((plugin_name, len(envelopes), error))
-
-    maker = _session_maker(memory_engine, Failures(), sink)
+    failures = Failures()
+    maker = _session_maker(memory_engine, failures, sink)
     directory.rmdir()
     _commit(maker, "a", "b")
 
-    assert [(count, type(error)) for _, count, error in failures] == [
-        (2, FileNotFoundError)
-    ]
+    assert [
+        (len(envelopes), type(error)) for _, envelopes, error in failures.calls
+    ] == [(2, FileNotFoundError)]
     assert stored_names(memory_engine) == ["a", "b"]
 
 
