@@ -7,7 +7,7 @@ from ._envelope import AuditEventEnvelope as AuditEventEnvelope
 from ._errors import AuditConfigurationError as AuditConfigurationError
 from ._hookspecs import AuditEventsPluginSpec as AuditEventsPluginSpec
 from ._hookspecs import hookimpl as hookimpl
-from ._staging import StagedEvent as StagedEvent
+from ._staged import StagedEvent as StagedEvent
 from ._staging import stage_event as stage_event
 from ._withdraw import discard_staged as discard_staged
 from ._withdraw import staged_events as staged_events

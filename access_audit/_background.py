@@ -11,16 +11,16 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._logging import logger
+
+if TYPE_CHECKING:
+    from ._types import QueueFullPolicy
 
 __all__ = ["BackgroundDispatcher", "running_loop"]
 
 Job = Callable[[], None]
-
-BLOCK = "block"
-DROP = "drop"
 
 
 class BackgroundDispatcher:
@@ -39,7 +39,7 @@ class BackgroundDispatcher:
     and the child's own are delivered by a worker of its own.
     """
 
-    def __init__(self, maxsize: int, when_full: str) -> None:
+    def __init__(self, maxsize: int, when_full: QueueFullPolicy) -> None:
         if maxsize <= 0:
             raise ValueError("queue_size must be positive")
         self.maxsize = maxsize
@@ -77,7 +77,7 @@ class BackgroundDispatcher:
                 and threading.current_thread() is not self._thread
                 and running_loop() is None
             ):
-                if self.when_full == DROP:
+                if self.when_full == "drop":
                     self.dropped += 1
                     logger.warning(
                         "background queue full (%d batches): dropped a batch; "

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import signals
-from ._background import BLOCK, DROP, BackgroundDispatcher, running_loop
+from ._background import BackgroundDispatcher, running_loop
 from ._context import ActorResolver, MetadataProvider
 from ._dispatch import (
     DeliveryReport,
@@ -28,7 +28,22 @@ from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._imports import plugin_from
 from ._listeners import SessionListeners
 from ._logging import logger
-from ._registry import attached_to_instance, disown, listen_target, own
+from ._registry import (
+    AttachTarget,
+    attached_to_instance,
+    disown,
+    listen_target,
+    own,
+)
+from ._types import (
+    DISPATCH_MODES,
+    JOINED_TRANSACTIONS,
+    QUEUE_FULL_POLICIES,
+    DiscardReason,
+    DispatchMode,
+    JoinedTransactions,
+    QueueFullPolicy,
+)
 from ._values import PayloadRules
 
 if TYPE_CHECKING:
@@ -36,13 +51,10 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from ._envelope import AuditEventEnvelope
-    from ._staging import StagedEvent
-    from .outbox import Outbox, RelayStats
+    from ._owner import DeliveryStore
+    from ._staged import StagedEvent
 
 __all__ = ["AuditEmitter", "raising_plugin_errors"]
-
-INLINE = "inline"
-BACKGROUND = "background"
 
 # Above zero while a test recorder asks every emitter to raise plugin errors.
 _raise_everywhere = 0
@@ -117,26 +129,16 @@ class AuditEmitter:
         raise_plugin_errors: bool = False,
         redact_keys: Iterable[str] = (),
         max_payload_bytes: int | None = None,
-        dispatch: str = "inline",
-        outbox: Outbox | None = None,
+        dispatch: DispatchMode = "inline",
+        outbox: DeliveryStore | None = None,
         queue_size: int = 10_000,
-        queue_full: str = "block",
-        joined_transactions: str = "outer",
+        queue_full: QueueFullPolicy = "block",
+        joined_transactions: JoinedTransactions = "outer",
     ) -> None:
-        if dispatch not in (INLINE, BACKGROUND):
-            raise ValueError(
-                f"dispatch must be 'inline' or 'background', got {dispatch!r}"
-            )
-        if joined_transactions not in ("outer", "session"):
-            raise ValueError(
-                "joined_transactions must be 'outer' or 'session', "
-                f"got {joined_transactions!r}"
-            )
-        if queue_full not in (BLOCK, DROP):
-            raise ValueError(
-                f"queue_full must be 'block' or 'drop', got {queue_full!r}"
-            )
-        if queue_full == DROP and outbox is None:
+        _check_choice("dispatch", dispatch, DISPATCH_MODES)
+        _check_choice("joined_transactions", joined_transactions, JOINED_TRANSACTIONS)
+        _check_choice("queue_full", queue_full, QUEUE_FULL_POLICIES)
+        if queue_full == "drop" and outbox is None:
             raise ValueError(
                 "queue_full='drop' loses events without an outbox to re-deliver "
                 "them; pass outbox=Outbox(...) or use queue_full='block'"
@@ -147,14 +149,16 @@ class AuditEmitter:
         self.actor_resolver = actor_resolver
         self.metadata_provider = metadata_provider
         self.raise_plugin_errors = raise_plugin_errors
-        self.joined_transactions = joined_transactions
-        """``"outer"`` or ``"session"``: see the constructor."""
-        self._payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
-        self.outbox = outbox
+        self.joined_transactions: JoinedTransactions = joined_transactions
+        """``"outer"`` or ``"session"``: see the constructor. Tests that roll
+        every test back may set it to ``"session"``."""
+        self.payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
+        """``redact_keys`` and ``max_payload_bytes``, as staging applies them."""
+        self.outbox: DeliveryStore | None = outbox
         """The :class:`~access_audit.outbox.Outbox` events are written to, or None."""
         self._background = (
             BackgroundDispatcher(queue_size, queue_full)
-            if dispatch == BACKGROUND
+            if dispatch == "background"
             else None
         )
         self._listeners = SessionListeners(self)
@@ -210,7 +214,7 @@ class AuditEmitter:
         """Unregister a plugin; it receives nothing from now on."""
         self.plugin_manager.unregister(plugin)
 
-    def attach(self, target: Any) -> None:
+    def attach(self, target: AttachTarget) -> None:
         """Emit events staged on sessions of *target* when they commit.
 
         *target* is a Session subclass, a sessionmaker, a scoped_session, a
@@ -223,7 +227,7 @@ class AuditEmitter:
         own(resolved, self)
         self._listeners.listen(resolved)
 
-    def detach(self, target: Any) -> None:
+    def detach(self, target: AttachTarget) -> None:
         """Stop emitting for *target*; events it has staged are not sent."""
         resolved = listen_target(target)
         self._listeners.remove(resolved)
@@ -251,19 +255,29 @@ class AuditEmitter:
         """
         return True if self._background is None else self._background.close(timeout)
 
-    def relay(self, bind: Engine | Connection, **options: Any) -> RelayStats:
+    def relay(self, bind: Engine | Connection, **options: Any) -> Any:
         """Re-deliver what the outbox holds undelivered; see :func:`access_audit.outbox.relay`.
+
+        Returns the run's :class:`~access_audit.outbox.RelayStats`.
 
         :raises AuditConfigurationError: the emitter has no outbox.
         """
-        from .outbox import relay
-
         if self.outbox is None:
             raise AuditConfigurationError(
                 "this emitter has no outbox to relay from; create it with "
                 "AuditEmitter(..., outbox=Outbox(...))"
             )
-        return relay(self, bind, self.outbox, **options)
+        return self.outbox.relay(self, bind, **options)
+
+    def _write_outbox(
+        self, session: Session, envelopes: Sequence[AuditEventEnvelope]
+    ) -> Engine | Connection:
+        """Write *envelopes* to the outbox in *session*'s transaction, for the
+        plugins that take events; returns the bind they went to."""
+        assert self.outbox is not None
+        return self.outbox.write(
+            session, envelopes, delivering_plugins(self.plugin_manager)
+        )
 
     def _committed(
         self,
@@ -328,18 +342,12 @@ class AuditEmitter:
         report: DeliveryReport,
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
-        from .outbox._store import mark_dispatched
-
         assert self.outbox is not None
         outbox = self.outbox
 
         def mark() -> None:
-            mark_dispatched(
-                bind,
-                outbox,
-                envelopes,
-                delivering_plugins(self.plugin_manager),
-                report,
+            outbox.record(
+                bind, envelopes, delivering_plugins(self.plugin_manager), report
             )
 
         def failed(error: BaseException | None = None) -> None:
@@ -371,7 +379,7 @@ class AuditEmitter:
         except Exception:
             failed()
 
-    def _discarded(self, events: Sequence[StagedEvent], reason: str) -> None:
+    def _discarded(self, events: Sequence[StagedEvent], reason: DiscardReason) -> None:
         if not signals.audit_event_discarded.receivers:
             return
         for staged in events:
@@ -441,3 +449,9 @@ class AuditEmitter:
                 self.plugin_manager.unregister(plugin)
                 raise ValueError(f"plugin {name!r} declares {caller.name} {problem}")
         logger.debug("registered plugin %r", self.plugin_manager.get_name(plugin))
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        choices = " or ".join(repr(choice) for choice in allowed)
+        raise ValueError(f"{name} must be {choices}, got {value!r}")

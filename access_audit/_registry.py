@@ -10,11 +10,38 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from ._errors import AuditConfigurationError
 
 if TYPE_CHECKING:
-    from ._emitter import AuditEmitter
+    from sqlalchemy.ext.asyncio import (
+        AsyncSession,
+        async_scoped_session,
+        async_sessionmaker,
+    )
 
-__all__ = ["disown", "emitter_for", "listen_target", "own", "sync_session_of"]
+    from ._owner import Owner
+
+__all__ = [
+    "AttachTarget",
+    "attached_to_instance",
+    "disown",
+    "emitter_for",
+    "listen_target",
+    "own",
+    "select_by",
+    "sync_session_of",
+]
 
 ListenTarget = Union[Session, "type[Session]"]
+
+AttachTarget = Union[
+    Session,
+    "type[Session]",
+    "sessionmaker[Any]",
+    "scoped_session[Any]",
+    "AsyncSession",
+    "type[AsyncSession]",
+    "async_sessionmaker[Any]",
+    "async_scoped_session[Any]",
+]
+"""What :meth:`AuditEmitter.attach <access_audit.AuditEmitter.attach>` accepts."""
 
 # The owning emitter is kept as an attribute of the Session instance or class
 # it was attached to: one getattr() then finds the most specific owner (the
@@ -51,7 +78,7 @@ def sync_session_of(session: Any) -> Session:
     )
 
 
-def emitter_for(session: Session) -> AuditEmitter:
+def emitter_for(session: Session) -> Owner:
     """The emitter attached to this session, most specific first.
 
     An emitter attached to the session itself wins over one attached to its
@@ -59,7 +86,7 @@ def emitter_for(session: Session) -> AuditEmitter:
 
     :raises AuditConfigurationError: no emitter is attached.
     """
-    emitter: AuditEmitter | None = getattr(session, _OWNER, None)
+    emitter: Owner | None = getattr(session, _OWNER, None)
     if emitter is not None:
         return emitter
     selector = getattr(type(session), _SELECTOR, None)
@@ -137,7 +164,7 @@ def _async_listen_target(target: Any) -> ListenTarget:
     )
 
 
-def own(target: ListenTarget, emitter: AuditEmitter) -> None:
+def own(target: ListenTarget, emitter: Owner) -> None:
     """Record that *emitter* owns sessions of *target*.
 
     :raises AuditConfigurationError: another emitter owns it already.
@@ -151,9 +178,7 @@ def own(target: ListenTarget, emitter: AuditEmitter) -> None:
     setattr(target, _OWNER, emitter)
 
 
-def select_by(
-    cls: type[Session], selector: Callable[[Session], AuditEmitter | None]
-) -> None:
+def select_by(cls: type[Session], selector: Callable[[Session], Owner | None]) -> None:
     """Let *selector* pick the emitter of sessions of *cls* at stage time.
 
     Used where one Session class serves several owners (Flask-SQLAlchemy's
@@ -163,7 +188,7 @@ def select_by(
     setattr(cls, _SELECTOR, selector)
 
 
-def disown(target: ListenTarget, emitter: AuditEmitter) -> None:
+def disown(target: ListenTarget, emitter: Owner) -> None:
     """Forget *emitter* as the owner of *target*, if it is."""
     if _own_attribute(target) is emitter:
         delattr(target, _OWNER)
@@ -174,7 +199,7 @@ def attached_to_instance(session: Session) -> bool:
     return _OWNER in vars(session)
 
 
-def _own_attribute(target: ListenTarget) -> AuditEmitter | None:
+def _own_attribute(target: ListenTarget) -> Owner | None:
     """The emitter attached to *target* itself (not inherited), if any."""
-    found: AuditEmitter | None = vars(target).get(_OWNER)
+    found: Owner | None = vars(target).get(_OWNER)
     return found

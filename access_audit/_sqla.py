@@ -8,24 +8,88 @@ there, loudly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from operator import attrgetter
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import NestedTransaction, Transaction
-from sqlalchemy.orm import SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.session import SessionTransactionState
 
 __all__ = [
+    "autobegin",
     "checked_engine_options",
     "connection_entry",
     "connection_is_autocommit",
+    "current_transaction",
     "encloses_foreign_savepoint",
     "ends_outer_transaction",
     "engine_is_autocommit",
     "has_connections",
     "inherits_options",
     "is_autocommit",
+    "is_flushing",
+    "parent_of",
+    "past_staging",
+    "preparing",
     "session_connections",
 ]
+
+
+# The hot path reads a few attributes per staged event and per commit;
+# attrgetter objects are called in C, cheaper than a Python function each.
+
+current_transaction: Callable[[Session], SessionTransaction | None] = attrgetter(
+    "_transaction"
+)
+"""``Session._transaction``: the innermost transaction, a flush's included
+(``get_transaction()`` walks up to the outermost; ``get_nested_transaction()``
+skips a flush's)."""
+
+parent_of: Callable[[SessionTransaction], SessionTransaction | None] = attrgetter(
+    "_parent"
+)
+"""``SessionTransaction._parent``: what the public ``parent`` property returns,
+without the property call."""
+
+is_flushing: Callable[[Session], bool] = attrgetter("_flushing")
+"""``Session._flushing``: whether the session is inside ``flush()``."""
+
+_state_of: Callable[[SessionTransaction], SessionTransactionState] = attrgetter(
+    "_state"
+)
+_PAST_STAGING = (SessionTransactionState.PREPARED, SessionTransactionState.COMMITTED)
+
+
+def past_staging(transaction: SessionTransaction) -> bool:
+    """Whether *transaction* was prepared or committed already (it is closing).
+
+    A two-phase transaction is ``PREPARED`` between ``prepare()`` and
+    ``commit()``; ``SessionTransaction._state`` says so, no public API does.
+    """
+    return _state_of(transaction) in _PAST_STAGING
+
+
+def autobegin(session: Session) -> SessionTransaction:
+    """Begin the session's transaction as ``Session.add()`` does.
+
+    ``Session._autobegin_t()``: no connection yet, and SQLAlchemy's own
+    ``InvalidRequestError`` when the session has ``autobegin=False``.
+    """
+    return session._autobegin_t()
+
+
+def preparing(root: SessionTransaction) -> bool:
+    """Whether the outermost transaction is inside ``commit()``, before COMMIT.
+
+    ``before_commit`` fires for RELEASE SAVEPOINT too, and the outermost
+    commit may still have SAVEPOINTs open when it starts, so neither
+    ``in_nested_transaction()`` nor the event itself tells them apart; the
+    state change the transaction is running does: SQLAlchemy records it as
+    ``_current_fn``, here ``_prepare_impl``.
+    """
+    running = getattr(root, "_current_fn", None)
+    return getattr(running, "__name__", None) == "_prepare_impl"
 
 
 def session_connections(

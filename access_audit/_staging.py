@@ -2,111 +2,37 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from time import time_ns
 from typing import TYPE_CHECKING, Any
 
-from ._context import SYSTEM_ACTOR, Actor, check_actor_fields, current_context, to_actor
-from ._envelope import utc_datetime
-from ._pending import park
-from ._registry import emitter_for, sync_session_of
-from ._uuid import as_uuid, uuid7_int
-from ._values import (
-    EMPTY,
-    NO_RULES,
-    PayloadRules,
-    call_lazy,
-    check_text,
-    freeze_json,
-    freeze_payload,
-    int_text,
-    resolve_lazy,
+from ._context import (
+    SYSTEM_ACTOR,
+    Actor,
+    AmbientContext,
+    check_actor_fields,
+    current_context,
+    to_actor,
 )
+from ._ids import uuid7_int
+from ._lifecycle import stage_on
+from ._registry import emitter_for, sync_session_of
+from ._staged import StagedEvent, TargetId, optional_text, target_id_text
+from ._values import EMPTY, PayloadRules, freeze_json, freeze_payload
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session, scoped_session
 
-    from ._emitter import AuditEmitter
+    from ._owner import Owner
 
-__all__ = ["StagedEvent", "stage_event"]
+__all__ = ["stage_event"]
 
 # Dot-separated non-empty tokens: each becomes a NATS subject token, say.
 _EVENT_TYPE_FORM = r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*"
 _EVENT_TYPE = re.compile(_EVENT_TYPE_FORM + r"\Z")
 _MAX_NAME = 128
-
-TargetId = str | int | uuid.UUID
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class StagedEvent:
-    """An event waiting for its transaction to commit.
-
-    This is what :data:`~access_audit.signals.audit_event_discarded` receivers
-    get when an event is dropped. ``target_id``, ``target_name`` and values in
-    ``payload`` may still be the zero-argument callables they were staged
-    with: those are resolved only when the transaction commits, never for one
-    that rolls back.
-    """
-
-    id_int: int
-    """The event's id as a 128-bit int (:attr:`id` is the UUID)."""
-    event_type: str
-    staged_ns: int
-    """When :func:`stage_event` ran, in nanoseconds since the Unix epoch
-    (:attr:`staged_at` as a number: reading the clock is cheaper than
-    making a datetime, which waits until it is needed)."""
-    actor_id: str
-    actor_email: str | None
-    target_type: str
-    target_id: str | Callable[[], TargetId]
-    target_name: str | Callable[[], str | None] | None
-    action: str
-    reason: str | None
-    payload: Mapping[str, Any]
-    metadata: Mapping[str, Any]
-    lazy: bool
-    """Whether some value is still an unresolved callable."""
-    _rules: PayloadRules = dataclasses.field(default=NO_RULES, repr=False)
-
-    @property
-    def id(self) -> uuid.UUID:
-        """The event's UUIDv7, as its envelope will carry it."""
-        return as_uuid(self.id_int)
-
-    @property
-    def staged_at(self) -> datetime:
-        """When :func:`stage_event` ran (UTC, aware, microseconds)."""
-        return utc_datetime(self.staged_ns)
-
-    def _resolve(self) -> None:
-        """Call the lazy values and check what they return, at most once.
-
-        Only the library calls this, before COMMIT of a committing transaction.
-
-        :raises ValueError, TypeError: a lazy value raised or returned
-            something unusable; the message names the event and the field.
-        """
-        if not self.lazy:
-            return
-        where = f"event {self.event_type!r}: "
-        if callable(self.target_id):
-            self.target_id = _target_id(
-                call_lazy(self.target_id, where + "target_id"), where + "target_id"
-            )
-        if callable(self.target_name):
-            self.target_name = _optional_str(
-                call_lazy(self.target_name, where + "target_name"),
-                where + "target_name",
-            )
-        self.payload = resolve_lazy(self.payload, where + "payload", self._rules)
-        self._rules.check_size(self.payload, self.event_type)
-        self.lazy = False
 
 
 def stage_event(
@@ -161,17 +87,17 @@ def stage_event(
         if callable(target_id):
             lazy = True
         else:
-            target_id = _target_id(target_id, "target_id")
+            target_id = target_id_text(target_id, "target_id")
     if target_name is not None and (
         type(target_name) is not str or not target_name.isascii()
     ):
         if callable(target_name):
             lazy = True
         else:
-            target_name = _optional_str(target_name, "target_name")
+            target_name = optional_text(target_name, "target_name")
     if reason is not None and (type(reason) is not str or not reason.isascii()):
-        reason = _optional_str(reason, "reason")
-    rules = emitter._payload_rules
+        reason = optional_text(reason, "reason")
+    rules = emitter.payload_rules
     if (
         payload is not None
         and type(payload) is not dict
@@ -191,12 +117,8 @@ def stage_event(
     if actor_id is not None:
         check_actor_fields(actor_id, actor_email, "stage_event")
         actor = Actor(actor_id, actor_email)
-    elif context.actor is not None:
-        actor = context.actor
-    elif emitter.actor_resolver is not None:
-        actor = to_actor(emitter.actor_resolver(), "actor_resolver") or SYSTEM_ACTOR
     else:
-        actor = SYSTEM_ACTOR
+        actor = _default_actor(emitter, context)
     context_metadata = context.metadata
     if metadata is None and not context_metadata and emitter.metadata_provider is None:
         merged_metadata: Mapping[str, Any] = EMPTY
@@ -220,7 +142,7 @@ def stage_event(
         lazy,
         rules,
     )
-    park(sync_session, emitter, event)
+    stage_on(sync_session, emitter, event)
 
 
 # Names that passed their checks already: most applications stage a few
@@ -264,38 +186,18 @@ def _check_name(value: object, field: str) -> None:
         _remember(_good_names, value)
 
 
-def _target_id(value: object, field: str) -> str:
-    if type(value) is int:  # the usual id that is not a str: a database key
-        return int_text(value, field)
-    if isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)):
-        raise TypeError(
-            f"{field} must be a str, int or UUID (or a callable returning one), "
-            f"got {type(value).__name__}"
-        )
-    # int() first: before Python 3.11, str() of an IntEnum member is its name.
-    if isinstance(value, int):
-        return int_text(int(value), field)
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    text = str.__str__(value)
-    if not text:
-        raise ValueError(f"{field} must not be empty")
-    check_text(text, field)
-    return text
-
-
-def _optional_str(value: object, field: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{field} must be a str or None, got {type(value).__name__}")
-    text = str.__str__(value)
-    check_text(text, field)
-    return text
+def _default_actor(emitter: Owner, context: AmbientContext) -> Actor:
+    """The actor when the call names none: the innermost audit_context, the
+    emitter's actor_resolver, else ``"system"``."""
+    if context.actor is not None:
+        return context.actor
+    if emitter.actor_resolver is not None:
+        return to_actor(emitter.actor_resolver(), "actor_resolver") or SYSTEM_ACTOR
+    return SYSTEM_ACTOR
 
 
 def _merge_metadata(
-    emitter: AuditEmitter,
+    emitter: Owner,
     context_metadata: Mapping[str, Any],
     metadata: Mapping[str, Any] | None,
     rules: PayloadRules,

@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._pending import PENDING_KEY, Pending
+from ._lifecycle import PENDING_KEY, Lifecycle
 from ._registry import sync_session_of
 
 if TYPE_CHECKING:
-    from ._staging import StagedEvent
+    from ._staged import StagedEvent
 
-__all__ = ["UNSTAGED", "discard_staged", "staged_events"]
-
-UNSTAGED = "unstaged"
-"""The discard reason of events withdrawn by :func:`discard_staged`."""
+__all__ = ["discard_staged", "staged_events"]
 
 
 def staged_events(session: Any) -> tuple[StagedEvent, ...]:
@@ -26,7 +23,7 @@ def staged_events(session: Any) -> tuple[StagedEvent, ...]:
     are not. *session* is a Session, scoped_session or AsyncSession.
     """
     sync = sync_session_of(session)
-    pending: Pending | None = sync.info.get(PENDING_KEY)
+    pending: Lifecycle | None = sync.info.get(PENDING_KEY)
     if pending is None:
         return ()
     return tuple(pending.in_commit_order(sync))
@@ -48,7 +45,7 @@ def discard_staged(session: Any, events: Iterable[StagedEvent] | None = None) ->
         being sent already.
     """
     sync = sync_session_of(session)
-    pending: Pending | None = sync.info.get(PENDING_KEY)
+    pending: Lifecycle | None = sync.info.get(PENDING_KEY)
     chosen = None if events is None else list(events)
     if pending is None:
         if chosen:
@@ -65,4 +62,4 @@ def discard_staged(session: Any, events: Iterable[StagedEvent] | None = None) ->
         )
     withdrawn = pending.withdraw(chosen)
     if withdrawn:
-        pending.emitter._discarded(withdrawn, UNSTAGED)
+        pending.owner._discarded(withdrawn, "unstaged")

@@ -34,7 +34,7 @@ from access_audit import (
     hookimpl,
     stage_event,
 )
-from access_audit._envelope import utc_datetime
+from access_audit._clock import utc_datetime
 
 FIELDS = [field.name for field in dataclasses.fields(AuditEventEnvelope)]
 
@@ -599,7 +599,7 @@ def test_staged_at_is_the_clock_reading_to_the_microsecond(staged_ns: int) -> No
     )
     assert staged.staged_at == _from_gmtime(staged_ns)
     assert staged.staged_at.tzinfo is timezone.utc
-    assert staged.id == uuid.UUID(int=staged.id_int)
+    assert staged.id == uuid.UUID(int=staged._id_int)
 
 
 def _from_gmtime(ns: int) -> datetime:
@@ -624,3 +624,30 @@ def test_datetimes_within_and_across_a_second_are_exact(start_ns: int) -> None:
     readings += [start_ns, start_ns - 10**9]  # back to an earlier second
     for ns in readings:
         assert utc_datetime(ns) == _from_gmtime(ns)
+
+
+def test_committed_envelope_sets_every_field() -> None:
+    """The fast envelope builder fills each dataclass field from the staged event."""
+    import dataclasses
+
+    from access_audit._envelope import committed_envelope
+
+    staged = StagedEvent(
+        1 << 100, "x.done", 1_764_000_000 * 10**9, "u-1", "u@example.com",
+        "t", "1", "name", "a", "why", {"k": 1}, {"m": "v"}, False,
+    )  # fmt: skip
+    moment = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    transaction_id = uuid.UUID(int=7)
+    envelope = committed_envelope(staged, moment, transaction_id, 3)
+    assert type(envelope) is AuditEventEnvelope
+    expected = {
+        "id": staged.id, "event_type": "x.done", "timestamp": moment,
+        "staged_at": staged.staged_at, "actor_id": "u-1",
+        "actor_email": "u@example.com", "target_type": "t", "target_id": "1",
+        "target_name": "name", "action": "a", "reason": "why",
+        "payload": {"k": 1}, "metadata": {"m": "v"},
+        "transaction_id": transaction_id, "sequence": 3,
+    }  # fmt: skip
+    fields = {field.name for field in dataclasses.fields(AuditEventEnvelope)}
+    assert fields == set(expected)
+    assert {name: getattr(envelope, name) for name in fields} == expected

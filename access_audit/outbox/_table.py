@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Column,
@@ -20,6 +21,15 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+    from sqlalchemy.orm import Session
+
+    from .._dispatch import DeliveryReport
+    from .._emitter import AuditEmitter
+    from .._envelope import AuditEventEnvelope
+    from ._relay import RelayStats
 from sqlalchemy.types import TypeDecorator
 
 __all__ = ["DEAD", "DELIVERED", "PENDING", "Outbox"]
@@ -158,3 +168,40 @@ class Outbox:
     def drop(self, bind: Any) -> None:
         """Drop the table if it exists."""
         self.table.drop(bind, checkfirst=True)
+
+    # The emitter reaches the outbox only through these three methods (its
+    # delivery-store interface), so the core never imports this package.
+
+    def write(
+        self,
+        session: Session,
+        envelopes: Sequence[AuditEventEnvelope],
+        plugins: Collection[str],
+    ) -> Engine | Connection:
+        """Insert rows for *envelopes*, each for *plugins*, in *session*'s
+        transaction (before COMMIT); returns the bind they went to."""
+        from ._store import write
+
+        write(session, self, envelopes, plugins)
+        bind: Engine | Connection = session.get_bind(clause=self.table)
+        return bind
+
+    def record(
+        self,
+        bind: Engine | Connection,
+        envelopes: Sequence[AuditEventEnvelope],
+        plugins: Collection[str],
+        report: DeliveryReport,
+    ) -> None:
+        """Record which of *plugins* took *envelopes* after COMMIT (*report*)."""
+        from ._store import mark_dispatched
+
+        mark_dispatched(bind, self, envelopes, plugins, report)
+
+    def relay(
+        self, emitter: AuditEmitter, bind: Engine | Connection, **options: Any
+    ) -> RelayStats:
+        """Run :func:`~access_audit.outbox.relay` for *emitter* on this outbox."""
+        from ._relay import relay
+
+        return relay(emitter, bind, self, **options)

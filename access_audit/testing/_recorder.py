@@ -11,7 +11,7 @@ from typing import Any
 from .. import signals
 from .._emitter import raising_plugin_errors
 from .._envelope import AuditEventEnvelope
-from .._staging import StagedEvent
+from .._staged import StagedEvent
 
 __all__ = ["AuditEventRecorder", "DiscardedEvent", "capture_audit_events"]
 

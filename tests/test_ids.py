@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from access_audit import _uuid
-from access_audit._uuid import (
+from access_audit import _ids
+from access_audit._ids import (
     _COUNTER_MAX,
     _Uuid7Generator,
     as_uuid,
@@ -158,7 +158,7 @@ def test_stdlib_uuid7_lock_is_fresh_in_a_forked_child(
         return uuid.uuid4()
 
     monkeypatch.setattr(uuid, "uuid7", stdlib_uuid7, raising=False)
-    locked = _uuid._locked_stdlib_uuid7()
+    locked = _ids._locked_stdlib_uuid7()
     assert locked is not None
     holder = threading.Thread(target=locked, args=(0,), name="holder")
     holder.start()

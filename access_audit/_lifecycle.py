@@ -1,0 +1,606 @@
+"""The one owner of a session's staged events, per transaction boundary.
+
+Staged events wait in ``session.info`` on a :class:`Lifecycle`, per transaction
+*boundary*: the outermost :class:`~sqlalchemy.orm.SessionTransaction` or a
+SAVEPOINT (the subtransactions a flush opens are not boundaries). Only this
+module changes them. The session listeners tell it what happened to a
+boundary (committed, rolled back, ended) and hand the :data:`Outcome` it
+returns to the emitter: deliver these envelopes, wait for an outer
+transaction, or discard these events for this reason. Nothing of ours stays
+in ``session.info`` once the outermost transaction has ended.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from time import time_ns
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ._clock import utc_datetime
+from ._envelope import AuditEventEnvelope, committed_envelope
+from ._errors import AuditConfigurationError
+from ._ids import as_uuid, with_inverted_tail
+from ._logging import logger
+from ._sqla import (
+    autobegin,
+    checked_engine_options,
+    connection_entry,
+    current_transaction,
+    encloses_foreign_savepoint,
+    ends_outer_transaction,
+    has_connections,
+    is_autocommit,
+    is_flushing,
+    parent_of,
+    past_staging,
+    preparing,
+    session_connections,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Transaction
+
+    from ._owner import Owner
+    from ._staged import StagedEvent
+    from ._types import DiscardReason
+
+__all__ = [
+    "DISPATCHING_KEY",
+    "PENDING_KEY",
+    "Deliver",
+    "Discard",
+    "Lifecycle",
+    "Outcome",
+    "WaitForOuter",
+    "committing_root",
+    "stage_on",
+]
+
+PENDING_KEY = "access_audit.pending"
+"""``session.info`` key holding a :class:`Lifecycle` while events wait."""
+DISPATCHING_KEY = "access_audit.dispatching"
+"""``session.info`` key present while the session dispatches its commit."""
+
+_DEFAULT_GET_BIND = Session.get_bind
+
+
+class Deliver:
+    """Outcome: the outermost transaction committed; deliver its envelopes."""
+
+    __slots__ = ("envelopes", "outbox_bind")
+
+    def __init__(
+        self,
+        envelopes: tuple[AuditEventEnvelope, ...],
+        outbox_bind: Engine | Connection | None,
+    ) -> None:
+        self.envelopes = envelopes
+        self.outbox_bind = outbox_bind
+        """Where the commit's outbox rows went, or None."""
+
+
+class WaitForOuter(Deliver):
+    """Outcome: a joined session committed; its outer transaction decides.
+
+    Deliver the envelopes once every one of :attr:`connections` has
+    committed its outer transaction; discard :attr:`staged` otherwise.
+    """
+
+    __slots__ = ("connections", "staged")
+
+    def __init__(
+        self,
+        envelopes: tuple[AuditEventEnvelope, ...],
+        outbox_bind: Engine | Connection | None,
+        staged: list[StagedEvent],
+        connections: list[Connection],
+    ) -> None:
+        super().__init__(envelopes, outbox_bind)
+        self.staged = staged
+        self.connections = connections
+
+
+class Discard:
+    """Outcome: these events will never be emitted, for this reason."""
+
+    __slots__ = ("events", "reason")
+
+    def __init__(self, events: Sequence[StagedEvent], reason: DiscardReason) -> None:
+        self.events = events
+        self.reason: DiscardReason = reason
+
+
+Outcome = Deliver | Discard
+"""What a boundary's end means for its events (:class:`WaitForOuter` is a
+:class:`Deliver` that waits)."""
+
+
+class Lifecycle:
+    """One session transaction's staged events, by boundary, and their fate."""
+
+    __slots__ = (
+        "built",
+        "checked",
+        "finished",
+        "first_id",
+        "lazy",
+        "levels",
+        "outbox_bind",
+        "outer",
+        "owner",
+        "stamp",
+    )
+
+    def __init__(
+        self, owner: Owner, boundary: SessionTransaction, first: StagedEvent
+    ) -> None:
+        # Made for every transaction that stages an event: plain literals.
+        self.owner = owner
+        self.levels: dict[SessionTransaction, list[StagedEvent]] = {boundary: [first]}
+        self.finished: dict[SessionTransaction, bool] = {}
+        """Boundaries that committed (True) or rolled back (False), until
+        their ``after_transaction_end``."""
+        self.lazy: list[StagedEvent] = [first] if first._lazy else []
+        """Staged events whose lazy values are not resolved yet."""
+        self.built: list[AuditEventEnvelope] = []
+        """Envelopes of the commit's events, in order, as they are built: in
+        ``after_commit``, or before COMMIT when they go to an outbox."""
+        self.first_id = first._id_int
+        """The id of the first event staged in this transaction (even one a
+        rolled-back SAVEPOINT drops later), which the commit's id comes from."""
+        self.stamp: tuple[datetime, uuid.UUID] | None = None
+        """The commit's timestamp and id, made with its first envelope."""
+        self.outbox_bind: Engine | Connection | None = None
+        """Where the outbox rows of this commit were written, to record later."""
+        self.outer: list[Connection] | None = None
+        """Connections of the session joined to an outer transaction that
+        the session does not end: its commit waits for them
+        (``joined_transactions="outer"``). Found when staging begins and as
+        the session connects."""
+        self.checked: object | None = None
+        """The execution options of the engine that staging checked, when
+        the session's connection will come from it: a connection that still
+        has exactly these needs no check of its own. None: a connection
+        acquired later gets the full check."""
+
+    # -- staging ---------------------------------------------------------
+
+    def stage(self, boundary: SessionTransaction, staged: StagedEvent) -> None:
+        """Add a checked event to *boundary*'s level."""
+        level = self.levels.get(boundary)
+        if level is None:
+            self.levels[boundary] = [staged]
+        else:
+            level.append(staged)
+        if staged._lazy:
+            self.lazy.append(staged)
+
+    def work_before_commit(self) -> bool:
+        """Whether the commit has work before COMMIT: lazy values to resolve
+        or outbox rows to write. Without either, nothing is due until COMMIT
+        has succeeded."""
+        return bool(self.lazy) or self.owner.outbox is not None
+
+    def withdraw(self, events: list[StagedEvent] | None) -> list[StagedEvent]:
+        """Take *events* (all if None) out of every level; returns them in order.
+
+        :raises ValueError: one of *events* is not waiting here (then nothing
+            is withdrawn).
+        """
+        waiting = [staged for level in self.levels.values() for staged in level]
+        if events is None:
+            chosen = waiting
+        else:
+            present = set(waiting)
+            for staged in events:
+                if staged not in present:
+                    raise ValueError(
+                        f"event {staged.id} ({staged.event_type}) is not staged "
+                        "on this session's transaction; it was sent, discarded "
+                        "or staged on another session"
+                    )
+            wanted = set(events)
+            chosen = [staged for staged in waiting if staged in wanted]
+        gone = set(chosen)
+        for level in self.levels.values():
+            level[:] = [staged for staged in level if staged not in gone]
+        self._forget(chosen)
+        return chosen
+
+    def in_commit_order(self, session: Session) -> list[StagedEvent]:
+        """The events of every open boundary, in the order the commit sends them.
+
+        SAVEPOINTs still open when the outermost transaction commits are
+        released into it innermost-last, so their events follow the outer ones.
+        """
+        chain = []
+        transaction = current_transaction(session)
+        while transaction is not None:
+            if transaction.nested or transaction.parent is None:
+                chain.append(transaction)
+            transaction = transaction.parent
+        events: list[StagedEvent] = []
+        for boundary in reversed(chain):
+            events.extend(self.levels.get(boundary, ()))
+        return events
+
+    def connected(
+        self, session: Session, root: SessionTransaction, connection: Connection
+    ) -> None:
+        """Check a connection the session acquired after staging began.
+
+        When staging checked the engine the connection comes from, only the
+        connection's own isolation level is left to check.
+
+        :raises AuditConfigurationError: as :func:`_refuse`.
+        """
+        if self.checked is not None:
+            if is_autocommit(connection):
+                _refuse(session, connection, None, True, self.owner)
+            return
+        entry = connection_entry(root, connection)
+        if entry is not None and _refuse(
+            session, connection, entry[0], entry[1], self.owner
+        ):
+            self.outer = [*(self.outer or ()), connection]
+
+    # -- the commit ------------------------------------------------------
+
+    def prepare(self, session: Session) -> None:
+        """Resolve lazy values and write outbox rows: the work due before COMMIT.
+
+        Called before the outermost commit's final flush, after each flush in
+        it, and for each event staged during it; each call handles what is
+        new. Lazy values raise to the caller, failing the commit.
+        """
+        for staged in self.lazy:
+            # One resolved before a later one raised is not called again:
+            # its values are plain now.
+            staged._resolve()
+        self.lazy.clear()
+        if self.owner.outbox is None:
+            return
+        written = len(self.built)
+        self._build(self.in_commit_order(session))
+        new = self.built[written:]
+        if new:
+            self.outbox_bind = self.owner._write_outbox(session, new)
+
+    def committed(self, boundary: SessionTransaction) -> Discard | None:
+        """*boundary* committed (``after_commit``, which RELEASE SAVEPOINT fires too).
+
+        At the outermost one, COMMIT has succeeded: its envelopes are built.
+        Events staged after the last point before COMMIT (by a flush hook
+        that runs after ours) are built here too; raising now would leave the
+        session unusable, so one whose lazy value fails is discarded (the
+        outcome returned), and the outbox has no row for them.
+        """
+        self.finished[boundary] = True
+        if boundary.nested:
+            return None
+        events = self.levels.get(boundary) or []
+        if not self.work_before_commit():
+            self._build(events)
+            return None
+        written = len(self.built)
+        failed = self._resolve_or_drop(events) if self.lazy else None
+        self._build(events)
+        if self.owner.outbox is not None and len(self.built) > written:
+            logger.error(
+                "events %s were staged after this commit's outbox rows were "
+                "written (by a hook that runs after access_audit's); they are "
+                "dispatched, but the relay cannot re-deliver them",
+                ", ".join(str(e.id) for e in self.built[written:]),
+            )
+        return Discard(failed, "lazy_value_failed") if failed else None
+
+    def rolled_back(self, boundary: SessionTransaction) -> None:
+        """*boundary* rolled back (``after_rollback``)."""
+        self.finished[boundary] = False
+
+    def ended(
+        self,
+        info: dict[Any, Any],
+        transaction: SessionTransaction,
+        parent: SessionTransaction | None,
+    ) -> Outcome | None:
+        """A boundary ended (``after_transaction_end``, on every ending).
+
+        The outermost one takes the lifecycle out of the session (*info*):
+        delivered if it committed, discarded if not. A SAVEPOINT released
+        hands its events to the enclosing boundary; one that ended any other
+        way drops them.
+        """
+        if parent is None:
+            # The outermost transaction ended, every SAVEPOINT in it before.
+            del info[PENDING_KEY]
+            self.settle()
+            committed = self.finished.get(transaction)
+            if committed:
+                if self.outer:
+                    return WaitForOuter(
+                        tuple(self.built),
+                        self.outbox_bind,
+                        list(self.levels.get(transaction) or ()),
+                        self.outer,
+                    )
+                if self.built:  # else every lazy value failed
+                    return Deliver(tuple(self.built), self.outbox_bind)
+                return None
+            dropped = self.levels.get(transaction)
+            reason: DiscardReason = "rollback"
+        else:
+            dropped = self.levels.pop(transaction, None)
+            committed = self.finished.pop(transaction, None)
+            if dropped and committed:
+                # Released: its events join the enclosing boundary.
+                outer = parent
+                while not outer.nested:
+                    up = parent_of(outer)
+                    if up is None:
+                        break
+                    outer = up
+                self.levels.setdefault(outer, []).extend(dropped)
+                dropped = None
+            elif dropped:
+                self._forget(dropped)
+            if not self.levels:
+                del info[PENDING_KEY]
+                self.settle()
+            reason = "savepoint_rollback"
+        if not dropped:
+            return None
+        # Rolled back (False), or ended without either (None: close(), a
+        # flush error, invalidate()).
+        return Discard(dropped, "close" if committed is None else reason)
+
+    def settle(self) -> None:
+        """Mark the lifecycle as taken out of its session.
+
+        From now on its events are the listeners' to deliver or discard;
+        collecting it reports nothing.
+        """
+        # Switching to the base class drops __del__: a settled lifecycle is
+        # collected after every commit, and a Python-level __del__ call for
+        # nothing is a cost every audited commit would pay.
+        self.__class__ = Lifecycle
+
+    def change_owner(self, session: Session, owner: Owner) -> None:
+        """Hand the parked events to the emitter that owns the session now.
+
+        The emitter attached when the transaction ends sends all of its events
+        (one attached to the session itself after staging began takes over).
+        Levels of transactions that ended while no emitter was listening
+        (after ``detach()``) are discarded here, as ``detach()`` documents.
+        """
+        previous = self.owner
+        self.owner = owner
+        open_transactions = set()
+        transaction = current_transaction(session)
+        while transaction is not None:
+            open_transactions.add(transaction)
+            transaction = transaction.parent
+        for stale in [t for t in self.levels if t not in open_transactions]:
+            dropped = self.levels.pop(stale)
+            self._forget(dropped)
+            previous._discarded(dropped, "detached")
+        for stale in [t for t in self.finished if t not in open_transactions]:
+            del self.finished[stale]
+
+    # -- helpers ---------------------------------------------------------
+
+    def _forget(self, events: list[StagedEvent]) -> None:
+        """Drop *events* from the lazy ones still to resolve."""
+        if self.lazy:
+            dropped = set(events)
+            self.lazy = [staged for staged in self.lazy if staged not in dropped]
+
+    def _build(self, events: list[StagedEvent]) -> None:
+        """Make envelopes for the events not yet built, appending to :attr:`built`."""
+        built = self.built
+        start = len(built)
+        if start < len(events):
+            stamp = self.stamp
+            if stamp is None:
+                # The timestamp: the clock and the conversion staged_at used
+                # (the same code, still in the CPU's caches for the events'
+                # own). The id: the first event's with its random bits
+                # inverted; ids never repeat a (time, counter) pair, so no
+                # event or other commit has it, and it sorts just before or
+                # among its events.
+                stamp = self.stamp = (
+                    utc_datetime(time_ns()),
+                    as_uuid(with_inverted_tail(self.first_id)),
+                )
+            timestamp, transaction_id = stamp
+            for sequence in range(start, len(events)):
+                built.append(
+                    committed_envelope(
+                        events[sequence], timestamp, transaction_id, sequence
+                    )
+                )
+
+    def _resolve_or_drop(self, events: list[StagedEvent]) -> list[StagedEvent]:
+        """Resolve lazy values after COMMIT; drop (and return) the events that fail."""
+        failed = []
+        for staged in self.lazy:
+            try:
+                staged._resolve()
+            except (TypeError, ValueError):
+                logger.exception(
+                    "dropping committed event %s (%s)", staged.id, staged.event_type
+                )
+                failed.append(staged)
+        self.lazy = []
+        if failed:
+            events[:] = [staged for staged in events if staged not in failed]
+        return failed
+
+
+class UnsettledLifecycle(Lifecycle):
+    """A :class:`Lifecycle` still in its session: reports its events if collected.
+
+    The last resort of "never lost silently": the session was dropped with
+    its transaction open, or its listeners were removed (``detach()``)
+    before the transaction ended. Either way nothing was committed, and the
+    events are discarded with reason ``"close"``.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        if not self.levels:
+            return
+        try:
+            events = [staged for level in self.levels.values() for staged in level]
+            self.owner._discarded(events, "close")
+        except Exception:  # pragma: no cover - during interpreter shutdown
+            pass
+
+
+def committing_root(session: Session) -> SessionTransaction | None:
+    """The outermost transaction while it is inside ``commit()`` before COMMIT.
+
+    ``tests/test_semantics.py`` pins, on every database, that this tells the
+    outermost commit from a RELEASE SAVEPOINT.
+    """
+    root = session.get_transaction()
+    return root if root is not None and preparing(root) else None
+
+
+def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
+    """Park a checked event on the session's innermost boundary.
+
+    :raises RuntimeError: the session is dispatching its own commit, or its
+        transaction has committed already and is only closing.
+    :raises AuditConfigurationError: the transaction's ending cannot be
+        trusted (see :func:`_refuse`).
+    """
+    info = session.info
+    if DISPATCHING_KEY in info:
+        raise RuntimeError(
+            "stage_event() was called on a session while it dispatches its own "
+            "commit; stage on another session (its events are emitted when it "
+            "commits), or stage before committing"
+        )
+    boundary = root = current_transaction(session)
+    if root is not None and parent_of(root) is not None:
+        # Inside a SAVEPOINT or a flush: the innermost SAVEPOINT, else the root.
+        root = session.get_transaction()
+        boundary = session.get_nested_transaction() or root
+    if boundary is None:
+        root = boundary = autobegin(session)
+    elif past_staging(boundary):
+        raise RuntimeError(
+            "stage_event() was called after this transaction was prepared or "
+            "committed (from an after_commit hook?); its events are being sent "
+            "already. Stage before the commit, or in the next transaction"
+        )
+    assert root is not None  # begun above, if it was not
+    lifecycle: Lifecycle | None = info.get(PENDING_KEY)
+    if lifecycle is None:
+        # The first event of this transaction: check where it will commit.
+        bind = session.bind
+        if (
+            type(bind) is Engine
+            and not has_connections(root)
+            and not session.binds
+            and type(session).get_bind is _DEFAULT_GET_BIND
+        ):
+            # The common case, kept to a few lookups: an unconnected session
+            # that will take its one connection from its engine.
+            options = checked_engine_options(bind)
+            if options is None:
+                _refuse(session, bind, None, True, owner)
+            lifecycle = info[PENDING_KEY] = UnsettledLifecycle(owner, boundary, staged)
+            lifecycle.checked = options
+        else:
+            outer = _check_binds(session, root, owner)
+            lifecycle = info[PENDING_KEY] = UnsettledLifecycle(owner, boundary, staged)
+            lifecycle.outer = outer
+            owner._watch_connections(session)
+    else:
+        if lifecycle.owner is not owner:
+            lifecycle.change_owner(session, owner)
+        lifecycle.stage(boundary, staged)
+    if lifecycle.work_before_commit() and not is_flushing(session) and preparing(root):
+        # Staged by a before_commit hook (or a SAVEPOINT released by this
+        # commit) after our own preparation ran: prepare it now, keys first.
+        session.flush()
+        lifecycle.prepare(session)
+
+
+def _check_binds(
+    session: Session, root: SessionTransaction, owner: Owner
+) -> list[Connection] | None:
+    """Refuse staging where the transaction's ending cannot be trusted.
+
+    Checks the connections the session holds; before it has one, the bind
+    it will use. Returns the connections whose outer transaction the commit
+    must wait for, or None. A connection the session acquires later gets the
+    full check of :meth:`Lifecycle.connected`: it may come from another bind
+    than the one checked, or join a transaction begun since.
+
+    :raises AuditConfigurationError: as :func:`_refuse`.
+    """
+    outer = None
+    connected = False
+    for connection, transaction, commits in session_connections(root):
+        connected = True
+        if _refuse(session, connection, transaction, commits, owner):
+            outer = [*(outer or ()), connection]
+    bind = session.bind
+    if not connected and bind is not None:
+        _refuse(session, bind, None, True, owner)
+    return outer
+
+
+def _refuse(
+    session: Session,
+    bind: Engine | Connection,
+    transaction: Transaction | None,
+    commits: bool,
+    owner: Owner,
+) -> bool:
+    """Raise if events on *bind* could outlive, or die without, their change.
+
+    Returns whether the session's commit must wait for an outer transaction
+    on *bind* (``joined_transactions="outer"``, a session joined to a
+    transaction it does not end).
+
+    :raises AuditConfigurationError: *bind* runs in ``AUTOCOMMIT`` isolation
+        (each statement commits on its own, so a rollback that drops the
+        event keeps the change), or, with ``joined_transactions="outer"``,
+        the session's transaction sits in a SAVEPOINT the session did not
+        open, whose rollback access_audit cannot observe.
+    """
+    if is_autocommit(bind):
+        raise AuditConfigurationError(
+            f"stage_event() refused: the session's {type(bind).__name__} runs in "
+            "AUTOCOMMIT isolation, where each statement commits on its own and "
+            "no rollback can undo it, so its audit events could be dropped for "
+            "changes that stay. Use a transactional isolation level for audited "
+            "sessions, e.g. engine.execution_options(isolation_level="
+            "'READ COMMITTED')"
+        )
+    if owner.joined_transactions != "outer" or not isinstance(bind, Connection):
+        return False
+    if transaction is None:
+        foreign = bind.in_nested_transaction()  # the session will join inside it
+    else:
+        foreign = encloses_foreign_savepoint(transaction, session.join_transaction_mode)
+    if foreign:
+        raise AuditConfigurationError(
+            "stage_event() refused: the session is joined to a connection whose "
+            "transaction is inside a SAVEPOINT that the session did not open; "
+            "a rollback to it would undo the change without access_audit "
+            "seeing it. Bind the session where no outside SAVEPOINT encloses "
+            "it, or create the emitter with joined_transactions='session' to "
+            "deliver on session.commit() (for rollback-per-test suites)"
+        )
+    return transaction is not None and not ends_outer_transaction(transaction, commits)

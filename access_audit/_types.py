@@ -1,0 +1,60 @@
+"""The library's typed choices, each defined once.
+
+Every place that takes or reports one of these uses the ``Literal`` here, so
+a misspelt value is a type error, and the tuples list the values at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = [
+    "DISCARD_REASONS",
+    "DISPATCH_MODES",
+    "JOINED_TRANSACTIONS",
+    "QUEUE_FULL_POLICIES",
+    "DiscardReason",
+    "DispatchMode",
+    "JoinedTransactions",
+    "QueueFullPolicy",
+]
+
+DiscardReason = Literal[
+    "rollback",
+    "savepoint_rollback",
+    "close",
+    "lazy_value_failed",
+    "detached",
+    "unstaged",
+]
+"""Why a staged event will never be emitted, as
+:data:`~access_audit.signals.audit_event_discarded` reports it:
+
+- ``"rollback"``: its transaction rolled back, or the outer transaction a
+  joined session waited for did (or its COMMIT failed);
+- ``"savepoint_rollback"``: its SAVEPOINT rolled back;
+- ``"close"``: its transaction ended without commit or rollback (``close()``,
+  ``reset()``, ``invalidate()``, a SAVEPOINT a flush error closed, the session
+  garbage-collected with its transaction open);
+- ``"lazy_value_failed"``: a lazy value failed after COMMIT (staged by a hook
+  that runs after access_audit's last chance before COMMIT);
+- ``"detached"``: its transaction ended while its emitter was detached;
+- ``"unstaged"``: withdrawn by :func:`~access_audit.discard_staged`.
+"""
+DISCARD_REASONS: tuple[DiscardReason, ...] = get_args(DiscardReason)
+
+DispatchMode = Literal["inline", "background"]
+"""``AuditEmitter(dispatch=...)``: deliver in the committing thread before
+``commit()`` returns, or hand the batch to a worker thread."""
+DISPATCH_MODES: tuple[DispatchMode, ...] = get_args(DispatchMode)
+
+QueueFullPolicy = Literal["block", "drop"]
+"""``AuditEmitter(queue_full=...)``: with a full background queue, make the
+committing thread wait, or drop the batch for the outbox relay to deliver."""
+QUEUE_FULL_POLICIES: tuple[QueueFullPolicy, ...] = get_args(QueueFullPolicy)
+
+JoinedTransactions = Literal["outer", "session"]
+"""``AuditEmitter(joined_transactions=...)``: when a session joined to an
+outer transaction it does not end delivers its events: once that outer
+transaction commits, or on the session's own ``commit()``."""
+JOINED_TRANSACTIONS: tuple[JoinedTransactions, ...] = get_args(JoinedTransactions)
