@@ -11,6 +11,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from ..outbox._cli import RelayOptions, relay_cli_options, run_command
+from ..outbox._table import Outbox
 
 __all__ = ["cli"]
 
@@ -70,14 +71,21 @@ def relay(**options: Any) -> None:
     from ._extension import AccessAudit
 
     emitter = AccessAudit.emitter_of(current_app)
-    if emitter.outbox is None:
+    outbox = emitter.outbox
+    if outbox is None:
         raise click.ClickException(
             "this app's emitter has no outbox: create AccessAudit(..., "
             "outbox=Outbox(db.metadata)) to use the relay"
         )
+    if not isinstance(outbox, Outbox):
+        # The relay reads and updates the Outbox's own table layout.
+        raise click.ClickException(
+            f"this app's emitter delivers through {outbox!r}, not an "
+            "access_audit.outbox.Outbox: relay it with its own tools"
+        )
     engine = AccessAudit.outbox_engine_of(current_app)
     status = run_command(
-        RelayOptions(**options), emitter, engine, emitter.outbox, out=sys.stdout
+        RelayOptions(**options), emitter, engine, outbox, out=sys.stdout
     )
     if status:
         click.get_current_context().exit(status)
