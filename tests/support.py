@@ -220,6 +220,32 @@ def commit_one(maker: sessionmaker[Session], target: str) -> None:
         session.commit()
 
 
+def commit_two_events(emitter: AuditEmitter) -> list[str]:
+    """Commit events for targets "x" and "y" through *emitter*; return their ids.
+
+    The session is on a new in-memory SQLite engine and runs no SQL at all:
+    the events are sent all the same.
+    """
+    engine = create_engine("sqlite://")
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    try:
+        with maker() as session:
+            for name in ("x", "y"):
+                stage_event(
+                    session,
+                    "item_created",
+                    target_type="item",
+                    target_id=name,
+                    action="a",
+                )
+            session.commit()
+    finally:
+        emitter.detach(maker)
+        engine.dispose()
+    return ["x", "y"]
+
+
 def make_commit_fail(session: Session, engine: Engine) -> None:
     """Arrange for the next COMMIT itself to fail, the way each database can."""
     if engine.dialect.name == "mysql":

@@ -3,8 +3,9 @@
 Each plugin implementation and each blinker receiver is called on its own: one
 that raises is logged, reported through ``audit_delivery_failed``, and neither
 stops the others nor fails the commit. Registration refuses what cannot be
-called that way, entry points load installed plugins, and the call order is
-pluggy's. The tests that commit run on all three databases.
+called that way, and the call order is pluggy's. The tests that commit run on
+all three databases. Entry points: test_entrypoints.py, and the example
+package's own tests (examples/eggsample/tests).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from typing import Any
 
 import pluggy
 import pytest
-from access_audit_eggsample import plugin as eggsample
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
-from support import Item, Recorder, operation, stored_names
+from support import Item, Recorder, commit_two_events, operation, stored_names
 
 from access_audit import (
     AuditEmitter,
@@ -403,68 +403,6 @@ def test_a_plugin_may_stage_and_commit_on_another_session(
     assert stored_names(engine) == ["a", "a-mirror", "b", "b-mirror"]
 
 
-@pytest.fixture
-def eggsample_received() -> Iterator[list[AuditEventEnvelope]]:
-    """The example package's ``received`` list, cleared before and after."""
-    eggsample.received.clear()
-    eggsample.batches.clear()
-    yield eggsample.received
-    eggsample.received.clear()
-    eggsample.batches.clear()
-
-
-def _commit_two_events(emitter: AuditEmitter) -> list[str]:
-    engine = create_engine("sqlite://")
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    try:
-        with maker() as session:
-            for name in ("x", "y"):
-                stage_event(
-                    session,
-                    "item_created",
-                    target_type="item",
-                    target_id=name,
-                    action="a",
-                )
-            session.commit()  # no SQL at all: the events are still sent
-    finally:
-        emitter.detach(maker)
-        engine.dispose()
-    return ["x", "y"]
-
-
-@pytest.mark.parametrize(
-    "make",
-    [lambda: AuditEmitter(load_entrypoints=True), lambda: AuditEmitter()],
-    ids=["load_entrypoints-true", "default"],
-)
-def test_entry_points_load_the_installed_example_plugin(
-    eggsample_received: list[AuditEventEnvelope], make: Callable[[], AuditEmitter]
-) -> None:
-    """load_entrypoints=True (the default) registers examples/eggsample's plugin."""
-    emitter = make()
-    assert emitter.plugin_manager.get_plugin("eggsample") is eggsample
-    names = _commit_two_events(emitter)
-    assert [envelope.target_id for envelope in eggsample_received] == names
-    assert [len(batch) for batch in eggsample.batches] == [2]
-    assert "eggsample" in repr(emitter)
-
-
-def test_entry_points_are_not_loaded_when_disabled(
-    eggsample_received: list[AuditEventEnvelope],
-) -> None:
-    """load_entrypoints=False leaves the installed example plugin out."""
-    recorder = Recorder()
-    emitter = AuditEmitter([recorder], load_entrypoints=False)
-    assert emitter.plugin_manager.get_plugin("eggsample") is None
-    assert not emitter.plugin_manager.is_registered(eggsample)
-    _commit_two_events(emitter)
-    assert recorder.names == ["x", "y"]
-    assert eggsample_received == []
-    assert eggsample.batches == []
-
-
 def _wrapper_plugin(hook: str, style: str) -> object:
     """A plugin object whose only implementation of *hook* is a wrapper."""
 
@@ -495,7 +433,7 @@ def test_hook_wrappers_are_refused(hook: str, style: str) -> None:
     with pytest.raises(ValueError, match="wrapper"):
         AuditEmitter([_wrapper_plugin(hook, style)], load_entrypoints=False)
     emitter.register(Plugin("after"), name="wrapping")  # the name is free again
-    assert _commit_two_events(emitter) == recorder.names
+    assert commit_two_events(emitter) == recorder.names
 
 
 class UnknownHook:
@@ -539,7 +477,7 @@ def test_invalid_hook_implementations_are_refused(
     assert not emitter.plugin_manager.is_registered(refused)
     good = Plugin("good")
     emitter.register(good)  # a refused plugin must not block later ones
-    _commit_two_events(emitter)
+    commit_two_events(emitter)
     assert refused.events == []
     assert good.names == recorder.names == ["x", "y"]
     with pytest.raises(pluggy.PluginValidationError):

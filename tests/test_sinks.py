@@ -17,15 +17,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
-from support import Base, Failures, Recorder, operation, stored_names
+from support import Failures, Recorder, operation, stored_names
 
 from access_audit import AuditEmitter, AuditEventEnvelope
 from access_audit.sinks import JsonLinesSink, LoggingSink
@@ -38,15 +36,6 @@ except ImportError:  # pragma: no cover - Windows
 needs_flock = pytest.mark.skipif(fcntl is None, reason="needs fcntl.flock (POSIX)")
 
 PROCESSES, BATCHES, BATCH_SIZE = 4, 200, 5
-
-
-@pytest.fixture
-def memory_engine() -> Iterator[Any]:
-    """An in-memory SQLite engine with the test tables."""
-    engine = create_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    yield engine
-    engine.dispose()
 
 
 def _session_maker(engine: Any, *plugins: object) -> sessionmaker:  # type: ignore[type-arg]

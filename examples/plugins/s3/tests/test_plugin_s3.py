@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -27,29 +27,13 @@ from access_audit_s3 import plugin as plugin_module
 from access_audit_s3.plugin import Settings
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Recorder, operation, stored_names
+from support import Failures, Recorder, operation, stored_names
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl
+from access_audit import AuditEmitter, AuditEventEnvelope
 
 Batch = tuple[AuditEventEnvelope, ...]
-
-
-class Failures:
-    """A plugin that keeps every ``audit_delivery_failed`` call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Batch, BaseException]] = []
-
-    @hookimpl
-    def audit_delivery_failed(
-        self,
-        plugin_name: str,
-        envelopes: Sequence[AuditEventEnvelope],
-        error: BaseException,
-    ) -> None:
-        self.calls.append((plugin_name, tuple(envelopes), error))
 
 
 @pytest.fixture(scope="module")
@@ -99,26 +83,19 @@ def bucket(s3: Any) -> str:
 
 
 @pytest.fixture
-def engine() -> Iterator[Engine]:
-    """An in-memory SQLite database with the test tables."""
-    engine = create_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def failures() -> Failures:
     return Failures()
 
 
 @pytest.fixture
-def attach(engine: Engine) -> Iterator[Callable[[AuditEmitter], sessionmaker[Session]]]:
-    """Attach an emitter to a sessionmaker on ``engine``; detached afterwards."""
+def attach(
+    memory_engine: Engine,
+) -> Iterator[Callable[[AuditEmitter], sessionmaker[Session]]]:
+    """Attach an emitter to a sessionmaker on ``memory_engine``; detached afterwards."""
     attached: list[tuple[AuditEmitter, sessionmaker[Session]]] = []
 
     def attach(emitter: AuditEmitter) -> sessionmaker[Session]:
-        maker = sessionmaker(engine)
+        maker = sessionmaker(memory_engine)
         emitter.attach(maker)
         attached.append((emitter, maker))
         return maker
@@ -190,7 +167,7 @@ def test_entry_point_plugin_is_inert_without_a_bucket(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     attach: Callable[[AuditEmitter], sessionmaker[Session]],
-    engine: Engine,
+    memory_engine: Engine,
     failures: Failures,
 ) -> None:
     """With ACCESS_AUDIT_S3_BUCKET unset the entry-point plugin makes no client, no
@@ -210,7 +187,7 @@ def test_entry_point_plugin_is_inert_without_a_bucket(
     commit(maker, "a")
     commit(maker, "b", "c")
     assert recorder.names == ["a", "b", "c"]
-    assert stored_names(engine) == ["a", "b", "c"]
+    assert stored_names(memory_engine) == ["a", "b", "c"]
     assert failures.calls == []
     assert [r for r in caplog.records if r.levelno > logging.DEBUG] == []
     assert len([r for r in caplog.records if r.name == "access_audit_s3"]) <= 1
@@ -304,7 +281,7 @@ def test_entry_point_plugin_writes_where_the_environment_says(
 @pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
 def test_each_committed_transaction_becomes_one_object(
     attach: Callable[[AuditEmitter], sessionmaker[Session]],
-    engine: Engine,
+    memory_engine: Engine,
     endpoint_url: str,
     s3: Any,
     bucket: str,
@@ -319,7 +296,7 @@ def test_each_committed_transaction_becomes_one_object(
     commit(maker, "a", "b", "c")
     commit(maker, "d")
     assert failures.calls == []
-    assert stored_names(engine) == ["a", "b", "c", "d"]
+    assert stored_names(memory_engine) == ["a", "b", "c", "d"]
     assert [len(batch) for batch in recorder.batches] == [3, 1]
     suffix = ".ndjson.gz" if gzipped else ".ndjson"
     expected = [expected_key(batch, "audit", suffix) for batch in recorder.batches]
@@ -432,7 +409,7 @@ def _close(session: Session) -> None:
 )
 def test_a_rolled_back_transaction_writes_nothing(
     attach: Callable[[AuditEmitter], sessionmaker[Session]],
-    engine: Engine,
+    memory_engine: Engine,
     endpoint_url: str,
     s3: Any,
     bucket: str,
@@ -446,17 +423,17 @@ def test_a_rolled_back_transaction_writes_nothing(
         abandon(session)
     assert recorder.events == []
     assert keys(s3, bucket) == []
-    assert stored_names(engine) == []
+    assert stored_names(memory_engine) == []
 
     commit(maker, "kept")
     (batch,) = recorder.batches
     assert keys(s3, bucket) == [expected_key(batch)]
-    assert stored_names(engine) == ["kept"]
+    assert stored_names(memory_engine) == ["kept"]
 
 
 def test_a_missing_bucket_raises_and_is_reported_while_the_commit_succeeds(
     attach: Callable[[AuditEmitter], sessionmaker[Session]],
-    engine: Engine,
+    memory_engine: Engine,
     endpoint_url: str,
     s3: Any,
     failures: Failures,
@@ -471,7 +448,7 @@ def test_a_missing_bucket_raises_and_is_reported_while_the_commit_succeeds(
     maker = attach(emitter)
     with caplog.at_level(logging.ERROR, logger="access_audit"):
         commit(maker, "a", "b")
-    assert stored_names(engine) == ["a", "b"]
+    assert stored_names(memory_engine) == ["a", "b"]
     (batch,) = recorder.batches
     assert [e.target_id for e in batch] == ["a", "b"]
     ((plugin_name, envelopes, error),) = failures.calls
@@ -489,7 +466,7 @@ def test_a_missing_bucket_raises_and_is_reported_while_the_commit_succeeds(
 
     # The session machinery is unharmed: the next commit goes through.
     commit(maker, "c")
-    assert stored_names(engine) == ["a", "b", "c"]
+    assert stored_names(memory_engine) == ["a", "b", "c"]
     assert len(failures.calls) == 2
 
 

@@ -31,24 +31,16 @@ from access_audit_nats import JetStreamPublisher, JetStreamPublishError
 from cloudevents.core.formats.json import JSONFormat
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StorageType, StreamConfig
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Item, Recorder, operation, stored_names
+from support import Base, Failures, Item, Recorder, operation, reach, stored_names
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 
 NATS_URL = os.environ.get("ACCESS_AUDIT_TEST_NATS_URL", "nats://127.0.0.1:4222")
 THREAD_NAME = "access_audit_nats"
 T = TypeVar("T")
-
-
-def unavailable(what: str, error: BaseException) -> None:
-    """Skip locally, fail under CI: a missing server must not pass CI silently."""
-    message = f"{what} is not reachable: {type(error).__name__}: {error}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true requires every server)", pytrace=False)
-    pytest.skip(message)
 
 
 def admin(operation: Callable[[JetStreamContext], Awaitable[T]]) -> T:
@@ -100,12 +92,14 @@ class Stream:
         return admin(count)
 
 
-_unreachable: list[BaseException] = []
-
-
 @pytest.fixture
 def stream() -> Iterator[Stream]:
-    """A fresh memory stream with a 120 s duplicate window; deleted afterwards."""
+    """A fresh memory stream with a 120 s duplicate window; deleted afterwards.
+
+    The server is asked once per run whether JetStream is there: if not, every
+    test that needs a stream skips (fails under ``CI=true``).
+    """
+    reach(f"NATS JetStream at {NATS_URL}", lambda: admin(lambda js: js.account_info()))
     token = uuid.uuid4().hex[:12]
     created = Stream(name=f"AUDIT_TEST_{token.upper()}", prefix=f"audit_test_{token}")
     config = StreamConfig(
@@ -114,31 +108,9 @@ def stream() -> Iterator[Stream]:
         storage=StorageType.MEMORY,
         duplicate_window=120,
     )
-    if _unreachable:
-        unavailable(f"NATS JetStream at {NATS_URL}", _unreachable[0])
-    try:
-        admin(lambda js: js.add_stream(config))
-    except Exception as error:
-        _unreachable.append(error)  # do not wait for it again in every test
-        unavailable(f"NATS JetStream at {NATS_URL}", error)
+    admin(lambda js: js.add_stream(config))
     yield created
     assert admin(lambda js: js.delete_stream(created.name))
-
-
-class FailureRecorder:
-    """Keeps every ``audit_delivery_failed`` call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[AuditEventEnvelope, ...], BaseException]] = []
-
-    @hookimpl
-    def audit_delivery_failed(
-        self,
-        plugin_name: str,
-        envelopes: Sequence[AuditEventEnvelope],
-        error: BaseException,
-    ) -> None:
-        self.calls.append((plugin_name, tuple(envelopes), error))
 
 
 @dataclasses.dataclass
@@ -149,31 +121,28 @@ class Harness:
     engine: Engine
     maker: sessionmaker[Session]
     recorder: Recorder
-    failures: FailureRecorder
+    failures: Failures
 
 
 @pytest.fixture
-def make_harness() -> Iterator[Callable[..., Harness]]:
+def make_harness(memory_engine: Engine) -> Iterator[Callable[..., Harness]]:
     """Build harnesses around publishers; close them and check no thread is left."""
     made: list[Harness] = []
 
     def make(**options: Any) -> Harness:
         publisher = JetStreamPublisher(**{"servers": NATS_URL, **options})
-        engine = create_engine("sqlite://")
-        Base.metadata.create_all(engine)
-        recorder, failures = Recorder(), FailureRecorder()
+        recorder, failures = Recorder(), Failures()
         emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
         emitter.register(publisher, name="nats")
-        maker = sessionmaker(engine)
+        maker = sessionmaker(memory_engine)
         emitter.attach(maker)
-        harness = Harness(publisher, engine, maker, recorder, failures)
+        harness = Harness(publisher, memory_engine, maker, recorder, failures)
         made.append(harness)
         return harness
 
     yield make
     for harness in made:
         harness.publisher.close()
-        harness.engine.dispose()
     assert plugin_threads() == []
 
 
@@ -213,24 +182,21 @@ def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
     reason="ACCESS_AUDIT_NATS_URL is set: the entry-point plugin is configured",
 )
 def test_entry_point_plugin_is_inert_without_url(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, memory_engine: Engine
 ) -> None:
     """Without ACCESS_AUDIT_NATS_URL the plugin starts nothing, logs nothing, raises nothing."""
     with caplog.at_level(logging.DEBUG, logger="access_audit_nats"):
         inert = JetStreamPublisher.from_env({})
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     caplog.clear()
-    failures = FailureRecorder()
+    failures = Failures()
     emitter = AuditEmitter([failures], load_entrypoints=True)
     emitter.register(inert, name="inert")
-    engine = create_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    maker = sessionmaker(engine)
+    maker = sessionmaker(memory_engine)
     emitter.attach(maker)
     with caplog.at_level(logging.DEBUG, logger="access_audit_nats"), maker() as session:
         operation(session, "quiet")
         session.commit()
-    engine.dispose()
     for plugin in (inert, access_audit_nats.plugin):
         assert not plugin.enabled
         assert repr(plugin) == "<JetStreamPublisher inert>"
