@@ -9,6 +9,10 @@ from ._hookspecs import AuditEventsPluginSpec as AuditEventsPluginSpec
 from ._hookspecs import hookimpl as hookimpl
 from ._staged import StagedEvent as StagedEvent
 from ._staging import stage_event as stage_event
+from ._types import DiscardReason as DiscardReason
+from ._types import DispatchMode as DispatchMode
+from ._types import JoinedTransactions as JoinedTransactions
+from ._types import QueueFullPolicy as QueueFullPolicy
 from ._withdraw import discard_staged as discard_staged
 from ._withdraw import staged_events as staged_events
 
@@ -18,6 +22,10 @@ __all__ = [
     "AuditEmitter",
     "AuditEventEnvelope",
     "AuditEventsPluginSpec",
+    "DiscardReason",
+    "DispatchMode",
+    "JoinedTransactions",
+    "QueueFullPolicy",
     "StagedEvent",
     "audit_context",
     "discard_staged",

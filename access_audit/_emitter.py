@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import functools
 import inspect
+import threading
 import types
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -283,12 +284,20 @@ class AuditEmitter:
         self,
         envelopes: tuple[AuditEventEnvelope, ...],
         outbox_bind: Engine | Connection | None,
+        *,
+        record_apart: bool = False,
     ) -> None:
-        """Dispatch a committed batch, inline or on the background thread."""
+        """Dispatch a committed batch, inline or on the background thread.
+
+        *record_apart*: record the outbox deliveries on a thread of their
+        own, for a batch delivered from inside a connection's own event (the
+        outer transaction of a joined session), where taking another pooled
+        connection could wait for the very one being returned.
+        """
         if self._background is None:
             report = deliver(self.plugin_manager, self, envelopes)
             if outbox_bind is not None or report.errors:
-                self._settle(envelopes, outbox_bind, report, None)
+                self._settle(envelopes, outbox_bind, report, None, record_apart)
             return
         loop = running_loop()
         try:
@@ -321,10 +330,11 @@ class AuditEmitter:
         outbox_bind: Engine | Connection | None,
         report: DeliveryReport,
         loop: asyncio.AbstractEventLoop | None,
+        record_apart: bool = False,
     ) -> None:
         """After delivery: mark the outbox rows, raise in strict mode."""
         if outbox_bind is not None:
-            self._mark_outbox(outbox_bind, envelopes, report, loop)
+            self._mark_outbox(outbox_bind, envelopes, report, loop, record_apart)
         errors = report.errors
         if errors and self._background is not None:
             return  # logged already; nobody to raise to
@@ -341,6 +351,7 @@ class AuditEmitter:
         envelopes: Sequence[AuditEventEnvelope],
         report: DeliveryReport,
         loop: asyncio.AbstractEventLoop | None,
+        record_apart: bool = False,
     ) -> None:
         assert self.outbox is not None
         outbox = self.outbox
@@ -374,10 +385,19 @@ class AuditEmitter:
                 greenlet_spawn(mark), loop
             ).add_done_callback(check)
             return
-        try:
-            mark()
-        except Exception:
-            failed()
+
+        def mark_or_log() -> None:
+            try:
+                mark()
+            except Exception:
+                failed()
+
+        if record_apart:
+            threading.Thread(
+                target=mark_or_log, name="access_audit-outbox-record", daemon=True
+            ).start()
+        else:
+            mark_or_log()
 
     def _discarded(self, events: Sequence[StagedEvent], reason: DiscardReason) -> None:
         if not signals.audit_event_discarded.receivers:

@@ -26,6 +26,7 @@ from ._envelope import AuditEventEnvelope, committed_envelope
 from ._errors import AuditConfigurationError
 from ._ids import as_uuid, with_inverted_tail
 from ._logging import logger
+from ._outer import OuterWatch, watch_outer
 from ._sqla import (
     autobegin,
     checked_engine_options,
@@ -36,6 +37,7 @@ from ._sqla import (
     has_connections,
     is_autocommit,
     is_flushing,
+    nested_transactions,
     parent_of,
     past_staging,
     preparing,
@@ -87,22 +89,22 @@ class Deliver:
 class WaitForOuter(Deliver):
     """Outcome: a joined session committed; its outer transaction decides.
 
-    Deliver the envelopes once every one of :attr:`connections` has
-    committed its outer transaction; discard :attr:`staged` otherwise.
+    Deliver the envelopes once every one of :attr:`watches` has seen its
+    outer transaction commit; discard :attr:`staged` otherwise.
     """
 
-    __slots__ = ("connections", "staged")
+    __slots__ = ("staged", "watches")
 
     def __init__(
         self,
         envelopes: tuple[AuditEventEnvelope, ...],
         outbox_bind: Engine | Connection | None,
         staged: list[StagedEvent],
-        connections: list[Connection],
+        watches: list[OuterWatch],
     ) -> None:
         super().__init__(envelopes, outbox_bind)
         self.staged = staged
-        self.connections = connections
+        self.watches = watches
 
 
 class Discard:
@@ -126,6 +128,7 @@ class Lifecycle:
     __slots__ = (
         "built",
         "checked",
+        "checked_engine",
         "finished",
         "first_id",
         "lazy",
@@ -133,14 +136,22 @@ class Lifecycle:
         "outbox_bind",
         "outer",
         "owner",
+        "refusal",
+        "root",
         "stamp",
     )
 
     def __init__(
-        self, owner: Owner, boundary: SessionTransaction, first: StagedEvent
+        self,
+        owner: Owner,
+        root: SessionTransaction,
+        boundary: SessionTransaction,
+        first: StagedEvent,
     ) -> None:
         # Made for every transaction that stages an event: plain literals.
         self.owner = owner
+        self.root = root
+        """The outermost transaction whose events these are."""
         self.levels: dict[SessionTransaction, list[StagedEvent]] = {boundary: [first]}
         self.finished: dict[SessionTransaction, bool] = {}
         """Boundaries that committed (True) or rolled back (False), until
@@ -157,16 +168,21 @@ class Lifecycle:
         """The commit's timestamp and id, made with its first envelope."""
         self.outbox_bind: Engine | Connection | None = None
         """Where the outbox rows of this commit were written, to record later."""
-        self.outer: list[Connection] | None = None
+        self.outer: list[tuple[Connection, OuterWatch]] | None = None
         """Connections of the session joined to an outer transaction that
-        the session does not end: its commit waits for them
-        (``joined_transactions="outer"``). Found when staging begins and as
-        the session connects."""
+        the session does not end, each with the watch on that transaction:
+        the commit waits for them (``joined_transactions="outer"``). Found
+        when staging begins and as the session connects."""
+        self.checked_engine: Engine | None = None
         self.checked: object | None = None
-        """The execution options of the engine that staging checked, when
-        the session's connection will come from it: a connection that still
-        has exactly these needs no check of its own. None: a connection
-        acquired later gets the full check."""
+        """The engine that staging checked (:attr:`checked_engine`) and its
+        execution options, when the session's connection will come from it:
+        a connection of that engine that still has exactly these options
+        needs no check of its own. None: a connection acquired later gets
+        the full check."""
+        self.refusal: str | None = None
+        """Why a connection acquired after staging was refused: every later
+        stage in this transaction is refused for the same reason."""
 
     # -- staging ---------------------------------------------------------
 
@@ -235,19 +251,45 @@ class Lifecycle:
         """Check a connection the session acquired after staging began.
 
         When staging checked the engine the connection comes from, only the
-        connection's own isolation level is left to check.
+        connection's own isolation level is left to check. A refused
+        connection stays the session's (SQLAlchemy holds it already), so the
+        events staged so far are discarded (reason ``"refused"``) and every
+        later stage in this transaction is refused too.
 
         :raises AuditConfigurationError: as :func:`_refuse`.
         """
-        if self.checked is not None:
-            if is_autocommit(connection):
-                _refuse(session, connection, None, True, self.owner)
-            return
-        entry = connection_entry(root, connection)
-        if entry is not None and _refuse(
-            session, connection, entry[0], entry[1], self.owner
-        ):
-            self.outer = [*(self.outer or ()), connection]
+        try:
+            if self.checked is not None:
+                if is_autocommit(connection):
+                    _refuse(session, connection, None, True, self.owner)
+                return
+            entry = connection_entry(root, connection)
+            if entry is not None and _refuse(
+                session, connection, entry[0], entry[1], self.owner
+            ):
+                self.outer = [
+                    *(self.outer or ()),
+                    (connection, watch_outer(connection)),
+                ]
+        except AuditConfigurationError as error:
+            self.refusal = str(error)
+            withdrawn = self.withdraw(None)
+            if withdrawn:
+                self.owner._discarded(withdrawn, "refused")
+            raise
+
+    def flushed(self, session: Session) -> None:
+        """After a flush of a joined session: refuse a SAVEPOINT it did not open.
+
+        A rollback to a SAVEPOINT that the caller opened on the connection
+        after the session joined would undo what was just flushed while the
+        outer transaction still commits, where access_audit cannot see it.
+
+        :raises AuditConfigurationError: such a SAVEPOINT is open.
+        """
+        for connection, _watch in self.outer or ():
+            if _foreign_savepoint_open(session, connection):
+                raise AuditConfigurationError(_FOREIGN_SAVEPOINT)
 
     # -- the commit ------------------------------------------------------
 
@@ -327,7 +369,7 @@ class Lifecycle:
                         tuple(self.built),
                         self.outbox_bind,
                         list(self.levels.get(transaction) or ()),
-                        self.outer,
+                        [watch for _connection, watch in self.outer],
                     )
                 if self.built:  # else every lazy value failed
                     return Deliver(tuple(self.built), self.outbox_bind)
@@ -392,6 +434,16 @@ class Lifecycle:
         for stale in [t for t in self.finished if t not in open_transactions]:
             del self.finished[stale]
 
+    def abandon(self, info: dict[Any, Any]) -> None:
+        """Drop a lifecycle whose transaction ended unobserved (its listeners
+        were removed by ``detach()``): its events are discarded, reason
+        ``"detached"``, and the session starts afresh."""
+        del info[PENDING_KEY]
+        self.settle()
+        events = [staged for level in self.levels.values() for staged in level]
+        if events:
+            self.owner._discarded(events, "detached")
+
     # -- helpers ---------------------------------------------------------
 
     def _forget(self, events: list[StagedEvent]) -> None:
@@ -446,8 +498,8 @@ class UnsettledLifecycle(Lifecycle):
     """A :class:`Lifecycle` still in its session: reports its events if collected.
 
     The last resort of "never lost silently": the session was dropped with
-    its transaction open, or its listeners were removed (``detach()``)
-    before the transaction ended. Either way nothing was committed, and the
+    its transaction open (nothing was committed), or its listeners were
+    removed (``detach()``) before the transaction ended unobserved. The
     events are discarded with reason ``"close"``.
     """
 
@@ -503,6 +555,10 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
         )
     assert root is not None  # begun above, if it was not
     lifecycle: Lifecycle | None = info.get(PENDING_KEY)
+    if lifecycle is not None and lifecycle.root is not root:
+        # Its transaction ended while no listener of ours heard it.
+        lifecycle.abandon(info)
+        lifecycle = None
     if lifecycle is None:
         # The first event of this transaction: check where it will commit.
         bind = session.bind
@@ -517,14 +573,25 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             options = checked_engine_options(bind)
             if options is None:
                 _refuse(session, bind, None, True, owner)
-            lifecycle = info[PENDING_KEY] = UnsettledLifecycle(owner, boundary, staged)
+            lifecycle = info[PENDING_KEY] = UnsettledLifecycle(
+                owner, root, boundary, staged
+            )
+            lifecycle.checked_engine = bind
             lifecycle.checked = options
         else:
-            outer = _check_binds(session, root, owner)
-            lifecycle = info[PENDING_KEY] = UnsettledLifecycle(owner, boundary, staged)
-            lifecycle.outer = outer
-            owner._watch_connections(session)
+            outer, watch = _check_binds(session, root, owner)
+            lifecycle = info[PENDING_KEY] = UnsettledLifecycle(
+                owner, root, boundary, staged
+            )
+            if outer:
+                lifecycle.outer = [
+                    (connection, watch_outer(connection)) for connection in outer
+                ]
+            if watch:
+                owner._watch_connections(session)
     else:
+        if lifecycle.refusal is not None:
+            raise AuditConfigurationError(lifecycle.refusal)
         if lifecycle.owner is not owner:
             lifecycle.change_owner(session, owner)
         lifecycle.stage(boundary, staged)
@@ -537,14 +604,15 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
 
 def _check_binds(
     session: Session, root: SessionTransaction, owner: Owner
-) -> list[Connection] | None:
+) -> tuple[list[Connection] | None, bool]:
     """Refuse staging where the transaction's ending cannot be trusted.
 
     Checks the connections the session holds; before it has one, the bind
     it will use. Returns the connections whose outer transaction the commit
-    must wait for, or None. A connection the session acquires later gets the
-    full check of :meth:`Lifecycle.connected`: it may come from another bind
-    than the one checked, or join a transaction begun since.
+    must wait for (or None), and whether a connection the session acquires
+    later needs the full check of :meth:`Lifecycle.connected` (it may come
+    from another bind than the one checked, or join a transaction begun
+    since).
 
     :raises AuditConfigurationError: as :func:`_refuse`.
     """
@@ -557,7 +625,12 @@ def _check_binds(
     bind = session.bind
     if not connected and bind is not None:
         _refuse(session, bind, None, True, owner)
-    return outer
+    watch = (
+        bool(session.binds)
+        or type(session).get_bind is not _DEFAULT_GET_BIND
+        or (not connected and (bind is None or isinstance(bind, Connection)))
+    )
+    return outer, watch
 
 
 def _refuse(
@@ -593,14 +666,27 @@ def _refuse(
     if transaction is None:
         foreign = bind.in_nested_transaction()  # the session will join inside it
     else:
-        foreign = encloses_foreign_savepoint(transaction, session.join_transaction_mode)
+        foreign = encloses_foreign_savepoint(
+            transaction, session.join_transaction_mode
+        ) or _foreign_savepoint_open(session, bind)
     if foreign:
-        raise AuditConfigurationError(
-            "stage_event() refused: the session is joined to a connection whose "
-            "transaction is inside a SAVEPOINT that the session did not open; "
-            "a rollback to it would undo the change without access_audit "
-            "seeing it. Bind the session where no outside SAVEPOINT encloses "
-            "it, or create the emitter with joined_transactions='session' to "
-            "deliver on session.commit() (for rollback-per-test suites)"
-        )
+        raise AuditConfigurationError(_FOREIGN_SAVEPOINT)
     return transaction is not None and not ends_outer_transaction(transaction, commits)
+
+
+_FOREIGN_SAVEPOINT = (
+    "access_audit refused: the session is joined to a connection whose "
+    "transaction is inside a SAVEPOINT that the session did not open; a "
+    "rollback to it would undo the session's changes without access_audit "
+    "seeing it. Bind the session where no outside SAVEPOINT encloses it, or "
+    "create the emitter with joined_transactions='session' to deliver on "
+    "session.commit() (for rollback-per-test suites)"
+)
+
+
+def _foreign_savepoint_open(session: Session, connection: Connection) -> bool:
+    """Whether *connection*'s innermost SAVEPOINT is one the session did not open."""
+    innermost = connection.get_nested_transaction()
+    if innermost is None:
+        return False
+    return innermost not in nested_transactions(session, connection)

@@ -26,7 +26,7 @@ from ._lifecycle import (
     WaitForOuter,
     committing_root,
 )
-from ._outer import wait_for_outer
+from ._outer import then_all
 from ._sqla import current_transaction, inherits_options, parent_of
 
 if TYPE_CHECKING:
@@ -110,8 +110,10 @@ class SessionListeners:
             lifecycle is not None
             and lifecycle.owner is self._owner
             and (
-                lifecycle.checked is None
-                or not inherits_options(connection, lifecycle.checked)
+                lifecycle.checked_engine is None
+                or not inherits_options(
+                    connection, lifecycle.checked_engine, lifecycle.checked
+                )
             )
         ):
             lifecycle.connected(session, transaction, connection)
@@ -139,6 +141,9 @@ class SessionListeners:
             lifecycle.prepare(session)
 
     def _after_flush_postexec(self, session: Session, flush_context: Any) -> None:
+        lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
+        if lifecycle is not None and lifecycle.outer and lifecycle.owner is self._owner:
+            lifecycle.flushed(session)
         lifecycle = self._due_before_commit(session)
         if lifecycle is not None:
             lifecycle.prepare(session)
@@ -203,9 +208,10 @@ def _wait_for_outer(owner: Owner, outcome: WaitForOuter) -> None:
         outbox_bind = outbox_bind.engine
 
     def settle(committed: bool) -> None:
+        # Runs inside the connection's own begin or pool checkin.
         if not committed:
             owner._discarded(staged, "rollback")
         elif envelopes:
-            owner._committed(envelopes, outbox_bind)
+            owner._committed(envelopes, outbox_bind, record_apart=True)
 
-    wait_for_outer(outcome.connections, settle)
+    then_all(outcome.watches, settle)

@@ -3,18 +3,23 @@
 A session bound to a connection that was in a transaction already joins it
 (``Session(bind=connection)``, two sessions sharing a connection): its own
 ``commit()`` only releases a SAVEPOINT or does nothing, and whoever began the
-connection's transaction still decides whether anything commits. Its events
-wait here, keyed to the DBAPI connection, until that transaction ends.
+connection's transaction still decides whether anything commits. The session
+watches that outer transaction from the moment it joins
+(:func:`watch_outer`), so an outer transaction that ends before the session
+commits is seen too; its committed events then wait here, keyed to the DBAPI
+connection, until the outer transaction's fate is known.
 
 SQLAlchemy's connection ``commit`` event fires *before* COMMIT, so a commit
 counts only once it is known to have gone through: at the connection's next
-``begin``, or when it goes back to the pool. A COMMIT that fails instead
-(``handle_error`` during the commit), a rollback, or the connection returned
-or invalidated without a COMMIT ends the wait as rolled back.
+``begin``, when it goes back to the pool, or at interpreter exit. A COMMIT
+that fails instead (``handle_error`` during the commit), a rollback, or the
+connection returned or invalidated without a COMMIT ends the watch as rolled
+back. Two-phase commits count the same way.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import weakref
 from collections.abc import Callable
@@ -22,46 +27,67 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 
-__all__ = ["wait_for_outer"]
+from ._logging import logger
+
+__all__ = ["OuterWatch", "then_all", "watch_outer"]
 
 Settle = Callable[[bool], None]
 """Called once: True when the outer transaction committed, else False."""
 
 _KEY = "access_audit.outer"
-"""Key of the waiting commits in the DBAPI connection's pool ``info``."""
+"""Key of the watches in the DBAPI connection's pool ``info``."""
 
 
-class _Waiting:
-    """The commits waiting on one DBAPI connection's outer transaction."""
+class OuterWatch:
+    """One session transaction's view of a connection's outer transaction."""
 
-    __slots__ = ("committing", "settles")
+    __slots__ = ("settle", "state")
 
     def __init__(self) -> None:
-        self.settles: list[Settle] = []
+        self.state: bool | None = None
+        """None while the outer transaction is open; then whether it committed."""
+        self.settle: Settle | None = None
+
+    def then(self, settle: Settle) -> None:
+        """Call *settle* with the outcome: now if it is known, else when it is."""
+        if self.state is None:
+            self.settle = settle
+        else:
+            settle(self.state)
+
+
+class _Watches:
+    """The watches on one DBAPI connection's outer transaction."""
+
+    __slots__ = ("__weakref__", "committing", "watches")
+
+    def __init__(self) -> None:
+        self.watches: list[OuterWatch] = []
         self.committing = False
         """Set by the ``commit`` event: COMMIT is under way."""
 
 
-def wait_for_outer(connections: list[Connection], settle: Settle) -> None:
-    """Call *settle* once every connection's outer transaction has ended.
-
-    ``settle(True)`` once all of them committed; ``settle(False)`` as soon
-    as one of them did not. Called in the thread that ends the transaction.
-    """
-    if len(connections) > 1:
-        settle = _all_of(len(connections), settle)
-    for connection in connections:
-        _listen(connection.engine)
-        info: dict[Any, Any] = connection.info
-        waiting = info.get(_KEY)
-        if waiting is None:
-            waiting = info[_KEY] = _Waiting()
-        waiting.settles.append(settle)
+_live: weakref.WeakSet[_Watches] = weakref.WeakSet()
+"""Every connection's open watches, for interpreter exit."""
 
 
-def _all_of(count: int, settle: Settle) -> Settle:
-    """A settle that waits for *count* commits, or one rollback."""
-    remaining = [count]
+def watch_outer(connection: Connection) -> OuterWatch:
+    """Start watching *connection*'s current outer transaction."""
+    _listen(connection.engine)
+    info: dict[Any, Any] = connection.info
+    watches = info.get(_KEY)
+    if watches is None:
+        watches = info[_KEY] = _Watches()
+        _live.add(watches)
+    watch = OuterWatch()
+    watches.watches.append(watch)
+    return watch
+
+
+def then_all(watches: list[OuterWatch], settle: Settle) -> None:
+    """Call *settle* once: True when every watch's transaction committed,
+    False as soon as one did not."""
+    remaining = [len(watches)]
 
     def one(committed: bool) -> None:
         if remaining[0] <= 0:
@@ -74,14 +100,36 @@ def _all_of(count: int, settle: Settle) -> Settle:
         if remaining[0] == 0:
             settle(True)
 
-    return one
+    for watch in watches:
+        watch.then(one)
 
 
-def _end(info: dict[Any, Any] | None, committed: bool) -> None:
-    waiting: _Waiting | None = None if info is None else info.pop(_KEY, None)
-    if waiting is not None:
-        for settle in waiting.settles:
+def _end(watches: _Watches | None, committed: bool) -> None:
+    """The outer transaction ended: settle every watch, each on its own.
+
+    Runs inside SQLAlchemy's connection and pool events, which must not be
+    left by an exception (the pool would never get the connection back):
+    an error from one settle is logged, and the others still run.
+    """
+    if watches is None:
+        return
+    interrupt: BaseException | None = None
+    for watch in watches.watches:
+        watch.state = committed
+        settle = watch.settle
+        if settle is None:
+            continue
+        watch.settle = None
+        try:
             settle(committed)
+        except (KeyboardInterrupt, SystemExit) as error:
+            interrupt = error
+        except BaseException:
+            logger.exception("delivering the events of a joined session failed")
+    watches.watches.clear()
+    _live.discard(watches)
+    if interrupt is not None:
+        raise interrupt
 
 
 def _info(connection: Connection) -> dict[Any, Any] | None:
@@ -92,42 +140,54 @@ def _info(connection: Connection) -> dict[Any, Any] | None:
     return info
 
 
-def _waiting(connection: Connection) -> _Waiting | None:
+def _watches(connection: Connection) -> _Watches | None:
     info = _info(connection)
     return None if info is None else info.get(_KEY)
 
 
-def _on_commit(connection: Connection) -> None:
-    waiting = _waiting(connection)
-    if waiting is not None:
-        waiting.committing = True
+def _pop(connection: Connection) -> _Watches | None:
+    info = _info(connection)
+    return None if info is None else info.pop(_KEY, None)
+
+
+def _on_commit(connection: Connection, *args: Any) -> None:
+    watches = _watches(connection)
+    if watches is not None:
+        watches.committing = True
 
 
 def _on_begin(connection: Connection) -> None:
     # A new transaction: the previous one's COMMIT went through.
-    waiting = _waiting(connection)
-    if waiting is not None and waiting.committing:
-        _end(_info(connection), True)
+    watches = _watches(connection)
+    if watches is not None and watches.committing:
+        _end(_pop(connection), True)
 
 
-def _on_rollback(connection: Connection) -> None:
-    _end(_info(connection), False)
+def _on_rollback(connection: Connection, *args: Any) -> None:
+    _end(_pop(connection), False)
 
 
 def _on_error(context: Any) -> None:
     connection = context.connection
     if connection is not None:
-        waiting = _waiting(connection)
-        if waiting is not None and waiting.committing:
-            _end(_info(connection), False)  # the COMMIT itself failed
+        watches = _watches(connection)
+        if watches is not None and watches.committing:
+            _end(_pop(connection), False)  # the COMMIT itself failed
 
 
 def _on_checkin(dbapi_connection: Any, record: Any) -> None:
     if record is not None:
-        info = record.info
-        waiting: _Waiting | None = info.get(_KEY)
-        if waiting is not None:
-            _end(info, waiting.committing)
+        watches: _Watches | None = record.info.pop(_KEY, None)
+        if watches is not None:
+            _end(watches, watches.committing)
+
+
+@atexit.register
+def _at_exit() -> None:
+    # Connections never closed: a COMMIT that was issued counts, an open
+    # transaction is the server's to roll back.
+    for watches in list(_live):
+        _end(watches, watches.committing)
 
 
 _listening: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -136,7 +196,9 @@ _listening_lock = threading.Lock()
 _LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("begin", _on_begin),
     ("commit", _on_commit),
+    ("commit_twophase", _on_commit),
     ("rollback", _on_rollback),
+    ("rollback_twophase", _on_rollback),
     ("handle_error", _on_error),
     ("checkin", _on_checkin),
 )

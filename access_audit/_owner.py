@@ -77,8 +77,11 @@ class Owner(Protocol):
         self,
         envelopes: tuple[AuditEventEnvelope, ...],
         outbox_bind: Engine | Connection | None,
+        *,
+        record_apart: bool = False,
     ) -> None:
-        """Deliver a committed batch."""
+        """Deliver a committed batch (*record_apart*: record the outbox
+        deliveries on a thread of their own)."""
 
     def _discarded(self, events: Sequence[StagedEvent], reason: DiscardReason) -> None:
         """Report events that will never be emitted."""

@@ -29,6 +29,7 @@ __all__ = [
     "inherits_options",
     "is_autocommit",
     "is_flushing",
+    "nested_transactions",
     "parent_of",
     "past_staging",
     "preparing",
@@ -123,6 +124,23 @@ def connection_entry(
     return None if entry is None else (entry[1], entry[2])
 
 
+def nested_transactions(session: Session, connection: Connection) -> set[Transaction]:
+    """The connection-level SAVEPOINTs the session itself opened, still open.
+
+    Each of its open transactions (``Session._transaction`` up its
+    ``_parent`` chain) holds, per connection, the connection-level
+    transaction it runs in (``SessionTransaction._connections``).
+    """
+    found: set[Transaction] = set()
+    transaction = current_transaction(session)
+    while transaction is not None:
+        entry = transaction._connections.get(connection)
+        if entry is not None and isinstance(entry[1], NestedTransaction):
+            found.add(entry[1])
+        transaction = parent_of(transaction)
+    return found
+
+
 def ends_outer_transaction(transaction: Transaction, commits: bool) -> bool:
     """Whether committing the session commits *transaction* for good.
 
@@ -190,10 +208,11 @@ def checked_engine_options(engine: Engine) -> object | None:
     return None if level == "AUTOCOMMIT" else options
 
 
-def inherits_options(connection: Connection, options: object) -> bool:
-    """Whether *connection* still runs with exactly the engine's *options*.
+def inherits_options(connection: Connection, engine: Engine, options: object) -> bool:
+    """Whether *connection* is *engine*'s, still with exactly its *options*.
 
     SQLAlchemy gives a new connection its engine's execution options object
-    and replaces it when options are set on the connection.
+    and replaces it when options are set on the connection (engines with no
+    options share one empty object, hence the engine test).
     """
-    return connection._execution_options is options
+    return connection.engine is engine and connection._execution_options is options

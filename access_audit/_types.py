@@ -26,6 +26,7 @@ DiscardReason = Literal[
     "lazy_value_failed",
     "detached",
     "unstaged",
+    "refused",
 ]
 """Why a staged event will never be emitted, as
 :data:`~access_audit.signals.audit_event_discarded` reports it:
@@ -39,7 +40,10 @@ DiscardReason = Literal[
 - ``"lazy_value_failed"``: a lazy value failed after COMMIT (staged by a hook
   that runs after access_audit's last chance before COMMIT);
 - ``"detached"``: its transaction ended while its emitter was detached;
-- ``"unstaged"``: withdrawn by :func:`~access_audit.discard_staged`.
+- ``"unstaged"``: withdrawn by :func:`~access_audit.discard_staged`;
+- ``"refused"``: its transaction then took a connection that staging would
+  have refused (``AUTOCOMMIT``, or inside a SAVEPOINT the session did not
+  open), and that raised ``AuditConfigurationError``.
 """
 DISCARD_REASONS: tuple[DiscardReason, ...] = get_args(DiscardReason)
 

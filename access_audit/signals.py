@@ -30,14 +30,8 @@ audit_event_discarded = _signals.signal(
 
     :param sender: the :class:`~access_audit.AuditEmitter`.
     :param event: the :class:`~access_audit.StagedEvent` (lazy values unresolved).
-    :param reason: ``"rollback"`` (its transaction rolled back, or the
-        outer transaction a joined session waited for did),
-        ``"savepoint_rollback"`` (its SAVEPOINT rolled back), ``"close"`` (its
-        transaction ended without commit or rollback: ``close()``, ``reset()``,
-        ``invalidate()``, the session garbage-collected with it open),
-        ``"lazy_value_failed"`` (a lazy value failed after COMMIT, see
-        :func:`~access_audit.stage_event`), ``"detached"`` (its
-        transaction ended while its emitter was detached), or ``"unstaged"``
-        (withdrawn by :func:`~access_audit.discard_staged`).
+    :param reason: why, a :data:`~access_audit.DiscardReason`: ``"rollback"``,
+        ``"savepoint_rollback"``, ``"close"``, ``"lazy_value_failed"``,
+        ``"detached"``, ``"unstaged"`` or ``"refused"``.
     """,
 )

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from support import Item, Recorder, operation, stored_names
 
 from access_audit import AuditConfigurationError, AuditEmitter, staged_events
+from access_audit.testing import capture_audit_events
 
 
 def _engine_option(engine: Engine) -> tuple[Any, Callable[[], None]]:
@@ -77,9 +78,17 @@ def test_autocommit_connection_found_when_connecting_fails_the_flush(
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
     session = Session(binds={Item: autocommit})
     emitter.attach(session)
-    operation(session, "late")  # no session-wide bind to check yet
-    with pytest.raises(AuditConfigurationError, match="AUTOCOMMIT"):
-        session.flush()
+    with capture_audit_events() as audit_events:
+        operation(session, "late")  # no session-wide bind to check yet
+        with pytest.raises(AuditConfigurationError, match="AUTOCOMMIT"):
+            session.flush()
+        # The connection stays the session's: nothing staged may ride on it.
+        assert staged_events(session) == ()
+        assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+            ("late", "refused")
+        ]
+        with pytest.raises(AuditConfigurationError, match="AUTOCOMMIT"):
+            operation(session, "retry")
     session.close()
     assert recorder.events == []
     assert stored_names(engine) == []

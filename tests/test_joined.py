@@ -9,19 +9,37 @@ session's commit, for rollback-per-test suites.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 from support import Child, Item, Recorder, operation, outbox_rows, stored_names
 
-from access_audit import AuditConfigurationError, AuditEmitter, staged_events
-from access_audit.outbox import Outbox
+from access_audit import (
+    AuditConfigurationError,
+    AuditEmitter,
+    AuditEventEnvelope,
+    hookimpl,
+    staged_events,
+)
+from access_audit.outbox import Outbox, count_pending
 from access_audit.testing import capture_audit_events
 
 JOIN_MODES = ["conditional_savepoint", "create_savepoint", "rollback_only"]
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll *condition* until it holds or *seconds* pass; return the last answer."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
 
 
 def joined_session(
@@ -203,7 +221,8 @@ def test_outbox_with_an_outer_commit_sends_once(
         session.commit()
     assert recorder.names == ["outboxed"]
     assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == ["outboxed"]
-    assert emitter.relay(engine).delivered == 0  # marked delivered already
+    assert wait_until(lambda: count_pending(engine, outbox) == 0)
+    assert emitter.relay(engine).delivered == 0  # recorded as delivered
 
 
 def _nested_before_connecting(connection: Connection, session: Session) -> None:
@@ -256,7 +275,9 @@ def test_foreign_savepoint_found_when_connecting_fails_the_flush(
             session.flush()
         session.close()
         connection.rollback()
-        assert [d.event.target_id for d in audit_events.discarded] == ["late"]
+        assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+            ("late", "refused")
+        ]
     assert recorder.names == []
 
 
@@ -288,3 +309,235 @@ def test_outer_connection_statement_runs_before_delivery(
         outer.commit()
     assert recorder.names == ["with-more"]
     assert stored_names(engine) == []  # the outer deleted it: the event is true
+
+
+def test_outer_rolled_back_before_the_session_commits_discards(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An outer transaction that ended before the session's commit decides it."""
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        connection.begin()
+        session = joined_session(emitter, connection)
+        operation(session, "undone")
+        session.flush()
+        connection.rollback()  # the change is gone
+        connection.begin()
+        session.commit()
+        connection.commit()
+        session.close()
+        assert [d.reason for d in audit_events.discarded] == ["rollback"]
+    assert recorder.names == []
+    assert stored_names(engine) == []
+
+
+@pytest.mark.parametrize("owner_commits", [True, False], ids=["commit", "rollback"])
+def test_owner_ending_before_the_joined_session_commits(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, owner_commits: bool
+) -> None:
+    """Two sessions on one connection: the owner ends first, the joined one follows."""
+    with engine.connect() as connection:
+        owner = joined_session(emitter, connection)
+        operation(owner, "owner")
+        owner.flush()  # begins the connection's transaction
+        joined = joined_session(emitter, connection)
+        operation(joined, "joined")
+        joined.flush()
+        if owner_commits:
+            owner.commit()
+        else:
+            owner.rollback()
+            operation(owner, "owner-again")
+            owner.commit()
+        joined.commit()
+        owner.close()
+        joined.close()
+    stored = stored_names(engine)
+    assert stored == (["joined", "owner"] if owner_commits else ["owner-again"])
+    assert sorted(recorder.names) == stored
+
+
+def test_savepoint_opened_by_the_caller_after_staging_is_refused(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A flush inside a SAVEPOINT the caller opened after joining raises."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        session = joined_session(emitter, connection)
+        operation(session, "ghost")
+        session.connection()  # joined before the caller's SAVEPOINT
+        connection.begin_nested()
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            session.flush()
+        session.close()  # the failed flush rolled the joined transaction back
+        assert not outer.is_active
+        connection.rollback()
+    assert recorder.names == []
+
+
+def test_savepoint_opened_by_the_caller_before_staging_is_refused(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Staging on a joined session inside a later caller SAVEPOINT raises."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        session = joined_session(emitter, connection)
+        session.connection()
+        connection.begin_nested()
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            operation(session, "ghost")
+        session.close()
+        outer.rollback()
+    assert recorder.names == []
+
+
+class FailingPlugin:
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        raise RuntimeError("plugin bug")
+
+
+def test_strict_mode_outer_delivery_neither_loses_events_nor_leaks(
+    engine: Engine, recorder: Recorder
+) -> None:
+    """A plugin error while the outer delivers is logged; every batch settles."""
+    emitter = AuditEmitter(
+        [FailingPlugin(), recorder], load_entrypoints=False, raise_plugin_errors=True
+    )
+    checked_out = engine.pool.checkedout()
+    with engine.connect() as connection:
+        connection.begin()
+        sessions = [joined_session(emitter, connection) for _ in range(2)]
+        for number, session in enumerate(sessions):
+            operation(session, f"s{number}")
+            session.commit()
+        connection.commit()
+    assert sorted(recorder.names) == ["s0", "s1"]
+    assert engine.pool.checkedout() == checked_out
+
+
+def test_detach_then_attach_again_reports_the_stale_events(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Events whose transaction ended while detached are discarded ("detached")."""
+    session = Session(engine)
+    with capture_audit_events() as audit_events:
+        emitter.attach(session)
+        operation(session, "first")
+        emitter.detach(session)
+        session.commit()
+        emitter.attach(session)
+        operation(session, "second")
+        session.commit()
+        session.close()
+        assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+            ("first", "detached")
+        ]
+    assert recorder.names == ["second"]
+
+
+def test_two_phase_outer_commit_delivers(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A joined session inside an XA transaction sends once the XA commit is done."""
+    if engine.dialect.name != "mysql":
+        pytest.skip("two-phase commit runs on MariaDB here (XA)")
+    with engine.connect() as connection:
+        xa = connection.begin_twophase()
+        with joined_session(emitter, connection) as session:
+            operation(session, "xa")
+            session.commit()
+        xa.prepare()
+        xa.commit()
+    assert recorder.names == ["xa"]
+    assert stored_names(engine) == ["xa"]
+
+
+EXIT_SCRIPT = """
+import sys
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+from support import Base, Item, operation
+from access_audit import AuditEmitter, hookimpl
+
+class Print:
+    @hookimpl
+    def audit_event_logged(self, envelope):
+        print("delivered", envelope.target_id, flush=True)
+
+engine = create_engine(sys.argv[1])
+Base.metadata.create_all(engine)
+emitter = AuditEmitter([Print()], load_entrypoints=False)
+connection = engine.connect()
+outer = connection.begin()
+session = Session(bind=connection)
+emitter.attach(session)
+operation(session, "at-exit")
+session.commit()
+outer.commit()
+print("exiting without closing", flush=True)
+"""
+
+
+def test_outer_committed_then_process_exits_delivers(tmp_path: Path) -> None:
+    """An outer commit whose connection is never closed is delivered at exit."""
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    url = f"sqlite:///{tmp_path / 'exit.db'}"
+    tests = Path(__file__).parent
+    completed = subprocess.run(
+        [sys.executable, str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(tests), "PATH": ""},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.splitlines() == [
+        "exiting without closing",
+        "delivered at-exit",
+    ]
+
+
+def test_outbox_joined_commit_does_not_wait_for_the_pool(
+    engine: Engine, outbox: Outbox, recorder: Recorder
+) -> None:
+    """With a one-connection pool, recording deliveries never blocks the outer's close."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("the file SQLite engine's pool is not the point here")
+    small = create_engine(engine.url, pool_size=1, max_overflow=0, pool_timeout=3)
+    try:
+        emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+        emitter.register(recorder, name="recorder")
+        started = time.monotonic()
+        with (
+            small.begin() as connection,
+            joined_session(emitter, connection) as session,
+        ):
+            operation(session, "pooled")
+            session.commit()
+        assert time.monotonic() - started < 2
+        assert recorder.names == ["pooled"]
+        assert wait_until(lambda: count_pending(small, outbox) == 0)
+    finally:
+        small.dispose()
+
+
+def test_after_begin_is_not_installed_for_a_plain_engine_session(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Querying before staging on an Engine-bound session needs no after_begin."""
+    from sqlalchemy import event, select
+    from sqlalchemy.orm import sessionmaker
+
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    with maker() as session:
+        session.scalars(select(Item)).all()  # connected before the first stage
+        operation(session, "plain")
+        session.commit()
+    assert recorder.names == ["plain"]
+    assert not event.contains(
+        maker.class_, "after_begin", emitter._listeners._after_begin
+    )
+    emitter.detach(maker)

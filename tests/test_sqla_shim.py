@@ -19,8 +19,25 @@ from access_audit._sqla import (
     has_connections,
     inherits_options,
     is_autocommit,
+    nested_transactions,
     session_connections,
 )
+
+
+def test_nested_transactions_are_the_sessions_own_savepoints(engine: Engine) -> None:
+    """``SessionTransaction._connections`` of each open level names its SAVEPOINT."""
+    with engine.connect() as connection:
+        connection.begin()
+        foreign = connection.begin_nested()
+        with Session(bind=connection, join_transaction_mode="create_savepoint") as s:
+            s.connection()
+            [joined] = nested_transactions(s, connection)
+            assert joined is connection.get_nested_transaction()
+            assert joined is not foreign
+            s.begin_nested()
+            s.connection()
+            assert len(nested_transactions(s, connection)) == 2
+        connection.rollback()
 
 
 def test_session_transaction_connections_hold_connection_transaction_commits(
@@ -108,8 +125,16 @@ def test_a_connection_shares_its_engines_options_until_it_sets_its_own(
     options = checked_engine_options(engine)
     assert options is engine._execution_options
     with engine.connect() as connection:
-        assert inherits_options(connection, options)
+        assert inherits_options(connection, engine, options)
         connection.execution_options(isolation_level="AUTOCOMMIT")
-        assert not inherits_options(connection, options)
+        assert not inherits_options(connection, engine, options)
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
     assert checked_engine_options(autocommit) is None
+    other = create_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        with other.connect() as connection:
+            # Engines without options share one empty options object.
+            assert connection._execution_options is options
+            assert not inherits_options(connection, engine, options)
+    finally:
+        other.dispose()

@@ -12,19 +12,22 @@ from .. import signals
 from .._emitter import raising_plugin_errors
 from .._envelope import AuditEventEnvelope
 from .._staged import StagedEvent
+from .._types import DiscardReason
 
 __all__ = ["AuditEventRecorder", "DiscardedEvent", "capture_audit_events"]
 
 _FIELDS = frozenset(field.name for field in dataclasses.fields(AuditEventEnvelope))
 
-_REASONS = {
+_REASONS: dict[DiscardReason, str] = {
     "rollback": "a rollback",
     "savepoint_rollback": "a savepoint rollback",
     "close": "the session closing without a commit",
     "lazy_value_failed": "a lazy value that failed",
     "detached": "its emitter being detached",
     "unstaged": "discard_staged()",
+    "refused": "a connection access_audit refused",
 }
+"""How a failure message names each discard reason (every one has a line)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,9 +35,8 @@ class DiscardedEvent:
     """A staged event that will never be emitted, and why."""
 
     event: StagedEvent
-    reason: str
-    """One of ``"rollback"``, ``"savepoint_rollback"``, ``"close"``,
-    ``"lazy_value_failed"``, ``"detached"``, ``"unstaged"``."""
+    reason: DiscardReason
+    """Why: see :data:`~access_audit.DiscardReason`."""
 
     @property
     def event_type(self) -> str:
