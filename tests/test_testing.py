@@ -297,3 +297,11 @@ def test_capture_works_in_a_unittest_testcase() -> None:
     ]
     assert "no 'tag_delete' event was emitted" in result.failures[0][1]
     assert result.errors == []
+
+
+def test_every_discard_reason_has_a_description() -> None:
+    """The recorder's failure messages name each DiscardReason there is."""
+    from access_audit._types import DISCARD_REASONS
+    from access_audit.testing._recorder import _REASONS
+
+    assert set(_REASONS) == set(DISCARD_REASONS)
