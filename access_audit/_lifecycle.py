@@ -21,6 +21,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ._binds import (
+    DEFAULT_GET_BIND,
+    FOREIGN_SAVEPOINT,
+    check_binds,
+    foreign_savepoint_open,
+    refuse,
+)
 from ._clock import utc_datetime
 from ._envelope import AuditEventEnvelope, committed_envelope
 from ._errors import AuditConfigurationError
@@ -32,21 +39,15 @@ from ._sqla import (
     checked_engine_options,
     connection_entry,
     current_transaction,
-    encloses_foreign_savepoint,
-    ends_outer_transaction,
     has_connections,
     is_autocommit,
     is_flushing,
-    nested_transactions,
     parent_of,
     past_staging,
     preparing,
-    session_connections,
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Transaction
-
     from ._owner import Owner
     from ._staged import StagedEvent
     from ._types import DiscardReason
@@ -67,8 +68,6 @@ PENDING_KEY = "access_audit.pending"
 """``session.info`` key holding a :class:`Lifecycle` while events wait."""
 DISPATCHING_KEY = "access_audit.dispatching"
 """``session.info`` key present while the session dispatches its commit."""
-
-_DEFAULT_GET_BIND = Session.get_bind
 
 
 class Deliver:
@@ -261,10 +260,10 @@ class Lifecycle:
         try:
             if self.checked is not None:
                 if is_autocommit(connection):
-                    _refuse(session, connection, None, True, self.owner)
+                    refuse(session, connection, None, True, self.owner)
                 return
             entry = connection_entry(root, connection)
-            if entry is not None and _refuse(
+            if entry is not None and refuse(
                 session, connection, entry[0], entry[1], self.owner
             ):
                 self.outer = [
@@ -288,8 +287,8 @@ class Lifecycle:
         :raises AuditConfigurationError: such a SAVEPOINT is open.
         """
         for connection, _watch in self.outer or ():
-            if _foreign_savepoint_open(session, connection):
-                raise AuditConfigurationError(_FOREIGN_SAVEPOINT)
+            if foreign_savepoint_open(session, connection):
+                raise AuditConfigurationError(FOREIGN_SAVEPOINT)
 
     # -- the commit ------------------------------------------------------
 
@@ -566,20 +565,20 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             type(bind) is Engine
             and not has_connections(root)
             and not session.binds
-            and type(session).get_bind is _DEFAULT_GET_BIND
+            and type(session).get_bind is DEFAULT_GET_BIND
         ):
             # The common case, kept to a few lookups: an unconnected session
             # that will take its one connection from its engine.
             options = checked_engine_options(bind)
             if options is None:
-                _refuse(session, bind, None, True, owner)
+                refuse(session, bind, None, True, owner)
             lifecycle = info[PENDING_KEY] = UnsettledLifecycle(
                 owner, root, boundary, staged
             )
             lifecycle.checked_engine = bind
             lifecycle.checked = options
         else:
-            outer, watch = _check_binds(session, root, owner)
+            outer, watch = check_binds(session, root, owner)
             lifecycle = info[PENDING_KEY] = UnsettledLifecycle(
                 owner, root, boundary, staged
             )
@@ -600,93 +599,3 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
         # commit) after our own preparation ran: prepare it now, keys first.
         session.flush()
         lifecycle.prepare(session)
-
-
-def _check_binds(
-    session: Session, root: SessionTransaction, owner: Owner
-) -> tuple[list[Connection] | None, bool]:
-    """Refuse staging where the transaction's ending cannot be trusted.
-
-    Checks the connections the session holds; before it has one, the bind
-    it will use. Returns the connections whose outer transaction the commit
-    must wait for (or None), and whether a connection the session acquires
-    later needs the full check of :meth:`Lifecycle.connected` (it may come
-    from another bind than the one checked, or join a transaction begun
-    since).
-
-    :raises AuditConfigurationError: as :func:`_refuse`.
-    """
-    outer = None
-    connected = False
-    for connection, transaction, commits in session_connections(root):
-        connected = True
-        if _refuse(session, connection, transaction, commits, owner):
-            outer = [*(outer or ()), connection]
-    bind = session.bind
-    if not connected and bind is not None:
-        _refuse(session, bind, None, True, owner)
-    watch = (
-        bool(session.binds)
-        or type(session).get_bind is not _DEFAULT_GET_BIND
-        or (not connected and (bind is None or isinstance(bind, Connection)))
-    )
-    return outer, watch
-
-
-def _refuse(
-    session: Session,
-    bind: Engine | Connection,
-    transaction: Transaction | None,
-    commits: bool,
-    owner: Owner,
-) -> bool:
-    """Raise if events on *bind* could outlive, or die without, their change.
-
-    Returns whether the session's commit must wait for an outer transaction
-    on *bind* (``joined_transactions="outer"``, a session joined to a
-    transaction it does not end).
-
-    :raises AuditConfigurationError: *bind* runs in ``AUTOCOMMIT`` isolation
-        (each statement commits on its own, so a rollback that drops the
-        event keeps the change), or, with ``joined_transactions="outer"``,
-        the session's transaction sits in a SAVEPOINT the session did not
-        open, whose rollback access_audit cannot observe.
-    """
-    if is_autocommit(bind):
-        raise AuditConfigurationError(
-            f"stage_event() refused: the session's {type(bind).__name__} runs in "
-            "AUTOCOMMIT isolation, where each statement commits on its own and "
-            "no rollback can undo it, so its audit events could be dropped for "
-            "changes that stay. Use a transactional isolation level for audited "
-            "sessions, e.g. engine.execution_options(isolation_level="
-            "'READ COMMITTED')"
-        )
-    if owner.joined_transactions != "outer" or not isinstance(bind, Connection):
-        return False
-    if transaction is None:
-        foreign = bind.in_nested_transaction()  # the session will join inside it
-    else:
-        foreign = encloses_foreign_savepoint(
-            transaction, session.join_transaction_mode
-        ) or _foreign_savepoint_open(session, bind)
-    if foreign:
-        raise AuditConfigurationError(_FOREIGN_SAVEPOINT)
-    return transaction is not None and not ends_outer_transaction(transaction, commits)
-
-
-_FOREIGN_SAVEPOINT = (
-    "access_audit refused: the session is joined to a connection whose "
-    "transaction is inside a SAVEPOINT that the session did not open; a "
-    "rollback to it would undo the session's changes without access_audit "
-    "seeing it. Bind the session where no outside SAVEPOINT encloses it, or "
-    "create the emitter with joined_transactions='session' to deliver on "
-    "session.commit() (for rollback-per-test suites)"
-)
-
-
-def _foreign_savepoint_open(session: Session, connection: Connection) -> bool:
-    """Whether *connection*'s innermost SAVEPOINT is one the session did not open."""
-    innermost = connection.get_nested_transaction()
-    if innermost is None:
-        return False
-    return innermost not in nested_transactions(session, connection)

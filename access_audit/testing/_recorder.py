@@ -121,7 +121,9 @@ class AuditEventRecorder:
     def _on_committed(self, sender: object, envelope: AuditEventEnvelope) -> None:
         self.events.append(envelope)
 
-    def _on_discarded(self, sender: object, event: StagedEvent, reason: str) -> None:
+    def _on_discarded(
+        self, sender: object, event: StagedEvent, reason: DiscardReason
+    ) -> None:
         self.discarded.append(DiscardedEvent(event, reason))
 
 

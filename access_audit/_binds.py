@@ -1,0 +1,131 @@
+"""Where a transaction will commit, and refusing what cannot be trusted.
+
+Staging is refused on a bind in ``AUTOCOMMIT`` isolation (each statement
+commits on its own, so a rollback that drops the event keeps the change) and,
+for a session joined to an outer transaction, inside a SAVEPOINT the session
+did not open (a rollback to it would undo the change unseen).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session
+
+from ._errors import AuditConfigurationError
+from ._sqla import (
+    encloses_foreign_savepoint,
+    ends_outer_transaction,
+    is_autocommit,
+    nested_transactions,
+    session_connections,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Transaction
+    from sqlalchemy.orm import SessionTransaction
+
+    from ._owner import Owner
+
+__all__ = [
+    "DEFAULT_GET_BIND",
+    "FOREIGN_SAVEPOINT",
+    "check_binds",
+    "foreign_savepoint_open",
+    "refuse",
+]
+
+DEFAULT_GET_BIND = Session.get_bind
+"""``Session.get_bind`` itself: a session class that overrides it (as
+Flask-SQLAlchemy's does) may choose another bind per statement."""
+
+
+def check_binds(
+    session: Session, root: SessionTransaction, owner: Owner
+) -> tuple[list[Connection] | None, bool]:
+    """Refuse staging where the transaction's ending cannot be trusted.
+
+    Checks the connections the session holds; before it has one, the bind
+    it will use. Returns the connections whose outer transaction the commit
+    must wait for (or None), and whether a connection the session acquires
+    later needs the full check of :meth:`~access_audit._lifecycle.Lifecycle.connected` (it may come
+    from another bind than the one checked, or join a transaction begun
+    since).
+
+    :raises AuditConfigurationError: as :func:`_refuse`.
+    """
+    outer = None
+    connected = False
+    for connection, transaction, commits in session_connections(root):
+        connected = True
+        if refuse(session, connection, transaction, commits, owner):
+            outer = [*(outer or ()), connection]
+    bind = session.bind
+    if not connected and bind is not None:
+        refuse(session, bind, None, True, owner)
+    watch = (
+        bool(session.binds)
+        or type(session).get_bind is not DEFAULT_GET_BIND
+        or (not connected and (bind is None or isinstance(bind, Connection)))
+    )
+    return outer, watch
+
+
+def refuse(
+    session: Session,
+    bind: Engine | Connection,
+    transaction: Transaction | None,
+    commits: bool,
+    owner: Owner,
+) -> bool:
+    """Raise if events on *bind* could outlive, or die without, their change.
+
+    Returns whether the session's commit must wait for an outer transaction
+    on *bind* (``joined_transactions="outer"``, a session joined to a
+    transaction it does not end).
+
+    :raises AuditConfigurationError: *bind* runs in ``AUTOCOMMIT`` isolation
+        (each statement commits on its own, so a rollback that drops the
+        event keeps the change), or, with ``joined_transactions="outer"``,
+        the session's transaction sits in a SAVEPOINT the session did not
+        open, whose rollback access_audit cannot observe.
+    """
+    if is_autocommit(bind):
+        raise AuditConfigurationError(
+            f"stage_event() refused: the session's {type(bind).__name__} runs in "
+            "AUTOCOMMIT isolation, where each statement commits on its own and "
+            "no rollback can undo it, so its audit events could be dropped for "
+            "changes that stay. Use a transactional isolation level for audited "
+            "sessions, e.g. engine.execution_options(isolation_level="
+            "'READ COMMITTED')"
+        )
+    if owner.joined_transactions != "outer" or not isinstance(bind, Connection):
+        return False
+    if transaction is None:
+        foreign = bind.in_nested_transaction()  # the session will join inside it
+    else:
+        foreign = encloses_foreign_savepoint(
+            transaction, session.join_transaction_mode
+        ) or foreign_savepoint_open(session, bind)
+    if foreign:
+        raise AuditConfigurationError(FOREIGN_SAVEPOINT)
+    return transaction is not None and not ends_outer_transaction(transaction, commits)
+
+
+FOREIGN_SAVEPOINT = (
+    "access_audit refused: the session is joined to a connection whose "
+    "transaction is inside a SAVEPOINT that the session did not open; a "
+    "rollback to it would undo the session's changes without access_audit "
+    "seeing it. Bind the session where no outside SAVEPOINT encloses it, or "
+    "create the emitter with joined_transactions='session' to deliver on "
+    "session.commit() (for rollback-per-test suites)"
+)
+
+
+def foreign_savepoint_open(session: Session, connection: Connection) -> bool:
+    """Whether *connection*'s innermost SAVEPOINT is one the session did not open."""
+    innermost = connection.get_nested_transaction()
+    if innermost is None:
+        return False
+    return innermost not in nested_transactions(session, connection)
