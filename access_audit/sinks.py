@@ -34,7 +34,8 @@ class LoggingSink:
 
     The message is :meth:`~access_audit.AuditEventEnvelope.to_json`, logged
     with ``"%s"`` so handlers and formatters apply as usual, and the record
-    carries ``audit_event`` (the envelope's :meth:`to_dict`) for structured
+    carries ``audit_event`` (the envelope's
+    :meth:`~access_audit.AuditEventEnvelope.to_dict`) for structured
     handlers. Nothing is serialised when the logger would drop the level. The
     sink never adds handlers: configure ``logger_name`` as you would any
     logger.

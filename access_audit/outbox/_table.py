@@ -88,23 +88,24 @@ class Outbox:
     event router reads ``id``, ``aggregatetype``, ``aggregateid``, ``type``
     and ``payload`` as they are), plus delivery state for the relay:
 
-    ============== =========================================================
-    id             the envelope id (UUIDv7 text): the idempotency key
-    aggregatetype  ``target_type``
-    aggregateid    ``target_id``
-    type           ``event_type``
-    payload        the envelope as JSON (``AuditEventEnvelope.to_json()``)
-    created_at     the envelope's ``timestamp``
-    transaction_id the envelope's ``transaction_id``; with ``sequence``, the
-    sequence       commit order
-    status         ``pending``, ``delivered`` or ``dead``
-    delivered_to   JSON list of the plugin names that took the event
-    failures       JSON object: plugin name -> attempts, last error, dead
+    =============== ========================================================
+    id              the envelope id (UUIDv7 text): the idempotency key
+    aggregatetype   ``target_type``
+    aggregateid     ``target_id``
+    type            ``event_type``
+    payload         the envelope as JSON (``AuditEventEnvelope.to_json()``)
+    created_at      the envelope's ``timestamp``
+    transaction_id  the envelope's ``transaction_id``
+    sequence        the envelope's ``sequence``: with ``transaction_id``, the
+                    commit order
+    status          ``pending``, ``delivered`` or ``dead``
+    delivered_to    JSON list of the plugin names that took the event
+    failures        JSON object: plugin name -> attempts, last error, dead
     next_attempt_at when the relay may try again
-    delivered_at   when the last plugin took it (the relay prunes by it)
-    recipients     JSON list of the plugin names the event was written for:
-                   the only ones a relay delivers it to
-    ============== =========================================================
+    delivered_at    when the last plugin took it (the relay prunes by it)
+    recipients      JSON list of the plugin names the event was written for:
+                    the only ones a relay delivers it to
+    =============== ========================================================
 
     :param metadata: the ``MetaData`` to define the table on, so that
         ``metadata.create_all()`` and Alembic autogenerate see it; a private
