@@ -1,4 +1,4 @@
-"""SPEC.md section 1, who acted: actor precedence, audit_context, metadata merging.
+"""docs/concepts.md, "Who acted" and "Metadata": actor precedence, audit_context, metadata merging.
 
 Actor precedence is: explicit arguments > innermost ``audit_context`` >
 ``actor_resolver`` > ``"system"``. Metadata merges ``metadata_provider`` <

@@ -1,4 +1,4 @@
-"""SPEC.md section 1, AuditEventEnvelope: what plugins receive, and its guarantees.
+"""docs/concepts.md, "The envelope": what plugins receive, and its guarantees.
 
 Envelopes come from real commits on SQLite (the envelope does not depend on the
 database), except where noted. They round-trip through JSON, carry aware UTC

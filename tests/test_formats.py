@@ -1,4 +1,4 @@
-"""Redaction, payload limits and CloudEvents output (SPEC section 1, the sinks issue)."""
+"""Redaction, payload limits and CloudEvents output (docs/sinks.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC.md sections 1 and 3, delivery: plugins, receivers, and what isolates them.
+"""docs/plugins.md, delivery: plugins, receivers, and what isolates them.
 
 Each plugin implementation and each blinker receiver is called on its own: one
 that raises is logged, reported through ``audit_delivery_failed``, and neither

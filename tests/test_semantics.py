@@ -1,4 +1,4 @@
-"""SPEC.md section 2: every row of the transaction semantics table, on every database.
+"""docs/semantics.md: every row of the "What gets emitted when" table, on every database.
 
 Each test asserts what the plugin received *and* what the database holds, so
 an event can never disagree with the data it describes.

@@ -1,4 +1,4 @@
-"""SPEC.md section 3, bad input: every refusal names the field, and loses nothing.
+"""docs/semantics.md, "Refused at stage time": every refusal names the field, and loses nothing.
 
 A bad ``stage_event`` call fails at once with ``ValueError`` or ``TypeError``
 and a message naming the field; nothing of it is parked, so the next good
