@@ -16,7 +16,13 @@ PROJECT_NAME = "access_audit"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-"""Marks a plugin's function or method as the implementation of a hook."""
+"""Marks a plugin's function or method as the implementation of a hook.
+
+The function is named after a hook of :class:`AuditEventsPluginSpec` and may
+take any subset of its arguments. ``tryfirst=True`` and ``trylast=True``
+order the calls as in pluggy; ``wrapper=True`` and ``hookwrapper=True`` are
+refused at registration.
+"""
 
 
 class AuditEventsPluginSpec:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from types import ModuleType
 from typing import Any
 
 from docutils import nodes
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
+from sphinx.pycode import ModuleAnalyzer
 from sphinx.util.nodes import make_refnode
 
 project = "access_audit"
@@ -68,20 +70,20 @@ BARE_EXTERNAL = (
 nitpick_ignore_regex = [(r"py:.*", EXTERNAL), (r"py:.*", BARE_EXTERNAL)]
 
 
-def _private_definitions() -> frozenset[str]:
-    """The names bound in access_audit's private modules (imported once)."""
-    names: set[str] = set()
-    for package in PUBLIC_MODULES:
-        found = importlib.import_module(package)
-        for info in pkgutil.iter_modules(getattr(found, "__path__", [])):
-            # Private modules only: never __main__, which runs the CLI.
-            if info.name.startswith("_") and not info.name.startswith("__"):
-                module = importlib.import_module(f"{package}.{info.name}")
-                names.update(vars(module))
-    return frozenset(names)
+def _private_modules() -> list[ModuleType]:
+    """access_audit's private modules, imported (once)."""
+    if not _PRIVATE_MODULES:
+        for package in PUBLIC_MODULES:
+            found = importlib.import_module(package)
+            for info in pkgutil.iter_modules(getattr(found, "__path__", [])):
+                # Private modules only: never __main__, which runs the CLI.
+                if info.name.startswith("_") and not info.name.startswith("__"):
+                    name = f"{package}.{info.name}"
+                    _PRIVATE_MODULES.append(importlib.import_module(name))
+    return _PRIVATE_MODULES
 
 
-_PRIVATE: list[frozenset[str]] = []
+_PRIVATE_MODULES: list[ModuleType] = []
 
 
 def _is_private(target: str) -> bool:
@@ -93,9 +95,7 @@ def _is_private(target: str) -> bool:
     if any(part.startswith("_") for part in parts):
         return True
     # A bare name, or one the reference does not document under a public path.
-    if not _PRIVATE:
-        _PRIVATE.append(_private_definitions())
-    return name in _PRIVATE[0]
+    return any(name in vars(module) for module in _private_modules())
 
 
 def resolve_private_names(
@@ -142,6 +142,28 @@ def dataclass_factory_defaults(
     return signature.replace("= <factory>", "= ..."), return_annotation
 
 
+def reexported_docstrings(
+    app: Sphinx, what: str, name: str, obj: object, options: object, lines: list[str]
+) -> None:
+    """Give re-exported data the docstring written where it is defined.
+
+    A constant or type alias re-exported from a private module
+    (``access_audit.DiscardReason``) has its docstring after its assignment
+    in that module, which autodoc reads only for the module it documents;
+    without this it would show the docstring of the value's type.
+    """
+    if what != "data" or not name.startswith("access_audit."):
+        return
+    short = name.rpartition(".")[2]
+    for module in _private_modules():
+        if vars(module).get(short, lines) is obj:  # defined or imported there
+            docs = ModuleAnalyzer.for_module(module.__name__).find_attr_docs()
+            if ("", short) in docs:
+                lines[:] = list(docs["", short])
+                return
+
+
 def setup(app: Sphinx) -> None:
     app.connect("missing-reference", resolve_private_names)
     app.connect("autodoc-process-signature", dataclass_factory_defaults)
+    app.connect("autodoc-process-docstring", reexported_docstrings)
