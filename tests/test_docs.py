@@ -114,19 +114,24 @@ def test_the_pages_have_examples() -> None:
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A temporary working directory; loggers put back as they were."""
     monkeypatch.chdir(tmp_path)
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     saved = {
         logger: (list(logger.handlers), logger.level, logger.propagate)
-        for logger in loggers
-        if isinstance(logger, logging.Logger)
+        for logger in all_loggers()
     }
     yield
-    for logger in logging.Logger.manager.loggerDict.values():
-        if isinstance(logger, logging.Logger):
-            handlers, level, propagate = saved.get(logger, ([], logging.NOTSET, True))
-            logger.handlers[:] = handlers
-            logger.setLevel(level)
-            logger.propagate = propagate
+    for logger in all_loggers():
+        handlers, level, propagate = saved.get(logger, ([], logging.NOTSET, True))
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def all_loggers() -> list[logging.Logger]:
+    """The root logger and every logger made so far."""
+    made = logging.Logger.manager.loggerDict.values()
+    return [logging.getLogger()] + [
+        logger for logger in made if isinstance(logger, logging.Logger)
+    ]
 
 
 def clean_up(namespace: dict[str, object]) -> None:
@@ -167,17 +172,31 @@ def test_example_runs(block: Block, capsys: pytest.CaptureFixture[str]) -> None:
         clean_up(namespace)
 
 
+@pytest.fixture
+def database_url(files: list[Block]) -> str | None:
+    """The test server's URL if the recipe names the docs' database, else None.
+
+    Asked before ``pytester``, which drops the modules imported during the
+    test (the PostgreSQL dialect, registering SQL functions at import) and
+    would have them imported, and registered, a second time.
+    """
+    if not any(DOCS_DATABASE_URL in block.code for block in files):
+        return None
+    return server_engine("postgresql").url.render_as_string(hide_password=False)
+
+
 @pytest.mark.parametrize(
     "files", list(RECIPES.values()), ids=[" / ".join(key) for key in RECIPES]
 )
-def test_recipe_passes(pytester: pytest.Pytester, files: list[Block]) -> None:
+def test_recipe_passes(
+    database_url: str | None, pytester: pytest.Pytester, files: list[Block]
+) -> None:
     """A recipe's files, written out, pass their tests (on PostgreSQL if named)."""
-    url = None
-    if any(DOCS_DATABASE_URL in block.code for block in files):
-        url = server_engine("postgresql").url.render_as_string(hide_password=False)
     for block in files:
         assert block.file is not None
-        code = block.code if url is None else block.code.replace(DOCS_DATABASE_URL, url)
+        code = block.code
+        if database_url is not None:
+            code = code.replace(DOCS_DATABASE_URL, database_url)
         (pytester.path / block.file).write_text(code)
     tests = sum(
         len(re.findall(r"^def test_", block.code, re.MULTILINE))
