@@ -70,29 +70,23 @@ DISPATCHING_KEY = "access_audit.dispatching"
 """``session.info`` key present while the session dispatches its commit."""
 
 
-class Deliver:
-    """Outcome: the outermost transaction committed; deliver its envelopes."""
+Deliver = tuple[tuple[AuditEventEnvelope, ...], "Engine | Connection | None"]
+"""Outcome: the outermost transaction committed; deliver its envelopes.
 
-    __slots__ = ("envelopes", "outbox_bind")
-
-    def __init__(
-        self,
-        envelopes: tuple[AuditEventEnvelope, ...],
-        outbox_bind: Engine | Connection | None,
-    ) -> None:
-        self.envelopes = envelopes
-        self.outbox_bind = outbox_bind
-        """Where the commit's outbox rows went, or None."""
+The pair ``(envelopes, outbox_bind)``: the batch, and where the commit's
+outbox rows went (or None). A plain tuple (one is made per commit); the
+other outcomes are classes of their own.
+"""
 
 
-class WaitForOuter(Deliver):
+class WaitForOuter:
     """Outcome: a joined session committed; its outer transaction decides.
 
     Deliver the envelopes once every one of :attr:`watches` has seen its
     outer transaction commit; discard :attr:`staged` otherwise.
     """
 
-    __slots__ = ("staged", "watches")
+    __slots__ = ("envelopes", "outbox_bind", "staged", "watches")
 
     def __init__(
         self,
@@ -101,7 +95,8 @@ class WaitForOuter(Deliver):
         staged: list[StagedEvent],
         watches: list[OuterWatch],
     ) -> None:
-        super().__init__(envelopes, outbox_bind)
+        self.envelopes = envelopes
+        self.outbox_bind = outbox_bind
         self.staged = staged
         self.watches = watches
 
@@ -116,9 +111,8 @@ class Discard:
         self.reason: DiscardReason = reason
 
 
-Outcome = Deliver | Discard
-"""What a boundary's end means for its events (:class:`WaitForOuter` is a
-:class:`Deliver` that waits)."""
+Outcome = Deliver | WaitForOuter | Discard
+"""What a boundary's end means for its events."""
 
 
 class Lifecycle:
@@ -360,7 +354,7 @@ class Lifecycle:
         if parent is None:
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
-            self.settle()
+            self.__class__ = Lifecycle  # self.settle(), without the call
             committed = self.finished.get(transaction)
             if committed:
                 if self.outer:
@@ -371,7 +365,7 @@ class Lifecycle:
                         [watch for _connection, watch in self.outer],
                     )
                 if self.built:  # else every lazy value failed
-                    return Deliver(tuple(self.built), self.outbox_bind)
+                    return (tuple(self.built), self.outbox_bind)
                 return None
             dropped = self.levels.get(transaction)
             reason: DiscardReason = "rollback"

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from ._lifecycle import (
     DISPATCHING_KEY,
     PENDING_KEY,
-    Deliver,
+    Discard,
     Lifecycle,
     Outcome,
     WaitForOuter,
@@ -118,21 +118,13 @@ class SessionListeners:
         ):
             lifecycle.connected(session, transaction, connection)
 
-    def _due_before_commit(self, session: Session) -> Lifecycle | None:
-        """Our lifecycle, while the outermost commit has work due before COMMIT."""
+    def _before_commit(self, session: Session) -> None:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
         if (
-            lifecycle is None
-            or lifecycle.owner is not self._owner
-            or not lifecycle.work_before_commit()
-            or committing_root(session) is None  # a RELEASE SAVEPOINT
+            lifecycle is not None
+            and lifecycle.owner is self._owner
+            and _due_before_commit(session, lifecycle)
         ):
-            return None
-        return lifecycle
-
-    def _before_commit(self, session: Session) -> None:
-        lifecycle = self._due_before_commit(session)
-        if lifecycle is not None:
             # Flush now (the commit would next) so database-generated keys
             # exist, then resolve and write the outbox. Events that ORM hooks
             # of a later flush in this commit stage are handled in
@@ -142,10 +134,11 @@ class SessionListeners:
 
     def _after_flush_postexec(self, session: Session, flush_context: Any) -> None:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
-        if lifecycle is not None and lifecycle.outer and lifecycle.owner is self._owner:
+        if lifecycle is None or lifecycle.owner is not self._owner:
+            return
+        if lifecycle.outer:
             lifecycle.flushed(session)
-        lifecycle = self._due_before_commit(session)
-        if lifecycle is not None:
+        if _due_before_commit(session, lifecycle):
             lifecycle.prepare(session)
 
     def _after_commit(self, session: Session) -> None:
@@ -158,7 +151,7 @@ class SessionListeners:
         if boundary is not None:
             failed = lifecycle.committed(boundary)
             if failed is not None:
-                self._hand_over(session, failed)
+                self._hand_over(failed)
 
     def _after_rollback(self, session: Session) -> None:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
@@ -175,26 +168,35 @@ class SessionListeners:
             return  # a flush's subtransaction: never a boundary
         info = session.info
         lifecycle: Lifecycle | None = info.get(PENDING_KEY)
-        if lifecycle is not None and lifecycle.owner is self._owner:
-            outcome = lifecycle.ended(info, transaction, parent)
-            if outcome is not None:
-                self._hand_over(session, outcome)
-
-    def _hand_over(self, session: Session, outcome: Outcome) -> None:
-        """Give the emitter what a boundary's end decided."""
-        owner = self._owner
-        if type(outcome) is Deliver:
-            info = session.info
+        if lifecycle is None or lifecycle.owner is not self._owner:
+            return
+        outcome = lifecycle.ended(info, transaction, parent)
+        if type(outcome) is tuple:  # Deliver, the common outcome: handed over here
+            envelopes, outbox_bind = outcome
             # Staging on this session is refused while it dispatches.
             info[DISPATCHING_KEY] = True
             try:
-                owner._committed(outcome.envelopes, outcome.outbox_bind)
+                self._owner._committed(envelopes, outbox_bind)
             finally:
                 del info[DISPATCHING_KEY]
-        elif isinstance(outcome, WaitForOuter):
-            _wait_for_outer(owner, outcome)
-        elif not isinstance(outcome, Deliver):
-            owner._discarded(outcome.events, outcome.reason)
+        elif outcome is not None:
+            self._hand_over(outcome)
+
+    def _hand_over(self, outcome: Outcome) -> None:
+        """Give the emitter what a boundary's end decided (but a plain
+        :data:`Deliver`, which ``_after_transaction_end`` hands over itself)."""
+        if isinstance(outcome, WaitForOuter):
+            _wait_for_outer(self._owner, outcome)
+        elif isinstance(outcome, Discard):
+            self._owner._discarded(outcome.events, outcome.reason)
+
+
+def _due_before_commit(session: Session, lifecycle: Lifecycle) -> bool:
+    """Whether the outermost commit is under way with work due before COMMIT."""
+    return (
+        lifecycle.work_before_commit()
+        and committing_root(session) is not None  # else a RELEASE SAVEPOINT
+    )
 
 
 def _wait_for_outer(owner: Owner, outcome: WaitForOuter) -> None:
