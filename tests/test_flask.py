@@ -408,3 +408,33 @@ def test_request_id_is_per_request_even_inside_one_app_context(
         client.post("/tags/b")
     ids = [e.metadata["request_id"] for e in audit_events.events]
     assert ids[0] == ids[1] != ids[2] == ids[3]
+
+
+def test_flask_relay_command_offers_every_relay_option(tmp_path: Path) -> None:
+    """``flask access-audit relay --help`` lists each option the relay CLI has."""
+    from access_audit.outbox._cli import relay_cli_options
+
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db)
+    result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--help"])
+    assert result.exit_code == 0, result.output
+    flags = ["--" + option.name.replace("_", "-") for option in relay_cli_options()]
+    assert len(flags) >= 10
+    assert [flag for flag in flags if flag not in result.output] == []
+
+
+def test_flask_relay_command_refuses_another_delivery_store(tmp_path: Path) -> None:
+    """An outbox that is not an access_audit Outbox is refused with a clear message."""
+    from access_audit.outbox import Outbox
+
+    class OwnStore(Outbox):
+        pass
+
+    class Foreign:
+        table = OwnStore().table
+
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db, outbox=Foreign())  # type: ignore[arg-type]
+    result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
+    assert result.exit_code != 0
+    assert "Outbox" in result.output
