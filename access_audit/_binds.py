@@ -64,6 +64,14 @@ def check_binds(
     bind = session.bind
     if not connected and bind is not None:
         refuse(session, bind, None, True, owner)
+        if (
+            isinstance(bind, Connection)
+            and bind.in_transaction()
+            and owner.joined_transactions == "outer"
+        ):
+            # Its transaction is someone else's: even a commit with no SQL
+            # of its own is decided by that transaction.
+            outer = [bind]
     watch = (
         bool(session.binds)
         or type(session).get_bind is not DEFAULT_GET_BIND

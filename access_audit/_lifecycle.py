@@ -249,7 +249,7 @@ class Lifecycle:
         events staged so far are discarded (reason ``"refused"``) and every
         later stage in this transaction is refused too.
 
-        :raises AuditConfigurationError: as :func:`_refuse`.
+        :raises AuditConfigurationError: as :func:`~access_audit._binds.refuse`.
         """
         try:
             if self.checked is not None:
@@ -257,13 +257,17 @@ class Lifecycle:
                     refuse(session, connection, None, True, self.owner)
                 return
             entry = connection_entry(root, connection)
-            if entry is not None and refuse(
-                session, connection, entry[0], entry[1], self.owner
-            ):
-                self.outer = [
-                    *(self.outer or ()),
-                    (connection, watch_outer(connection)),
-                ]
+            if entry is None:
+                return
+            joined = refuse(session, connection, entry[0], entry[1], self.owner)
+            outer = self.outer or []
+            watched = any(pair[0] is connection for pair in outer)
+            if joined and not watched:
+                self.outer = [*outer, (connection, watch_outer(connection))]
+            elif watched and not joined:
+                # Staging saw the connection in a transaction; the session
+                # took it over ("control_fully"), so its own commit decides.
+                self.outer = [pair for pair in outer if pair[0] is not connection]
         except AuditConfigurationError as error:
             self.refusal = str(error)
             withdrawn = self.withdraw(None)

@@ -26,6 +26,7 @@ from access_audit import (
     AuditEmitter,
     AuditEventEnvelope,
     hookimpl,
+    stage_event,
     staged_events,
 )
 from access_audit.outbox import Outbox, count_pending
@@ -541,3 +542,24 @@ def test_after_begin_is_not_installed_for_a_plain_engine_session(
         maker.class_, "after_begin", emitter._listeners._after_begin
     )
     emitter.detach(maker)
+
+
+@pytest.mark.parametrize("outer_commits", [True, False], ids=["commit", "rollback"])
+def test_commit_without_sql_on_a_joined_session_waits_for_the_outer(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, outer_commits: bool
+) -> None:
+    """A joined session that ran no SQL still waits for the outer transaction."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        connection.execute(text("SELECT 1"))
+        with joined_session(emitter, connection) as session:
+            stage_event(
+                session, "thing_done", target_type="thing", target_id=1, action="do"
+            )
+            session.commit()
+            assert recorder.events == []
+        if outer_commits:
+            outer.commit()
+        else:
+            outer.rollback()
+    assert len(recorder.events) == (1 if outer_commits else 0)
