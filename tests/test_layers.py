@@ -140,10 +140,13 @@ def test_core_modules_never_import_the_optional_worlds(path: Path) -> None:
     assert not imported_modules(path) & set(OPTIONAL)
 
 
+EVERY_MODULE = sorted(path for path in PACKAGE.rglob("*.py") if path.name != "_sqla.py")
+
+
 @pytest.mark.parametrize(
     "path",
-    [path for path in CORE if path.name != "_sqla.py"],
-    ids=[path.name for path in CORE if path.name != "_sqla.py"],
+    EVERY_MODULE,
+    ids=[str(path.relative_to(PACKAGE)) for path in EVERY_MODULE],
 )
 def test_only_the_shim_reads_sqlalchemy_internals(path: Path) -> None:
     """Every read of SQLAlchemy's private state goes through ``_sqla``."""
