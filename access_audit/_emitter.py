@@ -256,6 +256,24 @@ class AuditEmitter:
         """
         return True if self._background is None else self._background.close(timeout)
 
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` for asyncio code: waits without blocking the event loop.
+
+        Returns False if *timeout* (seconds) passed first.
+        """
+        if self._background is None:
+            return True
+        return await asyncio.to_thread(self._background.flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> bool:
+        """:meth:`close` for asyncio code (a FastAPI lifespan's shutdown, say).
+
+        Returns False if *timeout* (seconds) passed first.
+        """
+        if self._background is None:
+            return True
+        return await asyncio.to_thread(self._background.close, timeout)
+
     def relay(self, bind: Engine | Connection, **options: Any) -> Any:
         """Re-deliver what the outbox holds undelivered; see :func:`access_audit.outbox.relay`.
 

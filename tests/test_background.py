@@ -390,3 +390,40 @@ def test_a_plugin_committing_another_session_never_deadlocks_the_worker(
     assert not committer.is_alive(), "a commit is stuck behind the worker"
     assert emitter.flush(timeout=30)
     assert sorted(follow_ups) == ["0", "1", "2", "3", "4"]
+
+
+def test_aflush_and_aclose_wait_without_blocking_the_loop(engine: Engine) -> None:
+    """aflush()/aclose() deliver what is queued while the loop keeps running."""
+    sink = Sink(delay=0.05)
+    emitter = AuditEmitter([sink], load_entrypoints=False, dispatch="background")
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    commit_one(maker, "queued")
+
+    async def main() -> tuple[bool, bool, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        flushed = await emitter.aflush(timeout=10)
+        closed = await emitter.aclose(timeout=10)
+        ticker.cancel()
+        return flushed, closed, ticks
+
+    flushed, closed, ticks = asyncio.run(main())
+    assert (flushed, closed) == (True, True)
+    assert ticks > 0
+    assert [envelope.target_id for envelope in sink.events] == ["queued"]
+    emitter.detach(maker)
+
+
+def test_aflush_is_true_at_once_for_inline_dispatch() -> None:
+    """Inline dispatch has nothing queued: aflush() and aclose() return True."""
+    emitter = AuditEmitter(load_entrypoints=False)
+    assert asyncio.run(emitter.aflush()) is True
+    assert asyncio.run(emitter.aclose()) is True
