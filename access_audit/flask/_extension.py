@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
 
-from .._context import ActorLike, ActorResolver, MetadataProvider, to_actor
+from .._context import ActorLike, ActorResolver, to_actor
 from .._emitter import AuditEmitter
 from .._errors import AuditConfigurationError
 from .._imports import import_plugin
 from .._registry import listen_target, select_by
+from .._request_metadata import provide_request_metadata
 from ._cli import cli
 from ._request import request_metadata
 
@@ -115,7 +116,7 @@ class AccessAudit:
             self._resolve_actor, options.get("actor_resolver")
         )
         options["metadata_provider"] = functools.partial(
-            _provide_metadata, options.get("metadata_provider")
+            provide_request_metadata, request_metadata, options.get("metadata_provider")
         )
         if not enabled:
             plugins, options["load_entrypoints"] = [], False
@@ -179,15 +180,6 @@ class AccessAudit:
             if actor is not None:
                 return actor
         return None if resolver is None else to_actor(resolver(), "actor_resolver")
-
-
-def _provide_metadata(provider: MetadataProvider | None) -> Mapping[str, Any] | None:
-    # Request metadata, under what a metadata_provider option returns.
-    found = request_metadata()
-    extra = None if provider is None else provider()
-    if extra is None:
-        return found
-    return {**(found or {}), **extra}
 
 
 def _import_plugins(names: Iterable[str]) -> list[object]:

@@ -8,9 +8,11 @@ from typing import Any
 
 from flask import has_request_context, request
 
+from .._request_metadata import REQUEST_ID_HEADER
+from .._request_metadata import request_metadata as metadata_of
+
 __all__ = ["request_metadata"]
 
-_REQUEST_ID_HEADER = "X-Request-ID"
 _MAX_REQUEST_ID = 200
 _ENVIRON_REQUEST_ID = "access_audit.request_id"
 
@@ -24,14 +26,14 @@ def request_metadata() -> dict[str, Any] | None:
     """
     if not has_request_context():
         return None
-    return {
-        "ip_address": request.remote_addr,
-        "user_agent": request.headers.get("User-Agent"),
-        "request_id": request_id(),
-        "method": request.method,
-        "path": request.path,
-        "endpoint": request.endpoint,
-    }
+    return metadata_of(
+        ip_address=request.remote_addr,
+        user_agent=request.headers.get("User-Agent"),
+        request_id=request_id(),
+        method=request.method,
+        path=request.path,
+        endpoint=request.endpoint,
+    )
 
 
 def request_id() -> str:
@@ -44,7 +46,7 @@ def request_id() -> str:
     environ = request.environ
     found: str | None = environ.get(_ENVIRON_REQUEST_ID)
     if found is None:
-        sent = request.headers.get(_REQUEST_ID_HEADER, "")
+        sent = request.headers.get(REQUEST_ID_HEADER, "")
         if 0 < len(sent) <= _MAX_REQUEST_ID and sent.isprintable():
             found = sent
         else:
