@@ -9,15 +9,23 @@ lets through (:data:`INTERRUPTS` by default).
 
 from __future__ import annotations
 
+import inspect
 import threading
 import types
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import signals
+from ._aio import (
+    AsyncPlugin,
+    Failure,
+    LoopThread,
+    deliver_to_async_plugins,
+    run_coroutine,
+)
 from ._logging import logger
 
 if TYPE_CHECKING:
@@ -29,6 +37,7 @@ __all__ = [
     "INTERRUPTS",
     "DeliveryReport",
     "PluginManager",
+    "adeliver",
     "deliver",
     "delivering_plugins",
     "send_isolated",
@@ -39,9 +48,13 @@ INTERRUPTS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit)
 """What delivery lets through by default: a user's Ctrl-C or a ``sys.exit()``
 means stop the program, not "this plugin failed"."""
 
-DeliveryOrder = tuple[list[tuple["HookImpl", bool]], list["HookImpl"]]
+DeliveryOrder = tuple[
+    list[tuple["HookImpl", bool]], list["HookImpl"], list[AsyncPlugin]
+]
 """``audit_event_logged`` implementations (each with whether it takes just
-``envelope``) and ``audit_events_committed`` ones, in call order."""
+``envelope``) and ``audit_events_committed`` ones, in call order, of the
+plugins whose delivery hooks are all plain functions; then the plugins with an
+``async def`` delivery hook, each delivered in a task of its own."""
 
 
 class PluginManager(pluggy.PluginManager):
@@ -58,6 +71,12 @@ class PluginManager(pluggy.PluginManager):
 
     def __init__(self, project_name: str) -> None:
         super().__init__(project_name)
+        self.async_timeout: float | None = None
+        """Seconds an ``async def`` plugin may take over one batch (None: no limit)."""
+        self.async_timeouts: dict[str, float] = {}
+        """Per plugin name, overriding :attr:`async_timeout`."""
+        self.loop_thread = LoopThread()
+        """Where async plugins run for deliveries made from synchronous code."""
         self._delivery_order: DeliveryOrder | None = None
         self._generation = 0
         """Counts plugin changes; an order built across one is not kept."""
@@ -73,12 +92,34 @@ class PluginManager(pluggy.PluginManager):
         order = self._delivery_order
         if order is None:
             generation = self._generation
+            logged = self.call_order("audit_event_logged")
+            committed = self.call_order("audit_events_committed")
+            waiting = {
+                impl.plugin_name
+                for impl in (*logged, *committed)
+                if inspect.iscoroutinefunction(impl.function)
+            }
+            asynchronous: list[AsyncPlugin] = []
+            for name in dict.fromkeys(
+                impl.plugin_name for impl in (*logged, *committed)
+            ):
+                if name in waiting:
+                    asynchronous.append(
+                        (
+                            name,
+                            next((i for i in logged if i.plugin_name == name), None),
+                            next((i for i in committed if i.plugin_name == name), None),
+                            self.async_timeouts.get(name, self.async_timeout),
+                        )
+                    )
             order = (
                 [
                     (impl, impl.argnames == ("envelope",))
-                    for impl in self.call_order("audit_event_logged")
+                    for impl in logged
+                    if impl.plugin_name not in waiting
                 ],
-                self.call_order("audit_events_committed"),
+                [impl for impl in committed if impl.plugin_name not in waiting],
+                asynchronous,
             )
             with self._cache_lock:
                 if self._generation == generation:
@@ -193,11 +234,95 @@ def deliver(
     at once, from a plugin, a receiver or a failure hook. The background
     worker passes ``()``: nothing it could stop belongs to the program.
     """
-    report = NOTHING_FAILED
-    logged, committed = plugin_manager.delivery_order()
+    logged, committed, asynchronous = _order(plugin_manager, only)
+    failures = (
+        run_coroutine(
+            deliver_to_async_plugins(asynchronous, envelopes),
+            plugin_manager.loop_thread,
+        )
+        if asynchronous
+        else ()
+    )
+    return _deliver_rest(
+        plugin_manager,
+        sender,
+        envelopes,
+        (logged, committed),
+        failures,
+        send_signals=send_signals,
+        let_through=let_through,
+        awaiting=None,
+    )
+
+
+async def adeliver(
+    plugin_manager: PluginManager,
+    sender: object,
+    envelopes: Sequence[AuditEventEnvelope],
+    *,
+    only: Collection[str] | None = None,
+    send_signals: bool = True,
+) -> DeliveryReport:
+    """:func:`deliver` from a coroutine, awaiting ``async def`` plugins (and
+    failure hooks) on the running loop; plain functions are called as they are."""
+    logged, committed, asynchronous = _order(plugin_manager, only)
+    failures = (
+        await deliver_to_async_plugins(asynchronous, envelopes) if asynchronous else ()
+    )
+    awaiting: list[Awaitable[Any]] = []
+    report = _deliver_rest(
+        plugin_manager,
+        sender,
+        envelopes,
+        (logged, committed),
+        failures,
+        send_signals=send_signals,
+        let_through=INTERRUPTS,
+        awaiting=awaiting,
+    )
+    for pending in awaiting:
+        try:
+            await pending
+        except INTERRUPTS:
+            raise
+        except BaseException:
+            logger.exception("an async audit_delivery_failed implementation raised")
+    return report
+
+
+def _order(
+    plugin_manager: PluginManager, only: Collection[str] | None
+) -> DeliveryOrder:
+    logged, committed, asynchronous = plugin_manager.delivery_order()
     if only is not None:
         logged = [pair for pair in logged if pair[0].plugin_name in only]
         committed = [impl for impl in committed if impl.plugin_name in only]
+        asynchronous = [plugin for plugin in asynchronous if plugin[0] in only]
+    return logged, committed, asynchronous
+
+
+def _deliver_rest(
+    plugin_manager: PluginManager,
+    sender: object,
+    envelopes: Sequence[AuditEventEnvelope],
+    plain: tuple[list[tuple[HookImpl, bool]], list[HookImpl]],
+    failures: Sequence[Failure],
+    *,
+    send_signals: bool,
+    let_through: tuple[type[BaseException], ...],
+    awaiting: list[Awaitable[Any]] | None,
+) -> DeliveryReport:
+    """The plain-function plugins, the async ones' *failures*, and the signals.
+
+    Async failure hooks are run where they are met, or, with *awaiting*,
+    appended to it for the caller to await.
+    """
+    report = NOTHING_FAILED
+    logged, committed = plain
+    for name, impl, taken, error in failures:
+        report = _writable(report)
+        report._plugin_error(name, taken, error)
+        _plugin_failed(plugin_manager, impl, taken, error, let_through, awaiting)
     for envelope in envelopes:
         for impl, takes_envelope in logged:
             try:
@@ -210,7 +335,9 @@ def deliver(
             except BaseException as error:
                 report = _writable(report)
                 report._plugin_error(impl.plugin_name, (envelope,), error)
-                _plugin_failed(plugin_manager, impl, (envelope,), error, let_through)
+                _plugin_failed(
+                    plugin_manager, impl, (envelope,), error, let_through, awaiting
+                )
     for impl in committed:
         try:
             _call(impl, {"envelopes": envelopes})
@@ -219,7 +346,9 @@ def deliver(
         except BaseException as error:
             report = _writable(report)
             report._plugin_error(impl.plugin_name, envelopes, error)
-            _plugin_failed(plugin_manager, impl, envelopes, error, let_through)
+            _plugin_failed(
+                plugin_manager, impl, envelopes, error, let_through, awaiting
+            )
     if send_signals and signals.audit_event_committed.receivers:
         for envelope in envelopes:
             errors = send_isolated(
@@ -270,6 +399,7 @@ def _plugin_failed(
     envelopes: Sequence[AuditEventEnvelope],
     error: BaseException,
     let_through: tuple[type[BaseException], ...],
+    awaiting: list[Awaitable[Any]] | None = None,
 ) -> None:
     name = impl.plugin_name
     logger.error(
@@ -282,7 +412,14 @@ def _plugin_failed(
     arguments = {"plugin_name": name, "envelopes": tuple(envelopes), "error": error}
     for failure_impl in plugin_manager.call_order("audit_delivery_failed"):
         try:
-            _call(failure_impl, arguments)
+            result = failure_impl.function(
+                *[arguments[argument] for argument in failure_impl.argnames]
+            )
+            if inspect.isawaitable(result):
+                if awaiting is not None:
+                    awaiting.append(result)
+                else:
+                    run_coroutine(result, plugin_manager.loop_thread)
         except let_through:
             raise
         except BaseException:

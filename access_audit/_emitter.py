@@ -6,13 +6,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import inspect
 import threading
 import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from sqlalchemy.util import greenlet_spawn
 
 from . import signals
 from ._background import BackgroundDispatcher, running_loop
@@ -20,6 +20,7 @@ from ._context import ActorResolver, MetadataProvider
 from ._dispatch import (
     DeliveryReport,
     PluginManager,
+    adeliver,
     deliver,
     delivering_plugins,
     send_isolated,
@@ -29,6 +30,7 @@ from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._imports import plugin_from
 from ._listeners import SessionListeners
 from ._logging import logger
+from ._loop_dispatch import LoopDispatcher
 from ._registry import (
     AttachTarget,
     attached_to_instance,
@@ -97,8 +99,16 @@ class AuditEmitter:
         JSON; a larger one fails ``stage_event`` (or, when lazy values make
         it larger, the commit, before COMMIT) with ``ValueError``.
     :param dispatch: ``"inline"`` delivers in the committing thread before
-        ``commit()`` returns; ``"background"`` queues the batch for a worker
-        thread and returns at once (see :meth:`flush` and :meth:`close`).
+        ``commit()`` returns (``await session.commit()`` of an AsyncSession
+        also awaits the ``async def`` plugins); ``"background"`` queues the
+        batch for a worker thread and returns at once (see :meth:`flush` and
+        :meth:`close`); ``"asyncio"`` queues it for a task on the running
+        event loop (see :meth:`aflush` and :meth:`aclose`; a commit made with
+        no running loop delivers inline).
+    :param async_timeout: the seconds an ``async def`` plugin may take over
+        one batch; one that takes longer is cancelled and reported through
+        ``audit_delivery_failed`` with a :class:`TimeoutError`. None: no limit.
+    :param async_timeouts: per plugin name, overriding ``async_timeout``.
     :param outbox: an :class:`~access_audit.outbox.Outbox`: envelopes are
         also written to its table inside the committing transaction and
         marked delivered per plugin, for at-least-once delivery with a relay.
@@ -135,6 +145,8 @@ class AuditEmitter:
         queue_size: int = 10_000,
         queue_full: QueueFullPolicy = "block",
         joined_transactions: JoinedTransactions = "outer",
+        async_timeout: float | None = None,
+        async_timeouts: Mapping[str, float] | None = None,
     ) -> None:
         _check_choice("dispatch", dispatch, DISPATCH_MODES)
         _check_choice("joined_transactions", joined_transactions, JOINED_TRANSACTIONS)
@@ -147,6 +159,8 @@ class AuditEmitter:
         self.plugin_manager = PluginManager(PROJECT_NAME)
         """The :class:`pluggy.PluginManager` holding this emitter's plugins."""
         self.plugin_manager.add_hookspecs(AuditEventsPluginSpec)
+        self.plugin_manager.async_timeout = async_timeout
+        self.plugin_manager.async_timeouts = dict(async_timeouts or {})
         self.actor_resolver = actor_resolver
         self.metadata_provider = metadata_provider
         self.raise_plugin_errors = raise_plugin_errors
@@ -161,6 +175,9 @@ class AuditEmitter:
             BackgroundDispatcher(queue_size, queue_full)
             if dispatch == "background"
             else None
+        )
+        self._on_loop = (
+            LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )
         self._listeners = SessionListeners(self)
         for plugin in plugins:
@@ -237,6 +254,8 @@ class AuditEmitter:
     @property
     def dropped(self) -> int:
         """Batches a full background queue dropped (``queue_full="drop"``)."""
+        if self._on_loop is not None:
+            return self._on_loop.dropped
         return 0 if self._background is None else self._background.dropped
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -245,6 +264,7 @@ class AuditEmitter:
         Returns False if *timeout* (seconds) passed first; True at once for
         inline dispatch.
         """
+        self._refuse_sync_wait("flush")
         return True if self._background is None else self._background.flush(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
@@ -254,6 +274,7 @@ class AuditEmitter:
         log an error. The interpreter's exit does this too. Returns False if
         *timeout* passed first.
         """
+        self._refuse_sync_wait("close")
         return True if self._background is None else self._background.close(timeout)
 
     async def aflush(self, timeout: float | None = None) -> bool:
@@ -261,6 +282,8 @@ class AuditEmitter:
 
         Returns False if *timeout* (seconds) passed first.
         """
+        if self._on_loop is not None:
+            return await self._on_loop.flush(timeout)
         if self._background is None:
             return True
         return await asyncio.to_thread(self._background.flush, timeout)
@@ -270,6 +293,8 @@ class AuditEmitter:
 
         Returns False if *timeout* (seconds) passed first.
         """
+        if self._on_loop is not None:
+            return await self._on_loop.close(timeout)
         if self._background is None:
             return True
         return await asyncio.to_thread(self._background.close, timeout)
@@ -312,6 +337,20 @@ class AuditEmitter:
         outer transaction of a joined session), where taking another pooled
         connection could wait for the very one being returned.
         """
+        if self._on_loop is not None:
+            loop = running_loop()
+            if loop is not None:
+                try:
+                    self._on_loop.submit(
+                        loop, functools.partial(self._adeliver, envelopes, outbox_bind)
+                    )
+                except RuntimeError:
+                    logger.exception(
+                        "events %s committed after the emitter was closed were "
+                        "not sent",
+                        ", ".join(str(envelope.id) for envelope in envelopes),
+                    )
+                return
         if self._background is None:
             report = deliver(self.plugin_manager, self, envelopes)
             if outbox_bind is not None or report.errors:
@@ -326,6 +365,46 @@ class AuditEmitter:
             logger.exception(
                 "events %s committed after the emitter was closed were not sent",
                 ", ".join(str(envelope.id) for envelope in envelopes),
+            )
+
+    async def _adeliver(
+        self,
+        envelopes: tuple[AuditEventEnvelope, ...],
+        outbox_bind: Engine | Connection | None,
+    ) -> None:
+        """A job of ``dispatch="asyncio"``: deliver, then record the outbox rows.
+
+        Plugin errors are logged and reported; nobody is left to raise to.
+        """
+        report = await adeliver(self.plugin_manager, self, envelopes)
+        if outbox_bind is None:
+            return
+        assert self.outbox is not None
+        outbox = self.outbox
+        plugins = delivering_plugins(self.plugin_manager)
+
+        def record() -> None:
+            outbox.record(outbox_bind, envelopes, plugins, report)
+
+        try:
+            if outbox_bind.dialect.is_async:
+                # The rows went through an async engine's connection: its sync
+                # facade works inside SQLAlchemy's greenlet.
+                await greenlet_spawn(record)
+            else:
+                await asyncio.to_thread(record)
+        except Exception:
+            logger.exception(
+                "could not mark outbox rows %s as delivered; the relay will "
+                "deliver them again (consumers de-duplicate by id)",
+                ", ".join(str(envelope.id) for envelope in envelopes),
+            )
+
+    def _refuse_sync_wait(self, method: str) -> None:
+        if self._on_loop is not None:
+            raise RuntimeError(
+                f"emitter.{method}() cannot wait for dispatch='asyncio' from "
+                f"synchronous code; use 'await emitter.a{method}()' on the loop"
             )
 
     def _deliver(
@@ -391,8 +470,6 @@ class AuditEmitter:
             # An async engine's connections belong to its event loop: run the
             # update there. Without waiting: the loop may be the one blocked in
             # emitter.flush(), waiting for this very job.
-            from sqlalchemy.util import greenlet_spawn
-
             def check(done: concurrent.futures.Future[None]) -> None:
                 if done.cancelled():
                     failed()
@@ -465,18 +542,13 @@ class AuditEmitter:
         self._listeners.listen(session_class)
 
     def _refuse_unsupported_hooks(self, plugin: object) -> None:
-        # Each implementation is called on its own and synchronously: a
-        # wrapper has nothing to wrap, and nothing would await a coroutine.
+        # Each implementation is called (or awaited) on its own: a wrapper
+        # has nothing to wrap.
         for caller in self.plugin_manager.get_hookcallers(plugin) or ():
             for impl in caller.get_hookimpls():
                 if impl.plugin is not plugin:
                     continue
-                if inspect.iscoroutinefunction(impl.function):
-                    problem = (
-                        "as a coroutine function; hooks are called synchronously: "
-                        "make it a plain def and hand the work to your event loop"
-                    )
-                elif impl.hookwrapper or impl.wrapper:
+                if impl.hookwrapper or impl.wrapper:
                     problem = (
                         "as a wrapper; access_audit calls each implementation on "
                         "its own, so declare it with a plain @hookimpl"

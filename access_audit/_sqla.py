@@ -15,9 +15,18 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import NestedTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
+from sqlalchemy.util import await_only
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.util.concurrency import in_greenlet as _in_greenlet
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0
+    from sqlalchemy.util._concurrency_py3k import (  # type: ignore[import-not-found,no-redef]
+        in_greenlet as _in_greenlet,
+    )
 
 __all__ = [
     "autobegin",
+    "await_only",
     "checked_engine_options",
     "connection_entry",
     "connection_is_autocommit",
@@ -26,6 +35,7 @@ __all__ = [
     "ends_outer_transaction",
     "engine_is_autocommit",
     "has_connections",
+    "in_greenlet",
     "inherits_options",
     "is_autocommit",
     "is_flushing",
@@ -60,6 +70,16 @@ _state_of: Callable[[SessionTransaction], SessionTransactionState] = attrgetter(
     "_state"
 )
 _PAST_STAGING = (SessionTransactionState.PREPARED, SessionTransactionState.COMMITTED)
+
+
+def in_greenlet() -> bool:
+    """Whether this code runs inside the greenlet that an ``AsyncSession``
+    (``greenlet_spawn``) runs the synchronous Session in, where
+    :func:`await_only` awaits on the caller's event loop.
+
+    ``in_greenlet`` is ``sqlalchemy.util.concurrency``'s (private before 2.1).
+    """
+    return bool(_in_greenlet())
 
 
 def past_staging(transaction: SessionTransaction) -> bool:

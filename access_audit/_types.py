@@ -47,9 +47,10 @@ DiscardReason = Literal[
 """
 DISCARD_REASONS: tuple[DiscardReason, ...] = get_args(DiscardReason)
 
-DispatchMode = Literal["inline", "background"]
+DispatchMode = Literal["inline", "background", "asyncio"]
 """``AuditEmitter(dispatch=...)``: deliver in the committing thread before
-``commit()`` returns, or hand the batch to a worker thread."""
+``commit()`` returns, hand the batch to a worker thread, or to a task on the
+running event loop."""
 DISPATCH_MODES: tuple[DispatchMode, ...] = get_args(DispatchMode)
 
 QueueFullPolicy = Literal["block", "drop"]

@@ -778,21 +778,6 @@ def test_a_plugin_registered_while_another_thread_reads_the_order_is_called(
     assert late.names == recorder.names == ["a"]
 
 
-def test_coroutine_hook_implementations_are_refused() -> None:
-    """An ``async def`` hook would never be awaited: register() refuses it."""
-
-    class AsyncSink:
-        @hookimpl
-        async def audit_event_logged(self, envelope: object) -> None:
-            raise AssertionError("never awaited")
-
-    emitter = AuditEmitter(load_entrypoints=False)
-    sink = AsyncSink()
-    with pytest.raises(ValueError, match="coroutine function"):
-        emitter.register(sink)
-    assert not emitter.plugin_manager.is_registered(sink)
-
-
 def test_unnamed_plugins_get_stable_names_by_class() -> None:
     """Unnamed instances are named by class path, then "#2", "#3"."""
     emitter = AuditEmitter(load_entrypoints=False)

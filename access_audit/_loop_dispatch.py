@@ -1,0 +1,123 @@
+"""``dispatch="asyncio"``: commits return at once; a task on the loop delivers.
+
+Each event loop that commits gets a queue and one worker task, which runs
+the delivery jobs in commit order. The queue is bounded, with the policies of
+background dispatch: with ``"block"`` a committing ``AsyncSession`` waits for
+room without blocking the loop (SQLAlchemy runs the commit in a greenlet it
+can suspend); synchronous code on the loop's own thread cannot wait there,
+so its jobs go past the bound instead. ``"drop"`` drops and counts the batch
+(only with an outbox, whose relay delivers it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from ._logging import logger
+from ._sqla import await_only, in_greenlet
+
+if TYPE_CHECKING:
+    from ._types import QueueFullPolicy
+
+__all__ = ["LoopDispatcher"]
+
+Job = Callable[[], Coroutine[Any, Any, None]]
+
+
+class _LoopQueue:
+    """One event loop's jobs and the worker task running them."""
+
+    def __init__(self) -> None:
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.changed = asyncio.Condition()
+        self.unfinished = 0
+        self.worker: asyncio.Task[None] | None = None
+
+
+class LoopDispatcher:
+    """Delivery jobs queued per event loop, each loop's run in order by one task."""
+
+    def __init__(self, maxsize: int, when_full: QueueFullPolicy) -> None:
+        if maxsize <= 0:
+            raise ValueError("queue_size must be positive")
+        self.maxsize = maxsize
+        self.when_full = when_full
+        self.dropped = 0
+        """Batches dropped because the queue was full."""
+        self._queues: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _LoopQueue
+        ] = weakref.WeakKeyDictionary()
+        self._closed = False
+
+    def submit(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
+        """Queue *job* on *loop* (the running one), applying the queue-full policy.
+
+        :raises RuntimeError: the dispatcher was closed.
+        """
+        if self._closed:
+            raise RuntimeError(
+                "this emitter's asyncio dispatcher is closed; events committed "
+                "now cannot be delivered"
+            )
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _LoopQueue()
+        if len(queue.jobs) >= self.maxsize:
+            if self.when_full == "drop":
+                self.dropped += 1
+                logger.warning(
+                    "asyncio delivery queue full (%d batches): dropped a batch; "
+                    "the outbox relay will deliver it",
+                    self.maxsize,
+                )
+                return
+            if in_greenlet():
+                await_only(_room(queue, self.maxsize))
+        queue.jobs.append(job)
+        queue.unfinished += 1
+        if queue.worker is None or queue.worker.done():
+            queue.worker = loop.create_task(_work(queue))
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until this loop's queued jobs ran; False if *timeout* passed first."""
+        queue = self._queues.get(asyncio.get_running_loop())
+        if queue is None:
+            return True
+
+        async def drained() -> None:
+            async with queue.changed:
+                await queue.changed.wait_for(lambda: queue.unfinished == 0)
+
+        try:
+            await asyncio.wait_for(drained(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout: float | None = None) -> bool:
+        """Deliver what this loop has queued, then refuse new jobs."""
+        drained = await self.flush(timeout)
+        self._closed = True
+        return drained
+
+
+async def _room(queue: _LoopQueue, maxsize: int) -> None:
+    async with queue.changed:
+        await queue.changed.wait_for(lambda: len(queue.jobs) < maxsize)
+
+
+async def _work(queue: _LoopQueue) -> None:
+    while queue.jobs:
+        job = queue.jobs.popleft()
+        try:
+            await job()
+        except Exception:  # pragma: no cover - jobs report their own errors
+            logger.exception("asyncio delivery job failed")
+        finally:
+            queue.unfinished -= 1
+            async with queue.changed:
+                queue.changed.notify_all()

@@ -1,0 +1,302 @@
+"""``async def`` plugins, awaited in isolation, and ``dispatch="asyncio"``.
+
+AsyncSession tests run on aiosqlite and asyncpg (a down PostgreSQL skips
+locally and fails under CI=true), each in an event loop of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import sessionmaker
+from support import Item, Recorder, commit_one
+from test_async import BACKENDS, Backend, probe_asyncpg, run
+
+from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+
+
+class AsyncSink:
+    """An async plugin: sleeps, then records, noting the loop and thread."""
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None) -> None:
+        self.delay = delay
+        self.fail_on = fail_on
+        self.events: list[str] = []
+        self.batches: list[int] = []
+        self.loops: list[asyncio.AbstractEventLoop] = []
+        self.threads: list[threading.Thread] = []
+
+    @hookimpl
+    async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        self.loops.append(asyncio.get_running_loop())
+        self.threads.append(threading.current_thread())
+        await asyncio.sleep(self.delay)
+        if envelope.target_id == self.fail_on:
+            raise ConnectionError("sink down")
+        self.events.append(envelope.target_id)
+
+    @hookimpl
+    async def audit_events_committed(
+        self, envelopes: tuple[AuditEventEnvelope, ...]
+    ) -> None:
+        self.batches.append(len(envelopes))
+
+
+class Failures:
+    """Sync and async audit_delivery_failed implementations, recording."""
+
+    def __init__(self) -> None:
+        self.sync: list[tuple[str, str]] = []
+        self.async_: list[tuple[str, str]] = []
+
+    @hookimpl
+    def audit_delivery_failed(
+        self, plugin_name: str, envelopes: Any, error: BaseException
+    ) -> None:
+        self.sync.append((plugin_name, type(error).__name__))
+
+
+class AsyncFailures:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    async def audit_delivery_failed(
+        self, plugin_name: str, envelopes: Any, error: BaseException
+    ) -> None:
+        await asyncio.sleep(0)
+        self.seen.append((plugin_name, type(error).__name__))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """aiosqlite on a file in ``tmp_path``, or asyncpg (skipped if down)."""
+    if request.param == "asyncpg":
+        probe_asyncpg()
+    return Backend(request.param, tmp_path / "test.db")
+
+
+async def commit_items(maker: Any, *names: str) -> None:
+    async with maker() as session:
+        for name in names:
+            session.add(Item(name=name))
+            stage_event(
+                session, "item_created", target_type="item", target_id=name,
+                action="create",
+            )  # fmt: skip
+        await session.commit()
+
+
+def test_commit_returns_after_async_plugins_finished(backend: Backend) -> None:
+    """``await session.commit()`` awaits async plugins, on the caller's own loop."""
+    sink = AsyncSink(delay=0.05)
+    emitter = AuditEmitter([sink], load_entrypoints=False)
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        await commit_items(maker, "a", "b")
+        assert sink.events == ["a", "b"]
+        assert sink.batches == [2]
+        assert set(sink.loops) == {asyncio.get_running_loop()}
+
+    run(backend, body)
+
+
+def test_sync_and_async_plugins_mix(backend: Backend) -> None:
+    """Sync plugins and async ones all get every event, in staging order."""
+    sink, recorder = AsyncSink(), Recorder()
+    emitter = AuditEmitter([sink, recorder], load_entrypoints=False)
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        await commit_items(maker, "x", "y", "z")
+
+    run(backend, body)
+    assert sink.events == recorder.names == ["x", "y", "z"]
+
+
+def test_async_plugins_run_side_by_side(backend: Backend) -> None:
+    """Two slow async plugins take the time of one, not of both."""
+    slow = [AsyncSink(delay=0.3), AsyncSink(delay=0.3)]
+    emitter = AuditEmitter(load_entrypoints=False)
+    for number, sink in enumerate(slow):
+        emitter.register(sink, name=f"slow{number}")
+    took: list[float] = []
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        started = time.monotonic()
+        await commit_items(maker, "one")
+        took.append(time.monotonic() - started)
+
+    run(backend, body)
+    assert [sink.events for sink in slow] == [["one"], ["one"]]
+    assert took[0] < 0.55
+
+
+def test_a_failing_async_plugin_skips_nothing(backend: Backend) -> None:
+    """One async plugin raising: the others get the batch, failure hooks hear it."""
+    broken, healthy, recorder = AsyncSink(fail_on="b"), AsyncSink(), Recorder()
+    failures, async_failures = Failures(), AsyncFailures()
+    emitter = AuditEmitter(load_entrypoints=False)
+    emitter.register(broken, name="broken")
+    emitter.register(healthy, name="healthy")
+    emitter.register(recorder, name="recorder")
+    emitter.register(failures, name="failures")
+    emitter.register(async_failures, name="async_failures")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        await commit_items(maker, "a", "b", "c")
+
+    run(backend, body)
+    assert broken.events == ["a", "c"]
+    assert healthy.events == recorder.names == ["a", "b", "c"]
+    assert failures.sync == async_failures.seen == [("broken", "ConnectionError")]
+
+
+def test_a_hanging_async_plugin_times_out_alone(backend: Backend) -> None:
+    """Past its timeout an async plugin is cancelled and reported; others deliver."""
+    hanging, quick = AsyncSink(delay=30), AsyncSink()
+    failures = Failures()
+    emitter = AuditEmitter(
+        load_entrypoints=False, async_timeout=30, async_timeouts={"hanging": 0.2}
+    )
+    emitter.register(hanging, name="hanging")
+    emitter.register(quick, name="quick")
+    emitter.register(failures, name="failures")
+    took: list[float] = []
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        started = time.monotonic()
+        await commit_items(maker, "late")
+        took.append(time.monotonic() - started)
+
+    run(backend, body)
+    assert quick.events == ["late"] and hanging.events == []
+    assert failures.sync == [("hanging", "TimeoutError")]
+    assert took[0] < 5
+
+
+def test_a_cancelled_caller_leaves_deliveries_running(tmp_path: Path) -> None:
+    """Cancelling the committing task does not cancel the plugins' deliveries."""
+    sink = AsyncSink(delay=0.3)
+    emitter = AuditEmitter([sink], load_entrypoints=False)
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        task = asyncio.create_task(commit_items(maker, "kept"))
+        await asyncio.sleep(0.1)  # COMMIT is done; the plugin is sleeping
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)
+        assert sink.events == ["kept"]
+
+    run(backend, body)
+
+
+@pytest.fixture
+def sync_maker(engine: Any) -> Iterator[sessionmaker[Any]]:
+    yield sessionmaker(engine)
+
+
+def test_async_plugins_of_a_sync_session_run_on_the_emitters_loop(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """With a sync Session, async plugins run on a loop the emitter owns; never skipped."""
+    sink = AsyncSink(delay=0.01)
+    emitter = AuditEmitter([sink], load_entrypoints=False)
+    emitter.attach(sync_maker)
+    commit_one(sync_maker, "sync-1")
+    commit_one(sync_maker, "sync-2")
+    assert sink.events == ["sync-1", "sync-2"]
+    assert sink.threads[0] is not threading.current_thread()
+    assert sink.threads[0].name == "access_audit-asyncio"
+    emitter.detach(sync_maker)
+
+
+def test_asyncio_dispatch_delivers_after_the_commit_returns(backend: Backend) -> None:
+    """dispatch="asyncio": commit returns first; aflush() waits for the deliveries."""
+    sink = AsyncSink(delay=0.05)
+    emitter = AuditEmitter([sink], load_entrypoints=False, dispatch="asyncio")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        await commit_items(maker, "first")
+        await commit_items(maker, "second")
+        assert sink.events == []
+        assert await emitter.aflush(timeout=10)
+        assert sink.events == ["first", "second"]
+        assert await emitter.aclose(timeout=10)
+
+    run(backend, body)
+
+
+def test_asyncio_dispatch_needs_the_async_waits(tmp_path: Path) -> None:
+    """flush()/close() refuse with dispatch="asyncio": waiting needs the loop."""
+    emitter = AuditEmitter(load_entrypoints=False, dispatch="asyncio")
+    with pytest.raises(RuntimeError, match="aflush"):
+        emitter.flush()
+    with pytest.raises(RuntimeError, match="aclose"):
+        emitter.close()
+
+
+def test_asyncio_dispatch_without_a_running_loop_delivers_inline(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """A commit from a thread with no running loop is delivered before it returns."""
+    recorder = Recorder()
+    emitter = AuditEmitter([recorder], load_entrypoints=False, dispatch="asyncio")
+    emitter.attach(sync_maker)
+    commit_one(sync_maker, "inline")
+    assert recorder.names == ["inline"]
+    emitter.detach(sync_maker)
+
+
+def test_asyncio_dispatch_with_a_full_queue_blocks_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    """queue_full="block": a committing AsyncSession waits; other tasks still run."""
+    sink = AsyncSink(delay=0.05)
+    emitter = AuditEmitter(
+        [sink], load_entrypoints=False, dispatch="asyncio", queue_size=1
+    )
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        ticker = asyncio.create_task(tick())
+        for name in ("q1", "q2", "q3", "q4"):
+            await commit_items(maker, name)
+        assert await emitter.aflush(timeout=10)
+        ticker.cancel()
+        assert sink.events == ["q1", "q2", "q3", "q4"]
+        assert ticks > 5
+
+    run(backend, body)
