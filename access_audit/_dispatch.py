@@ -234,24 +234,20 @@ def deliver(
     at once, from a plugin, a receiver or a failure hook. The background
     worker passes ``()``: nothing it could stop belongs to the program.
     """
-    logged, committed, asynchronous = _order(plugin_manager, only)
+    order = (
+        plugin_manager.delivery_order()
+        if only is None
+        else _order(plugin_manager, only)
+    )
     failures = (
         run_coroutine(
-            deliver_to_async_plugins(asynchronous, envelopes),
-            plugin_manager.loop_thread,
+            deliver_to_async_plugins(order[2], envelopes), plugin_manager.loop_thread
         )
-        if asynchronous
+        if order[2]
         else ()
     )
     return _deliver_rest(
-        plugin_manager,
-        sender,
-        envelopes,
-        (logged, committed),
-        failures,
-        send_signals=send_signals,
-        let_through=let_through,
-        awaiting=None,
+        plugin_manager, sender, envelopes, order, failures, send_signals, let_through
     )
 
 
@@ -265,20 +261,18 @@ async def adeliver(
 ) -> DeliveryReport:
     """:func:`deliver` from a coroutine, awaiting ``async def`` plugins (and
     failure hooks) on the running loop; plain functions are called as they are."""
-    logged, committed, asynchronous = _order(plugin_manager, only)
-    failures = (
-        await deliver_to_async_plugins(asynchronous, envelopes) if asynchronous else ()
-    )
+    order = _order(plugin_manager, only)
+    failures = await deliver_to_async_plugins(order[2], envelopes) if order[2] else ()
     awaiting: list[Awaitable[Any]] = []
     report = _deliver_rest(
         plugin_manager,
         sender,
         envelopes,
-        (logged, committed),
+        order,
         failures,
-        send_signals=send_signals,
-        let_through=INTERRUPTS,
-        awaiting=awaiting,
+        send_signals,
+        INTERRUPTS,
+        awaiting,
     )
     for pending in awaiting:
         try:
@@ -293,6 +287,7 @@ async def adeliver(
 def _order(
     plugin_manager: PluginManager, only: Collection[str] | None
 ) -> DeliveryOrder:
+    """The delivery order, restricted to the plugins named in *only*."""
     logged, committed, asynchronous = plugin_manager.delivery_order()
     if only is not None:
         logged = [pair for pair in logged if pair[0].plugin_name in only]
@@ -305,12 +300,11 @@ def _deliver_rest(
     plugin_manager: PluginManager,
     sender: object,
     envelopes: Sequence[AuditEventEnvelope],
-    plain: tuple[list[tuple[HookImpl, bool]], list[HookImpl]],
+    order: DeliveryOrder,
     failures: Sequence[Failure],
-    *,
     send_signals: bool,
     let_through: tuple[type[BaseException], ...],
-    awaiting: list[Awaitable[Any]] | None,
+    awaiting: list[Awaitable[Any]] | None = None,
 ) -> DeliveryReport:
     """The plain-function plugins, the async ones' *failures*, and the signals.
 
@@ -318,7 +312,7 @@ def _deliver_rest(
     appended to it for the caller to await.
     """
     report = NOTHING_FAILED
-    logged, committed = plain
+    logged, committed, _ = order
     for name, impl, taken, error in failures:
         report = _writable(report)
         report._plugin_error(name, taken, error)
