@@ -21,8 +21,8 @@ def audit_actor(
     which may take ``Depends(...)`` parameters of its own) that returns an
     :class:`~access_audit.Actor`, an ``(id, email)`` tuple or None. Its
     actor applies, as in :func:`~access_audit.audit_context`, to every event
-    staged afterwards in the request: in the endpoint, in dependencies
-    resolved after this one and in the request's background tasks. None (no
+    staged afterwards in the request: in the endpoint and in dependencies
+    resolved after this one. None (no
     logged-in user) leaves the actor as it was (the emitter's
     ``actor_resolver``, else ``"system"``); an explicit ``actor_id=`` on
     :func:`~access_audit.stage_event` still wins.

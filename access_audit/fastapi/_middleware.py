@@ -26,8 +26,8 @@ class AccessAuditMiddleware:
     """A pure ASGI middleware: events staged during an HTTP request carry its metadata.
 
     Add it with ``app.add_middleware(AccessAuditMiddleware)``. Each event
-    staged while a request is served (in the endpoint, its dependencies, its
-    background tasks) gets, captured when it is staged, the metadata keys of
+    staged while a request is served (in the endpoint or its dependencies)
+    gets, captured when it is staged, the metadata keys of
     the Flask extension: ``ip_address`` (the ASGI scope's ``client``),
     ``user_agent``, ``request_id``, ``method``, ``path`` and ``endpoint`` (the
     matched route's path template, ``/groups/{group_id}``; None if no route
