@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import Any, TypeVar, Union
@@ -93,6 +94,17 @@ _current: ContextVar[AmbientContext] = ContextVar(
 
 current_context: Callable[[], AmbientContext] = _current.get
 """The :class:`AmbientContext` in effect here (one C call: it runs per staged event)."""
+
+
+@contextlib.contextmanager
+def ambient(context: AmbientContext) -> Iterator[None]:
+    """Make *context* the one in effect inside the block (an integration's
+    way in: :func:`audit_context` builds its own from keyword arguments)."""
+    token = _current.set(context)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 class audit_context:  # lower case: used like a function, as contextlib.suppress is

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._context import AmbientContext, _current
+from .._context import AmbientContext, current_context
+from .._context import ambient as ambient_context
 from .._emitter import AuditEmitter
 from .._request_metadata import provide_request_metadata
 from ._request import (
@@ -85,19 +86,17 @@ class AccessAuditMiddleware:
 @contextlib.contextmanager
 def _serving(state: RequestState, *, ambient: bool) -> Iterator[None]:
     request_token = current_request.set(state)
-    context_token = None
-    if ambient:
-        # audit_context's own variable, with a mapping that reads the route
-        # when an event is staged: the route is found after this point.
-        enclosing = _current.get()
-        context_token = _current.set(
-            AmbientContext(enclosing.actor, LiveMetadata(enclosing.metadata, state))
-        )
     try:
-        yield
+        if ambient:
+            # audit_context's own variable, with a mapping that reads the
+            # route when an event is staged: it is found after this point.
+            enclosing = current_context()
+            live = LiveMetadata(enclosing.metadata, state)
+            with ambient_context(AmbientContext(enclosing.actor, live)):
+                yield
+        else:
+            yield
     finally:
-        if context_token is not None:
-            _current.reset(context_token)
         current_request.reset(request_token)
 
 
