@@ -5,14 +5,16 @@ Installing this distribution registers :data:`plugin` under the
 :class:`access_audit.AuditEmitter` created with ``load_entrypoints=True``
 loads it. :data:`plugin` is configured from ``ACCESS_AUDIT_NATS_*``
 environment variables when this module is first imported, and is inert (its
-hook returns at once, with no thread or connection) while
-``ACCESS_AUDIT_NATS_URL`` is unset. For explicit configuration, register a
-:class:`JetStreamPublisher` of your own with ``load_entrypoints=False``::
+hook returns at once, with no connection) while ``ACCESS_AUDIT_NATS_URL`` is
+unset. The hook is ``async def``: it publishes on the loop access_audit
+awaits it on, with one connection per loop. For explicit configuration,
+register a :class:`JetStreamPublisher` of your own with
+``load_entrypoints=False``::
 
     publisher = JetStreamPublisher("nats://127.0.0.1:4222", subject_prefix="audit")
     emitter = AuditEmitter([publisher], load_entrypoints=False)
     ...
-    publisher.close()
+    await publisher.aclose()  # at shutdown, in your loop; close() from sync code
 """
 
 from ._publisher import ENVIRONMENT_PREFIX as ENVIRONMENT_PREFIX

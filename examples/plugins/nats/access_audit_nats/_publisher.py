@@ -14,7 +14,7 @@ import nats.aio.client
 
 from access_audit import hookimpl
 
-from ._loop import BackgroundLoop
+from ._connections import PerLoop
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -54,15 +54,6 @@ class JetStreamPublishError(Exception):
         self.acknowledged = acknowledged
 
 
-class _Connection:
-    """The loop-side state: one NATS connection, made when first needed."""
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.client: nats.aio.client.Client | None = None
-        self.jetstream: JetStreamContext | None = None
-
-
 class JetStreamPublisher:
     """Publish each committed event to NATS JetStream, acknowledged before returning.
 
@@ -93,14 +84,18 @@ class JetStreamPublisher:
     and a server that cannot be reached costs a commit one ``timeout``, not
     one per event.
 
-    One connection per plugin, made at the first commit (not at
-    construction) on an event loop in a daemon thread owned by the plugin:
-    the hook works from plain threads and from inside a running event loop
-    (``AsyncSession`` commits), which it blocks until the acknowledgement.
-    The connection reconnects by itself; while it is down, publishes time
-    out and raise. :meth:`close` drains it and stops the thread; a later
-    commit opens a new one. Create the plugin after forking, or
-    :meth:`close` it before (a child does not inherit the thread).
+    The hook is ``async def``: access_audit awaits it on the application's
+    own event loop inside ``await session.commit()`` of an ``AsyncSession``
+    (the loop keeps running while JetStream acknowledges), and on the event
+    loop the emitter owns for a sync ``Session``. A NATS connection belongs
+    to the loop it was made on, so the plugin keeps one connection per
+    loop, made at that loop's first publish (none at construction) and
+    reconnecting by itself; while it is down, publishes time out and
+    raise. :meth:`aclose` (in the application's loop, e.g. a lifespan's
+    shutdown) or :meth:`close` (from synchronous code) drains every one of
+    them on its own loop; a later commit opens new ones. Close the plugin
+    before its loop ends: a connection left on a closed loop is dropped
+    without draining. A forked child makes connections of its own.
 
     :param servers: a NATS URL, a comma-separated list of them, or a
         sequence (``nats://user:password@host:4222``, ``tls://...``). Empty:
@@ -137,8 +132,7 @@ class JetStreamPublisher:
         self.cloudevents = bool(cloudevents)
         self.source = _check_source(source)
         self.stream = None if stream is None else _check_stream(stream)
-        self._loop = BackgroundLoop("access_audit_nats")
-        self._connection: _Connection | None = None
+        self._connections = PerLoop()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> JetStreamPublisher:
@@ -196,6 +190,17 @@ class JetStreamPublisher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> JetStreamPublisher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def connections(self) -> int:
+        """How many event loops hold a connection of this publisher now."""
+        return len(self._connections)
+
     def subject_for(self, envelope: AuditEventEnvelope) -> str:
         """The subject *envelope* is published to: ``<subject_prefix>.<event_type>``."""
         return f"{self.subject_prefix}.{envelope.event_type}"
@@ -208,17 +213,20 @@ class JetStreamPublisher:
         return envelope.to_json().encode()
 
     @hookimpl
-    def audit_events_committed(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
+    async def audit_events_committed(
+        self, envelopes: Sequence[AuditEventEnvelope]
+    ) -> None:
         """Publish the committed batch; return once JetStream stored every event."""
         if self.enabled:
-            self.publish(envelopes)
+            await self.publish(envelopes)
 
-    def publish(self, envelopes: Sequence[AuditEventEnvelope]) -> list[PubAck]:
+    async def publish(self, envelopes: Sequence[AuditEventEnvelope]) -> list[PubAck]:
         """Publish *envelopes* in order and return JetStream's acknowledgements.
 
         What the hook does, for relays and scripts that want the
         acknowledgements: ``ack.duplicate`` is true for an event the stream
-        had already stored (then ``ack.seq`` is the stored message's).
+        had already stored (then ``ack.seq`` is the stored message's). Runs
+        on the running loop, with that loop's connection.
 
         :raises JetStreamPublishError: an event was not acknowledged; the
             events before it were.
@@ -232,19 +240,28 @@ class JetStreamPublisher:
         batch = tuple(envelopes)
         if not batch:
             return []
-        # The loop-side timeouts bound each step; this bounds the whole wait
-        # in case the loop itself is stuck.
-        limit = self.timeout * (len(batch) + 1) + 1.0
-        return self._loop.run(lambda: self._publish(batch), limit)
+        return await self._publish(batch)
+
+    async def aclose(self) -> None:
+        """Drain and close every loop's connection, each on its own loop.
+
+        Idempotent. Await it in the application's loop at shutdown (a
+        lifespan), before that loop ends; a commit after it opens a new
+        connection. A connection on a loop that no longer runs is dropped.
+        """
+        await self._connections.aclose_all(self.timeout)
 
     def close(self) -> None:
-        """Drain and close the connection, and stop the plugin's thread.
+        """:meth:`aclose` for synchronous code, which it blocks until drained.
 
-        Idempotent. Call it at shutdown (or use the publisher as a context
-        manager); a commit after it opens a new connection.
+        Idempotent; use it (or ``with JetStreamPublisher(...)``) where no
+        loop of yours runs, e.g. with a sync ``Session`` only, whose
+        connection is on the emitter's loop.
+
+        :raises RuntimeError: called inside a loop that holds a connection:
+            await :meth:`aclose` there.
         """
-        self._loop.stop(self._disconnect, self.timeout + 1.0)
-        self._connection = None
+        self._connections.close_all(self.timeout)
 
     async def _publish(self, batch: tuple[AuditEventEnvelope, ...]) -> list[PubAck]:
         jetstream = await self._jetstream(batch[0])
@@ -278,10 +295,7 @@ class JetStreamPublisher:
         return acks
 
     async def _jetstream(self, first: AuditEventEnvelope) -> JetStreamContext:
-        # Runs on the plugin's loop only: creating the state needs no lock.
-        if self._connection is None:
-            self._connection = _Connection()
-        connection = self._connection
+        connection = self._connections.current()
         async with connection.lock:
             if connection.client is None or connection.client.is_closed:
                 client = nats.aio.client.Client()
@@ -322,18 +336,6 @@ class JetStreamPublisher:
                 connection.jetstream = client.jetstream(timeout=self.timeout)
             assert connection.jetstream is not None
             return connection.jetstream
-
-    async def _disconnect(self) -> None:
-        connection, self._connection = self._connection, None
-        client = connection.client if connection is not None else None
-        if client is None or client.is_closed:
-            return
-        try:
-            # drain() flushes what is buffered, then closes.
-            await asyncio.wait_for(client.drain(), self.timeout)
-        finally:
-            if not client.is_closed:
-                await client.close()
 
 
 def _check_subject_prefix(prefix: str) -> str:

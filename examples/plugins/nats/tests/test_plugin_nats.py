@@ -36,10 +36,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import Session, sessionmaker
 from support import Base, Failures, Item, Recorder, operation, reach, stored_names
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
 
 NATS_URL = os.environ.get("ACCESS_AUDIT_TEST_NATS_URL", "nats://127.0.0.1:4222")
-THREAD_NAME = "access_audit_nats"
+THREAD_NAME = "access_audit_nats"  # the loop thread the plugin used to own
+EMITTER_LOOP_THREAD = "access_audit-asyncio"
 T = TypeVar("T")
 
 
@@ -62,6 +63,22 @@ def admin(operation: Callable[[JetStreamContext], Awaitable[T]]) -> T:
 
 def plugin_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+
+
+def emitter_loop_threads() -> int:
+    return sum(t.name == EMITTER_LOOP_THREAD for t in threading.enumerate())
+
+
+def on_a_loop(publisher: JetStreamPublisher, work: Callable[[], Awaitable[T]]) -> T:
+    """Await ``work()`` on a fresh loop, then close the publisher's connections."""
+
+    async def main() -> T:
+        try:
+            return await work()
+        finally:
+            await publisher.aclose()
+
+    return asyncio.run(main())
 
 
 @dataclasses.dataclass
@@ -126,7 +143,7 @@ class Harness:
 
 @pytest.fixture
 def make_harness(memory_engine: Engine) -> Iterator[Callable[..., Harness]]:
-    """Build harnesses around publishers; close them and check no thread is left."""
+    """Build harnesses around publishers; close them; the plugin owns no thread."""
     made: list[Harness] = []
 
     def make(**options: Any) -> Harness:
@@ -200,9 +217,10 @@ def test_entry_point_plugin_is_inert_without_url(
     for plugin in (inert, access_audit_nats.plugin):
         assert not plugin.enabled
         assert repr(plugin) == "<JetStreamPublisher inert>"
-        plugin.audit_events_committed(())
+        asyncio.run(plugin.audit_events_committed(()))
         with pytest.raises(RuntimeError, match="ACCESS_AUDIT_NATS_URL"):
-            plugin.publish(())
+            asyncio.run(plugin.publish(()))
+        assert plugin.connections == 0
     assert failures.calls == []
     assert caplog.records == []
     assert plugin_threads() == []
@@ -349,9 +367,11 @@ def test_redelivery_is_dropped_by_jetstream_duplicate_window(
 
     # What an at-least-once relay does: the hook again, then envelopes rebuilt
     # from their stored JSON (new objects, same ids).
-    harness.publisher.audit_events_committed(batch)
+    on_a_loop(
+        harness.publisher, lambda: harness.publisher.audit_events_committed(batch)
+    )
     rebuilt = [AuditEventEnvelope.from_dict(e.to_dict()) for e in batch]
-    acks = harness.publisher.publish(rebuilt)
+    acks = on_a_loop(harness.publisher, lambda: harness.publisher.publish(rebuilt))
     assert [ack.duplicate for ack in acks] == [True, True]
     assert [ack.seq for ack in acks] == [m.seq for m in stored]
     assert {ack.stream for ack in acks} == {stream.name}
@@ -406,57 +426,106 @@ def test_cloudevents_mode_publishes_valid_structured_cloudevents(
     assert b"admin@example.com" not in message.data.split(b'"data"')[0]
 
 
-class LoopProbe:
-    """Notes whether an event loop was running in the thread that called the hook."""
-
-    def __init__(self) -> None:
-        self.loop_running: list[bool] = []
-
-    @hookimpl
-    def audit_events_committed(self) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            self.loop_running.append(False)
-        else:
-            self.loop_running.append(True)
+async def make_async_maker(emitter: AuditEmitter) -> tuple[Any, Any]:
+    """An in-memory aiosqlite engine with the test tables, and its attached maker."""
+    engine = create_async_engine("sqlite+aiosqlite://")
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+    maker = async_sessionmaker(engine)
+    emitter.attach(maker)
+    return engine, maker
 
 
-def test_async_session_commit_inside_a_running_loop_publishes(
+def test_async_session_commits_publish_on_the_applications_loop(
     stream: Stream, make_harness: Callable[..., Harness]
 ) -> None:
-    """An AsyncSession commit (hook inside a running event loop) still publishes."""
+    """AsyncSession commits publish once each, Msg-Id = id, on the app's loop, no thread."""
     harness = make_harness(subject_prefix=stream.prefix)
-    probe = LoopProbe()
-    emitter = AuditEmitter(
-        [harness.recorder, harness.failures, probe], load_entrypoints=False
-    )
-    emitter.register(harness.publisher, name="nats")
+    publisher = harness.publisher
+    emitter = AuditEmitter([harness.recorder, harness.failures], load_entrypoints=False)
+    emitter.register(publisher, name="nats")
+    loop_threads = emitter_loop_threads()
 
     async def main() -> list[str]:
-        engine = create_async_engine("sqlite+aiosqlite://")
+        engine, maker = await make_async_maker(emitter)
         try:
-            async with engine.begin() as connection:
-                await connection.run_sync(Base.metadata.create_all)
-            maker = async_sessionmaker(engine)
-            emitter.attach(maker)
             async with maker() as session:
                 session.add(Item(name="async"))
                 stage(session, "group_member_added", "async")
                 await session.commit()
+                stage(session, "group.member_removed", "async")
+                await session.commit()
+            # The connection was made on this loop, and no thread was started
+            # for it: neither a plugin thread nor the emitter's loop thread.
+            assert publisher.connections == 1
+            assert plugin_threads() == []
+            assert emitter_loop_threads() == loop_threads
             async with maker() as session:
                 return list(await session.scalars(select(Item.name)))
         finally:
+            await publisher.aclose()
             await engine.dispose()
 
     assert asyncio.run(main()) == ["async"]
-    assert probe.loop_running == [True]  # the hooks ran inside the app's loop
+    assert publisher.connections == 0
     assert harness.failures.calls == []
+    committed = harness.recorder.events
+    assert [e.event_type for e in committed] == [
+        "group_member_added",
+        "group.member_removed",
+    ]
     messages = stream.messages()
+    assert [(m.headers or {}).get("Nats-Msg-Id") for m in messages] == ids(committed)
+    assert [m.subject for m in messages] == [
+        f"{stream.prefix}.group_member_added",
+        f"{stream.prefix}.group.member_removed",
+    ]
+
+
+def test_sync_session_publishes_on_the_emitters_loop_one_connection_per_loop(
+    stream: Stream, make_harness: Callable[..., Harness]
+) -> None:
+    """A sync commit uses a connection on the emitter's loop; each loop has its own."""
+    harness = make_harness(subject_prefix=stream.prefix)
+    publisher = harness.publisher
+    with harness.maker() as session:
+        operation(session, "sync-1")
+        session.commit()
+    assert publisher.connections == 1  # made on the emitter's loop
+    assert plugin_threads() == []
+
+    emitter = AuditEmitter([harness.recorder, harness.failures], load_entrypoints=False)
+    emitter.register(publisher, name="nats")
+
+    async def main() -> None:
+        engine, maker = await make_async_maker(emitter)
+        try:
+            async with maker() as session:
+                stage(session, "group_member_added", "async")
+                await session.commit()
+            assert publisher.connections == 2  # the emitter's loop's, and this one's
+            with pytest.raises(RuntimeError, match="aclose"):
+                publisher.close()  # would block the loop that must drain it
+            await publisher.aclose()  # both, each on its own loop
+            assert publisher.connections == 0
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    with harness.maker() as session:  # a new connection on the emitter's loop
+        operation(session, "sync-2")
+        session.commit()
+    assert publisher.connections == 1
+    publisher.close()
+    publisher.close()
+    assert publisher.connections == 0
+    assert harness.failures.calls == []
+    assert harness.recorder.names == ["sync-1", "async", "sync-2"]
+    messages = stream.messages()
+    assert len(messages) == 3
     assert [(m.headers or {}).get("Nats-Msg-Id") for m in messages] == ids(
         harness.recorder.events
     )
-    assert len(messages) == 1
 
 
 def test_concurrent_commits_share_one_connection(
@@ -483,7 +552,8 @@ def test_concurrent_commits_share_one_connection(
         worker.join()
     assert errors == []
     assert harness.failures.calls == []
-    assert len(plugin_threads()) == 1
+    assert plugin_threads() == []
+    assert harness.publisher.connections == 1  # all on the emitter's loop
     messages = stream.messages()
     assert len(messages) == 40
     by_id = {str(e.id): e for e in harness.recorder.events}
@@ -533,7 +603,51 @@ def test_unreachable_server_raises_after_timeout_and_commit_succeeds(
     assert error.acknowledged == 0
     # The session and the plugin stay usable: the next commit is tried again.
     with pytest.raises(JetStreamPublishError, match="could not connect"):
-        harness.publisher.publish(harness.recorder.events)
+        on_a_loop(
+            harness.publisher,
+            lambda: harness.publisher.publish(harness.recorder.events),
+        )
+
+
+def test_async_session_publish_failure_is_reported_and_the_loop_keeps_running(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """An unacknowledged publish in an AsyncSession commit reaches audit_delivery_failed;
+    the application's loop runs other tasks while the publisher waits."""
+    harness = make_harness(servers=f"nats://127.0.0.1:{free_port()}", timeout=0.5)
+    emitter = AuditEmitter([harness.recorder, harness.failures], load_entrypoints=False)
+    emitter.register(harness.publisher, name="nats")
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        engine, maker = await make_async_maker(emitter)
+        ticker = asyncio.get_running_loop().create_task(tick())
+        try:
+            async with maker() as session:
+                session.add(Item(name="kept"))
+                stage(session, "group_member_added", "kept")
+                await session.commit()
+            async with maker() as session:
+                assert list(await session.scalars(select(Item.name))) == ["kept"]
+        finally:
+            ticker.cancel()
+            await harness.publisher.aclose()
+            await engine.dispose()
+
+    asyncio.run(main())
+    ((name, envelopes, error),) = harness.failures.calls
+    assert name == "nats"
+    assert envelopes == tuple(harness.recorder.events)
+    assert isinstance(error, JetStreamPublishError)
+    assert "could not connect" in str(error)
+    assert error.envelope is envelopes[0]
+    # About 50 ticks in the 0.5 s wait; a loop blocked by the publisher has none.
+    assert len(ticks) >= 20
 
 
 @pytest.mark.parametrize(
@@ -558,38 +672,44 @@ def test_refused_publish_raises_and_commit_succeeds(
     assert stream.count() == 0
 
 
-def test_close_stops_the_thread_and_a_later_publish_reconnects(
+def test_aclose_drains_is_idempotent_and_a_later_publish_reconnects(
     stream: Stream,
 ) -> None:
-    """close() drains and stops the loop thread, is idempotent; use reopens."""
-    with JetStreamPublisher(NATS_URL, subject_prefix=stream.prefix) as publisher:
-        assert plugin_threads() == []  # nothing starts before the first publish
-        envelope = AuditEventEnvelope.from_dict(
-            {
-                "id": str(uuid.uuid4()),
-                "event_type": "group_member_added",
-                "timestamp": "2024-05-01T12:00:00+00:00",
-                "staged_at": "2024-05-01T12:00:00+00:00",
-                "actor_id": "system",
-                "actor_email": None,
-                "target_type": "group",
-                "target_id": "g",
-                "target_name": None,
-                "action": "add",
-                "reason": None,
-                "payload": {},
-                "metadata": {},
-                "transaction_id": str(uuid.uuid4()),
-                "sequence": 0,
-            }
-        )
-        (first,) = publisher.publish([envelope])
-        assert len(plugin_threads()) == 1
-        publisher.close()
-        assert plugin_threads() == []
-        publisher.close()
-        (again,) = publisher.publish([envelope])
-        assert len(plugin_threads()) == 1
+    """aclose() closes the loop's connection, twice is fine; publishing reconnects."""
+    envelope = AuditEventEnvelope.from_dict(
+        {
+            "id": str(uuid.uuid4()),
+            "event_type": "group_member_added",
+            "timestamp": "2024-05-01T12:00:00+00:00",
+            "staged_at": "2024-05-01T12:00:00+00:00",
+            "actor_id": "system",
+            "actor_email": None,
+            "target_type": "group",
+            "target_id": "g",
+            "target_name": None,
+            "action": "add",
+            "reason": None,
+            "payload": {},
+            "metadata": {},
+            "transaction_id": str(uuid.uuid4()),
+            "sequence": 0,
+        }
+    )
+
+    async def main() -> tuple[Any, Any]:
+        async with JetStreamPublisher(NATS_URL, subject_prefix=stream.prefix) as pub:
+            assert pub.connections == 0  # nothing is made before the first publish
+            (first,) = await pub.publish([envelope])
+            assert pub.connections == 1
+            await pub.aclose()
+            await pub.aclose()
+            assert pub.connections == 0
+            (again,) = await pub.publish([envelope])
+            assert pub.connections == 1
+        assert pub.connections == 0
+        return first, again
+
+    first, again = asyncio.run(main())
     assert plugin_threads() == []
     assert not first.duplicate
     assert again.duplicate
