@@ -313,6 +313,23 @@ class AuditEmitter:
             )
         return self.outbox.relay(self, bind, **options)
 
+    async def arelay(self, bind: Any, **options: Any) -> Any:
+        """:meth:`relay` from asyncio code, through an ``AsyncEngine`` or
+        ``AsyncConnection``; see :func:`access_audit.outbox.arelay`.
+
+        Takes the same options (``stop`` is an :class:`asyncio.Event`) and
+        returns the run's :class:`~access_audit.outbox.RelayStats`; the loop
+        serves other tasks while it waits on the database or between polls.
+
+        :raises AuditConfigurationError: the emitter has no outbox.
+        """
+        if self.outbox is None:
+            raise AuditConfigurationError(
+                "this emitter has no outbox to relay from; create it with "
+                "AuditEmitter(..., outbox=Outbox(...))"
+            )
+        return await self.outbox.arelay(self, bind, **options)
+
     def _write_outbox(
         self, session: Session, envelopes: Sequence[AuditEventEnvelope]
     ) -> Engine | Connection:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine, Table
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import Session
 
     from ._context import ActorResolver, MetadataProvider
@@ -57,6 +58,12 @@ class DeliveryStore(Protocol):
 
     def relay(self, emitter: Any, bind: Engine | Connection, **options: Any) -> Any:
         """Deliver what is stored and still undelivered to *emitter*'s plugins."""
+
+    async def arelay(
+        self, emitter: Any, bind: AsyncEngine | AsyncConnection, **options: Any
+    ) -> Any:
+        """:meth:`relay` from a coroutine, through an async *bind*, without
+        blocking the running loop."""
 
 
 class Owner(Protocol):

@@ -3,13 +3,15 @@
 An emitter created with ``outbox=Outbox(...)`` writes each committed event to
 the outbox table inside the transaction that commits it, dispatches right
 after COMMIT as usual, and marks each row delivered per plugin. A relay
-(:meth:`AuditEmitter.relay <access_audit.AuditEmitter.relay>`,
+(:meth:`AuditEmitter.relay <access_audit.AuditEmitter.relay>`, its asyncio
+twin :meth:`AuditEmitter.arelay <access_audit.AuditEmitter.arelay>`,
 ``python -m access_audit relay`` or ``flask access-audit relay``) re-delivers
 what a crash, a deploy or a failing plugin left undelivered. Consumers
 de-duplicate by the envelope ``id``.
 """
 
 from ._relay import RelayStats as RelayStats
+from ._relay import arelay as arelay
 from ._relay import count_pending as count_pending
 from ._relay import list_dead as list_dead
 from ._relay import prune as prune
@@ -26,6 +28,7 @@ __all__ = [
     "PENDING",
     "Outbox",
     "RelayStats",
+    "arelay",
     "count_pending",
     "list_dead",
     "prune",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import threading
@@ -21,6 +23,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from .._dispatch import deliver, delivering_plugins
 from .._logging import logger
@@ -28,9 +31,11 @@ from ._store import OutboxRow, transaction, waiting_plugins
 from ._table import DEAD, DELIVERED, PENDING, Outbox
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
     from .._emitter import AuditEmitter
 
-__all__ = ["RelayStats", "list_dead", "prune", "relay", "retry_dead"]
+__all__ = ["RelayStats", "arelay", "list_dead", "prune", "relay", "retry_dead"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -108,11 +113,117 @@ def relay(
         ``interval`` seconds until ``stop`` is set.
     :param retention: delete ``delivered`` rows older than this.
     :param progress: called with the running totals after each batch.
+    :raises TypeError: *bind* is an ``AsyncEngine`` or ``AsyncConnection``
+        (await :func:`arelay` with it instead).
     """
+    if not isinstance(bind, (Engine, Connection)):
+        raise TypeError(
+            f"relay() takes an Engine or a Connection, not {type(bind).__name__}; "
+            "relay through an AsyncEngine or AsyncConnection with "
+            "'await emitter.arelay(bind, ...)'"
+        )
+    stopping = stop if stop is not None else threading.Event()
+    return _poll(
+        emitter, bind, outbox, stopping.is_set, stopping.wait,
+        batch_size=batch_size, max_attempts=max_attempts, backoff=backoff,
+        max_backoff=max_backoff, once=once, interval=interval,
+        retention=retention, progress=progress,
+    )  # fmt: skip
+
+
+async def arelay(
+    emitter: AuditEmitter,
+    bind: AsyncEngine | AsyncConnection,
+    outbox: Outbox,
+    *,
+    batch_size: int = 100,
+    max_attempts: int = 8,
+    backoff: float = 1.0,
+    max_backoff: float = 300.0,
+    once: bool = True,
+    interval: float = 1.0,
+    retention: timedelta | None = None,
+    stop: asyncio.Event | None = None,
+    progress: Callable[[RelayStats], None] | None = None,
+) -> RelayStats:
+    """:func:`relay` from asyncio code, through an ``AsyncEngine`` or ``AsyncConnection``.
+
+    The same run with the same options and guarantees, on the async driver
+    (``postgresql+asyncpg``, ``sqlite+aiosqlite``): :func:`relay` runs on
+    *bind*'s synchronous facade inside SQLAlchemy's greenlet bridge
+    (``sqlalchemy.util.greenlet_spawn``), so each statement is awaited on
+    the running loop, and the waits between polls are asyncio waits. The
+    loop serves other tasks meanwhile; plugins are still called as by
+    :func:`relay`, on the loop's thread, so one that blocks holds the loop
+    while it runs.
+
+    :param stop: with ``once=False``, the run returns its stats once this
+        is set, waking from a wait between polls at once.
+
+    Cancelling the task that awaits it ends the run too: a batch being
+    delivered is rolled back (its rows stay pending and are delivered
+    again, at least once as always), its connection is given back, and
+    the :class:`asyncio.CancelledError` propagates.
+
+    :raises TypeError: *bind* is a synchronous ``Engine`` or ``Connection``
+        (call :func:`relay` with it instead).
+    """
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    sync_bind: Engine | Connection
+    if isinstance(bind, AsyncEngine):
+        sync_bind = bind.sync_engine
+    elif isinstance(bind, AsyncConnection):
+        if bind.sync_connection is None:
+            await bind.start()
+        assert bind.sync_connection is not None
+        sync_bind = bind.sync_connection
+    else:
+        raise TypeError(
+            f"arelay() takes an AsyncEngine or an AsyncConnection, not "
+            f"{type(bind).__name__}; relay through a synchronous Engine or "
+            "Connection with emitter.relay(bind, ...)"
+        )
+    stopping = stop if stop is not None else asyncio.Event()
+
+    def pause(seconds: float) -> None:
+        await_only(_wait(stopping, seconds))
+
+    return await greenlet_spawn(
+        _poll, emitter, sync_bind, outbox, stopping.is_set, pause,
+        batch_size=batch_size, max_attempts=max_attempts, backoff=backoff,
+        max_backoff=max_backoff, once=once, interval=interval,
+        retention=retention, progress=progress,
+    )  # fmt: skip
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep *seconds*, or until *stop* is set if that comes first."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _poll(
+    emitter: AuditEmitter,
+    bind: Engine | Connection,
+    outbox: Outbox,
+    stopped: Callable[[], bool],
+    pause: Callable[[float], object],
+    *,
+    batch_size: int,
+    max_attempts: int,
+    backoff: float,
+    max_backoff: float,
+    once: bool,
+    interval: float,
+    retention: timedelta | None,
+    progress: Callable[[RelayStats], None] | None,
+) -> RelayStats:
+    """The relay's loop; *pause* waits between polls, cut short once *stopped*."""
     stats = RelayStats()
     plugins = sorted(delivering_plugins(emitter.plugin_manager))
     counted_at: float | None = None
-    while stop is None or not stop.is_set():
+    while not stopped():
         done = _relay_batch(
             emitter, bind, outbox, plugins, stats, batch_size, max_attempts, backoff,
             max_backoff,
@@ -128,10 +239,7 @@ def relay(
             _count_missing(bind, outbox, plugins, stats)
         if once:
             break
-        if stop is not None:
-            stop.wait(interval)
-        else:
-            threading.Event().wait(interval)
+        pause(interval)
     return stats
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import mysql
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import Session
 
     from .._dispatch import DeliveryReport
@@ -170,7 +171,7 @@ class Outbox:
         """Drop the table if it exists."""
         self.table.drop(bind, checkfirst=True)
 
-    # The emitter reaches the outbox only through these three methods (its
+    # The emitter reaches the outbox only through the methods below (its
     # delivery-store interface), so the core never imports this package.
 
     def write(
@@ -206,3 +207,14 @@ class Outbox:
         from ._relay import relay
 
         return relay(emitter, bind, self, **options)
+
+    async def arelay(
+        self,
+        emitter: AuditEmitter,
+        bind: AsyncEngine | AsyncConnection,
+        **options: Any,
+    ) -> RelayStats:
+        """Await :func:`~access_audit.outbox.arelay` for *emitter* on this outbox."""
+        from ._relay import arelay
+
+        return await arelay(emitter, bind, self, **options)
