@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import signal
@@ -13,12 +14,15 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
+from sqlalchemy.util import await_only, greenlet_spawn
+
 from .._errors import AuditConfigurationError
 from .._imports import import_plugin
-from ._relay import RelayStats, count_pending, list_dead, relay, retry_dead
+from ._relay import RelayStats, arelay, count_pending, list_dead, relay, retry_dead
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from .._emitter import AuditEmitter
     from ._table import Outbox
@@ -27,6 +31,7 @@ __all__ = [
     "CliOption",
     "RelayOptions",
     "add_relay_arguments",
+    "arun_command",
     "main",
     "relay_cli_options",
     "run_command",
@@ -141,7 +146,52 @@ def run_command(
     outbox: Outbox,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run what *options* ask for; returns the exit status."""
+    """Run what *options* ask for; returns the exit status.
+
+    A polling relay stops at SIGINT or SIGTERM (in the main thread).
+    """
+    stop = threading.Event()
+    _stop_on_signals(stop.set)
+
+    def run_relay(**settings: Any) -> RelayStats:
+        return relay(emitter, engine, outbox, stop=stop, **settings)
+
+    return _command(options, engine, outbox, out, run_relay)
+
+
+async def arun_command(
+    options: RelayOptions,
+    emitter: AuditEmitter,
+    engine: AsyncEngine,
+    outbox: Outbox,
+    out: TextIO = sys.stdout,
+) -> int:
+    """:func:`run_command` through an ``AsyncEngine``, relaying with
+    :func:`~access_audit.outbox.arelay`; returns the exit status.
+
+    A polling relay stops at SIGINT or SIGTERM (in the main thread).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _stop_on_signals(lambda: loop.call_soon_threadsafe(stop.set))
+
+    def run_relay(**settings: Any) -> RelayStats:
+        return await_only(arelay(emitter, engine, outbox, stop=stop, **settings))
+
+    # The commands run on the engine's synchronous facade, each statement
+    # awaited on this loop by SQLAlchemy's greenlet bridge.
+    return await greenlet_spawn(
+        _command, options, engine.sync_engine, outbox, out, run_relay
+    )
+
+
+def _command(
+    options: RelayOptions,
+    engine: Engine,
+    outbox: Outbox,
+    out: TextIO,
+    run_relay: Callable[..., RelayStats],
+) -> int:
     if options.list_dead:
         for row in list_dead(engine, outbox):
             out.write(json.dumps(row, sort_keys=True) + "\n")
@@ -152,13 +202,8 @@ def run_command(
         out.write(f"relay: {changed} dead rows are due again\n")
         if not options.once:
             return 0  # with --once, deliver them right away too
-    stop = threading.Event()
-    _stop_on_signals(stop)
     report = _progress_printer(out, engine, outbox, quiet=options.quiet)
-    stats = relay(
-        emitter,
-        engine,
-        outbox,
+    stats = run_relay(
         batch_size=options.batch_size,
         max_attempts=options.max_attempts,
         backoff=options.backoff,
@@ -170,7 +215,6 @@ def run_command(
             if options.retention_days is None
             else timedelta(days=options.retention_days)
         ),
-        stop=stop,
         progress=report,
     )
     if not options.quiet:
@@ -205,11 +249,11 @@ def _progress_printer(
     return report
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
+def _stop_on_signals(stop: Callable[[], object]) -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda *_: stop())
 
 
 def _register_plugin(emitter: AuditEmitter, spec: str) -> None:
@@ -273,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_relay_arguments(relay_parser)
     options = parser.parse_args(argv)
 
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, make_url
 
     from .._emitter import AuditEmitter
     from ._table import Outbox
@@ -285,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _register_plugin(emitter, spec)
         except (AuditConfigurationError, ValueError) as error:
             relay_parser.error(str(error))
+    if make_url(options.database_url).get_dialect().is_async:
+        return asyncio.run(_amain(options, emitter, outbox))
     engine = create_engine(options.database_url)
     try:
         if options.create_table:
@@ -294,3 +340,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     finally:
         engine.dispose()
+
+
+async def _amain(
+    parsed: argparse.Namespace, emitter: AuditEmitter, outbox: Outbox
+) -> int:
+    """:func:`main` for an async driver's URL (``postgresql+asyncpg://``)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(parsed.database_url)
+    try:
+        if parsed.create_table:
+            async with engine.begin() as connection:
+                await connection.run_sync(outbox.create)
+        return await arun_command(
+            RelayOptions.from_namespace(parsed), emitter, engine, outbox
+        )
+    finally:
+        await engine.dispose()
