@@ -4,10 +4,16 @@ order per target, retention, the command line, and several relays at once.
 Database tests run on SQLite, PostgreSQL and MariaDB (the ``engine`` fixture)
 unless they say otherwise. Each creates the outbox table on the engine and
 drops it afterwards; server engines already work in a namespace of this run.
+Those marked ``@on_every_relay`` (or listing ``relay`` variants) relay both
+through the engine (``emitter.relay``) and through an async engine on the same
+database (``await emitter.arelay``: aiosqlite, asyncpg); the ``relay`` fixture
+stands for either.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -15,14 +21,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session as OrmSession
-from support import outbox_emitter, outbox_rows
+from support import aiosqlite_engine, outbox_emitter, outbox_rows
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import (
@@ -36,6 +44,7 @@ from access_audit.outbox import (
     prune,
     retry_dead,
 )
+from conftest import RUN_NAMESPACE
 
 
 class Sink:
@@ -91,13 +100,11 @@ def make_due(engine: Engine, outbox: Outbox) -> None:
         connection.execute(update(table).values(next_attempt_at=table.c.created_at))
 
 
-def relay_until_idle(
-    emitter: AuditEmitter, engine: Engine, **options: Any
-) -> RelayStats:
+def relay_until_idle(relay: Relay, emitter: AuditEmitter, **options: Any) -> RelayStats:
     """Run the relay until a run neither delivers nor fails; return the totals."""
     total = RelayStats()
     for _ in range(50):
-        stats = emitter.relay(engine, once=True, **options)
+        stats = relay(emitter, once=True, **options)
         total.delivered += stats.delivered
         total.failed += stats.failed
         total.dead += stats.dead
@@ -109,8 +116,87 @@ def relay_until_idle(
     raise AssertionError(f"the relay did not settle: {total}")
 
 
-def database_url(engine: Engine) -> str:
+def database_url(engine: Engine | AsyncEngine) -> str:
     return engine.url.render_as_string(hide_password=False)
+
+
+@dataclasses.dataclass
+class Relay:
+    """How a test relays on ``engine``'s database: ``emitter.relay(engine)``,
+    or ``await emitter.arelay()`` on an async engine for the same database,
+    on an event loop of the test's own."""
+
+    engine: Engine
+    async_engine: AsyncEngine | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, emitter: AuditEmitter, **options: Any) -> RelayStats:
+        if self.async_engine is None:
+            stats: RelayStats = emitter.relay(self.engine, **options)
+        else:
+            assert self.loop is not None
+            stats = self.loop.run_until_complete(
+                emitter.arelay(self.async_engine, **options)
+            )
+        return stats
+
+    def cli_arguments(self) -> list[str]:
+        """``--database-url`` (and ``--schema``) for the command line."""
+        if self.async_engine is None:
+            return ["--database-url", database_url(self.engine)]
+        arguments = ["--database-url", database_url(self.async_engine)]
+        if self.async_engine.dialect.name == "postgresql":
+            # asyncpg takes no search_path in the URL: name the run's schema.
+            arguments += ["--schema", RUN_NAMESPACE]
+        return arguments
+
+
+def async_twin(engine: Engine, driver: str) -> AsyncEngine:
+    """An async engine on *engine*'s database (the run's schema on PostgreSQL)."""
+    if driver == "aiosqlite":
+        assert engine.url.database is not None
+        return aiosqlite_engine(Path(engine.url.database))
+    url = engine.url.set(drivername="postgresql+asyncpg").difference_update_query(
+        ["options"]
+    )
+    return create_async_engine(
+        url, connect_args={"server_settings": {"search_path": RUN_NAMESPACE}}
+    )
+
+
+@pytest.fixture
+def relay(request: pytest.FixtureRequest, engine: Engine) -> Iterator[Relay]:
+    """Relays on ``engine``'s database: through it, or (param ``aiosqlite``,
+    ``asyncpg``) through an async engine on the same database."""
+    driver = getattr(request, "param", "sync")
+    if driver == "sync":
+        yield Relay(engine)
+        return
+    loop = asyncio.new_event_loop()
+    async_engine = async_twin(engine, driver)
+    try:
+        yield Relay(engine, async_engine, loop)
+    finally:
+        loop.run_until_complete(async_engine.dispose())
+        loop.close()
+
+
+SERVER_RELAYS = [("postgresql", "sync"), ("postgresql", "asyncpg"), ("mariadb", "sync")]
+EVERY_RELAY = [("sqlite", "sync"), ("sqlite", "aiosqlite"), *SERVER_RELAYS]
+"""(database, driver the relay runs through): MariaDB has no async driver here."""
+
+
+def relays(*variants: tuple[str, str]) -> pytest.MarkDecorator:
+    """Parametrise ``engine`` and ``relay`` together over *variants*."""
+    return pytest.mark.parametrize(
+        ("engine", "relay"),
+        variants,
+        indirect=True,
+        ids=[f"{database}-{driver}" for database, driver in variants],
+    )
+
+
+on_every_relay = relays(*EVERY_RELAY)
 
 
 # --------------------------------------------------------------------------
@@ -181,11 +267,9 @@ never.wait()
 @pytest.mark.parametrize(
     "dispatch", ["inline", "background"], ids=["inline", "background"]
 )
-@pytest.mark.parametrize(
-    "engine", ["sqlite", "postgresql"], indirect=True, ids=["sqlite", "postgresql"]
-)
+@relays(*EVERY_RELAY[:4])
 def test_relay_delivers_what_a_killed_process_committed_exactly_once(
-    engine: Engine, outbox: Outbox, tmp_path: Path, dispatch: str
+    engine: Engine, relay: Relay, outbox: Outbox, tmp_path: Path, dispatch: str
 ) -> None:
     """After SIGKILL between COMMIT and delivery, the relay delivers each event once."""
     count = 4 if dispatch == "inline" else 10
@@ -217,11 +301,11 @@ def test_relay_delivers_what_a_killed_process_committed_exactly_once(
     assert {row["delivered_to"] for row in rows} == {"[]"}
 
     fresh = Sink()
-    early = outbox_emitter(outbox, sink=fresh).relay(engine, once=True)
+    early = relay(outbox_emitter(outbox, sink=fresh), once=True)
     assert early.delivered == 0  # rows are left to their dispatch for relay_after
     assert fresh.events == []
     make_due(engine, outbox)
-    stats = outbox_emitter(outbox, sink=fresh).relay(engine, once=True)
+    stats = relay(outbox_emitter(outbox, sink=fresh), once=True)
     assert fresh.names == committed
     assert sorted(fresh.ids) == sorted(row["id"] for row in rows)
     assert stats.delivered == len(committed)
@@ -229,13 +313,14 @@ def test_relay_delivers_what_a_killed_process_committed_exactly_once(
     rows = outbox_rows(engine, outbox)
     assert {row["status"] for row in rows} == {DELIVERED}
     assert {row["delivered_to"] for row in rows} == {'["sink"]'}
-    again = outbox_emitter(outbox, sink=fresh).relay(engine, once=True)
+    again = relay(outbox_emitter(outbox, sink=fresh), once=True)
     assert again.delivered == 0
     assert len(fresh.events) == len(committed)
 
 
+@on_every_relay
 def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """A relay does not take rows whose dispatch is still under way; it does later."""
     gate = threading.Event()
@@ -255,7 +340,7 @@ def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
         commit_events(engine, app, ["a"], ["b"])
         assert entered.wait(10)
         relayed = Sink()
-        stats = outbox_emitter(outbox, sink=relayed).relay(engine, once=True)
+        stats = relay(outbox_emitter(outbox, sink=relayed), once=True)
         assert stats.delivered == 0
         assert relayed.events == []
     finally:
@@ -268,7 +353,7 @@ def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
         ("b", DELIVERED),
     ]
     make_due(engine, outbox)
-    assert outbox_emitter(outbox, sink=relayed).relay(engine, once=True).delivered == 0
+    assert relay(outbox_emitter(outbox, sink=relayed), once=True).delivered == 0
     assert relayed.events == []
 
 
@@ -277,8 +362,9 @@ def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
 # --------------------------------------------------------------------------
 
 
+@on_every_relay
 def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """A plugin failing 3 times then working gets each event once; others no repeat."""
     flaky, steady = Sink(fail_first=3), Sink()
@@ -290,7 +376,7 @@ def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
     assert {row["status"] for row in rows} == {PENDING}
     make_due(engine, outbox)
 
-    stats = relay_until_idle(emitter, engine, backoff=0)
+    stats = relay_until_idle(relay, emitter, backoff=0)
     assert flaky.names == ["a", "b", "c"]
     assert set(flaky.calls.values()) == {4}
     assert steady.names == ["a", "b", "c"]
@@ -305,8 +391,9 @@ def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
         assert row["delivered_at"] is not None
 
 
+@on_every_relay
 def test_always_failing_plugin_ends_dead_and_retry_dead_redelivers_once_fixed(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """After max_attempts a delivery is dead; retry_dead re-delivers only to its plugin."""
     broken, steady = Sink(failing=True), Sink()
@@ -314,7 +401,7 @@ def test_always_failing_plugin_ends_dead_and_retry_dead_redelivers_once_fixed(
     commit_events(engine, emitter, ["a"], ["b"])
     make_due(engine, outbox)
 
-    stats = relay_until_idle(emitter, engine, backoff=0, max_attempts=3)
+    stats = relay_until_idle(relay, emitter, backoff=0, max_attempts=3)
     assert stats.dead == 2
     assert stats.failed == 2 * 2
     assert broken.events == []
@@ -328,13 +415,13 @@ def test_always_failing_plugin_ends_dead_and_retry_dead_redelivers_once_fixed(
         assert list(entry["dead_plugins"]) == ["broken"]
         assert "sink down for" in entry["dead_plugins"]["broken"]
     # Dead rows are not retried by later runs.
-    assert emitter.relay(engine, once=True, backoff=0).failed == 0
+    assert relay(emitter, once=True, backoff=0).failed == 0
     assert retry_dead(engine, outbox, {"steady"}) == 0
 
     broken.failing = False
     assert retry_dead(engine, outbox) == 2
     assert list_dead(engine, outbox) == []
-    relay_until_idle(emitter, engine, backoff=0, max_attempts=3)
+    relay_until_idle(relay, emitter, backoff=0, max_attempts=3)
     assert broken.names == ["a", "b"]
     assert steady.names == ["a", "b"]
     rows = outbox_rows(engine, outbox)
@@ -360,8 +447,8 @@ CLI_PLUGIN_NAME = "audit_relay_cli_sink"
 """The module plugin's name: pluggy names a module plugin by its module name."""
 
 
-def run_cli(engine: Engine, tmp_path: Path, *options: str) -> str:
-    """Run ``python -m access_audit relay`` on the engine's database; its stdout."""
+def run_cli(relay: Relay, tmp_path: Path, *options: str) -> str:
+    """Run ``python -m access_audit relay`` on *relay*'s database; its stdout."""
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(tmp_path), environment.get("PYTHONPATH")])
@@ -373,8 +460,7 @@ def run_cli(engine: Engine, tmp_path: Path, *options: str) -> str:
             "-m",
             "access_audit",
             "relay",
-            "--database-url",
-            database_url(engine),
+            *relay.cli_arguments(),
             "--no-entrypoints",
             *options,
         ],
@@ -387,8 +473,9 @@ def run_cli(engine: Engine, tmp_path: Path, *options: str) -> str:
     return completed.stdout
 
 
+@on_every_relay
 def test_cli_lists_dead_deliveries_and_retry_dead_redelivers_them(
-    engine: Engine, outbox: Outbox, tmp_path: Path
+    engine: Engine, relay: Relay, outbox: Outbox, tmp_path: Path
 ) -> None:
     """``relay --list-dead`` shows dead rows; ``--retry-dead --once`` delivers them."""
     (tmp_path / f"{CLI_PLUGIN_NAME}.py").write_text(CLI_PLUGIN)
@@ -396,17 +483,17 @@ def test_cli_lists_dead_deliveries_and_retry_dead_redelivers_them(
     emitter = outbox_emitter(outbox, steady=steady, **{CLI_PLUGIN_NAME: broken})
     commit_events(engine, emitter, ["a", "b"])
     make_due(engine, outbox)
-    relay_until_idle(emitter, engine, backoff=0, max_attempts=2)
+    relay_until_idle(relay, emitter, backoff=0, max_attempts=2)
     rows = outbox_rows(engine, outbox)
     assert {row["status"] for row in rows} == {DEAD}
 
-    output = run_cli(engine, tmp_path, "--list-dead")
+    output = run_cli(relay, tmp_path, "--list-dead")
     listed = [json.loads(line) for line in output.splitlines()]
     assert [entry["id"] for entry in listed] == [row["id"] for row in rows]
     assert [list(entry["dead_plugins"]) for entry in listed] == [[CLI_PLUGIN_NAME]] * 2
 
     output = run_cli(
-        engine, tmp_path, "--retry-dead", "--once", "--backoff", "0",
+        relay, tmp_path, "--retry-dead", "--once", "--backoff", "0",
         "--plugin", CLI_PLUGIN_NAME,
     )  # fmt: skip
     assert "2 dead rows are due again" in output
@@ -420,14 +507,15 @@ def test_cli_lists_dead_deliveries_and_retry_dead_redelivers_them(
         assert row["status"] == DELIVERED
         assert json.loads(row["delivered_to"]) == sorted([CLI_PLUGIN_NAME, "steady"])
         assert json.loads(row["failures"]) == {}
-    assert run_cli(engine, tmp_path, "--list-dead") == ""
+    assert run_cli(relay, tmp_path, "--list-dead") == ""
 
 
 @pytest.mark.parametrize(
     "relay_plugins", [["taken"], []], ids=["other-plugin-only", "no-plugins"]
 )
+@on_every_relay
 def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
-    engine: Engine, outbox: Outbox, relay_plugins: list[str]
+    engine: Engine, relay: Relay, outbox: Outbox, relay_plugins: list[str]
 ) -> None:
     """A relay lacking a plugin does not mark rows delivered that it still lacks."""
     taken, failing = Sink(), Sink(failing=True)
@@ -437,7 +525,7 @@ def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
     relay_emitter = outbox_emitter(
         outbox, **{name: other_relay for name in relay_plugins}
     )
-    stats = relay_emitter.relay(engine, once=True)
+    stats = relay(relay_emitter, once=True)
     assert stats.delivered == 0
     assert other_relay.events == []
     [row] = outbox_rows(engine, outbox)
@@ -446,8 +534,9 @@ def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
     assert count_pending(engine, outbox) == 1
 
 
+@on_every_relay
 def test_relay_lacking_a_plugin_leaves_crashed_rows_pending_for_it(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """Rows a crash left unmarked stay pending for a plugin the relay lacks."""
     siem, s3 = Sink(), Sink()
@@ -461,14 +550,14 @@ def test_relay_lacking_a_plugin_leaves_crashed_rows_pending_for_it(
             )
         )  # fmt: skip
     late_s3 = Sink()
-    outbox_emitter(outbox, s3=late_s3).relay(engine, once=True)
+    relay(outbox_emitter(outbox, s3=late_s3), once=True)
     [row] = outbox_rows(engine, outbox)
     assert late_s3.names == ["a"]
     assert json.loads(row["recipients"]) == ["s3", "siem"]
     assert (row["status"], json.loads(row["delivered_to"])) == (PENDING, ["s3"])
     make_due(engine, outbox)
     late_siem = Sink()
-    outbox_emitter(outbox, siem=late_siem, s3=Sink()).relay(engine, once=True)
+    relay(outbox_emitter(outbox, siem=late_siem, s3=Sink()), once=True)
     assert late_siem.names == ["a"]
     assert outbox_rows(engine, outbox)[0]["status"] == "delivered"
 
@@ -518,8 +607,10 @@ def relay_emitter(outbox: Outbox, plugin: object, name: str | None) -> AuditEmit
     [(None, "failed"), ("siem", "crashed")],
     ids=["class-path-name-after-failure", "other-name-after-crash"],
 )
+@on_every_relay
 def test_relay_under_another_name_delivers_nothing_and_reports_the_recorded_name(
     engine: Engine,
+    relay: Relay,
     outbox: Outbox,
     caplog: pytest.LogCaptureFixture,
     relay_name: str | None,
@@ -529,7 +620,7 @@ def test_relay_under_another_name_delivers_nothing_and_reports_the_recorded_name
     ids = leave_pending(engine, outbox, how)
     caplog.set_level("WARNING", logger="access_audit")
     misnamed = Sink()
-    stats = relay_until_idle(relay_emitter(outbox, misnamed, relay_name), engine)
+    stats = relay_until_idle(relay, relay_emitter(outbox, misnamed, relay_name))
     assert misnamed.events == []
     assert stats.delivered == stats.failed == 0
     assert stats.missing_plugins == {APP_NAME: 20}
@@ -549,7 +640,7 @@ def test_relay_under_another_name_delivers_nothing_and_reports_the_recorded_name
 
     make_due(engine, outbox)
     recorded = Sink()
-    stats = relay_until_idle(relay_emitter(outbox, recorded, APP_NAME), engine)
+    stats = relay_until_idle(relay, relay_emitter(outbox, recorded, APP_NAME))
     assert sorted(recorded.ids) == sorted(ids)
     assert len(recorded.ids) == len(set(recorded.ids)) == 20
     assert stats.delivered == 20
@@ -559,20 +650,21 @@ def test_relay_under_another_name_delivers_nothing_and_reports_the_recorded_name
     assert {row["delivered_to"] for row in rows} == {json.dumps([APP_NAME])}
     make_due(engine, outbox)
     assert (
-        relay_until_idle(relay_emitter(outbox, Sink(), relay_name), engine).delivered
+        relay_until_idle(relay, relay_emitter(outbox, Sink(), relay_name)).delivered
         == 0
     )
     assert misnamed.events == []
 
 
+@on_every_relay
 def test_relay_with_both_names_delivers_each_event_once_to_the_recorded_name(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """A relay that also has the plugin under another name sends it nothing."""
     ids = leave_pending(engine, outbox, "failed")
     recorded, misnamed = Sink(), Sink()
     emitter = outbox_emitter(outbox, **{APP_NAME: recorded, "siem": misnamed})
-    stats = relay_until_idle(emitter, engine)
+    stats = relay_until_idle(relay, emitter)
     assert sorted(recorded.ids) == sorted(ids)
     assert len(recorded.ids) == 20
     assert misnamed.events == []
@@ -620,15 +712,16 @@ def test_a_polling_relay_warns_once_about_a_name_it_lacks(
     assert f"20 rows pending for plugin {APP_NAME!r}" in messages[0]
 
 
+@on_every_relay
 def test_cli_delivers_only_under_the_given_name_and_prints_the_missing_names(
-    engine: Engine, outbox: Outbox, tmp_path: Path
+    engine: Engine, relay: Relay, outbox: Outbox, tmp_path: Path
 ) -> None:
     """``--plugin MODULE`` under its own name delivers nothing; ``NAME=MODULE`` once each."""
     (tmp_path / f"{CLI_PLUGIN_NAME}.py").write_text(CLI_PLUGIN)
     ids = leave_pending(engine, outbox, "failed")
     log = tmp_path / "cli.log"
 
-    output = run_cli(engine, tmp_path, "--once", "--plugin", CLI_PLUGIN_NAME)
+    output = run_cli(relay, tmp_path, "--once", "--plugin", CLI_PLUGIN_NAME)
     assert not log.exists()
     assert "0 delivered" in output
     assert (
@@ -640,13 +733,13 @@ def test_cli_delivers_only_under_the_given_name_and_prints_the_missing_names(
 
     make_due(engine, outbox)
     output = run_cli(
-        engine, tmp_path, "--once", "--plugin", f"{APP_NAME}={CLI_PLUGIN_NAME}"
+        relay, tmp_path, "--once", "--plugin", f"{APP_NAME}={CLI_PLUGIN_NAME}"
     )
     assert "20 delivered" in output
     assert "does not have" not in output
     make_due(engine, outbox)
-    run_cli(engine, tmp_path, "--once", "--plugin", f"{APP_NAME}={CLI_PLUGIN_NAME}")
-    run_cli(engine, tmp_path, "--once", "--plugin", CLI_PLUGIN_NAME)
+    run_cli(relay, tmp_path, "--once", "--plugin", f"{APP_NAME}={CLI_PLUGIN_NAME}")
+    run_cli(relay, tmp_path, "--once", "--plugin", CLI_PLUGIN_NAME)
     delivered = [line.split()[0] for line in log.read_text().splitlines()]
     assert sorted(delivered) == sorted(ids)
     assert len(delivered) == 20
@@ -715,7 +808,10 @@ def commit_numbered(engine: Engine, emitter: AuditEmitter, targets: list[str]) -
         emitter.detach(session)
 
 
-def test_relay_delivers_in_commit_order(engine: Engine, outbox: Outbox) -> None:
+@on_every_relay
+def test_relay_delivers_in_commit_order(
+    engine: Engine, relay: Relay, outbox: Outbox
+) -> None:
     """Undelivered events reach a plugin in commit order, across batches."""
     sink = OrderedSink()
     emitter = outbox_emitter(outbox, sink=sink)
@@ -723,14 +819,15 @@ def test_relay_delivers_in_commit_order(engine: Engine, outbox: Outbox) -> None:
     commit_numbered(engine, emitter, targets)
     sink.failing = False
     make_due(engine, outbox)
-    stats = emitter.relay(engine, once=True, batch_size=5)
+    stats = relay(emitter, once=True, batch_size=5)
     assert [e.payload["n"] for e in sink.events] == list(range(12))
     assert sink.names == targets
     assert stats.batches >= 3
 
 
+@on_every_relay
 def test_relay_keeps_a_targets_later_events_behind_one_waiting_for_retry(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """While a target's event waits for a retry, its later events wait too."""
     sink = OrderedSink()
@@ -740,22 +837,20 @@ def test_relay_keeps_a_targets_later_events_behind_one_waiting_for_retry(
     sink.fail_once = {0}
     make_due(engine, outbox)
 
-    emitter.relay(engine, once=True, backoff=60)
+    relay(emitter, once=True, backoff=60)
     assert [e.payload["n"] for e in sink.events] == [1, 3]  # x waits behind n=0
     statuses = [row["status"] for row in outbox_rows(engine, outbox)]
     assert statuses == [PENDING, DELIVERED, PENDING, DELIVERED]
 
     make_due(engine, outbox)
-    emitter.relay(engine, once=True, backoff=60)
+    relay(emitter, once=True, backoff=60)
     assert [e.payload["n"] for e in sink.events] == [1, 3, 0, 2]
     assert {row["status"] for row in outbox_rows(engine, outbox)} == {DELIVERED}
 
 
-@pytest.mark.parametrize(
-    "engine", ["postgresql", "mariadb"], indirect=True, ids=["postgresql", "mariadb"]
-)
+@relays(*SERVER_RELAYS)
 def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """A target's events after one locked by another relay wait for it."""
     sink = OrderedSink()
@@ -770,11 +865,11 @@ def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
         other_relay.execute(
             select(table.c.id).where(table.c.id == held_id).with_for_update()
         ).all()
-        emitter.relay(engine, once=True)
+        relay(emitter, once=True)
         # n = 0 is before the held row; n = 4 (x) must wait behind it.
         assert [e.payload["n"] for e in sink.events] == [0, 1, 3]
         other_relay.rollback()
-    emitter.relay(engine, once=True)
+    relay(emitter, once=True)
     assert [e.payload["n"] for e in sink.events] == [0, 1, 3, 2, 4]
 
 
@@ -807,8 +902,9 @@ def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
     assert numbers == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+@on_every_relay
 def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """Events of other targets are delivered while one target's backlog waits."""
     sink = OrderedSink()
@@ -818,7 +914,7 @@ def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
     sink.fail_once = set(range(8))  # every x fails its next attempt
     make_due(engine, outbox)
 
-    emitter.relay(engine, once=True, backoff=60, batch_size=2)
+    relay(emitter, once=True, backoff=60, batch_size=2)
     assert sink.names == ["y"]
     statuses = {
         row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)
@@ -831,8 +927,9 @@ def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
 # --------------------------------------------------------------------------
 
 
+@on_every_relay
 def test_retention_prunes_old_delivered_rows_only(
-    engine: Engine, outbox: Outbox
+    engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
     """The relay's retention deletes delivered rows older than it, nothing else."""
     sink = Sink()
@@ -853,7 +950,7 @@ def test_retention_prunes_old_delivered_rows_only(
             .where(table.c.aggregateid.in_(["old-1", "old-2"]))
             .values(delivered_at=long_ago)
         )
-    stats = emitter.relay(engine, once=True, retention=timedelta(days=7))
+    stats = relay(emitter, once=True, retention=timedelta(days=7))
     assert stats.pruned == 2
     remaining = {
         row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)

@@ -1,0 +1,248 @@
+"""The relay from asyncio: ``await emitter.arelay(async_engine)`` and the command
+line with an async driver's URL.
+
+The relay's guarantees are tested on both kinds of engine in test_relay.py
+(its ``relay`` variants); here is what only asyncio has: a polling relay that
+leaves the event loop free and stops on an ``asyncio.Event``, cancellation,
+an ``AsyncConnection``, and the engines each entry point refuses. Tests run
+on aiosqlite and asyncpg, each driving its own event loop with
+:func:`asyncio.run`, on the database of the ``engine`` fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from support import outbox_emitter, outbox_rows
+from test_relay import (
+    APP_NAME,
+    CLI_PLUGIN,
+    CLI_PLUGIN_NAME,
+    Relay,
+    Sink,
+    async_twin,
+    commit_events,
+)
+
+from access_audit import (
+    AuditConfigurationError,
+    AuditEmitter,
+    AuditEventEnvelope,
+    hookimpl,
+)
+from access_audit.outbox import DELIVERED, PENDING, Outbox, count_pending
+
+on_async_drivers = pytest.mark.parametrize(
+    ("engine", "driver"),
+    [("sqlite", "aiosqlite"), ("postgresql", "asyncpg")],
+    indirect=["engine"],
+    ids=["aiosqlite", "asyncpg"],
+)
+
+
+def run(
+    engine: Engine, driver: str, body: Callable[[AsyncEngine], Awaitable[None]]
+) -> None:
+    """Run *body* on an async engine for *engine*'s database, in a new event loop."""
+
+    async def main() -> None:
+        async_engine = async_twin(engine, driver)
+        try:
+            await body(async_engine)
+        finally:
+            await async_engine.dispose()
+
+    asyncio.run(main())
+
+
+def leave_two_pending(engine: Engine, outbox: Outbox) -> None:
+    """Commit events for "a" and "b" whose dispatch to "sink" failed: due at once."""
+    commit_events(engine, outbox_emitter(outbox, sink=Sink(failing=True)), ["a", "b"])
+    assert count_pending(engine, outbox) == 2
+
+
+@on_async_drivers
+def test_a_polling_arelay_leaves_the_loop_free_and_stops_on_its_event(
+    engine: Engine, driver: str, outbox: Outbox
+) -> None:
+    """Other tasks run while it polls; setting ``stop`` ends its wait at once."""
+    leave_two_pending(engine, outbox)
+    sink = Sink()
+    emitter = outbox_emitter(outbox, sink=sink)
+
+    async def body(async_engine: AsyncEngine) -> None:
+        stop = asyncio.Event()
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticking = asyncio.create_task(ticker())
+        relaying = asyncio.create_task(
+            emitter.arelay(async_engine, once=False, interval=5, stop=stop)
+        )
+        deadline = time.monotonic() + 30
+        while len(sink.events) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert sink.names == ["a", "b"]
+        before = len(ticks)
+        await asyncio.sleep(0.5)  # the relay waits out its 5 s interval meanwhile
+        assert not relaying.done()
+        stopped_at = time.monotonic()
+        stop.set()
+        stats = await asyncio.wait_for(relaying, 10)
+        assert time.monotonic() - stopped_at < 2
+        await ticking
+        assert stats.delivered == 2
+        assert len(ticks) - before >= 20
+        assert max(later - earlier for earlier, later in itertools.pairwise(ticks)) < 1
+
+    run(engine, driver, body)
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DELIVERED}
+
+
+class CancellingSink(Sink):
+    """Cancels the task relaying to it at its first event: mid-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task: asyncio.Task[object] | None = None
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        super().audit_event_logged(envelope)
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+
+@on_async_drivers
+def test_a_cancelled_arelay_rolls_its_batch_back_and_gives_its_connection_back(
+    engine: Engine, driver: str, outbox: Outbox
+) -> None:
+    """Cancelled mid-batch, the rows stay pending; the next run delivers them again."""
+    leave_two_pending(engine, outbox)
+    sink = CancellingSink()
+    emitter = outbox_emitter(outbox, sink=sink)
+
+    async def body(async_engine: AsyncEngine) -> None:
+        relaying = asyncio.create_task(
+            emitter.arelay(async_engine, once=False, interval=5)
+        )
+        sink.task = relaying
+        with pytest.raises(asyncio.CancelledError):
+            await relaying
+        assert async_engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert sink.names == ["a", "b"]
+        assert count_pending(engine, outbox) == 2
+        rows = outbox_rows(engine, outbox)
+        assert {row["delivered_to"] for row in rows} == {"[]"}
+        stats = await emitter.arelay(async_engine, once=True)
+        assert stats.delivered == 2
+
+    run(engine, driver, body)
+    assert sink.names == ["a", "b", "a", "b"]  # at least once
+    assert {row["status"] for row in outbox_rows(engine, outbox)} == {DELIVERED}
+
+
+@on_async_drivers
+def test_arelay_on_an_async_connection_works_in_the_callers_transaction(
+    engine: Engine, driver: str, outbox: Outbox
+) -> None:
+    """On an AsyncConnection the relay's updates are the caller's to commit or not."""
+    leave_two_pending(engine, outbox)
+    sink = Sink()
+    emitter = outbox_emitter(outbox, sink=sink)
+
+    async def body(async_engine: AsyncEngine) -> None:
+        async with async_engine.connect() as connection:
+            assert (await emitter.arelay(connection, once=True)).delivered == 2
+            await connection.rollback()
+        assert count_pending(engine, outbox) == 2
+        connection = async_engine.connect()  # not started: arelay starts it
+        try:
+            assert (await emitter.arelay(connection, once=True)).delivered == 2
+            await connection.commit()
+        finally:
+            await connection.close()
+
+    run(engine, driver, body)
+    assert sink.names == ["a", "b", "a", "b"]
+    assert count_pending(engine, outbox) == 0
+
+
+def test_relay_and_arelay_each_refuse_the_other_kind_of_engine(tmp_path: Path) -> None:
+    """``relay`` names ``arelay`` for an AsyncEngine, and the other way round."""
+    emitter = outbox_emitter(Outbox(), sink=Sink())
+    sync_engine = create_engine(f"sqlite:///{tmp_path / 'sync.db'}")
+    async_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'async.db'}")
+    try:
+        with pytest.raises(
+            TypeError, match=r"not AsyncEngine; .*await emitter\.arelay"
+        ):
+            emitter.relay(async_engine)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"not Engine; .*emitter\.relay\(bind"):
+            asyncio.run(emitter.arelay(sync_engine))
+        with pytest.raises(AuditConfigurationError, match="no outbox"):
+            asyncio.run(AuditEmitter(load_entrypoints=False).arelay(async_engine))
+    finally:
+        sync_engine.dispose()
+        asyncio.run(async_engine.dispose())
+
+
+@on_async_drivers
+def test_the_cli_relays_through_an_async_url_and_stops_at_sigterm(
+    engine: Engine, driver: str, outbox: Outbox, tmp_path: Path
+) -> None:
+    """``relay --database-url sqlite+aiosqlite://...`` polls, delivers, exits 0 at SIGTERM."""
+    (tmp_path / f"{CLI_PLUGIN_NAME}.py").write_text(CLI_PLUGIN)
+    commit_events(
+        engine, outbox_emitter(outbox, **{APP_NAME: Sink(failing=True)}), ["a", "b"]
+    )
+    log = tmp_path / "cli.log"
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(tmp_path), environment.get("PYTHONPATH")])
+    )
+    environment["AUDIT_RELAY_CLI_LOG"] = str(log)
+    arguments = Relay(engine, async_twin(engine, driver)).cli_arguments()
+    child = subprocess.Popen(
+        [
+            sys.executable, "-m", "access_audit", "relay", *arguments,
+            "--no-entrypoints", "--create-table", "--interval", "30",
+            "--plugin", f"{APP_NAME}={CLI_PLUGIN_NAME}",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and child.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) == 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # into its 30 s wait
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert "relay: 2 delivered, 0 failed, 0 dead" in out
+    assert "Traceback" not in err
+    assert [line.split()[1] for line in log.read_text().splitlines()] == ["a", "b"]
+    rows = outbox_rows(engine, outbox)
+    assert {row["status"] for row in rows} == {DELIVERED}
+    assert PENDING not in {row["status"] for row in rows}
