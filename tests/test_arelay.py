@@ -185,6 +185,43 @@ def test_arelay_on_an_async_connection_works_in_the_callers_transaction(
     assert count_pending(engine, outbox) == 0
 
 
+class AsyncSink:
+    """An ``async def`` plugin noting the loop each event reaches it on."""
+
+    def __init__(self) -> None:
+        self.loops: list[asyncio.AbstractEventLoop] = []
+        self.names: list[str] = []
+
+    @hookimpl
+    async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        await asyncio.sleep(0)
+        self.loops.append(asyncio.get_running_loop())
+        self.names.append(envelope.target_id)
+
+
+@on_async_drivers
+def test_arelay_awaits_async_plugins_on_the_running_loop(
+    engine: Engine, driver: str, outbox: Outbox
+) -> None:
+    """An ``async def`` plugin is awaited on the relay's own loop, not the emitter's."""
+    leave_two_pending(engine, outbox)
+    sink = AsyncSink()
+    emitter = outbox_emitter(outbox, sink=sink)
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def body(async_engine: AsyncEngine) -> None:
+        loops.append(asyncio.get_running_loop())
+        assert (await emitter.arelay(async_engine, once=True)).delivered == 2
+
+    try:
+        run(engine, driver, body)
+    finally:
+        emitter.close()
+    assert sink.names == ["a", "b"]
+    assert sink.loops == loops * 2
+    assert count_pending(engine, outbox) == 0
+
+
 def test_relay_and_arelay_each_refuse_the_other_kind_of_engine(tmp_path: Path) -> None:
     """``relay`` names ``arelay`` for an AsyncEngine, and the other way round."""
     emitter = outbox_emitter(Outbox(), sink=Sink())
