@@ -59,12 +59,13 @@ PUBLIC_MODULES = (
 # access_audit builds on have nothing to link to: they stay plain text. A
 # bare name is a type imported only for type checking.
 EXTERNAL = (
-    r"(builtins|collections|contextvars|datetime|json|logging|os|threading"
+    r"(asyncio|builtins|collections|contextvars|datetime|json|logging|os|threading"
     r"|types|typing|uuid|sqlalchemy|flask|flask_sqlalchemy|werkzeug|pluggy"
     r"|blinker|pytest)(\..+)?"
 )
 BARE_EXTERNAL = (
-    r"AsyncSession|Connection|Engine|Flask|MetaData|Session|SQLAlchemy"
+    r"AsyncConnection|AsyncEngine|AsyncSession|Connection|Engine|Flask|MetaData"
+    r"|Session|SQLAlchemy"
     r"|Table|scoped_session|sessionmaker|timedelta"
 )
 nitpick_ignore_regex = [(r"py:.*", EXTERNAL), (r"py:.*", BARE_EXTERNAL)]
