@@ -339,6 +339,9 @@ _PACKAGES = (
     "pluggy",
     "blinker",
     "psycopg",
+    "aiosqlite",
+    "asyncpg",
+    "greenlet",
 )
 
 

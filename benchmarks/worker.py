@@ -1,6 +1,6 @@
 """``python -m benchmarks.worker``: one interpreter's share of a per-commit workload.
 
-Usage: ``python -m benchmarks.worker {commit,flask} DATABASE {full,quick} ROUNDS``.
+Usage: ``python -m benchmarks.worker {commit,flask,async} DATABASE {full,quick} ROUNDS``.
 Prints ``{"ops": N, "samples": {variant: [ns per commit, ...]}}`` as JSON;
 :func:`benchmarks.harness.pooled` runs it and pools the samples.
 """
@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from .async_commit import async_samples
 from .flask_signal import flask_samples
 from .harness import FULL, QUICK, Samples, Settings
 from .workloads import commit_samples
@@ -19,6 +20,7 @@ from .workloads import commit_samples
 SAMPLERS: dict[str, Callable[[str, Settings], tuple[Samples, int]]] = {
     "commit": commit_samples,
     "flask": flask_samples,
+    "async": async_samples,
 }
 
 

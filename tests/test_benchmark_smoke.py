@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOAD_KEYS = ("commit", "flask_signal", "bulk", "memory")
+WORKLOAD_KEYS = ("commit", "flask_signal", "bulk", "memory", "async")
 RATIO_KEYS = ("median", "q1", "q3", "low", "high")
 
 
@@ -103,6 +104,7 @@ def test_quick_run_prints_targets_unchecked(
         "3",
         "4",
         "5",
+        "7",
     }
     assert all(isinstance(target["passed"], bool) for target in targets)
     assert all(target["rounds"] for target in targets if target["unit"] == "x")
@@ -112,6 +114,83 @@ def test_quick_run_prints_targets_unchecked(
         if line.startswith("| sqlite")
     }
     assert results == {"", "(quick)"}
+
+
+def test_quick_async_workload_compares_with_a_plain_async_session(
+    tmp_path: Path,
+) -> None:
+    """``--workloads async``: sync and async def plugin rows against plain AsyncSession."""
+    output = tmp_path / "latest.json"
+    completed = run_benchmark(
+        "--quick", "--databases", "sqlite", "--workloads", "async", "--output",
+        str(output),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    figures = json.loads(output.read_text())
+    measured = figures["databases"]["sqlite"]
+    assert list(measured) == ["server", "async"]
+    found = measured["async"]
+    assert found["driver"] == "aiosqlite"
+    assert found["server"].startswith("aiosqlite: sqlite ")
+    assert set(found["us_per_commit"]) == {"plain", "sync_plugin", "async_plugin"}
+    for key in ("sync_plugin_ratio", "async_plugin_ratio"):
+        assert set(found[key]) == set(RATIO_KEYS) and found[key]["median"] > 0
+    assert len(found["ops_per_round"]) == figures["settings"]["processes"] >= 2
+    assert found["rounds"] == figures["settings"]["rounds"]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in completed.stdout.splitlines()
+        if line.startswith("| sqlite")
+    ]
+    assert [(row[1], row[2], row[6], row[7]) for row in rows] == [
+        ("7 async commit", "plain AsyncSession insert+commit (aiosqlite)", "", ""),
+        (
+            "7 async, one event",
+            "sync no-op plugin / plain (aiosqlite)",
+            "<= 1.10x",
+            "(quick)",
+        ),
+        (
+            "7 async, one event",
+            "async def no-op plugin / plain (aiosqlite)",
+            "<= 1.10x",
+            "(quick)",
+        ),
+    ]
+
+
+DOWN = "postgresql+psycopg://root@127.0.0.1:1/test"
+"""A PostgreSQL URL nothing listens on."""
+ASYNC_DOWN = DOWN.replace("psycopg", "asyncpg")
+
+
+@pytest.mark.parametrize(
+    "unreachable",
+    [
+        {
+            "ACCESS_AUDIT_TEST_POSTGRESQL_URL": DOWN,
+            "ACCESS_AUDIT_TEST_POSTGRESQL_ASYNC_URL": ASYNC_DOWN,
+        },
+        {"ACCESS_AUDIT_TEST_POSTGRESQL_ASYNC_URL": ASYNC_DOWN},
+    ],
+    ids=["server-down", "asyncpg-cannot-connect"],
+)
+def test_async_workload_skips_a_server_it_cannot_reach(
+    tmp_path: Path, unreachable: dict[str, str]
+) -> None:
+    """Only async rows asked for: a PostgreSQL it cannot reach is skipped, with a message."""
+    output = tmp_path / "latest.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--databases", "postgresql",
+         "--workloads", "async", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, **unreachable},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "postgresql: async rows skipped" in completed.stderr
+    assert "| postgresql" not in completed.stdout
+    skipped = json.loads(output.read_text())["databases"]["postgresql"]
+    assert "skipped" in skipped.get("async", skipped)
 
 
 @pytest.mark.parametrize(
