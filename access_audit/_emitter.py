@@ -51,6 +51,7 @@ from ._values import PayloadRules
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import Session
 
     from ._envelope import AuditEventEnvelope
@@ -313,7 +314,7 @@ class AuditEmitter:
             )
         return self.outbox.relay(self, bind, **options)
 
-    async def arelay(self, bind: Any, **options: Any) -> Any:
+    async def arelay(self, bind: AsyncEngine | AsyncConnection, **options: Any) -> Any:
         """:meth:`relay` from asyncio code, through an ``AsyncEngine`` or
         ``AsyncConnection``; see :func:`access_audit.outbox.arelay`.
 
