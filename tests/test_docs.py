@@ -199,7 +199,7 @@ def test_recipe_passes(
             code = code.replace(DOCS_DATABASE_URL, database_url)
         (pytester.path / block.file).write_text(code)
     tests = sum(
-        len(re.findall(r"^def test_", block.code, re.MULTILINE))
+        len(re.findall(r"^(?:async )?def test_", block.code, re.MULTILINE))
         for block in files
         if block.file is not None and block.file.startswith("test_")
     )
