@@ -61,7 +61,7 @@ def test_pytest_plugin_passes_and_fails_exactly_when_it_should(
 ) -> None:
     """The fixture's assertions pass for emitted events and fail with a useful report."""
     pytester.makepyfile(test_generated=GENERATED_TESTS)
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:asyncio")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -77,7 +77,9 @@ def test_pytest_plugin_passes_and_fails_exactly_when_it_should(
 def test_pytest_plugin_can_be_turned_off(pytester: pytest.Pytester) -> None:
     """``-p no:access_audit`` removes the fixture."""
     pytester.makepyfile(test_off="def test_uses(audit_events):\n    pass\n")
-    result = pytester.runpytest("-p", "no:access_audit", "-p", "no:cacheprovider")
+    result = pytester.runpytest(
+        "-p", "no:access_audit", "-p", "no:cacheprovider", "-p", "no:asyncio"
+    )
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'audit_events' not found*"])
 
@@ -114,7 +116,7 @@ def test_ini_option_makes_plugin_errors_fail_the_test(
     """With ``audit_raise_plugin_errors = true`` a plugin bug fails the test."""
     pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.makepyfile(test_bug=PLUGIN_BUG_TEST)
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:asyncio")
     result.assert_outcomes(**outcome)
     if "failed" in outcome:
         result.stdout.fnmatch_lines(["*KeyError: 'plugin bug'*"])
