@@ -212,45 +212,6 @@ def delivering_plugins(plugin_manager: PluginManager) -> set[str]:
     }
 
 
-def deliver(
-    plugin_manager: PluginManager,
-    sender: object,
-    envelopes: Sequence[AuditEventEnvelope],
-    *,
-    only: Collection[str] | None = None,
-    send_signals: bool = True,
-    let_through: tuple[type[BaseException], ...] = INTERRUPTS,
-) -> DeliveryReport:
-    """Send one committed batch to every plugin, then to signal receivers.
-
-    Calls ``audit_event_logged`` per event and implementation, then
-    ``audit_events_committed`` once per implementation, then the
-    ``audit_event_committed`` receivers per event. Each error is logged and
-    plugin errors are reported through ``audit_delivery_failed``; none stops
-    the rest. ``only`` restricts delivery to the plugins of those names (a
-    relay re-delivering), ``send_signals=False`` skips the receivers.
-
-    An exception of a type in ``let_through`` is not isolated: it propagates
-    at once, from a plugin, a receiver or a failure hook. The background
-    worker passes ``()``: nothing it could stop belongs to the program.
-    """
-    order = (
-        plugin_manager.delivery_order()
-        if only is None
-        else _order(plugin_manager, only)
-    )
-    failures = (
-        run_coroutine(
-            deliver_to_async_plugins(order[2], envelopes), plugin_manager.loop_thread
-        )
-        if order[2]
-        else ()
-    )
-    return _deliver_rest(
-        plugin_manager, sender, envelopes, order, failures, send_signals, let_through
-    )
-
-
 async def adeliver(
     plugin_manager: PluginManager,
     sender: object,
@@ -261,18 +222,19 @@ async def adeliver(
 ) -> DeliveryReport:
     """:func:`deliver` from a coroutine, awaiting ``async def`` plugins (and
     failure hooks) on the running loop; plain functions are called as they are."""
-    order = _order(plugin_manager, only)
-    failures = await deliver_to_async_plugins(order[2], envelopes) if order[2] else ()
+    asynchronous = _order(plugin_manager, only)[2]
+    failures = (
+        await deliver_to_async_plugins(asynchronous, envelopes) if asynchronous else ()
+    )
     awaiting: list[Awaitable[Any]] = []
-    report = _deliver_rest(
+    report = deliver(
         plugin_manager,
         sender,
         envelopes,
-        order,
-        failures,
-        send_signals,
-        INTERRUPTS,
-        awaiting,
+        only=only,
+        send_signals=send_signals,
+        failures=failures,
+        awaiting=awaiting,
     )
     for pending in awaiting:
         try:
@@ -296,27 +258,49 @@ def _order(
     return logged, committed, asynchronous
 
 
-def _deliver_rest(
+def deliver(
     plugin_manager: PluginManager,
     sender: object,
     envelopes: Sequence[AuditEventEnvelope],
-    order: DeliveryOrder,
-    failures: Sequence[Failure],
-    send_signals: bool,
-    let_through: tuple[type[BaseException], ...],
+    *,
+    only: Collection[str] | None = None,
+    send_signals: bool = True,
+    let_through: tuple[type[BaseException], ...] = INTERRUPTS,
+    failures: Sequence[Failure] | None = None,
     awaiting: list[Awaitable[Any]] | None = None,
 ) -> DeliveryReport:
-    """The plain-function plugins, the async ones' *failures*, and the signals.
+    """Send one committed batch to every plugin, then to signal receivers.
 
-    Async failure hooks are run where they are met, or, with *awaiting*,
-    appended to it for the caller to await.
+    Calls ``audit_event_logged`` per event and implementation, then
+    ``audit_events_committed`` once per implementation, then the
+    ``audit_event_committed`` receivers per event. Each error is logged and
+    plugin errors are reported through ``audit_delivery_failed``; none stops
+    the rest. ``only`` restricts delivery to the plugins of those names (a
+    relay re-delivering), ``send_signals=False`` skips the receivers.
+
+    An exception of a type in ``let_through`` is not isolated: it propagates
+    at once, from a plugin, a receiver or a failure hook. The background
+    worker passes ``()``: nothing it could stop belongs to the program.
+
+    ``async def`` plugins are run through :func:`run_coroutine`, unless
+    :func:`adeliver` awaited them itself and passes their ``failures``; async
+    failure hooks likewise, unless ``awaiting`` collects them for the caller.
     """
     report = NOTHING_FAILED
-    logged, committed, _ = order
-    for name, impl, taken, error in failures:
-        report = _writable(report)
-        report._plugin_error(name, taken, error)
-        _plugin_failed(plugin_manager, impl, taken, error, let_through, awaiting)
+    if only is None:
+        logged, committed, asynchronous = plugin_manager.delivery_order()
+    else:
+        logged, committed, asynchronous = _order(plugin_manager, only)
+    if asynchronous:
+        if failures is None:
+            failures = run_coroutine(
+                deliver_to_async_plugins(asynchronous, envelopes),
+                plugin_manager.loop_thread,
+            )
+        for name, impl, taken, error in failures:
+            report = _writable(report)
+            report._plugin_error(name, taken, error)
+            _plugin_failed(plugin_manager, impl, taken, error, let_through, awaiting)
     for envelope in envelopes:
         for impl, takes_envelope in logged:
             try:
