@@ -17,12 +17,21 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.util import await_only
 
-try:  # SQLAlchemy 2.1
+try:  # SQLAlchemy 2.1 and later 2.0 releases
     from sqlalchemy.util.concurrency import in_greenlet as _in_greenlet
-except ImportError:  # pragma: no cover - SQLAlchemy 2.0
-    from sqlalchemy.util._concurrency_py3k import (  # type: ignore[import-not-found,no-redef]
-        in_greenlet as _in_greenlet,
-    )
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0.22 and near it
+
+    def _in_greenlet() -> bool:
+        # What in_greenlet() tests there: the greenlet greenlet_spawn() made.
+        try:
+            from greenlet import getcurrent  # type: ignore[import-untyped,unused-ignore]
+            from sqlalchemy.util._concurrency_py3k import (  # type: ignore[import-not-found,unused-ignore]
+                _AsyncIoGreenlet,
+            )
+        except ImportError:  # no greenlet: no AsyncSession either
+            return False
+        return isinstance(getcurrent(), _AsyncIoGreenlet)
+
 
 __all__ = [
     "autobegin",

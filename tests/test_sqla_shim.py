@@ -138,3 +138,21 @@ def test_a_connection_shares_its_engines_options_until_it_sets_its_own(
             assert not inherits_options(connection, engine, options)
     finally:
         other.dispose()
+
+
+def test_in_greenlet_tells_sqlalchemys_greenlet_apart() -> None:
+    """``in_greenlet`` is true inside ``greenlet_spawn`` only (await_only works there)."""
+    import asyncio
+
+    from sqlalchemy.util import greenlet_spawn
+
+    from access_audit._sqla import await_only, in_greenlet
+
+    async def main() -> tuple[bool, bool, int]:
+        def inside() -> tuple[bool, int]:
+            return in_greenlet(), await_only(asyncio.sleep(0, result=7))
+
+        seen, value = await greenlet_spawn(inside)
+        return in_greenlet(), seen, value
+
+    assert asyncio.run(main()) == (False, True, 7)
