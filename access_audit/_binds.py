@@ -18,6 +18,7 @@ from ._sqla import (
     encloses_foreign_savepoint,
     ends_outer_transaction,
     is_autocommit,
+    mapper_binds,
     nested_transactions,
     session_connections,
 )
@@ -73,7 +74,7 @@ def check_binds(
             # of its own is decided by that transaction.
             outer = [bind]
     watch = (
-        bool(session.binds)
+        bool(mapper_binds(session))
         or type(session).get_bind is not DEFAULT_GET_BIND
         or (not connected and (bind is None or isinstance(bind, Connection)))
     )

@@ -42,6 +42,7 @@ from ._sqla import (
     has_connections,
     is_autocommit,
     is_flushing,
+    mapper_binds,
     parent_of,
     past_staging,
     preparing,
@@ -562,7 +563,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
         if (
             type(bind) is Engine
             and not has_connections(root)
-            and not session.binds
+            and not mapper_binds(session)
             and type(session).get_bind is DEFAULT_GET_BIND
         ):
             # The common case, kept to a few lookups: an unconnected session

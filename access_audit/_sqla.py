@@ -8,7 +8,7 @@ there, loudly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from operator import attrgetter
 
 from sqlalchemy import Connection, Engine
@@ -48,6 +48,7 @@ __all__ = [
     "inherits_options",
     "is_autocommit",
     "is_flushing",
+    "mapper_binds",
     "nested_transactions",
     "parent_of",
     "past_staging",
@@ -73,6 +74,15 @@ parent_of: Callable[[SessionTransaction], SessionTransaction | None] = attrgette
 without the property call."""
 
 is_flushing: Callable[[Session], bool] = attrgetter("_flushing")
+
+mapper_binds: Callable[[Session], Mapping[object, object]] = attrgetter(
+    # Session(binds=...)'s table: private (name-mangled) in SQLAlchemy 2.0,
+    # the attribute ``binds`` from 2.1.
+    "_Session__binds"
+    if "_Session__binds" in Session.__init__.__code__.co_names
+    else "binds"
+)
+"""The per-mapper and per-table binds a session was given (empty: none)."""
 """``Session._flushing``: whether the session is inside ``flush()``."""
 
 _state_of: Callable[[SessionTransaction], SessionTransactionState] = attrgetter(

@@ -35,6 +35,8 @@ SQLALCHEMY_INTERNALS = {
     "_is_autocommit_isolation",
     "_on_connect_isolation_level",
     "_previous_nested",
+    "_Session__binds",
+    "binds",
     "SessionTransactionState",
 }
 """What ``_sqla.py`` reads of SQLAlchemy's private state (tests/test_sqla_shim.py

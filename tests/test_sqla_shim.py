@@ -156,3 +156,15 @@ def test_in_greenlet_tells_sqlalchemys_greenlet_apart() -> None:
         return in_greenlet(), seen, value
 
     assert asyncio.run(main()) == (False, True, 7)
+
+
+def test_mapper_binds_are_the_binds_a_session_was_given(engine: Engine) -> None:
+    """``mapper_binds`` reads ``Session(binds=...)`` (``binds`` from 2.1, private before)."""
+    from support import Item
+
+    from access_audit._sqla import mapper_binds
+
+    with Session(engine) as plain:
+        assert not mapper_binds(plain)
+    with Session(binds={Item: engine}) as bound:
+        assert Item in mapper_binds(bound)
