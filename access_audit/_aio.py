@@ -4,25 +4,27 @@ A plugin with an ``async def`` delivery hook gets the batch in a task of its
 own: its ``audit_event_logged`` calls in staging order, then its
 ``audit_events_committed``, both awaited. The tasks run together and are
 waited for with :func:`asyncio.wait`, never :func:`asyncio.gather`: one that
-fails, hangs past its timeout or is cancelled neither cancels nor skips the
-others, and a caller cancelled while it waits leaves them running.
+fails, hangs past its timeout (even one that ignores being cancelled) or is
+cancelled neither cancels nor skips the others, and a caller cancelled while
+it waits leaves them running; their failures are still reported.
 
 Where the awaiting happens: inside ``await session.commit()`` of an
 ``AsyncSession`` the listeners run in SQLAlchemy's greenlet, and the
 coroutine is awaited on the application's own loop (``await_only``); from
-plain synchronous code it runs on an event loop the emitter owns, in a
-thread of its own (:class:`LoopThread`).
+plain synchronous code it runs on an event loop of access_audit's, in a
+daemon thread of its own (one per process, :data:`LOOP`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
-import weakref
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._logging import logger
 from ._sqla import await_only, in_greenlet
 
 if TYPE_CHECKING:
@@ -30,17 +32,27 @@ if TYPE_CHECKING:
 
     from ._envelope import AuditEventEnvelope
 
-__all__ = ["AsyncPlugin", "LoopThread", "deliver_to_async_plugins", "run_coroutine"]
+__all__ = [
+    "LOOP",
+    "AsyncPlugin",
+    "Failure",
+    "LoopThread",
+    "deliver_to_async_plugins",
+    "run_coroutine",
+]
 
 T = TypeVar("T")
 
-AsyncPlugin = tuple[str, "HookImpl | None", "HookImpl | None", "float | None"]
-"""One plugin with an ``async def`` delivery hook: its name, its
+AsyncPlugin = tuple[str, "HookImpl | None", "HookImpl | None"]
+"""One plugin with an ``async def`` delivery hook: its name, and its
 ``audit_event_logged`` and ``audit_events_committed`` implementations (either
-may be sync, or absent) and its timeout in seconds (None: none)."""
+may be a plain function, or absent)."""
 
 Failure = tuple[str, "HookImpl", Sequence["AuditEventEnvelope"], BaseException]
 """A plugin's failure: its name, the implementation, the events, the error."""
+
+Timeouts = tuple["float | None", Mapping[str, float]]
+"""The default timeout in seconds (None: none), and per plugin name."""
 
 
 class LoopThread:
@@ -55,27 +67,27 @@ class LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        if hasattr(os, "register_at_fork"):
-            reference = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: _forget_loop(reference))
 
     def run(self, awaitable: Awaitable[T]) -> T:
         """Run *awaitable* on this loop and wait for its result in this thread.
 
-        :raises RuntimeError: called from the loop's own thread, which would
-            wait for itself.
+        Called from the loop's own thread (a plugin running there commits a
+        plain ``Session``), it cannot wait for itself: the awaitable then
+        runs on a fresh loop in another thread, while this one waits.
         """
-        loop = self._running_loop()
         if threading.current_thread() is self._thread:
-            raise RuntimeError(
-                "an async plugin's delivery waited for the emitter's own event "
-                "loop from inside it"
-            )
+            with concurrent.futures.ThreadPoolExecutor(1) as nested:
+                return nested.submit(asyncio.run, _as_coroutine(awaitable)).result()
+        loop = self._running_loop()
         return asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), loop).result()
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is None:
+            if (
+                self._loop is None
+                or self._thread is None
+                or not self._thread.is_alive()
+            ):
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(
                     target=loop.run_forever, name="access_audit-asyncio", daemon=True
@@ -84,91 +96,130 @@ class LoopThread:
                 self._loop, self._thread = loop, thread
             return self._loop
 
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._loop = self._thread = None
 
-def _forget_loop(reference: weakref.ref[LoopThread]) -> None:
-    owner = reference()
-    if owner is not None:
-        owner._lock = threading.Lock()
-        owner._loop = owner._thread = None
+
+LOOP = LoopThread()
+"""The process's loop for async plugins of deliveries from synchronous code."""
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=LOOP._forget)
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-def run_coroutine(awaitable: Awaitable[T], loop_thread: LoopThread) -> T:
+def run_coroutine(awaitable: Awaitable[T]) -> T:
     """Await *awaitable* from synchronous code, and return its result.
 
     Inside SQLAlchemy's greenlet (an ``AsyncSession`` committing) on the
-    caller's own event loop; anywhere else on *loop_thread*.
+    caller's own event loop; anywhere else on :data:`LOOP`.
     """
     if in_greenlet():
         result: T = await_only(_as_coroutine(awaitable))
         return result
-    return loop_thread.run(awaitable)
+    return LOOP.run(awaitable)
 
 
 async def deliver_to_async_plugins(
-    plugins: Sequence[AsyncPlugin], envelopes: Sequence[AuditEventEnvelope]
+    plugins: Sequence[AsyncPlugin],
+    envelopes: Sequence[AuditEventEnvelope],
+    timeouts: Timeouts,
+    late: Callable[[list[Failure]], None],
 ) -> list[Failure]:
     """Deliver *envelopes* to each plugin in a task of its own; return the failures.
 
     Each plugin gets its ``audit_event_logged`` calls in staging order (one
     that raises for an event does not stop the next), then its
-    ``audit_events_committed``. A plugin past its timeout is cancelled and
-    reported failed for the events it had not taken.
+    ``audit_events_committed``. A plugin past its timeout is cancelled,
+    without waiting for it, and reported failed for the events it had not
+    taken. Whatever a plugin raises is a failure here, even ``SystemExit``:
+    the caller decides what to let through.
+
+    If the caller is cancelled while it waits, the tasks keep running and
+    *late* gets their failures as each finishes; the cancellation goes on.
     """
     loop = asyncio.get_running_loop()
-    tasks = {
-        loop.create_task(_one_plugin(plugin, envelopes)): plugin for plugin in plugins
-    }
-    done, _ = await asyncio.wait(tasks)
+    default, per_plugin = timeouts
+    tasks = [
+        loop.create_task(
+            _one_plugin(plugin, envelopes, per_plugin.get(plugin[0], default))
+        )
+        for plugin in plugins
+    ]
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.add_done_callback(lambda done: late(done.result()))
+        raise
     failures: list[Failure] = []
-    for task in done:
-        found = task.result()  # _one_plugin never raises
-        failures.extend(found)
+    for task in tasks:
+        failures.extend(task.result())  # _one_plugin never raises
     return failures
 
 
 async def _one_plugin(
-    plugin: AsyncPlugin, envelopes: Sequence[AuditEventEnvelope]
+    plugin: AsyncPlugin, envelopes: Sequence[AuditEventEnvelope], timeout: float | None
 ) -> list[Failure]:
-    name, logged, committed, timeout = plugin
+    name, logged, committed = plugin
+    impl = logged if logged is not None else committed
+    assert impl is not None
     failures: list[Failure] = []
-    untaken = list(envelopes)
+    taken = 0
 
     async def run() -> None:
+        nonlocal taken
         if logged is not None:
             for envelope in envelopes:
                 try:
                     await _maybe_await(_call(logged, envelope=envelope))
-                except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+                except asyncio.CancelledError:
                     raise
                 except BaseException as error:
                     failures.append((name, logged, (envelope,), error))
-                untaken.remove(envelope)
+                taken += 1
         if committed is not None:
             try:
                 await _maybe_await(_call(committed, envelopes=tuple(envelopes)))
-            except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 raise
             except BaseException as error:
                 failures.append((name, committed, tuple(envelopes), error))
 
+    task = asyncio.get_running_loop().create_task(run())
     try:
-        await asyncio.wait_for(run(), timeout)
-    except asyncio.TimeoutError:
-        impl = logged if logged is not None else committed
-        assert impl is not None
-        error = TimeoutError(
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        # Cancelled but not waited for: a plugin that ignores cancellation
+        # must not hold the others up.
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        error: BaseException = TimeoutError(
             f"plugin {name!r} did not finish delivering within {timeout} seconds"
         )
-        failures.append((name, impl, tuple(untaken or envelopes), error))
-    except asyncio.CancelledError as error:
-        impl = logged if logged is not None else committed
-        assert impl is not None
-        failures.append((name, impl, tuple(untaken or envelopes), error))
+        failures.append((name, impl, tuple(envelopes[taken:] or envelopes), error))
+    elif task.cancelled():
+        failures.append(
+            (
+                name,
+                impl,
+                tuple(envelopes[taken:] or envelopes),
+                asyncio.CancelledError(),
+            )
+        )
     return failures
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("a timed-out async plugin raised afterwards", exc_info=True)
 
 
 def _call(impl: HookImpl, **arguments: Any) -> Any:
@@ -176,6 +227,6 @@ def _call(impl: HookImpl, **arguments: Any) -> Any:
 
 
 async def _maybe_await(result: Any) -> Any:
-    if isinstance(result, Coroutine) or hasattr(result, "__await__"):
+    if hasattr(result, "__await__"):
         return await result
     return result

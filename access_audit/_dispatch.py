@@ -9,6 +9,8 @@ lets through (:data:`INTERRUPTS` by default).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
 import threading
 import types
@@ -22,7 +24,6 @@ from . import signals
 from ._aio import (
     AsyncPlugin,
     Failure,
-    LoopThread,
     deliver_to_async_plugins,
     run_coroutine,
 )
@@ -75,8 +76,6 @@ class PluginManager(pluggy.PluginManager):
         """Seconds an ``async def`` plugin may take over one batch (None: no limit)."""
         self.async_timeouts: dict[str, float] = {}
         """Per plugin name, overriding :attr:`async_timeout`."""
-        self.loop_thread = LoopThread()
-        """Where async plugins run for deliveries made from synchronous code."""
         self._delivery_order: DeliveryOrder | None = None
         self._generation = 0
         """Counts plugin changes; an order built across one is not kept."""
@@ -97,7 +96,8 @@ class PluginManager(pluggy.PluginManager):
             waiting = {
                 impl.plugin_name
                 for impl in (*logged, *committed)
-                if inspect.iscoroutinefunction(impl.function)
+                # unwrap(): an async def behind a functools.wraps decorator.
+                if inspect.iscoroutinefunction(inspect.unwrap(impl.function))
             }
             asynchronous: list[AsyncPlugin] = []
             for name in dict.fromkeys(
@@ -109,7 +109,6 @@ class PluginManager(pluggy.PluginManager):
                             name,
                             next((i for i in logged if i.plugin_name == name), None),
                             next((i for i in committed if i.plugin_name == name), None),
-                            self.async_timeouts.get(name, self.async_timeout),
                         )
                     )
             order = (
@@ -224,7 +223,14 @@ async def adeliver(
     failure hooks) on the running loop; plain functions are called as they are."""
     asynchronous = _order(plugin_manager, only)[2]
     failures = (
-        await deliver_to_async_plugins(asynchronous, envelopes) if asynchronous else ()
+        await deliver_to_async_plugins(
+            asynchronous,
+            envelopes,
+            (plugin_manager.async_timeout, plugin_manager.async_timeouts),
+            functools.partial(_report_late, plugin_manager),
+        )
+        if asynchronous
+        else ()
     )
     awaiting: list[Awaitable[Any]] = []
     report = deliver(
@@ -291,16 +297,29 @@ def deliver(
         logged, committed, asynchronous = plugin_manager.delivery_order()
     else:
         logged, committed, asynchronous = _order(plugin_manager, only)
+    interrupted: BaseException | None = None
     if asynchronous:
         if failures is None:
-            failures = run_coroutine(
-                deliver_to_async_plugins(asynchronous, envelopes),
-                plugin_manager.loop_thread,
-            )
-        for name, impl, taken, error in failures:
+            try:
+                failures = run_coroutine(
+                    deliver_to_async_plugins(
+                        asynchronous,
+                        envelopes,
+                        (plugin_manager.async_timeout, plugin_manager.async_timeouts),
+                        functools.partial(_report_late, plugin_manager),
+                    )
+                )
+            except asyncio.CancelledError as cancelled:
+                # The caller was cancelled: the async plugins go on (their
+                # failures reported as they finish); the rest is delivered
+                # before the cancellation goes on.
+                interrupted, failures = cancelled, ()
+        for name, impl, taken, failed in failures:
             report = _writable(report)
-            report._plugin_error(name, taken, error)
-            _plugin_failed(plugin_manager, impl, taken, error, let_through, awaiting)
+            report._plugin_error(name, taken, failed)
+            _plugin_failed(plugin_manager, impl, taken, failed, (), awaiting)
+            if isinstance(failed, let_through) and interrupted is None:
+                interrupted = failed
     for envelope in envelopes:
         for impl, takes_envelope in logged:
             try:
@@ -338,7 +357,25 @@ def deliver(
             if errors:
                 report = _writable(report)
                 report.errors.extend(errors)
+    if interrupted is not None:
+        raise interrupted
     return report
+
+
+def _report_late(plugin_manager: PluginManager, failures: list[Failure]) -> None:
+    """Report the failures of async plugins that finished after their caller
+    was cancelled (a done callback on the caller's loop)."""
+    awaiting: list[Awaitable[Any]] = []
+    for _name, impl, taken, error in failures:
+        _plugin_failed(plugin_manager, impl, taken, error, (), awaiting)
+    for pending in awaiting:
+        task = asyncio.ensure_future(pending)
+        _late_reports.add(task)
+        task.add_done_callback(_late_reports.discard)
+
+
+_late_reports: set[asyncio.Future[Any]] = set()
+"""Async failure hooks scheduled by :func:`_report_late`, kept until done."""
 
 
 def send_isolated(
@@ -397,7 +434,7 @@ def _plugin_failed(
                 if awaiting is not None:
                     awaiting.append(result)
                 else:
-                    run_coroutine(result, plugin_manager.loop_thread)
+                    run_coroutine(result)
         except let_through:
             raise
         except BaseException:

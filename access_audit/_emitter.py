@@ -30,7 +30,7 @@ from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._imports import plugin_from
 from ._listeners import SessionListeners
 from ._logging import logger
-from ._loop_dispatch import LoopDispatcher
+from ._loop_dispatch import Job, LoopDispatcher
 from ._registry import (
     AttachTarget,
     attached_to_instance,
@@ -360,7 +360,11 @@ class AuditEmitter:
             if loop is not None:
                 try:
                     self._on_loop.submit(
-                        loop, functools.partial(self._adeliver, envelopes, outbox_bind)
+                        loop,
+                        Job(
+                            functools.partial(self._adeliver, envelopes, outbox_bind),
+                            functools.partial(self._deliver, envelopes, outbox_bind),
+                        ),
                     )
                 except RuntimeError:
                     logger.exception(

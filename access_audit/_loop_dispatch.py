@@ -5,8 +5,11 @@ the delivery jobs in commit order. The queue is bounded, with the policies of
 background dispatch: with ``"block"`` a committing ``AsyncSession`` waits for
 room without blocking the loop (SQLAlchemy runs the commit in a greenlet it
 can suspend); synchronous code on the loop's own thread cannot wait there,
-so its jobs go past the bound instead. ``"drop"`` drops and counts the batch
-(only with an outbox, whose relay delivers it).
+and neither can a delivery (a plugin committing), so their jobs go
+past the bound instead, as does the batch of a commit cancelled while it
+waits. ``"drop"`` drops and counts the batch (only with an outbox, whose
+relay delivers it). A loop that ends with jobs still queued (no
+``aclose()``) has them delivered synchronously as its worker is cancelled.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import collections
 import weakref
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from ._logging import logger
@@ -25,7 +29,23 @@ if TYPE_CHECKING:
 
 __all__ = ["LoopDispatcher"]
 
-Job = Callable[[], Coroutine[Any, Any, None]]
+
+class Job:
+    """A delivery: the coroutine that makes it, and the same done synchronously."""
+
+    __slots__ = ("fallback", "run")
+
+    def __init__(
+        self, run: Callable[[], Coroutine[Any, Any, None]], fallback: Callable[[], None]
+    ) -> None:
+        self.run = run
+        self.fallback = fallback
+        """Delivers the batch without the loop, for a loop that is ending."""
+
+
+_delivering: ContextVar[bool] = ContextVar("access_audit_delivering", default=False)
+"""Set in the worker, and so in every task a delivery starts (a plugin's):
+a commit there must not wait for room that only the worker can make."""
 
 
 class _LoopQueue:
@@ -66,7 +86,7 @@ class LoopDispatcher:
         queue = self._queues.get(loop)
         if queue is None:
             queue = self._queues[loop] = _LoopQueue()
-        if len(queue.jobs) >= self.maxsize:
+        if len(queue.jobs) >= self.maxsize and not _delivering.get():
             if self.when_full == "drop":
                 self.dropped += 1
                 logger.warning(
@@ -76,11 +96,13 @@ class LoopDispatcher:
                 )
                 return
             if in_greenlet():
-                await_only(_room(queue, self.maxsize))
-        queue.jobs.append(job)
-        queue.unfinished += 1
-        if queue.worker is None or queue.worker.done():
-            queue.worker = loop.create_task(_work(queue))
+                try:
+                    await_only(_room(queue, self.maxsize))
+                except asyncio.CancelledError:
+                    # The batch is committed: queue it all the same.
+                    _append(loop, queue, job)
+                    raise
+        _append(loop, queue, job)
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until this loop's queued jobs ran; False if *timeout* passed first."""
@@ -105,19 +127,40 @@ class LoopDispatcher:
         return drained
 
 
+def _append(loop: asyncio.AbstractEventLoop, queue: _LoopQueue, job: Job) -> None:
+    queue.jobs.append(job)
+    queue.unfinished += 1
+    if queue.worker is None or queue.worker.done():
+        queue.worker = loop.create_task(_work(queue))
+
+
 async def _room(queue: _LoopQueue, maxsize: int) -> None:
     async with queue.changed:
         await queue.changed.wait_for(lambda: len(queue.jobs) < maxsize)
 
 
 async def _work(queue: _LoopQueue) -> None:
-    while queue.jobs:
-        job = queue.jobs.popleft()
-        try:
-            await job()
-        except Exception:  # pragma: no cover - jobs report their own errors
-            logger.exception("asyncio delivery job failed")
-        finally:
-            queue.unfinished -= 1
-            async with queue.changed:
-                queue.changed.notify_all()
+    _delivering.set(True)
+    try:
+        while queue.jobs:
+            job = queue.jobs.popleft()
+            try:
+                await job.run()
+            except Exception:  # pragma: no cover - jobs report their own errors
+                logger.exception("asyncio delivery job failed")
+            finally:
+                queue.unfinished -= 1
+                async with queue.changed:
+                    queue.changed.notify_all()
+    except asyncio.CancelledError:
+        # The loop is ending (asyncio.run() cancels what is left) before
+        # aclose() drained the queue: deliver the rest without it.
+        leftovers = list(queue.jobs)
+        queue.jobs.clear()
+        queue.unfinished = 0
+        for job in leftovers:
+            try:
+                job.fallback()
+            except Exception:
+                logger.exception("delivering a queued batch at loop shutdown failed")
+        raise

@@ -7,6 +7,7 @@ locally and fails under CI=true), each in an event loop of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -300,3 +301,199 @@ def test_asyncio_dispatch_with_a_full_queue_blocks_without_blocking_the_loop(
         assert ticks > 5
 
     run(backend, body)
+
+
+class ExitingSink:
+    """An async plugin that raises SystemExit, as a buggy client library might."""
+
+    @hookimpl
+    async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        raise SystemExit(3)
+
+
+def test_an_async_plugin_raising_system_exit_stops_only_that_delivery(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """SystemExit from an async plugin on the emitter's loop: later commits still deliver."""
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
+    emitter.register(ExitingSink(), name="exiting")
+    emitter.attach(sync_maker)
+    with pytest.raises(SystemExit):
+        commit_one(sync_maker, "first")  # inline: the interrupt goes on, after the rest
+    emitter.unregister(emitter.plugin_manager.get_plugin("exiting"))
+    commit_one(sync_maker, "second")
+    assert recorder.names == ["first", "second"]
+    assert failures.sync == [("exiting", "SystemExit")]
+    emitter.detach(sync_maker)
+
+
+def test_background_worker_survives_an_async_plugin_raising_system_exit(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """With dispatch="background", SystemExit from an async plugin is a reported failure."""
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter(
+        [recorder, failures], load_entrypoints=False, dispatch="background"
+    )
+    emitter.register(ExitingSink(), name="exiting")
+    emitter.attach(sync_maker)
+    commit_one(sync_maker, "a")
+    commit_one(sync_maker, "b")
+    assert emitter.flush(timeout=10)
+    assert recorder.names == ["a", "b"]
+    assert failures.sync == [("exiting", "SystemExit")] * 2
+    emitter.close(timeout=10)
+    emitter.detach(sync_maker)
+
+
+def test_a_sync_session_committed_inside_an_async_plugin_is_delivered(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """A plugin on the emitter's loop committing a plain Session gets that event sent."""
+    recorder = Recorder()
+
+    class Cascading:
+        @hookimpl
+        async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            if envelope.target_id == "outer":
+                commit_one(sync_maker, "inner")
+
+    emitter = AuditEmitter([recorder, Cascading()], load_entrypoints=False)
+    emitter.attach(sync_maker)
+    commit_one(sync_maker, "outer")
+    assert sorted(recorder.names) == ["inner", "outer"]
+    emitter.detach(sync_maker)
+
+
+def test_a_plugin_ignoring_cancellation_cannot_outlast_its_timeout(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """A timed-out plugin that swallows CancelledError does not hold the commit."""
+
+    class Stubborn:
+        @hookimpl
+        async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            for _ in range(50):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.1)
+
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
+    emitter.register(Stubborn(), name="stubborn")
+    emitter.plugin_manager.async_timeouts["stubborn"] = 0.2
+    emitter.attach(sync_maker)
+    started = time.monotonic()
+    commit_one(sync_maker, "on-time")
+    assert time.monotonic() - started < 2
+    assert recorder.names == ["on-time"]
+    assert failures.sync == [("stubborn", "TimeoutError")]
+    emitter.detach(sync_maker)
+
+
+def test_a_cancelled_caller_still_gets_the_plain_plugins_and_failure_reports(
+    tmp_path: Path,
+) -> None:
+    """Cancelled while async plugins run: sync plugins get the batch; failures are reported."""
+    slow, broken = AsyncSink(delay=0.3), AsyncSink(delay=0.2, fail_on="kept")
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter(load_entrypoints=False)
+    for name, plugin in [
+        ("slow", slow), ("broken", broken), ("recorder", recorder),
+        ("failures", failures),
+    ]:  # fmt: skip
+        emitter.register(plugin, name=name)
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        task = asyncio.create_task(commit_items(maker, "kept"))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)
+
+    run(backend, body)
+    assert recorder.names == ["kept"]
+    assert slow.events == ["kept"]
+    assert failures.sync == [("broken", "ConnectionError")]
+
+
+def test_asyncio_dispatch_with_a_plugin_committing_does_not_deadlock(
+    tmp_path: Path,
+) -> None:
+    """queue_full="block": a plugin committing from the worker never waits for itself."""
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+    recorder = Recorder()
+    emitter = AuditEmitter(
+        [recorder], load_entrypoints=False, dispatch="asyncio", queue_size=1
+    )
+    makers: list[Any] = []
+
+    class Cascading:
+        @hookimpl
+        async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            if envelope.target_id == "outer":
+                await commit_items(makers[0], "inner-1")
+                await commit_items(makers[0], "inner-2")
+
+    emitter.register(Cascading(), name="cascading")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        makers.append(maker)
+        emitter.attach(maker)
+        await commit_items(maker, "outer")
+        assert await emitter.aflush(timeout=5)
+
+    run(backend, body)
+    assert recorder.names == ["outer", "inner-1", "inner-2"]
+
+
+def test_asyncio_dispatch_delivers_what_is_queued_when_the_loop_ends(
+    tmp_path: Path,
+) -> None:
+    """asyncio.run() returning without aclose(): the queued batches are still sent."""
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+    recorder = Recorder()
+    emitter = AuditEmitter([recorder], load_entrypoints=False, dispatch="asyncio")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        for name in ("e1", "e2", "e3"):
+            await commit_items(maker, name)
+
+    run(backend, body)
+    assert sorted(recorder.names) == ["e1", "e2", "e3"]
+
+
+def test_an_async_hook_behind_a_decorator_is_awaited(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """An async def wrapped with functools.wraps is still recognised and awaited."""
+    import functools
+
+    seen: list[str] = []
+
+    def traced(function: Any) -> Any:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    class Wrapped:
+        @hookimpl
+        @traced
+        async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            await asyncio.sleep(0)
+            seen.append(envelope.target_id)
+
+    emitter = AuditEmitter([Wrapped()], load_entrypoints=False)
+    emitter.attach(sync_maker)
+    commit_one(sync_maker, "wrapped")
+    assert seen == ["wrapped"]
+    emitter.detach(sync_maker)
