@@ -11,6 +11,7 @@ docs' database URL). A block marked ``<!-- no-run: reason -->`` is not run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import logging
 import re
@@ -137,7 +138,9 @@ def all_loggers() -> list[logging.Logger]:
 def clean_up(namespace: dict[str, object]) -> None:
     """Undo what a block left behind in the process: receivers, threads, pools."""
     for value in namespace.values():
-        if callable(value):
+        # Routines only: a block's receivers are functions, and other callables
+        # (Flask's request proxies, say) may refuse to be hashed.
+        if inspect.isroutine(value):
             for signal in (
                 signals.audit_event_committed,
                 signals.audit_event_discarded,
