@@ -234,7 +234,7 @@ def test_async_plugins_of_a_sync_session_run_on_the_emitters_loop(
 
 def test_asyncio_dispatch_delivers_after_the_commit_returns(backend: Backend) -> None:
     """dispatch="asyncio": commit returns first; aflush() waits for the deliveries."""
-    sink = AsyncSink(delay=0.05)
+    sink = AsyncSink(delay=0.5)
     emitter = AuditEmitter([sink], load_entrypoints=False, dispatch="asyncio")
 
     async def body(engine: AsyncEngine) -> None:
@@ -242,6 +242,8 @@ def test_asyncio_dispatch_delivers_after_the_commit_returns(backend: Backend) ->
         emitter.attach(maker)
         await commit_items(maker, "first")
         await commit_items(maker, "second")
+        # The worker may have started on "first" during the second commit's
+        # I/O; neither delivery can be done before its sleep.
         assert sink.events == []
         assert await emitter.aflush(timeout=10)
         assert sink.events == ["first", "second"]
