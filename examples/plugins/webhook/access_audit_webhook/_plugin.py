@@ -1,10 +1,13 @@
 """``WebhookPlugin``: POST committed events to an HTTP(S) endpoint, signed.
 
-Standard library only (:mod:`urllib.request`). The plugin implements one hook,
-``audit_events_committed``, which access_audit calls after COMMIT in the
-committing thread; it returns once the endpoint has answered 2xx for every
-request, and raises :class:`WebhookDeliveryError` otherwise, so access_audit
-logs the failure and reports it through ``audit_delivery_failed``.
+:class:`WebhookPlugin` sends with :mod:`urllib.request` from a plain ``def``
+hook, in the committing thread; :class:`AsyncWebhookPlugin` (in
+``_async_plugin``) sends with a pooled ``httpx.AsyncClient`` from an
+``async def`` hook. Both build, sign and retry requests with the code of
+:class:`_Webhook` here; each hook returns once the endpoint has answered 2xx
+for every request, and raises :class:`WebhookDeliveryError` otherwise, so
+access_audit logs the failure and reports it through
+``audit_delivery_failed``.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import random
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from time import sleep, time
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from access_audit import hookimpl
 
-from ._signature import sign
+from ._signature import secret_key, sign
 
 if TYPE_CHECKING:
     from email.message import Message
@@ -59,6 +62,7 @@ ENVIRONMENT_VARIABLES = (
 """What :meth:`WebhookPlugin.from_env` reads; an empty value counts as unset."""
 
 _USER_AGENT = "access-audit-webhook"
+_W = TypeVar("_W", bound="_Webhook")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _BOOLEAN = "a boolean (1/true/yes/on or 0/false/no/off)"
@@ -98,6 +102,18 @@ class WebhookDeliveryError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class _Request:
+    """One POST to make: its body, its ``webhook-id``, its unsigned headers,
+    and what the batch has delivered if it succeeds or not if it fails."""
+
+    body: bytes
+    msg_id: str
+    headers: dict[str, str]
+    delivered: tuple[AuditEventEnvelope, ...]
+    undelivered: tuple[AuditEventEnvelope, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class _Failure:
     attempts: int
     status: int | None
@@ -121,14 +137,18 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+# Shared by every WebhookPlugin: an OpenerDirector keeps no per-request state.
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 def _display_url(url: str) -> str:
     # Query strings often carry tokens: keep them out of logs and messages.
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
-class WebhookPlugin:
-    """POST each committed event (or each committed batch) to *url*.
+class _Webhook:
+    """What both plugins share: settings, the requests to make, signing, retries.
 
     **What is sent.** By default one ``POST`` per event, in staging order, its
     body the envelope's :meth:`~access_audit.AuditEventEnvelope.to_json`
@@ -138,16 +158,19 @@ class WebhookPlugin:
     structured-mode event of
     :meth:`~access_audit.AuditEventEnvelope.to_cloudevent` with *source*
     (``Content-Type: application/cloudevents+json``, or
-    ``application/cloudevents-batch+json`` for a batch). Headers:
+    ``application/cloudevents-batch+json`` for a batch). Headers, per the
+    Standard Webhooks specification:
 
-    - ``X-Audit-Event-Id``: the envelope id, for routing and logs (per-event
-      mode only). It is not signed: receivers de-duplicate by the ``id``
-      inside the body (each element's in a batch), which the signature covers;
-    - ``X-Audit-Transaction-Id``: the id shared by the commit's events;
-    - ``X-Audit-Timestamp``: unix seconds when this attempt was sent;
-    - ``X-Audit-Signature: sha256=<hex>`` when a *secret* is set: see
-      :func:`~access_audit_webhook.verify_signature`. Each attempt is signed
-      afresh, so a retry carries a current timestamp.
+    - ``webhook-id``: the envelope id (per event), or the transaction id (a
+      batch: de-duplicate by each element's ``id``). The same on every
+      retry and every re-delivery, and signed: the de-duplication key;
+    - ``webhook-timestamp``: unix seconds when this attempt was sent;
+    - ``webhook-signature: v1,<base64>`` when a *secret* is set: the
+      HMAC-SHA256 of ``"{id}.{timestamp}.{body}"`` (see
+      :func:`~access_audit_webhook.sign`). Each attempt is signed afresh, so
+      a retry carries a current timestamp;
+    - ``X-Audit-Transaction-Id``: the id shared by the commit's events (not
+      signed; for routing and logs).
 
     **Guarantees.** The hook returns only after the endpoint answered 2xx to
     every request. A connection error, a timeout, a 5xx or a 429 is retried
@@ -158,20 +181,21 @@ class WebhookPlugin:
     endpoint is presumably down), and the hook raises
     :class:`WebhookDeliveryError` naming what was and was not delivered.
     A request that timed out may still have been processed, so a retry can
-    deliver an event twice: receivers de-duplicate by the body's ``id``.
+    deliver an event twice: receivers de-duplicate by ``webhook-id``.
 
-    The hook runs in the committing thread, which it holds for up to about
-    ``attempts * timeout`` plus the waits (16.5 s with the defaults) when
-    the endpoint is down. *timeout* applies to each socket operation
-    (connect, each read), not to the request as a whole. Proxies are taken
-    from the usual ``*_proxy`` environment variables; HTTPS certificates are
-    verified against the default trust store (``SSL_CERT_FILE`` changes it).
-    Instances are safe to share between threads.
+    When the endpoint is down a delivery takes up to about
+    ``attempts * timeout`` plus the waits (16.5 s with the defaults).
+    Proxies are taken from the usual ``*_proxy`` environment variables;
+    HTTPS certificates are verified against the default trust store
+    (``SSL_CERT_FILE`` changes it). Instances are safe to share between
+    threads.
 
     :param url: the endpoint, ``http://`` or ``https://``.
-    :param secret: the shared HMAC key; without one, requests are unsigned
-        and the endpoint must authenticate them some other way.
-    :param timeout: seconds per socket operation.
+    :param secret: the signing secret, ``whsec_<base64>`` text (the Standard
+        Webhooks form; bare base64 too) or the raw key bytes; without one,
+        requests are unsigned and the endpoint must authenticate them some
+        other way.
+    :param timeout: seconds per socket operation (connect, each read).
     :param attempts: how many times a request is sent at most (1: no retry).
     :param backoff: the first wait between attempts, in seconds.
     :param jitter: wait a uniformly random time up to each computed wait.
@@ -204,8 +228,10 @@ class WebhookPlugin:
                 "url must not carry credentials (user:password@): they would be "
                 "logged; authenticate requests with secret= (the signature)"
             )
-        if secret is not None and not secret:
-            raise ValueError("secret must not be empty; pass None to send unsigned")
+        if secret is not None:
+            if not secret:
+                raise ValueError("secret must not be empty; pass None to send unsigned")
+            secret_key(secret)  # refuses what is not whsec_<base64> or bytes
         if not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
@@ -224,17 +250,20 @@ class WebhookPlugin:
         self.batch = batch
         self._secret = secret
         self._display_url = _display_url(url)
-        self._opener = urllib.request.build_opener(_RefuseRedirects)
+        self._start()
+
+    def _start(self) -> None:
+        """Set up a subclass's own state, at the end of construction."""
 
     def __repr__(self) -> str:
         return (
-            f"<WebhookPlugin url={self._display_url!r} "
+            f"<{type(self).__name__} url={self._display_url!r} "
             f"signed={self._secret is not None} cloudevents={self.cloudevents} "
             f"batch={self.batch}>"
         )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookPlugin | None:
+    def from_env(cls: type[_W], environ: Mapping[str, str] | None = None) -> _W | None:
         """Build a plugin from the ``ACCESS_AUDIT_WEBHOOK_*`` variables.
 
         Returns None when ``ACCESS_AUDIT_WEBHOOK_URL`` is unset or empty. Each
@@ -277,12 +306,8 @@ class WebhookPlugin:
         except ValueError as error:
             raise ValueError(f"ACCESS_AUDIT_WEBHOOK_*: {error}") from error
 
-    @hookimpl
-    def audit_events_committed(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
-        """POST *envelopes*: one request each, or one for all with ``batch``.
-
-        :raises WebhookDeliveryError: a request was not answered 2xx.
-        """
+    def _requests(self, envelopes: Sequence[AuditEventEnvelope]) -> Iterator[_Request]:
+        """The POSTs for a committed batch, in order: one, or one per event."""
         batch = tuple(envelopes)
         if not batch:
             return
@@ -299,7 +324,8 @@ class WebhookPlugin:
                 body = "[" + ",".join(envelope.to_json() for envelope in batch) + "]"
                 content_type = "application/json"
             headers = {**common, "Content-Type": content_type}
-            self._deliver(body, headers, delivered=(), undelivered=batch)
+            msg_id = str(batch[0].transaction_id)
+            yield _Request(body.encode(), msg_id, headers, (), batch)
             return
         content_type = (
             "application/cloudevents+json" if self.cloudevents else "application/json"
@@ -311,27 +337,48 @@ class WebhookPlugin:
                 )
             else:
                 body = envelope.to_json()
-            headers = {
-                **common,
-                "Content-Type": content_type,
-                "X-Audit-Event-Id": str(envelope.id),
-            }
-            self._deliver(
-                body, headers, delivered=batch[:index], undelivered=batch[index:]
+            yield _Request(
+                body.encode(),
+                str(envelope.id),
+                {**common, "Content-Type": content_type},
+                batch[:index],
+                batch[index:],
             )
 
-    def _deliver(
-        self,
-        body: str,
-        headers: dict[str, str],
-        *,
-        delivered: tuple[AuditEventEnvelope, ...],
-        undelivered: tuple[AuditEventEnvelope, ...],
-    ) -> None:
-        failure = self._send(body.encode("utf-8"), headers)
-        if failure is None:
-            return
-        raise WebhookDeliveryError(
+    def _attempt_headers(self, request: _Request) -> dict[str, str]:
+        """*request*'s headers for one attempt: stamped now, and signed."""
+        timestamp = str(int(time()))
+        headers = {
+            **request.headers,
+            "webhook-id": request.msg_id,
+            "webhook-timestamp": timestamp,
+        }
+        if self._secret is not None:
+            headers["webhook-signature"] = sign(
+                self._secret, request.msg_id, timestamp, request.body
+            )
+        return headers
+
+    def _retry_delay(self, failure: _Failure, retry: bool) -> float | None:
+        """Seconds to wait before the next attempt, or None: give up (logged)."""
+        if not retry or failure.attempts >= self.attempts:
+            return None
+        delay: float = self.backoff * 2 ** (failure.attempts - 1)
+        if self.jitter:
+            delay = random.uniform(0, delay)
+        logger.warning(
+            "POST %s attempt %d of %d failed (%s); retrying in %.3f s",
+            self._display_url,
+            failure.attempts,
+            self.attempts,
+            failure.reason,
+            delay,
+        )
+        return delay
+
+    def _error(self, request: _Request, failure: _Failure) -> WebhookDeliveryError:
+        delivered, undelivered = request.delivered, request.undelivered
+        error = WebhookDeliveryError(
             f"POST {self._display_url} failed after {failure.attempts} "
             f"attempt{'s' if failure.attempts > 1 else ''} ({failure.reason}); "
             f"{len(undelivered)} of {len(delivered) + len(undelivered)} events "
@@ -341,31 +388,58 @@ class WebhookPlugin:
             status=failure.status,
             delivered=delivered,
             undelivered=undelivered,
-        ) from failure.error
+        )
+        error.__cause__ = failure.error
+        return error
 
-    def _send(self, body: bytes, headers: dict[str, str]) -> _Failure | None:
-        """POST *body* until a 2xx, a refusal, or the last attempt; None on 2xx."""
+
+def retryable_status(status: int) -> bool:
+    """Whether an HTTP answer is worth sending again: 429 and 5xx."""
+    return status == 429 or 500 <= status <= 599
+
+
+class WebhookPlugin(_Webhook):
+    """POST each committed event (or batch) with :mod:`urllib.request`, from a sync hook.
+
+    For synchronous applications: the hook is a plain ``def`` and runs in
+    the committing thread (or the background worker), which it holds until
+    the endpoint has answered; a connection is opened per request. What is
+    sent, how it is signed and retried: see :class:`_Webhook` (the same for
+    :class:`~access_audit_webhook.AsyncWebhookPlugin`, the pooled ``async
+    def`` one for asyncio applications).
+    """
+
+    @hookimpl
+    def audit_events_committed(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
+        """POST *envelopes*: one request each, or one for all with ``batch``.
+
+        :raises WebhookDeliveryError: a request was not answered 2xx.
+        """
+        for request in self._requests(envelopes):
+            failure = self._send(request)
+            if failure is not None:
+                raise self._error(request, failure)
+
+    def _send(self, request: _Request) -> _Failure | None:
+        """POST *request* until a 2xx, a refusal, or the last attempt; None on 2xx."""
         attempt = 0
         while True:
             attempt += 1
-            timestamp = str(int(time()))
-            request_headers = {**headers, "X-Audit-Timestamp": timestamp}
-            if self._secret is not None:
-                request_headers["X-Audit-Signature"] = sign(
-                    self._secret, timestamp, body
-                )
-            request = urllib.request.Request(
-                self.url, data=body, headers=request_headers, method="POST"
+            sent = urllib.request.Request(
+                self.url,
+                data=request.body,
+                headers=self._attempt_headers(request),
+                method="POST",
             )
             status: int | None = None
             try:
-                with self._opener.open(request, timeout=self.timeout):
+                with _OPENER.open(sent, timeout=self.timeout):
                     pass
                 return None
             except urllib.error.HTTPError as error:
                 error.close()
                 status = error.code
-                retry = status == 429 or 500 <= status <= 599
+                retry = retryable_status(status)
                 failed: BaseException = error
                 reason = f"HTTP {status} {error.reason}"
             except (OSError, http.client.HTTPException) as error:
@@ -375,19 +449,10 @@ class WebhookPlugin:
                 failed = error
                 cause = getattr(error, "reason", None)
                 reason = repr(cause if isinstance(cause, BaseException) else error)
-            if not retry or attempt >= self.attempts:
-                return _Failure(attempt, status, failed, reason)
-            delay = self.backoff * 2 ** (attempt - 1)
-            if self.jitter:
-                delay = random.uniform(0, delay)
-            logger.warning(
-                "POST %s attempt %d of %d failed (%s); retrying in %.3f s",
-                self._display_url,
-                attempt,
-                self.attempts,
-                reason,
-                delay,
-            )
+            failure = _Failure(attempt, status, failed, reason)
+            delay = self._retry_delay(failure, retry)
+            if delay is None:
+                return failure
             sleep(delay)
 
 
