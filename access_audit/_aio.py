@@ -119,7 +119,7 @@ def run_coroutine(awaitable: Awaitable[T]) -> T:
     caller's own event loop; anywhere else on :data:`LOOP`.
     """
     if in_greenlet():
-        result: T = await_only(_as_coroutine(awaitable))
+        result: T = await_only(awaitable)
         return result
     return LOOP.run(awaitable)
 
@@ -190,6 +190,15 @@ async def _one_plugin(
             except BaseException as error:
                 failures.append((name, committed, tuple(envelopes), error))
 
+    if timeout is None:
+        # No timeout to enforce: this task is the plugin's own already.
+        try:
+            await run()
+        except asyncio.CancelledError as cancelled:
+            failures.append(
+                (name, impl, tuple(envelopes[taken:] or envelopes), cancelled)
+            )
+        return failures
     task = asyncio.get_running_loop().create_task(run())
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
