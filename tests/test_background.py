@@ -323,9 +323,15 @@ def test_async_commit_does_not_wait_for_a_slow_plugin(
             assert await asyncio.to_thread(emitter.flush, 10)
             rows: list[dict[str, Any]] = []
             if outbox is not None:
-                async with AsyncSession(engine) as reader:
-                    result = await reader.execute(select(outbox.table))
-                    rows = [dict(row) for row in result.mappings()]
+                # The worker hands the row's update to this loop without
+                # waiting for it: give the loop the time to run it.
+                for _ in range(200):
+                    async with AsyncSession(engine) as reader:
+                        result = await reader.execute(select(outbox.table))
+                        rows = [dict(row) for row in result.mappings()]
+                    if rows and rows[0]["status"] == DELIVERED:
+                        break
+                    await asyncio.sleep(0.01)
             return took, ticks, rows
         finally:
             await engine.dispose()
