@@ -38,11 +38,9 @@ __all__ = [
     "await_only",
     "checked_engine_options",
     "connection_entry",
-    "connection_is_autocommit",
     "current_transaction",
     "encloses_foreign_savepoint",
     "ends_outer_transaction",
-    "engine_is_autocommit",
     "has_connections",
     "in_greenlet",
     "inherits_options",
@@ -219,18 +217,8 @@ def is_autocommit(bind: Engine | Connection) -> bool:
     a connection's own test is ``Connection._is_autocommit_isolation()``.
     """
     if isinstance(bind, Connection):
-        return connection_is_autocommit(bind)
-    return engine_is_autocommit(bind)
-
-
-def connection_is_autocommit(connection: Connection) -> bool:
-    """:func:`is_autocommit` for a :class:`~sqlalchemy.engine.Connection`."""
-    return connection._is_autocommit_isolation()
-
-
-def engine_is_autocommit(engine: Engine) -> bool:
-    """:func:`is_autocommit` for an :class:`~sqlalchemy.engine.Engine`."""
-    return checked_engine_options(engine) is None
+        return bind._is_autocommit_isolation()
+    return checked_engine_options(bind) is None
 
 
 def checked_engine_options(engine: Engine) -> object | None:

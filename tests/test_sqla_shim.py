@@ -15,7 +15,6 @@ from access_audit._sqla import (
     connection_entry,
     encloses_foreign_savepoint,
     ends_outer_transaction,
-    engine_is_autocommit,
     has_connections,
     inherits_options,
     is_autocommit,
@@ -103,7 +102,6 @@ def test_autocommit_is_read_from_options_and_the_dialect(engine: Engine) -> None
     autocommit_options = engine.execution_options(isolation_level="AUTOCOMMIT")
     assert autocommit_options._execution_options["isolation_level"] == "AUTOCOMMIT"
     assert is_autocommit(autocommit_options)
-    assert engine_is_autocommit(autocommit_options)
     with engine.connect() as connection:
         assert not connection._is_autocommit_isolation()
         assert not is_autocommit(connection)
