@@ -104,6 +104,7 @@ def test_quick_run_prints_targets_unchecked(
         "3",
         "4",
         "5",
+        "6",
         "7",
     }
     assert all(isinstance(target["passed"], bool) for target in targets)
