@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine
+
+from . import outbox_relay
 from .async_commit import async_commit
 from .fixtures import DATABASES, Base, make_engine, server_version
 from .flask_signal import flask_signal
@@ -33,13 +36,21 @@ WORKLOADS: dict[str, Workload] = {
     "bulk": bulk,
     "memory": memory,
     "async": async_commit,
+    "relay": outbox_relay.outbox_relay,
 }
 """Workloads by the name ``--workloads`` takes, in the order they run."""
 
-SKIPPED_WHEN_DOWN = frozenset({"async"})
-"""Workloads that connect through a driver of their own and skip (with a
-message) a database they cannot reach; a run of only these goes on without
-the server, any other exits 2."""
+WORKLOAD_DATABASES: dict[str, tuple[str, ...]] = {"relay": outbox_relay.DATABASES}
+"""The databases a workload runs on, where they are not :data:`DATABASES`."""
+
+ALL_DATABASES: tuple[str, ...] = tuple(
+    dict.fromkeys([*DATABASES, *outbox_relay.DATABASES])
+)
+"""Every database some workload runs on, in the order they run."""
+
+SKIPPED_WHEN_DOWN = frozenset({"async", "relay"})
+"""Workloads that skip (with a message) a database they cannot reach; a run
+of only these on a database goes on without its server, any other exits 2."""
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "latest.json"
 
@@ -71,10 +82,11 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--databases",
-        type=_names(DATABASES),
-        default=list(DATABASES),
+        type=_names(ALL_DATABASES),
+        default=None,
         metavar="NAMES",
-        help=f"comma-separated, from {','.join(DATABASES)} (default: all)",
+        help=f"comma-separated, from {','.join(ALL_DATABASES)} (default: all "
+        "that a chosen workload runs on; mariadb: relay only)",
     )
     parser.add_argument(
         "--workloads",
@@ -89,19 +101,46 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default=DEFAULT_OUTPUT,
         help="where to write the JSON figures (default: %(default)s)",
     )
-    return parser.parse_args(argv)
+    arguments = parser.parse_args(argv)
+    if arguments.databases is None:
+        arguments.databases = [
+            database
+            for database in ALL_DATABASES
+            if workloads_on(database, arguments.workloads)
+        ]
+    for database in arguments.databases:
+        if not workloads_on(database, arguments.workloads):
+            parser.error(
+                f"no workload of {','.join(arguments.workloads)} runs on "
+                f"{database}; choose from "
+                + ",".join(w for w in WORKLOADS if workloads_on(database, [w]))
+            )
+    return arguments
 
 
-def _describe(about: dict[str, Any], settings: Settings) -> str:
+def workloads_on(database: str, names: Sequence[str]) -> list[str]:
+    """Those of the workloads *names* that run on *database*, in order."""
+    return [
+        name for name in names if database in WORKLOAD_DATABASES.get(name, DATABASES)
+    ]
+
+
+def _describe(about: dict[str, Any], settings: Settings, workloads: list[str]) -> str:
     versions = ", ".join(f"{name} {v}" for name, v in about["versions"].items())
     mode = "quick (no targets checked)" if settings.quick else "full"
+    relay = (
+        f", {settings.relay_rounds} relay rounds of a "
+        f"{settings.relay_backlog:,}-event backlog"
+        if "relay" in workloads
+        else ""
+    )
     return (
         f"machine: {about['cpu']}, {about['cores']} cores, {about['python']}, "
         f"{about['platform']}, load average {about['load_average_start']}\n"
         f"versions: {versions}\n"
         f"run: {mode}, {settings.rounds} rounds per commit workload in "
         f"{settings.processes} processes, "
-        f"{settings.bulk_rounds} bulk rounds; variants interleaved, medians "
+        f"{settings.bulk_rounds} bulk rounds{relay}; variants interleaved, medians "
         "of per-round values (q1 .. q3: their quartiles; std. error: of the "
         "median; '(?)': the median lies within two standard errors of the target)"
     )
@@ -113,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if arguments.quick else FULL
     about = machine()
     about["load_average_start"] = _load_average()
-    print(_describe(about, settings), flush=True)
+    print(_describe(about, settings, arguments.workloads), flush=True)
     document: dict[str, Any] = {
         "machine": about,
         "settings": settings,
@@ -123,22 +162,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     rows: list[Row] = []
     for database in arguments.databases:
-        engine = make_engine(database)
+        names = workloads_on(database, arguments.workloads)
         try:
-            server = server_version(engine)
+            server = _server(database)
         except Exception as error:
             print(f"{database} is not reachable: {error}", file=sys.stderr)
-            if set(arguments.workloads) <= SKIPPED_WHEN_DOWN:
-                print(f"{database}: async rows skipped", file=sys.stderr)
+            if set(names) <= SKIPPED_WHEN_DOWN:
+                print(f"{database}: {', '.join(names)} rows skipped", file=sys.stderr)
                 document["databases"][database] = {"skipped": str(error)}
                 continue
             return 2
-        finally:
-            engine.dispose()
         results: dict[str, Any] = {"server": server}
         document["databases"][database] = results
         try:
-            for name in arguments.workloads:
+            for name in names:
                 started = time.perf_counter()
                 result = WORKLOADS[name](database, settings)
                 seconds = time.perf_counter() - started
@@ -179,9 +216,22 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _server(database: str) -> str:
+    """Connect to *database* once (raising if it cannot) and name its server."""
+    if database in DATABASES:
+        engine = make_engine(database)
+    else:
+        engine = create_engine(outbox_relay.database_url(database))
+    try:
+        return server_version(engine)
+    finally:
+        engine.dispose()
+
+
 def _drop_tables(database: str) -> None:
-    """Leave a server database as it was found (SQLite in memory goes by itself)."""
-    if database == "sqlite":
+    """Leave a server database as it was found (SQLite in memory goes by itself;
+    the relay workload drops its own table)."""
+    if database == "sqlite" or database not in DATABASES:
         return
     engine = make_engine(database)
     try:

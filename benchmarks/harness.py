@@ -89,6 +89,24 @@ class Settings:
     memory_transactions: int
     memory_warmup: int
     memory_sample_every: int
+    relay_rounds: int
+    """Rounds of the relay's throughput runs: one relay, then several, each
+    on a freshly seeded backlog."""
+    relay_backlog: int
+    """Pending events one relay (or several together) delivers in a round."""
+    relay_batch: int
+    """Events per seeded transaction, and the relay's ``batch_size``."""
+    relay_processes: int
+    """Relay processes run together against one."""
+    relay_rss_backlog: int
+    """Pending events of the run whose relay's peak resident set is measured."""
+    relay_commit_rate: float
+    """Commits per second while the commit -> delivery latency is measured."""
+    relay_latency_commits: int
+    relay_interval: float
+    """Seconds the polling relay waits when it finds nothing due."""
+    relay_latency_wait: float
+    """Seconds after the last commit before an undelivered event is given up on."""
 
 
 FULL = Settings(
@@ -105,6 +123,15 @@ FULL = Settings(
     memory_transactions=100_000,
     memory_warmup=1_000,
     memory_sample_every=1_000,
+    relay_rounds=3,
+    relay_backlog=50_000,
+    relay_batch=1_000,
+    relay_processes=4,
+    relay_rss_backlog=200_000,
+    relay_commit_rate=200.0,
+    relay_latency_commits=2_000,
+    relay_interval=0.01,
+    relay_latency_wait=30.0,
 )
 
 QUICK = Settings(
@@ -121,6 +148,15 @@ QUICK = Settings(
     memory_transactions=300,
     memory_warmup=20,
     memory_sample_every=10,
+    relay_rounds=1,
+    relay_backlog=200,
+    relay_batch=50,
+    relay_processes=4,
+    relay_rss_backlog=400,
+    relay_commit_rate=200.0,
+    relay_latency_commits=20,
+    relay_interval=0.01,
+    relay_latency_wait=10.0,
 )
 
 
@@ -133,7 +169,9 @@ class Row:
     figure: str
     value: float
     unit: str
-    """``x`` (ratio), ``us`` (microseconds), ``ev/s`` (rate), ``B`` (bytes), ``n``."""
+    """``x`` (ratio), ``us`` or ``ms`` (micro- or milliseconds), ``ev/s`` (rate),
+    ``B`` (bytes), ``MB`` (mebibytes), ``n``; ``n/a``: not measured here (the
+    figure says why; the value means nothing)."""
     q1: float | None = None
     q3: float | None = None
     """First and third quartile of the per-round values: the noise around the median."""

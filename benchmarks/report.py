@@ -25,11 +25,18 @@ _HEADERS = (
 
 
 def format_value(value: float, unit: str) -> str:
-    """A figure with its unit, e.g. ``1.013x``, ``7.21 us``, ``412,000 ev/s``."""
+    """A figure with its unit, e.g. ``1.013x``, ``7.21 us``, ``412,000 ev/s``,
+    ``63.2 MB``; ``n/a`` for a figure not measured."""
     if unit == "x":
         return f"{value:.3f}x"
     if unit == "us":
         return f"{value:.2f} us"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    if unit == "MB":
+        return f"{value:.1f} MB"
+    if unit == "n/a":
+        return "n/a"
     if unit == "ev/s":
         return f"{value:,.0f} ev/s"
     if unit == "B":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -11,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import unavailable
+
+from benchmarks.outbox_relay import BacklogRun, RelayRun, Tally
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOAD_KEYS = ("commit", "flask_signal", "bulk", "memory", "async")
+WORKLOAD_KEYS = ("commit", "flask_signal", "bulk", "memory", "async", "relay")
 RATIO_KEYS = ("median", "q1", "q3", "low", "high")
 
 
@@ -106,6 +110,7 @@ def test_quick_run_prints_targets_unchecked(
         "5",
         "6",
         "7",
+        "8",
     }
     assert all(isinstance(target["passed"], bool) for target in targets)
     assert all(target["rounds"] for target in targets if target["unit"] == "x")
@@ -163,6 +168,8 @@ def test_quick_async_workload_compares_with_a_plain_async_session(
 DOWN = "postgresql+psycopg://root@127.0.0.1:1/test"
 """A PostgreSQL URL nothing listens on."""
 ASYNC_DOWN = DOWN.replace("psycopg", "asyncpg")
+MARIADB_DOWN = "mysql+pymysql://root@127.0.0.1:1/test"
+"""A MariaDB URL nothing listens on."""
 
 
 @pytest.mark.parametrize(
@@ -194,13 +201,142 @@ def test_async_workload_skips_a_server_it_cannot_reach(
     assert "skipped" in skipped.get("async", skipped)
 
 
+def table_rows(stdout: str, database: str) -> list[tuple[str, str, str, str]]:
+    """Workload, figure, target and result of each of *database*'s printed rows."""
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in stdout.splitlines()
+        if line.startswith(f"| {database} ")
+    ]
+    return [(row[1], row[2], row[6], row[7]) for row in rows]
+
+
+def run_relay_workload(
+    database: str, output: Path
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """A quick ``--workloads relay`` run on *database*; skips a server that is down
+    (a failure under ``CI=true``)."""
+    completed = run_benchmark(
+        "--quick", "--databases", database, "--workloads", "relay", "--output",
+        str(output),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    if f"{database}: relay rows skipped" in completed.stderr:
+        unavailable(database, RuntimeError(completed.stderr.strip()))
+    return completed, json.loads(output.read_text())
+
+
+def assert_delivered_once(run: dict[str, Any], seeded: int, relays: int) -> None:
+    """Every seeded event of a backlog run reached the relays' plugins exactly once."""
+    assert run["seeded"] == seeded
+    assert len(run["delivered"]) == relays
+    assert sum(run["delivered"]) == seeded
+    assert run["pending_after"] == 0
+    assert run["exactly_once"] is True
+    assert run["events_per_s"] > 0
+    assert all(10 < peak < 2_000 for peak in run["peak_rss_mb"])
+
+
+def test_quick_relay_workload_delivers_every_seeded_event_once(
+    tmp_path: Path,
+) -> None:
+    """``--workloads relay`` on SQLite: one relay, latency and RSS rows, no event lost
+    or doubled."""
+    completed, figures = run_relay_workload("sqlite", tmp_path / "latest.json")
+    settings = figures["settings"]
+    found = figures["databases"]["sqlite"]["relay"]
+    assert found["batch_size"] == settings["relay_batch"]
+    assert len(found["rounds"]) == settings["relay_rounds"]
+    for run in found["rounds"]:
+        assert_delivered_once(run["one"], settings["relay_backlog"], 1)
+        assert run["several"] is None  # SQLite takes one relay at a time
+    assert_delivered_once(found["memory"], settings["relay_rss_backlog"], 1)
+    assert found["exactly_once"] is True
+    latency = found["latency"]
+    if "unavailable" not in latency:
+        assert latency["commits"] == latency["received"]
+        assert latency["commits"] == settings["relay_latency_commits"]
+        assert latency["undelivered"] == 0
+        assert 0 < latency["latency_ms"]["median"] < 10_000
+    backlog = f"8 relay, {settings['relay_backlog']:,} backlog"
+    commits = f"8 relay, {settings['relay_commit_rate']:,.0f} commits/s"
+    rows = table_rows(completed.stdout, "sqlite")
+    assert rows[0] == (backlog, "one relay, no-op plugin", "", "")
+    assert rows[-2:] == [
+        (
+            f"8 relay, {settings['relay_rss_backlog']:,} backlog",
+            "relay process peak RSS",
+            "",
+            "",
+        ),
+        (f"8 relay, {settings['relay_rounds'] + 1} backlogs",
+         "an event lost, doubled or left pending", "0", "(quick)"),
+    ]  # fmt: skip
+    latency_rows = [row[1] for row in rows if row[0] == commits]
+    assert latency_rows in (
+        ["commit->delivery p50", "commit->delivery p99"],
+        ["commit->delivery: unavailable (this access_audit has no dispatch='relay')"],
+    )
+
+
+def test_quick_relay_workload_shares_a_backlog_among_four_relays(
+    tmp_path: Path,
+) -> None:
+    """On PostgreSQL, four relay processes deliver the backlog between them, each
+    event once, next to one relay alone."""
+    completed, figures = run_relay_workload("postgresql", tmp_path / "latest.json")
+    settings = figures["settings"]
+    found = figures["databases"]["postgresql"]["relay"]
+    for run in found["rounds"]:
+        assert_delivered_once(run["one"], settings["relay_backlog"], 1)
+        assert_delivered_once(
+            run["several"], settings["relay_backlog"], settings["relay_processes"]
+        )
+    backlog = f"8 relay, {settings['relay_backlog']:,} backlog"
+    assert table_rows(completed.stdout, "postgresql")[:3] == [
+        (backlog, "one relay, no-op plugin", ">= 20,000/s", "(quick)"),
+        (backlog, "4 relays / one", ">= 1.50x", "(quick)"),
+        (backlog, "4 relays, largest / smallest share", "<= 2.00x", "(quick)"),
+    ]
+
+
+def test_a_duplicate_that_replaces_a_lost_event_is_caught() -> None:
+    """The exactly-once check compares event ids, not only counts."""
+    seeded = Tally(2, 10 + 20)
+    relayed = RelayRun(2, Tally(2, 10 + 10), 0.0, 1.0, 50.0, 60.0)
+    assert not BacklogRun(seeded, [relayed], pending=0).exactly_once
+    delivered = dataclasses.replace(relayed, tally=seeded)
+    assert BacklogRun(seeded, [delivered], pending=0).exactly_once
+    assert not BacklogRun(seeded, [delivered], pending=1).exactly_once
+
+
+def test_relay_workload_skips_a_server_it_cannot_reach(tmp_path: Path) -> None:
+    """Only relay rows asked for: a MariaDB it cannot reach is skipped, with a message."""
+    output = tmp_path / "latest.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--databases", "mariadb",
+         "--workloads", "relay", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "ACCESS_AUDIT_TEST_MARIADB_URL": MARIADB_DOWN},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "mariadb: relay rows skipped" in completed.stderr
+    assert "| mariadb" not in completed.stdout
+    assert "skipped" in json.loads(output.read_text())["databases"]["mariadb"]
+
+
 @pytest.mark.parametrize(
     "arguments",
-    [("--databases", "oracle"), ("--workloads", "commit,nonsense")],
-    ids=["unknown-database", "unknown-workload"],
+    [
+        ("--databases", "oracle"),
+        ("--workloads", "commit,nonsense"),
+        ("--databases", "mariadb", "--workloads", "commit"),
+    ],
+    ids=["unknown-database", "unknown-workload", "workload-not-on-database"],
 )
 def test_unknown_names_are_a_usage_error(arguments: tuple[str, ...]) -> None:
-    """An unknown database or workload name exits 2 and names the valid choices."""
+    """An unknown database or workload name, or a database none of the workloads
+    runs on, exits 2 and names the valid choices."""
     completed = run_benchmark("--quick", *arguments)
     assert completed.returncode == 2
     assert "choose from" in completed.stderr
