@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import functools
 import threading
+import time
 import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -105,7 +106,9 @@ class AuditEmitter:
         batch for a worker thread and returns at once (see :meth:`flush` and
         :meth:`close`); ``"asyncio"`` queues it for a task on the running
         event loop (see :meth:`aflush` and :meth:`aclose`; a commit made with
-        no running loop delivers inline).
+        no running loop delivers inline); ``"relay"`` (with an ``outbox``)
+        only writes the outbox rows, and the relay delivers them to plugins
+        (blinker receivers still get each commit's signals).
     :param async_timeout: the seconds an ``async def`` plugin may take over
         one batch; one that takes longer is cancelled and reported through
         ``audit_delivery_failed`` with a :class:`TimeoutError`. None: no limit.
@@ -152,6 +155,11 @@ class AuditEmitter:
         _check_choice("dispatch", dispatch, DISPATCH_MODES)
         _check_choice("joined_transactions", joined_transactions, JOINED_TRANSACTIONS)
         _check_choice("queue_full", queue_full, QUEUE_FULL_POLICIES)
+        if dispatch == "relay" and outbox is None:
+            raise ValueError(
+                "dispatch='relay' leaves delivery to the outbox's relay; pass "
+                "outbox=Outbox(...) too"
+            )
         if queue_full == "drop" and outbox is None:
             raise ValueError(
                 "queue_full='drop' loses events without an outbox to re-deliver "
@@ -180,6 +188,7 @@ class AuditEmitter:
         self._on_loop = (
             LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )
+        self._relay_only = dispatch == "relay"
         self._listeners = SessionListeners(self)
         for plugin in plugins:
             self.register(plugin)
@@ -260,45 +269,65 @@ class AuditEmitter:
         return 0 if self._background is None else self._background.dropped
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until background dispatch delivered everything committed so far.
+        """Wait until background dispatch delivered everything committed so
+        far, and the outbox recorded what the dispatch delivered.
 
         Returns False if *timeout* (seconds) passed first; True at once for
-        inline dispatch.
+        inline dispatch without an outbox.
         """
         self._refuse_sync_wait("flush")
-        return True if self._background is None else self._background.flush(timeout)
+        deadline = _deadline(timeout)
+        done = self._background is None or self._background.flush(timeout)
+        return self._flush_outbox(deadline) and done
 
     def close(self, timeout: float | None = None) -> bool:
-        """Deliver what background dispatch has queued, then stop its thread.
+        """Deliver what background dispatch has queued, then stop its thread
+        (and wait for the outbox's records, as :meth:`flush`).
 
         Events committed afterwards on attached sessions make ``commit()``
         log an error. The interpreter's exit does this too. Returns False if
         *timeout* passed first.
         """
         self._refuse_sync_wait("close")
-        return True if self._background is None else self._background.close(timeout)
+        deadline = _deadline(timeout)
+        done = self._background is None or self._background.close(timeout)
+        return self._flush_outbox(deadline) and done
 
     async def aflush(self, timeout: float | None = None) -> bool:
         """:meth:`flush` for asyncio code: waits without blocking the event loop.
 
         Returns False if *timeout* (seconds) passed first.
         """
+        deadline = _deadline(timeout)
         if self._on_loop is not None:
-            return await self._on_loop.flush(timeout)
-        if self._background is None:
-            return True
-        return await asyncio.to_thread(self._background.flush, timeout)
+            done = await self._on_loop.flush(timeout)
+        elif self._background is not None:
+            done = await asyncio.to_thread(self._background.flush, timeout)
+        else:
+            done = True
+        return await self._aflush_outbox(deadline) and done
 
     async def aclose(self, timeout: float | None = None) -> bool:
         """:meth:`close` for asyncio code (a FastAPI lifespan's shutdown, say).
 
         Returns False if *timeout* (seconds) passed first.
         """
+        deadline = _deadline(timeout)
         if self._on_loop is not None:
-            return await self._on_loop.close(timeout)
-        if self._background is None:
+            done = await self._on_loop.close(timeout)
+        elif self._background is not None:
+            done = await asyncio.to_thread(self._background.close, timeout)
+        else:
+            done = True
+        return await self._aflush_outbox(deadline) and done
+
+    def _flush_outbox(self, deadline: float | None) -> bool:
+        return self.outbox is None or self.outbox.flush(_remaining(deadline))
+
+    async def _aflush_outbox(self, deadline: float | None) -> bool:
+        if self.outbox is None:
             return True
-        return await asyncio.to_thread(self._background.close, timeout)
+        return await asyncio.to_thread(self.outbox.flush, _remaining(deadline))
 
     def relay(self, bind: Engine | Connection, **options: Any) -> Any:
         """Re-deliver what the outbox holds undelivered; see :func:`access_audit.outbox.relay`.
@@ -373,6 +402,10 @@ class AuditEmitter:
                         ", ".join(str(envelope.id) for envelope in envelopes),
                     )
                 return
+        if self._relay_only:
+            # Signals only: the relay delivers to plugins.
+            deliver(self.plugin_manager, self, envelopes, only=frozenset())
+            return
         if self._background is None:
             report = deliver(self.plugin_manager, self, envelopes)
             if outbox_bind is not None or report.errors:
@@ -587,3 +620,11 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         choices = " or ".join(repr(choice) for choice in allowed)
         raise ValueError(f"{name} must be {choices}, got {value!r}")
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

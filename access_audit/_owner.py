@@ -56,6 +56,10 @@ class DeliveryStore(Protocol):
     ) -> None:
         """Record which of *plugins* took *envelopes* after COMMIT."""
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until what :meth:`record` was given so far is stored; False
+        if *timeout* seconds passed first."""
+
     def relay(self, emitter: Any, bind: Engine | Connection, **options: Any) -> Any:
         """Deliver what is stored and still undelivered to *emitter*'s plugins."""
 

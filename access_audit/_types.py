@@ -47,10 +47,10 @@ DiscardReason = Literal[
 """
 DISCARD_REASONS: tuple[DiscardReason, ...] = get_args(DiscardReason)
 
-DispatchMode = Literal["inline", "background", "asyncio"]
+DispatchMode = Literal["inline", "background", "asyncio", "relay"]
 """``AuditEmitter(dispatch=...)``: deliver in the committing thread before
-``commit()`` returns, hand the batch to a worker thread, or to a task on the
-running event loop."""
+``commit()`` returns, hand the batch to a worker thread, to a task on the
+running event loop, or leave it to the outbox's relay alone."""
 DISPATCH_MODES: tuple[DispatchMode, ...] = get_args(DispatchMode)
 
 QueueFullPolicy = Literal["block", "drop"]

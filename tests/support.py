@@ -269,10 +269,18 @@ def outbox_emitter(outbox: Outbox, **plugins: object) -> AuditEmitter:
 
 
 def outbox_rows(engine: Any, outbox: Outbox) -> list[dict[str, Any]]:
-    """Every outbox row, in commit order, as plain dicts."""
-    table = outbox.table
+    """Every outbox row, in commit order, as plain dicts, each with its
+    delivery state: ``states`` maps a plugin name to its state
+    (``"delivered"``, ``"pending"`` or ``"dead"``) and ``attempts`` to the
+    attempts counted (plugins with no state of their own are left out), and
+    ``parked`` says whether no plugin waits for the row any more.
+
+    Rows every plugin took are gone (the outbox keeps only what some plugin
+    still waits for, or gave up on): flush the emitter before looking.
+    """
+    table, state = outbox.table, outbox.delivery_table
     with Session(engine) as session:
-        return [
+        rows = [
             dict(row)
             for row in session.execute(
                 select(table).order_by(
@@ -280,3 +288,13 @@ def outbox_rows(engine: Any, outbox: Outbox) -> list[dict[str, Any]]:
                 )
             ).mappings()
         ]
+        states: dict[str, list[Any]] = {}
+        for found in session.execute(select(state)):
+            states.setdefault(found.event_id, []).append(found)
+    for row in rows:
+        found = states.get(row["id"], [])
+        row["states"] = {s.plugin: s.state for s in found if s.plugin}
+        row["attempts"] = {s.plugin: s.attempts for s in found if s.plugin}
+        row["errors"] = {s.plugin: s.error for s in found if s.plugin and s.error}
+        row["parked"] = any(not s.plugin for s in found)
+    return rows

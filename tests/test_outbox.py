@@ -1,14 +1,19 @@
-"""Outbox mode: rows written inside the committing transaction, marked after dispatch.
+"""Outbox mode: rows written inside the committing transaction; rows every
+plugin took leave the outbox once the dispatch after COMMIT is recorded.
 
 Every database test runs on SQLite, PostgreSQL and MariaDB (the ``engine``
-fixture). Each test creates the outbox table on the engine and drops it
+fixture). Each test creates the outbox tables on the engine and drops them
 afterwards; server engines already work in a namespace of this run.
+``written`` holds the rows each test's commits INSERTed (the outbox table
+never sees an UPDATE); the tables themselves are read after
+``outbox.flush()``, once what the dispatch delivered is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,15 +71,44 @@ def Session(engine: Engine, outbox: Outbox, sink: Sink) -> Iterator[sessionmaker
     emitter.detach(maker)
 
 
-def row_names(engine: Engine, outbox: Outbox) -> list[str]:
-    """The target ids (``aggregateid``) of the outbox rows, in commit order."""
-    return [row["aggregateid"] for row in outbox_rows(engine, outbox)]
+@pytest.fixture
+def written(engine: Engine, outbox: Outbox) -> Iterator[list[dict[str, Any]]]:
+    """The rows INSERTed into the outbox table on *engine*, in order; any
+    other statement on that table (an UPDATE) fails the test."""
+    rows: list[dict[str, Any]] = []
+    others: list[str] = []
+
+    def after_execute(
+        connection: object, clause: Any, multiparams: Any, params: Any, *_: Any
+    ) -> None:
+        table = getattr(clause, "table", None)
+        if table is not outbox.table:
+            return
+        if clause.is_insert:
+            rows.extend(multiparams if multiparams else [params])
+        elif not clause.is_delete:
+            others.append(str(clause))
+
+    event.listen(engine, "after_execute", after_execute)
+    yield rows
+    event.remove(engine, "after_execute", after_execute)
+    assert others == []
+
+
+def row_names(written: list[dict[str, Any]]) -> list[str]:
+    """The target ids (``aggregateid``) of *written* rows."""
+    return [row["aggregateid"] for row in written]
 
 
 def test_committed_events_get_one_row_each_that_parses_back_to_the_envelope(
-    Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox
+    Session: sessionmaker,
+    sink: Sink,
+    engine: Engine,
+    outbox: Outbox,
+    written: list[dict[str, Any]],
 ) -> None:
-    """Each committed event has a row whose columns and payload match its envelope."""
+    """Each committed event has a row whose columns and payload match its
+    envelope; once the plugin took them, the rows leave the outbox."""
     with Session() as session:
         operation(session, "first", payload={"n": 1, "tags": ["a", "b"]})
         operation(session, "second", reason="because")
@@ -82,7 +116,7 @@ def test_committed_events_get_one_row_each_that_parses_back_to_the_envelope(
         operation(session, "third")
         session.commit()
     assert sink.names == ["first", "second", "third"]
-    rows = outbox_rows(engine, outbox)
+    rows = written
     assert len(rows) == len(sink.events)
     for row, envelope in zip(rows, sink.events, strict=True):
         assert row["id"] == str(envelope.id)
@@ -97,10 +131,12 @@ def test_committed_events_get_one_row_each_that_parses_back_to_the_envelope(
     assert rows[0]["transaction_id"] == rows[1]["transaction_id"]
     assert rows[1]["transaction_id"] != rows[2]["transaction_id"]
     assert stored_names(engine) == ["first", "second", "third"]
+    assert outbox.flush(timeout=10)
+    assert outbox_rows(engine, outbox) == []
 
 
 def test_rolled_back_transaction_writes_no_rows(
-    Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox
+    Session: sessionmaker, sink: Sink, engine: Engine, written: list[dict[str, Any]]
 ) -> None:
     """A transaction that rolls back leaves no outbox row and sends nothing."""
     with Session() as session:
@@ -110,24 +146,29 @@ def test_rolled_back_transaction_writes_no_rows(
         operation(session, "kept")
         session.commit()
     assert sink.names == ["kept"]
-    assert row_names(engine, outbox) == ["kept"]
+    assert row_names(written) == ["kept"]
     assert stored_names(engine) == ["kept"]
 
 
 def test_closed_session_writes_no_rows(
-    Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox
+    Session: sessionmaker,
+    sink: Sink,
+    engine: Engine,
+    outbox: Outbox,
+    written: list[dict[str, Any]],
 ) -> None:
     """A session closed with its transaction open leaves no outbox row."""
     with Session() as session:
         operation(session, "abandoned")
         session.flush()
     assert sink.events == []
+    assert written == []
     assert outbox_rows(engine, outbox) == []
     assert stored_names(engine) == []
 
 
 def test_rolled_back_savepoint_leaves_no_rows_for_its_events(
-    Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox
+    Session: sessionmaker, sink: Sink, engine: Engine, written: list[dict[str, Any]]
 ) -> None:
     """Events of a rolled-back SAVEPOINT get no row; the committed rest does."""
     with Session() as session:
@@ -138,7 +179,7 @@ def test_rolled_back_savepoint_leaves_no_rows_for_its_events(
         savepoint.rollback()
         session.commit()
     assert sink.names == ["outer"]
-    assert row_names(engine, outbox) == ["outer"]
+    assert row_names(written) == ["outer"]
     assert stored_names(engine) == ["outer"]
 
 
@@ -146,7 +187,12 @@ def test_rolled_back_savepoint_leaves_no_rows_for_its_events(
     "release", ["savepoint.commit", "session.commit"], ids=["released", "left-open"]
 )
 def test_savepoint_events_get_rows_once_the_outer_transaction_commits(
-    Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox, release: str
+    Session: sessionmaker,
+    sink: Sink,
+    engine: Engine,
+    outbox: Outbox,
+    written: list[dict[str, Any]],
+    release: str,
 ) -> None:
     """A SAVEPOINT's events committed with the outer transaction get rows, in order."""
     with Session() as session:
@@ -159,10 +205,10 @@ def test_savepoint_events_get_rows_once_the_outer_transaction_commits(
         session.commit()
     expected = ["before", "inner", "after"][: 3 if release == "savepoint.commit" else 2]
     assert sink.names == expected
-    rows = outbox_rows(engine, outbox)
-    assert [row["aggregateid"] for row in rows] == expected
-    assert [row["id"] for row in rows] == [str(e.id) for e in sink.events]
-    assert {row["status"] for row in rows} == {DELIVERED}
+    assert row_names(written) == expected
+    assert [row["id"] for row in written] == [str(e.id) for e in sink.events]
+    assert outbox.flush(timeout=10)
+    assert outbox_rows(engine, outbox) == []
 
 
 def outbox_rows_in(session: OrmSession, outbox: Outbox) -> int:
@@ -172,7 +218,11 @@ def outbox_rows_in(session: OrmSession, outbox: Outbox) -> int:
 
 
 def test_released_savepoint_alone_writes_no_rows(
-    Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox
+    Session: sessionmaker,
+    sink: Sink,
+    engine: Engine,
+    outbox: Outbox,
+    written: list[dict[str, Any]],
 ) -> None:
     """RELEASE SAVEPOINT writes nothing when the outer transaction then rolls back."""
     with Session() as session:
@@ -182,6 +232,7 @@ def test_released_savepoint_alone_writes_no_rows(
         assert outbox_rows_in(session, outbox) == 0
         session.rollback()
     assert sink.events == []
+    assert written == []
     assert outbox_rows(engine, outbox) == []
     assert stored_names(engine) == []
 
@@ -194,6 +245,7 @@ def test_events_staged_by_orm_hooks_during_the_commit_get_rows(
     sink: Sink,
     engine: Engine,
     outbox: Outbox,
+    written: list[dict[str, Any]],
     staged_before: bool,
 ) -> None:
     """Events staged by an after_insert hook in the commit's flush get rows too."""
@@ -222,31 +274,40 @@ def test_events_staged_by_orm_hooks_during_the_commit_get_rows(
         event.remove(Item, "after_insert", after_insert)
     expected.append(("item_inserted", "hooked"))
     assert [(e.event_type, e.target_id) for e in sink.events] == expected
-    rows = outbox_rows(engine, outbox)
-    assert [(row["type"], row["aggregateid"]) for row in rows] == expected
-    assert {row["status"] for row in rows} == {DELIVERED}
+    assert [(row["type"], row["aggregateid"]) for row in written] == expected
+    assert outbox.flush(timeout=10)
+    assert outbox_rows(engine, outbox) == []
 
 
-def test_inline_dispatch_marks_rows_delivered_to_every_plugin(
-    engine: Engine, outbox: Outbox
+def test_rows_every_plugin_took_leave_both_tables_off_the_request_path(
+    engine: Engine, outbox: Outbox, written: list[dict[str, Any]]
 ) -> None:
-    """After inline dispatch each row is delivered, to the names of all plugins."""
+    """After inline dispatch to every plugin, the rows (and any delivery
+    state) are deleted by the outbox's recorder thread, not in the commit."""
     first, second = Sink(), Sink()
     emitter = outbox_emitter(outbox, alpha=first, beta=second)
-    with OrmSession(engine) as session:
-        emitter.attach(session)
-        operation(session, "one")
-        operation(session, "two")
-        session.commit()
+    deleted_on: set[str] = set()
+
+    def before_execute(connection: object, clause: Any, *_: Any) -> None:
+        if getattr(clause, "is_delete", False):
+            deleted_on.add(threading.current_thread().name)
+
+    event.listen(engine, "before_execute", before_execute)
+    try:
+        with OrmSession(engine) as session:
+            emitter.attach(session)
+            operation(session, "one")
+            operation(session, "two")
+            session.commit()
+        assert emitter.flush(timeout=10)
+    finally:
+        event.remove(engine, "before_execute", before_execute)
     assert first.names == second.names == ["one", "two"]
-    rows = outbox_rows(engine, outbox)
-    assert [row["aggregateid"] for row in rows] == ["one", "two"]
-    for row in rows:
-        assert row["status"] == DELIVERED
-        assert json.loads(row["delivered_to"]) == ["alpha", "beta"]
-        assert json.loads(row["failures"]) == {}
-        assert row["delivered_at"] is not None
-        assert row["delivered_at"] >= row["created_at"]
+    assert [json.loads(row["recipients"]) for row in written] == [["alpha", "beta"]] * 2
+    assert outbox_rows(engine, outbox) == []
+    with engine.connect() as connection:
+        assert connection.execute(select(outbox.delivery_table)).all() == []
+    assert deleted_on == {"access_audit-outbox-recorder"}
 
 
 def test_raising_plugin_leaves_rows_pending_with_the_others_delivered(
@@ -260,24 +321,21 @@ def test_raising_plugin_leaves_rows_pending_with_the_others_delivered(
         operation(session, "one")
         operation(session, "two")
         session.commit()
+    assert emitter.flush(timeout=10)
     assert good.names == ["one", "two"]
     assert bad.events == []
     rows = outbox_rows(engine, outbox)
     assert [row["aggregateid"] for row in rows] == ["one", "two"]
     for row in rows:
-        assert row["status"] == PENDING
-        assert json.loads(row["delivered_to"]) == ["good"]
-        failures = json.loads(row["failures"])
-        assert list(failures) == ["bad"]
-        assert failures["bad"]["attempts"] == 1
-        assert failures["bad"]["dead"] is False
-        assert "sink down for " + row["aggregateid"] in failures["bad"]["error"]
-        assert row["delivered_at"] is None
+        assert row["states"] == {"good": DELIVERED, "bad": PENDING}
+        assert row["attempts"]["bad"] == 1
+        assert "sink down for " + row["aggregateid"] in row["errors"]["bad"]
+        assert not row["parked"]
     assert stored_names(engine) == ["one", "two"]
 
 
 def test_redaction_applies_to_the_outbox_payload(
-    engine: Engine, outbox: Outbox, sink: Sink
+    engine: Engine, outbox: Outbox, sink: Sink, written: list[dict[str, Any]]
 ) -> None:
     """Redacted keys are already redacted in the outbox row, at any depth."""
     emitter = AuditEmitter(
@@ -293,7 +351,7 @@ def test_redaction_applies_to_the_outbox_payload(
             metadata={"token": "meta-s3cr3t"},
         )
         session.commit()
-    [row] = outbox_rows(engine, outbox)
+    [row] = written
     for secret in ("hunter2", "s3cr3t"):
         assert secret not in json.dumps(row, default=str)
     stored = json.loads(row["payload"])
@@ -307,7 +365,11 @@ def test_redaction_applies_to_the_outbox_payload(
 
 
 def test_failed_commit_leaves_no_rows(
-    Session: sessionmaker, sink: Sink, engine: Engine, outbox: Outbox
+    Session: sessionmaker,
+    sink: Sink,
+    engine: Engine,
+    outbox: Outbox,
+    written: list[dict[str, Any]],
 ) -> None:
     """When COMMIT fails, the rows written before it are gone with the transaction."""
     session = Session()
@@ -323,15 +385,18 @@ def test_failed_commit_leaves_no_rows(
     session.commit()
     session.close()
     assert sink.names == ["next"]
-    assert row_names(engine, outbox) == ["next"]
+    assert row_names(written)[-1:] == ["next"]
     assert stored_names(engine) == ["next"]
 
 
-def test_async_session_commit_writes_and_marks_rows(tmp_path: Path) -> None:
-    """With AsyncSession (aiosqlite), committed events get rows marked delivered."""
+def test_async_session_commit_writes_rows_and_records_the_delivery(
+    tmp_path: Path,
+) -> None:
+    """With AsyncSession (aiosqlite), committed events get rows; a plugin
+    that failed leaves its state, one that took the event none."""
     outbox = Outbox()
-    sink = Sink()
-    emitter = outbox_emitter(outbox, sink=sink)
+    sink, down = Sink(), Sink(failing=True)
+    emitter = outbox_emitter(outbox, sink=sink, down=down)
 
     async def main() -> list[dict[str, Any]]:
         engine = aiosqlite_engine(tmp_path / "async.db")
@@ -351,14 +416,22 @@ def test_async_session_commit_writes_and_marks_rows(tmp_path: Path) -> None:
                     action="view",
                 )  # fmt: skip
                 await session.commit()
+            assert await emitter.aflush(timeout=10)
             async with AsyncSession(engine) as reader:
                 result = await reader.execute(select(outbox.table))
-                return [dict(row) for row in result.mappings()]
+                rows = [dict(row) for row in result.mappings()]
+                states = (await reader.execute(select(outbox.delivery_table))).all()
+                for row in rows:
+                    row["states"] = {
+                        state.plugin: state.state
+                        for state in states
+                        if state.event_id == row["id"]
+                    }
+                return rows
         finally:
             await engine.dispose()
 
     rows = asyncio.run(main())
     assert sink.names == ["2"]
     assert [row["id"] for row in rows] == [str(sink.events[0].id)]
-    assert rows[0]["status"] == DELIVERED
-    assert json.loads(rows[0]["delivered_to"]) == ["sink"]
+    assert rows[0]["states"] == {"sink": DELIVERED, "down": PENDING}

@@ -2,7 +2,8 @@
 
 An emitter created with ``outbox=Outbox(...)`` writes each committed event to
 the outbox table inside the transaction that commits it, dispatches right
-after COMMIT as usual, and marks each row delivered per plugin. A relay
+after COMMIT as usual, and records what each plugin took off the request
+path (rows every plugin took leave the outbox). A relay
 (:meth:`AuditEmitter.relay <access_audit.AuditEmitter.relay>`, its asyncio
 twin :meth:`AuditEmitter.arelay <access_audit.AuditEmitter.arelay>`,
 ``python -m access_audit relay`` or ``flask access-audit relay``) re-delivers
@@ -10,6 +11,7 @@ what a crash, a deploy or a failing plugin left undelivered. Consumers
 de-duplicate by the envelope ``id``.
 """
 
+from ._relay import OutboxStatus as OutboxStatus
 from ._relay import RelayStats as RelayStats
 from ._relay import arelay as arelay
 from ._relay import count_pending as count_pending
@@ -17,6 +19,7 @@ from ._relay import list_dead as list_dead
 from ._relay import prune as prune
 from ._relay import relay as relay
 from ._relay import retry_dead as retry_dead
+from ._relay import status as status
 from ._table import DEAD as DEAD
 from ._table import DELIVERED as DELIVERED
 from ._table import PENDING as PENDING
@@ -27,6 +30,7 @@ __all__ = [
     "DELIVERED",
     "PENDING",
     "Outbox",
+    "OutboxStatus",
     "RelayStats",
     "arelay",
     "count_pending",
@@ -34,4 +38,5 @@ __all__ = [
     "prune",
     "relay",
     "retry_dead",
+    "status",
 ]

@@ -9,16 +9,19 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     delete,
+    exc,
     func,
+    insert,
+    inspect,
+    literal,
     select,
     tuple_,
     update,
@@ -26,8 +29,9 @@ from sqlalchemy import (
 from sqlalchemy.util import await_only, greenlet_spawn
 
 from .._dispatch import deliver, delivering_plugins
+from .._errors import AuditConfigurationError
 from .._logging import logger
-from ._store import OutboxRow, transaction, waiting_plugins
+from ._store import CHUNK, PARKED, OutboxRow, PluginState, chunks, forget, transaction
 from ._table import DEAD, DELIVERED, PENDING, Outbox
 
 if TYPE_CHECKING:
@@ -35,7 +39,17 @@ if TYPE_CHECKING:
 
     from .._emitter import AuditEmitter
 
-__all__ = ["RelayStats", "arelay", "list_dead", "prune", "relay", "retry_dead"]
+__all__ = [
+    "OutboxStatus",
+    "RelayStats",
+    "arelay",
+    "count_pending",
+    "list_dead",
+    "prune",
+    "relay",
+    "retry_dead",
+    "status",
+]
 
 
 @dataclasses.dataclass(slots=True)
@@ -49,6 +63,8 @@ class RelayStats:
     """Deliveries given up on after ``max_attempts`` during this run."""
     batches: int = 0
     pruned: int = 0
+    reconnects: int = 0
+    """Database errors the run waited out (a killed connection, a restart)."""
     missing_plugins: dict[str, int] = dataclasses.field(default_factory=dict)
     """Pending rows per plugin name this relay does not have, as counted when
     the run last found nothing due. Those rows are never delivered to another
@@ -76,7 +92,7 @@ def relay(
     bind: Engine | Connection,
     outbox: Outbox,
     *,
-    batch_size: int = 100,
+    batch_size: int = 500,
     max_attempts: int = 8,
     backoff: float = 1.0,
     max_backoff: float = 300.0,
@@ -122,6 +138,7 @@ def relay(
             "relay through an AsyncEngine or AsyncConnection with "
             "'await emitter.arelay(bind, ...)'"
         )
+    _check_options(batch_size, max_attempts, backoff, max_backoff, interval, retention)
     stopping = stop if stop is not None else threading.Event()
     return _poll(
         emitter, bind, outbox, stopping.is_set, stopping.wait,
@@ -136,7 +153,7 @@ async def arelay(
     bind: AsyncEngine | AsyncConnection,
     outbox: Outbox,
     *,
-    batch_size: int = 100,
+    batch_size: int = 500,
     max_attempts: int = 8,
     backoff: float = 1.0,
     max_backoff: float = 300.0,
@@ -170,6 +187,7 @@ async def arelay(
     """
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+    _check_options(batch_size, max_attempts, backoff, max_backoff, interval, retention)
     sync_bind: Engine | Connection
     if isinstance(bind, AsyncEngine):
         sync_bind = bind.sync_engine
@@ -203,6 +221,48 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
+def _check_options(
+    batch_size: int,
+    max_attempts: int,
+    backoff: float,
+    max_backoff: float,
+    interval: float,
+    retention: timedelta | None,
+) -> None:
+    """Refuse relay options that would claim nothing or never wait.
+
+    :raises ValueError: naming the option (as the command line spells it).
+    """
+    for name, value in (("batch_size", batch_size), ("max_attempts", max_attempts)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{name} must be a whole number of at least 1, got {value!r}"
+            )
+    for name, number in (
+        ("backoff", backoff),
+        ("max_backoff", max_backoff),
+        ("interval", interval),
+    ):
+        if (
+            isinstance(number, bool)
+            or not isinstance(number, (int, float))
+            or not 0 <= number < float("inf")
+        ):
+            raise ValueError(f"{name} must be a number of seconds >= 0, got {number!r}")
+    if retention is not None and retention < timedelta(0):
+        raise ValueError(f"retention must not be negative, got {retention!r}")
+
+
+_TRANSIENT = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)
+"""What a killed connection or a restarting server raises: the relay waits
+and tries again."""
+
+_ONCE_RETRIES = 5
+"""How many times a ``once`` run retries a database error before raising it."""
+
+_MAX_RECONNECT_DELAY = 30.0
+
+
 def _poll(
     emitter: AuditEmitter,
     bind: Engine | Connection,
@@ -219,32 +279,77 @@ def _poll(
     retention: timedelta | None,
     progress: Callable[[RelayStats], None] | None,
 ) -> RelayStats:
-    """The relay's loop; *pause* waits between polls, cut short once *stopped*."""
+    """The relay's loop; *pause* waits between polls, cut short once *stopped*.
+
+    A database error that a killed connection or a restarting server
+    raises is logged and retried with backoff (through an Engine, whose
+    pool reconnects; a Connection given by the caller cannot be).
+    """
     stats = RelayStats()
     plugins = sorted(delivering_plugins(emitter.plugin_manager))
     counted_at: float | None = None
+    failures = 0
+    checked = False
     while not stopped():
-        done = _relay_batch(
-            emitter, bind, outbox, plugins, stats, batch_size, max_attempts, backoff,
-            max_backoff,
-        )  # fmt: skip
-        if done and progress is not None:
-            progress(stats)
-        if done:
+        try:
+            if not checked:
+                _check_tables(bind, outbox)
+                checked = True
+            done = _relay_batch(
+                emitter, bind, outbox, plugins, stats, batch_size, max_attempts,
+                backoff, max_backoff,
+            )  # fmt: skip
+            if not done:
+                if retention is not None:
+                    stats.pruned += prune(bind, outbox, retention)
+                if (
+                    counted_at is None
+                    or time.monotonic() - counted_at >= _COUNT_MISSING_EVERY
+                ):
+                    _count_missing(bind, outbox, plugins, stats)
+                    counted_at = time.monotonic()
+        except _TRANSIENT as error:
+            failures += 1
+            if isinstance(bind, Connection) or (once and failures > _ONCE_RETRIES):
+                raise
+            delay = min(_MAX_RECONNECT_DELAY, 0.5 * 2 ** (failures - 1))
+            stats.reconnects += 1
+            logger.warning(
+                "relay: database error (%s); trying again in %.1f s",
+                str(error).splitlines()[0],
+                delay,
+            )
+            pause(delay)
             continue
-        if retention is not None:
-            stats.pruned += prune(bind, outbox, retention)
-        if counted_at is None or time.monotonic() - counted_at >= _COUNT_MISSING_EVERY:
-            counted_at = time.monotonic()
-            _count_missing(bind, outbox, plugins, stats)
+        if failures:
+            logger.warning("relay: the database is back after %d errors", failures)
+            failures = 0
+        if done:
+            if progress is not None:
+                progress(stats)
+            continue
         if once:
             break
         pause(interval)
     return stats
 
 
+def _check_tables(bind: Engine | Connection, outbox: Outbox) -> None:
+    """:raises AuditConfigurationError: an outbox table does not exist."""
+    with transaction(bind) as connection:
+        inspector = inspect(connection)
+        for table in (outbox.table, outbox.delivery_table):
+            if not inspector.has_table(table.name, schema=table.schema):
+                raise AuditConfigurationError(
+                    f"the outbox table {table.fullname!r} does not exist in "
+                    f"{connection.engine.url.render_as_string()}; create it "
+                    "(outbox.create(engine), metadata.create_all(), a migration "
+                    "or --create-table)"
+                )
+
+
 # Seconds between counts of the rows waiting for plugins a polling relay
-# lacks: the count reads every pending row.
+# lacks.
 _COUNT_MISSING_EVERY = 60.0
 
 
@@ -255,8 +360,8 @@ def _count_missing(
     before = stats.missing_plugins
     stats.missing_plugins = {
         name: count
-        for name, count in sorted(_pending_by_plugin(bind, outbox).items())
-        if name not in plugins
+        for name, count in sorted(status(bind, outbox).pending.items())
+        if name not in plugins and count
     }
     for name, count in stats.missing_plugins.items():
         if name not in before:
@@ -268,41 +373,6 @@ def _count_missing(
                 "row" if count == 1 else "rows",
                 name,
             )
-
-
-def _pending_by_plugin(
-    bind: Engine | Connection, outbox: Outbox
-) -> collections.Counter[str]:
-    """How many pending rows wait for each plugin name."""
-    table = outbox.table
-    counts: collections.Counter[str] = collections.Counter()
-    # Most pending rows share a few failure-free delivery states: parse each
-    # of those once.
-    parsed: dict[tuple[str, str], frozenset[str]] = {}
-    with transaction(bind) as connection:
-        states = connection.execute(
-            select(table.c.recipients, table.c.delivered_to, table.c.failures).where(
-                table.c.status == PENDING
-            )
-        )
-        for recipients, delivered_to, failures in states:
-            if failures != "{}":
-                counts.update(
-                    waiting_plugins(
-                        json.loads(recipients),
-                        json.loads(delivered_to),
-                        json.loads(failures),
-                    )
-                )
-                continue
-            key = (recipients, delivered_to)
-            waiting = parsed.get(key)
-            if waiting is None:
-                waiting = parsed[key] = waiting_plugins(
-                    json.loads(recipients), json.loads(delivered_to), {}
-                )
-            counts.update(waiting)
-    return counts
 
 
 def _relay_batch(
@@ -323,144 +393,197 @@ def _relay_batch(
     """
     now = datetime.now(timezone.utc)
     with transaction(bind) as connection:
-        eligible = _claim(connection, outbox.table, now, batch_size)
-        if not eligible:
+        claimed = _claim(connection, outbox, plugins, now, batch_size)
+        if not claimed:
             return 0
-        _deliver_rows(emitter, eligible, plugins, stats, max_attempts)
-        for taken in eligible:
-            _save(connection, outbox, taken, plugins, now, backoff, max_backoff)
+        _deliver_rows(emitter, claimed, stats, max_attempts)
+        _save(connection, outbox, claimed, now, backoff, max_backoff)
         stats.batches += 1
-        return len(eligible)
+        return len(claimed)
+
+
+class _Claim:
+    """A row this relay took, and the plugins it delivers the row to."""
+
+    __slots__ = ("plugins", "row")
+
+    def __init__(self, row: OutboxRow, plugins: list[str]) -> None:
+        self.row = row
+        self.plugins = plugins
 
 
 def _claim(
-    connection: Connection, table: Table, now: datetime, batch_size: int
-) -> list[OutboxRow]:
+    connection: Connection,
+    outbox: Outbox,
+    plugins: list[str],
+    now: datetime,
+    batch_size: int,
+) -> list[_Claim]:
     """Lock and return up to about *batch_size* rows this relay may deliver now.
 
-    Whole transactions, in commit order. A transaction is taken only if all
-    its pending rows are due and free (not locked by another relay), and no
-    earlier pending event of one of its targets is left behind: that one is
-    waiting for a retry, held by another relay, or in a transaction not
-    taken. Candidates are read without locks, page by page, and only the
-    rows to deliver are locked, by primary key: a locking read that scans
-    (InnoDB) would lock every row it reads, and idle relays would starve.
+    Whole transactions, in commit order (a transaction larger than a page
+    in slices, in order). A group is taken only if each of its rows is due
+    for every plugin of this relay that it waits for, it is free (not
+    locked by another relay), and no earlier row of one of its targets was
+    left behind: those targets are held, and the scan skips their rows in
+    SQL from then on, so however many rows a held target has, other
+    targets' due rows are found. Rows waiting only for plugins this relay
+    lacks are passed over without holding anything. Candidates are read
+    without locks and only the rows to deliver are locked, by primary key:
+    a locking read that scans (InnoDB) would lock every row it reads, and
+    idle relays would starve.
     """
+    table, state = outbox.table, outbox.delivery_table
     order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
-    pending = table.c.status == PENDING
-    candidate = select(
-        table.c.id,
-        table.c.aggregatetype,
-        table.c.aggregateid,
-        table.c.next_attempt_at,
-        *order,
-    ).order_by(*order)
+    parked = (
+        select(literal(1))
+        .where(state.c.event_id == table.c.id, state.c.plugin == PARKED)
+        .exists()
+    )
+    candidate = (
+        select(
+            table.c.id,
+            table.c.aggregatetype,
+            table.c.aggregateid,
+            table.c.recipients,
+            *order,
+        )
+        .where(~parked)
+        .order_by(*order)
+    )
+    page_size = min(max(batch_size * 2, 200), CHUNK)
     held: set[tuple[str, str]] = set()
-    claimed: list[OutboxRow] = []
-    seen: set[str] = set()
-    page_size = max(batch_size * 4, 50)
+    claimed: list[_Claim] = []
     after: tuple[Any, ...] | None = None
-    for _page in range(_MAX_PAGES):
-        # Keyset paging: rows that other relays deliver meanwhile leave the
-        # pending set, and OFFSET would then skip rows this scan must see.
-        query = candidate.where(pending).limit(page_size)
+    while len(claimed) < batch_size:
+        query = candidate.limit(page_size)
         if after is not None:
             query = query.where(tuple_(*order) > tuple_(*after))
-        rows = connection.execute(query).all()
+        if held and len(held) <= _HELD_IN_SQL:
+            query = query.where(
+                tuple_(table.c.aggregatetype, table.c.aggregateid).not_in(held)
+            )
+        rows = [OutboxRow(row) for row in connection.execute(query)]
         if not rows:
             break
-        after = (rows[-1].created_at, rows[-1].transaction_id, rows[-1].sequence)
-        # Complete the last transaction of the page, which the limit may cut;
-        # the next page skips what this one saw.
-        groups = _group_rows(row for row in rows if row.transaction_id not in seen)
-        if not groups:
-            continue
-        last = next(reversed(groups))
-        groups[last] = list(
-            connection.execute(candidate.where(pending, table.c.transaction_id == last))
-        )
-        seen.update(groups)
-        pending_groups = collections.deque(groups.values())
-        while pending_groups and len(claimed) < batch_size:
-            # Try the next few groups this relay could take; those another
-            # relay holds are left behind (and hold their targets back), and
-            # the scan goes on with the groups after them.
-            wanted: list[list[Any]] = []
-            room = batch_size - len(claimed)
-            while pending_groups and room > 0:
-                group = pending_groups.popleft()
-                targets = {(row.aggregatetype, row.aggregateid) for row in group}
-                due = all(row.next_attempt_at <= now for row in group)
-                if not due or targets & held:
-                    held |= targets
-                    continue
-                wanted.append(group)
-                room -= len(group)
-            if wanted:
-                _lock_whole(connection, table, now, wanted, held, claimed)
-        if len(claimed) >= batch_size or len(rows) < page_size:
+        full = len(rows) == page_size
+        groups = _group_rows(rows)
+        if full and len(groups) > 1:
+            # The limit may have cut the last transaction: leave it whole
+            # for the next page.
+            del groups[next(reversed(groups))]
+            rows = [row for group in groups.values() for row in group]
+        last = rows[-1]
+        after = (last.created_at, last.transaction_id, last.sequence)
+        _load_states(connection, outbox, rows)
+        wanted: list[list[_Claim]] = []
+        room = batch_size - len(claimed)
+        for group in groups.values():
+            targets = {row.target for row in group}
+            if room <= 0 or targets & held:
+                held |= targets
+                continue
+            taking = [
+                _Claim(row, row_plugins)
+                for row in group
+                if (row_plugins := sorted(row.waiting() & set(plugins)))
+            ]
+            if not taking:
+                continue  # waiting only for plugins other relays have
+            due = all(
+                row.row.due_at(name, outbox.relay_after) <= now
+                for row in taking
+                for name in row.plugins
+            )
+            if not due:
+                held |= targets
+                continue
+            wanted.append(taking)
+            room -= len(taking)
+        if wanted:
+            _lock_whole(connection, outbox, wanted, held, claimed)
+        if not full:
             break
     return claimed
 
 
-def _lock_whole(
-    connection: Connection,
-    table: Table,
-    now: datetime,
-    wanted: list[list[Any]],
-    held: set[tuple[str, str]],
-    claimed: list[OutboxRow],
-) -> None:
-    """Lock *wanted* groups' rows; claim the groups locked whole, in order."""
-    locked = {
-        mapping["id"]: OutboxRow(mapping)
-        for mapping in connection.execute(
-            select(table)
-            .where(
-                table.c.id.in_([row.id for group in wanted for row in group]),
-                table.c.status == PENDING,
-                table.c.next_attempt_at <= now,
-            )
-            .with_for_update(skip_locked=True)
-        ).mappings()
-    }
-    for group in wanted:
-        targets = {(row.aggregatetype, row.aggregateid) for row in group}
-        if targets & held or not all(row.id in locked for row in group):
-            held |= targets
-            continue
-        claimed.extend(locked[row.id] for row in group)
+_HELD_IN_SQL = 200
+"""Held targets the scan leaves out in SQL; beyond this, in Python."""
 
 
-# How many pages of candidates one batch reads before it settles for what it
-# has: a backlog held behind a few waiting targets can be long.
-_MAX_PAGES = 50
-
-
-def _group_rows(rows: Any) -> dict[str, list[Any]]:
-    groups: dict[str, list[Any]] = {}
+def _group_rows(rows: Iterable[OutboxRow]) -> dict[str, list[OutboxRow]]:
+    groups: dict[str, list[OutboxRow]] = {}
     for row in rows:
         groups.setdefault(row.transaction_id, []).append(row)
     return groups
 
 
+def _load_states(connection: Connection, outbox: Outbox, rows: list[OutboxRow]) -> None:
+    """Fill each row's :attr:`~OutboxRow.states` from the delivery table."""
+    state = outbox.delivery_table
+    by_id = {row.id: row for row in rows}
+    for part in chunks(list(by_id)):
+        for found in connection.execute(
+            select(
+                state.c.event_id,
+                state.c.plugin,
+                state.c.state,
+                state.c.attempts,
+                state.c.error,
+                state.c.next_attempt_at,
+            ).where(state.c.event_id.in_(part))
+        ):
+            by_id[found.event_id].states[found.plugin] = PluginState(
+                found.state, found.attempts, found.error, found.next_attempt_at
+            )
+
+
+def _lock_whole(
+    connection: Connection,
+    outbox: Outbox,
+    wanted: list[list[_Claim]],
+    held: set[tuple[str, str]],
+    claimed: list[_Claim],
+) -> None:
+    """Lock *wanted* groups' rows, reading their payloads; claim the groups
+    locked whole, in order, and hold the targets of the others."""
+    table = outbox.table
+    payloads: dict[str, str] = {}
+    ids = [taken.row.id for group in wanted for taken in group]
+    for part in chunks(ids):
+        locked = connection.execute(
+            select(table.c.id, table.c.payload)
+            .where(table.c.id.in_(part))
+            .with_for_update(skip_locked=True)
+        )
+        payloads.update((row_id, payload) for row_id, payload in locked)
+    for group in wanted:
+        targets = {taken.row.target for taken in group}
+        if targets & held or not all(taken.row.id in payloads for taken in group):
+            held |= targets
+            continue
+        for taken in group:
+            taken.row.payload = payloads[taken.row.id]
+        claimed.extend(group)
+
+
 def _deliver_rows(
     emitter: AuditEmitter,
-    rows: list[OutboxRow],
-    plugins: list[str],
+    claimed: list[_Claim],
     stats: RelayStats,
     max_attempts: int,
 ) -> None:
-    """Deliver each row to the plugins that want it.
+    """Deliver each claimed row to its plugins, updating the rows' states.
 
     For each plugin, a failure holds back that plugin's later events of the
     same targets in this batch, so each target's events stay in order.
     """
-    envelopes = {row.id: row.envelope() for row in rows}
+    envelopes = {taken.row.id: taken.row.envelope() for taken in claimed}
+    plugins = sorted({name for taken in claimed for name in taken.plugins})
     for plugin in plugins:
-        wanted = _group_rows(row for row in rows if plugin in row.wanting(plugins))
+        wanted = _group_claims(taken for taken in claimed if plugin in taken.plugins)
         held: set[tuple[str, str]] = set()
-        for group in wanted.values():
+        for group in wanted:
             targets = {row.target for row in group}
             if targets & held:
                 continue
@@ -478,12 +601,15 @@ def _deliver_rows(
             for row, envelope in zip(group, batch, strict=True):
                 error = failed.get(envelope.id)
                 if error is None:
-                    row.delivered_to.add(plugin)
-                    row.failures.pop(plugin, None)
+                    row.states[plugin] = PluginState(DELIVERED)
                     stats.delivered += 1
                     continue
                 stats.failed += 1
                 _count_failure(row, plugin, error, max_attempts, stats)
+
+
+def _group_claims(claims: Iterable[_Claim]) -> list[list[OutboxRow]]:
+    return list(_group_rows(taken.row for taken in claims).values())
 
 
 def _count_failure(
@@ -493,144 +619,255 @@ def _count_failure(
     max_attempts: int,
     stats: RelayStats,
 ) -> None:
-    state = row.failures.setdefault(plugin, {"attempts": 0})
-    state["attempts"] = int(state.get("attempts", 0)) + 1
-    state["error"] = repr(error)[:500]
-    state["dead"] = state["attempts"] >= max_attempts
-    if state["dead"]:
+    before = row.states.get(plugin)
+    attempts = (before.attempts if before is not None else 0) + 1
+    dead = attempts >= max_attempts
+    row.states[plugin] = PluginState(
+        DEAD if dead else PENDING, attempts, repr(error)[:500]
+    )
+    if dead:
         stats.dead += 1
         logger.error(
             "relay: giving up delivering event %s to plugin %r after %d attempts",
             row.id,
             plugin,
-            state["attempts"],
+            attempts,
         )
 
 
 def _save(
     connection: Connection,
     outbox: Outbox,
-    row: OutboxRow,
-    plugins: list[str],
+    claimed: list[_Claim],
     now: datetime,
     backoff: float,
     max_backoff: float,
 ) -> None:
-    status = row.updated_status()
-    retrying = [
-        int(state.get("attempts", 1))
-        for name, state in row.failures.items()
-        if name in plugins and not state.get("dead", False)
-    ]
-    if retrying or row.wanting(plugins):
-        delay = min(max_backoff, backoff * 2 ** (min(retrying, default=1) - 1))
-    else:
-        # Pending only for plugins this relay does not have: leave it to a
-        # relay that has them, looking again now and then.
-        delay = max(max_backoff, 1.0)
-    table = outbox.table
-    connection.execute(
-        update(table)
-        .where(table.c.id == row.id)
-        .values(
-            status=status,
-            delivered_to=json.dumps(sorted(row.delivered_to)),
-            failures=json.dumps(row.failures, sort_keys=True),
-            next_attempt_at=now + timedelta(seconds=delay),
-            delivered_at=now if status == DELIVERED else None,
-        )
-    )
+    """Write the claimed rows' new states: rows no plugin waits for any more
+    leave the outbox (or are parked, if some plugin gave up on them)."""
+    settled: list[str] = []
+    kept: list[str] = []
+    states: list[dict[str, Any]] = []
+    for taken in claimed:
+        row = taken.row
+        waiting = row.waiting()
+        if not waiting and not row.dead():
+            settled.append(row.id)
+            continue
+        kept.append(row.id)
+        row.states.pop(PARKED, None)
+        for name, plugin_state in row.states.items():
+            next_at = None
+            if plugin_state.state == PENDING:
+                delay = min(max_backoff, backoff * 2 ** (plugin_state.attempts - 1))
+                next_at = now + timedelta(seconds=delay)
+            states.append(_state_row(row.id, name, plugin_state, next_at, now))
+        if not waiting:
+            states.append(_state_row(row.id, PARKED, PluginState(DEAD), None, now))
+    forget(connection, outbox, settled)
+    state_table = outbox.delivery_table
+    for part in chunks(kept):
+        connection.execute(delete(state_table).where(state_table.c.event_id.in_(part)))
+    if states:
+        connection.execute(insert(state_table), states)
+
+
+def _state_row(
+    event_id: str,
+    plugin: str,
+    state: PluginState,
+    next_attempt_at: datetime | None,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "event_id": event_id,
+        "plugin": plugin,
+        "state": state.state,
+        "attempts": state.attempts,
+        "error": state.error,
+        "next_attempt_at": next_attempt_at,
+        "updated_at": now,
+    }
 
 
 def list_dead(bind: Engine | Connection, outbox: Outbox) -> list[dict[str, Any]]:
-    """Rows some plugin gave up on: id, type, target, and each dead plugin's error."""
-    table = outbox.table
-    found = []
+    """Events some plugin gave up on: id, type, target, status (``dead`` if
+    no plugin waits for the event any more, else ``pending``) and each dead
+    plugin's last error, in commit order."""
+    table, state = outbox.table, outbox.delivery_table
+    found: dict[str, dict[str, Any]] = {}
     with transaction(bind) as connection:
         rows = connection.execute(
-            select(table)
-            .where(table.c.status.in_((DEAD, PENDING)), table.c.failures != "{}")
-            .order_by(table.c.created_at, table.c.transaction_id, table.c.sequence)
-        ).mappings()
-        for mapping in rows:
-            row = OutboxRow(mapping)
-            dead = {
-                name: state.get("error", "")
-                for name, state in row.failures.items()
-                if state.get("dead")
-            }
-            if dead:
-                found.append(
-                    {
-                        "id": row.id,
-                        "type": mapping["type"],
-                        "target": "/".join(row.target),
-                        "status": row.status,
-                        "dead_plugins": dead,
-                    }
-                )
-    return found
+            select(
+                table.c.id,
+                table.c.type,
+                table.c.aggregatetype,
+                table.c.aggregateid,
+                state.c.plugin,
+                state.c.error,
+            )
+            .join(state, state.c.event_id == table.c.id)
+            .where(state.c.state == DEAD)
+            .order_by(
+                table.c.created_at,
+                table.c.transaction_id,
+                table.c.sequence,
+                state.c.plugin,
+            )
+        )
+        for row in rows:
+            entry = found.setdefault(
+                row.id,
+                {
+                    "id": row.id,
+                    "type": row.type,
+                    "target": f"{row.aggregatetype}/{row.aggregateid}",
+                    "status": PENDING,
+                    "dead_plugins": {},
+                },
+            )
+            if row.plugin == PARKED:
+                entry["status"] = DEAD
+            else:
+                entry["dead_plugins"][row.plugin] = row.error or ""
+    return list(found.values())
 
 
 def retry_dead(
     bind: Engine | Connection, outbox: Outbox, plugins: set[str] | None = None
 ) -> int:
-    """Make dead deliveries due again (for *plugins*, or all); returns rows changed.
+    """Make dead deliveries due again (for *plugins*, or all); returns the
+    number of events changed.
 
     Plugins that already took an event are not sent it again.
     """
-    table = outbox.table
-    changed = 0
+    state = outbox.delivery_table
     now = datetime.now(timezone.utc)
+    dead = (state.c.state == DEAD) & (state.c.plugin != PARKED)
+    if plugins is not None:
+        dead &= state.c.plugin.in_(sorted(plugins))
     with transaction(bind) as connection:
-        rows = connection.execute(
-            select(table.c.id, table.c.failures)
-            .where(table.c.status.in_((DEAD, PENDING)), table.c.failures != "{}")
-            .with_for_update()
-        ).all()
-        for row_id, failures_text in rows:
-            failures = json.loads(failures_text)
-            revived = [
-                name
-                for name, state in failures.items()
-                if state.get("dead") and (plugins is None or name in plugins)
-            ]
-            if not revived:
-                continue
-            for name in revived:
-                del failures[name]
+        ids = sorted(
             connection.execute(
-                update(table)
-                .where(table.c.id == row_id)
-                .values(
-                    status=PENDING,
-                    failures=json.dumps(failures, sort_keys=True),
-                    next_attempt_at=now,
+                select(state.c.event_id).where(dead).distinct()
+            ).scalars()
+        )
+        for part in chunks(ids):
+            connection.execute(
+                update(state)
+                .where(dead, state.c.event_id.in_(part))
+                .values(state=PENDING, attempts=0, next_attempt_at=now, updated_at=now)
+            )
+            connection.execute(
+                delete(state).where(
+                    state.c.event_id.in_(part), state.c.plugin == PARKED
                 )
             )
-            changed += 1
-    return changed
+    return len(ids)
 
 
 def prune(bind: Engine | Connection, outbox: Outbox, older_than: timedelta) -> int:
-    """Delete ``delivered`` rows delivered more than *older_than* ago."""
-    table = outbox.table
+    """Delete events that no plugin waits for any more and that some plugin
+    gave up on more than *older_than* ago; returns how many.
+
+    (Events every plugin took leave the outbox as soon as they are taken.)
+    Delivery state left behind by an event no longer in the outbox goes too.
+    """
+    table, state = outbox.table, outbox.delivery_table
     cutoff = datetime.now(timezone.utc) - older_than
     with transaction(bind) as connection:
-        result = connection.execute(
-            delete(table).where(
-                table.c.status == DELIVERED, table.c.delivered_at < cutoff
-            )
+        ids = list(
+            connection.execute(
+                select(state.c.event_id).where(
+                    state.c.plugin == PARKED, state.c.updated_at < cutoff
+                )
+            ).scalars()
         )
-        return int(result.rowcount or 0)
+        forget(connection, outbox, ids)
+        orphaned = ~select(literal(1)).where(table.c.id == state.c.event_id).exists()
+        connection.execute(delete(state).where(orphaned))
+    return len(ids)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """What the outbox holds, per plugin name (see :func:`status`)."""
+
+    events: int
+    """Events in the outbox (waiting for some plugin, or kept as dead)."""
+    pending: dict[str, int]
+    """Per plugin name: events waiting for it (due or backing off)."""
+    dead: dict[str, int]
+    """Per plugin name: events it gave up on."""
+    oldest_pending: datetime | None
+    """When the oldest event some plugin still waits for committed."""
+
+    def lines(self, now: datetime | None = None) -> list[str]:
+        """A human-readable report, one line per plugin after a summary."""
+        now = now or datetime.now(timezone.utc)
+        age = (
+            "none pending"
+            if self.oldest_pending is None
+            else f"oldest pending {(now - self.oldest_pending).total_seconds():.1f} s"
+        )
+        lines = [f"outbox: {self.events} events, {age}"]
+        for name in sorted(set(self.pending) | set(self.dead)):
+            lines.append(
+                f"  {name}: {self.pending.get(name, 0)} pending, "
+                f"{self.dead.get(name, 0)} dead"
+            )
+        return lines
+
+
+def status(bind: Engine | Connection, outbox: Outbox) -> OutboxStatus:
+    """Count what the outbox holds: per plugin pending and dead, and the
+    age of the oldest pending event. Reads aggregates, never every row."""
+    table, state = outbox.table, outbox.delivery_table
+    parked = (
+        select(literal(1))
+        .where(state.c.event_id == table.c.id, state.c.plugin == PARKED)
+        .exists()
+    )
+    in_outbox = select(literal(1)).where(table.c.id == state.c.event_id).exists()
+    with transaction(bind) as connection:
+        pending: collections.Counter[str] = collections.Counter()
+        events = 0
+        for recipients, count in connection.execute(
+            select(table.c.recipients, func.count()).group_by(table.c.recipients)
+        ):
+            events += count
+            for name in json.loads(recipients):
+                pending[name] += count
+        dead: dict[str, int] = {}
+        for plugin, state_name, count in connection.execute(
+            select(state.c.plugin, state.c.state, func.count())
+            .where(state.c.plugin != PARKED, state.c.state != PENDING, in_outbox)
+            .group_by(state.c.plugin, state.c.state)
+        ):
+            pending[plugin] -= count
+            if state_name == DEAD:
+                dead[plugin] = count
+        oldest = connection.execute(
+            select(func.min(table.c.created_at)).where(~parked)
+        ).scalar_one()
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=timezone.utc)
+    return OutboxStatus(
+        events,
+        {name: count for name, count in sorted(pending.items()) if count > 0},
+        dict(sorted(dead.items())),
+        oldest,
+    )
 
 
 def count_pending(bind: Engine | Connection, outbox: Outbox) -> int:
-    """How many rows are still pending."""
-    table = outbox.table
+    """How many events some plugin still waits for."""
+    table, state = outbox.table, outbox.delivery_table
     with transaction(bind) as connection:
-        return int(
-            connection.execute(
-                select(func.count()).where(table.c.status == PENDING)
-            ).scalar_one()
-        )
+        events = connection.execute(
+            select(func.count()).select_from(table)
+        ).scalar_one()
+        parked = connection.execute(
+            select(func.count()).where(state.c.plugin == PARKED)
+        ).scalar_one()
+    return int(events) - int(parked)

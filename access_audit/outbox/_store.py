@@ -1,15 +1,15 @@
-"""Reading and writing outbox rows."""
+"""Reading and writing the outbox tables."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, update
+from sqlalchemy import Connection, Engine, delete, insert
 
 from .._envelope import AuditEventEnvelope
 from ._table import DEAD, DELIVERED, PENDING, Outbox
@@ -20,37 +20,32 @@ if TYPE_CHECKING:
     from .._dispatch import DeliveryReport
 
 __all__ = [
+    "PARKED",
+    "Dispatched",
     "OutboxRow",
-    "mark_dispatched",
-    "row_values",
+    "PluginState",
+    "chunks",
+    "dispatched",
+    "forget",
+    "settle_dispatched",
     "transaction",
-    "waiting_plugins",
     "write",
 ]
 
-_CHUNK = 500
+CHUNK = 1000
+"""Ids per ``IN`` list: well under every driver's parameter limit (psycopg's
+is 65,535), whatever the size of the transaction being relayed."""
+
+PARKED = ""
+"""The delivery-table plugin name that marks an event no plugin waits for
+any more, kept because some plugin gave up on it (no plugin has this name:
+pluggy names an unnamed plugin by its class)."""
 
 
-def row_values(
-    envelope: AuditEventEnvelope, relay_after: timedelta, recipients: str
-) -> dict[str, Any]:
-    """The outbox row of a freshly committed envelope."""
-    return {
-        "id": str(envelope.id),
-        "aggregatetype": envelope.target_type,
-        "aggregateid": envelope.target_id,
-        "type": envelope.event_type,
-        "payload": envelope.to_json(),
-        "created_at": envelope.timestamp,
-        "transaction_id": str(envelope.transaction_id),
-        "sequence": envelope.sequence,
-        "status": PENDING,
-        "delivered_to": "[]",
-        "failures": "{}",
-        "next_attempt_at": envelope.timestamp + relay_after,
-        "delivered_at": None,
-        "recipients": recipients,
-    }
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    """*items* in slices of at most *size*."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def write(
@@ -62,15 +57,29 @@ def write(
     """Insert rows for *envelopes* in the session's transaction (before COMMIT).
 
     *recipients* are the plugins each event is for: a relay that lacks one of
-    them leaves the event pending for a relay that has it.
+    them leaves the event pending for a relay that has it. The payload is
+    the envelope's JSON as UTF-8 (what ``max_payload_bytes`` counts).
     """
     if envelopes:
         names = json.dumps(sorted(recipients))
-        rows = [row_values(e, outbox.relay_after, names) for e in envelopes]
+        rows = [
+            {
+                "id": str(envelope.id),
+                "aggregatetype": envelope.target_type,
+                "aggregateid": envelope.target_id,
+                "type": envelope.event_type,
+                "payload": envelope.to_json(ensure_ascii=False),
+                "created_at": envelope.timestamp,
+                "transaction_id": str(envelope.transaction_id),
+                "sequence": envelope.sequence,
+                "recipients": names,
+            }
+            for envelope in envelopes
+        ]
         # Core, on the session's connection for the table: the ORM's
         # session.execute() path costs as much again per commit.
         connection = session.connection(bind_arguments={"clause": outbox.table})
-        connection.execute(outbox.statements.insert, rows)
+        connection.execute(outbox.insert, rows)
 
 
 @contextmanager
@@ -78,7 +87,7 @@ def transaction(bind: Engine | Connection) -> Iterator[Connection]:
     """A connection in a transaction of its own, or the joined caller's one.
 
     A session bound to a Connection (the rollback-per-test recipe) already
-    runs inside the caller's transaction: outbox updates go there too.
+    runs inside the caller's transaction: outbox changes go there too.
     """
     if isinstance(bind, Connection):
         yield bind
@@ -87,122 +96,135 @@ def transaction(bind: Engine | Connection) -> Iterator[Connection]:
             yield connection
 
 
-def mark_dispatched(
-    bind: Engine | Connection,
-    outbox: Outbox,
-    envelopes: Sequence[AuditEventEnvelope],
-    plugins: Iterable[str],
-    report: DeliveryReport,
-) -> None:
-    """Record the outcome of delivering freshly committed envelopes.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dispatched:
+    """What the dispatch right after COMMIT did with a batch of outbox rows."""
 
-    Rows every plugin took become ``delivered``; the others stay ``pending``
-    with the plugins that took them and the failures, due for the relay at
-    once.
-    """
-    table = outbox.table
-    plugins = sorted(set(plugins))
-    now = datetime.now(timezone.utc)
-    failed_by_event: dict[uuid.UUID, dict[str, BaseException]] = {}
+    taken: tuple[str, ...]
+    """Ids of the events every plugin took: they leave the outbox."""
+    partial: tuple[tuple[str, dict[str, str | None]], ...]
+    """(id, {plugin: None if it took the event, else the error}) for the
+    others: their state is kept and the failed plugins are due at once."""
+
+
+def dispatched(
+    envelopes: Sequence[AuditEventEnvelope],
+    plugins: Collection[str],
+    report: DeliveryReport,
+) -> Dispatched:
+    """Sum up *report* for the outbox, as :class:`Dispatched`."""
+    failed: dict[Any, dict[str, str | None]] = {}
     for name, errors in report.failed.items():
         for event_id, error in errors.items():
-            failed_by_event.setdefault(event_id, {})[name] = error
-    with transaction(bind) as connection:
-        done = [str(e.id) for e in envelopes if e.id not in failed_by_event]
-        delivered_to = json.dumps(plugins)
-        for start in range(0, len(done), _CHUNK):
-            connection.execute(
-                outbox.statements.mark_delivered,
-                {
-                    "ids": done[start : start + _CHUNK],
-                    "delivered_to": delivered_to,
-                    "delivered_at": now,
-                },
-            )
-        for event_id, failed in failed_by_event.items():
-            failures = {
-                name: {"attempts": 1, "error": repr(error)[:500], "dead": False}
-                for name, error in failed.items()
-            }
-            connection.execute(
-                update(table)
-                .where(table.c.id == str(event_id))
-                .values(
-                    delivered_to=json.dumps([p for p in plugins if p not in failed]),
-                    failures=json.dumps(failures, sort_keys=True),
-                    next_attempt_at=now,
+            failed.setdefault(event_id, {})[name] = repr(error)[:500]
+    taken = tuple(str(e.id) for e in envelopes if e.id not in failed)
+    partial = tuple(
+        (str(event_id), {name: errors.get(name) for name in plugins})
+        for event_id, errors in failed.items()
+    )
+    return Dispatched(taken, partial)
+
+
+def settle_dispatched(
+    connection: Connection, outbox: Outbox, batches: Iterable[Dispatched]
+) -> None:
+    """Apply :class:`Dispatched` records: delete the events all plugins took,
+    keep the state of the others (each failed plugin due at once)."""
+    taken: list[str] = []
+    states: list[dict[str, Any]] = []
+    now = datetime.now(timezone.utc)
+    for batch in batches:
+        taken.extend(batch.taken)
+        for event_id, outcome in batch.partial:
+            for name, error in outcome.items():
+                states.append(
+                    {
+                        "event_id": event_id,
+                        "plugin": name,
+                        "state": DELIVERED if error is None else PENDING,
+                        "attempts": 0 if error is None else 1,
+                        "error": error,
+                        "next_attempt_at": None if error is None else now,
+                        "updated_at": now,
+                    }
                 )
-            )
+    forget(connection, outbox, taken)
+    if states:
+        connection.execute(insert(outbox.delivery_table), states)
+
+
+def forget(connection: Connection, outbox: Outbox, ids: Sequence[str]) -> None:
+    """Delete events *ids* and their delivery state from both tables."""
+    table, state = outbox.table, outbox.delivery_table
+    for part in chunks(ids):
+        connection.execute(delete(state).where(state.c.event_id.in_(part)))
+        connection.execute(delete(table).where(table.c.id.in_(part)))
+
+
+@dataclasses.dataclass(slots=True)
+class PluginState:
+    """One plugin's delivery state for one event."""
+
+    state: str
+    attempts: int = 0
+    error: str | None = None
+    next_attempt_at: datetime | None = None
 
 
 class OutboxRow:
-    """One outbox row as the relay sees it."""
+    """One outbox row and its delivery state, as the relay sees them."""
 
     __slots__ = (
-        "delivered_to",
-        "failures",
+        "created_at",
         "id",
-        "next_attempt_at",
         "payload",
         "recipients",
-        "status",
+        "sequence",
+        "states",
         "target",
         "transaction_id",
     )
 
-    def __init__(self, mapping: Any) -> None:
-        self.id: str = mapping["id"]
-        self.target = (mapping["aggregatetype"], mapping["aggregateid"])
-        self.transaction_id: str = mapping["transaction_id"]
-        self.status: str = mapping["status"]
-        self.delivered_to: set[str] = set(json.loads(mapping["delivered_to"]))
-        self.failures: dict[str, dict[str, Any]] = json.loads(mapping["failures"])
-        self.next_attempt_at: datetime = mapping["next_attempt_at"]
-        self.payload: str = mapping["payload"]
-        self.recipients: set[str] = set(json.loads(mapping["recipients"]))
-
-    def envelope(self) -> AuditEventEnvelope:
-        return AuditEventEnvelope.from_dict(json.loads(self.payload))
+    def __init__(self, row: Any) -> None:
+        self.id: str = row.id
+        self.sequence: int = row.sequence
+        self.target: tuple[str, str] = (row.aggregatetype, row.aggregateid)
+        self.transaction_id: str = row.transaction_id
+        self.created_at: datetime = row.created_at
+        self.recipients: frozenset[str] = frozenset(json.loads(row.recipients))
+        self.states: dict[str, PluginState] = {}
+        self.payload: str | None = None
 
     def waiting(self) -> frozenset[str]:
-        """The plugin names that have neither taken this event nor given up on it.
+        """The plugin names this event is for that have neither taken it nor
+        given up on it, whether the asking relay has them or not."""
+        states = self.states
+        if not states:
+            return self.recipients
+        return frozenset(
+            name
+            for name in self.recipients
+            if name not in states or states[name].state == PENDING
+        )
 
-        Only plugins the event is for count: see :func:`waiting_plugins`.
+    def due_at(self, name: str, relay_after: timedelta) -> datetime:
+        """When a relay may deliver this event to plugin *name* (waiting for it).
+
+        A fresh row is left to the dispatch after its COMMIT for
+        *relay_after*; once that dispatch recorded anything, a plugin without
+        a state of its own is due at once (it was added since, say).
         """
-        return waiting_plugins(self.recipients, self.delivered_to, self.failures)
+        state = self.states.get(name)
+        if state is not None and state.next_attempt_at is not None:
+            return state.next_attempt_at
+        if not self.states:
+            return self.created_at + relay_after
+        return self.created_at
 
-    def wanting(self, plugins: Iterable[str]) -> list[str]:
-        """Those of *plugins* that this event is still waiting for."""
-        waiting = self.waiting()
-        return [name for name in plugins if name in waiting]
+    def dead(self) -> bool:
+        """Whether some plugin gave up on this event."""
+        return any(state.state == DEAD for state in self.states.values())
 
-    def updated_status(self) -> str:
-        """``delivered``, ``dead`` or ``pending``, from the delivery state now.
-
-        The event stays pending while a plugin it is for has neither taken it
-        nor given up on it, whether the asking relay has that plugin or not.
-        """
-        if self.waiting():
-            return PENDING
-        audience = self.recipients | set(self.failures)
-        return DEAD if audience - self.delivered_to else DELIVERED
-
-
-def waiting_plugins(
-    recipients: Iterable[str],
-    delivered_to: Iterable[str],
-    failures: dict[str, dict[str, Any]],
-) -> frozenset[str]:
-    """The plugin names an event still waits for, from its row's delivery state.
-
-    An event is for the plugins it was written for (*recipients*) and any
-    that failed on it (one registered between the write and the dispatch);
-    never for another plugin, whatever its class. Of those, it waits for the
-    ones not in *delivered_to* and not dead in *failures*.
-    """
-    taken = set(delivered_to)
-    return frozenset(
-        name
-        for name in {*recipients, *failures}
-        if name not in taken and not failures.get(name, {}).get("dead", False)
-    )
+    def envelope(self) -> AuditEventEnvelope:
+        assert self.payload is not None
+        return AuditEventEnvelope.from_dict(json.loads(self.payload))

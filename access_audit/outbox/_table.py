@@ -1,4 +1,5 @@
-"""The outbox table: one row per committed event, written inside its transaction."""
+"""The outbox tables: one row per committed event, written inside its
+transaction, and the delivery state the relay keeps beside it."""
 
 from __future__ import annotations
 
@@ -16,31 +17,38 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    bindparam,
     insert,
-    update,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeDecorator
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Engine
+    from sqlalchemy import Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import Session
 
     from .._dispatch import DeliveryReport
     from .._emitter import AuditEmitter
     from .._envelope import AuditEventEnvelope
+    from ._recorder import Recorder
     from ._relay import RelayStats
-from sqlalchemy.types import TypeDecorator
 
 __all__ = ["DEAD", "DELIVERED", "PENDING", "Outbox"]
 
 PENDING = "pending"
-"""Some plugin has yet to take the event."""
+"""Some plugin has yet to take the event (a delivery state: to be retried)."""
 DELIVERED = "delivered"
-"""Every plugin took the event."""
+"""The plugin took the event (a delivery state, kept while another has not)."""
 DEAD = "dead"
-"""Every plugin that has not taken the event gave up after ``max_attempts``."""
+"""The plugin gave up on the event after ``max_attempts``."""
+
+_LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+"""Text of any length a user may send: MariaDB's ``TEXT`` stops at 64 KiB."""
+
+_UTF8MB4: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+"""MariaDB's table options: every character (a server may default to latin1),
+compared exactly, as ids are."""
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -66,58 +74,53 @@ class UtcDateTime(TypeDecorator[datetime]):
         return result
 
 
-class _Statements:
-    """Outbox statements built once: constructing them costs more than running."""
-
-    def __init__(self, table: Table) -> None:
-        self.insert = insert(table)
-        self.mark_delivered = (
-            update(table)
-            .where(table.c.id.in_(bindparam("ids", expanding=True)))
-            .values(
-                status=DELIVERED,
-                delivered_to=bindparam("delivered_to"),
-                delivered_at=bindparam("delivered_at"),
-            )
-        )
-
-
 class Outbox:
     """Where an emitter with ``outbox=`` writes its envelopes before COMMIT.
 
-    The table follows the common outbox/CDC conventions (Debezium's outbox
-    event router reads ``id``, ``aggregatetype``, ``aggregateid``, ``type``
-    and ``payload`` as they are), plus delivery state for the relay:
+    Two tables. The outbox table itself only ever receives INSERTs (one row
+    per committed event, inside its transaction) and DELETEs (once every
+    plugin the event is for has taken it), so a change-data-capture reader
+    such as Debezium's outbox event router can consume it as it is:
 
     =============== ========================================================
     id              the envelope id (UUIDv7 text): the idempotency key
     aggregatetype   ``target_type``
-    aggregateid     ``target_id``
+    aggregateid     ``target_id``, whole
     type            ``event_type``
-    payload         the envelope as JSON (``AuditEventEnvelope.to_json()``)
+    payload         the envelope as JSON (UTF-8, ``AuditEventEnvelope.to_json``)
     created_at      the envelope's ``timestamp``
     transaction_id  the envelope's ``transaction_id``
     sequence        the envelope's ``sequence``: with ``transaction_id``, the
                     commit order
-    status          ``pending``, ``delivered`` or ``dead``
-    delivered_to    JSON list of the plugin names that took the event
-    failures        JSON object: plugin name -> attempts, last error, dead
-    next_attempt_at when the relay may try again
-    delivered_at    when the last plugin took it (the relay prunes by it)
     recipients      JSON list of the plugin names the event was written for:
                     the only ones a relay delivers it to
     =============== ========================================================
 
-    :param metadata: the ``MetaData`` to define the table on, so that
-        ``metadata.create_all()`` and Alembic autogenerate see it; a private
-        one by default (then call :meth:`create`).
-    :param table_name: the table's name.
-    :param schema: the table's schema, if not the default.
+    Delivery state lives in ``<table_name>_delivery``, one row per (event,
+    plugin) for events still in the outbox that some plugin took, failed on
+    or gave up on: ``state`` (``delivered``, ``pending`` for a retry, or
+    ``dead``), ``attempts``, ``error`` and ``next_attempt_at``. An event all
+    of whose plugins took it leaves both tables; one that some plugin gave
+    up on stays (marked by a row for the plugin name ``""``) until
+    :func:`~access_audit.outbox.retry_dead` or
+    :func:`~access_audit.outbox.prune`.
+
+    :param metadata: the ``MetaData`` to define the tables on, so that
+        ``metadata.create_all()`` and Alembic autogenerate see them; a
+        private one by default (then call :meth:`create`).
+    :param table_name: the outbox table's name; the delivery table's is
+        this plus ``_delivery``.
+    :param schema: the tables' schema, if not the default.
     :param relay_after: how long a relay leaves a fresh row to the dispatch
         that follows its COMMIT before it takes the row over itself (after a
         crash, say). Rows whose dispatch failed are due at once. A relay
         taking over a row that is still being dispatched sends it twice, so
         keep this above your slowest dispatch (or background queue wait).
+    :param max_payload_bytes: the largest payload, in bytes of JSON as
+        stored, that staging accepts for this outbox (an emitter's own
+        ``max_payload_bytes`` can only lower it). Larger ones are refused by
+        ``stage_event``, never by the application's commit: 1 MiB by
+        default, well inside MariaDB's default ``max_allowed_packet``.
     """
 
     def __init__(
@@ -127,49 +130,73 @@ class Outbox:
         table_name: str = "access_audit_outbox",
         schema: str | None = None,
         relay_after: timedelta = timedelta(seconds=60),
+        max_payload_bytes: int = 1 << 20,
     ) -> None:
         if relay_after < timedelta(0):
             raise ValueError("relay_after must not be negative")
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes <= 0
+        ):
+            raise ValueError(
+                f"max_payload_bytes must be a positive int, got {max_payload_bytes!r}"
+            )
         self.relay_after = relay_after
+        self.max_payload_bytes = max_payload_bytes
         self.metadata = metadata if metadata is not None else MetaData()
         self.table = Table(
             table_name,
             self.metadata,
             Column("id", String(36), primary_key=True),
             Column("aggregatetype", String(128), nullable=False),
-            Column("aggregateid", String(255), nullable=False),
+            Column("aggregateid", _LongText, nullable=False),
             Column("type", String(128), nullable=False),
-            Column("payload", Text, nullable=False),
+            Column("payload", _LongText, nullable=False),
             Column("created_at", UtcDateTime, nullable=False),
             Column("transaction_id", String(36), nullable=False),
             Column("sequence", Integer, nullable=False),
-            Column("status", String(16), nullable=False, default=PENDING),
-            Column("delivered_to", Text, nullable=False, default="[]"),
-            Column("failures", Text, nullable=False, default="{}"),
-            Column("next_attempt_at", UtcDateTime, nullable=False),
-            Column("delivered_at", UtcDateTime, nullable=True),
-            Column("recipients", Text, nullable=False, default="[]"),
-            Index(f"ix_{table_name}_status_order", "status", "created_at"),
-            Index(f"ix_{table_name}_target", "aggregatetype", "aggregateid"),
+            Column("recipients", Text, nullable=False),
+            Index(f"ix_{table_name}_order", "created_at", "transaction_id", "sequence"),
             Index(f"ix_{table_name}_transaction", "transaction_id"),
             schema=schema,
+            **_UTF8MB4,
+        )
+        self.delivery_table = Table(
+            f"{table_name}_delivery",
+            self.metadata,
+            Column("event_id", String(36), primary_key=True),
+            Column("plugin", String(255), primary_key=True),
+            Column("state", String(16), nullable=False),
+            Column("attempts", Integer, nullable=False, default=0),
+            Column("error", Text, nullable=True),
+            Column("next_attempt_at", UtcDateTime, nullable=True),
+            Column("updated_at", UtcDateTime, nullable=False),
+            schema=schema,
+            **_UTF8MB4,
         )
 
     def __repr__(self) -> str:
         return f"<Outbox table={self.table.fullname!r}>"
 
     @functools.cached_property
-    def statements(self) -> _Statements:
-        """The statements run on every commit, built once."""
-        return _Statements(self.table)
+    def insert(self) -> Any:
+        """The INSERT run on every commit, built once: building costs more
+        than running it."""
+        return insert(self.table)
 
     def create(self, bind: Any) -> None:
-        """Create the table if it does not exist (``bind``: Engine or Connection)."""
-        self.table.create(bind, checkfirst=True)
+        """Create the tables if they do not exist (``bind``: Engine or Connection)."""
+        self.metadata.create_all(
+            bind, tables=[self.table, self.delivery_table], checkfirst=True
+        )
 
     def drop(self, bind: Any) -> None:
-        """Drop the table if it exists."""
-        self.table.drop(bind, checkfirst=True)
+        """Drop the tables if they exist (after the records queued for them)."""
+        self.flush(timeout=5.0)
+        self.metadata.drop_all(
+            bind, tables=[self.table, self.delivery_table], checkfirst=True
+        )
 
     # The emitter reaches the outbox only through the methods below (its
     # delivery-store interface), so the core never imports this package.
@@ -195,10 +222,34 @@ class Outbox:
         plugins: Collection[str],
         report: DeliveryReport,
     ) -> None:
-        """Record which of *plugins* took *envelopes* after COMMIT (*report*)."""
-        from ._store import mark_dispatched
+        """Record which of *plugins* took *envelopes* after COMMIT (*report*).
 
-        mark_dispatched(bind, self, envelopes, plugins, report)
+        Through an Engine, the record is written later by a thread of the
+        outbox's own, batched with other commits' (:meth:`flush` waits for
+        it); through a Connection (a session joined to the caller's
+        transaction) or an async engine's facade, here and now.
+        """
+        from ._store import dispatched, settle_dispatched, transaction
+
+        record = dispatched(envelopes, plugins, report)
+        if isinstance(bind, Connection) or bind.dialect.is_async:
+            with transaction(bind) as connection:
+                settle_dispatched(connection, self, [record])
+        else:
+            self._recorder.submit(bind, record)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the records :meth:`record` queued so far are written;
+        False if *timeout* seconds passed first."""
+        if "_recorder" not in self.__dict__:
+            return True
+        return self._recorder.flush(timeout)
+
+    @functools.cached_property
+    def _recorder(self) -> Recorder:
+        from ._recorder import Recorder
+
+        return Recorder(self)
 
     def relay(
         self, emitter: AuditEmitter, bind: Engine | Connection, **options: Any

@@ -1,0 +1,117 @@
+"""Recording what the dispatch after COMMIT delivered, off the request path.
+
+The commit itself only INSERTs the outbox rows. What its dispatch then
+delivered is handed to a thread that writes it for many commits at once
+(one transaction per engine for whatever is queued), so a request never
+waits for it. A record lost to a crash in between costs a re-delivery by the
+relay (at least once, as always), never an event.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from .._logging import logger
+from ._store import Dispatched, settle_dispatched
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from ._table import Outbox
+
+__all__ = ["Recorder"]
+
+_Item = tuple["Engine", Dispatched] | threading.Event
+
+_MAX_BATCH = 5000
+"""Records written in one transaction at most."""
+
+_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+class Recorder:
+    """A daemon thread writing :class:`Dispatched` records for one outbox.
+
+    Started on first use and again in a forked child; :meth:`flush` waits
+    for what was submitted before it, and interpreter exit flushes (briefly).
+    """
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = weakref.proxy(outbox)
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._pid = -1
+        self._lock = threading.Lock()
+        _recorders.add(self)
+
+    def submit(self, engine: Engine, record: Dispatched) -> None:
+        """Queue *record* of rows written through *engine*; returns at once."""
+        if self._pid != os.getpid():
+            self._start()
+        self._queue.put((engine, record))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until what was submitted so far is written (or failed and logged).
+
+        Returns False if *timeout* seconds passed first.
+        """
+        if self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue = queue.SimpleQueue()
+            threading.Thread(
+                target=self._run, name="access_audit-outbox-recorder", daemon=True
+            ).start()
+            self._pid = os.getpid()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            waiting: list[threading.Event] = []
+            by_engine: dict[Engine, list[Dispatched]] = {}
+            count = 0
+            while True:
+                if isinstance(item, threading.Event):
+                    waiting.append(item)
+                else:
+                    engine, record = item
+                    by_engine.setdefault(engine, []).append(record)
+                    count += 1
+                if count >= _MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            for engine, records in by_engine.items():
+                self._write(engine, records)
+            for done in waiting:
+                done.set()
+
+    def _write(self, engine: Engine, records: list[Dispatched]) -> None:
+        try:
+            with engine.begin() as connection:
+                settle_dispatched(connection, self._outbox, records)
+        except Exception:
+            logger.exception(
+                "could not record the delivery of %d outbox rows; the relay "
+                "will deliver them again (consumers de-duplicate by id)",
+                sum(len(r.taken) + len(r.partial) for r in records),
+            )
+
+
+@atexit.register
+def _flush_all() -> None:
+    for recorder in list(_recorders):
+        recorder.flush(timeout=2.0)
