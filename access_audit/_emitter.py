@@ -98,8 +98,10 @@ class AuditEmitter:
         staged, before any plugin, receiver or the outbox sees it. A redacted
         lazy value is never called.
     :param max_payload_bytes: the largest payload, measured as compact UTF-8
-        JSON; a larger one fails ``stage_event`` (or, when lazy values make
-        it larger, the commit, before COMMIT) with ``ValueError``.
+        JSON (as the outbox stores it); a larger one fails ``stage_event``
+        (or, when lazy values make it larger, the commit, before COMMIT)
+        with ``ValueError``. With an ``outbox``, its own
+        ``max_payload_bytes`` applies too (the lower of the two wins).
     :param dispatch: ``"inline"`` delivers in the committing thread before
         ``commit()`` returns (``await session.commit()`` of an AsyncSession
         also awaits the ``async def`` plugins); ``"background"`` queues the
@@ -176,7 +178,9 @@ class AuditEmitter:
         self.joined_transactions: JoinedTransactions = joined_transactions
         """``"outer"`` or ``"session"``: see the constructor. Tests that roll
         every test back may set it to ``"session"``."""
-        self.payload_rules = PayloadRules.build(redact_keys, max_payload_bytes)
+        self.payload_rules = PayloadRules.build(
+            redact_keys, _payload_limit(max_payload_bytes, outbox)
+        )
         """``redact_keys`` and ``max_payload_bytes``, as staging applies them."""
         self.outbox: DeliveryStore | None = outbox
         """The :class:`~access_audit.outbox.Outbox` events are written to, or None."""
@@ -620,6 +624,21 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         choices = " or ".join(repr(choice) for choice in allowed)
         raise ValueError(f"{name} must be {choices}, got {value!r}")
+
+
+def _payload_limit(
+    max_payload_bytes: int | None, outbox: DeliveryStore | None
+) -> int | None:
+    """The emitter's ``max_payload_bytes``, lowered to what *outbox* can store
+    (a value of the wrong type is left for ``PayloadRules.build`` to refuse)."""
+    stored: int | None = getattr(outbox, "max_payload_bytes", None)
+    if stored is None:
+        return max_payload_bytes
+    if max_payload_bytes is None:
+        return stored
+    if type(max_payload_bytes) is int and max_payload_bytes > stored:
+        return stored
+    return max_payload_bytes
 
 
 def _deadline(timeout: float | None) -> float | None:

@@ -111,6 +111,11 @@ def target_id_text(value: object, field: str) -> str:
     text = str.__str__(value)
     if not text:
         raise ValueError(f"{field} must not be empty")
+    if "\x00" in text:
+        raise ValueError(
+            f"{field} holds a NUL character (index {text.index(chr(0))}), which "
+            "PostgreSQL cannot store in text"
+        )
     check_text(text, field)
     return text
 

@@ -83,7 +83,12 @@ def stage_event(
     if actor_id is None and actor_email is not None:
         raise ValueError("actor_email was given without actor_id; pass both")
     lazy = False
-    if type(target_id) is not str or not target_id or not target_id.isascii():
+    if (
+        type(target_id) is not str
+        or not target_id
+        or not target_id.isascii()
+        or "\x00" in target_id
+    ):
         if callable(target_id):
             lazy = True
         else:

@@ -18,7 +18,16 @@ from sqlalchemy.util import await_only, greenlet_spawn
 
 from .._errors import AuditConfigurationError
 from .._imports import import_plugin
-from ._relay import RelayStats, arelay, count_pending, list_dead, relay, retry_dead
+from ._relay import (
+    RelayStats,
+    arelay,
+    check_options,
+    count_pending,
+    list_dead,
+    relay,
+    retry_dead,
+    status,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -33,6 +42,7 @@ __all__ = [
     "add_relay_arguments",
     "arun_command",
     "main",
+    "main_exit",
     "relay_cli_options",
     "run_command",
 ]
@@ -72,14 +82,15 @@ class RelayOptions:
 
     once: bool = _option(False, CliOption(None, "exit when nothing is due"))
     interval: float = _option(1.0, CliOption(float, "seconds between polls"))
-    batch_size: int = _option(100, CliOption(int, "rows per batch"))
+    batch_size: int = _option(500, CliOption(int, "rows per batch"))
     max_attempts: int = _option(
         8, CliOption(int, "attempts before a delivery is given up (dead)")
     )
     backoff: float = _option(1.0, CliOption(float, "first retry delay, s"))
     max_backoff: float = _option(300.0, CliOption(float, "longest retry delay, s"))
     retention_days: float | None = _option(
-        None, CliOption(float, "delete delivered rows older than this")
+        None,
+        CliOption(float, "delete events some plugin gave up on this many days ago"),
     )
     list_dead: bool = _option(False, CliOption(None, "list dead deliveries"))
     retry_dead: bool = _option(False, CliOption(None, "make dead deliveries due again"))
@@ -93,6 +104,21 @@ class RelayOptions:
         ),
     )
     quiet: bool = _option(False, CliOption(None, "no progress lines"))
+
+    def __post_init__(self) -> None:
+        """:raises ValueError: an option is out of range, named as on the
+        command line (``--batch-size``)."""
+        check_options(
+            self.batch_size,
+            self.max_attempts,
+            self.backoff,
+            self.max_backoff,
+            self.interval,
+            None if self.retention_days is None else timedelta(self.retention_days),
+            spell=lambda name: (
+                "--" + {"retention": "retention_days"}.get(name, name).replace("_", "-")
+            ),
+        )
 
     @classmethod
     def from_namespace(cls, parsed: argparse.Namespace) -> RelayOptions:
@@ -282,19 +308,25 @@ def _register_plugin(emitter: AuditEmitter, spec: str) -> None:
         raise ValueError(f"--plugin {spec!r}: {error}") from error
 
 
+def _add_database_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--table", default="access_audit_outbox")
+    parser.add_argument("--schema", default=None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m access_audit relay --database-url URL [options]``."""
+    """``access-audit relay|status --database-url URL [options]``
+    (also ``python -m access_audit``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m access_audit",
-        description="access_audit tools. 'relay' re-delivers undelivered outbox rows.",
+        prog="access-audit",
+        description="access_audit tools: 'relay' delivers what the outbox holds "
+        "undelivered; 'status' counts it.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     relay_parser = commands.add_parser(
-        "relay", help="re-deliver what the outbox holds undelivered"
+        "relay", help="deliver what the outbox holds undelivered"
     )
-    relay_parser.add_argument("--database-url", required=True)
-    relay_parser.add_argument("--table", default="access_audit_outbox")
-    relay_parser.add_argument("--schema", default=None)
+    _add_database_arguments(relay_parser)
     relay_parser.add_argument(
         "--plugin",
         action="append",
@@ -312,9 +344,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="do not load plugins from 'access_audit' entry points",
     )
     relay_parser.add_argument(
-        "--create-table", action="store_true", help="create the outbox table if missing"
+        "--create-table",
+        action="store_true",
+        help="create the outbox tables if missing",
+    )
+    relay_parser.add_argument(
+        "--relay-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="leave a fresh row this long to the dispatch after its commit "
+        "(0 for apps with dispatch='relay')",
     )
     add_relay_arguments(relay_parser)
+    status_parser = commands.add_parser(
+        "status", help="per plugin: events pending and dead; the oldest pending"
+    )
+    _add_database_arguments(status_parser)
     options = parser.parse_args(argv)
 
     from sqlalchemy import create_engine, make_url
@@ -322,7 +368,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .._emitter import AuditEmitter
     from ._table import Outbox
 
-    outbox = Outbox(table_name=options.table, schema=options.schema)
+    if options.command == "status":
+        outbox = Outbox(table_name=options.table, schema=options.schema)
+        return _status(options.database_url, outbox)
+    if not options.relay_after >= 0:
+        relay_parser.error(f"--relay-after must be >= 0, got {options.relay_after}")
+    try:
+        relay_options = RelayOptions.from_namespace(options)
+    except ValueError as error:
+        relay_parser.error(str(error))
+    outbox = Outbox(
+        table_name=options.table,
+        schema=options.schema,
+        relay_after=timedelta(seconds=options.relay_after),
+    )
     emitter = AuditEmitter(load_entrypoints=not options.no_entrypoints, outbox=outbox)
     for spec in options.plugin:
         try:
@@ -330,20 +389,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (AuditConfigurationError, ValueError) as error:
             relay_parser.error(str(error))
     if make_url(options.database_url).get_dialect().is_async:
-        return asyncio.run(_amain(options, emitter, outbox))
-    engine = create_engine(options.database_url)
+        return asyncio.run(_amain(options, relay_options, emitter, outbox))
+    engine = create_engine(options.database_url, pool_pre_ping=True)
     try:
         if options.create_table:
             outbox.create(engine)
-        return run_command(
-            RelayOptions.from_namespace(options), emitter, engine, outbox
-        )
+        return run_command(relay_options, emitter, engine, outbox)
     finally:
         engine.dispose()
 
 
+def main_exit() -> None:
+    """The ``access-audit`` console script: :func:`main`, exiting with its status."""
+    raise SystemExit(main())
+
+
+def _status(url: str, outbox: Outbox, out: TextIO = sys.stdout) -> int:
+    """Print :func:`~access_audit.outbox.status` as lines; exit status 0."""
+    from sqlalchemy import create_engine, make_url
+
+    if make_url(url).get_dialect().is_async:
+
+        async def read() -> list[str]:
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            engine = create_async_engine(url)
+            try:
+                async with engine.connect() as connection:
+                    found = await connection.run_sync(status, outbox)
+                    return found.lines()
+            finally:
+                await engine.dispose()
+
+        lines = asyncio.run(read())
+    else:
+        engine = create_engine(url)
+        try:
+            lines = status(engine, outbox).lines()
+        finally:
+            engine.dispose()
+    out.write("\n".join(lines) + "\n")
+    return 0
+
+
 async def _amain(
-    parsed: argparse.Namespace, emitter: AuditEmitter, outbox: Outbox
+    parsed: argparse.Namespace,
+    options: RelayOptions,
+    emitter: AuditEmitter,
+    outbox: Outbox,
 ) -> int:
     """:func:`main` for an async driver's URL (``postgresql+asyncpg://``)."""
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -353,8 +446,6 @@ async def _amain(
         if parsed.create_table:
             async with engine.begin() as connection:
                 await connection.run_sync(outbox.create)
-        return await arun_command(
-            RelayOptions.from_namespace(parsed), emitter, engine, outbox
-        )
+        return await arun_command(options, emitter, engine, outbox)
     finally:
         await engine.dispose()

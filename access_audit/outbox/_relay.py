@@ -138,7 +138,7 @@ def relay(
             "relay through an AsyncEngine or AsyncConnection with "
             "'await emitter.arelay(bind, ...)'"
         )
-    _check_options(batch_size, max_attempts, backoff, max_backoff, interval, retention)
+    check_options(batch_size, max_attempts, backoff, max_backoff, interval, retention)
     stopping = stop if stop is not None else threading.Event()
     return _poll(
         emitter, bind, outbox, stopping.is_set, stopping.wait,
@@ -187,7 +187,7 @@ async def arelay(
     """
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-    _check_options(batch_size, max_attempts, backoff, max_backoff, interval, retention)
+    check_options(batch_size, max_attempts, backoff, max_backoff, interval, retention)
     sync_bind: Engine | Connection
     if isinstance(bind, AsyncEngine):
         sync_bind = bind.sync_engine
@@ -221,22 +221,25 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-def _check_options(
+def check_options(
     batch_size: int,
     max_attempts: int,
     backoff: float,
     max_backoff: float,
     interval: float,
     retention: timedelta | None,
+    spell: Callable[[str], str] = str,
 ) -> None:
     """Refuse relay options that would claim nothing or never wait.
 
-    :raises ValueError: naming the option (as the command line spells it).
+    :param spell: how an option's name is written in the message (the
+        command line's ``--batch-size`` for ``batch_size``, say).
+    :raises ValueError: naming the option.
     """
     for name, value in (("batch_size", batch_size), ("max_attempts", max_attempts)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(
-                f"{name} must be a whole number of at least 1, got {value!r}"
+                f"{spell(name)} must be a whole number of at least 1, got {value!r}"
             )
     for name, number in (
         ("backoff", backoff),
@@ -248,9 +251,13 @@ def _check_options(
             or not isinstance(number, (int, float))
             or not 0 <= number < float("inf")
         ):
-            raise ValueError(f"{name} must be a number of seconds >= 0, got {number!r}")
+            raise ValueError(
+                f"{spell(name)} must be a number of seconds >= 0, got {number!r}"
+            )
     if retention is not None and retention < timedelta(0):
-        raise ValueError(f"retention must not be negative, got {retention!r}")
+        raise ValueError(
+            f"{spell('retention')} must not be negative, got {retention!r}"
+        )
 
 
 _TRANSIENT = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)

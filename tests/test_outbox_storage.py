@@ -1,0 +1,171 @@
+"""An event ``stage_event`` accepted never makes the commit fail in outbox mode.
+
+Each value the outbox cannot store is refused at stage time, naming the
+field, and everything else is stored whole, on SQLite, PostgreSQL and
+MariaDB (the ``engine`` fixture): long target ids (lazy ones included),
+non-ASCII text of any plane, payloads up to the outbox's limit counted as
+they are stored. Rows are read with ``dispatch="relay"``, which leaves them
+in the outbox for the relay.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+from support import operation, outbox_rows, stored_names
+
+from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
+from access_audit.outbox import Outbox
+
+
+def keeping_emitter(outbox: Outbox, **options: Any) -> AuditEmitter:
+    """An emitter that only writes the outbox, for one plugin named "sink"."""
+    emitter = AuditEmitter(
+        load_entrypoints=False, outbox=outbox, dispatch="relay", **options
+    )
+
+    class Sink:
+        from access_audit import hookimpl
+
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            pass
+
+    emitter.register(Sink(), name="sink")
+    return emitter
+
+
+def commit_event(
+    engine: Engine, emitter: AuditEmitter, name: str = "kept", **fields: Any
+) -> None:
+    """Commit an item *name* (its ``item_created`` event) and one
+    ``item.tagged`` event staged with *fields*."""
+    with Session(engine) as session:
+        emitter.attach(session)
+        operation(session, name)
+        stage_event(
+            session,
+            "item.tagged",
+            target_type="item",
+            target_id=fields.pop("target_id", name),
+            action="tag",
+            **fields,
+        )
+        session.commit()
+
+
+def stored_envelope(engine: Engine, outbox: Outbox) -> AuditEventEnvelope:
+    [row] = [r for r in outbox_rows(engine, outbox) if r["type"] == "item.tagged"]
+    envelope = AuditEventEnvelope.from_dict(json.loads(row["payload"]))
+    assert row["aggregateid"] == envelope.target_id
+    return envelope
+
+
+def types(engine: Engine, outbox: Outbox) -> list[str]:
+    """The event types of the outbox rows, in commit order."""
+    return [row["type"] for row in outbox_rows(engine, outbox)]
+
+
+@pytest.mark.parametrize("length", [256, 100_000])
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_a_long_target_id_is_stored_whole(
+    engine: Engine, outbox: Outbox, length: int, lazy: bool
+) -> None:
+    """Target ids longer than any VARCHAR, lazy ones too, are stored whole."""
+    target_id = "x" * (length - 3) + "end"
+    value: str | Callable[[], str] = (lambda: target_id) if lazy else target_id
+    commit_event(engine, keeping_emitter(outbox), target_id=value)
+    assert stored_envelope(engine, outbox).target_id == target_id
+    assert stored_names(engine) == ["kept"]
+
+
+def test_text_of_every_plane_is_stored_as_sent(engine: Engine, outbox: Outbox) -> None:
+    """CJK, emoji (four UTF-8 bytes) and an escaped NUL in payload text round-trip."""
+    fields = {
+        "target_id": "群組-🔐",
+        "target_name": "管理者 🛡️",
+        "reason": "line\nbreak and a NUL \x00 in free text",
+        "payload": {"名前": "値" * 10, "emoji": "😀", "nul": "a\x00b"},
+    }
+    commit_event(engine, keeping_emitter(outbox), **dict(fields))
+    envelope = stored_envelope(engine, outbox)
+    assert envelope.target_id == fields["target_id"]
+    assert envelope.target_name == fields["target_name"]
+    assert envelope.reason == fields["reason"]
+    assert envelope.payload == fields["payload"]
+
+
+def test_a_payload_under_max_payload_bytes_is_stored_whatever_its_script(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """max_payload_bytes counts the payload as stored: 45 KB of CJK under a
+    60,000-byte limit commits (MariaDB's TEXT and \\u escapes once broke it)."""
+    payload = {"text": "漢" * 15_000}  # 45,000 bytes of UTF-8
+    commit_event(
+        engine, keeping_emitter(outbox, max_payload_bytes=60_000), payload=payload
+    )
+    assert stored_envelope(engine, outbox).payload == payload
+
+
+def test_a_payload_just_under_the_outbox_limit_is_stored(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """The default limit (1 MiB as stored) is within every database's reach."""
+    payload = {"blob": "b" * (outbox.max_payload_bytes - 20)}
+    commit_event(engine, keeping_emitter(outbox), payload=payload)
+    assert stored_envelope(engine, outbox).payload == payload
+
+
+@pytest.mark.parametrize("own_limit", [None, 10_000_000], ids=["no-own", "higher-own"])
+def test_a_payload_over_the_outbox_limit_is_refused_at_stage_time(
+    engine: Engine, own_limit: int | None
+) -> None:
+    """The outbox's limit applies at stage time, even under a higher emitter
+    limit; the refused event leaves the rest of the transaction to commit."""
+    outbox = Outbox(max_payload_bytes=1_000)
+    outbox.drop(engine)
+    outbox.create(engine)
+    try:
+        emitter = keeping_emitter(outbox, max_payload_bytes=own_limit)
+        with Session(engine) as session:
+            emitter.attach(session)
+            operation(session, "kept")
+            with pytest.raises(ValueError, match=r"payload is \d+ bytes.*1000"):
+                stage_event(
+                    session, "item.tagged", target_type="item", target_id="kept",
+                    action="tag", payload={"blob": "é" * 600},
+                )  # fmt: skip
+            session.commit()
+        assert types(engine, outbox) == ["item_created"]
+        assert stored_names(engine) == ["kept"]
+    finally:
+        outbox.drop(engine)
+
+
+def test_a_nul_in_a_target_id_is_refused_at_stage_time(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """PostgreSQL cannot store a NUL in text: staging refuses it, naming the field."""
+    emitter = keeping_emitter(outbox)
+    with Session(engine) as session:
+        emitter.attach(session)
+        operation(session, "kept")
+        with pytest.raises(ValueError, match="target_id holds a NUL"):
+            stage_event(
+                session, "item.tagged", target_type="item", target_id="a\x00b",
+                action="tag",
+            )  # fmt: skip
+        session.commit()
+    assert types(engine, outbox) == ["item_created"]
+    assert stored_names(engine) == ["kept"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1000"])
+def test_an_outbox_limit_that_is_not_a_positive_int_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="max_payload_bytes"):
+        Outbox(max_payload_bytes=bad)  # type: ignore[arg-type]
