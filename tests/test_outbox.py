@@ -435,3 +435,27 @@ def test_async_session_commit_writes_rows_and_records_the_delivery(
     assert sink.names == ["2"]
     assert [row["id"] for row in rows] == [str(sink.events[0].id)]
     assert rows[0]["states"] == {"sink": DELIVERED, "down": PENDING}
+
+
+def test_in_memory_sqlite_records_deliveries_in_the_committing_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In-memory SQLite gives each thread a database of its own: the record
+    of what the plugins took is written by the committing thread there."""
+    from sqlalchemy import create_engine
+    from support import Base
+
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    outbox = Outbox()
+    outbox.create(engine)
+    sink = Sink()
+    emitter = outbox_emitter(outbox, sink=sink)
+    with OrmSession(engine) as session:
+        emitter.attach(session)
+        operation(session, "one")
+        session.commit()
+    assert emitter.flush(timeout=10)
+    assert sink.names == ["one"]
+    assert outbox_rows(engine, outbox) == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -20,6 +20,7 @@ from sqlalchemy import (
     insert,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeDecorator
 
@@ -227,12 +228,19 @@ class Outbox:
         Through an Engine, the record is written later by a thread of the
         outbox's own, batched with other commits' (:meth:`flush` waits for
         it); through a Connection (a session joined to the caller's
-        transaction) or an async engine's facade, here and now.
+        transaction), an async engine's facade or an engine whose pool
+        gives each thread its own connection (in-memory SQLite), here and
+        now.
         """
         from ._store import dispatched, settle_dispatched, transaction
 
         record = dispatched(envelopes, plugins, report)
-        if isinstance(bind, Connection) or bind.dialect.is_async:
+        if (
+            isinstance(bind, Connection)
+            or bind.dialect.is_async
+            # In-memory SQLite: each thread has a database of its own.
+            or isinstance(bind.pool, SingletonThreadPool)
+        ):
             with transaction(bind) as connection:
                 settle_dispatched(connection, self, [record])
         else:
