@@ -22,6 +22,7 @@ __all__ = [
     "ReadOnlyList",
     "check_text",
     "freeze_json",
+    "freeze_parsed",
     "int_text",
     "resolve_lazy",
     "thaw",
@@ -245,6 +246,30 @@ def freeze_json(
         return _freeze(value, lazy_ok, rules.redact, 0)
     except _BadValue as bad:
         bad.reraise(where)
+
+
+def freeze_parsed(value: Any) -> Any:
+    """A read-only copy of JSON this library wrote and ``json.loads`` parsed
+    (dicts, lists and scalars only), without :func:`freeze_json`'s checks."""
+    kind = type(value)
+    if kind is dict:
+        return ReadOnlyDict(
+            {
+                key: freeze_parsed(item) if type(item) in _CONTAINERS else item
+                for key, item in value.items()
+            }
+        )
+    if kind is list:
+        return ReadOnlyList(
+            [
+                freeze_parsed(item) if type(item) in _CONTAINERS else item
+                for item in value
+            ]
+        )
+    return value
+
+
+_CONTAINERS = (dict, list)
 
 
 def freeze_payload(

@@ -276,3 +276,34 @@ def test_the_outbox_table_only_ever_gets_inserts_and_deletes(
     assert count_pending(engine, due_outbox) == 0
     assert any(re.match(r"\s*DELETE", s, re.I) for s in statements)
     assert [s for s in statements if UPDATE_OUTBOX.match(s)] == []
+
+
+def test_the_relay_delivers_numbers_beyond_64_bits_whole(
+    sqlite_file_engine: Engine,
+) -> None:
+    """Payload numbers orjson would read as floats (an int beyond 64 bits)
+    reach the plugin as they were staged, with or without orjson."""
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(sqlite_file_engine)
+    payload = {"big": 2**100, "negative": -(2**70), "small": 7, "text": "x" * 30}
+
+    class Keep:
+        def __init__(self) -> None:
+            self.payloads: list[Any] = []
+
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            self.payloads.append(envelope.payload)
+
+    writer = emitter_for(outbox, Keep(), dispatch="relay")
+    with Session(sqlite_file_engine) as session:
+        writer.attach(session)
+        stage_event(
+            session, "doc.read", target_type="doc", target_id="1", action="read",
+            payload=payload,
+        )  # fmt: skip
+        session.commit()
+    keep = Keep()
+    assert emitter_for(outbox, keep).relay(sqlite_file_engine).delivered == 1
+    assert keep.payloads == [payload]
+    assert type(keep.payloads[0]["big"]) is int

@@ -31,7 +31,16 @@ from sqlalchemy.util import await_only, greenlet_spawn
 from .._dispatch import deliver, delivering_plugins
 from .._errors import AuditConfigurationError
 from .._logging import logger
-from ._store import CHUNK, PARKED, OutboxRow, PluginState, chunks, forget, transaction
+from ._store import (
+    CHUNK,
+    PARKED,
+    OutboxRow,
+    PluginState,
+    chunks,
+    forget,
+    one_of,
+    transaction,
+)
 from ._table import DEAD, DELIVERED, PENDING, Outbox
 
 if TYPE_CHECKING:
@@ -459,18 +468,25 @@ def _claim(
         .order_by(*order)
     )
     page_size = min(max(batch_size * 2, 200), CHUNK)
+    ours = frozenset(plugins)
+    # Most rows wait for all the plugins they were written for, and rows
+    # share a few such sets: intersect each once.
+    wanted_by: dict[frozenset[str], list[str]] = {}
     held: set[tuple[str, str]] = set()
     claimed: list[_Claim] = []
     after: tuple[Any, ...] | None = None
     while len(claimed) < batch_size:
         query = candidate.limit(page_size)
         if after is not None:
-            query = query.where(tuple_(*order) > tuple_(*after))
+            # The first conjunct is implied by the second: it is there for
+            # MariaDB, whose optimizer reads a row comparison as a filter and
+            # would scan the index from its start for every page.
+            query = query.where(order[0] >= after[0], tuple_(*order) > tuple_(*after))
         if held and len(held) <= _HELD_IN_SQL:
             query = query.where(
                 tuple_(table.c.aggregatetype, table.c.aggregateid).not_in(held)
             )
-        rows = [OutboxRow(row) for row in connection.execute(query)]
+        rows = [OutboxRow(row) for row in connection.execute(query).all()]
         if not rows:
             break
         full = len(rows) == page_size
@@ -490,11 +506,14 @@ def _claim(
             if room <= 0 or targets & held:
                 held |= targets
                 continue
-            taking = [
-                _Claim(row, row_plugins)
-                for row in group
-                if (row_plugins := sorted(row.waiting() & set(plugins)))
-            ]
+            taking = []
+            for row in group:
+                waiting = row.waiting()
+                row_plugins = wanted_by.get(waiting)
+                if row_plugins is None:
+                    row_plugins = wanted_by[waiting] = sorted(waiting & ours)
+                if row_plugins:
+                    taking.append(_Claim(row, row_plugins))
             if not taking:
                 continue  # waiting only for plugins other relays have
             due = all(
@@ -538,7 +557,7 @@ def _load_states(connection: Connection, outbox: Outbox, rows: list[OutboxRow]) 
                 state.c.attempts,
                 state.c.error,
                 state.c.next_attempt_at,
-            ).where(state.c.event_id.in_(part))
+            ).where(one_of(connection, state.c.event_id, part))
         ):
             by_id[found.event_id].states[found.plugin] = PluginState(
                 found.state, found.attempts, found.error, found.next_attempt_at
@@ -560,9 +579,9 @@ def _lock_whole(
     for part in chunks(ids):
         locked = connection.execute(
             select(table.c.id, table.c.payload)
-            .where(table.c.id.in_(part))
+            .where(one_of(connection, table.c.id, part))
             .with_for_update(skip_locked=True)
-        )
+        ).all()
         payloads.update((row_id, payload) for row_id, payload in locked)
     for group in wanted:
         targets = {taken.row.target for taken in group}
@@ -674,7 +693,9 @@ def _save(
     forget(connection, outbox, settled)
     state_table = outbox.delivery_table
     for part in chunks(kept):
-        connection.execute(delete(state_table).where(state_table.c.event_id.in_(part)))
+        connection.execute(
+            delete(state_table).where(one_of(connection, state_table.c.event_id, part))
+        )
     if states:
         connection.execute(insert(state_table), states)
 
@@ -762,12 +783,13 @@ def retry_dead(
         for part in chunks(ids):
             connection.execute(
                 update(state)
-                .where(dead, state.c.event_id.in_(part))
+                .where(dead, one_of(connection, state.c.event_id, part))
                 .values(state=PENDING, attempts=0, next_attempt_at=now, updated_at=now)
             )
             connection.execute(
                 delete(state).where(
-                    state.c.event_id.in_(part), state.c.plugin == PARKED
+                    one_of(connection, state.c.event_id, part),
+                    state.c.plugin == PARKED,
                 )
             )
     return len(ids)

@@ -20,8 +20,8 @@ from sqlalchemy import (
     insert,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.engine import Connection
+from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.types import TypeDecorator
 
 if TYPE_CHECKING:
