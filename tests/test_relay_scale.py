@@ -193,11 +193,28 @@ def kill(admin: Engine, ids: list[int]) -> None:
             connection.commit()
 
 
+class Killer(Counter):
+    """A Counter that kills *ids* from *admin* at its 50th delivery, once:
+    the relay's batch then fails in the middle."""
+
+    def __init__(self, admin: Engine, ids: list[int]) -> None:
+        super().__init__()
+        self.admin, self.ids, self.calls = admin, ids, 0
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        self.calls += 1
+        if self.calls == 50:
+            kill(self.admin, self.ids)
+        super().audit_event_logged(envelope)
+
+
 def test_a_polling_relay_reconnects_through_killed_connections(
     engine: Engine, due_outbox: Outbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Its connections killed three times while it works, a polling relay
-    says so, keeps running, and every event is delivered."""
+    """Its connections killed in the middle of a batch and three times
+    between commits, a polling relay says so, keeps running, and every event
+    is delivered (at least once)."""
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no connections to kill")
     from sqlalchemy import create_engine
@@ -205,7 +222,7 @@ def test_a_polling_relay_reconnects_through_killed_connections(
     relay_engine = create_engine(engine.url, pool_pre_ping=False)
     ids = backend_ids(relay_engine)
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
-    sink = Counter()
+    sink = Killer(engine, ids)
     relay_emitter = emitter_for(due_outbox, sink)
     stop = threading.Event()
     result: dict[str, Any] = {}
@@ -219,14 +236,15 @@ def test_a_polling_relay_reconnects_through_killed_connections(
             result["error"] = error
 
     caplog.set_level("WARNING", logger="access_audit")
+    targets = [str(number) for number in range(300)]
+    commit_events(engine, writer, targets[:100])
     relay_thread = threading.Thread(target=run)
     relay_thread.start()
     try:
-        targets = [str(number) for number in range(300)]
-        for round_ in range(3):
-            commit_events(engine, writer, targets[round_ * 100 : round_ * 100 + 100])
-            time.sleep(0.1)
+        for round_ in (1, 2):
+            time.sleep(0.3)
             kill(engine, ids)
+            commit_events(engine, writer, targets[round_ * 100 : round_ * 100 + 100])
         deadline = time.monotonic() + 60
         while count_pending(engine, due_outbox) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -307,3 +325,44 @@ def test_the_relay_delivers_numbers_beyond_64_bits_whole(
     assert emitter_for(outbox, keep).relay(sqlite_file_engine).delivered == 1
     assert keep.payloads == [payload]
     assert type(keep.payloads[0]["big"]) is int
+
+
+def test_a_polling_relay_on_postgresql_wakes_on_commit_not_on_its_interval(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """With a 60-second interval, a polling relay on PostgreSQL delivers a
+    fresh commit within seconds: the outbox's trigger NOTIFYs at COMMIT and
+    the relay LISTENs. A rolled-back write wakes nothing."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    sink = Counter()
+    relay_emitter = emitter_for(due_outbox, sink)
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        result["stats"] = relay_emitter.relay(
+            engine, once=False, interval=60.0, stop=stop
+        )
+
+    relay_thread = threading.Thread(target=run)
+    relay_thread.start()
+    try:
+        time.sleep(0.5)  # the relay found nothing and waits
+        with Session(engine) as session:
+            writer.attach(session)
+            stage_event(
+                session, "doc.read", target_type="doc", target_id="late",
+                action="read",
+            )  # fmt: skip
+            session.commit()
+        deadline = time.monotonic() + 10
+        while not sink.order and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.order == ["late"]
+    finally:
+        stop.set()
+        relay_thread.join(10)
+    assert not relay_thread.is_alive()
+    assert result["stats"].delivered == 1

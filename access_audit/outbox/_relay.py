@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -42,6 +43,7 @@ from ._store import (
     transaction,
 )
 from ._table import DEAD, DELIVERED, PENDING, Outbox
+from ._wake import listen
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -149,12 +151,20 @@ def relay(
         )
     check_options(batch_size, max_attempts, backoff, max_backoff, interval, retention)
     stopping = stop if stop is not None else threading.Event()
-    return _poll(
-        emitter, bind, outbox, stopping.is_set, stopping.wait,
-        batch_size=batch_size, max_attempts=max_attempts, backoff=backoff,
-        max_backoff=max_backoff, once=once, interval=interval,
-        retention=retention, progress=progress,
-    )  # fmt: skip
+    listener = None if once else listen(bind, outbox)
+    pause: Callable[[float], object] = stopping.wait
+    if listener is not None:
+        pause = functools.partial(listener.wait, stopped=stopping.is_set)
+    try:
+        return _poll(
+            emitter, bind, outbox, stopping.is_set, pause,
+            batch_size=batch_size, max_attempts=max_attempts, backoff=backoff,
+            max_backoff=max_backoff, once=once, interval=interval,
+            retention=retention, progress=progress,
+        )  # fmt: skip
+    finally:
+        if listener is not None:
+            listener.close()
 
 
 async def arelay(

@@ -163,6 +163,9 @@ class Outbox:
             schema=schema,
             **_UTF8MB4,
         )
+        from ._wake import add_notify_trigger
+
+        add_notify_trigger(self.table)
         self.delivery_table = Table(
             f"{table_name}_delivery",
             self.metadata,
