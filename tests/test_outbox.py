@@ -437,11 +437,12 @@ def test_async_session_commit_writes_rows_and_records_the_delivery(
     assert rows[0]["states"] == {"sink": DELIVERED, "down": PENDING}
 
 
-def test_in_memory_sqlite_records_deliveries_in_the_committing_thread(
+def test_in_memory_sqlite_records_deliveries_later_in_the_committing_thread(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """In-memory SQLite gives each thread a database of its own: the record
-    of what the plugins took is written by the committing thread there."""
+    of what the plugins took is kept by the committing thread, not written
+    by its commit, and written with later ones (here, at flush)."""
     from sqlalchemy import create_engine
     from support import Base
 
@@ -451,11 +452,21 @@ def test_in_memory_sqlite_records_deliveries_in_the_committing_thread(
     outbox.create(engine)
     sink = Sink()
     emitter = outbox_emitter(outbox, sink=sink)
+    deletes: list[str] = []
+
+    def before_execute(connection: object, clause: Any, *_: Any) -> None:
+        if getattr(clause, "is_delete", False):
+            deletes.append(threading.current_thread().name)
+
+    event.listen(engine, "before_execute", before_execute)
     with OrmSession(engine) as session:
         emitter.attach(session)
         operation(session, "one")
         session.commit()
+    assert deletes == []
+    assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == ["one"]
     assert emitter.flush(timeout=10)
+    assert deletes and set(deletes) == {threading.current_thread().name}
     assert sink.names == ["one"]
     assert outbox_rows(engine, outbox) == []
     assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -54,7 +54,30 @@ class Recorder:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._pid = -1
         self._lock = threading.Lock()
+        self._here = threading.local()
         _recorders.add(self)
+
+    def defer(self, engine: Engine, record: Dispatched) -> None:
+        """Keep *record* for this thread to write with later ones: when
+        :data:`MAX_BATCH` are kept or :data:`LINGER` has passed since the
+        first, or at :meth:`flush` in this thread. For engines whose
+        connections belong to a thread (in-memory SQLite), where no other
+        thread can write them."""
+        kept: list[tuple[Engine, Dispatched]] | None = getattr(self._here, "kept", None)
+        now = time.monotonic()
+        if kept is None:
+            kept = self._here.kept = []
+            self._here.since = now
+        kept.append((engine, record))
+        if len(kept) >= MAX_BATCH or now - self._here.since >= LINGER:
+            self._write_kept()
+
+    def _write_kept(self) -> None:
+        kept: list[tuple[Engine, Dispatched]] | None = getattr(self._here, "kept", None)
+        self._here.kept = None
+        if kept:
+            for engine, records in _by_engine(kept).items():
+                self._write(engine, records)
 
     def submit(self, engine: Engine, record: Dispatched) -> None:
         """Queue *record* of rows written through *engine*; returns at once."""
@@ -65,8 +88,10 @@ class Recorder:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until what was submitted so far is written (or failed and logged).
 
-        Returns False if *timeout* seconds passed first.
+        Returns False if *timeout* seconds passed first. Writes what this
+        thread kept (:meth:`defer`) first.
         """
+        self._write_kept()
         if self._pid != os.getpid():
             return True
         done = threading.Event()
@@ -124,6 +149,15 @@ class Recorder:
                 "will deliver them again (consumers de-duplicate by id)",
                 sum(len(r.taken) + len(r.partial) for r in records),
             )
+
+
+def _by_engine(
+    items: list[tuple[Engine, Dispatched]],
+) -> dict[Engine, list[Dispatched]]:
+    grouped: dict[Engine, list[Dispatched]] = {}
+    for engine, record in items:
+        grouped.setdefault(engine, []).append(record)
+    return grouped
 
 
 @atexit.register

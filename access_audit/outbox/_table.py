@@ -231,21 +231,19 @@ class Outbox:
         Through an Engine, the record is written later by a thread of the
         outbox's own, batched with other commits' (:meth:`flush` waits for
         it); through a Connection (a session joined to the caller's
-        transaction), an async engine's facade or an engine whose pool
-        gives each thread its own connection (in-memory SQLite), here and
-        now.
+        transaction) or an async engine's facade, here and now; through an
+        engine whose pool gives each thread its own connection (in-memory
+        SQLite), by this thread, with its later commits' records.
         """
         from ._store import dispatched, settle_dispatched, transaction
 
         record = dispatched(envelopes, plugins, report)
-        if (
-            isinstance(bind, Connection)
-            or bind.dialect.is_async
-            # In-memory SQLite: each thread has a database of its own.
-            or isinstance(bind.pool, SingletonThreadPool)
-        ):
+        if isinstance(bind, Connection) or bind.dialect.is_async:
             with transaction(bind) as connection:
                 settle_dispatched(connection, self, [record])
+        elif isinstance(bind.pool, SingletonThreadPool):
+            # In-memory SQLite: each thread has a database of its own.
+            self._recorder.defer(bind, record)
         else:
             self._recorder.submit(bind, record)
 
