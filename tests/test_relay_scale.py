@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from support import outbox_rows
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
-from access_audit.outbox import Outbox, count_pending, prune, retry_dead
+from access_audit.outbox import Outbox, count_pending, prune, retry_dead, status
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -366,3 +366,58 @@ def test_a_polling_relay_on_postgresql_wakes_on_commit_not_on_its_interval(
         relay_thread.join(10)
     assert not relay_thread.is_alive()
     assert result["stats"].delivered == 1
+
+
+def test_status_counts_pending_and_dead_per_plugin_and_the_oldest_pending(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """status() reads per-plugin pending and dead counts and the oldest
+    pending event's time; ``access-audit status`` prints them."""
+    good, flaky = Counter(), Counter(failing=True)
+    emitter = AuditEmitter(load_entrypoints=False, outbox=due_outbox)
+    emitter.register(good, name="good")
+    emitter.register(flaky, name="flaky")
+    before = datetime.now(timezone.utc)
+    commit_events(engine, emitter, ["a", "b", "c"])
+    assert emitter.flush(timeout=10)
+    found = status(engine, due_outbox)
+    assert found.events == 3
+    assert found.pending == {"flaky": 3}
+    assert found.dead == {}
+    assert found.oldest_pending is not None
+    assert (
+        before - timedelta(seconds=1)
+        <= found.oldest_pending
+        <= before + timedelta(seconds=30)
+    )
+    emitter.relay(engine, max_attempts=1)  # flaky gives up on all three
+    found = status(engine, due_outbox)
+    assert (found.events, found.pending, found.dead) == (3, {}, {"flaky": 3})
+    assert found.oldest_pending is None
+
+    url = engine.url.render_as_string(hide_password=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "access_audit", "status", "--database-url", url,
+         "--table", "scale_outbox"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "outbox: 3 events, none pending",
+        "  flaky: 0 pending, 3 dead",
+    ]
+
+
+def test_the_access_audit_console_script_is_installed() -> None:
+    """``access-audit`` is a console script of the package, running the CLI."""
+    from importlib.metadata import entry_points
+
+    [script] = entry_points(group="console_scripts", name="access-audit")
+    assert script.value == "access_audit.outbox._cli:main_exit"
+    result = subprocess.run(
+        [sys.executable, "-c", "from access_audit.outbox._cli import main_exit; "
+         "main_exit()", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert "relay" in result.stdout and "status" in result.stdout
