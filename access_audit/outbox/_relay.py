@@ -509,35 +509,41 @@ def _claim(
         last = rows[-1]
         after = (last.created_at, last.transaction_id, last.sequence)
         _load_states(connection, outbox, rows)
-        wanted: list[list[_Claim]] = []
-        room = batch_size - len(claimed)
-        for group in groups.values():
-            targets = {row.target for row in group}
-            if room <= 0 or targets & held:
-                held |= targets
-                continue
-            taking = []
-            for row in group:
-                waiting = row.waiting()
-                row_plugins = wanted_by.get(waiting)
-                if row_plugins is None:
-                    row_plugins = wanted_by[waiting] = sorted(waiting & ours)
-                if row_plugins:
-                    taking.append(_Claim(row, row_plugins))
-            if not taking:
-                continue  # waiting only for plugins other relays have
-            due = all(
-                row.row.due_at(name, outbox.relay_after) <= now
-                for row in taking
-                for name in row.plugins
-            )
-            if not due:
-                held |= targets
-                continue
-            wanted.append(taking)
-            room -= len(taking)
-        if wanted:
-            _lock_whole(connection, outbox, wanted, held, claimed)
+        left = collections.deque(groups.values())
+        while left and len(claimed) < batch_size:
+            # Try the next groups that fit; those another relay holds are
+            # left behind (holding their targets back), and the page goes
+            # on with the groups after them.
+            wanted: list[list[_Claim]] = []
+            room = batch_size - len(claimed)
+            while left and room > 0:
+                group = left.popleft()
+                targets = {row.target for row in group}
+                if targets & held:
+                    held |= targets
+                    continue
+                taking = []
+                for row in group:
+                    waiting = row.waiting()
+                    row_plugins = wanted_by.get(waiting)
+                    if row_plugins is None:
+                        row_plugins = wanted_by[waiting] = sorted(waiting & ours)
+                    if row_plugins:
+                        taking.append(_Claim(row, row_plugins))
+                if not taking:
+                    continue  # waiting only for plugins other relays have
+                due = all(
+                    row.row.due_at(name, outbox.relay_after) <= now
+                    for row in taking
+                    for name in row.plugins
+                )
+                if not due:
+                    held |= targets
+                    continue
+                wanted.append(taking)
+                room -= len(taking)
+            if wanted:
+                _lock_whole(connection, outbox, wanted, held, claimed)
         if not full:
             break
     return claimed
