@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session as OrmSession
 from support import aiosqlite_engine, outbox_emitter, outbox_rows
@@ -43,6 +43,7 @@ from access_audit.outbox import (
     list_dead,
     prune,
     retry_dead,
+    status,
 )
 from conftest import RUN_NAMESPACE
 
@@ -78,9 +79,13 @@ class Sink:
 
 
 def commit_events(
-    engine: Engine, emitter: AuditEmitter, *transactions: list[str]
+    engine: Engine, emitter: AuditEmitter, *transactions: list[str], flush: bool = True
 ) -> None:
-    """Commit one transaction per list, staging an event per target id in it."""
+    """Commit one transaction per list, staging an event per target id in it.
+
+    With *flush*, wait until the outbox recorded what the dispatch delivered
+    (inline dispatch records it on a thread of the outbox's own).
+    """
     with OrmSession(engine) as session:
         emitter.attach(session)
         for targets in transactions:
@@ -91,13 +96,52 @@ def commit_events(
                 )  # fmt: skip
             session.commit()
         emitter.detach(session)
+    if flush:
+        assert emitter.flush(timeout=30)
 
 
 def make_due(engine: Engine, outbox: Outbox) -> None:
-    """Make every row due now, as if ``relay_after`` and any backoff had passed."""
-    table = outbox.table
+    """Make every row due now, as if ``relay_after`` and any backoff had passed.
+
+    Retries wait in the delivery table until ``next_attempt_at``; a row with
+    no delivery state waits ``relay_after`` from its ``created_at``, so every
+    row is moved back by that much (which keeps the commit order).
+    """
+    table, state = outbox.table, outbox.delivery_table
+    now = datetime.now(timezone.utc)
     with engine.begin() as connection:
-        connection.execute(update(table).values(next_attempt_at=table.c.created_at))
+        connection.execute(
+            update(state).where(state.c.state == PENDING).values(next_attempt_at=now)
+        )
+        moved = [
+            {"row_id": row.id, "moved_to": row.created_at - outbox.relay_after}
+            for row in connection.execute(select(table.c.id, table.c.created_at))
+        ]
+        if moved:
+            connection.execute(
+                update(table)
+                .where(table.c.id == bindparam("row_id"))
+                .values(
+                    created_at=bindparam("moved_to", type_=table.c.created_at.type)
+                ),
+                moved,
+            )
+
+
+def assert_outbox_empty(engine: Engine, outbox: Outbox) -> None:
+    """Every event left both outbox tables: each plugin it was for took it."""
+    assert outbox_rows(engine, outbox) == []
+    with engine.connect() as connection:
+        left = connection.execute(
+            select(func.count()).select_from(outbox.delivery_table)
+        ).scalar_one()
+    assert left == 0
+    assert count_pending(engine, outbox) == 0
+
+
+def numbers(rows: list[dict[str, Any]]) -> list[int]:
+    """``payload["n"]`` of each outbox row (see :func:`commit_numbered`)."""
+    return [json.loads(row["payload"])["payload"]["n"] for row in rows]
 
 
 def relay_until_idle(relay: Relay, emitter: AuditEmitter, **options: Any) -> RelayStats:
@@ -297,8 +341,11 @@ def test_relay_delivers_what_a_killed_process_committed_exactly_once(
     committed = [f"c{index}-{n}" for index in range(count) for n in (0, 1)]
     rows = outbox_rows(engine, outbox)
     assert [row["aggregateid"] for row in rows] == committed
-    assert {row["status"] for row in rows} == {PENDING}
-    assert {row["delivered_to"] for row in rows} == {"[]"}
+    # As written before COMMIT: no delivery was recorded for any of them.
+    assert [(row["states"], row["parked"]) for row in rows] == [({}, False)] * len(
+        committed
+    )
+    assert {row["recipients"] for row in rows} == {'["sink"]'}
 
     fresh = Sink()
     early = relay(outbox_emitter(outbox, sink=fresh), once=True)
@@ -308,11 +355,11 @@ def test_relay_delivers_what_a_killed_process_committed_exactly_once(
     stats = relay(outbox_emitter(outbox, sink=fresh), once=True)
     assert fresh.names == committed
     assert sorted(fresh.ids) == sorted(row["id"] for row in rows)
+    assert len(set(fresh.ids)) == len(committed)
     assert stats.delivered == len(committed)
     assert stats.failed == 0
-    rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {DELIVERED}
-    assert {row["delivered_to"] for row in rows} == {'["sink"]'}
+    assert_outbox_empty(engine, outbox)
+    make_due(engine, outbox)
     again = relay(outbox_emitter(outbox, sink=fresh), once=True)
     assert again.delivered == 0
     assert len(fresh.events) == len(committed)
@@ -337,21 +384,25 @@ def test_relay_leaves_a_fresh_row_to_its_own_dispatch_for_relay_after(
     app = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="background")
     app.register(Gated(), name="sink")
     try:
-        commit_events(engine, app, ["a"], ["b"])
+        commit_events(engine, app, ["a"], ["b"], flush=False)
         assert entered.wait(10)
+        rows = outbox_rows(engine, outbox)
+        assert [(row["aggregateid"], row["states"]) for row in rows] == [
+            ("a", {}),
+            ("b", {}),
+        ]
         relayed = Sink()
         stats = relay(outbox_emitter(outbox, sink=relayed), once=True)
         assert stats.delivered == 0
         assert relayed.events == []
+        assert [row["id"] for row in outbox_rows(engine, outbox)] == [
+            row["id"] for row in rows
+        ]
     finally:
         gate.set()
-        app.close(timeout=10)
+        assert app.close(timeout=10)
     assert dispatched == ["a", "b"]
-    rows = outbox_rows(engine, outbox)
-    assert [(row["aggregateid"], row["status"]) for row in rows] == [
-        ("a", DELIVERED),
-        ("b", DELIVERED),
-    ]
+    assert_outbox_empty(engine, outbox)  # the dispatch recorded it took both
     make_due(engine, outbox)
     assert relay(outbox_emitter(outbox, sink=relayed), once=True).delivered == 0
     assert relayed.events == []
@@ -373,8 +424,12 @@ def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
     assert steady.names == ["a", "b", "c"]
     assert flaky.events == []
     rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {PENDING}
-    make_due(engine, outbox)
+    assert [row["aggregateid"] for row in rows] == ["a", "b", "c"]
+    for row in rows:
+        assert row["states"] == {"flaky": PENDING, "steady": DELIVERED}
+        assert row["attempts"]["flaky"] == 1
+        assert "sink down for" in row["errors"]["flaky"]
+    # A failed dispatch leaves the row due at once: no make_due().
 
     stats = relay_until_idle(relay, emitter, backoff=0)
     assert flaky.names == ["a", "b", "c"]
@@ -382,13 +437,8 @@ def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
     assert steady.names == ["a", "b", "c"]
     assert stats.failed == 2 * 3  # two more failures per event, then success
     assert stats.delivered == 3
-    rows = outbox_rows(engine, outbox)
-    assert [row["id"] for row in rows] == flaky.ids == steady.ids
-    for row in rows:
-        assert row["status"] == DELIVERED
-        assert json.loads(row["delivered_to"]) == ["flaky", "steady"]
-        assert json.loads(row["failures"]) == {}
-        assert row["delivered_at"] is not None
+    assert flaky.ids == steady.ids == [row["id"] for row in rows]
+    assert_outbox_empty(engine, outbox)
 
 
 @on_every_relay
@@ -403,33 +453,43 @@ def test_always_failing_plugin_ends_dead_and_retry_dead_redelivers_once_fixed(
 
     stats = relay_until_idle(relay, emitter, backoff=0, max_attempts=3)
     assert stats.dead == 2
-    assert stats.failed == 2 * 2
+    assert stats.failed == 2 * 2  # the dispatch's failure was the first attempt
     assert broken.events == []
     assert set(broken.calls.values()) == {3}
+    assert steady.names == ["a", "b"]
     rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {DEAD}
+    assert [row["aggregateid"] for row in rows] == ["a", "b"]
+    for row in rows:
+        assert row["states"] == {"broken": DEAD, "steady": DELIVERED}
+        assert row["attempts"]["broken"] == 3
+        assert row["parked"]
     dead = list_dead(engine, outbox)
     assert [entry["id"] for entry in dead] == [row["id"] for row in rows]
     assert [entry["target"] for entry in dead] == ["item/a", "item/b"]
     for entry in dead:
+        assert entry["status"] == DEAD
         assert list(entry["dead_plugins"]) == ["broken"]
         assert "sink down for" in entry["dead_plugins"]["broken"]
+    assert status(engine, outbox).dead == {"broken": 2}
+    assert count_pending(engine, outbox) == 0
     # Dead rows are not retried by later runs.
+    make_due(engine, outbox)
     assert relay(emitter, once=True, backoff=0).failed == 0
     assert retry_dead(engine, outbox, {"steady"}) == 0
+    assert list_dead(engine, outbox) == dead
 
     broken.failing = False
     assert retry_dead(engine, outbox) == 2
     assert list_dead(engine, outbox) == []
+    rows = outbox_rows(engine, outbox)
+    for row in rows:
+        assert row["states"] == {"broken": PENDING, "steady": DELIVERED}
+        assert not row["parked"]
     relay_until_idle(relay, emitter, backoff=0, max_attempts=3)
     assert broken.names == ["a", "b"]
     assert steady.names == ["a", "b"]
-    rows = outbox_rows(engine, outbox)
-    assert [row["id"] for row in rows] == broken.ids == steady.ids
-    for row in rows:
-        assert row["status"] == DELIVERED
-        assert json.loads(row["delivered_to"]) == ["broken", "steady"]
-        assert json.loads(row["failures"]) == {}
+    assert broken.ids == steady.ids == [row["id"] for row in rows]
+    assert_outbox_empty(engine, outbox)
 
 
 CLI_PLUGIN = """
@@ -485,12 +545,16 @@ def test_cli_lists_dead_deliveries_and_retry_dead_redelivers_them(
     make_due(engine, outbox)
     relay_until_idle(relay, emitter, backoff=0, max_attempts=2)
     rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {DEAD}
+    assert [row["states"] for row in rows] == [
+        {CLI_PLUGIN_NAME: DEAD, "steady": DELIVERED}
+    ] * 2
+    assert {row["parked"] for row in rows} == {True}
 
     output = run_cli(relay, tmp_path, "--list-dead")
     listed = [json.loads(line) for line in output.splitlines()]
     assert [entry["id"] for entry in listed] == [row["id"] for row in rows]
     assert [list(entry["dead_plugins"]) for entry in listed] == [[CLI_PLUGIN_NAME]] * 2
+    assert [entry["status"] for entry in listed] == [DEAD] * 2
 
     output = run_cli(
         relay, tmp_path, "--retry-dead", "--once", "--backoff", "0",
@@ -502,11 +566,7 @@ def test_cli_lists_dead_deliveries_and_retry_dead_redelivers_them(
     assert log == [f"{row['id']} {row['aggregateid']}" for row in rows]
     assert steady.names == ["a", "b"]
     assert broken.events == []
-    rows = outbox_rows(engine, outbox)
-    for row in rows:
-        assert row["status"] == DELIVERED
-        assert json.loads(row["delivered_to"]) == sorted([CLI_PLUGIN_NAME, "steady"])
-        assert json.loads(row["failures"]) == {}
+    assert_outbox_empty(engine, outbox)
     assert run_cli(relay, tmp_path, "--list-dead") == ""
 
 
@@ -521,6 +581,8 @@ def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
     taken, failing = Sink(), Sink(failing=True)
     commit_events(engine, outbox_emitter(outbox, taken=taken, failing=failing), ["a"])
     make_due(engine, outbox)
+    [before] = outbox_rows(engine, outbox)
+    assert before["states"] == {"taken": DELIVERED, "failing": PENDING}
     other_relay = Sink()
     relay_emitter = outbox_emitter(
         outbox, **{name: other_relay for name in relay_plugins}
@@ -529,9 +591,12 @@ def test_relay_without_a_plugin_leaves_that_plugins_deliveries_pending(
     assert stats.delivered == 0
     assert other_relay.events == []
     [row] = outbox_rows(engine, outbox)
-    assert json.loads(row["delivered_to"]) == ["taken"]
-    assert row["status"] == PENDING
+    assert row["id"] == before["id"]
+    assert row["states"] == {"taken": DELIVERED, "failing": PENDING}
+    assert row["attempts"]["failing"] == 1
+    assert not row["parked"]
     assert count_pending(engine, outbox) == 1
+    assert status(engine, outbox).pending == {"failing": 1}
 
 
 @on_every_relay
@@ -540,26 +605,34 @@ def test_relay_lacking_a_plugin_leaves_crashed_rows_pending_for_it(
 ) -> None:
     """Rows a crash left unmarked stay pending for a plugin the relay lacks."""
     siem, s3 = Sink(), Sink()
-    commit_events(engine, outbox_emitter(outbox, siem=siem, s3=s3), ["a"])
-    table = outbox.table
-    with engine.begin() as connection:  # as written before COMMIT: no marks
-        connection.execute(
-            update(table).values(
-                status=PENDING, delivered_to="[]", delivered_at=None,
-                next_attempt_at=table.c.created_at,
-            )
-        )  # fmt: skip
+    commit_events(engine, crashed_emitter(outbox, siem=siem, s3=s3), ["a"])
+    assert siem.events == s3.events == []
+    [row] = outbox_rows(engine, outbox)
+    assert (row["states"], row["parked"]) == ({}, False)
+    make_due(engine, outbox)
     late_s3 = Sink()
     relay(outbox_emitter(outbox, s3=late_s3), once=True)
     [row] = outbox_rows(engine, outbox)
     assert late_s3.names == ["a"]
     assert json.loads(row["recipients"]) == ["s3", "siem"]
-    assert (row["status"], json.loads(row["delivered_to"])) == (PENDING, ["s3"])
+    assert (row["states"], row["parked"]) == ({"s3": DELIVERED}, False)
+    assert count_pending(engine, outbox) == 1
     make_due(engine, outbox)
-    late_siem = Sink()
-    relay(outbox_emitter(outbox, siem=late_siem, s3=Sink()), once=True)
+    late_siem, s3_again = Sink(), Sink()
+    relay(outbox_emitter(outbox, siem=late_siem, s3=s3_again), once=True)
     assert late_siem.names == ["a"]
-    assert outbox_rows(engine, outbox)[0]["status"] == "delivered"
+    assert s3_again.events == []
+    assert_outbox_empty(engine, outbox)
+
+
+def crashed_emitter(outbox: Outbox, **plugins: object) -> AuditEmitter:
+    """An emitter that only writes the outbox rows, for *plugins* by keyword
+    name: its commits leave the rows as a process killed right after COMMIT
+    does (no delivery recorded)."""
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="relay")
+    for name, plugin in plugins.items():
+        emitter.register(plugin, name=name)
+    return emitter
 
 
 # --------------------------------------------------------------------------
@@ -579,20 +652,22 @@ def leave_pending(engine: Engine, outbox: Outbox, how: str) -> list[str]:
     """Commit TWENTY for APP_NAME and leave every row pending; the row ids.
 
     ``failed``: the plugin raised at dispatch. ``crashed``: the process died
-    before marking the rows (they are as written before COMMIT).
+    before recording anything (the rows are as written before COMMIT).
     """
-    commit_events(
-        engine, outbox_emitter(outbox, **{APP_NAME: Sink(failing=True)}), *TWENTY
-    )
-    if how == "crashed":
-        table = outbox.table
-        with engine.begin() as connection:
-            connection.execute(update(table).values(failures="{}"))
+    make = crashed_emitter if how == "crashed" else outbox_emitter
+    commit_events(engine, make(outbox, **{APP_NAME: Sink(failing=True)}), *TWENTY)
     make_due(engine, outbox)
     rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {PENDING}
+    assert len(rows) == 20
+    assert [row["states"] for row in rows] == [pending_states(how)] * 20
+    assert {row["parked"] for row in rows} == {False}
     assert {row["recipients"] for row in rows} == {json.dumps([APP_NAME])}
     return [row["id"] for row in rows]
+
+
+def pending_states(how: str) -> dict[str, str]:
+    """The delivery state :func:`leave_pending` leaves each row with."""
+    return {} if how == "crashed" else {APP_NAME: PENDING}
 
 
 def relay_emitter(outbox: Outbox, plugin: object, name: str | None) -> AuditEmitter:
@@ -635,8 +710,8 @@ def test_relay_under_another_name_delivers_nothing_and_reports_the_recorded_name
     ), warnings
     rows = outbox_rows(engine, outbox)
     assert [row["id"] for row in rows] == ids
-    assert {row["status"] for row in rows} == {PENDING}
-    assert {row["delivered_to"] for row in rows} == {"[]"}
+    assert [row["states"] for row in rows] == [pending_states(how)] * 20
+    assert {row["parked"] for row in rows} == {False}
 
     make_due(engine, outbox)
     recorded = Sink()
@@ -645,9 +720,7 @@ def test_relay_under_another_name_delivers_nothing_and_reports_the_recorded_name
     assert len(recorded.ids) == len(set(recorded.ids)) == 20
     assert stats.delivered == 20
     assert stats.missing_plugins == {}
-    rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {DELIVERED}
-    assert {row["delivered_to"] for row in rows} == {json.dumps([APP_NAME])}
+    assert_outbox_empty(engine, outbox)
     make_due(engine, outbox)
     assert (
         relay_until_idle(relay, relay_emitter(outbox, Sink(), relay_name)).delivered
@@ -670,7 +743,7 @@ def test_relay_with_both_names_delivers_each_event_once_to_the_recorded_name(
     assert misnamed.events == []
     assert stats.delivered == 20
     assert stats.missing_plugins == {}
-    assert count_pending(engine, outbox) == 0
+    assert_outbox_empty(engine, outbox)
 
 
 def test_a_polling_relay_warns_once_about_a_name_it_lacks(
@@ -743,9 +816,7 @@ def test_cli_delivers_only_under_the_given_name_and_prints_the_missing_names(
     delivered = [line.split()[0] for line in log.read_text().splitlines()]
     assert sorted(delivered) == sorted(ids)
     assert len(delivered) == 20
-    rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {DELIVERED}
-    assert {row["delivered_to"] for row in rows} == {json.dumps([APP_NAME])}
+    assert_outbox_empty(engine, outbox)
 
 
 @pytest.mark.parametrize(
@@ -771,7 +842,7 @@ def test_cli_refuses_an_invalid_plugin_option_naming_it(
         main(argv)
     assert raised.value.code == 2
     error = capsys.readouterr().err
-    assert "python -m access_audit relay: error: " + message in error, error
+    assert "access-audit relay: error: " + message in error, error
 
 
 # --------------------------------------------------------------------------
@@ -796,7 +867,8 @@ class OrderedSink(Sink):
 
 
 def commit_numbered(engine: Engine, emitter: AuditEmitter, targets: list[str]) -> None:
-    """One transaction per target, each event numbered in commit order."""
+    """One transaction per target, each event numbered in commit order; then
+    wait until the outbox recorded what the dispatch delivered."""
     with OrmSession(engine) as session:
         emitter.attach(session)
         for number, target in enumerate(targets):
@@ -806,6 +878,7 @@ def commit_numbered(engine: Engine, emitter: AuditEmitter, targets: list[str]) -
             )  # fmt: skip
             session.commit()
         emitter.detach(session)
+    assert emitter.flush(timeout=30)
 
 
 @on_every_relay
@@ -819,10 +892,12 @@ def test_relay_delivers_in_commit_order(
     commit_numbered(engine, emitter, targets)
     sink.failing = False
     make_due(engine, outbox)
+    assert numbers(outbox_rows(engine, outbox)) == list(range(12))
     stats = relay(emitter, once=True, batch_size=5)
     assert [e.payload["n"] for e in sink.events] == list(range(12))
     assert sink.names == targets
     assert stats.batches >= 3
+    assert_outbox_empty(engine, outbox)
 
 
 @on_every_relay
@@ -839,13 +914,16 @@ def test_relay_keeps_a_targets_later_events_behind_one_waiting_for_retry(
 
     relay(emitter, once=True, backoff=60)
     assert [e.payload["n"] for e in sink.events] == [1, 3]  # x waits behind n=0
-    statuses = [row["status"] for row in outbox_rows(engine, outbox)]
-    assert statuses == [PENDING, DELIVERED, PENDING, DELIVERED]
+    rows = outbox_rows(engine, outbox)  # y's events left: delivered
+    assert numbers(rows) == [0, 2]
+    assert [row["states"] for row in rows] == [{"sink": PENDING}] * 2
+    # n=0 failed again; n=2 was held back, not tried.
+    assert [row["attempts"] for row in rows] == [{"sink": 2}, {"sink": 1}]
 
     make_due(engine, outbox)
     relay(emitter, once=True, backoff=60)
     assert [e.payload["n"] for e in sink.events] == [1, 3, 0, 2]
-    assert {row["status"] for row in outbox_rows(engine, outbox)} == {DELIVERED}
+    assert_outbox_empty(engine, outbox)
 
 
 @relays(*SERVER_RELAYS)
@@ -869,8 +947,10 @@ def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
         # n = 0 is before the held row; n = 4 (x) must wait behind it.
         assert [e.payload["n"] for e in sink.events] == [0, 1, 3]
         other_relay.rollback()
+    assert numbers(outbox_rows(engine, outbox)) == [2, 4]
     relay(emitter, once=True)
     assert [e.payload["n"] for e in sink.events] == [0, 1, 3, 2, 4]
+    assert_outbox_empty(engine, outbox)
 
 
 @pytest.mark.parametrize(
@@ -891,15 +971,18 @@ def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
     with engine.connect() as first, engine.connect() as second:
         first.begin()
         second.begin()
-        taken_first = _claim(first, outbox.table, now, 4)
-        taken_second = _claim(second, outbox.table, now, 4)
+        taken_first = _claim(first, outbox, ["sink"], now, 4)
+        taken_second = _claim(second, outbox, ["sink"], now, 4)
         first.rollback()
         second.rollback()
-    numbers = [
-        [json.loads(row.payload)["payload"]["n"] for row in taken]
-        for taken in (taken_first, taken_second)
+    for taken in (*taken_first, *taken_second):
+        assert taken.plugins == ["sink"]
+        assert taken.row.payload is not None
+    claimed = [
+        [taken.row.envelope().payload["n"] for taken in claims]
+        for claims in (taken_first, taken_second)
     ]
-    assert numbers == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert claimed == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 @on_every_relay
@@ -916,10 +999,10 @@ def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
 
     relay(emitter, once=True, backoff=60, batch_size=2)
     assert sink.names == ["y"]
-    statuses = {
-        row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)
-    }
-    assert statuses == {"x": PENDING, "y": DELIVERED}
+    rows = outbox_rows(engine, outbox)  # y's event left: delivered
+    assert numbers(rows) == list(range(8))
+    assert {row["aggregateid"] for row in rows} == {"x"}
+    assert [row["states"] for row in rows] == [{"sink": PENDING}] * 8
 
 
 # --------------------------------------------------------------------------
@@ -928,40 +1011,56 @@ def test_a_target_waiting_for_retry_does_not_hold_back_other_targets(
 
 
 @on_every_relay
-def test_retention_prunes_old_delivered_rows_only(
+def test_retention_prunes_old_dead_rows_only(
     engine: Engine, relay: Relay, outbox: Outbox
 ) -> None:
-    """The relay's retention deletes delivered rows older than it, nothing else."""
-    sink = Sink()
+    """The relay's retention deletes events given up on longer ago than it, nothing else."""
+    sink = Sink(failing=True)
     emitter = outbox_emitter(outbox, sink=sink)
     commit_events(engine, emitter, ["old-1", "old-2"], ["recent"])
-    sink.failing = True
+    assert relay_until_idle(relay, emitter, backoff=0, max_attempts=2).dead == 3
     commit_events(engine, emitter, ["undelivered"])
-    table = outbox.table
+    sink.failing = False
+    commit_events(engine, emitter, ["delivered"])  # leaves the outbox at once
+    sink.failing = True
+    rows = outbox_rows(engine, outbox)
+    assert [(row["aggregateid"], row["parked"]) for row in rows] == [
+        ("old-1", True),
+        ("old-2", True),
+        ("recent", True),
+        ("undelivered", False),
+    ]
+    ids = {row["aggregateid"]: row["id"] for row in rows}
+    old = [ids["old-1"], ids["old-2"], ids["undelivered"]]
+    table, state = outbox.table, outbox.delivery_table
     long_ago = datetime.now(timezone.utc) - timedelta(days=10)
     with engine.begin() as connection:
         connection.execute(
-            update(table)
-            .where(table.c.aggregateid.in_(["old-1", "old-2", "undelivered"]))
-            .values(created_at=long_ago)
+            update(table).where(table.c.id.in_(old)).values(created_at=long_ago)
         )
         connection.execute(
-            update(table)
-            .where(table.c.aggregateid.in_(["old-1", "old-2"]))
-            .values(delivered_at=long_ago)
+            update(state).where(state.c.event_id.in_(old)).values(updated_at=long_ago)
         )
-    stats = relay(emitter, once=True, retention=timedelta(days=7))
+    stats = relay(emitter, once=True, backoff=60, retention=timedelta(days=7))
     assert stats.pruned == 2
     remaining = {
-        row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)
+        row["aggregateid"]: (row["states"], row["parked"])
+        for row in outbox_rows(engine, outbox)
     }
-    assert remaining == {"recent": DELIVERED, "undelivered": PENDING}
+    assert remaining == {
+        "recent": ({"sink": DEAD}, True),
+        "undelivered": ({"sink": PENDING}, False),
+    }
     assert prune(engine, outbox, timedelta(days=7)) == 0
     assert prune(engine, outbox, timedelta(0)) == 1
     remaining = {
-        row["aggregateid"]: row["status"] for row in outbox_rows(engine, outbox)
+        row["aggregateid"]: (row["states"], row["parked"])
+        for row in outbox_rows(engine, outbox)
     }
-    assert remaining == {"undelivered": PENDING}
+    assert remaining == {"undelivered": ({"sink": PENDING}, False)}
+    with engine.connect() as connection:
+        kept = set(connection.execute(select(state.c.event_id)).scalars())
+    assert kept == {ids["undelivered"]}  # the pruned events' state went too
 
 
 # --------------------------------------------------------------------------
@@ -1072,7 +1171,4 @@ def test_two_relays_at_once_deliver_each_event_once(
         by_target.setdefault(target, []).append(number)
     for target, seen in by_target.items():
         assert seen == sorted(seen), f"{target} out of commit order: {seen}"
-    rows = outbox_rows(engine, outbox)
-    assert {row["status"] for row in rows} == {DELIVERED}
-    assert {row["delivered_to"] for row in rows} == {'["sink"]'}
-    assert count_pending(engine, outbox) == 0
+    assert_outbox_empty(engine, outbox)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, insert, text
+from sqlalchemy import Engine, event, insert, select, text
 from sqlalchemy.orm import Session
 from support import outbox_rows
 
@@ -421,3 +421,37 @@ def test_the_access_audit_console_script_is_installed() -> None:
     )  # fmt: skip
     assert result.returncode == 0
     assert "relay" in result.stdout and "status" in result.stdout
+
+
+def test_a_plugin_not_tried_in_a_batch_keeps_its_retry_time(
+    sqlite_file_engine: Engine,
+) -> None:
+    """A pending plugin held back behind an earlier failure of its target is
+    not tried, and its next attempt is not pushed back by the batch."""
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(sqlite_file_engine)
+    writer = emitter_for(outbox, Counter(), dispatch="relay")
+    commit_events(sqlite_file_engine, writer, ["t", "t"])
+    first, second = (row["id"] for row in outbox_rows(sqlite_file_engine, outbox))
+    due = datetime.now(timezone.utc) - timedelta(seconds=5)
+    with sqlite_file_engine.begin() as connection:
+        for event_id in (first, second):
+            connection.execute(
+                insert(outbox.delivery_table).values(
+                    event_id=event_id, plugin="sink", state="pending", attempts=3,
+                    next_attempt_at=due, updated_at=due,
+                )
+            )  # fmt: skip
+    flaky = Counter(failing=True)
+    emitter_for(outbox, flaky).relay(sqlite_file_engine, backoff=100.0)
+    with sqlite_file_engine.connect() as connection:
+        times = dict(
+            connection.execute(
+                select(
+                    outbox.delivery_table.c.event_id,
+                    outbox.delivery_table.c.next_attempt_at,
+                )
+            ).all()
+        )
+    assert times[first] > datetime.now(timezone.utc) + timedelta(seconds=290)
+    assert abs((times[second] - due).total_seconds()) < 1  # not tried: kept

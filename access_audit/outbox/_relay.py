@@ -701,8 +701,13 @@ def _save(
         for name, plugin_state in row.states.items():
             next_at = None
             if plugin_state.state == PENDING:
-                delay = min(max_backoff, backoff * 2 ** (plugin_state.attempts - 1))
-                next_at = now + timedelta(seconds=delay)
+                # A plugin that failed in this run (its state has no time
+                # yet) backs off; one not tried keeps its time.
+                next_at = plugin_state.next_attempt_at
+                if next_at is None:
+                    attempts = max(plugin_state.attempts, 1)
+                    delay = min(max_backoff, backoff * 2 ** (attempts - 1))
+                    next_at = now + timedelta(seconds=delay)
             states.append(_state_row(row.id, name, plugin_state, next_at, now))
         if not waiting:
             states.append(_state_row(row.id, PARKED, PluginState(DEAD), None, now))
