@@ -376,6 +376,9 @@ def test_flask_relay_command_redelivers_from_the_outbox(tmp_path: Path) -> None:
     audit.emitter_of(app).register(flaky, name="flaky")
     app.test_client().post("/tags/red")
     assert flaky.received == []
+    # The failure is recorded off the request path; a relay in another
+    # process sees it a moment later.
+    assert audit.emitter_of(app).flush(timeout=10)
     flaky.broken = False
     result = app.test_cli_runner().invoke(
         args=["access-audit", "relay", "--once", "--backoff", "0"]

@@ -97,7 +97,7 @@ def write(
     the envelope's JSON as UTF-8 (what ``max_payload_bytes`` counts).
     """
     if envelopes:
-        names = json.dumps(sorted(recipients))
+        names = _recipients_text(frozenset(recipients))
         rows = [
             {
                 "id": str(envelope.id),
@@ -207,6 +207,12 @@ class PluginState:
     attempts: int = 0
     error: str | None = None
     next_attempt_at: datetime | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def _recipients_text(names: frozenset[str]) -> str:
+    """The ``recipients`` column of rows written for plugins *names*."""
+    return json.dumps(sorted(names))
 
 
 @functools.lru_cache(maxsize=256)
