@@ -1,0 +1,614 @@
+"""examples/plugins/rabbitmq: the installed access-audit-rabbitmq package, against real RabbitMQ.
+
+Delivery tests commit through a real SQLite session with a plugin attached
+and read the test's quorum queue back (see conftest.py for the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import access_audit_rabbitmq
+import aio_pika
+import aiormq
+import pytest
+from access_audit_rabbitmq import (
+    THREAD_NAME,
+    AsyncRabbitMQPlugin,
+    RabbitMQPlugin,
+    RabbitMQPublishError,
+    Unconfigured,
+    from_env,
+)
+from aio_pika.abc import AbstractChannel
+from rabbitmq_support import RABBITMQ_URL, FreezingProxy, Queue, admin
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+from support import Base, Failures, Item, Recorder, operation, outbox_rows
+
+from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit.outbox import Outbox, count_pending
+
+Plugin = RabbitMQPlugin | AsyncRabbitMQPlugin
+
+
+def plugin_threads() -> int:
+    return sum(t.name == THREAD_NAME for t in threading.enumerate())
+
+
+def emitter_loop_threads() -> int:
+    """How many event-loop threads access_audit runs (for sync-side async hooks)."""
+    return sum(t.name == "access_audit-asyncio" for t in threading.enumerate())
+
+
+def close(plugin: Plugin) -> None:
+    """Close a plugin of either kind from synchronous code."""
+    if isinstance(plugin, AsyncRabbitMQPlugin):
+        asyncio.run(plugin.aclose())
+    else:
+        plugin.close()
+
+
+def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> None:
+    """What the hook does, from synchronous code (an async plugin on a fresh loop)."""
+    if isinstance(plugin, AsyncRabbitMQPlugin):
+
+        async def publish_and_close() -> None:
+            try:
+                await plugin.publish(batch)
+            finally:
+                await plugin.aclose()
+
+        asyncio.run(publish_and_close())
+    else:
+        plugin.publish(batch)
+
+
+@pytest.fixture
+def make_plugin() -> Iterator[Callable[..., Plugin]]:
+    """Make plugins of either kind (``kind="sync"|"async"``); close them after."""
+    made: list[Plugin] = []
+
+    def make(kind: str = "sync", **options: Any) -> Plugin:
+        options = {"url": RABBITMQ_URL, **options}
+        plugin = (
+            AsyncRabbitMQPlugin(**options)
+            if kind == "async"
+            else RabbitMQPlugin(**options)
+        )
+        made.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in made:
+        close(plugin)
+    assert plugin_threads() == 0
+
+
+def attach(
+    engine: Engine, plugin: object, outbox: Outbox | None = None
+) -> tuple[sessionmaker[Session], Recorder, Failures]:
+    """An emitter with *plugin* as "rabbitmq", a recorder and a failure log."""
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter([recorder, failures], load_entrypoints=False, outbox=outbox)
+    emitter.register(plugin, name="rabbitmq")
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    return maker, recorder, failures
+
+
+def envelope(target_id: str = "g", target_type: str = "group") -> AuditEventEnvelope:
+    """A stand-alone envelope, as a relay rebuilds one from its row."""
+    now = "2024-05-01T12:00:00+00:00"
+    return AuditEventEnvelope.from_dict(
+        {
+            "id": str(uuid.uuid4()),
+            "event_type": "member_added",
+            "timestamp": now,
+            "staged_at": now,
+            "actor_id": "system",
+            "actor_email": None,
+            "target_type": target_type,
+            "target_id": target_id,
+            "target_name": None,
+            "action": "add",
+            "reason": None,
+            "payload": {},
+            "metadata": {},
+            "transaction_id": str(uuid.uuid4()),
+            "sequence": 0,
+        }
+    )
+
+
+# -- the package and its entry point ------------------------------------------
+
+
+def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
+    """access-audit-rabbitmq is installed and AuditEmitter() registers it as "rabbitmq"."""
+    distribution = importlib.metadata.distribution("access-audit-rabbitmq")
+    assert [
+        (ep.name, ep.value)
+        for ep in distribution.entry_points
+        if ep.group == "access_audit"
+    ] == [("rabbitmq", "access_audit_rabbitmq:plugin")]
+    emitter = AuditEmitter(load_entrypoints=True)
+    assert emitter.plugin_manager.get_plugin("rabbitmq") is access_audit_rabbitmq.plugin
+
+
+@pytest.mark.skipif(
+    "ACCESS_AUDIT_RABBITMQ_URL" in os.environ,
+    reason="ACCESS_AUDIT_RABBITMQ_URL is set: the entry-point plugin is configured",
+)
+def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without ACCESS_AUDIT_RABBITMQ_URL the plugin implements nothing: rows are not for it."""
+    with caplog.at_level(logging.DEBUG, logger="access_audit_rabbitmq"):
+        assert isinstance(from_env({}), Unconfigured)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ACCESS_AUDIT_RABBITMQ_URL is not set: access_audit_rabbitmq publishes nothing"
+    ]
+    assert isinstance(access_audit_rabbitmq.plugin, Unconfigured)
+    assert "ACCESS_AUDIT_RABBITMQ_URL is unset" in repr(access_audit_rabbitmq.plugin)
+
+    class Down:
+        @hookimpl
+        def audit_event_logged(self) -> None:
+            raise ConnectionError("down")
+
+    outbox = Outbox()
+    emitter = AuditEmitter(load_entrypoints=True, outbox=outbox)
+    emitter.register(Down(), name="down")
+    manager = emitter.plugin_manager
+    assert manager.get_plugin("rabbitmq") is access_audit_rabbitmq.plugin
+    assert manager.get_hookcallers(access_audit_rabbitmq.plugin) == []
+    engine = create_engine("sqlite://")
+    outbox.create(engine)
+    Base.metadata.create_all(engine)
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    with maker() as session:
+        operation(session, "quiet")
+        session.commit()
+    emitter.flush()
+    (row,) = outbox_rows(engine, outbox)  # kept for "down"
+    recipients = json.loads(row["recipients"])
+    assert "down" in recipients
+    assert "rabbitmq" not in recipients
+    assert plugin_threads() == 0
+    engine.dispose()
+
+
+def test_from_env_reads_every_variable() -> None:
+    """from_env maps ACCESS_AUDIT_RABBITMQ_* onto the constructor's arguments."""
+    plugin = from_env(
+        {
+            "ACCESS_AUDIT_RABBITMQ_URL": "amqps://app:s3cret@mq:5671/prod",
+            "ACCESS_AUDIT_RABBITMQ_EXCHANGE": "audit",
+            "ACCESS_AUDIT_RABBITMQ_ROUTING_KEY": "audit.{target_type}.{event_type}",
+            "ACCESS_AUDIT_RABBITMQ_TIMEOUT": "2.5",
+        }
+    )
+    assert isinstance(plugin, RabbitMQPlugin)
+    assert (plugin.url, plugin.exchange) == ("amqps://app:s3cret@mq:5671/prod", "audit")
+    assert (plugin.routing_key, plugin.timeout) == (
+        "audit.{target_type}.{event_type}",
+        2.5,
+    )
+    assert "s3cret" not in repr(plugin)
+    assert "amqps://app:***@mq:5671/prod" in repr(plugin)
+    assert plugin.routing_key_for(envelope()) == "audit.group.member_added"
+    defaults = from_env({"ACCESS_AUDIT_RABBITMQ_URL": "amqp://mq"})
+    assert isinstance(defaults, RabbitMQPlugin)
+    assert (defaults.exchange, defaults.routing_key, defaults.timeout) == (
+        "",
+        "audit",
+        5.0,
+    )
+    assert plugin_threads() == 0  # nothing is started before a publish
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ACCESS_AUDIT_RABBITMQ_URL", "http://mq:5672"),
+        ("ACCESS_AUDIT_RABBITMQ_ROUTING_KEY", "audit.{actor_id}"),
+        ("ACCESS_AUDIT_RABBITMQ_ROUTING_KEY", "audit.{"),
+        ("ACCESS_AUDIT_RABBITMQ_EXCHANGE", "x" * 256),
+        ("ACCESS_AUDIT_RABBITMQ_TIMEOUT", "soon"),
+        ("ACCESS_AUDIT_RABBITMQ_TIMEOUT", "0"),
+    ],
+    ids=[
+        "url-scheme",
+        "routing-key-placeholder",
+        "routing-key-brace",
+        "exchange-too-long",
+        "timeout-text",
+        "timeout-zero",
+    ],
+)
+def test_from_env_rejects_invalid_values(variable: str, value: str) -> None:
+    """An invalid variable raises ValueError naming it."""
+    environ = {"ACCESS_AUDIT_RABBITMQ_URL": RABBITMQ_URL, variable: value}
+    with pytest.raises(ValueError, match=f"^{variable}"):
+        from_env(environ)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"url": "localhost:5672"},
+        {"url": "http://app:s3cret@mq"},
+        {"exchange": None},
+        {"routing_key": "{}"},
+        {"routing_key": "{event_type!r}"},
+        {"routing_key": "{event_type:>9}"},
+        {"timeout": -1},
+        {"timeout": True},
+    ],
+    ids=[
+        "url-no-scheme",
+        "url-http",
+        "exchange-none",
+        "routing-key-positional",
+        "routing-key-conversion",
+        "routing-key-format-spec",
+        "timeout-negative",
+        "timeout-bool",
+    ],
+)
+def test_constructor_rejects_invalid_arguments(
+    kind: str, options: dict[str, Any]
+) -> None:
+    """Invalid arguments raise ValueError naming the argument, hiding a password."""
+    (name,) = options
+    cls = AsyncRabbitMQPlugin if kind == "async" else RabbitMQPlugin
+    with pytest.raises(ValueError, match=name) as raised:
+        cls(**{"url": RABBITMQ_URL, **options})
+    assert "s3cret" not in str(raised.value)
+
+
+# -- delivery -------------------------------------------------------------------
+
+
+def test_commits_are_published_once_in_order_persistent_with_message_id(
+    queue: Queue, make_plugin: Callable[..., Plugin], memory_engine: Engine
+) -> None:
+    """Each committed event is one persistent message: message_id = envelope id."""
+    maker, recorder, failures = attach(
+        memory_engine, make_plugin(routing_key=queue.name)
+    )
+    with maker() as session:
+        operation(session, "alpha")
+        stage_event(
+            session,
+            "group_member_added",
+            target_type="group",
+            target_id="admins",
+            action="add",
+            payload={"member": "alice"},
+        )
+        session.commit()
+        operation(session, "beta")
+        session.commit()
+        operation(session, "rolled-back")
+        session.rollback()
+    committed = recorder.events
+    assert [e.target_id for e in committed] == ["alpha", "admins", "beta"]
+    messages = queue.take()
+    assert [m.message_id for m in messages] == [str(e.id) for e in committed]
+    assert [m.headers["key"] for m in messages] == [
+        "item:alpha",
+        "group:admins",
+        "item:beta",
+    ]
+    assert [m.type for m in messages] == [e.event_type for e in committed]
+    for message, sent in zip(messages, committed, strict=True):
+        assert message.delivery_mode == 2  # persistent
+        assert (message.content_type, message.app_id) == (
+            "application/json",
+            "access_audit",
+        )
+        assert (message.routing_key, message.redelivered) == (queue.name, False)
+        assert AuditEventEnvelope.from_dict(json.loads(message.body)) == sent
+    assert failures.calls == []
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_routing_key_placeholders_route_through_a_topic_exchange(
+    queue: Queue, make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """{target_type}/{event_type} fill the routing key; an event no binding
+    matches is returned unroutable, and the hook raises."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def bind(channel: AbstractChannel) -> None:
+        bound = await channel.get_queue(queue.name, ensure=False)
+        await bound.bind("amq.topic", routing_key=f"{prefix}.item.#")
+
+    admin(bind)
+    plugin = make_plugin(
+        kind,
+        exchange="amq.topic",
+        routing_key=f"{prefix}.{{target_type}}.{{event_type}}",
+    )
+    item = envelope("i1", target_type="item")
+    publish(plugin, [item])
+    (message,) = queue.take()
+    assert (message.message_id, message.routing_key) == (
+        str(item.id),
+        f"{prefix}.item.member_added",
+    )
+    group = envelope("g1")
+    with pytest.raises(RabbitMQPublishError, match="NO_ROUTE") as raised:
+        publish(plugin, [group])
+    assert isinstance(raised.value.__cause__, aiormq.exceptions.PublishError)
+    assert f"{prefix}.group.member_added" in str(raised.value)
+    assert (raised.value.envelopes, raised.value.confirmed) == ((group,), 0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_concurrent_batches_arrive_whole_and_in_order(
+    queue: Queue, make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """Batches published at once (threads, or tasks on one loop) reach the queue
+    each contiguous and in staging order."""
+    plugin = make_plugin(kind, routing_key=queue.name)
+    batches = [[envelope(f"w{w}-{n}") for n in range(100)] for w in range(4)]
+    if isinstance(plugin, AsyncRabbitMQPlugin):
+
+        async def publish_all() -> None:
+            try:
+                await asyncio.gather(*map(plugin.publish, batches))
+            finally:
+                await plugin.aclose()
+
+        asyncio.run(publish_all())
+    else:
+        workers = [
+            threading.Thread(target=plugin.publish, args=(batch,)) for batch in batches
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert plugin_threads() == 1  # one loop thread, whatever the callers
+    received = [m.message_id for m in queue.take()]
+    assert len(received) == 400
+    for batch in batches:
+        start = received.index(str(batch[0].id))
+        assert received[start : start + 100] == [str(e.id) for e in batch]
+
+
+def test_async_session_commits_publish_on_the_applications_loop(
+    queue: Queue, make_plugin: Callable[..., Plugin]
+) -> None:
+    """AsyncSession commits publish once each on the app's loop, one connection."""
+    plugin = make_plugin("async", routing_key=queue.name)
+    assert isinstance(plugin, AsyncRabbitMQPlugin)
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
+    emitter.register(plugin, name="rabbitmq")
+    loop_threads = emitter_loop_threads()
+
+    async def main() -> list[str]:
+        engine = create_async_engine("sqlite+aiosqlite://")
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        try:
+            assert plugin.connections == 0  # none before the first publish
+            for name in ("one", "two"):
+                async with maker() as session:
+                    session.add(Item(name=name))
+                    stage_event(
+                        session, "item_created", target_type="item",
+                        target_id=name, action="create",
+                    )  # fmt: skip
+                    await session.commit()
+            assert plugin.connections == 1  # this loop's, reused
+            assert emitter_loop_threads() == loop_threads  # the app's loop did it
+            async with maker() as session:
+                return list(await session.scalars(select(Item.name)))
+        finally:
+            await plugin.aclose()
+            await plugin.aclose()
+            await engine.dispose()
+
+    assert asyncio.run(main()) == ["one", "two"]
+    assert plugin.connections == 0
+    assert failures.calls == []
+    assert plugin_threads() == 0
+    assert [m.message_id for m in queue.take()] == [str(e.id) for e in recorder.events]
+
+
+def test_async_plugin_from_a_sync_session_uses_the_emitters_loop(
+    queue: Queue, make_plugin: Callable[..., Plugin], memory_engine: Engine
+) -> None:
+    """A sync commit awaits the async hook on the emitter's loop; aclose reaches it."""
+    plugin = make_plugin("async", routing_key=queue.name)
+    assert isinstance(plugin, AsyncRabbitMQPlugin)
+    maker, recorder, failures = attach(memory_engine, plugin)
+    with maker() as session:
+        operation(session, "sync")
+        session.commit()
+    assert plugin.connections == 1
+    asyncio.run(plugin.aclose())  # closes the connection on the emitter's loop
+    assert plugin.connections == 0
+    with maker() as session:
+        operation(session, "again")
+        session.commit()
+    assert failures.calls == []
+    assert plugin_threads() == 0
+    assert [m.message_id for m in queue.take()] == [str(e.id) for e in recorder.events]
+
+
+def test_sync_plugin_starts_its_thread_at_first_publish_and_close_stops_it(
+    queue: Queue, make_plugin: Callable[..., Plugin]
+) -> None:
+    """No thread before the first publish; close() stops it (twice is fine);
+    publishing again starts it again."""
+    plugin = make_plugin(routing_key=queue.name)
+    assert isinstance(plugin, RabbitMQPlugin)
+    assert (plugin.running, plugin_threads()) == (False, 0)
+    first, second = envelope("1"), envelope("2")
+    plugin.publish([first])
+    assert (plugin.running, plugin_threads()) == (True, 1)
+    plugin.close()
+    plugin.close()
+    assert (plugin.running, plugin_threads()) == (False, 0)
+    with plugin:
+        plugin.publish([second])
+        assert plugin.running
+    assert (plugin.running, plugin_threads()) == (False, 0)
+    assert [m.message_id for m in queue.take()] == [str(first.id), str(second.id)]
+
+
+# -- failures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_unreachable_broker_fails_the_hook_and_the_outbox_keeps_the_event(
+    queue: Queue,
+    make_plugin: Callable[..., Plugin],
+    dead_url: str,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """RabbitMQ down: the hook raises, audit_delivery_failed fires, the relay delivers later."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    Base.metadata.create_all(engine)
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(engine)
+    down = make_plugin(kind, url=dead_url, routing_key=queue.name, timeout=1)
+    maker, recorder, failures = attach(engine, down, outbox)
+    started = time.monotonic()
+    with maker() as session:
+        operation(session, "kept")
+        session.commit()
+    assert time.monotonic() - started < 3
+    ((name, envelopes, error),) = failures.calls
+    assert name == "rabbitmq"
+    assert envelopes == tuple(recorder.events)
+    assert isinstance(error, RabbitMQPublishError)
+    assert isinstance(error.__cause__, ConnectionError)
+    assert (error.envelopes, error.confirmed) == (envelopes, 0)
+    assert str(envelopes[0].id) in str(error)
+    assert dead_url.replace("guest:guest", "guest:***") in str(error)
+    outbox.flush()
+    (row,) = outbox_rows(engine, outbox)
+    assert (row["id"], row["states"]["rabbitmq"]) == (str(envelopes[0].id), "pending")
+    assert queue.count() == 0
+
+    up = make_plugin(kind, routing_key=queue.name)
+    relay = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    relay.register(up, name="rabbitmq")
+    stats = relay.relay(engine, once=True, backoff=0)
+    assert (stats.delivered, stats.failed) == (1, 0)
+    assert [m.message_id for m in queue.take()] == [str(envelopes[0].id)]
+    assert count_pending(engine, outbox) == 0
+    engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_nacked_publish_raises_and_counts_what_was_confirmed(
+    queue: Queue, make_plugin: Callable[..., Plugin], memory_engine: Engine, kind: str
+) -> None:
+    """A queue that refuses (x-overflow reject-publish, full) nacks: the hook raises."""
+    # A classic durable queue: a quorum queue applies its limit a little late,
+    # after messages already on their way.
+    full = Queue(f"{queue.name}.full")
+    full.declare(
+        **{"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    try:
+        maker, recorder, failures = attach(
+            memory_engine, make_plugin(kind, routing_key=full.name)
+        )
+        with maker() as session:
+            for name in ("fits", "refused", "refused-too"):
+                operation(session, name)
+            session.commit()
+        ((name, envelopes, error),) = failures.calls
+        assert (name, envelopes) == ("rabbitmq", tuple(recorder.events))
+        assert isinstance(error, RabbitMQPublishError)
+        assert isinstance(error.__cause__, aiormq.exceptions.DeliveryError)
+        assert error.confirmed == 1
+        assert str(envelopes[1].id) in str(error)
+        assert [m.message_id for m in full.take()] == [str(envelopes[0].id)]
+    finally:
+        full.delete()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_missing_exchange_raises_and_the_next_publish_reconnects(
+    queue: Queue, make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """An exchange that does not exist closes the channel: the hook raises; once
+    it exists, the next publish opens a new channel and succeeds."""
+    name = f"access_audit_test.{uuid.uuid4().hex}"
+    plugin = make_plugin(kind, exchange=name, routing_key=queue.name)
+    lost = envelope("lost")
+    with pytest.raises(RabbitMQPublishError, match="NOT_FOUND") as raised:
+        publish(plugin, [lost])
+    assert raised.value.confirmed == 0
+
+    async def declare(channel: AbstractChannel) -> None:
+        exchange = await channel.declare_exchange(
+            name, aio_pika.ExchangeType.DIRECT, auto_delete=True
+        )
+        bound = await channel.get_queue(queue.name, ensure=False)
+        await bound.bind(exchange, routing_key=queue.name)
+
+    admin(declare)
+    kept = envelope("kept")
+    publish(plugin, [kept])
+    assert [m.message_id for m in queue.take()] == [str(kept.id)]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_unconfirmed_publish_raises_after_the_timeout(
+    queue: Queue, make_plugin: Callable[..., Plugin], proxy: FreezingProxy, kind: str
+) -> None:
+    """The broker goes silent after the connection is open: the confirm never
+    comes, and publish raises once timeout has passed, not before."""
+    plugin = make_plugin(kind, url=proxy.url, routing_key=queue.name, timeout=0.5)
+    if isinstance(plugin, AsyncRabbitMQPlugin):
+
+        async def main() -> float:
+            await plugin.publish([envelope("through")])  # the connection opens
+            proxy.freeze()
+            started = time.monotonic()
+            try:
+                with pytest.raises(RabbitMQPublishError) as raised:
+                    await plugin.publish([envelope("stuck")])
+                assert isinstance(raised.value.__cause__, asyncio.TimeoutError)
+                return time.monotonic() - started
+            finally:
+                await plugin.aclose()
+
+        elapsed = asyncio.run(main())
+    else:
+        plugin.publish([envelope("through")])
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(RabbitMQPublishError) as raised:
+            plugin.publish([envelope("stuck")])
+        elapsed = time.monotonic() - started
+        assert isinstance(raised.value.__cause__, asyncio.TimeoutError)
+    assert 0.5 <= elapsed < 2.5
