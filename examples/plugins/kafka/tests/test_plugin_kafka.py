@@ -1,0 +1,567 @@
+"""examples/plugins/kafka: the installed access-audit-kafka package, against
+librdkafka's mock cluster.
+
+Delivery tests commit through a real SQLite session with a plugin attached
+and read the test's topic back with a consumer (see kafka_support.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import access_audit_kafka
+import confluent_kafka
+import pytest
+from access_audit_kafka import (
+    THREAD_NAME,
+    AsyncKafkaPlugin,
+    KafkaPlugin,
+    KafkaPublishError,
+    Unconfigured,
+    from_env,
+)
+from kafka_support import MockCluster, read_topic
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+from support import Base, Failures, Item, Recorder, operation, outbox_rows
+
+from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit.outbox import Outbox, count_pending
+
+Plugin = KafkaPlugin | AsyncKafkaPlugin
+
+
+def plugin_threads() -> int:
+    return sum(t.name == THREAD_NAME for t in threading.enumerate())
+
+
+def emitter_loop_threads() -> int:
+    """How many event-loop threads access_audit runs (for sync-side async hooks)."""
+    return sum(t.name == "access_audit-asyncio" for t in threading.enumerate())
+
+
+def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> list[Any]:
+    """What the hook does, from synchronous code (an async plugin on a fresh loop)."""
+    if isinstance(plugin, AsyncKafkaPlugin):
+        return asyncio.run(plugin.publish(batch))
+    return plugin.publish(batch)
+
+
+@pytest.fixture
+def make_plugin(cluster: MockCluster) -> Iterator[Callable[..., Plugin]]:
+    """Make plugins of either kind (``kind="sync"|"async"``) on the mock
+    cluster; close them after."""
+    made: list[Plugin] = []
+
+    def make(kind: str = "sync", **options: Any) -> Plugin:
+        options = {"bootstrap_servers": cluster.bootstrap_servers, **options}
+        plugin = (
+            AsyncKafkaPlugin(**options) if kind == "async" else KafkaPlugin(**options)
+        )
+        made.append(plugin)
+        return plugin
+
+    yield make
+    for plugin in made:
+        plugin.close()
+    assert plugin_threads() == 0
+
+
+def attach(
+    engine: Engine, plugin: object, outbox: Outbox | None = None
+) -> tuple[sessionmaker[Session], Recorder, Failures]:
+    """An emitter with *plugin* as "kafka", a recorder and a failure log."""
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter([recorder, failures], load_entrypoints=False, outbox=outbox)
+    emitter.register(plugin, name="kafka")
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    return maker, recorder, failures
+
+
+def envelope(target_id: str = "g", payload: Any = None) -> AuditEventEnvelope:
+    """A stand-alone envelope, as a relay rebuilds one from its row."""
+    now = "2024-05-01T12:00:00+00:00"
+    return AuditEventEnvelope.from_dict(
+        {
+            "id": str(uuid.uuid4()),
+            "event_type": "member_added",
+            "timestamp": now,
+            "staged_at": now,
+            "actor_id": "system",
+            "actor_email": None,
+            "target_type": "group",
+            "target_id": target_id,
+            "target_name": None,
+            "action": "add",
+            "reason": None,
+            "payload": payload or {},
+            "metadata": {},
+            "transaction_id": str(uuid.uuid4()),
+            "sequence": 0,
+        }
+    )
+
+
+# -- the package and its entry point ------------------------------------------
+
+
+def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
+    """access-audit-kafka is installed and AuditEmitter() registers its plugin as "kafka"."""
+    distribution = importlib.metadata.distribution("access-audit-kafka")
+    assert [
+        (ep.name, ep.value)
+        for ep in distribution.entry_points
+        if ep.group == "access_audit"
+    ] == [("kafka", "access_audit_kafka:plugin")]
+    emitter = AuditEmitter(load_entrypoints=True)
+    assert emitter.plugin_manager.get_plugin("kafka") is access_audit_kafka.plugin
+
+
+@pytest.mark.skipif(
+    "ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS" in os.environ,
+    reason="ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS is set: the entry point is configured",
+)
+def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS the plugin implements nothing."""
+    with caplog.at_level(logging.DEBUG, logger="access_audit_kafka"):
+        assert isinstance(from_env({}), Unconfigured)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS is not set: access_audit_kafka "
+        "produces nothing"
+    ]
+    assert isinstance(access_audit_kafka.plugin, Unconfigured)
+    assert "BOOTSTRAP_SERVERS is unset" in repr(access_audit_kafka.plugin)
+
+    class Down:
+        @hookimpl
+        def audit_event_logged(self) -> None:
+            raise ConnectionError("down")
+
+    outbox = Outbox()
+    emitter = AuditEmitter(load_entrypoints=True, outbox=outbox)
+    emitter.register(Down(), name="down")
+    manager = emitter.plugin_manager
+    assert manager.get_plugin("kafka") is access_audit_kafka.plugin
+    assert manager.get_hookcallers(access_audit_kafka.plugin) == []
+    engine = create_engine("sqlite://")
+    outbox.create(engine)
+    Base.metadata.create_all(engine)
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    with maker() as session:
+        operation(session, "quiet")
+        session.commit()
+    emitter.flush()
+    (row,) = outbox_rows(engine, outbox)  # kept for "down"
+    recipients = json.loads(row["recipients"])
+    assert "down" in recipients
+    assert "kafka" not in recipients
+    assert plugin_threads() == 0
+    engine.dispose()
+
+
+def test_from_env_reads_every_variable() -> None:
+    """from_env maps ACCESS_AUDIT_KAFKA_* onto the constructor's arguments."""
+    plugin = from_env(
+        {
+            "ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS": "k1:9092, k2:9092",
+            "ACCESS_AUDIT_KAFKA_TOPIC": "prod.audit",
+            "ACCESS_AUDIT_KAFKA_TIMEOUT": "12.5",
+            "ACCESS_AUDIT_KAFKA_CONFIG": '{"security.protocol": "SASL_SSL", "linger.ms": 20}',
+        }
+    )
+    assert isinstance(plugin, KafkaPlugin)
+    assert (plugin.bootstrap_servers, plugin.topic) == ("k1:9092,k2:9092", "prod.audit")
+    assert plugin.timeout == 12.5
+    assert plugin.config == {"security.protocol": "SASL_SSL", "linger.ms": 20}
+    defaults = from_env({"ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS": "k1:9092"})
+    assert isinstance(defaults, KafkaPlugin)
+    assert (defaults.topic, defaults.timeout, defaults.config) == ("audit", 30.0, {})
+    assert plugin_threads() == 0  # nothing is started before a publish
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS", "k1"),
+        ("ACCESS_AUDIT_KAFKA_TOPIC", "audit events"),
+        ("ACCESS_AUDIT_KAFKA_TIMEOUT", "soon"),
+        ("ACCESS_AUDIT_KAFKA_CONFIG", "linger.ms=5"),
+        ("ACCESS_AUDIT_KAFKA_CONFIG", '["acks"]'),
+        ("ACCESS_AUDIT_KAFKA_CONFIG", '{"acks": "1"}'),
+    ],
+    ids=[
+        "servers-no-port",
+        "topic-space",
+        "timeout-text",
+        "config-not-json",
+        "config-not-object",
+        "config-acks",
+    ],
+)
+def test_from_env_rejects_invalid_values(variable: str, value: str) -> None:
+    """An invalid variable raises ValueError naming it."""
+    environ = {"ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS": "k1:9092", variable: value}
+    with pytest.raises(ValueError, match=r"^ACCESS_AUDIT_KAFKA_"):
+        from_env(environ)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"bootstrap_servers": ""}, "bootstrap_servers"),
+        ({"bootstrap_servers": "k1:9092,"}, "bootstrap_servers"),
+        ({"topic": ""}, "topic"),
+        ({"topic": "a/b"}, "topic"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"config": {"enable.idempotence": False}}, "enable.idempotence"),
+        ({"config": {"acks": 1}}, "acks"),
+        ({"config": {"request.required.acks": 0}}, "request.required.acks"),
+        ({"config": {"bootstrap.servers": "x:1"}}, "bootstrap_servers="),
+        ({"config": {"delivery.timeout.ms": 10}}, "timeout="),
+        ({"config": ["acks"]}, "config"),
+    ],
+    ids=[
+        "servers-empty",
+        "servers-empty-item",
+        "topic-empty",
+        "topic-slash",
+        "timeout-zero",
+        "timeout-bool",
+        "config-no-idempotence",
+        "config-acks-1",
+        "config-acks-alias",
+        "config-bootstrap",
+        "config-delivery-timeout",
+        "config-not-mapping",
+    ],
+)
+def test_constructor_rejects_invalid_arguments(
+    kind: str, options: dict[str, Any], named: str
+) -> None:
+    """Invalid arguments, or a config weakening delivery, raise ValueError naming them."""
+    cls = AsyncKafkaPlugin if kind == "async" else KafkaPlugin
+    with pytest.raises(ValueError, match=named):
+        cls(**{"bootstrap_servers": "k1:9092", **options})
+
+
+def test_producer_config_is_idempotent_acks_all_murmur2_with_the_timeout() -> None:
+    """The producer is idempotent with acks=all, keys partition as Java's do, and
+    further properties pass through."""
+    plugin = KafkaPlugin(
+        "k1:9092",
+        timeout=2.5,
+        config={"linger.ms": 20, "enable.idempotence": "true", "acks": -1},
+    )
+    config = plugin.producer_config(logging.getLogger("test"))
+    assert config["enable.idempotence"] is True
+    assert config["acks"] == "all"
+    assert config["message.timeout.ms"] == 2500
+    assert config["partitioner"] == "murmur2_random"
+    assert (config["bootstrap.servers"], config["linger.ms"]) == ("k1:9092", 20)
+
+
+# -- delivery -------------------------------------------------------------------
+
+
+def test_commits_are_produced_once_keyed_by_target_with_the_id_header(
+    cluster: MockCluster,
+    topic: str,
+    make_plugin: Callable[..., Plugin],
+    memory_engine: Engine,
+) -> None:
+    """Each committed event is one record: key target_type:target_id, id header,
+    value the envelope JSON; a rolled-back one is not produced."""
+    maker, recorder, failures = attach(memory_engine, make_plugin(topic=topic))
+    with maker() as session:
+        operation(session, "alpha")
+        stage_event(
+            session,
+            "group_member_added",
+            target_type="group",
+            target_id="admins",
+            action="add",
+            payload={"member": "alice"},
+        )
+        session.commit()
+        operation(session, "beta")
+        session.commit()
+        operation(session, "rolled-back")
+        session.rollback()
+    committed = {str(e.id): e for e in recorder.events}
+    assert [e.target_id for e in recorder.events] == ["alpha", "admins", "beta"]
+    records = read_topic(cluster.bootstrap_servers, topic)
+    assert sorted(r.id for r in records) == sorted(committed)
+    for found in records:
+        sent = committed[found.id]
+        assert found.key == f"{sent.target_type}:{sent.target_id}"
+        assert found.headers == {
+            "id": str(sent.id).encode(),
+            "type": sent.event_type.encode(),
+        }
+        assert AuditEventEnvelope.from_dict(json.loads(found.value)) == sent
+    assert failures.calls == []
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_each_targets_events_share_a_partition_in_commit_order(
+    cluster: MockCluster, topic: str, make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """Concurrent batches (threads, or tasks on one loop) for 8 targets: every
+    event lands once, each target in one partition, its events in order."""
+    plugin = make_plugin(kind, topic=topic)
+    targets = [f"t{n}" for n in range(8)]
+    # Four writers, each sending ten batches that touch every target once.
+    batches = [
+        [
+            [envelope(target, {"writer": w, "n": n}) for target in targets]
+            for n in range(10)
+        ]
+        for w in range(4)
+    ]
+    acknowledged: list[Any] = []
+    if isinstance(plugin, AsyncKafkaPlugin):
+
+        async def writer(w: int) -> None:
+            for batch in batches[w]:
+                acknowledged.extend(await plugin.publish(batch))
+
+        async def main() -> None:
+            await asyncio.gather(*(writer(w) for w in range(4)))
+
+        asyncio.run(main())
+    else:
+
+        def write(w: int) -> None:
+            for batch in batches[w]:
+                acknowledged.extend(plugin.publish(batch))
+
+        workers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert plugin_threads() == 1  # one producer, one polling thread
+    records = read_topic(cluster.bootstrap_servers, topic)
+    assert len(records) == len(acknowledged) == 320
+    assert len({r.id for r in records}) == 320
+    assert {(m.partition(), m.offset()) for m in acknowledged} == {
+        (r.partition, r.offset) for r in records
+    }
+    partitions = {
+        r.key: {s.partition for s in records if s.key == r.key} for r in records
+    }
+    assert all(len(found) == 1 for found in partitions.values())
+    assert len(set().union(*partitions.values())) > 1  # the targets are spread
+    for target in targets:
+        # Per target and writer, the partition holds the batches' order.
+        for w in range(4):
+            numbers = [
+                json.loads(r.value)["payload"]["n"]
+                for r in records
+                if r.key == f"group:{target}"
+                and json.loads(r.value)["payload"]["writer"] == w
+            ]
+            assert numbers == list(range(10))
+
+
+def test_async_session_commits_produce_on_the_applications_loop(
+    cluster: MockCluster, topic: str, make_plugin: Callable[..., Plugin]
+) -> None:
+    """AsyncSession commits are produced once each, awaited on the app's loop."""
+    plugin = make_plugin("async", topic=topic)
+    assert isinstance(plugin, AsyncKafkaPlugin)
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
+    emitter.register(plugin, name="kafka")
+    loop_threads = emitter_loop_threads()
+
+    async def main() -> list[str]:
+        engine = create_async_engine("sqlite+aiosqlite://")
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        ticks: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.005)
+
+        ticker = asyncio.get_running_loop().create_task(tick())
+        try:
+            assert not plugin.running  # nothing before the first publish
+            for name in ("one", "two"):
+                async with maker() as session:
+                    session.add(Item(name=name))
+                    stage_event(
+                        session, "item_created", target_type="item",
+                        target_id=name, action="create",
+                    )  # fmt: skip
+                    await session.commit()
+            assert plugin.running
+            assert emitter_loop_threads() == loop_threads  # the app's loop did it
+            assert len(ticks) > 2  # the loop ran other tasks meanwhile
+            async with maker() as session:
+                return list(await session.scalars(select(Item.name)))
+        finally:
+            ticker.cancel()
+            await plugin.aclose()
+            await plugin.aclose()
+            await engine.dispose()
+
+    assert asyncio.run(main()) == ["one", "two"]
+    assert not plugin.running
+    assert failures.calls == []
+    assert sorted(r.id for r in read_topic(cluster.bootstrap_servers, topic)) == sorted(
+        str(e.id) for e in recorder.events
+    )
+
+
+def test_async_plugin_from_a_sync_session(
+    cluster: MockCluster,
+    topic: str,
+    make_plugin: Callable[..., Plugin],
+    memory_engine: Engine,
+) -> None:
+    """A sync commit awaits the async hook on the emitter's loop."""
+    maker, recorder, failures = attach(memory_engine, make_plugin("async", topic=topic))
+    with maker() as session:
+        operation(session, "sync")
+        session.commit()
+    assert failures.calls == []
+    assert [r.id for r in read_topic(cluster.bootstrap_servers, topic)] == [
+        str(recorder.events[0].id)
+    ]
+
+
+def test_sync_plugin_makes_its_producer_at_first_publish_and_close_stops_it(
+    cluster: MockCluster, topic: str, make_plugin: Callable[..., Plugin]
+) -> None:
+    """No producer or thread before the first publish; close() stops them (twice
+    is fine); publishing again makes a new producer."""
+    plugin = make_plugin(topic=topic)
+    assert isinstance(plugin, KafkaPlugin)
+    assert (plugin.running, plugin_threads()) == (False, 0)
+    first, second = envelope("1"), envelope("2")
+    (message,) = plugin.publish([first])
+    assert (message.topic(), message.error()) == (topic, None)
+    assert (plugin.running, plugin_threads()) == (True, 1)
+    plugin.close()
+    plugin.close()
+    assert (plugin.running, plugin_threads()) == (False, 0)
+    with plugin:
+        plugin.publish([second])
+    assert (plugin.running, plugin_threads()) == (False, 0)
+    assert sorted(r.id for r in read_topic(cluster.bootstrap_servers, topic)) == sorted(
+        [str(first.id), str(second.id)]
+    )
+    assert plugin.publish([]) == []
+
+
+# -- failures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_unreachable_cluster_fails_the_hook_after_the_timeout_and_the_outbox_keeps_it(
+    cluster: MockCluster,
+    topic: str,
+    make_plugin: Callable[..., Plugin],
+    dead_servers: str,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """No broker: the record times out, the hook raises, audit_delivery_failed
+    fires, and the relay delivers it once the cluster is there."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    Base.metadata.create_all(engine)
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(engine)
+    down = make_plugin(kind, bootstrap_servers=dead_servers, topic=topic, timeout=1)
+    maker, recorder, failures = attach(engine, down, outbox)
+    started = time.monotonic()
+    with maker() as session:
+        operation(session, "kept")
+        session.commit()
+    assert 1 <= time.monotonic() - started < 4
+    ((name, envelopes, error),) = failures.calls
+    assert name == "kafka"
+    assert envelopes == tuple(recorder.events)
+    assert isinstance(error, KafkaPublishError)
+    assert (error.envelope, error.delivered) == (envelopes[0], 0)
+    assert "_MSG_TIMED_OUT" in str(error)
+    assert dead_servers in str(error)
+    outbox.flush()
+    (row,) = outbox_rows(engine, outbox)
+    assert (row["id"], row["states"]["kafka"]) == (str(envelopes[0].id), "pending")
+
+    up = make_plugin(kind, topic=topic)
+    relay = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    relay.register(up, name="kafka")
+    stats = relay.relay(engine, once=True, backoff=0)
+    assert (stats.delivered, stats.failed) == (1, 0)
+    assert [r.id for r in read_topic(cluster.bootstrap_servers, topic)] == [
+        str(envelopes[0].id)
+    ]
+    assert count_pending(engine, outbox) == 0
+    engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_cluster_that_goes_away_leaves_the_batch_unacknowledged(
+    make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """Produced fine, then the cluster stops: the next batch is not acknowledged
+    within timeout and publish raises, naming the first event."""
+    gone = MockCluster()
+    try:
+        plugin = make_plugin(kind, bootstrap_servers=gone.bootstrap_servers, timeout=1)
+        publish(plugin, [envelope("before")])
+    finally:
+        gone.close()
+    batch = [envelope("after-1"), envelope("after-2")]
+    started = time.monotonic()
+    with pytest.raises(KafkaPublishError, match="_MSG_TIMED_OUT") as raised:
+        publish(plugin, batch)
+    assert 1 <= time.monotonic() - started < 4
+    assert (raised.value.envelopes, raised.value.delivered) == (tuple(batch), 0)
+    assert raised.value.envelope is batch[0]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_record_librdkafka_refuses_fails_the_batch_after_those_before_it(
+    cluster: MockCluster, topic: str, make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """A record over message.max.bytes is refused at once: the error names it and
+    counts the events before it, which were acknowledged."""
+    plugin = make_plugin(kind, topic=topic, config={"message.max.bytes": 2000})
+    small, large, after = (
+        envelope("small"),
+        envelope("large", {"x": "y" * 5000}),
+        envelope("after"),
+    )
+    with pytest.raises(KafkaPublishError, match="MSG_SIZE_TOO_LARGE") as raised:
+        publish(plugin, [small, large, after])
+    assert (raised.value.envelope, raised.value.delivered) == (large, 1)
+    assert isinstance(raised.value.__cause__, confluent_kafka.KafkaException)
+    assert [r.id for r in read_topic(cluster.bootstrap_servers, topic)] == [
+        str(small.id)
+    ]
