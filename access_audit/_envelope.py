@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import utc_datetime
 from ._ids import as_uuid
+from ._tracing import traceparent
 from ._values import ReadOnlyDict, freeze_json, freeze_parsed, thaw
 
 if TYPE_CHECKING:
@@ -121,7 +122,12 @@ class AuditEventEnvelope:
         ``data`` holds everything else (the actor's e-mail address only there).
         The ``partitionkey`` extension (``target_type:target_id``) keeps one
         target's events in order on partitioned brokers; ``audittransaction``
-        groups the events of one commit.
+        groups the events of one commit. When ``metadata`` holds a W3C
+        ``trace_id`` and ``span_id`` (an OpenTelemetry span was recording at
+        stage time, or the caller gave them), the distributed tracing
+        extension's ``traceparent`` is added:
+        ``00-<trace_id>-<span_id>-<trace_flags>`` (``trace_flags`` ``00``
+        when the metadata has none).
 
         :param source: the CloudEvents ``source``, a URI-reference naming the
             producer (``"/services/access-app"``); must not be empty.
@@ -131,7 +137,7 @@ class AuditEventEnvelope:
         subject = f"{self.target_type}/{self.target_id}"
         data = self.to_dict()
         del data["id"], data["timestamp"]  # they are the id and time attributes
-        return {
+        event: dict[str, Any] = {
             "specversion": "1.0",
             "id": str(self.id),
             "source": source,
@@ -143,6 +149,11 @@ class AuditEventEnvelope:
             "audittransaction": str(self.transaction_id),
             "data": data,
         }
+        if self.metadata:
+            parent = traceparent(self.metadata)
+            if parent is not None:
+                event["traceparent"] = parent
+        return event
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditEventEnvelope:

@@ -19,6 +19,7 @@ from ._ids import uuid7_int
 from ._lifecycle import stage_on
 from ._registry import emitter_for, sync_session_of
 from ._staged import StagedEvent, TargetId, optional_text, target_id_text
+from ._tracing import TRACE_KEYS, TRACE_MODULE, current_trace, loaded
 from ._values import EMPTY, PayloadRules, freeze_json, freeze_payload
 
 if TYPE_CHECKING:
@@ -62,7 +63,9 @@ def stage_event(
     and before COMMIT. The actor is, in order: ``actor_id``/``actor_email``,
     the innermost :func:`~access_audit.audit_context`, the emitter's
     ``actor_resolver``, then ``"system"``. Metadata merges the emitter's
-    ``metadata_provider``, then the audit context, then ``metadata``.
+    ``metadata_provider``, then the audit context, then ``metadata``; when
+    an OpenTelemetry span is recording, its ``trace_id``, ``span_id`` and
+    ``trace_flags`` are added unless one of those sets any of the three.
 
     :raises ValueError: ``event_type``, ``target_type`` or ``action`` is empty
         or malformed, or another field has an unusable value: an int of more
@@ -125,10 +128,20 @@ def stage_event(
     else:
         actor = _default_actor(emitter, context)
     context_metadata = context.metadata
-    if metadata is None and not context_metadata and emitter.metadata_provider is None:
+    # The lookup current_trace() starts with, inline: without OpenTelemetry
+    # imported, it is all that tracing costs.
+    trace = current_trace() if TRACE_MODULE in loaded else None
+    if (
+        trace is None
+        and metadata is None
+        and not context_metadata
+        and emitter.metadata_provider is None
+    ):
         merged_metadata: Mapping[str, Any] = EMPTY
     else:
-        merged_metadata = _merge_metadata(emitter, context_metadata, metadata, rules)
+        merged_metadata = _merge_metadata(
+            emitter, context_metadata, metadata, rules, trace
+        )
 
     now_ns = time_ns()
     event = StagedEvent(
@@ -206,6 +219,7 @@ def _merge_metadata(
     context_metadata: Mapping[str, Any],
     metadata: Mapping[str, Any] | None,
     rules: PayloadRules,
+    trace: dict[str, str] | None,
 ) -> Mapping[str, Any]:
     merged: dict[str, Any] = {}
     if emitter.metadata_provider is not None:
@@ -223,5 +237,7 @@ def _merge_metadata(
                 f"metadata must be a mapping, got {type(metadata).__name__}"
             )
         merged.update(metadata)
+    if trace is not None and TRACE_KEYS.isdisjoint(merged):
+        merged.update(trace)
     frozen: Mapping[str, Any] = freeze_json(merged, "metadata", rules=rules)
     return frozen
