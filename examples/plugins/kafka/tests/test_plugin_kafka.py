@@ -565,3 +565,28 @@ def test_a_record_librdkafka_refuses_fails_the_batch_after_those_before_it(
     assert [r.id for r in read_topic(cluster.bootstrap_servers, topic)] == [
         str(small.id)
     ]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_after_a_fatal_producer_error_the_next_publish_uses_a_new_producer(
+    cluster: MockCluster, topic: str, make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """A fatal error (an idempotent producer out of sequence, which the mock
+    cluster cannot be made to send) retires the producer and its thread."""
+    plugin = make_plugin(kind, topic=topic)
+    first, second = envelope("first"), envelope("second")
+    publish(plugin, [first])
+    retired = plugin._reports
+    assert retired is not None
+    # What librdkafka's error callback receives for such an error.
+    retired._error(
+        confluent_kafka.KafkaError(
+            confluent_kafka.KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "lost", fatal=True
+        )
+    )
+    publish(plugin, [second])
+    assert plugin._reports is not None and plugin._reports is not retired
+    assert plugin_threads() == 1  # the retired producer's thread stopped
+    assert sorted(r.id for r in read_topic(cluster.bootstrap_servers, topic)) == sorted(
+        [str(first.id), str(second.id)]
+    )
