@@ -159,7 +159,6 @@ class Outbox:
             Column("sequence", Integer, nullable=False),
             Column("recipients", Text, nullable=False),
             Index(f"ix_{table_name}_order", "created_at", "transaction_id", "sequence"),
-            Index(f"ix_{table_name}_transaction", "transaction_id"),
             schema=schema,
             **_UTF8MB4,
         )
