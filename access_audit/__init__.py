@@ -1,5 +1,6 @@
 """Audit events for SQLAlchemy that fire only for what really committed."""
 
+from ._changes import changes as changes
 from ._context import Actor as Actor
 from ._context import audit_context as audit_context
 from ._emitter import AuditEmitter as AuditEmitter
@@ -28,6 +29,7 @@ __all__ = [
     "QueueFullPolicy",
     "StagedEvent",
     "audit_context",
+    "changes",
     "discard_staged",
     "hookimpl",
     "stage_event",

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from operator import attrgetter
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import NestedTransaction, Transaction
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import InstanceState, Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.util import await_only
 
@@ -41,6 +42,7 @@ __all__ = [
     "current_transaction",
     "encloses_foreign_savepoint",
     "ends_outer_transaction",
+    "flushed_in_transaction",
     "has_connections",
     "in_greenlet",
     "inherits_options",
@@ -243,3 +245,29 @@ def inherits_options(connection: Connection, engine: Engine, options: object) ->
     options share one empty object, hence the engine test).
     """
     return connection.engine is engine and connection._execution_options is options
+
+
+def flushed_in_transaction(session: Session, state: InstanceState[Any]) -> str | None:
+    """How the session's open transaction has written *state*'s row so far.
+
+    ``"inserted"`` when a flush of this transaction inserted it,
+    ``"written"`` when one updated or deleted it (or flushed it for a
+    relationship's sake), None when none did. SQLAlchemy records these
+    states to undo them on rollback, per transaction boundary:
+    ``SessionTransaction._new``, ``_dirty`` and ``_deleted`` (a flush's
+    subtransaction shares its parent's; a SAVEPOINT's are merged into the
+    enclosing ones when it is released and dropped when it rolls back). No
+    public API tells whether an object was flushed in this transaction.
+    """
+    chain = []
+    transaction = current_transaction(session)
+    while transaction is not None:
+        chain.append(transaction)
+        transaction = parent_of(transaction)
+    # Inserted anywhere in the chain wins: a row inserted by this transaction
+    # and updated in a SAVEPOINT since is still a new row.
+    if any(state in level._new for level in chain):
+        return "inserted"
+    if any(state in level._dirty or state in level._deleted for level in chain):
+        return "written"
+    return None
