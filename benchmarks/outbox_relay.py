@@ -10,8 +10,8 @@ The rows of the relay issue (16), each on a fresh outbox table:
   the deliveries over the smallest's. Not on SQLite, which takes one relay.
 - **commit -> delivery**: commits of one event at ``relay_commit_rate`` per
   second with ``dispatch="relay"`` (commits only write the outbox), while a
-  relay polls in a thread; p50 and p99 of the time from ``commit()``
-  returning to the plugin receiving the event. Reported as unavailable where
+  relay polls in a thread; p50 and p99 of the time from the COMMIT
+  (SQLAlchemy's ``after_commit``) to the plugin receiving the event. Reported as unavailable where
   access_audit has no ``dispatch="relay"`` yet.
 - **peak RSS**: the largest resident set of a relay process delivering a
   ``relay_rss_backlog``-event backlog (the whole interpreter's: Linux's
@@ -49,7 +49,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import sessionmaker
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl
@@ -92,6 +92,9 @@ SHARE_LIMITS = {"postgresql": 2.0}
 """The largest relay's deliveries over the smallest's, four relays."""
 LATENCY_LIMITS = {"postgresql": (50.0, 250.0)}
 """Commit -> delivery p50 and p99, in milliseconds."""
+RATE_REACHED = 0.95
+"""Share of ``relay_commit_rate`` the latency run must reach where latency
+has targets."""
 RSS_LIMITS = {"postgresql": 100.0, "mariadb": 100.0}
 """Peak resident set of one relay process on the large backlog, in MB."""
 
@@ -467,9 +470,15 @@ def measure_latency(
 
 def _paced_commits(maker: sessionmaker[Any], settings: Settings) -> dict[str, float]:
     """Commit ``relay_latency_commits`` one-event transactions on a fixed
-    schedule; return when each ``commit()`` returned, by target id."""
+    schedule; return when each one's COMMIT was done, by target id."""
     period = 1 / settings.relay_commit_rate
     committed: dict[str, float] = {}
+    # SQLAlchemy's after_commit: the database has committed, and the relay
+    # may see the row from then on (commit() itself returns a little later).
+    done: list[float] = []
+    event.listen(
+        maker, "after_commit", lambda session: done.append(time.perf_counter())
+    )
     start = time.perf_counter()
     for number in range(settings.relay_latency_commits):
         delay = start + number * period - time.perf_counter()
@@ -478,7 +487,7 @@ def _paced_commits(maker: sessionmaker[Any], settings: Settings) -> dict[str, fl
         name = f"item-{number}"
         with maker.begin() as session:
             stage_one(session, name)
-        committed[name] = time.perf_counter()
+        committed[name] = done[-1]
     return committed
 
 
@@ -620,7 +629,21 @@ def _latency_rows(
     values: list[float] = latency["latency_ms"]
     p50, p99 = LATENCY_LIMITS.get(database, (None, None))
     high = _percentile(values, 0.99)
+    # One thread commits: on a busy machine it may fall behind the schedule,
+    # and the latency targets hold at the rate asked for only.
+    floor = RATE_REACHED * settings.relay_commit_rate if p50 is not None else None
+    rate: float = latency["commit_rate"] or 0.0
+    reached = Row(
+        database,
+        workload,
+        "commit rate reached",
+        rate,
+        "ev/s",
+        target=None if floor is None else f">= {floor:,.0f}/s",
+        passed=None if floor is None else rate >= floor,
+    )
     return [
+        reached,
         _at_most(database, workload, "commit->delivery p50", values, "ms", p50),
         Row(
             database,
