@@ -440,9 +440,8 @@ def measure_latency(
 
     thread = threading.Thread(target=relay, name="benchmark-relay", daemon=True)
     thread.start()
-    committed: dict[str, float] = {}
     try:
-        committed = _paced_commits(maker, settings)
+        started, committed = _paced_commits(maker, settings)
         deadline = time.perf_counter() + settings.relay_latency_wait
         while len(sink.arrived) < len(committed) and not failures:
             if time.perf_counter() > deadline:
@@ -458,19 +457,22 @@ def measure_latency(
     latencies = [
         (sink.arrived.get(name, gave_up) - at) * 1000 for name, at in committed.items()
     ]
-    span = max(committed.values()) - min(committed.values())
+    span = max(committed.values()) - started
     return {
         "commits": len(committed),
-        "commit_rate": (len(committed) - 1) / span if span > 0 else None,
+        "commit_rate": len(committed) / span if span > 0 else None,
         "undelivered": len(committed) - len(sink.arrived),
         "received": sink.received,
         "latency_ms": latencies,
     }
 
 
-def _paced_commits(maker: sessionmaker[Any], settings: Settings) -> dict[str, float]:
+def _paced_commits(
+    maker: sessionmaker[Any], settings: Settings
+) -> tuple[float, dict[str, float]]:
     """Commit ``relay_latency_commits`` one-event transactions on a fixed
-    schedule; return when each one's COMMIT was done, by target id."""
+    schedule; return when the schedule started, and when each one's COMMIT
+    was done, by target id (``perf_counter``)."""
     period = 1 / settings.relay_commit_rate
     committed: dict[str, float] = {}
     # SQLAlchemy's after_commit: the database has committed, and the relay
@@ -488,7 +490,7 @@ def _paced_commits(maker: sessionmaker[Any], settings: Settings) -> dict[str, fl
         with maker.begin() as session:
             stage_one(session, name)
         committed[name] = done[-1]
-    return committed
+    return start, committed
 
 
 def _relay_dispatch_available() -> bool:
