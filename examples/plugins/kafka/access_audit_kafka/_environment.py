@@ -32,8 +32,6 @@ class Unconfigured:
     It has no hook implementation: registered, it receives nothing.
     """
 
-    enabled = False
-
     def __repr__(self) -> str:
         return (
             f"<access_audit_kafka unconfigured: {ENVIRONMENT_PREFIX}"
