@@ -1,7 +1,12 @@
 """What the access-audit-kafka tests share: librdkafka's mock cluster, a reader.
 
-A module of its own (not conftest.py, which every package's tests have) so
-the tests can import it by a name no other package uses.
+No Kafka server is needed: a mock cluster serves each test module, and each
+test produces to a topic of its own (:func:`new_topic`).
+
+A module with a name no other package uses, and no conftest.py: the core
+suite's modules import ``conftest`` by name, and would get whichever
+conftest.py pytest loaded last. The test modules make their fixtures
+from these helpers.
 
 The mock cluster is librdkafka's own (``test.mock.num.brokers``): a client
 configured with it starts an in-process Kafka cluster listening on
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import time
 import uuid
 
@@ -112,3 +118,16 @@ def read_topic(bootstrap_servers: str, topic: str) -> list[Record]:
         return sorted(read, key=lambda r: (r.partition, r.offset))
     finally:
         consumer.close()
+
+
+def new_topic() -> str:
+    """A topic name no other test uses (auto-created at first use)."""
+    return f"access_audit_test.{uuid.uuid4().hex}"
+
+
+def dead_servers() -> str:
+    """Bootstrap servers on a local port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"127.0.0.1:{port}"

@@ -25,7 +25,7 @@ from pathlib import Path
 import confluent_kafka
 import pytest
 from access_audit_kafka import AsyncKafkaPlugin, KafkaPlugin
-from kafka_support import MockCluster, Record, logger, read_topic, record
+from kafka_support import MockCluster, Record, logger, new_topic, read_topic, record
 from sqlalchemy import Engine, create_engine
 from support import outbox_rows
 
@@ -103,7 +103,7 @@ class DeduplicatingConsumer:
     either way.
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str, group: str) -> None:
+    def __init__(self, bootstrap_servers: str, name: str, group: str) -> None:
         self.consumer = confluent_kafka.Consumer(
             {
                 "bootstrap.servers": bootstrap_servers,
@@ -113,7 +113,7 @@ class DeduplicatingConsumer:
                 "logger": logger,
             }
         )
-        self.consumer.subscribe([topic])
+        self.consumer.subscribe([name])
         self.seen: set[str] = set()
         self.processed: list[Record] = []
         self.read = 0
@@ -138,6 +138,20 @@ class DeduplicatingConsumer:
         self.consumer.close()
 
 
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[MockCluster]:
+    """The module's librdkafka mock cluster."""
+    started = MockCluster()
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def topic() -> str:
+    """A topic of the test's own."""
+    return new_topic()
+
+
 @pytest.fixture
 def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
     """A file SQLite database with the outbox tables; the relay's Outbox."""
@@ -149,12 +163,12 @@ def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
 
 
 def run_application_until_killed(
-    tmp_path: Path, engine: Engine, bootstrap_servers: str, topic: str
+    tmp_path: Path, engine: Engine, bootstrap_servers: str, name: str
 ) -> None:
     """Start the application, wait until every commit hangs, SIGKILL it."""
     script = tmp_path / "application.py"
     script.write_text(APPLICATION)
-    arguments = [str(engine.url), bootstrap_servers, topic, str(COMMITS)]
+    arguments = [str(engine.url), bootstrap_servers, name, str(COMMITS)]
     child = subprocess.Popen(
         [sys.executable, str(script), *arguments],
         stdout=subprocess.PIPE,

@@ -1,7 +1,15 @@
 """What the access-audit-rabbitmq tests share: the broker, a queue, a proxy.
 
-A module of its own (not conftest.py, which every package's tests have) so
-the tests can import it by a name no other package uses.
+The broker is ``ACCESS_AUDIT_TEST_RABBITMQ_URL``
+(``amqp://guest:guest@127.0.0.1:5672/``). If it cannot be reached the tests
+that need it skip, except under ``CI=true``, where they fail. Each test
+publishes to a quorum queue of its own (through the default exchange),
+deleted afterwards, so runs may overlap.
+
+A module with a name no other package uses, and no conftest.py: the core
+suite's modules import ``conftest`` by name, and would get whichever
+conftest.py pytest loaded last. The test modules make their fixtures
+from these helpers.
 """
 
 from __future__ import annotations
@@ -12,12 +20,14 @@ import dataclasses
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
+from support import reach
 
 RABBITMQ_URL = os.environ.get(
     "ACCESS_AUDIT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"
@@ -168,3 +178,34 @@ class FreezingProxy:
                     sink.sendall(data)
         except OSError:
             pass
+
+
+async def _declare_nothing(channel: AbstractChannel) -> str:
+    await channel.declare_queue(exclusive=True)  # the broker answers
+    return "ok"
+
+
+def reach_broker() -> str:
+    """The broker's URL; skips the test (fails it under CI) without RabbitMQ."""
+    reach(f"RabbitMQ at {RABBITMQ_URL}", lambda: admin(_declare_nothing))
+    return RABBITMQ_URL
+
+
+@contextlib.contextmanager
+def fresh_queue() -> Iterator[Queue]:
+    """A quorum queue of its own on the test broker, deleted afterwards."""
+    reach_broker()
+    created = Queue(f"access_audit_test.{uuid.uuid4().hex}")
+    created.declare()
+    try:
+        yield created
+    finally:
+        created.delete()
+
+
+def dead_url() -> str:
+    """An AMQP URL on a local port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"amqp://guest:guest@127.0.0.1:{port}/"

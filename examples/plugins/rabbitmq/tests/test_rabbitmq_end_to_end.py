@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from access_audit_rabbitmq import AsyncRabbitMQPlugin, RabbitMQPlugin
-from rabbitmq_support import RABBITMQ_URL, Queue, Received
+from rabbitmq_support import RABBITMQ_URL, Queue, Received, fresh_queue
 from sqlalchemy import Engine, create_engine
 from support import outbox_rows
 
@@ -113,6 +113,13 @@ class DeduplicatingConsumer:
 
 
 @pytest.fixture
+def queue() -> Iterator[Queue]:
+    """A fresh quorum queue, deleted afterwards; skips (fails under CI) without RabbitMQ."""
+    with fresh_queue() as created:
+        yield created
+
+
+@pytest.fixture
 def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
     """A file SQLite database with the outbox tables; the relay's Outbox."""
     engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
@@ -122,7 +129,7 @@ def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
     engine.dispose()
 
 
-def run_application_until_killed(tmp_path: Path, engine: Engine, queue: str) -> None:
+def run_application_until_killed(tmp_path: Path, engine: Engine, name: str) -> None:
     """Start the application, wait until every commit hangs, SIGKILL it."""
     script = tmp_path / "application.py"
     script.write_text(APPLICATION)
@@ -132,7 +139,7 @@ def run_application_until_killed(tmp_path: Path, engine: Engine, queue: str) -> 
             str(script),
             str(engine.url),
             RABBITMQ_URL,
-            queue,
+            name,
             str(COMMITS),
         ],
         stdout=subprocess.PIPE,

@@ -1,15 +1,27 @@
-"""What the access-audit-redis tests share: the server's URL, a stream handle.
+"""What the access-audit-redis tests share: the server, a stream per test.
 
-A module of its own (not conftest.py, which every package's tests have) so
-the tests can import it by a name no other package uses.
+The server is ``ACCESS_AUDIT_TEST_REDIS_URL`` (``redis://127.0.0.1:6379/0``).
+If it cannot be reached the tests that need it skip, except under
+``CI=true``, where they fail. Each test appends to a stream key of its own,
+deleted afterwards, so runs may overlap.
+
+A module with a name no other package uses, and no conftest.py: the core
+suite's modules import ``conftest`` by name, and would get whichever
+conftest.py pytest loaded last. The test modules make their fixtures
+from these helpers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
+import uuid
+from collections.abc import Iterator
 
 import redis
+from support import reach
 
 REDIS_URL = os.environ.get("ACCESS_AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -39,3 +51,40 @@ class Stream:
     def ids(self) -> list[str]:
         """The ``id`` field of every entry, oldest first."""
         return [fields["id"] for _, fields in self.entries()]
+
+
+def reach_redis() -> redis.Redis:
+    """The tests' client; skips the test (fails it under CI) without Redis."""
+    return reach(f"Redis at {REDIS_URL}", connect)
+
+
+@contextlib.contextmanager
+def fresh_stream() -> Iterator[Stream]:
+    """A stream key of its own on the test server, deleted afterwards."""
+    client = reach_redis()
+    created = Stream(f"access_audit_test:{uuid.uuid4().hex}", client)
+    try:
+        yield created
+    finally:
+        client.delete(created.key)
+
+
+def dead_url() -> str:
+    """A Redis URL on a local port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """The URL of a server that accepts connections and never answers.
+
+    The kernel completes the handshake for a listening socket that nobody
+    accepts on, so a client connects, sends, and waits for its timeout.
+    """
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"

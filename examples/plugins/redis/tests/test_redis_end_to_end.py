@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 from access_audit_redis import AsyncRedisStreamPlugin, RedisStreamPlugin
-from redis_support import REDIS_URL, Entry, Stream
+from redis_support import REDIS_URL, Entry, Stream, fresh_stream
 from sqlalchemy import Engine, create_engine
 from support import outbox_rows
 
@@ -100,18 +100,18 @@ class DeduplicatingConsumer:
     entry either way.
     """
 
-    def __init__(self, client: redis.Redis, stream: str, group: str) -> None:
-        self.client, self.stream, self.group = client, stream, group
+    def __init__(self, client: redis.Redis, key: str, group: str) -> None:
+        self.client, self.key, self.group = client, key, group
         self.seen: set[str] = set()
         self.processed: list[dict[str, str]] = []
         self.read = 0
-        client.xgroup_create(stream, group, id="0", mkstream=True)
+        client.xgroup_create(key, group, id="0", mkstream=True)
 
     def drain(self) -> None:
         """Read and acknowledge everything new for the group."""
         while True:
             reply = self.client.xreadgroup(
-                self.group, "consumer-1", {self.stream: ">"}, count=100
+                self.group, "consumer-1", {self.key: ">"}, count=100
             )
             entries: list[Entry] = reply[0][1] if reply else []
             if not entries:
@@ -121,7 +121,14 @@ class DeduplicatingConsumer:
                 if fields["id"] not in self.seen:
                     self.seen.add(fields["id"])
                     self.processed.append(fields)
-                self.client.xack(self.stream, self.group, entry_id)
+                self.client.xack(self.key, self.group, entry_id)
+
+
+@pytest.fixture
+def stream() -> Iterator[Stream]:
+    """A fresh stream key, deleted afterwards; skips (fails under CI) without Redis."""
+    with fresh_stream() as created:
+        yield created
 
 
 @pytest.fixture
@@ -134,12 +141,12 @@ def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
     engine.dispose()
 
 
-def run_application_until_killed(tmp_path: Path, engine: Engine, stream: str) -> None:
+def run_application_until_killed(tmp_path: Path, engine: Engine, key: str) -> None:
     """Start the application, wait until every commit hangs, SIGKILL it."""
     script = tmp_path / "application.py"
     script.write_text(APPLICATION)
     child = subprocess.Popen(
-        [sys.executable, str(script), str(engine.url), REDIS_URL, stream, str(COMMITS)],
+        [sys.executable, str(script), str(engine.url), REDIS_URL, key, str(COMMITS)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
