@@ -54,6 +54,7 @@ from sqlalchemy.orm import sessionmaker
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl
 from access_audit.outbox import Outbox, count_pending
+from access_audit.signals import audit_event_committed
 
 from .fixtures import POSTGRESQL_URL, stage_one
 from .harness import Row, Settings, WorkloadResult, figure_row, spread
@@ -186,10 +187,25 @@ def _quiet() -> Iterator[None]:
 
 def seed(engine: Engine, outbox: Outbox, events: int, per_transaction: int) -> Tally:
     """Commit *events* events, *per_transaction* at a time, leaving every
-    outbox row pending (due at once) for plugin ``"sink"``; returns their tally."""
-    failing = _FailingSink()
-    emitter = AuditEmitter(outbox=outbox, load_entrypoints=False)
-    emitter.register(failing, name=SINK)
+    outbox row pending (due at once) for plugin ``"sink"``; returns their tally.
+
+    With ``dispatch="relay"`` (the commits only write the outbox), the
+    events are counted from the committed signal; before it existed, by a
+    plugin that fails every delivery.
+    """
+    counted = CountingSink()
+    if _relay_dispatch_available():
+        emitter = AuditEmitter(outbox=outbox, load_entrypoints=False, dispatch="relay")
+        emitter.register(_Unreached(), name=SINK)
+
+        def count(sender: object, envelope: AuditEventEnvelope) -> None:
+            counted.audit_event_logged(envelope)
+
+        audit_event_committed.connect(count, sender=emitter)
+    else:
+        counted = _FailingSink()
+        emitter = AuditEmitter(outbox=outbox, load_entrypoints=False)
+        emitter.register(counted, name=SINK)
     maker = sessionmaker(engine)
     emitter.attach(maker)
     try:
@@ -202,7 +218,16 @@ def seed(engine: Engine, outbox: Outbox, events: int, per_transaction: int) -> T
                         stage_one(session, f"item-{number}")
     finally:
         emitter.detach(maker)
-    return failing.tally
+    return counted.tally
+
+
+class _Unreached:
+    """The seeding emitter's "sink" with ``dispatch="relay"``: the rows are
+    written for it, and only a relay delivers them."""
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        raise AssertionError("dispatch='relay' delivered at commit")
 
 
 def _fresh(engine: Engine, outbox: Outbox) -> None:
@@ -254,7 +279,9 @@ def relay_process(url: str, table: str, batch_size: int) -> dict[str, Any]:
     so that the clock leaves out the interpreter's start.
     """
     engine = create_engine(url)
-    emitter = AuditEmitter(outbox=Outbox(table_name=table), load_entrypoints=False)
+    # Due at once: the rows were written for the relay alone.
+    outbox = Outbox(table_name=table, relay_after=timedelta(0))
+    emitter = AuditEmitter(outbox=outbox, load_entrypoints=False)
     sink = CountingSink()
     emitter.register(sink, name=SINK)
     with engine.connect():
@@ -384,7 +411,7 @@ def backlog_run(
     engine: Engine, url: str, table: str, settings: Settings, events: int, relays: int
 ) -> BacklogRun:
     """Seed *events* into a fresh outbox *table*, then deliver them with *relays*."""
-    outbox = Outbox(table_name=table)
+    outbox = Outbox(table_name=table, relay_after=timedelta(0))
     _fresh(engine, outbox)
     seeded = seed(engine, outbox, events, settings.relay_batch)
     runs = run_relays(url, table, settings.relay_batch, relays)
