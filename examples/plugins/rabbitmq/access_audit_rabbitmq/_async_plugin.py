@@ -242,10 +242,10 @@ class AsyncRabbitMQPlugin(PublisherSettings):
         # What aio_pika.connect() does, with the connection on the link before
         # it connects: if connecting fails or times out, drop() closes it
         # (left alone, its finalizer would try to, without a loop).
-        connection = aio_pika.Connection(
-            make_url(self.url),
-            client_properties={"connection_name": "access_audit_rabbitmq"},
-        )
+        url = make_url(self.url)
+        if "name" not in url.query:  # the connection's name in the broker's UI
+            url = url.update_query(name="access_audit_rabbitmq")
+        connection = aio_pika.Connection(url)
         link.connection = connection
         await connection.connect(timeout=self.timeout)
         link.channel = await connection.channel(
