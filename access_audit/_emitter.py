@@ -10,7 +10,7 @@ import threading
 import time
 import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
 from sqlalchemy.util import greenlet_spawn
@@ -302,36 +302,33 @@ class AuditEmitter:
 
         Returns False if *timeout* (seconds) passed first.
         """
-        deadline = _deadline(timeout)
-        if self._on_loop is not None:
-            done = await self._on_loop.flush(timeout)
-        elif self._background is not None:
-            done = await asyncio.to_thread(self._background.flush, timeout)
-        else:
-            done = True
-        return await self._aflush_outbox(deadline) and done
+        return await self._await_dispatch("flush", timeout)
 
     async def aclose(self, timeout: float | None = None) -> bool:
         """:meth:`close` for asyncio code (a FastAPI lifespan's shutdown, say).
 
         Returns False if *timeout* (seconds) passed first.
         """
+        return await self._await_dispatch("close", timeout)
+
+    async def _await_dispatch(
+        self, method: Literal["flush", "close"], timeout: float | None
+    ) -> bool:
+        """Await the dispatcher's *method*, then the outbox's records."""
         deadline = _deadline(timeout)
         if self._on_loop is not None:
-            done = await self._on_loop.close(timeout)
+            done = await getattr(self._on_loop, method)(timeout)
         elif self._background is not None:
-            done = await asyncio.to_thread(self._background.close, timeout)
+            done = await asyncio.to_thread(getattr(self._background, method), timeout)
         else:
             done = True
-        return await self._aflush_outbox(deadline) and done
+        if self.outbox is None:
+            return bool(done)
+        flushed = await asyncio.to_thread(self.outbox.flush, _remaining(deadline))
+        return flushed and bool(done)
 
     def _flush_outbox(self, deadline: float | None) -> bool:
         return self.outbox is None or self.outbox.flush(_remaining(deadline))
-
-    async def _aflush_outbox(self, deadline: float | None) -> bool:
-        if self.outbox is None:
-            return True
-        return await asyncio.to_thread(self.outbox.flush, _remaining(deadline))
 
     def relay(self, bind: Engine | Connection, **options: Any) -> Any:
         """Re-deliver what the outbox holds undelivered; see :func:`access_audit.outbox.relay`.

@@ -583,12 +583,7 @@ def _at_least(
     limit: float | None,
 ) -> Row:
     """A row whose target, if it has a *limit*, is ``median >= limit``."""
-    if limit is None:
-        return figure_row(database, workload, figure, values, unit)
-    text = f">= {limit:.2f}x" if unit == "x" else f">= {limit:,.0f}/s"
-    return figure_row(
-        database, workload, figure, values, unit, text, lambda m: m >= limit, limit
-    )
+    return _bounded(database, workload, figure, values, unit, limit, at_least=True)
 
 
 def _at_most(
@@ -600,12 +595,34 @@ def _at_most(
     limit: float | None,
 ) -> Row:
     """A row whose target, if it has a *limit*, is ``median <= limit``."""
+    return _bounded(database, workload, figure, values, unit, limit, at_least=False)
+
+
+def _bounded(
+    database: str,
+    workload: str,
+    figure: str,
+    values: Sequence[float],
+    unit: str,
+    limit: float | None,
+    *,
+    at_least: bool,
+) -> Row:
     if limit is None:
         return figure_row(database, workload, figure, values, unit)
-    text = f"<= {limit:.2f}x" if unit == "x" else f"<= {limit:,.0f} {unit}"
-    return figure_row(
-        database, workload, figure, values, unit, text, lambda m: m <= limit, limit
-    )
+    sign = ">=" if at_least else "<="
+    if unit == "x":
+        text = f"{sign} {limit:.2f}x"
+    elif at_least:
+        text = f"{sign} {limit:,.0f}/s"
+    else:
+        text = f"{sign} {limit:,.0f} {unit}"
+    bound = limit
+
+    def met(median: float) -> bool:
+        return median >= bound if at_least else median <= bound
+
+    return figure_row(database, workload, figure, values, unit, text, met, limit)
 
 
 def _throughput_rows(
