@@ -466,12 +466,21 @@ def _claim(
         .where(state.c.event_id == table.c.id, state.c.plugin == PARKED)
         .exists()
     )
+    # Whether a row has delivery state at all, read with it: most rows have
+    # none, and need no query of the delivery table, nor a delete there.
+    has_state = (
+        select(literal(1))
+        .where(state.c.event_id == table.c.id)
+        .exists()
+        .label("has_state")
+    )
     candidate = (
         select(
             table.c.id,
             table.c.aggregatetype,
             table.c.aggregateid,
             table.c.recipients,
+            has_state,
             *order,
         )
         .where(~parked)
@@ -563,7 +572,7 @@ def _group_rows(rows: Iterable[OutboxRow]) -> dict[str, list[OutboxRow]]:
 def _load_states(connection: Connection, outbox: Outbox, rows: list[OutboxRow]) -> None:
     """Fill each row's :attr:`~OutboxRow.states` from the delivery table."""
     state = outbox.delivery_table
-    by_id = {row.id: row for row in rows}
+    by_id = {row.id: row for row in rows if row.has_state}
     for part in chunks(list(by_id)):
         for found in connection.execute(
             select(
@@ -711,7 +720,12 @@ def _save(
             states.append(_state_row(row.id, name, plugin_state, next_at, now))
         if not waiting:
             states.append(_state_row(row.id, PARKED, PluginState(DEAD), None, now))
-    forget(connection, outbox, settled)
+    forget(
+        connection,
+        outbox,
+        settled,
+        {taken.row.id for taken in claimed if taken.row.has_state},
+    )
     state_table = outbox.delivery_table
     for part in chunks(kept):
         connection.execute(

@@ -191,13 +191,24 @@ def settle_dispatched(
         connection.execute(insert(outbox.delivery_table), states)
 
 
-def forget(connection: Connection, outbox: Outbox, ids: Sequence[str]) -> None:
-    """Delete events *ids* and their delivery state from both tables."""
+def forget(
+    connection: Connection,
+    outbox: Outbox,
+    ids: Sequence[str],
+    stateful: Collection[str] | None = None,
+) -> None:
+    """Delete events *ids* from the outbox, and their delivery state.
+
+    :param stateful: the ids among *ids* that have delivery state, when
+        the caller knows (the rest have none); by default, any may have.
+    """
     table, state = outbox.table, outbox.delivery_table
-    for part in chunks(ids):
+    with_state = list(ids) if stateful is None else [i for i in ids if i in stateful]
+    for part in chunks(with_state):
         connection.execute(
             delete(state).where(one_of(connection, state.c.event_id, part))
         )
+    for part in chunks(ids):
         connection.execute(delete(table).where(one_of(connection, table.c.id, part)))
 
 
@@ -228,6 +239,7 @@ class OutboxRow:
 
     __slots__ = (
         "created_at",
+        "has_state",
         "id",
         "payload",
         "recipients",
@@ -239,6 +251,7 @@ class OutboxRow:
 
     def __init__(self, row: Any) -> None:
         self.id: str = row.id
+        self.has_state: bool = bool(getattr(row, "has_state", True))
         self.sequence: int = row.sequence
         self.target: tuple[str, str] = (row.aggregatetype, row.aggregateid)
         self.transaction_id: str = row.transaction_id
