@@ -31,12 +31,15 @@ class AuditEventsPluginSpec:
     Every implementation is called on its own: one that raises is logged on
     the ``access_audit`` logger, reported through
     :meth:`audit_delivery_failed`, and does not stop the others or fail the
-    caller's commit. Hooks run after COMMIT, synchronously: in the thread that
-    committed by default, in the emitter's worker thread with
-    ``dispatch="background"``, and in the relay's thread when it re-delivers.
-    Implementations may take any subset of a hook's arguments. Wrappers
-    (``wrapper=True``/``hookwrapper=True``) and coroutine functions are
-    refused at registration: each implementation must be callable on its own.
+    caller's commit. Hooks run after COMMIT: in the thread that committed by
+    default, in the emitter's worker thread with ``dispatch="background"``,
+    as a task on the running loop with ``dispatch="asyncio"``, and in the
+    relay's thread when it re-delivers. ``async def`` implementations are
+    awaited: before ``await session.commit()`` returns (inline, on the
+    application's loop), or on a loop the emitter owns for a synchronous
+    ``Session``. Implementations may take any subset of a hook's arguments.
+    Wrappers (``wrapper=True``/``hookwrapper=True``) are refused at
+    registration: each implementation must be callable on its own.
     """
 
     @hookspec

@@ -38,6 +38,9 @@ SQLALCHEMY_INTERNALS = {
     "_Session__binds",
     "binds",
     "SessionTransactionState",
+    "_new",
+    "_dirty",
+    "_deleted",
 }
 """What ``_sqla.py`` reads of SQLAlchemy's private state (tests/test_sqla_shim.py
 checks each against the installed SQLAlchemy)."""
