@@ -8,19 +8,18 @@ and read the test's topic back with a consumer (see kafka_support.py).
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import access_audit_kafka
+import broker_support
 import confluent_kafka
 import pytest
 from access_audit_kafka import (
@@ -28,16 +27,20 @@ from access_audit_kafka import (
     AsyncKafkaPlugin,
     KafkaPlugin,
     KafkaPublishError,
-    Unconfigured,
     from_env,
 )
+from broker_support import (
+    assert_entry_point_is_loaded,
+    assert_unconfigured_entry_point_is_no_outbox_recipient,
+    commit_twice_on_the_applications_loop,
+    plugin_maker,
+)
 from kafka_support import MockCluster, dead_servers, new_topic, read_topic
-from sqlalchemy import Engine, create_engine, select
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Failures, Item, Recorder, operation, outbox_rows
+from support import Base, Failures, Recorder, operation, outbox_rows
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
 from access_audit.outbox import Outbox, count_pending
 
 Plugin = KafkaPlugin | AsyncKafkaPlugin
@@ -61,11 +64,6 @@ def plugin_threads() -> int:
     return sum(t.name == THREAD_NAME for t in threading.enumerate())
 
 
-def emitter_loop_threads() -> int:
-    """How many event-loop threads access_audit runs (for sync-side async hooks)."""
-    return sum(t.name == "access_audit-asyncio" for t in threading.enumerate())
-
-
 def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> list[Any]:
     """What the hook does, from synchronous code (an async plugin on a fresh loop)."""
     if isinstance(plugin, AsyncKafkaPlugin):
@@ -77,19 +75,13 @@ def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> list[Any]:
 def make_plugin(cluster: MockCluster) -> Iterator[Callable[..., Plugin]]:
     """Make plugins of either kind (``kind="sync"|"async"``) on the mock
     cluster; close them after."""
-    made: list[Plugin] = []
-
-    def make(kind: str = "sync", **options: Any) -> Plugin:
-        options = {"bootstrap_servers": cluster.bootstrap_servers, **options}
-        plugin = (
-            AsyncKafkaPlugin(**options) if kind == "async" else KafkaPlugin(**options)
-        )
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        plugin.close()
+    with plugin_maker(
+        KafkaPlugin,
+        AsyncKafkaPlugin,
+        {"bootstrap_servers": cluster.bootstrap_servers},
+        closing=lambda plugin: plugin.close(),  # either kind's close() blocks
+    ) as make:
+        yield make
     assert plugin_threads() == 0
 
 
@@ -97,36 +89,12 @@ def attach(
     engine: Engine, plugin: object, outbox: Outbox | None = None
 ) -> tuple[sessionmaker[Session], Recorder, Failures]:
     """An emitter with *plugin* as "kafka", a recorder and a failure log."""
-    recorder, failures = Recorder(), Failures()
-    emitter = AuditEmitter([recorder, failures], load_entrypoints=False, outbox=outbox)
-    emitter.register(plugin, name="kafka")
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    return maker, recorder, failures
+    return broker_support.attach(engine, plugin, "kafka", outbox)
 
 
 def envelope(target_id: str = "g", payload: Any = None) -> AuditEventEnvelope:
     """A stand-alone envelope, as a relay rebuilds one from its row."""
-    now = "2024-05-01T12:00:00+00:00"
-    return AuditEventEnvelope.from_dict(
-        {
-            "id": str(uuid.uuid4()),
-            "event_type": "member_added",
-            "timestamp": now,
-            "staged_at": now,
-            "actor_id": "system",
-            "actor_email": None,
-            "target_type": "group",
-            "target_id": target_id,
-            "target_name": None,
-            "action": "add",
-            "reason": None,
-            "payload": payload or {},
-            "metadata": {},
-            "transaction_id": str(uuid.uuid4()),
-            "sequence": 0,
-        }
-    )
+    return broker_support.envelope(target_id, payload=payload)
 
 
 # -- the package and its entry point ------------------------------------------
@@ -134,14 +102,7 @@ def envelope(target_id: str = "g", payload: Any = None) -> AuditEventEnvelope:
 
 def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
     """access-audit-kafka is installed and AuditEmitter() registers its plugin as "kafka"."""
-    distribution = importlib.metadata.distribution("access-audit-kafka")
-    assert [
-        (ep.name, ep.value)
-        for ep in distribution.entry_points
-        if ep.group == "access_audit"
-    ] == [("kafka", "access_audit_kafka:plugin")]
-    emitter = AuditEmitter(load_entrypoints=True)
-    assert emitter.plugin_manager.get_plugin("kafka") is access_audit_kafka.plugin
+    assert_entry_point_is_loaded("access-audit-kafka", "kafka", access_audit_kafka)
 
 
 @pytest.mark.skipif(
@@ -152,41 +113,15 @@ def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS the plugin implements nothing."""
-    with caplog.at_level(logging.DEBUG, logger="access_audit_kafka"):
-        assert isinstance(from_env({}), Unconfigured)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert_unconfigured_entry_point_is_no_outbox_recipient(
+        caplog,
+        "kafka",
+        access_audit_kafka,
         "ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS is not set: access_audit_kafka "
-        "produces nothing"
-    ]
-    assert isinstance(access_audit_kafka.plugin, Unconfigured)
-    assert "BOOTSTRAP_SERVERS is unset" in repr(access_audit_kafka.plugin)
-
-    class Down:
-        @hookimpl
-        def audit_event_logged(self) -> None:
-            raise ConnectionError("down")
-
-    outbox = Outbox()
-    emitter = AuditEmitter(load_entrypoints=True, outbox=outbox)
-    emitter.register(Down(), name="down")
-    manager = emitter.plugin_manager
-    assert manager.get_plugin("kafka") is access_audit_kafka.plugin
-    assert manager.get_hookcallers(access_audit_kafka.plugin) == []
-    engine = create_engine("sqlite://")
-    outbox.create(engine)
-    Base.metadata.create_all(engine)
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    with maker() as session:
-        operation(session, "quiet")
-        session.commit()
-    emitter.flush()
-    (row,) = outbox_rows(engine, outbox)  # kept for "down"
-    recipients = json.loads(row["recipients"])
-    assert "down" in recipients
-    assert "kafka" not in recipients
+        "produces nothing",
+        "BOOTSTRAP_SERVERS is unset",
+    )
     assert plugin_threads() == 0
-    engine.dispose()
 
 
 def test_from_env_reads_every_variable() -> None:
@@ -402,49 +337,13 @@ def test_async_session_commits_produce_on_the_applications_loop(
     """AsyncSession commits are produced once each, awaited on the app's loop."""
     plugin = make_plugin("async", topic=topic)
     assert isinstance(plugin, AsyncKafkaPlugin)
-    recorder, failures = Recorder(), Failures()
-    emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
-    emitter.register(plugin, name="kafka")
-    loop_threads = emitter_loop_threads()
-
-    async def main() -> list[str]:
-        engine = create_async_engine("sqlite+aiosqlite://")
-        async with engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
-        maker = async_sessionmaker(engine)
-        emitter.attach(maker)
-        ticks: list[float] = []
-
-        async def tick() -> None:
-            while True:
-                ticks.append(time.monotonic())
-                await asyncio.sleep(0.005)
-
-        ticker = asyncio.get_running_loop().create_task(tick())
-        try:
-            assert not plugin.running  # nothing before the first publish
-            for name in ("one", "two"):
-                async with maker() as session:
-                    session.add(Item(name=name))
-                    stage_event(
-                        session, "item_created", target_type="item",
-                        target_id=name, action="create",
-                    )  # fmt: skip
-                    await session.commit()
-            assert plugin.running
-            assert emitter_loop_threads() == loop_threads  # the app's loop did it
-            assert len(ticks) > 2  # the loop ran other tasks meanwhile
-            async with maker() as session:
-                return list(await session.scalars(select(Item.name)))
-        finally:
-            ticker.cancel()
-            await plugin.aclose()
-            await plugin.aclose()
-            await engine.dispose()
-
-    assert asyncio.run(main()) == ["one", "two"]
-    assert not plugin.running
-    assert failures.calls == []
+    recorder = commit_twice_on_the_applications_loop(
+        plugin,
+        "kafka",
+        lambda: plugin.running,
+        (False, True, False),
+        loop_ran_meanwhile=True,
+    )
     assert sorted(r.id for r in read_topic(cluster.bootstrap_servers, topic)) == sorted(
         str(e.id) for e in recorder.events
     )

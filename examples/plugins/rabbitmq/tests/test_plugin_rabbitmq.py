@@ -7,9 +7,7 @@ and read the test's quorum queue back (see conftest.py for the broker).
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
-import logging
 import os
 import threading
 import time
@@ -22,16 +20,22 @@ from typing import Any
 import access_audit_rabbitmq
 import aio_pika
 import aiormq
+import broker_support
 import pytest
 from access_audit_rabbitmq import (
     THREAD_NAME,
     AsyncRabbitMQPlugin,
     RabbitMQPlugin,
     RabbitMQPublishError,
-    Unconfigured,
     from_env,
 )
 from aio_pika.abc import AbstractChannel
+from broker_support import (
+    assert_entry_point_is_loaded,
+    assert_unconfigured_entry_point_is_no_outbox_recipient,
+    commit_twice_on_the_applications_loop,
+    plugin_maker,
+)
 from rabbitmq_support import (
     RABBITMQ_URL,
     FreezingProxy,
@@ -41,12 +45,11 @@ from rabbitmq_support import (
     fresh_queue,
     reach_broker,
 )
-from sqlalchemy import Engine, create_engine, select
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Failures, Item, Recorder, operation, outbox_rows
+from support import Base, Failures, Recorder, operation, outbox_rows
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
 from access_audit.outbox import Outbox, count_pending
 
 Plugin = RabbitMQPlugin | AsyncRabbitMQPlugin
@@ -71,19 +74,6 @@ def plugin_threads() -> int:
     return sum(t.name == THREAD_NAME for t in threading.enumerate())
 
 
-def emitter_loop_threads() -> int:
-    """How many event-loop threads access_audit runs (for sync-side async hooks)."""
-    return sum(t.name == "access_audit-asyncio" for t in threading.enumerate())
-
-
-def close(plugin: Plugin) -> None:
-    """Close a plugin of either kind from synchronous code."""
-    if isinstance(plugin, AsyncRabbitMQPlugin):
-        asyncio.run(plugin.aclose())
-    else:
-        plugin.close()
-
-
 def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> None:
     """What the hook does, from synchronous code (an async plugin on a fresh loop)."""
     if isinstance(plugin, AsyncRabbitMQPlugin):
@@ -102,21 +92,10 @@ def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> None:
 @pytest.fixture
 def make_plugin() -> Iterator[Callable[..., Plugin]]:
     """Make plugins of either kind (``kind="sync"|"async"``); close them after."""
-    made: list[Plugin] = []
-
-    def make(kind: str = "sync", **options: Any) -> Plugin:
-        options = {"url": RABBITMQ_URL, **options}
-        plugin = (
-            AsyncRabbitMQPlugin(**options)
-            if kind == "async"
-            else RabbitMQPlugin(**options)
-        )
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        close(plugin)
+    with plugin_maker(
+        RabbitMQPlugin, AsyncRabbitMQPlugin, {"url": RABBITMQ_URL}
+    ) as make:
+        yield make
     assert plugin_threads() == 0
 
 
@@ -124,36 +103,12 @@ def attach(
     engine: Engine, plugin: object, outbox: Outbox | None = None
 ) -> tuple[sessionmaker[Session], Recorder, Failures]:
     """An emitter with *plugin* as "rabbitmq", a recorder and a failure log."""
-    recorder, failures = Recorder(), Failures()
-    emitter = AuditEmitter([recorder, failures], load_entrypoints=False, outbox=outbox)
-    emitter.register(plugin, name="rabbitmq")
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    return maker, recorder, failures
+    return broker_support.attach(engine, plugin, "rabbitmq", outbox)
 
 
 def envelope(target_id: str = "g", target_type: str = "group") -> AuditEventEnvelope:
     """A stand-alone envelope, as a relay rebuilds one from its row."""
-    now = "2024-05-01T12:00:00+00:00"
-    return AuditEventEnvelope.from_dict(
-        {
-            "id": str(uuid.uuid4()),
-            "event_type": "member_added",
-            "timestamp": now,
-            "staged_at": now,
-            "actor_id": "system",
-            "actor_email": None,
-            "target_type": target_type,
-            "target_id": target_id,
-            "target_name": None,
-            "action": "add",
-            "reason": None,
-            "payload": {},
-            "metadata": {},
-            "transaction_id": str(uuid.uuid4()),
-            "sequence": 0,
-        }
-    )
+    return broker_support.envelope(target_id, target_type=target_type)
 
 
 # -- the package and its entry point ------------------------------------------
@@ -161,14 +116,9 @@ def envelope(target_id: str = "g", target_type: str = "group") -> AuditEventEnve
 
 def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
     """access-audit-rabbitmq is installed and AuditEmitter() registers it as "rabbitmq"."""
-    distribution = importlib.metadata.distribution("access-audit-rabbitmq")
-    assert [
-        (ep.name, ep.value)
-        for ep in distribution.entry_points
-        if ep.group == "access_audit"
-    ] == [("rabbitmq", "access_audit_rabbitmq:plugin")]
-    emitter = AuditEmitter(load_entrypoints=True)
-    assert emitter.plugin_manager.get_plugin("rabbitmq") is access_audit_rabbitmq.plugin
+    assert_entry_point_is_loaded(
+        "access-audit-rabbitmq", "rabbitmq", access_audit_rabbitmq
+    )
 
 
 @pytest.mark.skipif(
@@ -179,40 +129,14 @@ def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without ACCESS_AUDIT_RABBITMQ_URL the plugin implements nothing: rows are not for it."""
-    with caplog.at_level(logging.DEBUG, logger="access_audit_rabbitmq"):
-        assert isinstance(from_env({}), Unconfigured)
-    assert [r.getMessage() for r in caplog.records] == [
-        "ACCESS_AUDIT_RABBITMQ_URL is not set: access_audit_rabbitmq publishes nothing"
-    ]
-    assert isinstance(access_audit_rabbitmq.plugin, Unconfigured)
-    assert "ACCESS_AUDIT_RABBITMQ_URL is unset" in repr(access_audit_rabbitmq.plugin)
-
-    class Down:
-        @hookimpl
-        def audit_event_logged(self) -> None:
-            raise ConnectionError("down")
-
-    outbox = Outbox()
-    emitter = AuditEmitter(load_entrypoints=True, outbox=outbox)
-    emitter.register(Down(), name="down")
-    manager = emitter.plugin_manager
-    assert manager.get_plugin("rabbitmq") is access_audit_rabbitmq.plugin
-    assert manager.get_hookcallers(access_audit_rabbitmq.plugin) == []
-    engine = create_engine("sqlite://")
-    outbox.create(engine)
-    Base.metadata.create_all(engine)
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    with maker() as session:
-        operation(session, "quiet")
-        session.commit()
-    emitter.flush()
-    (row,) = outbox_rows(engine, outbox)  # kept for "down"
-    recipients = json.loads(row["recipients"])
-    assert "down" in recipients
-    assert "rabbitmq" not in recipients
+    assert_unconfigured_entry_point_is_no_outbox_recipient(
+        caplog,
+        "rabbitmq",
+        access_audit_rabbitmq,
+        "ACCESS_AUDIT_RABBITMQ_URL is not set: access_audit_rabbitmq publishes nothing",
+        "ACCESS_AUDIT_RABBITMQ_URL is unset",
+    )
     assert plugin_threads() == 0
-    engine.dispose()
 
 
 def test_from_env_reads_every_variable() -> None:
@@ -423,39 +347,9 @@ def test_async_session_commits_publish_on_the_applications_loop(
     """AsyncSession commits publish once each on the app's loop, one connection."""
     plugin = make_plugin("async", routing_key=queue.name)
     assert isinstance(plugin, AsyncRabbitMQPlugin)
-    recorder, failures = Recorder(), Failures()
-    emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
-    emitter.register(plugin, name="rabbitmq")
-    loop_threads = emitter_loop_threads()
-
-    async def main() -> list[str]:
-        engine = create_async_engine("sqlite+aiosqlite://")
-        async with engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
-        maker = async_sessionmaker(engine)
-        emitter.attach(maker)
-        try:
-            assert plugin.connections == 0  # none before the first publish
-            for name in ("one", "two"):
-                async with maker() as session:
-                    session.add(Item(name=name))
-                    stage_event(
-                        session, "item_created", target_type="item",
-                        target_id=name, action="create",
-                    )  # fmt: skip
-                    await session.commit()
-            assert plugin.connections == 1  # this loop's, reused
-            assert emitter_loop_threads() == loop_threads  # the app's loop did it
-            async with maker() as session:
-                return list(await session.scalars(select(Item.name)))
-        finally:
-            await plugin.aclose()
-            await plugin.aclose()
-            await engine.dispose()
-
-    assert asyncio.run(main()) == ["one", "two"]
-    assert plugin.connections == 0
-    assert failures.calls == []
+    recorder = commit_twice_on_the_applications_loop(
+        plugin, "rabbitmq", lambda: plugin.connections, (0, 1, 0)
+    )
     assert plugin_threads() == 0
     assert [m.message_id for m in queue.take()] == [str(e.id) for e in recorder.events]
 

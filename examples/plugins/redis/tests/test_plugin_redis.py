@@ -7,34 +7,36 @@ then read the stream back (see conftest.py for the server and the stream).
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
-import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import access_audit_redis
+import broker_support
 import pytest
 import redis
 from access_audit_redis import (
     AsyncRedisStreamPlugin,
     RedisStreamPlugin,
     RedisStreamPublishError,
-    Unconfigured,
     from_env,
 )
+from broker_support import (
+    assert_entry_point_is_loaded,
+    assert_unconfigured_entry_point_is_no_outbox_recipient,
+    commit_twice_on_the_applications_loop,
+    plugin_maker,
+)
 from redis_support import REDIS_URL, Stream, dead_url, fresh_stream, silent_server
-from sqlalchemy import Engine, create_engine, select
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Failures, Item, Recorder, operation, outbox_rows
+from support import Base, Failures, Recorder, operation, outbox_rows
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
 from access_audit.outbox import Outbox, count_pending
 
 Plugin = RedisStreamPlugin | AsyncRedisStreamPlugin
@@ -54,49 +56,20 @@ def silent_url() -> Iterator[str]:
         yield url
 
 
-def emitter_loop_threads() -> int:
-    """How many event-loop threads access_audit runs (for sync-side async hooks)."""
-    return sum(t.name == "access_audit-asyncio" for t in threading.enumerate())
-
-
-def close(plugin: Plugin) -> None:
-    """Close a plugin of either kind from synchronous code."""
-    if isinstance(plugin, AsyncRedisStreamPlugin):
-        asyncio.run(plugin.aclose())
-    else:
-        plugin.close()
-
-
 @pytest.fixture
 def make_plugin() -> Iterator[Callable[..., Plugin]]:
     """Make plugins of either kind (``kind="sync"|"async"``); close them after."""
-    made: list[Plugin] = []
-
-    def make(kind: str = "sync", **options: Any) -> Plugin:
-        options = {"url": REDIS_URL, **options}
-        plugin = (
-            AsyncRedisStreamPlugin(**options)
-            if kind == "async"
-            else RedisStreamPlugin(**options)
-        )
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        close(plugin)
+    with plugin_maker(
+        RedisStreamPlugin, AsyncRedisStreamPlugin, {"url": REDIS_URL}
+    ) as make:
+        yield make
 
 
 def attach(
     engine: Engine, plugin: object, outbox: Outbox | None = None
 ) -> tuple[sessionmaker[Session], Recorder, Failures]:
     """An emitter with *plugin* as "redis", a recorder and a failure log."""
-    recorder, failures = Recorder(), Failures()
-    emitter = AuditEmitter([recorder, failures], load_entrypoints=False, outbox=outbox)
-    emitter.register(plugin, name="redis")
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    return maker, recorder, failures
+    return broker_support.attach(engine, plugin, "redis", outbox)
 
 
 async def publish_and_close(
@@ -111,26 +84,7 @@ async def publish_and_close(
 
 def envelope(target_id: str = "g") -> AuditEventEnvelope:
     """A stand-alone envelope, as a relay rebuilds one from its row."""
-    now = "2024-05-01T12:00:00+00:00"
-    return AuditEventEnvelope.from_dict(
-        {
-            "id": str(uuid.uuid4()),
-            "event_type": "group_member_added",
-            "timestamp": now,
-            "staged_at": now,
-            "actor_id": "system",
-            "actor_email": None,
-            "target_type": "group",
-            "target_id": target_id,
-            "target_name": None,
-            "action": "add",
-            "reason": None,
-            "payload": {},
-            "metadata": {},
-            "transaction_id": str(uuid.uuid4()),
-            "sequence": 0,
-        }
-    )
+    return broker_support.envelope(target_id, event_type="group_member_added")
 
 
 # -- the package and its entry point ------------------------------------------
@@ -138,14 +92,7 @@ def envelope(target_id: str = "g") -> AuditEventEnvelope:
 
 def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
     """access-audit-redis is installed and AuditEmitter() registers its plugin as "redis"."""
-    distribution = importlib.metadata.distribution("access-audit-redis")
-    assert [
-        (ep.name, ep.value)
-        for ep in distribution.entry_points
-        if ep.group == "access_audit"
-    ] == [("redis", "access_audit_redis:plugin")]
-    emitter = AuditEmitter(load_entrypoints=True)
-    assert emitter.plugin_manager.get_plugin("redis") is access_audit_redis.plugin
+    assert_entry_point_is_loaded("access-audit-redis", "redis", access_audit_redis)
 
 
 @pytest.mark.skipif(
@@ -156,39 +103,13 @@ def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without ACCESS_AUDIT_REDIS_URL the plugin implements nothing: rows are not for it."""
-    with caplog.at_level(logging.DEBUG, logger="access_audit_redis"):
-        assert isinstance(from_env({}), Unconfigured)
-    assert [r.getMessage() for r in caplog.records] == [
-        "ACCESS_AUDIT_REDIS_URL is not set: access_audit_redis publishes nothing"
-    ]
-    assert isinstance(access_audit_redis.plugin, Unconfigured)
-    assert "ACCESS_AUDIT_REDIS_URL is unset" in repr(access_audit_redis.plugin)
-
-    class Down:
-        @hookimpl
-        def audit_event_logged(self) -> None:
-            raise ConnectionError("down")
-
-    outbox = Outbox()
-    emitter = AuditEmitter(load_entrypoints=True, outbox=outbox)
-    emitter.register(Down(), name="down")
-    manager = emitter.plugin_manager
-    assert manager.get_plugin("redis") is access_audit_redis.plugin
-    assert manager.get_hookcallers(access_audit_redis.plugin) == []
-    engine = create_engine("sqlite://")
-    outbox.create(engine)
-    Base.metadata.create_all(engine)
-    maker = sessionmaker(engine)
-    emitter.attach(maker)
-    with maker() as session:
-        operation(session, "quiet")
-        session.commit()
-    emitter.flush()
-    (row,) = outbox_rows(engine, outbox)  # kept for "down"
-    recipients = json.loads(row["recipients"])
-    assert "down" in recipients
-    assert "redis" not in recipients
-    engine.dispose()
+    assert_unconfigured_entry_point_is_no_outbox_recipient(
+        caplog,
+        "redis",
+        access_audit_redis,
+        "ACCESS_AUDIT_REDIS_URL is not set: access_audit_redis publishes nothing",
+        "ACCESS_AUDIT_REDIS_URL is unset",
+    )
 
 
 def test_from_env_reads_every_variable() -> None:
@@ -382,39 +303,9 @@ def test_async_session_commits_publish_on_the_applications_loop(
     """AsyncSession commits append once each, on the app's loop, with one client."""
     plugin = make_plugin("async", stream=stream.key)
     assert isinstance(plugin, AsyncRedisStreamPlugin)
-    recorder, failures = Recorder(), Failures()
-    emitter = AuditEmitter([recorder, failures], load_entrypoints=False)
-    emitter.register(plugin, name="redis")
-    loop_threads = emitter_loop_threads()
-
-    async def main() -> list[str]:
-        engine = create_async_engine("sqlite+aiosqlite://")
-        async with engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
-        maker = async_sessionmaker(engine)
-        emitter.attach(maker)
-        try:
-            assert plugin.clients == 0  # none before the first publish
-            for name in ("one", "two"):
-                async with maker() as session:
-                    session.add(Item(name=name))
-                    stage_event(
-                        session, "item_created", target_type="item",
-                        target_id=name, action="create",
-                    )  # fmt: skip
-                    await session.commit()
-            assert plugin.clients == 1  # this loop's, reused
-            assert emitter_loop_threads() == loop_threads  # the app's loop did it
-            async with maker() as session:
-                return list(await session.scalars(select(Item.name)))
-        finally:
-            await plugin.aclose()
-            await plugin.aclose()
-            await engine.dispose()
-
-    assert asyncio.run(main()) == ["one", "two"]
-    assert plugin.clients == 0
-    assert failures.calls == []
+    recorder = commit_twice_on_the_applications_loop(
+        plugin, "redis", lambda: plugin.clients, (0, 1, 0)
+    )
     assert stream.ids() == [str(e.id) for e in recorder.events]
 
 
