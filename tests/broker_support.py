@@ -93,7 +93,7 @@ def plugin_maker(
 
 
 def attach(
-    engine: Engine, plugin: object, name: str, outbox: Outbox | None = None
+    name: str, engine: Engine, plugin: object, outbox: Outbox | None = None
 ) -> tuple[sessionmaker[Session], Recorder, Failures]:
     """An emitter with *plugin* as *name*, a recorder and a failure log."""
     recorder, failures = Recorder(), Failures()
@@ -106,10 +106,10 @@ def attach(
 
 def envelope(
     target_id: str = "g",
+    payload: Any = None,
     *,
     event_type: str = "member_added",
     target_type: str = "group",
-    payload: Any = None,
 ) -> AuditEventEnvelope:
     """A stand-alone envelope, as a relay rebuilds one from its row."""
     now = "2024-05-01T12:00:00+00:00"
@@ -251,6 +251,52 @@ def commit_twice_on_the_applications_loop(
     return recorder
 
 
+def commit_three_and_roll_back_one(maker: sessionmaker[Session]) -> None:
+    """Commit "alpha" and "admins" (a group_member_added of a group), then
+    "beta"; roll "rolled-back" back: three events committed, in that order."""
+    with maker() as session:
+        operation(session, "alpha")
+        stage_event(
+            session,
+            "group_member_added",
+            target_type="group",
+            target_id="admins",
+            action="add",
+            payload={"member": "alice"},
+        )
+        session.commit()
+        operation(session, "beta")
+        session.commit()
+        operation(session, "rolled-back")
+        session.rollback()
+
+
+def fail_one_commit(
+    database: tuple[Engine, Outbox],
+    plugin: Any,
+    name: str,
+    seconds: tuple[float, float] = (0, 3),
+) -> tuple[tuple[AuditEventEnvelope, ...], BaseException]:
+    """Commit one event with *plugin* (down) as *name*: within *seconds* the
+    hook fails and audit_delivery_failed reports it once; the outbox keeps
+    the event pending for *name*. The envelopes and the error reported."""
+    engine, outbox = database
+    maker, recorder, failures = attach(name, engine, plugin, outbox)
+    started = time.monotonic()
+    with maker() as session:
+        operation(session, "kept")
+        session.commit()
+    low, high = seconds
+    assert low <= time.monotonic() - started < high
+    ((failed, envelopes, error),) = failures.calls
+    assert failed == name
+    assert envelopes == tuple(recorder.events)
+    outbox.flush()
+    (row,) = outbox_rows(engine, outbox)
+    assert (row["id"], row["states"][name]) == (str(envelopes[0].id), "pending")
+    return envelopes, error
+
+
 # -- the end-to-end tests -------------------------------------------------------
 
 COMMITS = 4  # the first COMMITS - 1 are published before the kill, the last is not
@@ -338,9 +384,14 @@ def committed_targets(targets: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def outbox_database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
-    """A file SQLite database with the outbox tables; the relay's Outbox."""
+def outbox_database(
+    tmp_path: Path, *, models: bool = False
+) -> Iterator[tuple[Engine, Outbox]]:
+    """A file SQLite database with the outbox tables (and with *models* the
+    test tables); the relay's Outbox."""
     engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    if models:
+        Base.metadata.create_all(engine)
     outbox = Outbox(relay_after=timedelta(0))
     outbox.create(engine)
     try:
@@ -404,6 +455,24 @@ def kill_application_after_commit(
     return rows
 
 
+def relay_once(
+    database: tuple[Engine, Outbox],
+    plugin: Any,
+    name: str,
+    expected: int,
+    **options: Any,
+) -> AuditEmitter:
+    """Relay once (with *options*) with *plugin* as *name*: *expected* events
+    delivered, none failed or left pending; the relay's emitter."""
+    engine, outbox = database
+    relay = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    relay.register(plugin, name=name)
+    stats = relay.relay(engine, once=True, **options)
+    assert (stats.delivered, stats.failed) == (expected, 0)
+    assert count_pending(engine, outbox) == 0
+    return relay
+
+
 def relay_everything(
     database: tuple[Engine, Outbox],
     plugin: Any,
@@ -414,12 +483,8 @@ def relay_everything(
     """Relay once with *plugin* as *name*: *expected* events delivered, none
     failed or left; a second pass delivers nothing. Closes the plugin."""
     engine, outbox = database
-    relay = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    relay.register(plugin, name=name)
     try:
-        stats = relay.relay(engine, once=True)
-        assert (stats.delivered, stats.failed) == (expected, 0)
-        assert count_pending(engine, outbox) == 0
+        relay = relay_once(database, plugin, name, expected)
         assert outbox_rows(engine, outbox) == []
         again = relay.relay(engine, once=True)
         assert again.delivered == 0

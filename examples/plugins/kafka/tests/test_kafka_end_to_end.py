@@ -17,24 +17,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import broker_support
 import confluent_kafka
 import pytest
 from access_audit_kafka import AsyncKafkaPlugin, KafkaPlugin
-from broker_support import (
-    COMMITS,
-    TARGETS_SHARED,
-    Deduplicating,
-    kill_application_after_commit,
-    outbox_database,
-    relay_everything,
-)
 from kafka_support import MockCluster, Record, logger, new_topic, read_topic, record
-from sqlalchemy import Engine
-
-from access_audit.outbox import Outbox
 
 
-class DeduplicatingConsumer(Deduplicating[Record]):
+class DeduplicatingConsumer(broker_support.Deduplicating[Record]):
     """A consumer group member that processes each ``id`` header once,
     committing the offset of every record."""
 
@@ -82,56 +72,54 @@ def topic() -> str:
     return new_topic()
 
 
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
-    """A file SQLite database with the outbox tables; the relay's Outbox."""
-    with outbox_database(tmp_path) as created:
-        yield created
-
-
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_killed_application_relay_and_deduplicating_consumer_see_each_event_once(
     cluster: MockCluster,
     topic: str,
-    database: tuple[Engine, Outbox],
     tmp_path: Path,
     kind: str,
 ) -> None:
     """SIGKILL after COMMIT: the relay (sync or async plugin) delivers, the
     consumer de-duplicating by the id header sees every committed event once."""
-    rows = kill_application_after_commit(
-        tmp_path,
-        database,
-        plugin="access_audit_kafka:KafkaPlugin",
-        url=cluster.bootstrap_servers,
-        destination=("topic", topic),
-        name="kafka",
-        targets=TARGETS_SHARED,
-    )
-    assert [row["aggregateid"] for row in rows] == ["a", "b"] * COMMITS
-    produced_before_kill = len(read_topic(cluster.bootstrap_servers, topic))
-    assert produced_before_kill == len(rows) - 2  # acknowledged, so stored
-
-    cls = AsyncKafkaPlugin if kind == "async" else KafkaPlugin
-    plugin = cls(cluster.bootstrap_servers, topic=topic)
-    # Either kind closes with close() (an AsyncKafkaPlugin's blocks, too).
-    relay_everything(database, plugin, "kafka", len(rows), closing=lambda p: p.close())
-
-    consumer = DeduplicatingConsumer(
-        cluster.bootstrap_servers, topic, f"audit-readers-{uuid.uuid4().hex}"
-    )
-    try:
-        # The batches produced before the kill were produced again by the relay.
-        consumer.consume(len(rows) + produced_before_kill)
-        assert sorted(r.id for r in consumer.processed) == sorted(
-            row["id"] for row in rows
+    with broker_support.outbox_database(tmp_path) as database:
+        rows = broker_support.kill_application_after_commit(
+            tmp_path,
+            database,
+            plugin="access_audit_kafka:KafkaPlugin",
+            url=cluster.bootstrap_servers,
+            destination=("topic", topic),
+            name="kafka",
+            targets=broker_support.TARGETS_SHARED,
         )
-        for target in ("a", "b"):
-            ids = [row["id"] for row in rows if row["aggregateid"] == target]
-            # Each target's events, de-duplicated, in commit order.
-            assert [
-                r.id for r in consumer.processed if r.key == f"item:{target}"
-            ] == ids
-        assert consumer.consumer.poll(1.0) is None  # and nothing more
-    finally:
-        consumer.close()
+        assert [row["aggregateid"] for row in rows] == [
+            "a",
+            "b",
+        ] * broker_support.COMMITS
+        produced_before_kill = len(read_topic(cluster.bootstrap_servers, topic))
+        assert produced_before_kill == len(rows) - 2  # acknowledged, so stored
+
+        cls = AsyncKafkaPlugin if kind == "async" else KafkaPlugin
+        plugin = cls(cluster.bootstrap_servers, topic=topic)
+        # Either kind closes with close() (an AsyncKafkaPlugin's blocks, too).
+        broker_support.relay_everything(
+            database, plugin, "kafka", len(rows), closing=lambda p: p.close()
+        )
+
+        consumer = DeduplicatingConsumer(
+            cluster.bootstrap_servers, topic, f"audit-readers-{uuid.uuid4().hex}"
+        )
+        try:
+            # The batches produced before the kill were produced again by the relay.
+            consumer.consume(len(rows) + produced_before_kill)
+            assert sorted(r.id for r in consumer.processed) == sorted(
+                row["id"] for row in rows
+            )
+            for target in ("a", "b"):
+                ids = [row["id"] for row in rows if row["aggregateid"] == target]
+                # Each target's events, de-duplicated, in commit order.
+                assert [
+                    r.id for r in consumer.processed if r.key == f"item:{target}"
+                ] == ids
+            assert consumer.consumer.poll(1.0) is None  # and nothing more
+        finally:
+            consumer.close()

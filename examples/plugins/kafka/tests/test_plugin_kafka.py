@@ -8,13 +8,13 @@ and read the test's topic back with a consumer (see kafka_support.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +29,11 @@ from access_audit_kafka import (
     KafkaPublishError,
     from_env,
 )
-from broker_support import (
-    assert_entry_point_is_loaded,
-    assert_unconfigured_entry_point_is_no_outbox_recipient,
-    commit_twice_on_the_applications_loop,
-    plugin_maker,
-)
 from kafka_support import MockCluster, dead_servers, new_topic, read_topic
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Failures, Recorder, operation, outbox_rows
+from sqlalchemy import Engine
+from support import operation
 
-from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
-from access_audit.outbox import Outbox, count_pending
+from access_audit import AuditEventEnvelope
 
 Plugin = KafkaPlugin | AsyncKafkaPlugin
 
@@ -75,7 +67,7 @@ def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> list[Any]:
 def make_plugin(cluster: MockCluster) -> Iterator[Callable[..., Plugin]]:
     """Make plugins of either kind (``kind="sync"|"async"``) on the mock
     cluster; close them after."""
-    with plugin_maker(
+    with broker_support.plugin_maker(
         KafkaPlugin,
         AsyncKafkaPlugin,
         {"bootstrap_servers": cluster.bootstrap_servers},
@@ -85,16 +77,12 @@ def make_plugin(cluster: MockCluster) -> Iterator[Callable[..., Plugin]]:
     assert plugin_threads() == 0
 
 
-def attach(
-    engine: Engine, plugin: object, outbox: Outbox | None = None
-) -> tuple[sessionmaker[Session], Recorder, Failures]:
-    """An emitter with *plugin* as "kafka", a recorder and a failure log."""
-    return broker_support.attach(engine, plugin, "kafka", outbox)
+# An emitter with a plugin as "kafka", a recorder and a failure log.
+attach = functools.partial(broker_support.attach, "kafka")
 
 
-def envelope(target_id: str = "g", payload: Any = None) -> AuditEventEnvelope:
-    """A stand-alone envelope, as a relay rebuilds one from its row."""
-    return broker_support.envelope(target_id, payload=payload)
+# A stand-alone envelope, as a relay rebuilds one from its row.
+envelope = broker_support.envelope
 
 
 # -- the package and its entry point ------------------------------------------
@@ -102,7 +90,9 @@ def envelope(target_id: str = "g", payload: Any = None) -> AuditEventEnvelope:
 
 def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
     """access-audit-kafka is installed and AuditEmitter() registers its plugin as "kafka"."""
-    assert_entry_point_is_loaded("access-audit-kafka", "kafka", access_audit_kafka)
+    broker_support.assert_entry_point_is_loaded(
+        "access-audit-kafka", "kafka", access_audit_kafka
+    )
 
 
 @pytest.mark.skipif(
@@ -113,7 +103,7 @@ def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without ACCESS_AUDIT_KAFKA_BOOTSTRAP_SERVERS the plugin implements nothing."""
-    assert_unconfigured_entry_point_is_no_outbox_recipient(
+    broker_support.assert_unconfigured_entry_point_is_no_outbox_recipient(
         caplog,
         "kafka",
         access_audit_kafka,
@@ -239,21 +229,7 @@ def test_commits_are_produced_once_keyed_by_target_with_the_id_header(
     """Each committed event is one record: key target_type:target_id, id header,
     value the envelope JSON; a rolled-back one is not produced."""
     maker, recorder, failures = attach(memory_engine, make_plugin(topic=topic))
-    with maker() as session:
-        operation(session, "alpha")
-        stage_event(
-            session,
-            "group_member_added",
-            target_type="group",
-            target_id="admins",
-            action="add",
-            payload={"member": "alice"},
-        )
-        session.commit()
-        operation(session, "beta")
-        session.commit()
-        operation(session, "rolled-back")
-        session.rollback()
+    broker_support.commit_three_and_roll_back_one(maker)
     committed = {str(e.id): e for e in recorder.events}
     assert [e.target_id for e in recorder.events] == ["alpha", "admins", "beta"]
     records = read_topic(cluster.bootstrap_servers, topic)
@@ -337,7 +313,7 @@ def test_async_session_commits_produce_on_the_applications_loop(
     """AsyncSession commits are produced once each, awaited on the app's loop."""
     plugin = make_plugin("async", topic=topic)
     assert isinstance(plugin, AsyncKafkaPlugin)
-    recorder = commit_twice_on_the_applications_loop(
+    recorder = broker_support.commit_twice_on_the_applications_loop(
         plugin,
         "kafka",
         lambda: plugin.running,
@@ -403,39 +379,22 @@ def test_unreachable_cluster_fails_the_hook_after_the_timeout_and_the_outbox_kee
 ) -> None:
     """No broker: the record times out, the hook raises, audit_delivery_failed
     fires, and the relay delivers it once the cluster is there."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
-    Base.metadata.create_all(engine)
-    outbox = Outbox(relay_after=timedelta(0))
-    outbox.create(engine)
-    servers = dead_servers()
-    down = make_plugin(kind, bootstrap_servers=servers, topic=topic, timeout=1)
-    maker, recorder, failures = attach(engine, down, outbox)
-    started = time.monotonic()
-    with maker() as session:
-        operation(session, "kept")
-        session.commit()
-    assert 1 <= time.monotonic() - started < 4
-    ((name, envelopes, error),) = failures.calls
-    assert name == "kafka"
-    assert envelopes == tuple(recorder.events)
-    assert isinstance(error, KafkaPublishError)
-    assert (error.envelope, error.delivered) == (envelopes[0], 0)
-    assert "_MSG_TIMED_OUT" in str(error)
-    assert servers in str(error)
-    outbox.flush()
-    (row,) = outbox_rows(engine, outbox)
-    assert (row["id"], row["states"]["kafka"]) == (str(envelopes[0].id), "pending")
+    with broker_support.outbox_database(tmp_path, models=True) as database:
+        servers = dead_servers()
+        down = make_plugin(kind, bootstrap_servers=servers, topic=topic, timeout=1)
+        envelopes, error = broker_support.fail_one_commit(
+            database, down, "kafka", seconds=(1, 4)
+        )
+        assert isinstance(error, KafkaPublishError)
+        assert (error.envelope, error.delivered) == (envelopes[0], 0)
+        assert "_MSG_TIMED_OUT" in str(error)
+        assert servers in str(error)
 
-    up = make_plugin(kind, topic=topic)
-    relay = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    relay.register(up, name="kafka")
-    stats = relay.relay(engine, once=True, backoff=0)
-    assert (stats.delivered, stats.failed) == (1, 0)
-    assert [r.id for r in read_topic(cluster.bootstrap_servers, topic)] == [
-        str(envelopes[0].id)
-    ]
-    assert count_pending(engine, outbox) == 0
-    engine.dispose()
+        up = make_plugin(kind, topic=topic)
+        broker_support.relay_once(database, up, "kafka", 1, backoff=0)
+        assert [r.id for r in read_topic(cluster.bootstrap_servers, topic)] == [
+            str(envelopes[0].id)
+        ]
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -7,13 +7,13 @@ and read the test's quorum queue back (see conftest.py for the broker).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,6 @@ from access_audit_rabbitmq import (
     from_env,
 )
 from aio_pika.abc import AbstractChannel
-from broker_support import (
-    assert_entry_point_is_loaded,
-    assert_unconfigured_entry_point_is_no_outbox_recipient,
-    commit_twice_on_the_applications_loop,
-    plugin_maker,
-)
 from rabbitmq_support import (
     RABBITMQ_URL,
     FreezingProxy,
@@ -45,12 +39,10 @@ from rabbitmq_support import (
     fresh_queue,
     reach_broker,
 )
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Failures, Recorder, operation, outbox_rows
+from sqlalchemy import Engine
+from support import operation
 
-from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
-from access_audit.outbox import Outbox, count_pending
+from access_audit import AuditEventEnvelope
 
 Plugin = RabbitMQPlugin | AsyncRabbitMQPlugin
 
@@ -92,23 +84,19 @@ def publish(plugin: Plugin, batch: list[AuditEventEnvelope]) -> None:
 @pytest.fixture
 def make_plugin() -> Iterator[Callable[..., Plugin]]:
     """Make plugins of either kind (``kind="sync"|"async"``); close them after."""
-    with plugin_maker(
+    with broker_support.plugin_maker(
         RabbitMQPlugin, AsyncRabbitMQPlugin, {"url": RABBITMQ_URL}
     ) as make:
         yield make
     assert plugin_threads() == 0
 
 
-def attach(
-    engine: Engine, plugin: object, outbox: Outbox | None = None
-) -> tuple[sessionmaker[Session], Recorder, Failures]:
-    """An emitter with *plugin* as "rabbitmq", a recorder and a failure log."""
-    return broker_support.attach(engine, plugin, "rabbitmq", outbox)
+# An emitter with a plugin as "rabbitmq", a recorder and a failure log.
+attach = functools.partial(broker_support.attach, "rabbitmq")
 
 
-def envelope(target_id: str = "g", target_type: str = "group") -> AuditEventEnvelope:
-    """A stand-alone envelope, as a relay rebuilds one from its row."""
-    return broker_support.envelope(target_id, target_type=target_type)
+# A stand-alone envelope, as a relay rebuilds one from its row.
+envelope = broker_support.envelope
 
 
 # -- the package and its entry point ------------------------------------------
@@ -116,7 +104,7 @@ def envelope(target_id: str = "g", target_type: str = "group") -> AuditEventEnve
 
 def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
     """access-audit-rabbitmq is installed and AuditEmitter() registers it as "rabbitmq"."""
-    assert_entry_point_is_loaded(
+    broker_support.assert_entry_point_is_loaded(
         "access-audit-rabbitmq", "rabbitmq", access_audit_rabbitmq
     )
 
@@ -129,7 +117,7 @@ def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without ACCESS_AUDIT_RABBITMQ_URL the plugin implements nothing: rows are not for it."""
-    assert_unconfigured_entry_point_is_no_outbox_recipient(
+    broker_support.assert_unconfigured_entry_point_is_no_outbox_recipient(
         caplog,
         "rabbitmq",
         access_audit_rabbitmq,
@@ -239,21 +227,7 @@ def test_commits_are_published_once_in_order_persistent_with_message_id(
     maker, recorder, failures = attach(
         memory_engine, make_plugin(routing_key=queue.name)
     )
-    with maker() as session:
-        operation(session, "alpha")
-        stage_event(
-            session,
-            "group_member_added",
-            target_type="group",
-            target_id="admins",
-            action="add",
-            payload={"member": "alice"},
-        )
-        session.commit()
-        operation(session, "beta")
-        session.commit()
-        operation(session, "rolled-back")
-        session.rollback()
+    broker_support.commit_three_and_roll_back_one(maker)
     committed = recorder.events
     assert [e.target_id for e in committed] == ["alpha", "admins", "beta"]
     messages = queue.take()
@@ -347,7 +321,7 @@ def test_async_session_commits_publish_on_the_applications_loop(
     """AsyncSession commits publish once each on the app's loop, one connection."""
     plugin = make_plugin("async", routing_key=queue.name)
     assert isinstance(plugin, AsyncRabbitMQPlugin)
-    recorder = commit_twice_on_the_applications_loop(
+    recorder = broker_support.commit_twice_on_the_applications_loop(
         plugin, "rabbitmq", lambda: plugin.connections, (0, 1, 0)
     )
     assert plugin_threads() == 0
@@ -407,39 +381,20 @@ def test_unreachable_broker_fails_the_hook_and_the_outbox_keeps_the_event(
     kind: str,
 ) -> None:
     """RabbitMQ down: the hook raises, audit_delivery_failed fires, the relay delivers later."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
-    Base.metadata.create_all(engine)
-    outbox = Outbox(relay_after=timedelta(0))
-    outbox.create(engine)
-    url = dead_url()
-    down = make_plugin(kind, url=url, routing_key=queue.name, timeout=1)
-    maker, recorder, failures = attach(engine, down, outbox)
-    started = time.monotonic()
-    with maker() as session:
-        operation(session, "kept")
-        session.commit()
-    assert time.monotonic() - started < 3
-    ((name, envelopes, error),) = failures.calls
-    assert name == "rabbitmq"
-    assert envelopes == tuple(recorder.events)
-    assert isinstance(error, RabbitMQPublishError)
-    assert isinstance(error.__cause__, ConnectionError)
-    assert (error.envelopes, error.confirmed) == (envelopes, 0)
-    assert str(envelopes[0].id) in str(error)
-    assert url.replace("guest:guest", "guest:***") in str(error)
-    outbox.flush()
-    (row,) = outbox_rows(engine, outbox)
-    assert (row["id"], row["states"]["rabbitmq"]) == (str(envelopes[0].id), "pending")
-    assert queue.count() == 0
+    with broker_support.outbox_database(tmp_path, models=True) as database:
+        url = dead_url()
+        down = make_plugin(kind, url=url, routing_key=queue.name, timeout=1)
+        envelopes, error = broker_support.fail_one_commit(database, down, "rabbitmq")
+        assert isinstance(error, RabbitMQPublishError)
+        assert isinstance(error.__cause__, ConnectionError)
+        assert (error.envelopes, error.confirmed) == (envelopes, 0)
+        assert str(envelopes[0].id) in str(error)
+        assert url.replace("guest:guest", "guest:***") in str(error)
+        assert queue.count() == 0
 
-    up = make_plugin(kind, routing_key=queue.name)
-    relay = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    relay.register(up, name="rabbitmq")
-    stats = relay.relay(engine, once=True, backoff=0)
-    assert (stats.delivered, stats.failed) == (1, 0)
-    assert [m.message_id for m in queue.take()] == [str(envelopes[0].id)]
-    assert count_pending(engine, outbox) == 0
-    engine.dispose()
+        up = make_plugin(kind, routing_key=queue.name)
+        broker_support.relay_once(database, up, "rabbitmq", 1, backoff=0)
+        assert [m.message_id for m in queue.take()] == [str(envelopes[0].id)]
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

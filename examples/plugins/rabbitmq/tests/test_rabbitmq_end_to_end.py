@@ -14,23 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import broker_support
 import pytest
 from access_audit_rabbitmq import AsyncRabbitMQPlugin, RabbitMQPlugin
-from broker_support import (
-    TARGETS_PER_COMMIT,
-    Deduplicating,
-    committed_targets,
-    kill_application_after_commit,
-    outbox_database,
-    relay_everything,
-)
 from rabbitmq_support import RABBITMQ_URL, Queue, Received, fresh_queue
-from sqlalchemy import Engine
-
-from access_audit.outbox import Outbox
 
 
-class DeduplicatingConsumer(Deduplicating[Received]):
+class DeduplicatingConsumer(broker_support.Deduplicating[Received]):
     """Processes each ``message_id`` once (the queue acknowledged every message)."""
 
     def consume(self, messages: list[Received]) -> None:
@@ -46,43 +36,37 @@ def queue() -> Iterator[Queue]:
         yield created
 
 
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
-    """A file SQLite database with the outbox tables; the relay's Outbox."""
-    with outbox_database(tmp_path) as created:
-        yield created
-
-
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_killed_application_relay_and_deduplicating_consumer_see_each_event_once(
-    queue: Queue, database: tuple[Engine, Outbox], tmp_path: Path, kind: str
+    queue: Queue, tmp_path: Path, kind: str
 ) -> None:
     """SIGKILL after COMMIT: the relay (sync or async plugin) delivers, the
     consumer de-duplicating by message_id sees every committed event once."""
-    rows = kill_application_after_commit(
-        tmp_path,
-        database,
-        plugin="access_audit_rabbitmq:RabbitMQPlugin",
-        url=RABBITMQ_URL,
-        destination=("routing_key", queue.name),
-        name="rabbitmq",
-        targets=TARGETS_PER_COMMIT,
-    )
-    committed = committed_targets(TARGETS_PER_COMMIT)
-    published_before_kill = len(committed) - 2
-    assert queue.count() == published_before_kill  # confirmed, so durable
+    with broker_support.outbox_database(tmp_path) as database:
+        rows = broker_support.kill_application_after_commit(
+            tmp_path,
+            database,
+            plugin="access_audit_rabbitmq:RabbitMQPlugin",
+            url=RABBITMQ_URL,
+            destination=("routing_key", queue.name),
+            name="rabbitmq",
+            targets=broker_support.TARGETS_PER_COMMIT,
+        )
+        committed = broker_support.committed_targets(broker_support.TARGETS_PER_COMMIT)
+        published_before_kill = len(committed) - 2
+        assert queue.count() == published_before_kill  # confirmed, so durable
 
-    cls = AsyncRabbitMQPlugin if kind == "async" else RabbitMQPlugin
-    plugin = cls(RABBITMQ_URL, routing_key=queue.name)
-    relay_everything(database, plugin, "rabbitmq", len(rows))
+        cls = AsyncRabbitMQPlugin if kind == "async" else RabbitMQPlugin
+        plugin = cls(RABBITMQ_URL, routing_key=queue.name)
+        broker_support.relay_everything(database, plugin, "rabbitmq", len(rows))
 
-    consumer = DeduplicatingConsumer()
-    consumer.consume(queue.take())
-    # The batches published before the kill were published again by the relay.
-    assert consumer.read == len(committed) + published_before_kill
-    assert [m.message_id for m in consumer.processed] == [row["id"] for row in rows]
-    assert [m.headers["key"] for m in consumer.processed] == [
-        f"item:{target}" for target in committed
-    ]
-    assert {m.delivery_mode for m in consumer.processed} == {2}  # persistent
-    assert queue.count() == 0  # every message was acknowledged
+        consumer = DeduplicatingConsumer()
+        consumer.consume(queue.take())
+        # The batches published before the kill were published again by the relay.
+        assert consumer.read == len(committed) + published_before_kill
+        assert [m.message_id for m in consumer.processed] == [row["id"] for row in rows]
+        assert [m.headers["key"] for m in consumer.processed] == [
+            f"item:{target}" for target in committed
+        ]
+        assert {m.delivery_mode for m in consumer.processed} == {2}  # persistent
+        assert queue.count() == 0  # every message was acknowledged

@@ -7,12 +7,12 @@ then read the stream back (see conftest.py for the server and the stream).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import access_audit_redis
@@ -25,19 +25,11 @@ from access_audit_redis import (
     RedisStreamPublishError,
     from_env,
 )
-from broker_support import (
-    assert_entry_point_is_loaded,
-    assert_unconfigured_entry_point_is_no_outbox_recipient,
-    commit_twice_on_the_applications_loop,
-    plugin_maker,
-)
 from redis_support import REDIS_URL, Stream, dead_url, fresh_stream, silent_server
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.orm import Session, sessionmaker
-from support import Base, Failures, Recorder, operation, outbox_rows
+from sqlalchemy import Engine
+from support import operation
 
-from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
-from access_audit.outbox import Outbox, count_pending
+from access_audit import AuditEventEnvelope
 
 Plugin = RedisStreamPlugin | AsyncRedisStreamPlugin
 
@@ -59,17 +51,14 @@ def silent_url() -> Iterator[str]:
 @pytest.fixture
 def make_plugin() -> Iterator[Callable[..., Plugin]]:
     """Make plugins of either kind (``kind="sync"|"async"``); close them after."""
-    with plugin_maker(
+    with broker_support.plugin_maker(
         RedisStreamPlugin, AsyncRedisStreamPlugin, {"url": REDIS_URL}
     ) as make:
         yield make
 
 
-def attach(
-    engine: Engine, plugin: object, outbox: Outbox | None = None
-) -> tuple[sessionmaker[Session], Recorder, Failures]:
-    """An emitter with *plugin* as "redis", a recorder and a failure log."""
-    return broker_support.attach(engine, plugin, "redis", outbox)
+# An emitter with a plugin as "redis", a recorder and a failure log.
+attach = functools.partial(broker_support.attach, "redis")
 
 
 async def publish_and_close(
@@ -82,9 +71,8 @@ async def publish_and_close(
         await plugin.aclose()
 
 
-def envelope(target_id: str = "g") -> AuditEventEnvelope:
-    """A stand-alone envelope, as a relay rebuilds one from its row."""
-    return broker_support.envelope(target_id, event_type="group_member_added")
+# A stand-alone envelope, as a relay rebuilds one from its row.
+envelope = functools.partial(broker_support.envelope, event_type="group_member_added")
 
 
 # -- the package and its entry point ------------------------------------------
@@ -92,7 +80,9 @@ def envelope(target_id: str = "g") -> AuditEventEnvelope:
 
 def test_package_is_installed_and_its_entry_point_is_loaded() -> None:
     """access-audit-redis is installed and AuditEmitter() registers its plugin as "redis"."""
-    assert_entry_point_is_loaded("access-audit-redis", "redis", access_audit_redis)
+    broker_support.assert_entry_point_is_loaded(
+        "access-audit-redis", "redis", access_audit_redis
+    )
 
 
 @pytest.mark.skipif(
@@ -103,7 +93,7 @@ def test_unconfigured_entry_point_has_no_hook_and_is_no_outbox_recipient(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without ACCESS_AUDIT_REDIS_URL the plugin implements nothing: rows are not for it."""
-    assert_unconfigured_entry_point_is_no_outbox_recipient(
+    broker_support.assert_unconfigured_entry_point_is_no_outbox_recipient(
         caplog,
         "redis",
         access_audit_redis,
@@ -202,21 +192,7 @@ def test_commits_are_appended_once_in_order_with_id_key_type_body(
 ) -> None:
     """Each committed event is one entry: id = envelope id, key, type, body = JSON."""
     maker, recorder, failures = attach(memory_engine, make_plugin(stream=stream.key))
-    with maker() as session:
-        operation(session, "alpha")
-        stage_event(
-            session,
-            "group_member_added",
-            target_type="group",
-            target_id="admins",
-            action="add",
-            payload={"member": "alice"},
-        )
-        session.commit()
-        operation(session, "beta")
-        session.commit()
-        operation(session, "rolled-back")
-        session.rollback()
+    broker_support.commit_three_and_roll_back_one(maker)
     committed = recorder.events
     assert [e.target_id for e in committed] == ["alpha", "admins", "beta"]
     entries = stream.entries()
@@ -303,7 +279,7 @@ def test_async_session_commits_publish_on_the_applications_loop(
     """AsyncSession commits append once each, on the app's loop, with one client."""
     plugin = make_plugin("async", stream=stream.key)
     assert isinstance(plugin, AsyncRedisStreamPlugin)
-    recorder = commit_twice_on_the_applications_loop(
+    recorder = broker_support.commit_twice_on_the_applications_loop(
         plugin, "redis", lambda: plugin.clients, (0, 1, 0)
     )
     assert stream.ids() == [str(e.id) for e in recorder.events]
@@ -340,39 +316,20 @@ def test_unreachable_server_fails_the_hook_and_the_outbox_keeps_the_event(
     kind: str,
 ) -> None:
     """Redis down: the hook raises, audit_delivery_failed fires, the relay delivers later."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
-    Base.metadata.create_all(engine)
-    outbox = Outbox(relay_after=timedelta(0))
-    outbox.create(engine)
-    url = dead_url()
-    down = make_plugin(kind, url=url, stream=stream.key, timeout=1)
-    maker, recorder, failures = attach(engine, down, outbox)
-    started = time.monotonic()
-    with maker() as session:
-        operation(session, "kept")
-        session.commit()
-    assert time.monotonic() - started < 3
-    ((name, envelopes, error),) = failures.calls
-    assert name == "redis"
-    assert envelopes == tuple(recorder.events)
-    assert isinstance(error, RedisStreamPublishError)
-    assert isinstance(error.__cause__, redis.ConnectionError)
-    assert error.envelopes == envelopes
-    assert str(envelopes[0].id) in str(error)
-    assert url in str(error)
-    outbox.flush()
-    (row,) = outbox_rows(engine, outbox)
-    assert (row["id"], row["states"]["redis"]) == (str(envelopes[0].id), "pending")
-    assert stream.entries() == []
+    with broker_support.outbox_database(tmp_path, models=True) as database:
+        url = dead_url()
+        down = make_plugin(kind, url=url, stream=stream.key, timeout=1)
+        envelopes, error = broker_support.fail_one_commit(database, down, "redis")
+        assert isinstance(error, RedisStreamPublishError)
+        assert isinstance(error.__cause__, redis.ConnectionError)
+        assert error.envelopes == envelopes
+        assert str(envelopes[0].id) in str(error)
+        assert url in str(error)
+        assert stream.entries() == []
 
-    up = make_plugin(kind, stream=stream.key)
-    relay = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    relay.register(up, name="redis")
-    stats = relay.relay(engine, once=True, backoff=0)
-    assert (stats.delivered, stats.failed) == (1, 0)
-    assert stream.ids() == [str(envelopes[0].id)]
-    assert count_pending(engine, outbox) == 0
-    engine.dispose()
+        up = make_plugin(kind, stream=stream.key)
+        broker_support.relay_once(database, up, "redis", 1, backoff=0)
+        assert stream.ids() == [str(envelopes[0].id)]
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])

@@ -14,24 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import broker_support
 import pytest
 import redis
 from access_audit_redis import AsyncRedisStreamPlugin, RedisStreamPlugin
-from broker_support import (
-    TARGETS_PER_COMMIT,
-    Deduplicating,
-    committed_targets,
-    kill_application_after_commit,
-    outbox_database,
-    relay_everything,
-)
 from redis_support import REDIS_URL, Entry, Stream, fresh_stream
-from sqlalchemy import Engine
-
-from access_audit.outbox import Outbox
 
 
-class DeduplicatingConsumer(Deduplicating[dict[str, str]]):
+class DeduplicatingConsumer(broker_support.Deduplicating[dict[str, str]]):
     """Reads a stream through a consumer group; processes each ``id`` once,
     acknowledging every entry."""
 
@@ -61,44 +51,40 @@ def stream() -> Iterator[Stream]:
         yield created
 
 
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[tuple[Engine, Outbox]]:
-    """A file SQLite database with the outbox tables; the relay's Outbox."""
-    with outbox_database(tmp_path) as created:
-        yield created
-
-
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_killed_application_relay_and_deduplicating_consumer_see_each_event_once(
-    stream: Stream, database: tuple[Engine, Outbox], tmp_path: Path, kind: str
+    stream: Stream, tmp_path: Path, kind: str
 ) -> None:
     """SIGKILL after COMMIT: the relay (sync or async plugin) delivers, the
     consumer de-duplicating by id sees every committed event exactly once."""
-    rows = kill_application_after_commit(
-        tmp_path,
-        database,
-        plugin="access_audit_redis:RedisStreamPlugin",
-        url=REDIS_URL,
-        destination=("stream", stream.key),
-        name="redis",
-        targets=TARGETS_PER_COMMIT,
-    )
-    committed = committed_targets(TARGETS_PER_COMMIT)
-    appended_before_kill = [f["id"] for _, f in stream.entries()]
-    assert appended_before_kill == [row["id"] for row in rows[:-2]]
+    with broker_support.outbox_database(tmp_path) as database:
+        rows = broker_support.kill_application_after_commit(
+            tmp_path,
+            database,
+            plugin="access_audit_redis:RedisStreamPlugin",
+            url=REDIS_URL,
+            destination=("stream", stream.key),
+            name="redis",
+            targets=broker_support.TARGETS_PER_COMMIT,
+        )
+        committed = broker_support.committed_targets(broker_support.TARGETS_PER_COMMIT)
+        appended_before_kill = [f["id"] for _, f in stream.entries()]
+        assert appended_before_kill == [row["id"] for row in rows[:-2]]
 
-    cls = AsyncRedisStreamPlugin if kind == "async" else RedisStreamPlugin
-    relay_everything(database, cls(REDIS_URL, stream=stream.key), "redis", len(rows))
+        cls = AsyncRedisStreamPlugin if kind == "async" else RedisStreamPlugin
+        broker_support.relay_everything(
+            database, cls(REDIS_URL, stream=stream.key), "redis", len(rows)
+        )
 
-    consumer = DeduplicatingConsumer(stream.client, stream.key, "audit-readers")
-    consumer.drain()
-    # The batches appended before the kill were appended again by the relay.
-    assert consumer.read == len(committed) + len(appended_before_kill)
-    assert [fields["id"] for fields in consumer.processed] == [
-        row["id"] for row in rows
-    ]
-    assert [fields["key"] for fields in consumer.processed] == [
-        f"item:{target}" for target in committed
-    ]
-    pending = stream.client.xpending(stream.key, "audit-readers")
-    assert pending["pending"] == 0  # every entry was acknowledged
+        consumer = DeduplicatingConsumer(stream.client, stream.key, "audit-readers")
+        consumer.drain()
+        # The batches appended before the kill were appended again by the relay.
+        assert consumer.read == len(committed) + len(appended_before_kill)
+        assert [fields["id"] for fields in consumer.processed] == [
+            row["id"] for row in rows
+        ]
+        assert [fields["key"] for fields in consumer.processed] == [
+            f"item:{target}" for target in committed
+        ]
+        pending = stream.client.xpending(stream.key, "audit-readers")
+        assert pending["pending"] == 0  # every entry was acknowledged
