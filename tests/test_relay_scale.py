@@ -24,9 +24,48 @@ from sqlalchemy.orm import Session
 from support import outbox_rows
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
-from access_audit.outbox import Outbox, count_pending, prune, retry_dead, status
+from access_audit.outbox import (
+    Outbox,
+    RelayStats,
+    count_pending,
+    prune,
+    retry_dead,
+    status,
+)
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+class PollingRelay:
+    """``emitter.relay(bind, once=False, ...)`` running in a thread."""
+
+    def __init__(self, emitter: AuditEmitter, bind: Engine, **options: Any) -> None:
+        self.stopping = threading.Event()
+        self.result: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, args=(emitter, bind, options))
+        self.thread.start()
+
+    def _run(self, emitter: AuditEmitter, bind: Engine, options: Any) -> None:
+        try:
+            self.result["stats"] = emitter.relay(
+                bind, once=False, stop=self.stopping, **options
+            )
+        except BaseException as error:  # stop() raises it
+            self.result["error"] = error
+
+    def running(self) -> bool:
+        """Whether the relay is still polling (it has not ended or raised)."""
+        return self.thread.is_alive() and not self.result
+
+    def stop(self) -> RelayStats:
+        """Stop the relay; its stats, or what it raised."""
+        self.stopping.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the relay did not stop"
+        if "error" in self.result:
+            raise self.result["error"]
+        stats: RelayStats = self.result["stats"]
+        return stats
 
 
 class Counter:
@@ -225,22 +264,10 @@ def test_a_polling_relay_reconnects_through_killed_connections(
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
     sink = Killer(engine, ids)
     relay_emitter = emitter_for(due_outbox, sink)
-    stop = threading.Event()
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["stats"] = relay_emitter.relay(
-                relay_engine, once=False, interval=0.05, stop=stop, batch_size=20
-            )
-        except BaseException as error:  # the test fails on it below
-            result["error"] = error
-
     caplog.set_level("WARNING", logger="access_audit")
     targets = [str(number) for number in range(300)]
     commit_events(engine, writer, targets[:100])
-    relay_thread = threading.Thread(target=run)
-    relay_thread.start()
+    relay = PollingRelay(relay_emitter, relay_engine, interval=0.05, batch_size=20)
     try:
         for round_ in (1, 2):
             time.sleep(0.3)
@@ -249,15 +276,13 @@ def test_a_polling_relay_reconnects_through_killed_connections(
         deadline = time.monotonic() + 60
         while count_pending(engine, due_outbox) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert relay_thread.is_alive(), result
+        assert relay.running()
     finally:
-        stop.set()
-        relay_thread.join(30)
+        stats = relay.stop()
         relay_engine.dispose()
-    assert "error" not in result, result
     assert count_pending(engine, due_outbox) == 0
     assert set(sink.order) == set(targets)  # at least once, some maybe twice
-    assert result["stats"].reconnects >= 1
+    assert stats.reconnects >= 1
     assert any("trying again" in message for message in caplog.messages)
 
 
@@ -338,17 +363,7 @@ def test_a_polling_relay_on_postgresql_wakes_on_commit_not_on_its_interval(
         pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
     sink = Counter()
-    relay_emitter = emitter_for(due_outbox, sink)
-    stop = threading.Event()
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        result["stats"] = relay_emitter.relay(
-            engine, once=False, interval=60.0, stop=stop
-        )
-
-    relay_thread = threading.Thread(target=run)
-    relay_thread.start()
+    relay = PollingRelay(emitter_for(due_outbox, sink), engine, interval=60.0)
     try:
         time.sleep(0.5)  # the relay found nothing and waits
         with Session(engine) as session:
@@ -363,10 +378,8 @@ def test_a_polling_relay_on_postgresql_wakes_on_commit_not_on_its_interval(
             time.sleep(0.05)
         assert sink.order == ["late"]
     finally:
-        stop.set()
-        relay_thread.join(10)
-    assert not relay_thread.is_alive()
-    assert result["stats"].delivered == 1
+        stats = relay.stop()
+    assert stats.delivered == 1
 
 
 def test_status_counts_pending_and_dead_per_plugin_and_the_oldest_pending(
@@ -533,21 +546,8 @@ def test_a_polling_relay_rides_out_a_server_restart(
     relay_engine = create_engine(url.set(host="127.0.0.1", port=proxy.port))
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
     sink = Counter()
-    relay_emitter = emitter_for(due_outbox, sink)
-    stop = threading.Event()
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["stats"] = relay_emitter.relay(
-                relay_engine, once=False, interval=0.05, stop=stop
-            )
-        except BaseException as error:  # the test fails on it below
-            result["error"] = error
-
     caplog.set_level("WARNING", logger="access_audit")
-    relay_thread = threading.Thread(target=run)
-    relay_thread.start()
+    relay = PollingRelay(emitter_for(due_outbox, sink), relay_engine, interval=0.05)
     try:
         commit_events(engine, writer, ["before"])
         deadline = time.monotonic() + 20
@@ -556,17 +556,15 @@ def test_a_polling_relay_rides_out_a_server_restart(
         proxy.stop()
         commit_events(engine, writer, ["during"])  # straight to the server
         time.sleep(2.0)
-        assert relay_thread.is_alive(), result
+        assert relay.running()
         proxy.start()
         deadline = time.monotonic() + 60
         while "during" not in sink.order and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        stop.set()
-        relay_thread.join(30)
+        stats = relay.stop()
         relay_engine.dispose()
         proxy.stop()
-    assert "error" not in result, result
     assert sink.order == ["before", "during"]
-    assert result["stats"].reconnects >= 1
+    assert stats.reconnects >= 1
     assert any("trying again" in message for message in caplog.messages)
