@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry
 
 from access_audit import hookimpl
 
-from ._settings import DEFAULT_URL, StreamSettings, client_options
+from ._settings import StreamSettings, client_options
 
 if TYPE_CHECKING:
     from access_audit import AuditEventEnvelope
@@ -45,18 +45,7 @@ class AsyncRedisStreamPlugin(StreamSettings):
     Parameters: as :class:`~access_audit_redis.StreamSettings`.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        stream: str = "audit",
-        maxlen: int | None = None,
-        approximate: bool = True,
-        timeout: float = 5.0,
-    ) -> None:
-        super().__init__(
-            url, stream=stream, maxlen=maxlen, approximate=approximate, timeout=timeout
-        )
+    def _setup(self) -> None:
         self._clients: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
         self._lock = threading.Lock()
 
@@ -95,13 +84,7 @@ class AsyncRedisStreamPlugin(StreamSettings):
         client = self._client()
         try:
             async with client.pipeline(transaction=True) as pipeline:
-                for envelope in batch:
-                    pipeline.xadd(
-                        self.stream,
-                        self.fields_for(envelope),
-                        maxlen=self.maxlen,
-                        approximate=self.approximate,
-                    )
+                self._append(pipeline, batch)
                 entry_ids: list[str] = await pipeline.execute()
         except redis.RedisError as error:
             raise self.error(batch, error) from error

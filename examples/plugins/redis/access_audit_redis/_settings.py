@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio.client
+import redis.client
 from redis.backoff import NoBackoff
 from redis.typing import EncodableT, FieldT
 
@@ -81,6 +83,10 @@ class StreamSettings:
         self.maxlen = None if maxlen is None else check_maxlen(maxlen)
         self.approximate = bool(approximate)
         self.timeout = check_timeout(timeout)
+        self._setup()
+
+    def _setup(self) -> None:
+        """Called once the settings are checked: a plugin's own state, unconnected."""
 
     def __repr__(self) -> str:
         trim = ""
@@ -100,6 +106,20 @@ class StreamSettings:
             "type": envelope.event_type,
             "body": envelope.to_json(),
         }
+
+    def _append(
+        self,
+        pipeline: redis.client.Pipeline | redis.asyncio.client.Pipeline,
+        envelopes: Sequence[AuditEventEnvelope],
+    ) -> None:
+        """Queue one ``XADD`` per envelope on *pipeline*, in order."""
+        for envelope in envelopes:
+            pipeline.xadd(
+                self.stream,
+                self.fields_for(envelope),
+                maxlen=self.maxlen,
+                approximate=self.approximate,
+            )
 
     def error(
         self, envelopes: Sequence[AuditEventEnvelope], cause: BaseException
