@@ -22,7 +22,7 @@ from aio_pika.connection import make_url
 
 from access_audit import hookimpl
 
-from ._settings import DEFAULT_URL, PublisherSettings
+from ._settings import PublisherSettings
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
@@ -125,17 +125,7 @@ class AsyncRabbitMQPlugin(PublisherSettings):
     Parameters: as :class:`~access_audit_rabbitmq.PublisherSettings`.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        exchange: str = "",
-        routing_key: str = "audit",
-        timeout: float = 5.0,
-    ) -> None:
-        super().__init__(
-            url, exchange=exchange, routing_key=routing_key, timeout=timeout
-        )
+    def _setup(self) -> None:
         self._links: dict[asyncio.AbstractEventLoop, _Link] = {}
         self._lock = threading.Lock()
 

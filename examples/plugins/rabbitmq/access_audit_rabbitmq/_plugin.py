@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from access_audit import hookimpl
 
 from ._async_plugin import AsyncRabbitMQPlugin
-from ._settings import DEFAULT_URL, PublisherSettings
+from ._settings import PublisherSettings
 
 if TYPE_CHECKING:
     from access_audit import AuditEventEnvelope
@@ -71,19 +71,12 @@ class RabbitMQPlugin(PublisherSettings):
     Parameters: as :class:`~access_audit_rabbitmq.PublisherSettings`.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        exchange: str = "",
-        routing_key: str = "audit",
-        timeout: float = 5.0,
-    ) -> None:
-        super().__init__(
-            url, exchange=exchange, routing_key=routing_key, timeout=timeout
-        )
+    def _setup(self) -> None:
         self._publisher = AsyncRabbitMQPlugin(
-            url, exchange=exchange, routing_key=routing_key, timeout=timeout
+            self.url,
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+            timeout=self.timeout,
         )
         self._runner: _LoopThread | None = None
         self._lock = threading.Lock()

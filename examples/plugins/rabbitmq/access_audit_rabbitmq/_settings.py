@@ -76,6 +76,10 @@ class PublisherSettings:
         self.exchange = check_exchange(exchange)
         self.routing_key = check_routing_key(routing_key)
         self.timeout = check_timeout(timeout)
+        self._setup()
+
+    def _setup(self) -> None:
+        """Called once the settings are checked: a plugin's own state, unconnected."""
 
     def __repr__(self) -> str:
         return (
