@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import confluent_kafka
 
@@ -43,15 +43,7 @@ class ProducerOwner(ProducerSettings):
     fatal error, closes it. Parameters: as
     :class:`~access_audit_kafka.ProducerSettings`."""
 
-    def __init__(
-        self,
-        bootstrap_servers: str,
-        *,
-        topic: str = "audit",
-        timeout: float = 30.0,
-        config: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(bootstrap_servers, topic=topic, timeout=timeout, config=config)
+    def _setup(self) -> None:
         self._reports: DeliveryReports | None = None
         self._lock = threading.Lock()
         if hasattr(os, "register_at_fork"):

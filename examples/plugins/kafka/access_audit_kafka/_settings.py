@@ -85,6 +85,10 @@ class ProducerSettings:
         self.topic = check_topic(topic)
         self.timeout = check_timeout(timeout)
         self.config: dict[str, Any] = check_config(config or {})
+        self._setup()
+
+    def _setup(self) -> None:
+        """Called once the settings are checked: a plugin's own state, unconnected."""
 
     def __repr__(self) -> str:
         return (
