@@ -2,11 +2,13 @@
 
 A plugin with an ``async def`` delivery hook gets the batch in a task of its
 own: its ``audit_event_logged`` calls in staging order, then its
-``audit_events_committed``, both awaited. The tasks run together and are
-waited for with :func:`asyncio.wait`, never :func:`asyncio.gather`: one that
-fails, hangs past its timeout (even one that ignores being cancelled) or is
-cancelled neither cancels nor skips the others, and a caller cancelled while
-it waits leaves them running; their failures are still reported.
+``audit_events_committed``, both awaited. Each task runs its first step as it
+is made (:func:`start_task`), so a plugin that never suspends is done before
+anything waits; the tasks still pending run together and are waited for with
+:func:`asyncio.wait`, never :func:`asyncio.gather`: one that fails, hangs past
+its timeout (even one that ignores being cancelled) or is cancelled neither
+cancels nor skips the others, and a caller cancelled while it waits leaves
+them running; their failures are still reported.
 
 Where the awaiting happens: inside ``await session.commit()`` of an
 ``AsyncSession`` the listeners run in SQLAlchemy's greenlet, and the
