@@ -12,8 +12,8 @@ relay (at least once, as always), never an event.
 from __future__ import annotations
 
 import atexit
+import collections
 import os
-import queue
 import threading
 import time
 import weakref
@@ -51,7 +51,11 @@ class Recorder:
 
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = weakref.proxy(outbox)
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._wake = threading.Event()
+        """Set by the first record after the thread went idle."""
+        self._hurry = threading.Event()
+        """Set to write before the linger is over: a flush, or a full batch."""
         self._pid = -1
         self._lock = threading.Lock()
         self._here = threading.local()
@@ -80,10 +84,20 @@ class Recorder:
                 self._write(engine, records)
 
     def submit(self, engine: Engine, record: Dispatched) -> None:
-        """Queue *record* of rows written through *engine*; returns at once."""
+        """Queue *record* of rows written through *engine*; returns at once.
+
+        Only the first record after the thread went idle wakes it (and the
+        record that fills a batch): a commit does not hand the interpreter
+        to another thread.
+        """
         if self._pid != os.getpid():
             self._start()
-        self._queue.put((engine, record))
+        pending = self._pending
+        pending.append((engine, record))
+        if not self._wake.is_set():
+            self._wake.set()
+        elif len(pending) >= MAX_BATCH:
+            self._hurry.set()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until what was submitted so far is written (or failed and logged).
@@ -95,49 +109,55 @@ class Recorder:
         if self._pid != os.getpid():
             return True
         done = threading.Event()
-        self._queue.put(done)
+        # After every record submitted before it: done once they are written.
+        self._pending.append(done)
+        self._wake.set()
+        self._hurry.set()
         return done.wait(timeout)
 
     def _start(self) -> None:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            self._queue = queue.SimpleQueue()
+            # Fresh in a forked child: the parent's thread is not here.
+            self._pending = collections.deque()
+            self._wake = threading.Event()
+            self._hurry = threading.Event()
             threading.Thread(
                 target=self._run, name="access_audit-outbox-recorder", daemon=True
             ).start()
             self._pid = os.getpid()
 
     def _run(self) -> None:
+        pending, wake, hurry = self._pending, self._wake, self._hurry
         while True:
-            item = self._queue.get()
-            deadline = time.monotonic() + LINGER
-            waiting: list[threading.Event] = []
-            by_engine: dict[Engine, list[Dispatched]] = {}
-            count = 0
-            while True:
-                if isinstance(item, threading.Event):
-                    waiting.append(item)
-                else:
-                    engine, record = item
-                    by_engine.setdefault(engine, []).append(record)
-                    count += 1
-                if count >= MAX_BATCH:
-                    break
-                try:
-                    if waiting:  # a flush: write what is here now
-                        item = self._queue.get_nowait()
-                    else:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        item = self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-            for engine, records in by_engine.items():
-                self._write(engine, records)
-            for done in waiting:
-                done.set()
+            wake.wait()
+            hurry.wait(LINGER)
+            # Cleared before taking: a record added from now on sets them
+            # again, and is taken by the next round if not by this one.
+            wake.clear()
+            hurry.clear()
+            while pending:
+                self._write_some(pending)
+
+    def _write_some(self, pending: collections.deque[_Item]) -> None:
+        """Take up to :data:`MAX_BATCH` records off *pending* and write them,
+        one transaction per engine; then release the flushes taken with them."""
+        waiting: list[threading.Event] = []
+        by_engine: dict[Engine, list[Dispatched]] = {}
+        count = 0
+        while pending and count < MAX_BATCH:
+            item = pending.popleft()
+            if isinstance(item, threading.Event):
+                waiting.append(item)
+                continue
+            engine, record = item
+            by_engine.setdefault(engine, []).append(record)
+            count += 1
+        for engine, records in by_engine.items():
+            self._write(engine, records)
+        for done in waiting:
+            done.set()
 
     def _write(self, engine: Engine, records: list[Dispatched]) -> None:
         try:
