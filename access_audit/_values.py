@@ -21,12 +21,20 @@ __all__ = [
     "ReadOnlyDict",
     "ReadOnlyList",
     "check_text",
+    "compact_json",
     "freeze_json",
     "freeze_parsed",
     "int_text",
     "resolve_lazy",
     "thaw",
 ]
+
+compact_json: Callable[[Any], str] = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":")
+).encode
+"""``json.dumps(value, ensure_ascii=False, separators=(",", ":"))``: compact
+JSON as stored and measured, with its encoder made once (``dumps`` with
+options makes one per call)."""
 
 # Deep enough for any real payload; stops a self-referencing structure early
 # with a clear message instead of a RecursionError.
@@ -131,9 +139,7 @@ class PayloadRules:
         """
         if self.max_payload_bytes is None:
             return
-        size = len(
-            json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        )
+        size = len(compact_json(payload).encode())
         if size > self.max_payload_bytes:
             raise ValueError(
                 f"event {event_type!r}: payload is {size} bytes as JSON, more than "

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,26 +75,42 @@ def Session(engine: Engine, outbox: Outbox, sink: Sink) -> Iterator[sessionmaker
 
 @pytest.fixture
 def written(engine: Engine, outbox: Outbox) -> Iterator[list[dict[str, Any]]]:
-    """The rows INSERTed into the outbox table on *engine*, in order; any
-    other statement on that table (an UPDATE) fails the test."""
+    """The rows INSERTed into the outbox table on *engine*, in order, by
+    column name, as the driver got them; any other statement on that table
+    but a DELETE (an UPDATE) fails the test."""
     rows: list[dict[str, Any]] = []
     others: list[str] = []
+    prepared = outbox.insert_for(engine.dialect)
 
-    def after_execute(
-        connection: object, clause: Any, multiparams: Any, params: Any, *_: Any
+    def after_cursor_execute(
+        connection: object,
+        cursor: object,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
     ) -> None:
-        table = getattr(clause, "table", None)
-        if table is not outbox.table:
+        if statement == prepared.sql:
+            for row in parameters if executemany else [parameters]:
+                if not isinstance(row, dict):
+                    row = dict(zip(prepared.columns, row, strict=True))
+                rows.append(row)
             return
-        if clause.is_insert:
-            rows.extend(multiparams if multiparams else [params])
-        elif not clause.is_delete:
-            others.append(str(clause))
+        clause = getattr(context.compiled, "statement", None)
+        if getattr(clause, "table", None) is outbox.table and not clause.is_delete:
+            others.append(statement)
 
-    event.listen(engine, "after_execute", after_execute)
+    event.listen(engine, "after_cursor_execute", after_cursor_execute)
     yield rows
-    event.remove(engine, "after_execute", after_execute)
+    event.remove(engine, "after_cursor_execute", after_cursor_execute)
     assert others == []
+
+
+def as_stored(engine: Engine, timestamp: datetime) -> Any:
+    """*timestamp* as the driver gets it for ``created_at`` on *engine*."""
+    column_type = Outbox().table.c.created_at.type
+    process = column_type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+    return process(timestamp) if process is not None else timestamp
 
 
 def row_names(written: list[dict[str, Any]]) -> list[str]:
@@ -124,7 +142,7 @@ def test_committed_events_get_one_row_each_that_parses_back_to_the_envelope(
         assert row["aggregateid"] == envelope.target_id
         assert row["type"] == "item_created"
         assert AuditEventEnvelope.from_dict(json.loads(row["payload"])) == envelope
-        assert row["created_at"] == envelope.timestamp
+        assert row["created_at"] == as_stored(engine, envelope.timestamp)
         assert row["transaction_id"] == str(envelope.transaction_id)
         assert row["sequence"] == envelope.sequence
     assert [row["sequence"] for row in rows] == [0, 1, 0]
@@ -435,6 +453,71 @@ def test_async_session_commit_writes_rows_and_records_the_delivery(
     assert sink.names == ["2"]
     assert [row["id"] for row in rows] == [str(sink.events[0].id)]
     assert rows[0]["states"] == {"sink": DELIVERED, "down": PENDING}
+
+
+def _recorder_deletes(engine: Engine, outbox: Outbox) -> list[float]:
+    """A list that gets the time of each DELETE of outbox rows the recorder
+    thread runs on *engine* (listening until the test ends)."""
+    deletes: list[float] = []
+
+    def before_execute(connection: object, clause: Any, *_: Any) -> None:
+        if (
+            threading.current_thread().name == "access_audit-outbox-recorder"
+            and getattr(clause, "is_delete", False)
+            and clause.table is outbox.table
+        ):
+            deletes.append(time.monotonic())
+
+    event.listen(engine, "before_execute", before_execute)
+    return deletes
+
+
+def test_records_of_commits_within_the_linger_are_written_together(
+    engine: Engine, outbox: Outbox, Session: sessionmaker, sink: Sink
+) -> None:
+    """The recorder gathers what the commits of its linger period delivered
+    and deletes their rows in one statement, not one per commit."""
+    deletes = _recorder_deletes(engine, outbox)
+    with Session() as session:
+        for number in range(5):
+            operation(session, f"n{number}")
+            session.commit()
+    assert outbox.flush(timeout=10)
+    assert len(sink.events) == 5
+    assert outbox_rows(engine, outbox) == []
+    assert len(deletes) == 1
+
+
+def test_a_full_batch_of_records_is_written_before_the_linger_ends(
+    engine: Engine,
+    outbox: Outbox,
+    Session: sessionmaker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """:data:`MAX_BATCH` records wake the recorder at once: with a linger of
+    a minute, the rows of that many commits leave within seconds, with no
+    flush; a record after them waits for the linger (or a flush)."""
+    from access_audit.outbox import _recorder
+
+    monkeypatch.setattr(_recorder, "LINGER", 60.0)
+    monkeypatch.setattr(_recorder, "MAX_BATCH", 3)
+    deletes = _recorder_deletes(engine, outbox)
+    with Session() as session:
+        for number in range(3):
+            operation(session, f"n{number}")
+            session.commit()
+        deadline = time.monotonic() + 10
+        while not deletes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(deletes) == 1
+        assert outbox_rows(engine, outbox) == []
+        operation(session, "n3")
+        session.commit()
+    time.sleep(0.3)
+    assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == ["n3"]
+    assert outbox.flush(timeout=10)
+    assert len(deletes) == 2
+    assert outbox_rows(engine, outbox) == []
 
 
 def test_in_memory_sqlite_records_deliveries_later_in_the_committing_thread(

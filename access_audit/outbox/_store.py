@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, Text, any_, bindparam, delete, func, 
 from sqlalchemy.sql.elements import ColumnElement
 
 from .._envelope import AuditEventEnvelope, stored_envelope
+from .._values import compact_json
 from ._table import DEAD, DELIVERED, PENDING, Outbox
 
 if TYPE_CHECKING:
@@ -98,26 +99,31 @@ def write(
     """
     if envelopes:
         names = _recipients_text(frozenset(recipients))
-        rows = [
-            {
-                "id": str(envelope.id),
-                "aggregatetype": envelope.target_type,
-                "aggregateid": envelope.target_id,
-                "type": envelope.event_type,
-                "payload": envelope.to_json(ensure_ascii=False),
-                "created_at": envelope.timestamp,
-                "transaction_id": str(envelope.transaction_id),
-                "sequence": envelope.sequence,
-                "recipients": names,
-            }
-            for envelope in envelopes
-        ]
         # Core, on the session's connection for the table: the ORM's
         # session.execute() path costs as much again per commit.
         connection = session.connection(bind_arguments={"clause": outbox.table})
+        prepared = outbox.insert_for(connection.dialect)
+        rows = []
+        for envelope in envelopes:
+            data = envelope.to_dict()
+            rows.append(
+                prepared.parameters(
+                    {
+                        "id": data["id"],
+                        "aggregatetype": envelope.target_type,
+                        "aggregateid": envelope.target_id,
+                        "type": envelope.event_type,
+                        "payload": compact_json(data),
+                        "created_at": envelope.timestamp,
+                        "transaction_id": data["transaction_id"],
+                        "sequence": envelope.sequence,
+                        "recipients": names,
+                    }
+                )
+            )
         # One row (the usual commit) as a plain execute: the executemany
         # path costs more per statement.
-        connection.execute(outbox.insert, rows[0] if len(rows) == 1 else rows)
+        connection.exec_driver_sql(prepared.sql, rows[0] if len(rows) == 1 else rows)
 
 
 @contextmanager

@@ -4,6 +4,7 @@ transaction, and the delivery state the relay keeps beside it."""
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from sqlalchemy.types import TypeDecorator
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import Session
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from ._recorder import Recorder
     from ._relay import RelayStats
 
-__all__ = ["DEAD", "DELIVERED", "PENDING", "Outbox"]
+__all__ = ["DEAD", "DELIVERED", "PENDING", "Outbox", "PreparedInsert"]
 
 PENDING = "pending"
 """Some plugin has yet to take the event (a delivery state: to be retried)."""
@@ -50,6 +52,47 @@ _LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 _UTF8MB4: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 """MariaDB's table options: every character (a server may default to latin1),
 compared exactly, as ids are."""
+
+
+class PreparedInsert:
+    """An INSERT of whole rows into *table*, compiled for one dialect.
+
+    Run through :meth:`Connection.exec_driver_sql`, so that statement events
+    and logging still see it, without compiling, or looking up the compiled
+    form and processing parameters through it, on every commit (that cost
+    more than the INSERT itself on SQLite). The columns' bind processors
+    are applied as the compiled statement would apply them.
+    """
+
+    __slots__ = ("_positional", "_processors", "columns", "sql")
+
+    def __init__(self, table: Table, dialect: Dialect) -> None:
+        compiled = insert(table).compile(dialect=dialect)
+        self.sql: str = compiled.string
+        """The statement, in the driver's parameter style."""
+        self._positional = compiled.positional
+        by_name = {column.key: column for column in table.columns}
+        names = compiled.positiontup if compiled.positional else list(by_name)
+        self.columns: tuple[str, ...] = tuple(names or ())
+        """The column names, in the order of a positional driver's parameters."""
+        self._processors = tuple(
+            (name, processor)
+            for name in self.columns
+            if (processor := _bind_processor(by_name[name], dialect)) is not None
+        )
+
+    def parameters(self, row: dict[str, Any]) -> Any:
+        """*row* (every column by name) as the driver takes it: its values
+        processed as the column types do, in a tuple or in *row* itself."""
+        for name, processor in self._processors:
+            row[name] = processor(row[name])
+        if self._positional:
+            return tuple([row[name] for name in self.columns])
+        return row
+
+
+def _bind_processor(column: Column[Any], dialect: Dialect) -> Any:
+    return column.type.dialect_impl(dialect).bind_processor(dialect)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -182,11 +225,17 @@ class Outbox:
     def __repr__(self) -> str:
         return f"<Outbox table={self.table.fullname!r}>"
 
+    def insert_for(self, dialect: Dialect) -> PreparedInsert:
+        """The INSERT run on every commit, compiled once per dialect."""
+        prepared = self._inserts.get(dialect)
+        if prepared is None:
+            prepared = self._inserts[dialect] = PreparedInsert(self.table, dialect)
+        return prepared
+
     @functools.cached_property
-    def insert(self) -> Any:
-        """The INSERT run on every commit, built once: building costs more
-        than running it."""
-        return insert(self.table)
+    def _inserts(self) -> weakref.WeakKeyDictionary[Dialect, PreparedInsert]:
+        # Weak: an application (or a test suite) may make many engines.
+        return weakref.WeakKeyDictionary()
 
     def create(self, bind: Any) -> None:
         """Create the tables if they do not exist (``bind``: Engine or Connection)."""
