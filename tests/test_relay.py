@@ -959,7 +959,8 @@ def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
 def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
     engine: Engine, outbox: Outbox
 ) -> None:
-    """Relays lock only what they deliver; another takes the next rows."""
+    """Relays lock only what they deliver; another takes the next rows, and
+    knows that it passed locked ones."""
     from access_audit.outbox._relay import _claim
 
     sink = OrderedSink()
@@ -971,10 +972,12 @@ def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
     with engine.connect() as first, engine.connect() as second:
         first.begin()
         second.begin()
-        taken_first = _claim(first, outbox, ["sink"], now, 4)
-        taken_second = _claim(second, outbox, ["sink"], now, 4)
+        taken_first, contended_first = _claim(first, outbox, ["sink"], now, 4)
+        taken_second, contended_second = _claim(second, outbox, ["sink"], now, 4)
         first.rollback()
         second.rollback()
+    # The second relay found the first one's rows locked on its way.
+    assert (contended_first, contended_second) == (False, True)
     for taken in (*taken_first, *taken_second):
         assert taken.plugins == ["sink"]
         assert taken.row.payload is not None

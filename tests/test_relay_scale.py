@@ -200,6 +200,51 @@ def test_a_held_target_with_a_long_backlog_does_not_hide_another_targets_event(
     assert count_pending(engine, due_outbox) == 21_001
 
 
+def test_a_once_relay_waits_for_rows_another_relay_locked_in_passing(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """Two relays locking the same transaction's rows at once (SKIP LOCKED)
+    can each get part of it and both let it go. A relay run with ``once``
+    that found only such rows due must not return with them pending: it
+    tries again until they are free (it once returned at once, and four
+    relays on a backlog left a whole transaction behind)."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has no row locks")
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    commit_events(engine, writer, ["a1", "a2"], per_commit=2)
+    commit_events(engine, writer, ["b1"])
+    [a2] = [
+        row["id"]
+        for row in outbox_rows(engine, due_outbox)
+        if row["aggregateid"] == "a2"
+    ]
+    locked, release = threading.Event(), threading.Event()
+
+    def lock_part() -> None:
+        # What the other relay's attempt holds: a2, and not a1 (by primary
+        # key: InnoDB would lock every row a scan reads).
+        with engine.connect() as connection:
+            connection.execute(
+                select(due_outbox.table.c.id)
+                .where(due_outbox.table.c.id == a2)
+                .with_for_update()
+            ).all()
+            locked.set()
+            release.wait(10)
+            connection.rollback()
+
+    holder = threading.Thread(target=lock_part)
+    holder.start()
+    assert locked.wait(10)
+    threading.Timer(0.5, release.set).start()
+    sink = Counter()
+    stats = emitter_for(due_outbox, sink).relay(engine, once=True)
+    holder.join(10)
+    assert sink.order == ["b1", "a1", "a2"]
+    assert stats.delivered == 3
+    assert count_pending(engine, due_outbox) == 0
+
+
 def backend_ids(engine: Engine) -> list[int]:
     """Record the server-side id of every connection *engine* opens."""
     ids: list[int] = []

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -137,7 +138,9 @@ def relay(
     delivering an event to a plugin twice concurrently; on SQLite run one.
 
     :param once: return when no row is due; otherwise keep polling every
-        ``interval`` seconds until ``stop`` is set.
+        ``interval`` seconds until ``stop`` is set. Due rows that other
+        relays hold locked are waited for (up to 15 seconds), so relays
+        run together with ``once`` leave nothing due behind.
     :param retention: delete ``delivered`` rows older than this.
     :param progress: called with the running totals after each batch.
     :raises TypeError: *bind* is an ``AsyncEngine`` or ``AsyncConnection``
@@ -288,6 +291,10 @@ _ONCE_RETRIES = 5
 
 _MAX_RECONNECT_DELAY = 30.0
 
+_CONTENDED_WAIT = 15.0
+"""Seconds a ``once`` run keeps trying again while the only due rows it
+finds are locked by others (each try after a short, random pause)."""
+
 
 def _poll(
     emitter: AuditEmitter,
@@ -316,12 +323,13 @@ def _poll(
     counted_at: float | None = None
     failures = 0
     checked = False
+    contended_since: float | None = None
     while not stopped():
         try:
             if not checked:
                 _check_tables(bind, outbox)
                 checked = True
-            done = _relay_batch(
+            done, contended = _relay_batch(
                 emitter, bind, outbox, plugins, stats, batch_size, max_attempts,
                 backoff, max_backoff,
             )  # fmt: skip
@@ -351,11 +359,22 @@ def _poll(
             logger.warning("relay: the database is back after %d errors", failures)
             failures = 0
         if done:
+            contended_since = None
             if progress is not None:
                 progress(stats)
             continue
         if once:
-            break
+            # Rows another relay holds are delivered by it, or let go by an
+            # attempt that locked only part of their transaction: look again
+            # (at a random moment, so two such relays fall out of step)
+            # rather than end with them pending.
+            now = time.monotonic()
+            if contended_since is None:
+                contended_since = now
+            if not contended or now - contended_since > _CONTENDED_WAIT:
+                break
+            pause(random.uniform(0.01, 0.1))
+            continue
         pause(interval)
     return stats
 
@@ -411,21 +430,22 @@ def _relay_batch(
     max_attempts: int,
     backoff: float,
     max_backoff: float,
-) -> int:
-    """Deliver one locked batch; returns how many rows it handled.
+) -> tuple[int, bool]:
+    """Deliver one locked batch; returns how many rows it handled, and
+    whether due rows were left because others had them locked.
 
     Every handled row is delivered, or its next attempt is rescheduled, so a
     relay run with ``once`` always comes to an end.
     """
     now = datetime.now(timezone.utc)
     with transaction(bind) as connection:
-        claimed = _claim(connection, outbox, plugins, now, batch_size)
+        claimed, contended = _claim(connection, outbox, plugins, now, batch_size)
         if not claimed:
-            return 0
+            return 0, contended
         _deliver_rows(emitter, claimed, stats, max_attempts)
         _save(connection, outbox, claimed, now, backoff, max_backoff)
         stats.batches += 1
-        return len(claimed)
+        return len(claimed), contended
 
 
 class _Claim:
@@ -444,8 +464,9 @@ def _claim(
     plugins: list[str],
     now: datetime,
     batch_size: int,
-) -> list[_Claim]:
-    """Lock and return up to about *batch_size* rows this relay may deliver now.
+) -> tuple[list[_Claim], bool]:
+    """Lock and return up to about *batch_size* rows this relay may deliver
+    now, and whether a transaction it wanted could not be locked whole.
 
     Whole transactions, in commit order (a transaction larger than a page
     in slices, in order). A group is taken only if each of its rows is due
@@ -493,6 +514,7 @@ def _claim(
     wanted_by: dict[frozenset[str], list[str]] = {}
     held: set[tuple[str, str]] = set()
     claimed: list[_Claim] = []
+    contended = False
     after: tuple[Any, ...] | None = None
     while len(claimed) < batch_size:
         query = candidate.limit(page_size)
@@ -551,11 +573,11 @@ def _claim(
                     continue
                 wanted.append(taking)
                 room -= len(taking)
-            if wanted:
-                _lock_whole(connection, outbox, wanted, held, claimed)
+            if wanted and not _lock_whole(connection, outbox, wanted, held, claimed):
+                contended = True
         if not full:
             break
-    return claimed
+    return claimed, contended
 
 
 _HELD_IN_SQL = 200
@@ -595,9 +617,11 @@ def _lock_whole(
     wanted: list[list[_Claim]],
     held: set[tuple[str, str]],
     claimed: list[_Claim],
-) -> None:
+) -> bool:
     """Lock *wanted* groups' rows, reading their payloads; claim the groups
-    locked whole, in order, and hold the targets of the others."""
+    locked whole, in order, and hold the targets of the others. False if a
+    group could not be locked whole: another relay (or its attempt) had
+    some of its rows."""
     table = outbox.table
     payloads: dict[str, str] = {}
     ids = [taken.row.id for group in wanted for taken in group]
@@ -608,14 +632,20 @@ def _lock_whole(
             .with_for_update(skip_locked=True)
         ).all()
         payloads.update((row_id, payload) for row_id, payload in locked)
+    whole = True
     for group in wanted:
         targets = {taken.row.target for taken in group}
-        if targets & held or not all(taken.row.id in payloads for taken in group):
+        if not all(taken.row.id in payloads for taken in group):
+            whole = False
+            held |= targets
+            continue
+        if targets & held:
             held |= targets
             continue
         for taken in group:
             taken.row.payload = payloads[taken.row.id]
         claimed.extend(group)
+    return whole
 
 
 def _deliver_rows(
