@@ -130,8 +130,8 @@ def run_coroutine(awaitable: Awaitable[T]) -> T:
 
 
 # Starting a task runs nothing until the loop's next turn, and waiting for it
-# takes two more (its end wakes asyncio.wait(), which wakes the caller): 35 µs
-# of a 400 µs aiosqlite AsyncSession commit, for a no-op plugin. Running each
+# takes two more (its end wakes asyncio.wait(), which wakes the caller): about
+# 35 µs of an aiosqlite AsyncSession commit, for a no-op plugin. Running each
 # task's first step at once, as Python 3.12's eager tasks do, leaves a plugin
 # that never suspends with no turn to wait for. The step runs with the task
 # as the current task, so that what a plugin binds to its task before it

@@ -28,6 +28,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from access_audit.outbox import _store
+
 __all__ = [
     "FULL",
     "QUICK",
@@ -371,6 +373,7 @@ def ratio_row(
 
 _PACKAGES = (
     "access-audit",
+    "orjson",
     "SQLAlchemy",
     "Flask",
     "Flask-SQLAlchemy",
@@ -399,6 +402,10 @@ def machine() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    # What the relay parses stored JSON with: orjson only where it imports.
+    versions["orjson"] = (
+        versions["orjson"] if _store._fast_loads is not None else "not used"
+    )
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
