@@ -80,7 +80,7 @@ def written(engine: Engine, outbox: Outbox) -> Iterator[list[dict[str, Any]]]:
     but a DELETE (an UPDATE) fails the test."""
     rows: list[dict[str, Any]] = []
     others: list[str] = []
-    prepared = outbox.insert_for(engine.dialect)
+    prepared = outbox._insert_for(engine.dialect)
 
     def after_cursor_execute(
         connection: object,

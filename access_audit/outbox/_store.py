@@ -111,7 +111,7 @@ def write(
         # Core, on the session's connection for the table: the ORM's
         # session.execute() path costs as much again per commit.
         connection = session.connection(bind_arguments={"clause": outbox.table})
-        prepared = outbox.insert_for(connection.dialect)
+        prepared = outbox._insert_for(connection.dialect)
         rows = []
         for envelope in envelopes:
             data = envelope.to_dict()

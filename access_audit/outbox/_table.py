@@ -225,7 +225,7 @@ class Outbox:
     def __repr__(self) -> str:
         return f"<Outbox table={self.table.fullname!r}>"
 
-    def insert_for(self, dialect: Dialect) -> PreparedInsert:
+    def _insert_for(self, dialect: Dialect) -> PreparedInsert:
         """The INSERT run on every commit, compiled once per dialect."""
         prepared = self._inserts.get(dialect)
         if prepared is None:
