@@ -11,13 +11,16 @@ in the outbox for the relay.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
-from support import operation, outbox_rows, stored_names
+from support import Base, operation, outbox_rows, stored_names
 
 from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
 from access_audit.outbox import Outbox
@@ -169,3 +172,81 @@ def test_a_nul_in_a_target_id_is_refused_at_stage_time(
 def test_an_outbox_limit_that_is_not_a_positive_int_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="max_payload_bytes"):
         Outbox(max_payload_bytes=bad)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def tenant(engine: Engine, tmp_path: Path) -> Iterator[str]:
+    """The name of a schema made for the test on *engine* (an attached file
+    on SQLite, a database on MariaDB)."""
+    name = f"tenant_{uuid.uuid4().hex[:8]}"
+    if engine.dialect.name == "sqlite":
+        path = str(tmp_path / "tenant.db").replace("'", "''")
+
+        @event.listens_for(engine, "connect")
+        def attach(dbapi_connection: Any, record: object) -> None:
+            dbapi_connection.execute(f"ATTACH DATABASE '{path}' AS {name}")
+
+        engine.dispose()  # connections made from now on attach it
+        yield name
+        engine.dispose()
+        return
+    kind = "SCHEMA" if engine.dialect.name == "postgresql" else "DATABASE"
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"CREATE {kind} {name}")
+    try:
+        yield name
+    finally:
+        engine.dispose()
+        with engine.begin() as connection:
+            drop = f"DROP {kind} {name}"
+            connection.exec_driver_sql(drop + (" CASCADE" if kind == "SCHEMA" else ""))
+
+
+def test_rows_go_to_the_schema_the_connection_translates_to(
+    engine: Engine, tenant: str
+) -> None:
+    """An application choosing its schema per connection with
+    ``schema_translate_map`` gets the outbox tables (and on PostgreSQL the
+    NOTIFY trigger) in that schema, the rows there, where its relay reads
+    them, and none in the default one; either outbox drops without the
+    other."""
+    tenant_engine = engine.execution_options(schema_translate_map={None: tenant})
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(tenant_engine)
+    outbox.create(engine)
+    Base.metadata.create_all(tenant_engine)
+    try:
+        writer = keeping_emitter(outbox)
+        with Session(tenant_engine) as session:
+            writer.attach(session)
+            operation(session, "tenant-one")
+            session.commit()
+        assert outbox_rows(engine, outbox) == []
+        assert [row["aggregateid"] for row in outbox_rows(tenant_engine, outbox)] == [
+            "tenant-one"
+        ]
+        relay = keeping_emitter(outbox)
+        assert relay.relay(tenant_engine).delivered == 1
+        assert outbox_rows(tenant_engine, outbox) == []
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as connection:
+                triggers = connection.exec_driver_sql(
+                    "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal "
+                    f"AND tgrelid = '{tenant}.access_audit_outbox'::regclass"
+                ).scalar()
+            assert triggers == 1
+        Base.metadata.drop_all(tenant_engine)
+        outbox.drop(tenant_engine)
+        # The default schema's outbox (and on PostgreSQL its trigger's
+        # function) is still there.
+        with Session(engine) as session:
+            writer.attach(session)
+            operation(session, "default-one")
+            session.commit()
+        assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == [
+            "default-one"
+        ]
+    finally:
+        Base.metadata.drop_all(tenant_engine)
+        outbox.drop(tenant_engine)
+        outbox.drop(engine)

@@ -108,31 +108,37 @@ def write(
     """
     if envelopes:
         names = _recipients_text(frozenset(recipients))
-        # Core, on the session's connection for the table: the ORM's
-        # session.execute() path costs as much again per commit.
-        connection = session.connection(bind_arguments={"clause": outbox.table})
-        prepared = outbox._insert_for(connection.dialect)
         rows = []
         for envelope in envelopes:
             data = envelope.to_dict()
             rows.append(
-                prepared.parameters(
-                    {
-                        "id": data["id"],
-                        "aggregatetype": envelope.target_type,
-                        "aggregateid": envelope.target_id,
-                        "type": envelope.event_type,
-                        "payload": compact_json(data),
-                        "created_at": envelope.timestamp,
-                        "transaction_id": data["transaction_id"],
-                        "sequence": envelope.sequence,
-                        "recipients": names,
-                    }
-                )
+                {
+                    "id": data["id"],
+                    "aggregatetype": envelope.target_type,
+                    "aggregateid": envelope.target_id,
+                    "type": envelope.event_type,
+                    "payload": compact_json(data),
+                    "created_at": envelope.timestamp,
+                    "transaction_id": data["transaction_id"],
+                    "sequence": envelope.sequence,
+                    "recipients": names,
+                }
             )
+        # On the session's connection for the table: the ORM's
+        # session.execute() path costs as much again per commit.
+        connection = session.connection(bind_arguments={"clause": outbox.table})
+        if connection.get_execution_options().get("schema_translate_map"):
+            # Core renders the schema this connection translates to; the
+            # statement compiled once names none.
+            connection.execute(insert(outbox.table), rows)
+            return
+        prepared = outbox._insert_for(connection.dialect)
+        parameters = [prepared.parameters(row) for row in rows]
         # One row (the usual commit) as a plain execute: the executemany
         # path costs more per statement.
-        connection.exec_driver_sql(prepared.sql, rows[0] if len(rows) == 1 else rows)
+        connection.exec_driver_sql(
+            prepared.sql, parameters[0] if len(parameters) == 1 else parameters
+        )
 
 
 @contextmanager

@@ -55,7 +55,8 @@ compared exactly, as ids are."""
 
 
 class PreparedInsert:
-    """An INSERT of whole rows into *table*, compiled for one dialect.
+    """An INSERT of whole rows into *table*, compiled for one dialect (and
+    no ``schema_translate_map``: the text names the table as it is).
 
     Run through :meth:`Connection.exec_driver_sql`, so that statement events
     and logging still see it, without compiling, or looking up the compiled

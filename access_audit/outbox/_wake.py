@@ -38,33 +38,47 @@ def channel(table: Table) -> str:
 
 
 def add_notify_trigger(table: Table) -> None:
-    """Create (and drop) the NOTIFY trigger with *table*, on PostgreSQL only."""
+    """Create (and drop) the NOTIFY trigger with *table*, on PostgreSQL only.
+
+    The trigger names the table as the DDL renders it (``%(fullname)s``), so
+    a connection's ``schema_translate_map`` places it with the table. Its
+    function is shared by the tables of that name in schemas so placed:
+    dropping one table leaves the function while another's trigger uses it.
+    """
     name = f"{table.name}_notify"
     qualified = f'"{table.schema}"."{name}"' if table.schema else f'"{name}"'
-    target = f'"{table.schema}"."{table.name}"' if table.schema else f'"{table.name}"'
     notify = channel(table).replace("'", "''")
     for statement in (
-        f"CREATE OR REPLACE FUNCTION {qualified}() RETURNS trigger AS $$ "
-        f"BEGIN PERFORM pg_notify('{notify}', ''); RETURN NULL; END $$ "
-        "LANGUAGE plpgsql",
-        f"CREATE TRIGGER {name} AFTER INSERT ON {target} "
-        f"FOR EACH STATEMENT EXECUTE FUNCTION {qualified}()",
+        _ddl(
+            f"CREATE OR REPLACE FUNCTION {qualified}() RETURNS trigger AS $$ "
+            f"BEGIN PERFORM pg_notify('{notify}', ''); RETURN NULL; END $$ "
+            "LANGUAGE plpgsql"
+        ),
+        _ddl(
+            f"CREATE TRIGGER {name} AFTER INSERT ON ",
+            "%(fullname)s",
+            f" FOR EACH STATEMENT EXECUTE FUNCTION {qualified}()",
+        ),
     ):
-        event.listen(
-            table,
-            "after_create",
-            _ddl(statement),
-        )
+        event.listen(table, "after_create", statement)
     event.listen(
         table,
         "after_drop",
-        _ddl(f"DROP FUNCTION IF EXISTS {qualified}()"),
+        _ddl(
+            f"DO $$ BEGIN DROP FUNCTION IF EXISTS {qualified}(); "
+            "EXCEPTION WHEN dependent_objects_still_exist THEN NULL; END $$"
+        ),
     )
 
 
-def _ddl(statement: str) -> Any:
-    """*statement* as DDL run on PostgreSQL only."""
-    ddl: Any = DDL(statement.replace("%", "%%"))  # type: ignore[no-untyped-call, unused-ignore]
+def _ddl(*parts: str) -> Any:
+    """*parts* joined as DDL run on PostgreSQL only; each odd one is a DDL
+    substitution (``%(fullname)s``), the others text taken as it is."""
+    text = "".join(
+        part if index % 2 else part.replace("%", "%%")
+        for index, part in enumerate(parts)
+    )
+    ddl: Any = DDL(text)  # type: ignore[no-untyped-call, unused-ignore]
     return ddl.execute_if(dialect="postgresql")
 
 
