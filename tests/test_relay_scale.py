@@ -202,13 +202,15 @@ def test_a_held_target_with_a_long_backlog_does_not_hide_another_targets_event(
 
 
 def test_a_once_relay_waits_for_rows_another_relay_locked_in_passing(
-    engine: Engine, due_outbox: Outbox
+    engine: Engine, due_outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two relays locking the same transaction's rows at once (SKIP LOCKED)
     can each get part of it and both let it go. A relay run with ``once``
     that found only such rows due must not return with them pending: it
     tries again until they are free (it once returned at once, and four
     relays on a backlog left a whole transaction behind)."""
+    from access_audit.outbox import _relay
+
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no row locks")
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
@@ -239,11 +241,22 @@ def test_a_once_relay_waits_for_rows_another_relay_locked_in_passing(
     assert locked.wait(10)
     threading.Timer(0.5, release.set).start()
     sink = Counter()
-    stats = emitter_for(due_outbox, sink).relay(engine, once=True)
+    pruned: list[float] = []
+
+    def counted_prune(*args: Any) -> int:
+        pruned.append(time.monotonic())
+        return 0
+
+    monkeypatch.setattr(_relay, "prune", counted_prune)
+    stats = emitter_for(due_outbox, sink).relay(
+        engine, once=True, retention=timedelta(days=30)
+    )
     holder.join(10)
     assert sink.order == ["b1", "a1", "a2"]
     assert stats.delivered == 3
     assert count_pending(engine, due_outbox) == 0
+    # Retention ran once, when nothing was left, not at every look again.
+    assert len(pruned) == 1
 
 
 def backend_ids(engine: Engine) -> list[int]:

@@ -333,7 +333,9 @@ def _poll(
                 emitter, bind, outbox, plugins, stats, batch_size, max_attempts,
                 backoff, max_backoff,
             )  # fmt: skip
-            if not done:
+            if not done and not contended:
+                # Idle (rows others hold locked are not idleness: a once
+                # run looks again at once, see below).
                 if retention is not None:
                     stats.pruned += prune(bind, outbox, retention)
                 if (
