@@ -77,6 +77,7 @@ class PluginManager(pluggy.PluginManager):
         self.async_timeouts: dict[str, float] = {}
         """Per plugin name, overriding :attr:`async_timeout`."""
         self._delivery_order: DeliveryOrder | None = None
+        self._delivering: frozenset[str] | None = None
         self._generation = 0
         """Counts plugin changes; an order built across one is not kept."""
         self._cache_lock = threading.Lock()
@@ -142,6 +143,23 @@ class PluginManager(pluggy.PluginManager):
         with self._cache_lock:
             self._generation += 1
             self._delivery_order = None
+            self._delivering = None
+
+    def delivering(self) -> frozenset[str]:
+        """Names of the plugins that take events (implement a delivery hook), kept."""
+        names = self._delivering
+        if names is None:
+            generation = self._generation
+            hook = self.hook
+            names = frozenset(
+                impl.plugin_name
+                for caller in (hook.audit_event_logged, hook.audit_events_committed)
+                for impl in caller.get_hookimpls()
+            )
+            with self._cache_lock:
+                if self._generation == generation:
+                    self._delivering = names
+        return names
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         try:
@@ -201,14 +219,9 @@ def _writable(report: DeliveryReport) -> DeliveryReport:
     return DeliveryReport() if report is NOTHING_FAILED else report
 
 
-def delivering_plugins(plugin_manager: PluginManager) -> set[str]:
+def delivering_plugins(plugin_manager: PluginManager) -> frozenset[str]:
     """Names of the plugins that take events (implement a delivery hook)."""
-    hook = plugin_manager.hook
-    return {
-        impl.plugin_name
-        for caller in (hook.audit_event_logged, hook.audit_events_committed)
-        for impl in caller.get_hookimpls()
-    }
+    return plugin_manager.delivering()
 
 
 async def adeliver(

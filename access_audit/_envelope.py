@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from ._values import ReadOnlyDict, freeze_json, freeze_parsed, thaw
 if TYPE_CHECKING:
     from ._staged import StagedEvent
 
-__all__ = ["AuditEventEnvelope", "committed_envelope", "stored_envelope"]
+__all__ = ["AuditEventEnvelope", "committed_envelope", "json_fields", "stored_envelope"]
 
 
 _STR = (str,)
@@ -88,23 +88,7 @@ class AuditEventEnvelope:
 
     def to_dict(self) -> dict[str, Any]:
         """Return JSON-ready primitives: ISO 8601 times, ``str`` UUIDs, plain dicts."""
-        return {
-            "id": str(self.id),
-            "event_type": self.event_type,
-            "timestamp": self.timestamp.isoformat(),
-            "staged_at": self.staged_at.isoformat(),
-            "actor_id": self.actor_id,
-            "actor_email": self.actor_email,
-            "target_type": self.target_type,
-            "target_id": self.target_id,
-            "target_name": self.target_name,
-            "action": self.action,
-            "reason": self.reason,
-            "payload": thaw(self.payload),
-            "metadata": thaw(self.metadata),
-            "transaction_id": str(self.transaction_id),
-            "sequence": self.sequence,
-        }
+        return json_fields(self, thaw)
 
     def to_json(self, **dumps_options: Any) -> str:
         """Return :meth:`to_dict` as a JSON string; options go to :func:`json.dumps`."""
@@ -191,6 +175,31 @@ class AuditEventEnvelope:
 
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(AuditEventEnvelope))
+
+
+def json_fields(
+    envelope: AuditEventEnvelope, copy: Callable[[Any], Any] = lambda value: value
+) -> dict[str, Any]:
+    """:meth:`~AuditEventEnvelope.to_dict`, with ``payload`` and ``metadata``
+    passed through *copy*: by default the read-only values themselves, which
+    JSON encoders take as they are (the outbox's stored JSON)."""
+    return {
+        "id": str(envelope.id),
+        "event_type": envelope.event_type,
+        "timestamp": envelope.timestamp.isoformat(),
+        "staged_at": envelope.staged_at.isoformat(),
+        "actor_id": envelope.actor_id,
+        "actor_email": envelope.actor_email,
+        "target_type": envelope.target_type,
+        "target_id": envelope.target_id,
+        "target_name": envelope.target_name,
+        "action": envelope.action,
+        "reason": envelope.reason,
+        "payload": copy(envelope.payload),
+        "metadata": copy(envelope.metadata),
+        "transaction_id": str(envelope.transaction_id),
+        "sequence": envelope.sequence,
+    }
 
 
 def committed_envelope(

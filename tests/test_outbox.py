@@ -328,6 +328,30 @@ def test_rows_every_plugin_took_leave_both_tables_off_the_request_path(
     assert deleted_on == {"access_audit-outbox-recorder"}
 
 
+def test_rows_name_the_plugins_registered_at_their_commit(
+    engine: Engine, outbox: Outbox, written: list[dict[str, Any]]
+) -> None:
+    """``recipients`` follows registrations between commits: a plugin
+    registered later is named from then on, one unregistered no more."""
+    emitter = outbox_emitter(outbox, alpha=Sink())
+    with OrmSession(engine) as session:
+        emitter.attach(session)
+        operation(session, "one")
+        session.commit()
+        emitter.register(Sink(), name="beta")
+        operation(session, "two")
+        session.commit()
+        emitter.plugin_manager.unregister(name="alpha")
+        operation(session, "three")
+        session.commit()
+    assert emitter.flush(timeout=10)
+    assert [json.loads(row["recipients"]) for row in written] == [
+        ["alpha"],
+        ["alpha", "beta"],
+        ["beta"],
+    ]
+
+
 def test_raising_plugin_leaves_rows_pending_with_the_others_delivered(
     engine: Engine, outbox: Outbox
 ) -> None:

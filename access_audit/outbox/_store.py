@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, Text, any_, bindparam, delete, func, insert
 from sqlalchemy.sql.elements import ColumnElement
 
-from .._envelope import AuditEventEnvelope, stored_envelope
+from .._envelope import AuditEventEnvelope, json_fields, stored_envelope
 from .._values import compact_json
 from ._table import DEAD, DELIVERED, PENDING, Outbox
 
@@ -110,7 +110,7 @@ def write(
         names = _recipients_text(frozenset(recipients))
         rows = []
         for envelope in envelopes:
-            data = envelope.to_dict()
+            data = json_fields(envelope)
             rows.append(
                 {
                     "id": data["id"],
