@@ -133,7 +133,6 @@ class Lifecycle:
         "refusal",
         "root",
         "stamp",
-        "unwritten",
     )
 
     def __init__(
@@ -178,9 +177,6 @@ class Lifecycle:
         self.refusal: str | None = None
         """Why a connection acquired after staging was refused: every later
         stage in this transaction is refused for the same reason."""
-        self.unwritten = True
-        """Whether events were staged since :meth:`prepare` last wrote the
-        outbox rows (an outbox commit prepares after each of its flushes)."""
 
     # -- staging ---------------------------------------------------------
 
@@ -193,7 +189,6 @@ class Lifecycle:
             level.append(staged)
         if staged._lazy:
             self.lazy.append(staged)
-        self.unwritten = True
 
     def work_before_commit(self) -> bool:
         """Whether the commit has work before COMMIT: lazy values to resolve
@@ -308,9 +303,8 @@ class Lifecycle:
             # its values are plain now.
             staged._resolve()
         self.lazy.clear()
-        if self.owner.outbox is None or not self.unwritten:
+        if self.owner.outbox is None:
             return
-        self.unwritten = False
         written = len(self.built)
         self._build(self.in_commit_order(session))
         new = self.built[written:]

@@ -637,11 +637,9 @@ def _lock_whole(
     whole = True
     for group in wanted:
         targets = {taken.row.target for taken in group}
-        if not all(taken.row.id in payloads for taken in group):
-            whole = False
-            held |= targets
-            continue
-        if targets & held:
+        complete = all(taken.row.id in payloads for taken in group)
+        whole = whole and complete
+        if not complete or targets & held:
             held |= targets
             continue
         for taken in group:

@@ -58,11 +58,12 @@ class PreparedInsert:
     """An INSERT of whole rows into *table*, compiled for one dialect (and
     no ``schema_translate_map``: the text names the table as it is).
 
-    Run through :meth:`Connection.exec_driver_sql`, so that statement events
-    and logging still see it, without compiling, or looking up the compiled
-    form and processing parameters through it, on every commit (that cost
-    more than the INSERT itself on SQLite). The columns' bind processors
-    are applied as the compiled statement would apply them.
+    Run through :meth:`Connection.exec_driver_sql`, without compiling, or
+    looking up the compiled form and processing parameters through it, on
+    every commit (that cost more than the INSERT itself on SQLite): cursor
+    events and engine logging see it, ``before_execute`` does not. The
+    columns' bind processors are applied as the compiled statement would
+    apply them.
     """
 
     __slots__ = ("_positional", "_processors", "columns", "sql")
