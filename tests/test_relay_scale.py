@@ -119,6 +119,52 @@ def due_outbox(engine: Engine) -> Any:
     outbox.drop(engine)
 
 
+def test_a_claimed_row_reads_each_stored_field_in_its_place(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """The relay reads its candidates by position: each field lands where
+    it belongs (two of them are strings of the same shape, the target's
+    type and id; one is a flag)."""
+    from access_audit.outbox._relay import _claim
+
+    seen: list[AuditEventEnvelope] = []
+
+    class Recorder:
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            seen.append(envelope)
+            raise RuntimeError("left pending for the relay")
+
+    emitter = emitter_for(due_outbox, Recorder())
+    with Session(engine) as session:
+        emitter.attach(session)
+        for target in ("a-1", "a-2"):
+            stage_event(
+                session, "doc.read", target_type="document", target_id=target,
+                action="read",
+            )  # fmt: skip
+        session.commit()
+    due_outbox.flush(timeout=10)
+    with engine.connect() as connection:
+        # The dispatch after COMMIT failed for one event only, as recorded:
+        # the other has no delivery state.
+        state = due_outbox.delivery_table
+        connection.execute(state.delete().where(state.c.event_id == str(seen[0].id)))
+        claimed, _ = _claim(
+            connection, due_outbox, ["sink"], datetime.now(timezone.utc), 10
+        )
+        connection.rollback()
+    rows = [taken.row for taken in claimed]
+    assert [row.id for row in rows] == [str(envelope.id) for envelope in seen]
+    assert [row.target for row in rows] == [("document", "a-1"), ("document", "a-2")]
+    assert [row.sequence for row in rows] == [envelope.sequence for envelope in seen]
+    assert {row.transaction_id for row in rows} == {str(seen[0].transaction_id)}
+    assert [row.created_at for row in rows] == [e.timestamp for e in seen]
+    assert [row.recipients for row in rows] == [frozenset({"sink"})] * 2
+    assert [row.has_state for row in rows] == [False, True]
+    assert [row.envelope().id for row in rows] == [e.id for e in seen]
+
+
 @pytest.mark.parametrize(
     "options",
     [

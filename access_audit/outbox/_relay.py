@@ -498,16 +498,7 @@ def _claim(
         .label("has_state")
     )
     candidate = (
-        select(
-            table.c.id,
-            table.c.aggregatetype,
-            table.c.aggregateid,
-            table.c.recipients,
-            has_state,
-            *order,
-        )
-        .where(~parked)
-        .order_by(*order)
+        select(*OutboxRow.columns(outbox, has_state)).where(~parked).order_by(*order)
     )
     page_size = min(max(batch_size * 2, 200), CHUNK)
     ours = frozenset(plugins)

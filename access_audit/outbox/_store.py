@@ -270,14 +270,47 @@ class OutboxRow:
         "transaction_id",
     )
 
-    def __init__(self, row: Any) -> None:
-        self.id: str = row.id
-        self.has_state: bool = bool(getattr(row, "has_state", True))
-        self.sequence: int = row.sequence
-        self.target: tuple[str, str] = (row.aggregatetype, row.aggregateid)
-        self.transaction_id: str = row.transaction_id
-        self.created_at: datetime = row.created_at
-        self.recipients: frozenset[str] = _recipients(row.recipients)
+    @staticmethod
+    def columns(
+        outbox: Outbox, has_state: ColumnElement[bool]
+    ) -> tuple[ColumnElement[Any], ...]:
+        """What to select for an :class:`OutboxRow`, in the order it reads
+        a result row; *has_state*: whether the row has delivery state."""
+        table = outbox.table
+        return (
+            table.c.id,
+            table.c.aggregatetype,
+            table.c.aggregateid,
+            table.c.recipients,
+            has_state,
+            table.c.created_at,
+            table.c.transaction_id,
+            table.c.sequence,
+        )
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        """From a result row of :meth:`columns`, unpacked by position (reading
+        a SQLAlchemy row's fields by name cost seven times as much)."""
+        kind: str
+        ident: str
+        recipients: str
+        self.id: str
+        self.created_at: datetime
+        self.transaction_id: str
+        self.sequence: int
+        (
+            self.id,
+            kind,
+            ident,
+            recipients,
+            has_state,
+            self.created_at,
+            self.transaction_id,
+            self.sequence,
+        ) = row
+        self.has_state: bool = bool(has_state)
+        self.target: tuple[str, str] = (kind, ident)
+        self.recipients: frozenset[str] = _recipients(recipients)
         self.states: dict[str, PluginState] = {}
         self.payload: str | None = None
 
