@@ -291,9 +291,6 @@ class OutboxRow:
     def __init__(self, row: Sequence[Any]) -> None:
         """From a result row of :meth:`columns`, unpacked by position (reading
         a SQLAlchemy row's fields by name cost seven times as much)."""
-        kind: str
-        ident: str
-        recipients: str
         self.id: str
         self.created_at: datetime
         self.transaction_id: str
