@@ -305,6 +305,148 @@ def test_a_once_relay_waits_for_rows_another_relay_locked_in_passing(
     assert len(pruned) == 1
 
 
+def claimed_targets(claimed: list[Any]) -> list[str]:
+    """The target ids of what ``_claim`` returned, in order."""
+    return [taken.row.target[1] for taken in claimed]
+
+
+@pytest.mark.parametrize("first_from_head", [False, True], ids=["first", "head"])
+def test_relays_claiming_two_ways_never_share_a_transaction_or_reorder_a_target(
+    engine: Engine, due_outbox: Outbox, first_from_head: bool
+) -> None:
+    """On PostgreSQL a relay takes transactions by their first rows, or reads
+    from the outbox's head (at least every second, and when the first way
+    finds nothing); on MariaDB only the second. Whichever way each of two
+    relays claims, the one that comes second takes neither a row of the
+    transaction the first holds nor a later event of one of its targets."""
+    from access_audit.outbox._relay import _claim
+
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has no row locks")
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    commit_events(engine, writer, ["a", "b"], per_commit=2)
+    commit_events(engine, writer, ["a", "c"])
+    now = datetime.now(timezone.utc)
+    with engine.connect() as first, engine.connect() as second:
+        first_claim, _ = _claim(
+            first, due_outbox, ["sink"], now, 2, from_head=first_from_head
+        )
+        second_claim, _ = _claim(
+            second, due_outbox, ["sink"], now, 10, from_head=not first_from_head
+        )
+        first.rollback()
+        second.rollback()
+    assert claimed_targets(first_claim) == ["a", "b"]
+    # "a" waits behind the first relay's transaction; "c" is free.
+    assert claimed_targets(second_claim) == ["c"]
+
+
+def test_a_transaction_whose_first_row_left_is_taken_first_when_it_heads_the_outbox(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """A transaction delivered in part (its first event taken, the next
+    failed) has no first row left to lock: at the head of the outbox it is
+    claimed before the transactions after it, as on every database."""
+    from access_audit.outbox._relay import _claim
+
+    class FailsSecond(Counter):
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            if envelope.target_id == "x1":
+                raise RuntimeError("down for x1")
+            super().audit_event_logged(envelope)
+
+    commit_events(engine, emitter_for(due_outbox, FailsSecond()), ["x0", "x1"], 2)
+    due_outbox.flush(timeout=10)
+    commit_events(engine, emitter_for(due_outbox, Counter(), dispatch="relay"), ["y"])
+    state = due_outbox.delivery_table
+    with engine.begin() as connection:  # x1's retry is due
+        connection.execute(state.update().values(next_attempt_at=LONG_AGO))
+    assert [row["aggregateid"] for row in outbox_rows(engine, due_outbox)] == [
+        "x1",
+        "y",
+    ]
+    with engine.connect() as connection:
+        claimed, _ = _claim(
+            connection, due_outbox, ["sink"], datetime.now(timezone.utc), 1
+        )
+        connection.rollback()
+    assert claimed_targets(claimed) == ["x1"]
+    assert [taken.row.sequence for taken in claimed] == [1]
+
+
+class FlakySink:
+    """Fails the first attempt of every seventh event; records each delivery
+    that succeeded as (number, target), from any thread."""
+
+    def __init__(self, delivered: list[tuple[int, str]], lock: threading.Lock) -> None:
+        self.delivered, self.lock = delivered, lock
+        self.failed: set[str] = set()
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        number = envelope.payload["n"]
+        with self.lock:
+            if number % 7 == 3 and str(envelope.id) not in self.failed:
+                self.failed.add(str(envelope.id))
+                raise RuntimeError(f"first attempt of {number} fails")
+            self.delivered.append((number, envelope.target_id))
+
+
+def test_four_relays_with_failing_deliveries_keep_each_target_in_order(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """Four relays at once over transactions that share targets, with one
+    event in seven failing its first attempt (which leaves transactions
+    delivered in part, their first rows gone): each event is delivered once,
+    and each target's events in commit order."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite takes one relay at a time")
+    transactions, per_transaction, targets = 100, 20, 37
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    with Session(engine) as session:
+        writer.attach(session)
+        for number in range(transactions * per_transaction):
+            stage_event(
+                session, "doc.read", target_type="doc",
+                target_id=f"t{number % targets}", action="read",
+                payload={"n": number},
+            )  # fmt: skip
+            if number % per_transaction == per_transaction - 1:
+                session.commit()
+    total = transactions * per_transaction
+    assert count_pending(engine, due_outbox) == total
+    delivered: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        emitter = emitter_for(due_outbox, FlakySink(delivered, lock))
+        try:
+            start.wait()
+            deadline = time.monotonic() + 120
+            while count_pending(engine, due_outbox) and time.monotonic() < deadline:
+                emitter.relay(engine, once=True, batch_size=50, backoff=0.0)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert count_pending(engine, due_outbox) == 0
+    assert sorted(number for number, _ in delivered) == list(range(total))
+    by_target: dict[str, list[int]] = {}
+    for number, target in delivered:
+        by_target.setdefault(target, []).append(number)
+    assert len(by_target) == targets
+    for target, seen in by_target.items():
+        assert seen == sorted(seen), f"{target} out of commit order: {seen}"
+
+
 def backend_ids(engine: Engine) -> list[int]:
     """Record the server-side id of every connection *engine* opens."""
     ids: list[int] = []

@@ -8,16 +8,22 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
     Engine,
+    FromClause,
+    Select,
+    Text,
+    any_,
+    bindparam,
     delete,
     exc,
     func,
@@ -28,6 +34,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.util import await_only, greenlet_spawn
 
 from .._dispatch import deliver, delivering_plugins
@@ -43,7 +50,7 @@ from ._store import (
     one_of,
     transaction,
 )
-from ._table import DEAD, DELIVERED, PENDING, Outbox
+from ._table import DEAD, DELIVERED, PENDING, Outbox, UtcDateTime
 from ._wake import listen
 
 if TYPE_CHECKING:
@@ -324,14 +331,18 @@ def _poll(
     failures = 0
     checked = False
     contended_since: float | None = None
+    from_head_at = time.monotonic() + _FROM_HEAD_EVERY
     while not stopped():
         try:
             if not checked:
                 _check_tables(bind, outbox)
                 checked = True
+            from_head = time.monotonic() >= from_head_at
+            if from_head:
+                from_head_at = time.monotonic() + _FROM_HEAD_EVERY
             done, contended = _relay_batch(
                 emitter, bind, outbox, plugins, stats, batch_size, max_attempts,
-                backoff, max_backoff,
+                backoff, max_backoff, from_head,
             )  # fmt: skip
             if not done and not contended:
                 # Idle (rows others hold locked are not idleness: a once
@@ -379,6 +390,12 @@ def _poll(
             continue
         pause(interval)
     return stats
+
+
+_FROM_HEAD_EVERY = 1.0
+"""Seconds between batches a relay claims reading from the outbox's head
+even where it could take transactions by their first rows: transactions
+whose first row has left are taken only so (see :func:`_claim`)."""
 
 
 def _check_tables(bind: Engine | Connection, outbox: Outbox) -> None:
@@ -432,16 +449,21 @@ def _relay_batch(
     max_attempts: int,
     backoff: float,
     max_backoff: float,
+    from_head: bool = False,
 ) -> tuple[int, bool]:
     """Deliver one locked batch; returns how many rows it handled, and
     whether due rows were left because others had them locked.
+
+    *from_head*: claim reading from the outbox's head (see :func:`_claim`).
 
     Every handled row is delivered, or its next attempt is rescheduled, so a
     relay run with ``once`` always comes to an end.
     """
     now = datetime.now(timezone.utc)
     with transaction(bind) as connection:
-        claimed, contended = _claim(connection, outbox, plugins, now, batch_size)
+        claimed, contended = _claim(
+            connection, outbox, plugins, now, batch_size, from_head=from_head
+        )
         if not claimed:
             return 0, contended
         _deliver_rows(emitter, claimed, stats, max_attempts)
@@ -466,6 +488,8 @@ def _claim(
     plugins: list[str],
     now: datetime,
     batch_size: int,
+    *,
+    from_head: bool = False,
 ) -> tuple[list[_Claim], bool]:
     """Lock and return up to about *batch_size* rows this relay may deliver
     now, and whether a transaction it wanted could not be locked whole.
@@ -473,22 +497,126 @@ def _claim(
     Whole transactions, in commit order (a transaction larger than a page
     in slices, in order). A group is taken only if each of its rows is due
     for every plugin of this relay that it waits for, it is free (not
-    locked by another relay), and no earlier row of one of its targets was
-    left behind: those targets are held, and the scan skips their rows in
-    SQL from then on, so however many rows a held target has, other
-    targets' due rows are found. Rows waiting only for plugins this relay
-    lacks are passed over without holding anything. Candidates are read
-    without locks and only the rows to deliver are locked, by primary key:
-    a locking read that scans (InnoDB) would lock every row it reads, and
-    idle relays would starve.
+    locked by another relay), and no earlier row of one of its targets is
+    left behind for one of this relay's plugins: those targets are held.
+    Rows waiting only for plugins this relay lacks are passed over without
+    holding anything.
+
+    On PostgreSQL, unless *from_head*, the transactions are first taken by
+    their first rows (:func:`_claim_by_first_rows`), which passes the
+    transactions other relays hold in the server. When that finds nothing,
+    with *from_head*, and on other databases, the outbox is read from its
+    head (:func:`_claim_by_pages`), which also takes transactions whose
+    first row has left, and tells whether rows were passed because others
+    held them (the flag is only read when nothing was claimed).
     """
-    table, state = outbox.table, outbox.delivery_table
-    order = (table.c.created_at, table.c.transaction_id, table.c.sequence)
-    parked = (
+    if connection.dialect.name == "postgresql" and not from_head:
+        walk = _Walk(outbox, plugins, now, batch_size)
+        _claim_by_first_rows(connection, outbox, walk)
+        if walk.claimed:
+            return walk.claimed, walk.contended
+    walk = _Walk(outbox, plugins, now, batch_size)
+    _claim_by_pages(connection, outbox, walk)
+    return walk.claimed, walk.contended
+
+
+class _Walk:
+    """One claim's progress: the rows taken, and the targets held back."""
+
+    __slots__ = (
+        "batch_size",
+        "claimed",
+        "contended",
+        "held",
+        "now",
+        "ours",
+        "outbox",
+        "page_size",
+        "wanted_by",
+    )
+
+    def __init__(
+        self, outbox: Outbox, plugins: list[str], now: datetime, batch_size: int
+    ) -> None:
+        self.outbox = outbox
+        self.ours = frozenset(plugins)
+        self.now = now
+        self.batch_size = batch_size
+        self.page_size = min(max(batch_size * 2, 200), CHUNK)
+        # Most rows wait for all the plugins they were written for, and rows
+        # share a few such sets: intersect each once.
+        self.wanted_by: dict[frozenset[str], list[str]] = {}
+        self.held: set[tuple[str, str]] = set()
+        self.claimed: list[_Claim] = []
+        self.contended = False
+
+    def room(self) -> int:
+        return self.batch_size - len(self.claimed)
+
+    def take(
+        self,
+        connection: Connection,
+        groups: Iterable[list[OutboxRow]],
+        others: Collection[str] = (),
+    ) -> None:
+        """Claim what it may of *groups* (each a transaction's rows, in
+        order), locking their rows; the groups of transactions in *others*
+        (held by other relays) only hold their targets back.
+
+        Groups another relay turns out to hold are left behind (holding
+        their targets back), and the walk goes on with the groups after
+        them.
+        """
+        held, now, relay_after = self.held, self.now, self.outbox.relay_after
+        left = collections.deque(groups)
+        while left and self.room() > 0:
+            wanted: list[list[_Claim]] = []
+            room = self.room()
+            while left and room > 0:
+                group = left.popleft()
+                targets = {row.target for row in group}
+                if targets & held:
+                    held |= targets
+                    continue
+                taking = []
+                for row in group:
+                    waiting = row.waiting()
+                    row_plugins = self.wanted_by.get(waiting)
+                    if row_plugins is None:
+                        row_plugins = sorted(waiting & self.ours)
+                        self.wanted_by[waiting] = row_plugins
+                    if row_plugins:
+                        taking.append(_Claim(row, row_plugins))
+                if not taking:
+                    continue  # waiting only for plugins other relays have
+                if group[0].transaction_id in others or not all(
+                    row.row.due_at(name, relay_after) <= now
+                    for row in taking
+                    for name in row.plugins
+                ):
+                    held |= targets
+                    continue
+                wanted.append(taking)
+                room -= len(taking)
+            if wanted and not _lock_whole(
+                connection, self.outbox, wanted, held, self.claimed
+            ):
+                self.contended = True
+
+
+def _parked(outbox: Outbox, table: FromClause) -> ColumnElement[bool]:
+    """Whether *table*'s row (the outbox table or an alias of it) is parked."""
+    state = outbox.delivery_table
+    return (
         select(literal(1))
         .where(state.c.event_id == table.c.id, state.c.plugin == PARKED)
         .exists()
     )
+
+
+def _candidates(outbox: Outbox) -> Select[Any]:
+    """The rows a relay may deliver, as :class:`OutboxRow`, in commit order."""
+    table, state = outbox.table, outbox.delivery_table
     # Whether a row has delivery state at all, read with it: most rows have
     # none, and need no query of the delivery table, nor a delete there.
     has_state = (
@@ -497,28 +625,42 @@ def _claim(
         .exists()
         .label("has_state")
     )
-    candidate = (
-        select(*OutboxRow.columns(outbox, has_state)).where(~parked).order_by(*order)
+    return (
+        select(*OutboxRow.columns(outbox, has_state))
+        .where(~_parked(outbox, table))
+        .order_by(*_order(outbox))
     )
-    page_size = min(max(batch_size * 2, 200), CHUNK)
-    ours = frozenset(plugins)
-    # Most rows wait for all the plugins they were written for, and rows
-    # share a few such sets: intersect each once.
-    wanted_by: dict[frozenset[str], list[str]] = {}
-    held: set[tuple[str, str]] = set()
-    claimed: list[_Claim] = []
-    contended = False
+
+
+def _order(outbox: Outbox) -> tuple[ColumnElement[Any], ...]:
+    table = outbox.table
+    return (table.c.created_at, table.c.transaction_id, table.c.sequence)
+
+
+def _claim_by_pages(connection: Connection, outbox: Outbox, walk: _Walk) -> None:
+    """Claim into *walk* reading the outbox page by page from its head.
+
+    Candidates are read without locks and only the rows to deliver are
+    locked, by primary key: a locking read that scans (InnoDB) would lock
+    every row it reads, and idle relays would starve. Held targets are left
+    out in SQL from then on, so however many rows a held target has, other
+    targets' due rows are found.
+    """
+    table = outbox.table
+    order = _order(outbox)
+    candidate = _candidates(outbox)
+    page_size = walk.page_size
     after: tuple[Any, ...] | None = None
-    while len(claimed) < batch_size:
+    while walk.room() > 0:
         query = candidate.limit(page_size)
         if after is not None:
             # The first conjunct is implied by the second: it is there for
             # MariaDB, whose optimizer reads a row comparison as a filter and
             # would scan the index from its start for every page.
             query = query.where(order[0] >= after[0], tuple_(*order) > tuple_(*after))
-        if held and len(held) <= _HELD_IN_SQL:
+        if walk.held and len(walk.held) <= _HELD_IN_SQL:
             query = query.where(
-                tuple_(table.c.aggregatetype, table.c.aggregateid).not_in(held)
+                tuple_(table.c.aggregatetype, table.c.aggregateid).not_in(walk.held)
             )
         rows = [OutboxRow(row) for row in connection.execute(query).all()]
         if not rows:
@@ -533,48 +675,189 @@ def _claim(
         last = rows[-1]
         after = (last.created_at, last.transaction_id, last.sequence)
         _load_states(connection, outbox, rows)
-        left = collections.deque(groups.values())
-        while left and len(claimed) < batch_size:
-            # Try the next groups that fit; those another relay holds are
-            # left behind (holding their targets back), and the page goes
-            # on with the groups after them.
-            wanted: list[list[_Claim]] = []
-            room = batch_size - len(claimed)
-            while left and room > 0:
-                group = left.popleft()
-                targets = {row.target for row in group}
-                if targets & held:
-                    held |= targets
-                    continue
-                taking = []
-                for row in group:
-                    waiting = row.waiting()
-                    row_plugins = wanted_by.get(waiting)
-                    if row_plugins is None:
-                        row_plugins = wanted_by[waiting] = sorted(waiting & ours)
-                    if row_plugins:
-                        taking.append(_Claim(row, row_plugins))
-                if not taking:
-                    continue  # waiting only for plugins other relays have
-                due = all(
-                    row.row.due_at(name, outbox.relay_after) <= now
-                    for row in taking
-                    for name in row.plugins
-                )
-                if not due:
-                    held |= targets
-                    continue
-                wanted.append(taking)
-                room -= len(taking)
-            if wanted and not _lock_whole(connection, outbox, wanted, held, claimed):
-                contended = True
+        walk.take(connection, groups.values())
         if not full:
             break
-    return claimed, contended
 
 
 _HELD_IN_SQL = 200
 """Held targets the scan leaves out in SQL; beyond this, in Python."""
+
+
+def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) -> None:
+    """Claim into *walk* by locking transactions' first rows (PostgreSQL).
+
+    A transaction's first row (``sequence`` 0) is its lock: one statement
+    locks the first rows of the next free transactions (``SKIP LOCKED``
+    passes the ones other relays hold, in the server, reading only the
+    order index for the rest of their rows) and returns those transactions'
+    rows. A transaction whose first row has left the outbox (delivered,
+    while the rest of it waits) is not taken here: it is left to reading
+    from the head, which every relay does when this finds nothing, when
+    the outbox's first row is such a transaction's, and at least every
+    :data:`_FROM_HEAD_EVERY` seconds. The earlier rows
+    of other transactions that share a target with them are then read (and
+    hold those targets back), so each target stays in order; the rows to
+    deliver are locked whole as on every database. Transactions are taken a
+    few at a time, as many as the batch has room for by the size of the
+    ones taken so far, so a relay does not hold more than it delivers; it
+    stops at a page from which it took nothing.
+    """
+    statements = _first_row_statements(outbox)
+    page_size = walk.page_size
+    mine: set[str] = set()
+    after: tuple[datetime, str] = (_BEFORE_ALL, "")
+    count = 1
+    while walk.room() > 0:
+        held = walk.held if len(walk.held) <= _HELD_IN_SQL else ()
+        found = connection.execute(
+            statements.page,
+            {
+                "after_at": after[0],
+                "after_transaction": after[1],
+                "held": sorted(held),
+                "fresh_from": walk.now - outbox.relay_after,
+                "count": count,
+                "page_size": page_size,
+            },
+        )
+        rows = [OutboxRow(row) for row in found.all()]
+        if not rows:
+            break
+        full = len(rows) == page_size
+        groups = _group_rows(rows)
+        if full and len(groups) > 1:
+            # The limit cut the last transaction: it stays locked, untaken.
+            del groups[next(reversed(groups))]
+            rows = [row for group in groups.values() for row in group]
+        mine.update(groups)
+        first, last = rows[0], rows[-1]
+        rows_each = len(rows) / len(groups)
+        others = [
+            OutboxRow(row)
+            for row in connection.execute(
+                statements.before,
+                {
+                    "first_at": first.created_at,
+                    "last_at": last.created_at,
+                    "last_transaction": last.transaction_id,
+                    "page": ",".join(groups),
+                    "mine": ",".join(mine),
+                },
+            ).all()
+        ]
+        _load_states(connection, outbox, rows + others)
+        if others:
+            rows = sorted(rows + others, key=_position)
+            groups = _group_rows(rows)
+        before = len(walk.claimed)
+        walk.take(connection, groups.values(), {row.transaction_id for row in others})
+        if full or len(walk.claimed) == before:
+            # A page that took nothing (rows not due, held back): reading
+            # from the head finds what is due without locking the rest.
+            break
+        after = (last.created_at, last.transaction_id)
+        count = min(page_size, math.ceil(walk.room() / rows_each))
+
+
+_BEFORE_ALL = datetime(1, 1, 1, tzinfo=timezone.utc)
+"""Before every row's ``created_at``: where the first page starts."""
+
+
+class _FirstRowStatements:
+    """The statements of :func:`_claim_by_first_rows` for one outbox, built
+    once (building them cost more than running them)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        table, state = outbox.table, outbox.delivery_table
+        position = tuple_(table.c.created_at, table.c.transaction_id)
+        other, head = table.alias("other"), table.alias("head")
+        # A transaction's lock is its first row, which may be parked while a
+        # later one is due (asked only of a parked first row).
+        any_unparked = ~_parked(outbox, table) | (
+            select(literal(1))
+            .where(
+                other.c.created_at == table.c.created_at,
+                other.c.transaction_id == table.c.transaction_id,
+                ~_parked(outbox, other),
+            )
+            .exists()
+        )
+        # When the outbox's first row is not its transaction's first (that
+        # one was delivered: a slice of a large transaction, or the rest of
+        # a partly failed one), nothing here: reading from the head takes it.
+        head_sequence = (
+            select(head.c.sequence)
+            .where(~_parked(outbox, head))
+            .order_by(head.c.created_at, head.c.transaction_id, head.c.sequence)
+            .limit(1)
+            .scalar_subquery()
+        )
+        # Fresh rows are left to the dispatch after their COMMIT: not locked.
+        maybe_due = (
+            table.c.created_at <= bindparam("fresh_from", type_=UtcDateTime())
+        ) | select(literal(1)).where(state.c.event_id == table.c.id).exists()
+        after_at = bindparam("after_at", type_=UtcDateTime())
+        taken = (
+            select(table.c.created_at, table.c.transaction_id)
+            .where(
+                table.c.created_at >= after_at,
+                position > tuple_(after_at, bindparam("after_transaction")),
+                table.c.sequence == 0,
+                head_sequence == 0,
+                tuple_(table.c.aggregatetype, table.c.aggregateid).not_in(
+                    bindparam("held", expanding=True)
+                ),
+                maybe_due,
+                any_unparked,
+            )
+            .order_by(table.c.created_at, table.c.transaction_id)
+            .limit(bindparam("count"))
+            .with_for_update(skip_locked=True)
+            .cte("taken")
+        )
+        self.page: Select[Any] = (
+            _candidates(outbox)
+            .join(
+                taken,
+                (taken.c.created_at == table.c.created_at)
+                & (taken.c.transaction_id == table.c.transaction_id),
+            )
+            .limit(bindparam("page_size"))
+        )
+        page = table.alias("page")
+        shares_target = (
+            select(literal(1))
+            .where(
+                page.c.created_at >= bindparam("first_at", type_=UtcDateTime()),
+                page.c.created_at <= bindparam("last_at", type_=UtcDateTime()),
+                _in_list(page.c.transaction_id, "page"),
+                page.c.aggregatetype == table.c.aggregatetype,
+                page.c.aggregateid == table.c.aggregateid,
+            )
+            .exists()
+        )
+        last_at = bindparam("last_at", type_=UtcDateTime())
+        self.before: Select[Any] = _candidates(outbox).where(
+            table.c.created_at <= last_at,
+            position < tuple_(last_at, bindparam("last_transaction")),
+            ~_in_list(table.c.transaction_id, "mine"),
+            shares_target,
+        )
+
+
+def _in_list(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    """*column* is one of the comma-separated ids of parameter *name*."""
+    return column == any_(func.string_to_array(bindparam(name, type_=Text()), ","))
+
+
+@functools.lru_cache(maxsize=64)
+def _first_row_statements(outbox: Outbox) -> _FirstRowStatements:
+    return _FirstRowStatements(outbox)
+
+
+def _position(row: OutboxRow) -> tuple[datetime, str, int]:
+    return row.created_at, row.transaction_id, row.sequence
 
 
 def _group_rows(rows: Iterable[OutboxRow]) -> dict[str, list[OutboxRow]]:
