@@ -268,6 +268,23 @@ def outbox_emitter(outbox: Outbox, **plugins: object) -> AuditEmitter:
     return emitter
 
 
+def commit_shared_targets(
+    session: Session, transactions: int, per_transaction: int, targets: int
+) -> None:
+    """Commit *transactions* of *per_transaction* events, numbered in commit
+    order (``payload["n"]``), whose targets (``t0``, ``t1``, ...) take turns:
+    transactions share targets, so relays running at once must keep them
+    in order."""
+    for number in range(transactions * per_transaction):
+        stage_event(
+            session, "item_updated", target_type="item",
+            target_id=f"t{number % targets}", action="update",
+            payload={"n": number},
+        )  # fmt: skip
+        if number % per_transaction == per_transaction - 1:
+            session.commit()
+
+
 def outbox_rows(engine: Any, outbox: Outbox) -> list[dict[str, Any]]:
     """Every outbox row, in commit order, as plain dicts, each with its
     delivery state: ``states`` maps a plugin name to its state

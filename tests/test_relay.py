@@ -30,7 +30,12 @@ import pytest
 from sqlalchemy import Engine, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session as OrmSession
-from support import aiosqlite_engine, outbox_emitter, outbox_rows
+from support import (
+    aiosqlite_engine,
+    commit_shared_targets,
+    outbox_emitter,
+    outbox_rows,
+)
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import (
@@ -963,7 +968,7 @@ def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
     MariaDB it reads past the locked ones and says it passed them; on
     PostgreSQL the server passes them (the flag matters only to a relay
     that claimed nothing)."""
-    from access_audit.outbox._relay import _claim
+    from access_audit.outbox._claim import claim
 
     sink = OrderedSink()
     commit_numbered(
@@ -974,8 +979,8 @@ def test_a_second_relay_claims_the_rows_after_those_the_first_holds(
     with engine.connect() as first, engine.connect() as second:
         first.begin()
         second.begin()
-        taken_first, contended_first = _claim(first, outbox, ["sink"], now, 4)
-        taken_second, contended_second = _claim(second, outbox, ["sink"], now, 4)
+        taken_first, contended_first = claim(first, outbox, ["sink"], now, 4)
+        taken_second, contended_second = claim(second, outbox, ["sink"], now, 4)
         first.rollback()
         second.rollback()
     passed = engine.dialect.name != "postgresql"
@@ -1119,14 +1124,7 @@ def test_two_relays_at_once_deliver_each_event_once(
     try:
         with OrmSession(engine) as session:
             backlog.attach(session)
-            for number in range(transactions * per_transaction):
-                stage_event(
-                    session, "item_updated", target_type="item",
-                    target_id=f"t{number % targets}", action="update",
-                    payload={"n": number},
-                )  # fmt: skip
-                if number % per_transaction == per_transaction - 1:
-                    session.commit()
+            commit_shared_targets(session, transactions, per_transaction, targets)
     finally:
         stuck.gate.set()
         backlog.close(timeout=30)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, insert, select, text
 from sqlalchemy.orm import Session
-from support import outbox_rows
+from support import commit_shared_targets, outbox_rows
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import (
@@ -125,7 +125,7 @@ def test_a_claimed_row_reads_each_stored_field_in_its_place(
     """The relay reads its candidates by position: each field lands where
     it belongs (two of them are strings of the same shape, the target's
     type and id; one is a flag)."""
-    from access_audit.outbox._relay import _claim
+    from access_audit.outbox._claim import claim
 
     seen: list[AuditEventEnvelope] = []
 
@@ -150,7 +150,7 @@ def test_a_claimed_row_reads_each_stored_field_in_its_place(
         # the other has no delivery state.
         state = due_outbox.delivery_table
         connection.execute(state.delete().where(state.c.event_id == str(seen[0].id)))
-        claimed, _ = _claim(
+        claimed, _ = claim(
             connection, due_outbox, ["sink"], datetime.now(timezone.utc), 10
         )
         connection.rollback()
@@ -319,7 +319,7 @@ def test_relays_claiming_two_ways_never_share_a_transaction_or_reorder_a_target(
     finds nothing); on MariaDB only the second. Whichever way each of two
     relays claims, the one that comes second takes neither a row of the
     transaction the first holds nor a later event of one of its targets."""
-    from access_audit.outbox._relay import _claim
+    from access_audit.outbox._claim import claim
 
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no row locks")
@@ -328,10 +328,10 @@ def test_relays_claiming_two_ways_never_share_a_transaction_or_reorder_a_target(
     commit_events(engine, writer, ["a", "c"])
     now = datetime.now(timezone.utc)
     with engine.connect() as first, engine.connect() as second:
-        first_claim, _ = _claim(
+        first_claim, _ = claim(
             first, due_outbox, ["sink"], now, 2, from_head=first_from_head
         )
-        second_claim, _ = _claim(
+        second_claim, _ = claim(
             second, due_outbox, ["sink"], now, 10, from_head=not first_from_head
         )
         first.rollback()
@@ -347,7 +347,7 @@ def test_a_transaction_whose_first_row_left_is_taken_first_when_it_heads_the_out
     """A transaction delivered in part (its first event taken, the next
     failed) has no first row left to lock: at the head of the outbox it is
     claimed before the transactions after it, as on every database."""
-    from access_audit.outbox._relay import _claim
+    from access_audit.outbox._claim import claim
 
     class FailsSecond(Counter):
         @hookimpl
@@ -367,7 +367,7 @@ def test_a_transaction_whose_first_row_left_is_taken_first_when_it_heads_the_out
         "y",
     ]
     with engine.connect() as connection:
-        claimed, _ = _claim(
+        claimed, _ = claim(
             connection, due_outbox, ["sink"], datetime.now(timezone.utc), 1
         )
         connection.rollback()
@@ -406,14 +406,7 @@ def test_four_relays_with_failing_deliveries_keep_each_target_in_order(
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
     with Session(engine) as session:
         writer.attach(session)
-        for number in range(transactions * per_transaction):
-            stage_event(
-                session, "doc.read", target_type="doc",
-                target_id=f"t{number % targets}", action="read",
-                payload={"n": number},
-            )  # fmt: skip
-            if number % per_transaction == per_transaction - 1:
-                session.commit()
+        commit_shared_targets(session, transactions, per_transaction, targets)
     total = transactions * per_transaction
     assert count_pending(engine, due_outbox) == total
     delivered: list[tuple[int, str]] = []
