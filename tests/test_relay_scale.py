@@ -33,6 +33,7 @@ from access_audit.outbox import (
     retry_dead,
     status,
 )
+from access_audit.outbox._claim import claim
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -125,8 +126,6 @@ def test_a_claimed_row_reads_each_stored_field_in_its_place(
     """The relay reads its candidates by position: each field lands where
     it belongs (two of them are strings of the same shape, the target's
     type and id; one is a flag)."""
-    from access_audit.outbox._claim import claim
-
     seen: list[AuditEventEnvelope] = []
 
     class Recorder:
@@ -306,7 +305,7 @@ def test_a_once_relay_waits_for_rows_another_relay_locked_in_passing(
 
 
 def claimed_targets(claimed: list[Any]) -> list[str]:
-    """The target ids of what ``_claim`` returned, in order."""
+    """The target ids of what ``claim`` returned, in order."""
     return [taken.row.target[1] for taken in claimed]
 
 
@@ -319,8 +318,6 @@ def test_relays_claiming_two_ways_never_share_a_transaction_or_reorder_a_target(
     finds nothing); on MariaDB only the second. Whichever way each of two
     relays claims, the one that comes second takes neither a row of the
     transaction the first holds nor a later event of one of its targets."""
-    from access_audit.outbox._claim import claim
-
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no row locks")
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
@@ -341,13 +338,137 @@ def test_relays_claiming_two_ways_never_share_a_transaction_or_reorder_a_target(
     assert claimed_targets(second_claim) == ["c"]
 
 
+def test_a_relay_holds_no_transaction_it_passed_over(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """A relay lacking the one plugin the outbox's first transaction waits
+    for passes it over, and takes the next ones: while it delivers those,
+    a relay that has the plugin takes the first (it once stayed locked by
+    the first relay until its batch ended)."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has no row locks")
+
+    class Down(Counter):
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            raise RuntimeError("down")
+
+    first = AuditEmitter(load_entrypoints=False, outbox=due_outbox)
+    first.register(Counter(), name="p1")
+    first.register(Down(), name="p2")
+    commit_events(engine, first, ["a"])  # delivered to p1, pending for p2
+    assert first.flush(timeout=10)
+    writer = AuditEmitter(load_entrypoints=False, outbox=due_outbox, dispatch="relay")
+    writer.register(Counter(), name="p1")
+    writer.register(Counter(), name="p2")
+    commit_events(engine, writer, ["b", "c"])
+    with engine.begin() as connection:  # p2's retry of "a" is due
+        connection.execute(
+            due_outbox.delivery_table.update().values(next_attempt_at=LONG_AGO)
+        )
+    now = datetime.now(timezone.utc)
+    with engine.connect() as lacking, engine.connect() as having:
+        passed_over, _ = claim(lacking, due_outbox, ["p1"], now, 10)
+        taken, _ = claim(having, due_outbox, ["p1", "p2"], now, 10)
+        lacking.rollback()
+        having.rollback()
+    assert claimed_targets(passed_over) == ["b", "c"]
+    assert claimed_targets(taken) == ["a"]
+    assert [claimed.plugins for claimed in taken] == [["p2"]]
+
+
+def test_a_due_event_is_not_held_back_by_a_later_one_of_its_target(
+    engine: Engine,
+) -> None:
+    """An event due now is delivered though a later event of its target is
+    not due yet (fresh, left to the dispatch after its COMMIT): the later
+    one once held the target back for the earlier one too, in the same
+    page."""
+    outbox = Outbox(table_name="fresh_outbox", relay_after=timedelta(hours=1))
+    outbox.drop(engine)
+    outbox.create(engine)
+    try:
+        writer = emitter_for(outbox, Counter(), dispatch="relay")
+        commit_events(engine, writer, ["x", "x"])
+        [early, _] = [row["id"] for row in outbox_rows(engine, outbox)]
+        with engine.begin() as connection:
+            connection.execute(
+                outbox.table.update()
+                .where(outbox.table.c.id == early)
+                .values(created_at=LONG_AGO)
+            )
+        sink = Counter()
+        stats = emitter_for(outbox, sink).relay(engine, once=True)
+        assert list(sink.seen) == [early]
+        assert stats.delivered == 1
+        assert count_pending(engine, outbox) == 1
+    finally:
+        outbox.drop(engine)
+
+
+def test_a_relay_keeps_no_lock_on_a_transaction_it_held_back(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """A transaction not due yet between two due ones: the relay takes the
+    due ones, and the one it held back stays free for others to look at
+    (locking it for the whole batch kept it from a relay it was due for)."""
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    for target in ("a", "b", "c"):
+        commit_events(engine, writer, [target])
+    [_, waiting, _] = [row["id"] for row in outbox_rows(engine, due_outbox)]
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    with engine.begin() as connection:  # "b" backs off
+        connection.execute(
+            insert(due_outbox.delivery_table).values(
+                event_id=waiting, plugin="sink", state="pending", attempts=1,
+                next_attempt_at=later, updated_at=later,
+            )
+        )  # fmt: skip
+    table = due_outbox.table
+    with engine.connect() as relay, engine.connect() as other:
+        taken, _ = claim(relay, due_outbox, ["sink"], datetime.now(timezone.utc), 10)
+        free = other.execute(
+            select(table.c.id)
+            .where(table.c.id == waiting)
+            .with_for_update(skip_locked=True)
+        ).all()
+        relay.rollback()
+        other.rollback()
+    assert claimed_targets(taken) == ["a", "c"]
+    if engine.dialect.name != "sqlite":
+        assert free == [(waiting,)]
+
+
+def test_a_relay_takes_no_slice_of_a_transaction_another_relay_holds(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """A transaction larger than a page goes in slices, in order: while one
+    relay holds its first slice, another takes none of the later ones (it
+    once took the second slice, the first slice's targets being all it
+    held back)."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has no row locks")
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    commit_events(engine, writer, [f"t{number}" for number in range(450)], 450)
+    now = datetime.now(timezone.utc)
+    with engine.connect() as first, engine.connect() as second:
+        first_slice, _ = claim(first, due_outbox, ["sink"], now, 100)
+        second_slice, contended = claim(
+            second, due_outbox, ["sink"], now, 100, from_head=True
+        )
+        first.rollback()
+        second.rollback()
+    assert [taken.row.sequence for taken in first_slice] == list(range(200))
+    assert second_slice == []
+    assert contended
+
+
 def test_a_transaction_whose_first_row_left_is_taken_first_when_it_heads_the_outbox(
     engine: Engine, due_outbox: Outbox
 ) -> None:
     """A transaction delivered in part (its first event taken, the next
     failed) has no first row left to lock: at the head of the outbox it is
     claimed before the transactions after it, as on every database."""
-    from access_audit.outbox._claim import claim
 
     class FailsSecond(Counter):
         @hookimpl

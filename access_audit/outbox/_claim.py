@@ -75,8 +75,11 @@ def claim(
     held them (the flag is only read when nothing was claimed).
     """
     if connection.dialect.name == "postgresql" and not from_head:
-        walk = _Walk(outbox, plugins, now, batch_size)
-        _claim_by_first_rows(connection, outbox, walk)
+        for _ in range(_FIRST_ROW_TRIES):
+            walk = _Walk(outbox, plugins, now, batch_size)
+            _claim_by_first_rows(connection, outbox, walk)
+            if walk.claimed or not walk.contended:
+                break
         if walk.claimed:
             return walk.claimed, walk.contended
     walk = _Walk(outbox, plugins, now, batch_size)
@@ -84,14 +87,27 @@ def claim(
     return walk.claimed, walk.contended
 
 
+_FIRST_ROW_TRIES = 3
+"""Times a claim by first rows is tried while another relay took what it
+chose (in the moment between choosing and locking), before reading from
+the head."""
+
+
 class _Walk:
-    """One claim's progress: the rows taken, and the targets held back."""
+    """One claim's progress: the rows taken, and what is held back.
+
+    A target is held when one of its events may not be delivered now (not
+    due, or in another relay's hands): its later events wait. So is a
+    transaction, whose later slices (of one larger than a page) wait for
+    its earlier ones.
+    """
 
     __slots__ = (
         "batch_size",
         "claimed",
         "contended",
         "held",
+        "held_transactions",
         "now",
         "ours",
         "outbox",
@@ -111,61 +127,123 @@ class _Walk:
         # share a few such sets: intersect each once.
         self.wanted_by: dict[frozenset[str], list[str]] = {}
         self.held: set[tuple[str, str]] = set()
+        self.held_transactions: set[str] = set()
         self.claimed: list[Claim] = []
         self.contended = False
 
     def room(self) -> int:
         return self.batch_size - len(self.claimed)
 
-    def take(
-        self,
-        connection: Connection,
-        groups: Iterable[list[OutboxRow]],
-        others: Collection[str] = (),
-    ) -> None:
+    def take(self, connection: Connection, groups: Iterable[list[OutboxRow]]) -> None:
         """Claim what it may of *groups* (each a transaction's rows, in
-        order), locking their rows; the groups of transactions in *others*
-        (held by other relays) only hold their targets back.
+        order), locking their rows.
 
         Groups another relay turns out to hold are left behind (holding
         their targets back), and the walk goes on with the groups after
         them.
         """
-        held, now, relay_after = self.held, self.now, self.outbox.relay_after
         left = collections.deque(groups)
         while left and self.room() > 0:
-            wanted: list[list[Claim]] = []
-            room = self.room()
-            while left and room > 0:
-                group = left.popleft()
-                targets = {row.target for row in group}
-                if targets & held:
-                    held |= targets
-                    continue
-                taking = []
-                for row in group:
-                    waiting = row.waiting()
-                    row_plugins = self.wanted_by.get(waiting)
-                    if row_plugins is None:
-                        row_plugins = sorted(waiting & self.ours)
-                        self.wanted_by[waiting] = row_plugins
-                    if row_plugins:
-                        taking.append(Claim(row, row_plugins))
-                if not taking:
-                    continue  # waiting only for plugins other relays have
-                if group[0].transaction_id in others or not all(
-                    row.row.due_at(name, relay_after) <= now
-                    for row in taking
-                    for name in row.plugins
-                ):
-                    held |= targets
-                    continue
-                wanted.append(taking)
-                room -= len(taking)
-            if wanted and not _lock_whole(
-                connection, self.outbox, wanted, held, self.claimed
+            wanted = self.choose(left, self.room())
+            if wanted:
+                self.lock(connection, wanted)
+
+    def choose(
+        self,
+        left: collections.deque[list[OutboxRow]],
+        room: int,
+        others: Collection[str] = (),
+    ) -> list[list[Claim]]:
+        """Take from *left* the groups to deliver, until they fill *room*:
+        each one's rows this relay may deliver now. The groups of
+        transactions in *others* (other relays hold them) are not
+        delivered, and hold their targets back."""
+        held, now, relay_after = self.held, self.now, self.outbox.relay_after
+        wanted: list[list[Claim]] = []
+        while left and room > 0:
+            group = left.popleft()
+            transaction = group[0].transaction_id
+            targets = {row.target for row in group}
+            if targets & held or transaction in self.held_transactions:
+                self._hold(transaction, targets)
+                continue
+            taking = []
+            for row in group:
+                waiting = row.waiting()
+                row_plugins = self.wanted_by.get(waiting)
+                if row_plugins is None:
+                    row_plugins = sorted(waiting & self.ours)
+                    self.wanted_by[waiting] = row_plugins
+                if row_plugins:
+                    taking.append(Claim(row, row_plugins))
+            if not taking:
+                continue  # waiting only for plugins other relays have
+            if transaction in others or not all(
+                taken.row.due_at(name, relay_after) <= now
+                for taken in taking
+                for name in taken.plugins
             ):
+                self._hold(transaction, targets)
+                continue
+            wanted.append(taking)
+            room -= len(taking)
+        return wanted
+
+    def lock(
+        self, connection: Connection, wanted: list[list[Claim]], *, firsts: bool = False
+    ) -> None:
+        """Lock *wanted* groups' rows (by primary key), reading their
+        payloads; claim the groups locked whole, in order, and hold the
+        others (another relay, or its attempt, had some of their rows) and
+        the groups after them that share a target or their transaction.
+        With *firsts*, each group's first row is locked before the rest, in
+        a statement of their own: what other relays look for.
+
+        What :meth:`choose` held back applies to the groups after the one
+        held only, which it did not choose: so it is not asked here.
+        """
+        payloads: dict[str, str] = {}
+        if firsts:
+            self._lock_ids(connection, [group[0].row.id for group in wanted], payloads)
+            # A group whose first row another relay took is that relay's.
+            wanted_rest = [group[1:] for group in wanted if group[0].row.id in payloads]
+        else:
+            wanted_rest = wanted
+        rest = [taken.row.id for group in wanted_rest for taken in group]
+        self._lock_ids(connection, rest, payloads)
+        missed: set[tuple[str, str]] = set()
+        missed_transactions: set[str] = set()
+        for group in wanted:
+            transaction = group[0].row.transaction_id
+            targets = {taken.row.target for taken in group}
+            complete = all(taken.row.id in payloads for taken in group)
+            if not complete:
                 self.contended = True
+            if not complete or targets & missed or transaction in missed_transactions:
+                missed |= targets
+                missed_transactions.add(transaction)
+                self._hold(transaction, targets)
+                continue
+            for taken in group:
+                taken.row.payload = payloads[taken.row.id]
+            self.claimed.extend(group)
+
+    def _lock_ids(
+        self, connection: Connection, ids: list[str], payloads: dict[str, str]
+    ) -> None:
+        """Lock the rows *ids* that no one else holds, adding their payloads."""
+        table = self.outbox.table
+        for part in chunks(ids):
+            locked = connection.execute(
+                select(table.c.id, table.c.payload)
+                .where(one_of(connection, table.c.id, part))
+                .with_for_update(skip_locked=True)
+            ).all()
+            payloads.update((row_id, payload) for row_id, payload in locked)
+
+    def _hold(self, transaction: str, targets: set[tuple[str, str]]) -> None:
+        self.held |= targets
+        self.held_transactions.add(transaction)
 
 
 def parked(outbox: Outbox, table: FromClause) -> ColumnElement[bool]:
@@ -260,28 +338,56 @@ def _page(
 def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) -> None:
     """Claim into *walk* by locking transactions' first rows (PostgreSQL).
 
-    A transaction's first row (``sequence`` 0) is its lock: one statement
-    locks the first rows of the next free transactions (``SKIP LOCKED``
-    passes the ones other relays hold, in the server, reading only the
-    order index for the rest of their rows) and returns those transactions'
-    rows. A transaction whose first row has left the outbox (delivered,
-    while the rest of it waits) is not taken here: it is left to reading
-    from the head, which every relay does when this finds nothing, when
-    the outbox's first row is such a transaction's, and at least once a
-    second (the relay's loop asks for it). The earlier rows
-    of other transactions that share a target with them are then read (and
-    hold those targets back), so each target stays in order; the rows to
-    deliver are locked whole as on every database. Transactions are taken a
-    few at a time, as many as the batch has room for by the size of the
-    ones taken so far, so a relay does not hold more than it delivers; it
-    stops at a page from which it took nothing.
+    A transaction's first row (``sequence`` 0) stands for it while relays
+    choose: one statement locks the first rows of the next free
+    transactions (``SKIP LOCKED`` passes the ones other relays hold, in the
+    server, reading only the order index for the rest of their rows) and
+    returns those transactions' rows. The earlier rows of other
+    transactions that share a target with them are then read, and hold
+    those targets back, so each target stays in order. The first rows are
+    locked in a savepoint: if the relay passed over a transaction whose
+    first row it locked (one waiting only for plugins it lacks, held back,
+    or cut by the page's limit), the savepoint is rolled back, letting them
+    all go, so that it holds no transaction it does not deliver, and the
+    chosen ones' first rows are locked again; else it is released. The
+    rows to deliver are then locked whole by primary key, as on every
+    database: that is what keeps two relays off the same row.
+
+    Transactions are taken a few at a time, as many as the batch has room
+    for by the size of the ones taken so far; the walk stops at a full page
+    and at one from which it took nothing. A transaction whose first row
+    has left the outbox (delivered, while the rest of it waits) is not
+    taken here: it is left to reading from the head, which every relay
+    does when this finds nothing, when the outbox's first row is such a
+    transaction's, and at least once a second (the relay's loop asks for
+    it).
     """
+    with connection.begin_nested() as choosing:
+        wanted, passed_over = _choose_by_first_rows(connection, outbox, walk)
+        if passed_over:
+            choosing.rollback()  # lets the first rows go
+        # Else the savepoint is released, the first rows kept.
+    if wanted:
+        # Until the chosen transactions' first rows are locked again, another
+        # relay may choose them too: the one that locks a first row takes
+        # the transaction, the other holds it back (and tries again).
+        walk.lock(connection, wanted, firsts=passed_over)
+
+
+def _choose_by_first_rows(
+    connection: Connection, outbox: Outbox, walk: _Walk
+) -> tuple[list[list[Claim]], bool]:
+    """The groups :func:`_claim_by_first_rows` delivers, in order, and
+    whether it locked the first row of a transaction it did not choose."""
     statements = _first_row_statements(outbox)
     page_size = walk.page_size
     mine: set[str] = set()
     after: tuple[datetime, str] = (_BEFORE_ALL, "")
     count = 1
-    while walk.room() > 0:
+    wanted: list[list[Claim]] = []
+    passed_over = False
+    room = walk.room()
+    while room > 0:
         held = walk.held if len(walk.held) <= _HELD_IN_SQL else ()
         found = connection.execute(
             statements.page,
@@ -294,10 +400,11 @@ def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) ->
                 "page_size": page_size,
             },
         )
-        # A transaction the limit cut stays locked, untaken.
-        rows, groups, full = _page(found.all(), page_size)
+        page = found.all()
+        rows, groups, full = _page(page, page_size)
         if not rows:
             break
+        passed_over = passed_over or len(rows) < len(page)  # one cut
         mine.update(groups)
         first, last = rows[0], rows[-1]
         rows_each = len(rows) / len(groups)
@@ -318,14 +425,24 @@ def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) ->
         if others:
             rows = sorted(rows + others, key=_position)
             groups = group_rows(rows)
-        before = len(walk.claimed)
-        walk.take(connection, groups.values(), {row.transaction_id for row in others})
-        if full or len(walk.claimed) == before:
+        chosen = walk.choose(
+            collections.deque(groups.values()),
+            room,
+            {row.transaction_id for row in others},
+        )
+        wanted += chosen
+        room -= sum(map(len, chosen))
+        taken = {group[0].row.transaction_id for group in chosen}
+        passed_over = passed_over or any(
+            transaction not in taken for transaction in groups if transaction in mine
+        )
+        if full or not chosen:
             # A page that took nothing (rows not due, held back): reading
             # from the head finds what is due without locking the rest.
             break
         after = (last.created_at, last.transaction_id)
-        count = min(page_size, math.ceil(walk.room() / rows_each))
+        count = min(page_size, math.ceil(room / rows_each))
+    return wanted, passed_over
 
 
 _BEFORE_ALL = datetime(1, 1, 1, tzinfo=timezone.utc)
@@ -453,38 +570,3 @@ def _load_states(connection: Connection, outbox: Outbox, rows: list[OutboxRow]) 
             by_id[found.event_id].states[found.plugin] = PluginState(
                 found.state, found.attempts, found.error, found.next_attempt_at
             )
-
-
-def _lock_whole(
-    connection: Connection,
-    outbox: Outbox,
-    wanted: list[list[Claim]],
-    held: set[tuple[str, str]],
-    claimed: list[Claim],
-) -> bool:
-    """Lock *wanted* groups' rows, reading their payloads; claim the groups
-    locked whole, in order, and hold the targets of the others. False if a
-    group could not be locked whole: another relay (or its attempt) had
-    some of its rows."""
-    table = outbox.table
-    payloads: dict[str, str] = {}
-    ids = [taken.row.id for group in wanted for taken in group]
-    for part in chunks(ids):
-        locked = connection.execute(
-            select(table.c.id, table.c.payload)
-            .where(one_of(connection, table.c.id, part))
-            .with_for_update(skip_locked=True)
-        ).all()
-        payloads.update((row_id, payload) for row_id, payload in locked)
-    whole = True
-    for group in wanted:
-        targets = {taken.row.target for taken in group}
-        complete = all(taken.row.id in payloads for taken in group)
-        whole = whole and complete
-        if not complete or targets & held:
-            held |= targets
-            continue
-        for taken in group:
-            taken.row.payload = payloads[taken.row.id]
-        claimed.extend(group)
-    return whole

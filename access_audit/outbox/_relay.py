@@ -387,7 +387,7 @@ def _poll(
 _FROM_HEAD_EVERY = 1.0
 """Seconds between batches a relay claims reading from the outbox's head
 even where it could take transactions by their first rows: transactions
-whose first row has left are taken only so (see :func:`_claim`)."""
+whose first row has left are taken only so (see :func:`._claim.claim`)."""
 
 
 def _check_tables(bind: Engine | Connection, outbox: Outbox) -> None:
@@ -446,7 +446,7 @@ def _relay_batch(
     """Deliver one locked batch; returns how many rows it handled, and
     whether due rows were left because others had them locked.
 
-    *from_head*: claim reading from the outbox's head (see :func:`_claim`).
+    *from_head*: claim reading from the outbox's head (see :func:`._claim.claim`).
 
     Every handled row is delivered, or its next attempt is rescheduled, so a
     relay run with ``once`` always comes to an end.
