@@ -344,7 +344,9 @@ def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) ->
     server, reading only the order index for the rest of their rows) and
     returns those transactions' rows. The earlier rows of other
     transactions that share a target with them are then read, and hold
-    those targets back, so each target stays in order. The first rows are
+    those targets back, so each target stays in order (the first page
+    tries the outbox's first transaction alone, before which there is
+    nothing to read: what a relay alone takes). The first rows are
     locked in a savepoint: if the relay passed over a transaction whose
     first row it locked (one waiting only for plugins it lacks, held back,
     or cut by the page's limit), the savepoint is rolled back, letting them
@@ -387,10 +389,11 @@ def _choose_by_first_rows(
     wanted: list[list[Claim]] = []
     passed_over = False
     room = walk.room()
+    at_head = True
     while room > 0:
         held = walk.held if len(walk.held) <= _HELD_IN_SQL else ()
         found = connection.execute(
-            statements.page,
+            statements.head if at_head else statements.page,
             {
                 "after_at": after[0],
                 "after_transaction": after[1],
@@ -403,24 +406,32 @@ def _choose_by_first_rows(
         page = found.all()
         rows, groups, full = _page(page, page_size)
         if not rows:
+            if at_head:  # another relay has it, or it is not due
+                at_head = False
+                continue
             break
         passed_over = passed_over or len(rows) < len(page)  # one cut
         mine.update(groups)
         first, last = rows[0], rows[-1]
         rows_each = len(rows) / len(groups)
-        others = [
-            OutboxRow(row)
-            for row in connection.execute(
-                statements.before,
-                {
-                    "first_at": first.created_at,
-                    "last_at": last.created_at,
-                    "last_transaction": last.transaction_id,
-                    "page": ",".join(groups),
-                    "mine": ",".join(mine),
-                },
-            ).all()
-        ]
+        others = (
+            []
+            if at_head
+            else [
+                OutboxRow(row)
+                for row in connection.execute(
+                    statements.before,
+                    {
+                        "first_at": first.created_at,
+                        "last_at": last.created_at,
+                        "last_transaction": last.transaction_id,
+                        "page": ",".join(groups),
+                        "mine": ",".join(mine),
+                    },
+                ).all()
+            ]
+        )
+        at_head = False
         _load_states(connection, outbox, rows + others)
         if others:
             rows = sorted(rows + others, key=_position)
@@ -468,47 +479,62 @@ class _FirstRowStatements:
             )
             .exists()
         )
+
         # When the outbox's first row is not its transaction's first (that
         # one was delivered: a slice of a large transaction, or the rest of
         # a partly failed one), nothing here: reading from the head takes it.
-        head_sequence = (
-            select(head.c.sequence)
-            .where(~parked(outbox, head))
-            .order_by(head.c.created_at, head.c.transaction_id, head.c.sequence)
-            .limit(1)
-            .scalar_subquery()
-        )
+        def first(column: ColumnElement[Any]) -> ColumnElement[Any]:
+            """*column* of the outbox's first row still to relay."""
+            return (
+                select(column)
+                .where(~parked(outbox, head))
+                .order_by(head.c.created_at, head.c.transaction_id, head.c.sequence)
+                .limit(1)
+                .scalar_subquery()
+            )
+
         # Fresh rows are left to the dispatch after their COMMIT: not locked.
         maybe_due = (
             table.c.created_at <= bindparam("fresh_from", type_=UtcDateTime())
         ) | select(literal(1)).where(state.c.event_id == table.c.id).exists()
         after_at = bindparam("after_at", type_=UtcDateTime())
-        taken = (
-            select(table.c.created_at, table.c.transaction_id)
-            .where(
-                table.c.created_at >= after_at,
-                position > tuple_(after_at, bindparam("after_transaction")),
-                table.c.sequence == 0,
-                head_sequence == 0,
-                tuple_(table.c.aggregatetype, table.c.aggregateid).not_in(
-                    bindparam("held", expanding=True)
-                ),
-                maybe_due,
-                any_unparked,
+
+        def taking(*where: ColumnElement[bool]) -> Select[Any]:
+            """The rows of the next free transactions whose first rows
+            match *where*, their first rows locked."""
+            taken = (
+                select(table.c.created_at, table.c.transaction_id)
+                .where(
+                    table.c.created_at >= after_at,
+                    position > tuple_(after_at, bindparam("after_transaction")),
+                    table.c.sequence == 0,
+                    tuple_(table.c.aggregatetype, table.c.aggregateid).not_in(
+                        bindparam("held", expanding=True)
+                    ),
+                    maybe_due,
+                    any_unparked,
+                    *where,
+                )
+                .order_by(table.c.created_at, table.c.transaction_id)
+                .limit(bindparam("count"))
+                .with_for_update(skip_locked=True)
+                .cte("taken")
             )
-            .order_by(table.c.created_at, table.c.transaction_id)
-            .limit(bindparam("count"))
-            .with_for_update(skip_locked=True)
-            .cte("taken")
-        )
-        self.page: Select[Any] = (
-            _candidates(outbox)
-            .join(
-                taken,
-                (taken.c.created_at == table.c.created_at)
-                & (taken.c.transaction_id == table.c.transaction_id),
+            return (
+                _candidates(outbox)
+                .join(
+                    taken,
+                    (taken.c.created_at == table.c.created_at)
+                    & (taken.c.transaction_id == table.c.transaction_id),
+                )
+                .limit(bindparam("page_size"))
             )
-            .limit(bindparam("page_size"))
+
+        self.page = taking(first(head.c.sequence) == 0)
+        # The outbox's first transaction: no row can come before it.
+        self.head = taking(
+            table.c.created_at == first(head.c.created_at),
+            table.c.transaction_id == first(head.c.transaction_id),
         )
         page = table.alias("page")
         shares_target = (
