@@ -439,6 +439,86 @@ def test_a_relay_keeps_no_lock_on_a_transaction_it_held_back(
         assert free == [(waiting,)]
 
 
+def test_a_relay_keeps_no_lock_on_transactions_past_a_full_page(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """A page filled by a slice of a large transaction leaves out the
+    transactions after it whose first rows the same statement locked: they
+    stay free for other relays."""
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    commit_events(engine, writer, ["h"])
+    commit_events(engine, writer, [f"big{number}" for number in range(450)], 450)
+    commit_events(engine, writer, ["x"])
+    commit_events(engine, writer, ["y"])
+    table = due_outbox.table
+    with engine.connect() as relay, engine.connect() as other:
+        taken, _ = claim(relay, due_outbox, ["sink"], datetime.now(timezone.utc), 100)
+        free = other.execute(
+            select(table.c.aggregateid)
+            .where(table.c.aggregateid.in_(["x", "y"]))
+            .with_for_update(skip_locked=True)
+        ).all()
+        relay.rollback()
+        other.rollback()
+    assert claimed_targets(taken)[:2] == ["h", "big0"]
+    if engine.dialect.name == "postgresql":
+        assert sorted(free) == [("x",), ("y",)]
+
+
+def test_a_relay_lets_go_of_what_another_relay_delivered_while_it_chose(
+    engine: Engine, due_outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that let go of the first rows it chose (it passed one over)
+    locks them again; if another relay delivered one in that moment, the
+    first one finds its delivery state changed and leaves it (it delivered
+    it again)."""
+    from access_audit.outbox import _claim
+
+    if engine.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL takes transactions by their first rows")
+
+    class Down(Counter):
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            raise RuntimeError("down")
+
+    writer = AuditEmitter(load_entrypoints=False, outbox=due_outbox, dispatch="relay")
+    writer.register(Counter(), name="p1")
+    writer.register(Counter(), name="p2")
+    commit_events(engine, writer, ["t"])  # waits for p1 and p2
+    passed = AuditEmitter(load_entrypoints=False, outbox=due_outbox)
+    passed.register(Counter(), name="p1")
+    passed.register(Down(), name="p2")
+    commit_events(engine, passed, ["v"])  # waits for p2 only
+    assert passed.flush(timeout=10)
+    with engine.begin() as connection:
+        connection.execute(
+            due_outbox.delivery_table.update().values(next_attempt_at=LONG_AGO)
+        )
+    other = Counter()
+    lock = _claim._Walk.lock
+    meanwhile: list[RelayStats] = []
+    started: list[bool] = []
+
+    def lock_after_another_relay(
+        walk: Any, connection: Any, wanted: Any, **options: Any
+    ) -> None:
+        if options.get("firsts") and not started:
+            started.append(True)  # the other relay's own locks go straight on
+            emitter = AuditEmitter(load_entrypoints=False, outbox=due_outbox)
+            emitter.register(other, name="p1")
+            meanwhile.append(emitter.relay(engine, once=True))
+        lock(walk, connection, wanted, **options)
+
+    monkeypatch.setattr(_claim._Walk, "lock", lock_after_another_relay)
+    with engine.connect() as connection:
+        taken, _ = claim(connection, due_outbox, ["p1"], datetime.now(timezone.utc), 10)
+        connection.rollback()
+    assert [stats.delivered for stats in meanwhile] == [1]
+    assert other.order == ["t"]
+    assert taken == []
+
+
 def test_a_relay_takes_no_slice_of_a_transaction_another_relay_holds(
     engine: Engine, due_outbox: Outbox
 ) -> None:

@@ -241,6 +241,27 @@ class _Walk:
             ).all()
             payloads.update((row_id, payload) for row_id, payload in locked)
 
+    def drop_changed(self, connection: Connection) -> None:
+        """Let go of the claimed groups whose delivery state changed since
+        it was read (another relay delivered them while this one held no
+        lock on them): they are held back, for a later batch to read
+        afresh."""
+        claimed = self.claimed
+        fresh = _read_states(
+            connection, self.outbox, [taken.row.id for taken in claimed]
+        )
+        changed = {
+            taken.row.transaction_id
+            for taken in claimed
+            if fresh.get(taken.row.id, {}) != taken.row.states
+        }
+        for taken in claimed:
+            if taken.row.transaction_id in changed:
+                self._hold(taken.row.transaction_id, {taken.row.target})
+        self.claimed = [
+            taken for taken in claimed if taken.row.transaction_id not in changed
+        ]
+
     def _hold(self, transaction: str, targets: set[tuple[str, str]]) -> None:
         self.held |= targets
         self.held_transactions.add(transaction)
@@ -372,8 +393,11 @@ def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) ->
     if wanted:
         # Until the chosen transactions' first rows are locked again, another
         # relay may choose them too: the one that locks a first row takes
-        # the transaction, the other holds it back (and tries again).
+        # the transaction, the other holds it back (and tries again); one
+        # that delivered it meanwhile changed its state.
         walk.lock(connection, wanted, firsts=passed_over)
+        if passed_over:
+            walk.drop_changed(connection)
 
 
 def _choose_by_first_rows(
@@ -410,7 +434,8 @@ def _choose_by_first_rows(
                 at_head = False
                 continue
             break
-        passed_over = passed_over or len(rows) < len(page)  # one cut
+        # A full page may leave out (cut) transactions it locked.
+        passed_over = passed_over or (full and count > 1)
         mine.update(groups)
         first, last = rows[0], rows[-1]
         rows_each = len(rows) / len(groups)
@@ -580,9 +605,18 @@ def group_rows(rows: Iterable[OutboxRow]) -> dict[str, list[OutboxRow]]:
 
 def _load_states(connection: Connection, outbox: Outbox, rows: list[OutboxRow]) -> None:
     """Fill each row's :attr:`~OutboxRow.states` from the delivery table."""
+    found = _read_states(connection, outbox, [row.id for row in rows if row.has_state])
+    for row in rows:
+        row.states.update(found.get(row.id, ()))
+
+
+def _read_states(
+    connection: Connection, outbox: Outbox, ids: list[str]
+) -> dict[str, dict[str, PluginState]]:
+    """The delivery states of the events *ids* that have any, by plugin."""
     state = outbox.delivery_table
-    by_id = {row.id: row for row in rows if row.has_state}
-    for part in chunks(list(by_id)):
+    states: dict[str, dict[str, PluginState]] = {}
+    for part in chunks(ids):
         for found in connection.execute(
             select(
                 state.c.event_id,
@@ -593,6 +627,7 @@ def _load_states(connection: Connection, outbox: Outbox, rows: list[OutboxRow]) 
                 state.c.next_attempt_at,
             ).where(one_of(connection, state.c.event_id, part))
         ):
-            by_id[found.event_id].states[found.plugin] = PluginState(
+            states.setdefault(found.event_id, {})[found.plugin] = PluginState(
                 found.state, found.attempts, found.error, found.next_attempt_at
             )
+    return states
