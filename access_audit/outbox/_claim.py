@@ -190,7 +190,12 @@ class _Walk:
         return wanted
 
     def lock(
-        self, connection: Connection, wanted: list[list[Claim]], *, firsts: bool = False
+        self,
+        connection: Connection,
+        wanted: list[list[Claim]],
+        *,
+        firsts: bool = False,
+        held_since_read: bool = False,
     ) -> None:
         """Lock *wanted* groups' rows (by primary key), reading their
         payloads; claim the groups locked whole, in order, and hold the
@@ -200,7 +205,15 @@ class _Walk:
         a statement of their own: what other relays look for.
 
         What :meth:`choose` held back applies to the groups after the one
-        held only, which it did not choose: so it is not asked here.
+        held only, which it did not choose: so it is not asked here. The
+        delivery state was read before the rows were locked: a group whose
+        state another relay changed since (it delivered them meanwhile) is
+        held too, for a later batch to read afresh (unless
+        *held_since_read*: their first rows stayed locked since the read,
+        so no other relay could take them). On PostgreSQL only: each
+        statement there reads what is committed when it starts, where
+        MariaDB's REPEATABLE READ would read the batch's first snapshot
+        again (a locking read would see it, and take gap locks).
         """
         payloads: dict[str, str] = {}
         if firsts:
@@ -211,6 +224,11 @@ class _Walk:
             wanted_rest = wanted
         rest = [taken.row.id for group in wanted_rest for taken in group]
         self._lock_ids(connection, rest, payloads)
+        states = (
+            _read_states(connection, self.outbox, list(payloads))
+            if connection.dialect.name == "postgresql" and not held_since_read
+            else None
+        )
         missed: set[tuple[str, str]] = set()
         missed_transactions: set[str] = set()
         for group in wanted:
@@ -219,7 +237,15 @@ class _Walk:
             complete = all(taken.row.id in payloads for taken in group)
             if not complete:
                 self.contended = True
-            if not complete or targets & missed or transaction in missed_transactions:
+            changed = states is not None and any(
+                states.get(taken.row.id, {}) != taken.row.states for taken in group
+            )
+            if (
+                not complete
+                or changed
+                or targets & missed
+                or transaction in missed_transactions
+            ):
                 missed |= targets
                 missed_transactions.add(transaction)
                 self._hold(transaction, targets)
@@ -240,27 +266,6 @@ class _Walk:
                 .with_for_update(skip_locked=True)
             ).all()
             payloads.update((row_id, payload) for row_id, payload in locked)
-
-    def drop_changed(self, connection: Connection) -> None:
-        """Let go of the claimed groups whose delivery state changed since
-        it was read (another relay delivered them while this one held no
-        lock on them): they are held back, for a later batch to read
-        afresh."""
-        claimed = self.claimed
-        fresh = _read_states(
-            connection, self.outbox, [taken.row.id for taken in claimed]
-        )
-        changed = {
-            taken.row.transaction_id
-            for taken in claimed
-            if fresh.get(taken.row.id, {}) != taken.row.states
-        }
-        for taken in claimed:
-            if taken.row.transaction_id in changed:
-                self._hold(taken.row.transaction_id, {taken.row.target})
-        self.claimed = [
-            taken for taken in claimed if taken.row.transaction_id not in changed
-        ]
 
     def _hold(self, transaction: str, targets: set[tuple[str, str]]) -> None:
         self.held |= targets
@@ -395,9 +400,9 @@ def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) ->
         # relay may choose them too: the one that locks a first row takes
         # the transaction, the other holds it back (and tries again); one
         # that delivered it meanwhile changed its state.
-        walk.lock(connection, wanted, firsts=passed_over)
-        if passed_over:
-            walk.drop_changed(connection)
+        walk.lock(
+            connection, wanted, firsts=passed_over, held_since_read=not passed_over
+        )
 
 
 def _choose_by_first_rows(
