@@ -12,6 +12,7 @@ never sees an UPDATE); the tables themselves are read after
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -542,6 +543,45 @@ def test_a_full_batch_of_records_is_written_before_the_linger_ends(
     assert outbox.flush(timeout=10)
     assert len(deletes) == 2
     assert outbox_rows(engine, outbox) == []
+
+
+def test_commits_during_a_write_wait_for_the_next_linger_period(
+    engine: Engine,
+    outbox: Outbox,
+    Session: sessionmaker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a steady stream of commits the recorder writes once per linger
+    period: records that arrive while it writes (here each of its
+    statements is slowed by 50 ms) wait for the next period, instead of
+    being written a few at a time, one transaction each, as they come."""
+    from access_audit.outbox import _recorder
+
+    linger = 0.2
+    monkeypatch.setattr(_recorder, "LINGER", linger)
+    deletes = _recorder_deletes(engine, outbox)
+
+    def slow_write(connection: object, clause: Any, *_: Any) -> None:
+        if threading.current_thread().name == "access_audit-outbox-recorder":
+            time.sleep(0.05)
+
+    event.listen(engine, "before_execute", slow_write)
+    commits = 0
+    start = time.monotonic()
+    with Session() as session:
+        while time.monotonic() - start < 1.0:
+            operation(session, f"n{commits}")
+            session.commit()
+            commits += 1
+    assert outbox.flush(timeout=10)
+    assert outbox_rows(engine, outbox) == []
+    assert commits > 20
+    # One write per period: each begins a linger or more after the last one
+    # ended (but the flush's, at the end).
+    periodic = deletes[:-1]
+    assert len(periodic) >= 2
+    gaps = [later - earlier for earlier, later in itertools.pairwise(periodic)]
+    assert min(gaps) >= linger - 0.01, gaps
 
 
 def test_in_memory_sqlite_records_deliveries_later_in_the_committing_thread(

@@ -133,21 +133,27 @@ class Recorder:
         while True:
             wake.wait()
             hurry.wait(LINGER)
-            # Cleared before taking: a record added from now on sets them
-            # again, and is taken by the next round if not by this one.
+            # Cleared before counting: a record added from now on sets them
+            # again, and waits for the next round. Only what is here now is
+            # taken: under a steady stream of commits, records arriving
+            # while these are written would otherwise be written a few at
+            # a time, a transaction each, as fast as they come.
             wake.clear()
             hurry.clear()
-            while pending:
-                self._write_some(pending)
+            left = len(pending)
+            while left:
+                left -= self._write_some(pending, left)
 
-    def _write_some(self, pending: collections.deque[_Item]) -> None:
-        """Take up to :data:`MAX_BATCH` records off *pending* and write them,
-        one transaction per engine; then release the flushes taken with them."""
+    def _write_some(self, pending: collections.deque[_Item], most: int) -> int:
+        """Take up to *most* items off *pending* (at most :data:`MAX_BATCH`
+        records) and write them, one transaction per engine; then release
+        the flushes taken with them. Returns the number of items taken."""
         waiting: list[threading.Event] = []
         by_engine: dict[Engine, list[Dispatched]] = {}
-        count = 0
-        while pending and count < MAX_BATCH:
+        count = taken = 0
+        while taken < most and count < MAX_BATCH:
             item = pending.popleft()
+            taken += 1
             if isinstance(item, threading.Event):
                 waiting.append(item)
                 continue
@@ -158,6 +164,7 @@ class Recorder:
             self._write(engine, records)
         for done in waiting:
             done.set()
+        return taken
 
     def _write(self, engine: Engine, records: list[Dispatched]) -> None:
         try:
