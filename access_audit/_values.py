@@ -25,16 +25,53 @@ __all__ = [
     "freeze_json",
     "freeze_parsed",
     "int_text",
+    "json_size",
     "resolve_lazy",
     "thaw",
 ]
 
-compact_json: Callable[[Any], str] = json.JSONEncoder(
+_stdlib_json: Callable[[Any], str] = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":")
 ).encode
-"""``json.dumps(value, ensure_ascii=False, separators=(",", ":"))``: compact
-JSON as stored and measured, with its encoder made once (``dumps`` with
-options makes one per call)."""
+"""``json.dumps(value, ensure_ascii=False, separators=(",", ":"))``, with its
+encoder made once (``dumps`` with options makes one per call)."""
+
+_fast_dumps: Callable[[Any], bytes] | None
+try:  # the ``fast`` extra: binary wheels, no compiler needed
+    from orjson import dumps as _fast_dumps
+except ImportError:  # pragma: no cover - depends on the environment
+    _fast_dumps = None
+
+
+def compact_json(value: Any) -> str:
+    """*value* (JSON types only, as :func:`freeze_json` leaves them) as
+    compact JSON, non-ASCII text as it is: what the outbox stores and
+    ``max_payload_bytes`` measures (:func:`json_size`).
+
+    Through orjson when it is installed (the ``fast`` extra), a few times
+    faster than the standard library on the commit path. It writes the same
+    JSON but for the spelling of some floats (``1e-7`` for ``1e-07``,
+    ``0.00002771`` for ``2.771e-05``: the same numbers when read back), so
+    :func:`json_size` measures through the same encoder. What orjson refuses
+    (an int beyond 64 bits) goes to the standard library.
+    """
+    if _fast_dumps is not None:
+        try:
+            return _fast_dumps(value).decode()
+        except TypeError:
+            pass
+    return _stdlib_json(value)
+
+
+def json_size(value: Any) -> int:
+    """The size in bytes of :func:`compact_json` of *value*, as UTF-8."""
+    if _fast_dumps is not None:
+        try:
+            return len(_fast_dumps(value))
+        except TypeError:
+            pass
+    return len(_stdlib_json(value).encode())
+
 
 # Deep enough for any real payload; stops a self-referencing structure early
 # with a clear message instead of a RecursionError.
@@ -139,7 +176,7 @@ class PayloadRules:
         """
         if self.max_payload_bytes is None:
             return
-        size = len(compact_json(payload).encode())
+        size = json_size(payload)
         if size > self.max_payload_bytes:
             raise ValueError(
                 f"event {event_type!r}: payload is {size} bytes as JSON, more than "

@@ -173,6 +173,72 @@ def test_oversized_payload_fails_at_stage_time(
     assert [e.event_type for e in recorder.events] == ["small"]
 
 
+ENCODER_CASES = [
+    {"float": 2.7719147266578394e-05, "small": 1e-07, "big": 1e16, "zero": -0.0},
+    {"int": 2**63 - 1, "negative": -(2**63), "beyond": 2**70},
+    {"text": "tab\t nul\x00 del\x7f line\u2028 é 漢 😀", "quote": '"\\/'},
+    {"nested": [{"a": [True, False, None]}, [], {}], "tiny": 5e-324},
+]
+
+
+@pytest.fixture(params=["orjson", "stdlib"])
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Encode through orjson (the ``fast`` extra) or, without it, the
+    standard library."""
+    if request.param == "stdlib":
+        from access_audit import _values
+
+        monkeypatch.setattr(_values, "_fast_dumps", None)
+    else:
+        pytest.importorskip("orjson")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("value", ENCODER_CASES)
+def test_compact_json_reads_back_as_it_was_and_is_measured_as_written(
+    encoder: str, value: dict[str, Any]
+) -> None:
+    """Either encoder writes JSON that reads back to the value (ints beyond
+    64 bits whole), compact and with non-ASCII text as it is; ``json_size``
+    is the size of that very text."""
+    from access_audit._values import compact_json, json_size
+
+    text = compact_json(value)
+    assert json.loads(text) == value
+    assert ": " not in text and ", " not in text
+    assert "\\u00e9" not in text
+    assert json_size(value) == len(text.encode())
+
+
+def test_max_payload_bytes_measures_the_json_as_the_outbox_writes_it(
+    make_session: Any, recorder: Recorder, encoder: str
+) -> None:
+    """The size check uses the encoder that writes the payload: orjson spells
+    this float one byte longer than the standard library, so a limit set to
+    the standard library's size refuses it when orjson writes it."""
+    from access_audit._values import compact_json
+
+    payload = {"f": 2.7719147266578394e-05}
+    written = len(compact_json(payload).encode())
+    standard = len(json.dumps(payload, separators=(",", ":")))
+    assert written == (standard + 1 if encoder == "orjson" else standard)
+    for limit, fits in ((written, True), (written - 1, False)):
+        Session = make_session(max_payload_bytes=limit)
+        with Session.begin() as session:
+            if fits:
+                stage_event(
+                    session, "f", target_type="t", target_id=1, action="x",
+                    payload=payload,
+                )  # fmt: skip
+            else:
+                with pytest.raises(ValueError, match=f"payload is {written} bytes"):
+                    stage_event(
+                        session, "f", target_type="t", target_id=1, action="x",
+                        payload=payload,
+                    )  # fmt: skip
+    assert [envelope.payload for envelope in recorder.events] == [payload]
+
+
 def test_lazy_payload_that_grows_too_large_fails_the_commit(
     make_session: Any, recorder: Recorder
 ) -> None:
