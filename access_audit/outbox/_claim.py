@@ -21,16 +21,14 @@ from sqlalchemy import (
     FromClause,
     Select,
     Text,
-    any_,
     bindparam,
-    func,
     literal,
     select,
     tuple_,
 )
 from sqlalchemy.sql.elements import ColumnElement
 
-from ._store import CHUNK, PARKED, OutboxRow, PluginState, chunks, one_of
+from ._store import CHUNK, PARKED, OutboxRow, PluginState, chunks, in_joined, one_of
 from ._table import Outbox, UtcDateTime
 
 __all__ = ["Claim", "claim", "group_rows", "parked"]
@@ -572,7 +570,7 @@ class _FirstRowStatements:
             .where(
                 page.c.created_at >= bindparam("first_at", type_=UtcDateTime()),
                 page.c.created_at <= bindparam("last_at", type_=UtcDateTime()),
-                _in_list(page.c.transaction_id, "page"),
+                in_joined(page.c.transaction_id, bindparam("page", type_=Text())),
                 page.c.aggregatetype == table.c.aggregatetype,
                 page.c.aggregateid == table.c.aggregateid,
             )
@@ -582,14 +580,9 @@ class _FirstRowStatements:
         self.before: Select[Any] = _candidates(outbox).where(
             table.c.created_at <= last_at,
             position < tuple_(last_at, bindparam("last_transaction")),
-            ~_in_list(table.c.transaction_id, "mine"),
+            ~in_joined(table.c.transaction_id, bindparam("mine", type_=Text())),
             shares_target,
         )
-
-
-def _in_list(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
-    """*column* is one of the comma-separated ids of parameter *name*."""
-    return column == any_(func.string_to_array(bindparam(name, type_=Text()), ","))
 
 
 @functools.lru_cache(maxsize=64)

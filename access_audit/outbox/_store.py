@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, Text, any_, bindparam, delete, func, insert
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, json_fields, stored_envelope
 from .._values import compact_json
@@ -30,6 +30,7 @@ __all__ = [
     "chunks",
     "dispatched",
     "forget",
+    "in_joined",
     "one_of",
     "settle_dispatched",
     "transaction",
@@ -83,9 +84,16 @@ def one_of(
     of one per id (psycopg converts every placeholder, and every element of
     an array parameter, which for a batch of ids cost more than the query)."""
     if connection.dialect.name == "postgresql":
-        joined = bindparam(None, ",".join(ids), type_=Text())
-        return column == any_(func.string_to_array(joined, ","))
+        return in_joined(column, bindparam(None, ",".join(ids), type_=Text()))
     return column.in_(ids)
+
+
+def in_joined(
+    column: ColumnElement[Any], joined: BindParameter[str]
+) -> ColumnElement[bool]:
+    """PostgreSQL's ``column = ANY(string_to_array(joined, ','))``: *column*
+    is one of the comma-separated ids of the text parameter *joined*."""
+    return column == any_(func.string_to_array(joined, ","))
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
@@ -172,6 +180,8 @@ def dispatched(
     report: DeliveryReport,
 ) -> Dispatched:
     """Sum up *report* for the outbox, as :class:`Dispatched`."""
+    if not report.failed:  # the usual commit: every plugin took every event
+        return Dispatched(tuple([str(envelope.id) for envelope in envelopes]), ())
     failed: dict[Any, dict[str, str | None]] = {}
     for name, errors in report.failed.items():
         for event_id, error in errors.items():
