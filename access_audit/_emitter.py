@@ -98,7 +98,9 @@ class AuditEmitter:
         staged, before any plugin, receiver or the outbox sees it. A redacted
         lazy value is never called.
     :param max_payload_bytes: the largest payload, measured as compact UTF-8
-        JSON (as the outbox stores it); a larger one fails ``stage_event``
+        JSON (as the outbox stores it: through orjson where the ``fast``
+        extra is installed, which spells some floats a byte shorter or
+        longer than the standard library); a larger one fails ``stage_event``
         (or, when lazy values make it larger, the commit, before COMMIT)
         with ``ValueError``. With an ``outbox``, its own
         ``max_payload_bytes`` applies too (the lower of the two wins).

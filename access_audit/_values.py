@@ -53,7 +53,9 @@ def compact_json(value: Any) -> str:
     JSON but for the spelling of some floats (``1e-7`` for ``1e-07``,
     ``0.00002771`` for ``2.771e-05``: the same numbers when read back), so
     :func:`json_size` measures through the same encoder. What orjson refuses
-    (an int beyond 64 bits) goes to the standard library.
+    (an int beyond 64 bits) goes to the standard library: a payload measured
+    through orjson is written so too, unless the envelope's metadata holds
+    such an int (then each such float may take a byte more).
     """
     if _fast_dumps is not None:
         try:

@@ -133,7 +133,8 @@ class Outbox:
     aggregatetype   ``target_type``
     aggregateid     ``target_id``, whole
     type            ``event_type``
-    payload         the envelope as JSON (UTF-8, ``AuditEventEnvelope.to_json``)
+    payload         the envelope as compact UTF-8 JSON: ``to_dict()``, which
+                    reads back as ``AuditEventEnvelope.to_json`` does
     created_at      the envelope's ``timestamp``
     transaction_id  the envelope's ``transaction_id``
     sequence        the envelope's ``sequence``: with ``transaction_id``, the
