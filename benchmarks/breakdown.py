@@ -29,7 +29,7 @@ from access_audit._listeners import SessionListeners
 from . import fixtures
 from .fixtures import DATABASES, Base, make_emitter, make_engine, timed_commits
 
-__all__ = ["HOOKS", "breakdown", "main"]
+__all__ = ["HOOKS", "breakdown", "main", "positive"]
 
 HOOKS = tuple("_" + name for name in SessionListeners.EVENTS)
 """The session listeners of :class:`SessionListeners`, as its methods are named."""
@@ -136,7 +136,8 @@ def _collect(
         per_round.setdefault(name, []).append(value)
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -147,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Print the breakdown of workload 2 on one database."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.breakdown")
     parser.add_argument("--database", choices=DATABASES, default="sqlite")
-    parser.add_argument("--commits", type=_positive, default=1_000, help="per batch")
-    parser.add_argument("--rounds", type=_positive, default=20)
+    parser.add_argument("--commits", type=positive, default=1_000, help="per batch")
+    parser.add_argument("--rounds", type=positive, default=20)
     arguments = parser.parse_args(argv)
     figures = breakdown(arguments.database, arguments.commits, arguments.rounds)
     plain = figures["plain"]

@@ -380,3 +380,25 @@ def test_breakdown_times_each_entry_point_in_the_loop() -> None:
         "_after_transaction_end": 2.0,
     }
     assert float(rows["all of access_audit"][1]) > 0
+
+
+def test_outbox_steps_measure_each_step_of_the_outbox_commit() -> None:
+    """``python -m benchmarks.outbox_steps`` runs every step, and the outbox
+    as shipped costs more than the same commit without an outbox (each
+    step really does the outbox's work it names)."""
+    from benchmarks.outbox_steps import STEPS
+
+    completed = run_python(
+        "-m", "benchmarks.outbox_steps", "--commits", "100", "--rounds", "3"
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    ratios = {
+        cells[0]: float(cells[1].rstrip("x"))
+        for line in completed.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| variant", "| ---"))
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    assert list(ratios) == [name for name, _ in STEPS]
+    assert all(ratio > 0 for ratio in ratios.values())
+    shipped, without = ratios[STEPS[-2][0]], ratios[STEPS[0][0]]
+    assert shipped > without
