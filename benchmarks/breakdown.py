@@ -29,7 +29,7 @@ from access_audit._listeners import SessionListeners
 from . import fixtures
 from .fixtures import DATABASES, Base, make_emitter, make_engine, timed_commits
 
-__all__ = ["HOOKS", "breakdown", "main", "positive"]
+__all__ = ["HOOKS", "breakdown", "loop_arguments", "main"]
 
 HOOKS = tuple("_" + name for name in SessionListeners.EVENTS)
 """The session listeners of :class:`SessionListeners`, as its methods are named."""
@@ -136,21 +136,28 @@ def _collect(
         per_round.setdefault(name, []).append(value)
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
+def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
+def loop_arguments(
+    module: str, rounds: int, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """The command line of a commit-loop tool ``python -m benchmarks.MODULE``:
+    ``--database``, ``--commits`` per batch and ``--rounds`` (default *rounds*)."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}")
+    parser.add_argument("--database", choices=DATABASES, default="sqlite")
+    parser.add_argument("--commits", type=_positive, default=1_000, help="per batch")
+    parser.add_argument("--rounds", type=_positive, default=rounds)
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the breakdown of workload 2 on one database."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.breakdown")
-    parser.add_argument("--database", choices=DATABASES, default="sqlite")
-    parser.add_argument("--commits", type=positive, default=1_000, help="per batch")
-    parser.add_argument("--rounds", type=positive, default=20)
-    arguments = parser.parse_args(argv)
+    arguments = loop_arguments("breakdown", 20, argv)
     figures = breakdown(arguments.database, arguments.commits, arguments.rounds)
     plain = figures["plain"]
     print(f"{arguments.database}: plain insert+commit {plain:.2f} us (median)")

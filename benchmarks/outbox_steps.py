@@ -16,7 +16,6 @@ the floor of any outbox that sends its row as a statement of its own.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
@@ -28,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from access_audit.outbox import Outbox
 
-from .breakdown import positive
-from .fixtures import DATABASES, Base, make_emitter, make_engine, timed_commits
+from .breakdown import loop_arguments
+from .fixtures import Base, make_emitter, make_engine, timed_commits
 from .harness import interleave, per_round_ratios
 
 __all__ = ["STEPS", "main", "steps"]
@@ -165,11 +164,7 @@ def _batch(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the steps of workload 6 on one database."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.outbox_steps")
-    parser.add_argument("--database", choices=DATABASES, default="sqlite")
-    parser.add_argument("--commits", type=positive, default=1_000, help="per batch")
-    parser.add_argument("--rounds", type=positive, default=25)
-    arguments = parser.parse_args(argv)
+    arguments = loop_arguments("outbox_steps", 25, argv)
     figures = steps(arguments.database, arguments.commits, arguments.rounds)
     print(
         f"{arguments.database}: plain insert+commit {figures['plain']:.2f} us "
