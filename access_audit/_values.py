@@ -57,22 +57,21 @@ def compact_json(value: Any) -> str:
     through orjson is written so too, unless the envelope's metadata holds
     such an int (then each such float may take a byte more).
     """
-    if _fast_dumps is not None:
-        try:
-            return _fast_dumps(value).decode()
-        except TypeError:
-            pass
-    return _stdlib_json(value)
+    return _compact_utf8(value).decode()
 
 
 def json_size(value: Any) -> int:
     """The size in bytes of :func:`compact_json` of *value*, as UTF-8."""
+    return len(_compact_utf8(value))
+
+
+def _compact_utf8(value: Any) -> bytes:
     if _fast_dumps is not None:
         try:
-            return len(_fast_dumps(value))
+            return _fast_dumps(value)
         except TypeError:
             pass
-    return len(_stdlib_json(value).encode())
+    return _stdlib_json(value).encode()
 
 
 # Deep enough for any real payload; stops a self-referencing structure early

@@ -180,8 +180,6 @@ def dispatched(
     report: DeliveryReport,
 ) -> Dispatched:
     """Sum up *report* for the outbox, as :class:`Dispatched`."""
-    if not report.failed:  # the usual commit: every plugin took every event
-        return Dispatched(tuple([str(envelope.id) for envelope in envelopes]), ())
     failed: dict[Any, dict[str, str | None]] = {}
     for name, errors in report.failed.items():
         for event_id, error in errors.items():
