@@ -43,10 +43,16 @@ except ImportError:  # pragma: no cover - depends on the environment
     _fast_dumps = None
 
 
-def compact_json(value: Any) -> str:
+def compact_json(value: Any, plain: Callable[[Any], Any] | None = None) -> str:
     """*value* (JSON types only, as :func:`freeze_json` leaves them) as
     compact JSON, non-ASCII text as it is: what the outbox stores and
     ``max_payload_bytes`` measures (:func:`json_size`).
+
+    *plain*, for a value orjson writes as it is but the standard library
+    cannot (an envelope, a dataclass): its JSON types, for the standard
+    library's turn. orjson writes a dataclass's fields in their order, a
+    UUID as ``str()`` and a datetime as ``isoformat()`` do, so either way
+    the text is the same (but for floats, below).
 
     Through orjson when it is installed (the ``fast`` extra), a few times
     faster than the standard library on the commit path. It writes the same
@@ -57,7 +63,7 @@ def compact_json(value: Any) -> str:
     through orjson is written so too, unless the envelope's metadata holds
     such an int (then each such float may take a byte more).
     """
-    return _compact_utf8(value).decode()
+    return _compact_utf8(value, plain).decode()
 
 
 def json_size(value: Any) -> int:
@@ -65,13 +71,13 @@ def json_size(value: Any) -> int:
     return len(_compact_utf8(value))
 
 
-def _compact_utf8(value: Any) -> bytes:
+def _compact_utf8(value: Any, plain: Callable[[Any], Any] | None = None) -> bytes:
     if _fast_dumps is not None:
         try:
             return _fast_dumps(value)
         except TypeError:
             pass
-    return _stdlib_json(value).encode()
+    return _stdlib_json(value if plain is None else plain(value)).encode()
 
 
 # Deep enough for any real payload; stops a self-referencing structure early

@@ -212,6 +212,46 @@ def test_compact_json_reads_back_as_it_was_and_is_measured_as_written(
     assert json_size(value) == len(text.encode())
 
 
+@pytest.mark.parametrize("value", ENCODER_CASES)
+def test_an_envelope_is_stored_as_the_json_of_its_to_dict(
+    encoder: str, value: dict[str, Any]
+) -> None:
+    """The outbox's JSON of an envelope: orjson writes the dataclass itself,
+    the standard library its fields; either way, the text of ``to_dict()``
+    with its fields in order (the same text but for the spelling of floats)."""
+    import datetime as dt
+    import uuid
+
+    from access_audit import AuditEventEnvelope
+    from access_audit._envelope import json_fields
+    from access_audit._values import compact_json
+
+    on_the_second = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+    envelope = AuditEventEnvelope(
+        id=uuid.uuid4(),
+        event_type="member_added",
+        timestamp=on_the_second,  # isoformat() leaves out zero microseconds
+        staged_at=on_the_second.replace(microsecond=5),
+        actor_id="ada",
+        actor_email=None,
+        target_type="group",
+        target_id="漢",
+        target_name="tab\t",
+        action="add",
+        reason=None,
+        payload=value,
+        metadata={"request_id": "r-1", "nested": value},
+        transaction_id=uuid.uuid4(),
+        sequence=3,
+    )
+    text = compact_json(envelope, json_fields)
+    assert json.loads(text) == envelope.to_dict()
+    if not any(isinstance(v, float) for v in value.values()):
+        assert text == json.dumps(
+            envelope.to_dict(), ensure_ascii=False, separators=(",", ":")
+        )
+
+
 def test_max_payload_bytes_measures_the_json_as_the_outbox_writes_it(
     make_session: Any, recorder: Recorder, encoder: str
 ) -> None:

@@ -118,16 +118,15 @@ def write(
         names = _recipients_text(frozenset(recipients))
         rows = []
         for envelope in envelopes:
-            data = json_fields(envelope)
             rows.append(
                 {
-                    "id": data["id"],
+                    "id": str(envelope.id),
                     "aggregatetype": envelope.target_type,
                     "aggregateid": envelope.target_id,
                     "type": envelope.event_type,
-                    "payload": compact_json(data),
+                    "payload": compact_json(envelope, json_fields),
                     "created_at": envelope.timestamp,
-                    "transaction_id": data["transaction_id"],
+                    "transaction_id": str(envelope.transaction_id),
                     "sequence": envelope.sequence,
                     "recipients": names,
                 }
