@@ -133,6 +133,7 @@ class Lifecycle:
         "refusal",
         "root",
         "stamp",
+        "unprepared",
     )
 
     def __init__(
@@ -152,6 +153,8 @@ class Lifecycle:
         their ``after_transaction_end``."""
         self.lazy: list[StagedEvent] = [first] if first._lazy else []
         """Staged events whose lazy values are not resolved yet."""
+        self.unprepared = True
+        """Whether an event was staged since :meth:`prepare` last ran."""
         self.built: list[AuditEventEnvelope] = []
         """Envelopes of the commit's events, in order, as they are built: in
         ``after_commit``, or before COMMIT when they go to an outbox."""
@@ -189,6 +192,7 @@ class Lifecycle:
             level.append(staged)
         if staged._lazy:
             self.lazy.append(staged)
+        self.unprepared = True
 
     def work_before_commit(self) -> bool:
         """Whether the commit has work before COMMIT: lazy values to resolve
@@ -296,13 +300,17 @@ class Lifecycle:
 
         Called before the outermost commit's final flush, after each flush in
         it, and for each event staged during it; each call handles what is
-        new. Lazy values raise to the caller, failing the commit.
+        new, and returns at once when nothing was staged since the last.
+        Lazy values raise to the caller, failing the commit.
         """
+        if not self.unprepared:
+            return
         for staged in self.lazy:
             # One resolved before a later one raised is not called again:
             # its values are plain now.
             staged._resolve()
         self.lazy.clear()
+        self.unprepared = False
         if self.owner.outbox is None:
             return
         written = len(self.built)
