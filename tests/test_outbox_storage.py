@@ -250,3 +250,34 @@ def test_rows_go_to_the_schema_the_connection_translates_to(
         Base.metadata.drop_all(tenant_engine)
         outbox.drop(tenant_engine)
         outbox.drop(engine)
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "0001-01-01T00:00:00+00:00",
+        "2024-05-01T12:00:00+00:00",
+        "2024-05-01T07:00:00.000001-05:00",
+        "2024-12-31T23:30:00.5+02:00",
+        "9999-12-31T23:59:59.999999+00:00",
+    ],
+)
+def test_a_time_is_bound_on_sqlite_as_sqlalchemy_stores_it(moment: str) -> None:
+    """The outbox's times, bound on SQLite in one step, are the very text
+    SQLAlchemy's ``DATETIME`` stores for them in UTC (what the relay's
+    comparisons and its reading of the rows expect)."""
+    from datetime import datetime
+
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.types import TypeDecorator
+
+    from access_audit.outbox._table import UtcDateTime
+
+    dialect = sqlite.dialect()
+    utc_time = UtcDateTime().dialect_impl(dialect)
+    both_steps = TypeDecorator.bind_processor(utc_time, dialect)
+    one_step = utc_time.bind_processor(dialect)
+    assert one_step is not None and both_steps is not None
+    value = datetime.fromisoformat(moment)
+    assert one_step(value) == both_steps(value)
+    assert one_step(None) is None

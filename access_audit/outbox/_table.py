@@ -113,11 +113,25 @@ class UtcDateTime(TypeDecorator[datetime]):
             return None
         return value.astimezone(timezone.utc).replace(tzinfo=None)
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # On the commit path, on SQLite: one step instead of two.
+        if dialect.name == "sqlite":
+            return _sqlite_text
+        return super().bind_processor(dialect)
+
     def process_result_value(self, value: Any, dialect: Any) -> datetime | None:
         if value is None:
             return None
         result: datetime = value.replace(tzinfo=timezone.utc)
         return result
+
+
+def _sqlite_text(value: datetime | None) -> str | None:
+    """*value* in UTC as SQLAlchemy's SQLite ``DATETIME`` stores it (the
+    text ``process_bind_param`` and then that type's processor make)."""
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).isoformat(" ", "microseconds")[:26]
 
 
 class Outbox:
