@@ -20,9 +20,9 @@ from ._relay import prune as prune
 from ._relay import relay as relay
 from ._relay import retry_dead as retry_dead
 from ._relay import status as status
-from ._table import DEAD as DEAD
-from ._table import DELIVERED as DELIVERED
-from ._table import PENDING as PENDING
+from ._store import DEAD as DEAD
+from ._store import DELIVERED as DELIVERED
+from ._store import PENDING as PENDING
 from ._table import Outbox as Outbox
 
 __all__ = [

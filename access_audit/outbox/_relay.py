@@ -34,7 +34,10 @@ from .._errors import AuditConfigurationError
 from .._logging import logger
 from ._claim import Claim, claim, group_rows, parked
 from ._store import (
+    DEAD,
+    DELIVERED,
     PARKED,
+    PENDING,
     OutboxRow,
     PluginState,
     chunks,
@@ -42,7 +45,7 @@ from ._store import (
     one_of,
     transaction,
 )
-from ._table import DEAD, DELIVERED, PENDING, Outbox
+from ._table import Outbox
 from ._wake import listen
 
 if TYPE_CHECKING:

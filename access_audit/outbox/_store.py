@@ -15,15 +15,18 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, json_fields, stored_envelope
 from .._values import compact_json
-from ._table import DEAD, DELIVERED, PENDING, Outbox
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from .._dispatch import DeliveryReport
+    from ._table import Outbox
 
 __all__ = [
+    "DEAD",
+    "DELIVERED",
     "PARKED",
+    "PENDING",
     "Dispatched",
     "OutboxRow",
     "PluginState",
@@ -65,6 +68,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN = b"0" * 19
 
+
+PENDING = "pending"
+"""Some plugin has yet to take the event (a delivery state: to be retried)."""
+DELIVERED = "delivered"
+"""The plugin took the event (a delivery state, kept while another has not)."""
+DEAD = "dead"
+"""The plugin gave up on the event after ``max_attempts``."""
 
 CHUNK = 1000
 """Ids per ``IN`` list: well under every driver's parameter limit (psycopg's
@@ -164,10 +174,14 @@ def transaction(bind: Engine | Connection) -> Iterator[Connection]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Dispatched:
-    """What the dispatch right after COMMIT did with a batch of outbox rows."""
+    """What the dispatch right after COMMIT did with a batch of outbox rows.
 
-    taken: tuple[str, ...]
-    """Ids of the events every plugin took: they leave the outbox."""
+    Made on the commit path, written later (:func:`settle_dispatched`): it
+    keeps the envelopes themselves, and their ids are made when written.
+    """
+
+    taken: Sequence[AuditEventEnvelope]
+    """The events every plugin took: they leave the outbox."""
     partial: tuple[tuple[str, dict[str, str | None]], ...]
     """(id, {plugin: None if it took the event, else the error}) for the
     others: their state is kept and the failed plugins are due at once."""
@@ -179,11 +193,13 @@ def dispatched(
     report: DeliveryReport,
 ) -> Dispatched:
     """Sum up *report* for the outbox, as :class:`Dispatched`."""
+    if not report.failed:  # every plugin took every event: the usual commit
+        return Dispatched(envelopes, ())
     failed: dict[Any, dict[str, str | None]] = {}
     for name, errors in report.failed.items():
         for event_id, error in errors.items():
             failed.setdefault(event_id, {})[name] = repr(error)[:500]
-    taken = tuple(str(e.id) for e in envelopes if e.id not in failed)
+    taken = tuple(e for e in envelopes if e.id not in failed)
     partial = tuple(
         (str(event_id), {name: errors.get(name) for name in plugins})
         for event_id, errors in failed.items()
@@ -200,7 +216,7 @@ def settle_dispatched(
     states: list[dict[str, Any]] = []
     now = datetime.now(timezone.utc)
     for batch in batches:
-        taken.extend(batch.taken)
+        taken.extend([str(envelope.id) for envelope in batch.taken])
         for event_id, outcome in batch.partial:
             for name, error in outcome.items():
                 states.append(

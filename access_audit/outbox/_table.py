@@ -25,6 +25,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.types import TypeDecorator
 
+from ._store import dispatched, settle_dispatched, transaction, write
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.engine import Dialect
@@ -37,14 +39,7 @@ if TYPE_CHECKING:
     from ._recorder import Recorder
     from ._relay import RelayStats
 
-__all__ = ["DEAD", "DELIVERED", "PENDING", "Outbox", "PreparedInsert"]
-
-PENDING = "pending"
-"""Some plugin has yet to take the event (a delivery state: to be retried)."""
-DELIVERED = "delivered"
-"""The plugin took the event (a delivery state, kept while another has not)."""
-DEAD = "dead"
-"""The plugin gave up on the event after ``max_attempts``."""
+__all__ = ["Outbox", "PreparedInsert"]
 
 _LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 """Text of any length a user may send: MariaDB's ``TEXT`` stops at 64 KiB."""
@@ -278,8 +273,6 @@ class Outbox:
     ) -> Engine | Connection:
         """Insert rows for *envelopes*, each for *plugins*, in *session*'s
         transaction (before COMMIT); returns the bind they went to."""
-        from ._store import write
-
         write(session, self, envelopes, plugins)
         bind: Engine | Connection = session.get_bind(clause=self.table)
         return bind
@@ -300,8 +293,6 @@ class Outbox:
         engine whose pool gives each thread its own connection (in-memory
         SQLite), by this thread, with its later commits' records.
         """
-        from ._store import dispatched, settle_dispatched, transaction
-
         record = dispatched(envelopes, plugins, report)
         if isinstance(bind, Connection) or bind.dialect.is_async:
             with transaction(bind) as connection:
