@@ -9,7 +9,7 @@ import functools
 import threading
 import time
 import types
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
@@ -438,12 +438,13 @@ class AuditEmitter:
         if outbox_bind is None:
             return
         assert self.outbox is not None
-        outbox = self.outbox
-        plugins = delivering_plugins(self.plugin_manager)
-
-        def record() -> None:
-            outbox.record(outbox_bind, envelopes, plugins, report)
-
+        record = functools.partial(
+            self.outbox.record,
+            outbox_bind,
+            envelopes,
+            delivering_plugins(self.plugin_manager),
+            report,
+        )
         try:
             if outbox_bind.dialect.is_async:
                 # The rows went through an async engine's connection: its sync
@@ -451,12 +452,8 @@ class AuditEmitter:
                 await greenlet_spawn(record)
             else:
                 await asyncio.to_thread(record)
-        except Exception:
-            logger.exception(
-                "could not mark outbox rows %s as delivered; the relay will "
-                "deliver them again (consumers de-duplicate by id)",
-                ", ".join(str(envelope.id) for envelope in envelopes),
-            )
+        except Exception as error:
+            _record_failed(envelopes, error)
 
     def _refuse_sync_wait(self, method: str) -> None:
         if self._on_loop is not None:
@@ -508,49 +505,48 @@ class AuditEmitter:
         loop: asyncio.AbstractEventLoop | None,
         record_apart: bool = False,
     ) -> None:
-        assert self.outbox is not None
-        outbox = self.outbox
-
-        def mark() -> None:
-            outbox.record(
-                bind, envelopes, delivering_plugins(self.plugin_manager), report
-            )
-
-        def failed(error: BaseException | None = None) -> None:
-            logger.error(
-                "could not mark outbox rows %s as delivered; the relay will "
-                "deliver them again (consumers de-duplicate by id)",
-                ", ".join(str(envelope.id) for envelope in envelopes),
-                exc_info=error,
-            )
-
+        """Have the outbox record *report*, here unless the bind or
+        *record_apart* says otherwise; a failure is logged, never raised."""
+        plugins = delivering_plugins(self.plugin_manager)
         if bind.dialect.is_async and loop is not None:
             # An async engine's connections belong to its event loop: run the
             # update there. Without waiting: the loop may be the one blocked in
             # emitter.flush(), waiting for this very job.
+            assert self.outbox is not None
+
             def check(done: concurrent.futures.Future[None]) -> None:
-                if done.cancelled():
-                    failed()
-                elif done.exception() is not None:
-                    failed(done.exception())
+                if not done.cancelled() and done.exception() is None:
+                    return
+                _record_failed(
+                    envelopes, None if done.cancelled() else done.exception()
+                )
 
             asyncio.run_coroutine_threadsafe(
-                greenlet_spawn(mark), loop
+                greenlet_spawn(self.outbox.record, bind, envelopes, plugins, report),
+                loop,
             ).add_done_callback(check)
-            return
-
-        def mark_or_log() -> None:
-            try:
-                mark()
-            except Exception:
-                failed()
-
-        if record_apart:
+        elif record_apart:
             threading.Thread(
-                target=mark_or_log, name="access_audit-outbox-record", daemon=True
+                target=self._record_or_log,
+                args=(bind, envelopes, plugins, report),
+                name="access_audit-outbox-record",
+                daemon=True,
             ).start()
         else:
-            mark_or_log()
+            self._record_or_log(bind, envelopes, plugins, report)
+
+    def _record_or_log(
+        self,
+        bind: Engine | Connection,
+        envelopes: Sequence[AuditEventEnvelope],
+        plugins: Collection[str],
+        report: DeliveryReport,
+    ) -> None:
+        assert self.outbox is not None
+        try:
+            self.outbox.record(bind, envelopes, plugins, report)
+        except Exception as error:
+            _record_failed(envelopes, error)
 
     def _discarded(self, events: Sequence[StagedEvent], reason: DiscardReason) -> None:
         if not signals.audit_event_discarded.receivers:
@@ -642,6 +638,18 @@ def _payload_limit(
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+def _record_failed(
+    envelopes: Sequence[AuditEventEnvelope], error: BaseException | None
+) -> None:
+    """Log that the delivery of *envelopes* could not be recorded."""
+    logger.error(
+        "could not mark outbox rows %s as delivered; the relay will "
+        "deliver them again (consumers de-duplicate by id)",
+        ", ".join(str(envelope.id) for envelope in envelopes),
+        exc_info=error,
+    )
 
 
 def _remaining(deadline: float | None) -> float | None:

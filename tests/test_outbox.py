@@ -377,6 +377,37 @@ def test_raising_plugin_leaves_rows_pending_with_the_others_delivered(
     assert stored_names(engine) == ["one", "two"]
 
 
+def test_a_record_that_fails_is_logged_with_its_cause_and_the_commit_stands(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When what the dispatch delivered cannot be recorded, the commit and
+    the delivery stand, the rows stay for the relay, and the log says why."""
+
+    class Unrecordable(Outbox):
+        def record(self, *_: Any) -> None:
+            raise RuntimeError("the delivery table is gone")
+
+    outbox = Unrecordable()
+    outbox.drop(engine)
+    outbox.create(engine)
+    try:
+        sink = Sink()
+        emitter = outbox_emitter(outbox, sink=sink)
+        with OrmSession(engine) as session:
+            emitter.attach(session)
+            operation(session, "one")
+            session.commit()
+        assert sink.names == ["one"]
+        assert stored_names(engine) == ["one"]
+        assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == ["one"]
+        [logged] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert "the relay will deliver them again" in logged.getMessage()
+        assert logged.exc_info is not None
+        assert "the delivery table is gone" in str(logged.exc_info[1])
+    finally:
+        outbox.drop(engine)
+
+
 def test_redaction_applies_to_the_outbox_payload(
     engine: Engine, outbox: Outbox, sink: Sink, written: list[dict[str, Any]]
 ) -> None:
