@@ -126,28 +126,32 @@ def write(
     """
     if envelopes:
         names = _recipients_text(frozenset(recipients))
-        rows = []
-        for envelope in envelopes:
-            rows.append(
-                {
-                    "id": str(envelope.id),
-                    "aggregatetype": envelope.target_type,
-                    "aggregateid": envelope.target_id,
-                    "type": envelope.event_type,
-                    "payload": compact_json(envelope, json_fields),
-                    "created_at": envelope.timestamp,
-                    "transaction_id": str(envelope.transaction_id),
-                    "sequence": envelope.sequence,
-                    "recipients": names,
-                }
+        # A value for each column of the outbox table, in its order.
+        rows = [
+            (
+                str(envelope.id),
+                envelope.target_type,
+                envelope.target_id,
+                envelope.event_type,
+                compact_json(envelope, json_fields),
+                envelope.timestamp,
+                str(envelope.transaction_id),
+                envelope.sequence,
+                names,
             )
+            for envelope in envelopes
+        ]
         # On the session's connection for the table: the ORM's
         # session.execute() path costs as much again per commit.
         connection = session.connection(bind_arguments={"clause": outbox.table})
         if connection.get_execution_options().get("schema_translate_map"):
             # Core renders the schema this connection translates to; the
             # statement compiled once names none.
-            connection.execute(insert(outbox.table), rows)
+            keys = outbox.table.columns.keys()
+            connection.execute(
+                insert(outbox.table),
+                [dict(zip(keys, row, strict=True)) for row in rows],
+            )
             return
         prepared = outbox._insert_for(connection.dialect)
         parameters = [prepared.parameters(row) for row in rows]

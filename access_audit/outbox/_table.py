@@ -61,31 +61,37 @@ class PreparedInsert:
     apply them.
     """
 
-    __slots__ = ("_positional", "_processors", "columns", "sql")
+    __slots__ = ("_names", "_processors", "columns", "sql")
 
     def __init__(self, table: Table, dialect: Dialect) -> None:
         compiled = insert(table).compile(dialect=dialect)
         self.sql: str = compiled.string
         """The statement, in the driver's parameter style."""
-        self._positional = compiled.positional
-        by_name = {column.key: column for column in table.columns}
-        names = compiled.positiontup if compiled.positional else list(by_name)
-        self.columns: tuple[str, ...] = tuple(names or ())
-        """The column names, in the order of a positional driver's parameters."""
+        self.columns: tuple[str, ...] = tuple(table.columns.keys())
+        """The column names, in the table's order: a row's, and a positional
+        driver's parameters' (an INSERT of every column binds them so)."""
+        if compiled.positional and tuple(compiled.positiontup or ()) != self.columns:
+            raise NotImplementedError(
+                f"{dialect.name} binds the outbox's columns in another order"
+            )
+        self._names = None if compiled.positional else self.columns
+        """The column names, for a driver that takes parameters by name."""
         self._processors = tuple(
-            (name, processor)
-            for name in self.columns
-            if (processor := _bind_processor(by_name[name], dialect)) is not None
+            (index, processor)
+            for index, column in enumerate(table.columns)
+            if (processor := _bind_processor(column, dialect)) is not None
         )
 
-    def parameters(self, row: dict[str, Any]) -> Any:
-        """*row* (every column by name) as the driver takes it: its values
-        processed as the column types do, in a tuple or in *row* itself."""
-        for name, processor in self._processors:
-            row[name] = processor(row[name])
-        if self._positional:
-            return tuple([row[name] for name in self.columns])
-        return row
+    def parameters(self, row: Sequence[Any]) -> Any:
+        """*row* (a value for each of the table's columns, in their order) as
+        the driver takes it: processed as the column types do, in a tuple or
+        a dict by name."""
+        values = list(row)
+        for index, processor in self._processors:
+            values[index] = processor(values[index])
+        if self._names is not None:
+            return dict(zip(self._names, values, strict=True))
+        return tuple(values)
 
 
 def _bind_processor(column: Column[Any], dialect: Dialect) -> Any:
