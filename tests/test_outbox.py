@@ -408,6 +408,58 @@ def test_a_record_that_fails_is_logged_with_its_cause_and_the_commit_stands(
         outbox.drop(engine)
 
 
+def test_rows_are_forgotten_by_id_with_one_parameter_where_the_database_splits_it(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """Forgetting rows deletes exactly those ids, with their delivery state,
+    in statements of at most 1,000 ids; on PostgreSQL and SQLite each binds
+    them as one text parameter, elsewhere as one parameter each."""
+    from sqlalchemy import insert
+
+    from access_audit.outbox._store import forget
+
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="relay")
+    emitter.register(Sink(), name="sink")
+    with OrmSession(engine) as session:
+        emitter.attach(session)
+        for name in ("one", "two", "three"):
+            operation(session, name)
+        session.commit()
+    ids = {row["aggregateid"]: row["id"] for row in outbox_rows(engine, outbox)}
+    bound: list[int] = []
+
+    def before_cursor_execute(*args: Any) -> None:
+        statement, parameters = args[2], args[3]
+        if statement.startswith("DELETE"):
+            bound.append(len(parameters))
+
+    with engine.begin() as connection:
+        connection.execute(
+            insert(outbox.delivery_table),
+            [
+                {"event_id": ids["two"], "plugin": "sink", "state": PENDING,
+                 "attempts": 1, "updated_at": datetime.now()},
+            ],
+        )  # fmt: skip
+    unknown = [f"00000000-0000-7000-8000-{n:012d}" for n in range(1500)]
+    event.listen(engine, "before_cursor_execute", before_cursor_execute)
+    try:
+        with engine.begin() as connection:
+            forget(connection, outbox, [ids["one"], *unknown, ids["two"]])
+    finally:
+        event.remove(engine, "before_cursor_execute", before_cursor_execute)
+    [left] = outbox_rows(engine, outbox)
+    assert left["aggregateid"] == "three"
+    with engine.connect() as connection:
+        assert connection.execute(select(outbox.delivery_table)).all() == []
+    # Two statements per table, for 1,000 ids and then 502.
+    if engine.dialect.name in ("postgresql", "sqlite"):
+        # PostgreSQL binds string_to_array's separator too.
+        assert len(bound) == 4 and max(bound) <= 2, bound
+    else:
+        assert bound == [1000, 502, 1000, 502]
+
+
 def test_redaction_applies_to_the_outbox_payload(
     engine: Engine, outbox: Outbox, sink: Sink, written: list[dict[str, Any]]
 ) -> None:

@@ -10,7 +10,17 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, Text, any_, bindparam, delete, func, insert
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Text,
+    any_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, json_fields, stored_envelope
@@ -89,12 +99,19 @@ pluggy names an unnamed plugin by its class)."""
 def one_of(
     connection: Connection, column: ColumnElement[Any], ids: Sequence[str]
 ) -> ColumnElement[bool]:
-    """``column IN (ids)`` for event ids; on PostgreSQL
-    ``column = ANY(string_to_array(:ids, ','))``, one text parameter instead
-    of one per id (psycopg converts every placeholder, and every element of
-    an array parameter, which for a batch of ids cost more than the query)."""
-    if connection.dialect.name == "postgresql":
+    """``column IN (ids)`` for event ids, as one text parameter where the
+    database can split it: on PostgreSQL ``column =
+    ANY(string_to_array(:ids, ','))``, on SQLite 3.38+ (JSON built in)
+    ``column IN (SELECT value FROM json_each(:ids))``. A parameter per id
+    cost more than the statement itself: psycopg converts every one (and
+    every element of an array parameter), SQLAlchemy renders and processes
+    every one."""
+    dialect = connection.dialect
+    if dialect.name == "postgresql":
         return in_joined(column, bindparam(None, ",".join(ids), type_=Text()))
+    if dialect.name == "sqlite" and (dialect.server_version_info or ()) >= (3, 38):
+        listed = func.json_each(bindparam(None, json.dumps(list(ids)), type_=Text()))
+        return column.in_(select(listed.table_valued("value").c.value))
     return column.in_(ids)
 
 
