@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -412,7 +413,7 @@ def test_rows_are_forgotten_by_id_with_one_parameter_where_the_database_splits_i
     engine: Engine, outbox: Outbox
 ) -> None:
     """Forgetting rows deletes exactly those ids, with their delivery state,
-    in statements of at most 1,000 ids; on PostgreSQL and SQLite each binds
+    in statements of at most 900 ids; on PostgreSQL and SQLite each binds
     them as one text parameter, elsewhere as one parameter each."""
     from sqlalchemy import insert
 
@@ -452,12 +453,12 @@ def test_rows_are_forgotten_by_id_with_one_parameter_where_the_database_splits_i
     assert left["aggregateid"] == "three"
     with engine.connect() as connection:
         assert connection.execute(select(outbox.delivery_table)).all() == []
-    # Two statements per table, for 1,000 ids and then 502.
+    # Two statements per table, for 900 ids and then 602.
     if engine.dialect.name in ("postgresql", "sqlite"):
         # PostgreSQL binds string_to_array's separator too.
         assert len(bound) == 4 and max(bound) <= 2, bound
     else:
-        assert bound == [1000, 502, 1000, 502]
+        assert bound == [900, 602, 900, 602]
 
 
 def test_redaction_applies_to_the_outbox_payload(
@@ -701,3 +702,54 @@ def test_in_memory_sqlite_records_deliveries_later_in_the_committing_thread(
     assert sink.names == ["one"]
     assert outbox_rows(engine, outbox) == []
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3 setlimit is 3.11+")
+def test_an_older_sqlite_with_its_999_variable_limit_records_and_relays_big_commits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite before 3.32 (RHEL 8, Ubuntu 20.04) takes at most 999 bound
+    variables a statement, and before 3.38 may lack JSON: ids then go in
+    IN lists, and every list stays under that limit, both when the
+    dispatch's record is written and when the relay delivers."""
+    import sqlite3
+
+    from sqlalchemy import create_engine
+    from support import Base
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+
+    @event.listens_for(engine, "connect")
+    def limit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    with engine.connect():
+        pass
+    engine.dialect.server_version_info = (3, 31, 1)
+    Base.metadata.create_all(engine)
+    outbox = Outbox(relay_after=timedelta(0))  # the relay's rows are due at once
+    outbox.create(engine)
+    inline, later = Sink(), Sink()
+    try:
+        for dispatch, sink in (("inline", inline), ("relay", later)):
+            names = [f"{dispatch}-{number}" for number in range(1200)]
+            emitter = AuditEmitter(
+                load_entrypoints=False, outbox=outbox, dispatch=dispatch
+            )
+            emitter.register(sink, name="sink")
+            with OrmSession(engine) as session:
+                emitter.attach(session)
+                for name in names:
+                    operation(session, name)
+                session.commit()
+            assert emitter.flush(timeout=30)
+        assert inline.names == [f"inline-{number}" for number in range(1200)]
+        assert len(outbox_rows(engine, outbox)) == 1200  # the relay's to deliver
+        relay_emitter = outbox_emitter(outbox, sink=later)
+        stats = relay_emitter.relay(engine, once=True)
+        assert later.names == names, stats
+        assert outbox_rows(engine, outbox) == []
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        outbox.drop(engine)
+        engine.dispose()

@@ -86,9 +86,11 @@ DELIVERED = "delivered"
 DEAD = "dead"
 """The plugin gave up on the event after ``max_attempts``."""
 
-CHUNK = 1000
-"""Ids per ``IN`` list: well under every driver's parameter limit (psycopg's
-is 65,535), whatever the size of the transaction being relayed."""
+CHUNK = 900
+"""Ids per ``IN`` list, whatever the size of the transaction being relayed:
+with a statement's other parameters, under every database's and driver's
+limit (psycopg's 65,535; SQLite's 999 before 3.32, which binds the ids one
+by one, having no JSON built in before 3.38)."""
 
 PARKED = ""
 """The delivery-table plugin name that marks an event no plugin waits for
