@@ -413,7 +413,7 @@ def test_rows_are_forgotten_by_id_with_one_parameter_where_the_database_splits_i
     engine: Engine, outbox: Outbox
 ) -> None:
     """Forgetting rows deletes exactly those ids, with their delivery state,
-    in statements of at most 900 ids; on PostgreSQL and SQLite each binds
+    in statements of at most 1,000 ids; on PostgreSQL and SQLite each binds
     them as one text parameter, elsewhere as one parameter each."""
     from sqlalchemy import insert
 
@@ -453,12 +453,12 @@ def test_rows_are_forgotten_by_id_with_one_parameter_where_the_database_splits_i
     assert left["aggregateid"] == "three"
     with engine.connect() as connection:
         assert connection.execute(select(outbox.delivery_table)).all() == []
-    # Two statements per table, for 900 ids and then 602.
+    # Two statements per table, for 1,000 ids and then 502.
     if engine.dialect.name in ("postgresql", "sqlite"):
         # PostgreSQL binds string_to_array's separator too.
         assert len(bound) == 4 and max(bound) <= 2, bound
     else:
-        assert bound == [900, 602, 900, 602]
+        assert bound == [1000, 502, 1000, 502]
 
 
 def test_redaction_applies_to_the_outbox_payload(

@@ -257,7 +257,7 @@ class _Walk:
     ) -> None:
         """Lock the rows *ids* that no one else holds, adding their payloads."""
         table = self.outbox.table
-        for part in chunks(ids):
+        for part in chunks(connection, ids):
             locked = connection.execute(
                 select(table.c.id, table.c.payload)
                 .where(one_of(connection, table.c.id, part))
@@ -614,7 +614,7 @@ def _read_states(
     """The delivery states of the events *ids* that have any, by plugin."""
     state = outbox.delivery_table
     states: dict[str, dict[str, PluginState]] = {}
-    for part in chunks(ids):
+    for part in chunks(connection, ids):
         for found in connection.execute(
             select(
                 state.c.event_id,

@@ -576,7 +576,7 @@ def _save(
         {taken.row.id for taken in claimed if taken.row.has_state},
     )
     state_table = outbox.delivery_table
-    for part in chunks(kept):
+    for part in chunks(connection, kept):
         connection.execute(
             delete(state_table).where(one_of(connection, state_table.c.event_id, part))
         )
@@ -664,7 +664,7 @@ def retry_dead(
                 select(state.c.event_id).where(dead).distinct()
             ).scalars()
         )
-        for part in chunks(ids):
+        for part in chunks(connection, ids):
             connection.execute(
                 update(state)
                 .where(dead, one_of(connection, state.c.event_id, part))

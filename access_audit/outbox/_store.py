@@ -27,6 +27,7 @@ from .._envelope import AuditEventEnvelope, json_fields, stored_envelope
 from .._values import compact_json
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.orm import Session
 
     from .._dispatch import DeliveryReport
@@ -86,11 +87,14 @@ DELIVERED = "delivered"
 DEAD = "dead"
 """The plugin gave up on the event after ``max_attempts``."""
 
-CHUNK = 900
-"""Ids per ``IN`` list, whatever the size of the transaction being relayed:
-with a statement's other parameters, under every database's and driver's
-limit (psycopg's 65,535; SQLite's 999 before 3.32, which binds the ids one
-by one, having no JSON built in before 3.38)."""
+CHUNK = 1000
+"""Ids per ``IN`` list: well under every driver's parameter limit (psycopg's
+is 65,535), whatever the size of the transaction being relayed."""
+
+_SQLITE_CHUNK = 900
+"""Ids per ``IN`` list where SQLite binds each id as a parameter of its own
+(no JSON before 3.38): with the statement's other parameters, under the 999
+it takes before 3.32."""
 
 PARKED = ""
 """The delivery-table plugin name that marks an event no plugin waits for
@@ -111,10 +115,15 @@ def one_of(
     dialect = connection.dialect
     if dialect.name == "postgresql":
         return in_joined(column, bindparam(None, ",".join(ids), type_=Text()))
-    if dialect.name == "sqlite" and (dialect.server_version_info or ()) >= (3, 38):
+    if _sqlite_json(dialect):
         listed = func.json_each(bindparam(None, json.dumps(list(ids)), type_=Text()))
         return column.in_(select(listed.table_valued("value").c.value))
     return column.in_(ids)
+
+
+def _sqlite_json(dialect: Dialect) -> bool:
+    """Whether *dialect* is SQLite 3.38+, whose JSON functions are built in."""
+    return dialect.name == "sqlite" and (dialect.server_version_info or ()) >= (3, 38)
 
 
 def in_joined(
@@ -125,10 +134,14 @@ def in_joined(
     return column == any_(func.string_to_array(joined, ","))
 
 
-def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
-    """*items* in slices of at most *size*."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def chunks(connection: Connection, ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    """*ids* in slices that :func:`one_of` takes in one statement on
+    *connection*: of :data:`CHUNK` ids, fewer on an SQLite without JSON."""
+    dialect = connection.dialect
+    old_sqlite = dialect.name == "sqlite" and not _sqlite_json(dialect)
+    size = _SQLITE_CHUNK if old_sqlite else CHUNK
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
 
 
 def write(
@@ -271,11 +284,11 @@ def forget(
     """
     table, state = outbox.table, outbox.delivery_table
     with_state = list(ids) if stateful is None else [i for i in ids if i in stateful]
-    for part in chunks(with_state):
+    for part in chunks(connection, with_state):
         connection.execute(
             delete(state).where(one_of(connection, state.c.event_id, part))
         )
-    for part in chunks(ids):
+    for part in chunks(connection, ids):
         connection.execute(delete(table).where(one_of(connection, table.c.id, part)))
 
 
