@@ -12,12 +12,18 @@ from typing import TYPE_CHECKING, Any
 from ._clock import utc_datetime
 from ._ids import as_uuid
 from ._tracing import traceparent
-from ._values import ReadOnlyDict, freeze_json, freeze_parsed, thaw
+from ._values import ReadOnlyDict, compact_json, freeze_json, freeze_parsed, thaw
 
 if TYPE_CHECKING:
     from ._staged import StagedEvent
 
-__all__ = ["AuditEventEnvelope", "committed_envelope", "json_fields", "stored_envelope"]
+__all__ = [
+    "AuditEventEnvelope",
+    "committed_envelope",
+    "json_fields",
+    "stored_envelope",
+    "stored_json",
+]
 
 
 _STR = (str,)
@@ -200,6 +206,26 @@ def json_fields(
         "transaction_id": str(envelope.transaction_id),
         "sequence": envelope.sequence,
     }
+
+
+def stored_json(envelope: AuditEventEnvelope) -> str:
+    """The text of :meth:`~AuditEventEnvelope.to_dict` as compact JSON, as
+    the outbox stores it.
+
+    An envelope the library built (of this very class, its times in UTC)
+    goes to orjson as it is, where orjson is installed: it writes the
+    dataclass's fields in order, UUIDs and times as ``to_dict()`` does,
+    without the dict of strings between. Any other goes through
+    :func:`json_fields`: orjson would write a subclass's extra fields, and
+    cut an offset with seconds to minutes.
+    """
+    if (
+        type(envelope) is AuditEventEnvelope
+        and envelope.timestamp.tzinfo is timezone.utc
+        and envelope.staged_at.tzinfo is timezone.utc
+    ):
+        return compact_json(envelope, json_fields)
+    return compact_json(json_fields(envelope))
 
 
 def committed_envelope(

@@ -49,10 +49,9 @@ def compact_json(value: Any, plain: Callable[[Any], Any] | None = None) -> str:
     ``max_payload_bytes`` measures (:func:`json_size`).
 
     *plain*, for a value orjson writes as it is but the standard library
-    cannot (an envelope, a dataclass): its JSON types, for the standard
-    library's turn. orjson writes a dataclass's fields in their order, a
-    UUID as ``str()`` and a datetime as ``isoformat()`` do, so either way
-    the text is the same (but for floats, below).
+    cannot (a dataclass): its JSON types, for the standard library's turn;
+    the caller makes sure both give the same text (see
+    :func:`~access_audit._envelope.stored_json`).
 
     Through orjson when it is installed (the ``fast`` extra), a few times
     faster than the standard library on the commit path. It writes the same

@@ -252,6 +252,48 @@ def test_an_envelope_is_stored_as_the_json_of_its_to_dict(
         )
 
 
+def test_an_envelope_orjson_would_write_otherwise_is_stored_as_to_dict_writes_it(
+    encoder: str,
+) -> None:
+    """orjson cuts an offset with seconds to minutes and writes a subclass's
+    extra fields: such an envelope is stored as the text of ``to_dict()``
+    all the same."""
+    import dataclasses
+    import datetime as dt
+    import uuid
+
+    from access_audit import AuditEventEnvelope
+    from access_audit._envelope import stored_json
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Tagged(AuditEventEnvelope):
+        tag: str = "extra"
+
+    odd = dt.timezone(dt.timedelta(hours=1, seconds=7))
+    fields: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "event_type": "member_added",
+        "timestamp": dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=odd),
+        "staged_at": dt.datetime(2024, 5, 1, 11, 0, 0, tzinfo=dt.timezone.utc),
+        "actor_id": "ada",
+        "actor_email": None,
+        "target_type": "group",
+        "target_id": "g",
+        "target_name": None,
+        "action": "add",
+        "reason": None,
+        "payload": {"n": 1},
+        "metadata": {},
+        "transaction_id": uuid.uuid4(),
+        "sequence": 0,
+    }
+    utc = {**fields, "timestamp": fields["staged_at"]}
+    for envelope in (AuditEventEnvelope(**fields), Tagged(**utc)):
+        assert stored_json(envelope) == json.dumps(
+            envelope.to_dict(), ensure_ascii=False, separators=(",", ":")
+        )
+
+
 def test_max_payload_bytes_measures_the_json_as_the_outbox_writes_it(
     make_session: Any, recorder: Recorder, encoder: str
 ) -> None:

@@ -23,8 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from .._envelope import AuditEventEnvelope, json_fields, stored_envelope
-from .._values import compact_json
+from .._envelope import AuditEventEnvelope, stored_envelope, stored_json
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -165,7 +164,7 @@ def write(
                 envelope.target_type,
                 envelope.target_id,
                 envelope.event_type,
-                compact_json(envelope, json_fields),
+                stored_json(envelope),
                 envelope.timestamp,
                 str(envelope.transaction_id),
                 envelope.sequence,
