@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -212,11 +213,11 @@ class Dispatched:
     """What the dispatch right after COMMIT did with a batch of outbox rows.
 
     Made on the commit path, written later (:func:`settle_dispatched`): it
-    keeps the envelopes themselves, and their ids are made when written.
+    keeps the ids as they are, made into text when written.
     """
 
-    taken: Sequence[AuditEventEnvelope]
-    """The events every plugin took: they leave the outbox."""
+    taken: tuple[uuid.UUID, ...]
+    """Ids of the events every plugin took: they leave the outbox."""
     partial: tuple[tuple[str, dict[str, str | None]], ...]
     """(id, {plugin: None if it took the event, else the error}) for the
     others: their state is kept and the failed plugins are due at once."""
@@ -229,12 +230,12 @@ def dispatched(
 ) -> Dispatched:
     """Sum up *report* for the outbox, as :class:`Dispatched`."""
     if not report.failed:  # every plugin took every event: the usual commit
-        return Dispatched(envelopes, ())
+        return Dispatched(tuple([envelope.id for envelope in envelopes]), ())
     failed: dict[Any, dict[str, str | None]] = {}
     for name, errors in report.failed.items():
         for event_id, error in errors.items():
             failed.setdefault(event_id, {})[name] = repr(error)[:500]
-    taken = tuple(e for e in envelopes if e.id not in failed)
+    taken = tuple([e.id for e in envelopes if e.id not in failed])
     partial = tuple(
         (str(event_id), {name: errors.get(name) for name in plugins})
         for event_id, errors in failed.items()
@@ -251,7 +252,7 @@ def settle_dispatched(
     states: list[dict[str, Any]] = []
     now = datetime.now(timezone.utc)
     for batch in batches:
-        taken.extend([str(envelope.id) for envelope in batch.taken])
+        taken.extend([str(event_id) for event_id in batch.taken])
         for event_id, outcome in batch.partial:
             for name, error in outcome.items():
                 states.append(
