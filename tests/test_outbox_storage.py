@@ -281,3 +281,44 @@ def test_a_time_is_bound_on_sqlite_as_sqlalchemy_stores_it(moment: str) -> None:
     value = datetime.fromisoformat(moment)
     assert one_step(value) == both_steps(value)
     assert one_step(None) is None
+
+
+@pytest.mark.parametrize(
+    "dialect_name",
+    ["sqlite", "sqlite-numeric", "postgresql+psycopg", "mariadb+pymysql"],
+)
+def test_a_row_goes_to_the_driver_as_its_columns_by_name_or_in_its_order(
+    dialect_name: str,
+) -> None:
+    """The outbox's INSERT takes a row as the table's columns in order and
+    hands each driver its parameters: by name, or in the order the
+    statement binds them, each value processed as its column's type does."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    dialects = {
+        "sqlite": sqlite.dialect(),
+        "sqlite-numeric": sqlite.dialect(paramstyle="numeric"),
+        "postgresql+psycopg": postgresql.psycopg.dialect(),
+        "mariadb+pymysql": mysql.pymysql.dialect(is_mariadb=True),
+    }
+    dialect = dialects[dialect_name]
+    outbox = Outbox()
+    prepared = outbox._insert_for(dialect)
+    keys = list(outbox.table.columns.keys())
+    moment = datetime(2024, 5, 1, 12, 0, 0, 5, tzinfo=timezone.utc)
+    row = [moment if key == "created_at" else f"{key}-value" for key in keys]
+    parameters = prepared.parameters(row)
+    by_name = (
+        parameters
+        if isinstance(parameters, dict)
+        else dict(zip(prepared.columns, parameters, strict=True))
+    )
+    assert sorted(by_name) == sorted(keys)
+    for key in keys:
+        if key != "created_at":
+            assert by_name[key] == f"{key}-value"
+    created_at = outbox.table.c.created_at.type
+    expected = created_at.dialect_impl(dialect).bind_processor(dialect)
+    assert by_name["created_at"] == (expected(moment) if expected else moment)

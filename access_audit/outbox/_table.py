@@ -4,6 +4,7 @@ transaction, and the delivery state the relay keeps beside it."""
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta, timezone
@@ -61,21 +62,21 @@ class PreparedInsert:
     apply them.
     """
 
-    __slots__ = ("_names", "_processors", "columns", "sql")
+    __slots__ = ("_names", "_pick", "_processors", "columns", "sql")
 
     def __init__(self, table: Table, dialect: Dialect) -> None:
         compiled = insert(table).compile(dialect=dialect)
         self.sql: str = compiled.string
         """The statement, in the driver's parameter style."""
-        self.columns: tuple[str, ...] = tuple(table.columns.keys())
-        """The column names, in the table's order: a row's, and a positional
-        driver's parameters' (an INSERT of every column binds them so)."""
-        if compiled.positional and tuple(compiled.positiontup or ()) != self.columns:
-            raise NotImplementedError(
-                f"{dialect.name} binds the outbox's columns in another order"
-            )
-        self._names = None if compiled.positional else self.columns
+        keys = tuple(table.columns.keys())
+        self.columns: tuple[str, ...] = (
+            tuple(compiled.positiontup or ()) if compiled.positional else keys
+        )
+        """The column names, in the order of a positional driver's parameters."""
+        self._names = None if compiled.positional else keys
         """The column names, for a driver that takes parameters by name."""
+        self._pick = operator.itemgetter(*[keys.index(key) for key in self.columns])
+        """A row's values in the positional driver's order, as a tuple."""
         self._processors = tuple(
             (index, processor)
             for index, column in enumerate(table.columns)
@@ -84,14 +85,14 @@ class PreparedInsert:
 
     def parameters(self, row: Sequence[Any]) -> Any:
         """*row* (a value for each of the table's columns, in their order) as
-        the driver takes it: processed as the column types do, in a tuple or
-        a dict by name."""
+        the driver takes it: processed as the column types do, in a tuple in
+        the driver's order or a dict by name."""
         values = list(row)
         for index, processor in self._processors:
             values[index] = processor(values[index])
         if self._names is not None:
             return dict(zip(self._names, values, strict=True))
-        return tuple(values)
+        return self._pick(values)
 
 
 def _bind_processor(column: Column[Any], dialect: Dialect) -> Any:
