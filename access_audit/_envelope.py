@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 from ._clock import utc_datetime
 from ._ids import as_uuid
 from ._tracing import traceparent
-from ._values import ReadOnlyDict, compact_json, freeze_json, freeze_parsed, thaw
+from ._values import (
+    ReadOnlyDict,
+    compact_json,
+    fast_json,
+    freeze_json,
+    freeze_parsed,
+    thaw,
+)
 
 if TYPE_CHECKING:
     from ._staged import StagedEvent
@@ -224,7 +231,9 @@ def stored_json(envelope: AuditEventEnvelope) -> str:
         and envelope.timestamp.tzinfo is timezone.utc
         and envelope.staged_at.tzinfo is timezone.utc
     ):
-        return compact_json(envelope, json_fields)
+        text = fast_json(envelope)
+        if text is not None:
+            return text
     return compact_json(json_fields(envelope))
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "ReadOnlyList",
     "check_text",
     "compact_json",
+    "fast_json",
     "freeze_json",
     "freeze_parsed",
     "int_text",
@@ -43,15 +44,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     _fast_dumps = None
 
 
-def compact_json(value: Any, plain: Callable[[Any], Any] | None = None) -> str:
+def compact_json(value: Any) -> str:
     """*value* (JSON types only, as :func:`freeze_json` leaves them) as
     compact JSON, non-ASCII text as it is: what the outbox stores and
     ``max_payload_bytes`` measures (:func:`json_size`).
-
-    *plain*, for a value orjson writes as it is but the standard library
-    cannot (a dataclass): its JSON types, for the standard library's turn;
-    the caller makes sure both give the same text (see
-    :func:`~access_audit._envelope.stored_json`).
 
     Through orjson when it is installed (the ``fast`` extra), a few times
     faster than the standard library on the commit path. It writes the same
@@ -62,7 +58,7 @@ def compact_json(value: Any, plain: Callable[[Any], Any] | None = None) -> str:
     through orjson is written so too, unless the envelope's metadata holds
     such an int (then each such float may take a byte more).
     """
-    return _compact_utf8(value, plain).decode()
+    return _compact_utf8(value).decode()
 
 
 def json_size(value: Any) -> int:
@@ -70,13 +66,26 @@ def json_size(value: Any) -> int:
     return len(_compact_utf8(value))
 
 
-def _compact_utf8(value: Any, plain: Callable[[Any], Any] | None = None) -> bytes:
+def fast_json(value: Any) -> str | None:
+    """*value* as compact JSON through orjson, for a value the standard
+    library does not take as it is (a dataclass); None where orjson is not
+    installed or refuses it (an int beyond 64 bits), for the caller to take
+    the standard library's way."""
+    if _fast_dumps is None:
+        return None
+    try:
+        return _fast_dumps(value).decode()
+    except TypeError:
+        return None
+
+
+def _compact_utf8(value: Any) -> bytes:
     if _fast_dumps is not None:
         try:
             return _fast_dumps(value)
         except TypeError:
             pass
-    return _stdlib_json(value if plain is None else plain(value)).encode()
+    return _stdlib_json(value).encode()
 
 
 # Deep enough for any real payload; stops a self-referencing structure early

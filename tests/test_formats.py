@@ -223,8 +223,7 @@ def test_an_envelope_is_stored_as_the_json_of_its_to_dict(
     import uuid
 
     from access_audit import AuditEventEnvelope
-    from access_audit._envelope import json_fields
-    from access_audit._values import compact_json
+    from access_audit._envelope import stored_json
 
     on_the_second = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
     envelope = AuditEventEnvelope(
@@ -244,7 +243,7 @@ def test_an_envelope_is_stored_as_the_json_of_its_to_dict(
         transaction_id=uuid.uuid4(),
         sequence=3,
     )
-    text = compact_json(envelope, json_fields)
+    text = stored_json(envelope)
     assert json.loads(text) == envelope.to_dict()
     if not any(isinstance(v, float) for v in value.values()):
         assert text == json.dumps(
