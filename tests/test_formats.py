@@ -212,6 +212,32 @@ def test_compact_json_reads_back_as_it_was_and_is_measured_as_written(
     assert json_size(value) == len(text.encode())
 
 
+def envelope_fields(**changes: Any) -> dict[str, Any]:
+    """Every field of a hand-built envelope, with *changes*."""
+    import datetime as dt
+    import uuid
+
+    on_the_second = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+    fields: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "event_type": "member_added",
+        "timestamp": on_the_second,  # isoformat() leaves out zero microseconds
+        "staged_at": on_the_second.replace(microsecond=5),
+        "actor_id": "ada",
+        "actor_email": None,
+        "target_type": "group",
+        "target_id": "漢",
+        "target_name": "tab\t",
+        "action": "add",
+        "reason": None,
+        "payload": {"n": 1},
+        "metadata": {},
+        "transaction_id": uuid.uuid4(),
+        "sequence": 3,
+    }
+    return {**fields, **changes}
+
+
 @pytest.mark.parametrize("value", ENCODER_CASES)
 def test_an_envelope_is_stored_as_the_json_of_its_to_dict(
     encoder: str, value: dict[str, Any]
@@ -219,29 +245,13 @@ def test_an_envelope_is_stored_as_the_json_of_its_to_dict(
     """The outbox's JSON of an envelope: orjson writes the dataclass itself,
     the standard library its fields; either way, the text of ``to_dict()``
     with its fields in order (the same text but for the spelling of floats)."""
-    import datetime as dt
-    import uuid
-
     from access_audit import AuditEventEnvelope
     from access_audit._envelope import stored_json
 
-    on_the_second = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
     envelope = AuditEventEnvelope(
-        id=uuid.uuid4(),
-        event_type="member_added",
-        timestamp=on_the_second,  # isoformat() leaves out zero microseconds
-        staged_at=on_the_second.replace(microsecond=5),
-        actor_id="ada",
-        actor_email=None,
-        target_type="group",
-        target_id="漢",
-        target_name="tab\t",
-        action="add",
-        reason=None,
-        payload=value,
-        metadata={"request_id": "r-1", "nested": value},
-        transaction_id=uuid.uuid4(),
-        sequence=3,
+        **envelope_fields(
+            payload=value, metadata={"request_id": "r-1", "nested": value}
+        )
     )
     text = stored_json(envelope)
     assert json.loads(text) == envelope.to_dict()
@@ -259,7 +269,6 @@ def test_an_envelope_orjson_would_write_otherwise_is_stored_as_to_dict_writes_it
     all the same."""
     import dataclasses
     import datetime as dt
-    import uuid
 
     from access_audit import AuditEventEnvelope
     from access_audit._envelope import stored_json
@@ -269,24 +278,8 @@ def test_an_envelope_orjson_would_write_otherwise_is_stored_as_to_dict_writes_it
         tag: str = "extra"
 
     odd = dt.timezone(dt.timedelta(hours=1, seconds=7))
-    fields: dict[str, Any] = {
-        "id": uuid.uuid4(),
-        "event_type": "member_added",
-        "timestamp": dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=odd),
-        "staged_at": dt.datetime(2024, 5, 1, 11, 0, 0, tzinfo=dt.timezone.utc),
-        "actor_id": "ada",
-        "actor_email": None,
-        "target_type": "group",
-        "target_id": "g",
-        "target_name": None,
-        "action": "add",
-        "reason": None,
-        "payload": {"n": 1},
-        "metadata": {},
-        "transaction_id": uuid.uuid4(),
-        "sequence": 0,
-    }
-    utc = {**fields, "timestamp": fields["staged_at"]}
+    fields = envelope_fields(timestamp=dt.datetime(2024, 5, 1, 12, tzinfo=odd))
+    utc = envelope_fields()
     for envelope in (AuditEventEnvelope(**fields), Tagged(**utc)):
         assert stored_json(envelope) == json.dumps(
             envelope.to_dict(), ensure_ascii=False, separators=(",", ":")
