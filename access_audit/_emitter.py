@@ -437,23 +437,18 @@ class AuditEmitter:
         report = await adeliver(self.plugin_manager, self, envelopes)
         if outbox_bind is None:
             return
-        assert self.outbox is not None
-        record = functools.partial(
-            self.outbox.record,
+        arguments = (
             outbox_bind,
             envelopes,
             delivering_plugins(self.plugin_manager),
             report,
         )
-        try:
-            if outbox_bind.dialect.is_async:
-                # The rows went through an async engine's connection: its sync
-                # facade works inside SQLAlchemy's greenlet.
-                await greenlet_spawn(record)
-            else:
-                await asyncio.to_thread(record)
-        except Exception as error:
-            _record_failed(envelopes, error)
+        if outbox_bind.dialect.is_async:
+            # The rows went through an async engine's connection: its sync
+            # facade works inside SQLAlchemy's greenlet.
+            await greenlet_spawn(self._record_or_log, *arguments)
+        else:
+            await asyncio.to_thread(self._record_or_log, *arguments)
 
     def _refuse_sync_wait(self, method: str) -> None:
         if self._on_loop is not None:

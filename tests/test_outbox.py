@@ -564,6 +564,52 @@ def test_async_session_commit_writes_rows_and_records_the_delivery(
     assert rows[0]["states"] == {"sink": DELIVERED, "down": PENDING}
 
 
+@pytest.mark.parametrize("dispatch", ["inline", "background", "asyncio"])
+def test_an_async_record_that_fails_is_logged_with_its_cause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, dispatch: str
+) -> None:
+    """With AsyncSession (aiosqlite), however the dispatch runs, a record
+    that cannot be written leaves the commit, the delivery and the row, and
+    the log says why."""
+
+    class Unrecordable(Outbox):
+        def record(self, *_: Any) -> None:
+            raise RuntimeError("the delivery table is gone")
+
+    outbox = Unrecordable()
+    sink = Sink()
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch=dispatch)
+    emitter.register(sink, name="sink")
+
+    async def main() -> int:
+        engine = aiosqlite_engine(tmp_path / "async.db")
+        try:
+            async with engine.begin() as connection:
+                await connection.run_sync(outbox.create)
+            maker = async_sessionmaker(engine)
+            emitter.attach(maker)
+            async with maker() as session:
+                stage_event(
+                    session, "report_viewed", target_type="report", target_id=1,
+                    action="view",
+                )  # fmt: skip
+                await session.commit()
+            assert await emitter.aflush(timeout=10)
+            async with AsyncSession(engine) as reader:
+                result = await reader.execute(select(outbox.table))
+                return len(result.all())
+        finally:
+            await emitter.aclose(timeout=10)
+            await engine.dispose()
+
+    assert asyncio.run(main()) == 1
+    assert sink.names == ["1"]
+    [logged] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "the relay will deliver them again" in logged.getMessage()
+    assert logged.exc_info is not None
+    assert "the delivery table is gone" in str(logged.exc_info[1])
+
+
 def _recorder_deletes(engine: Engine, outbox: Outbox) -> list[float]:
     """A list that gets the time of each DELETE of outbox rows the recorder
     thread runs on *engine* (listening until the test ends)."""
