@@ -750,14 +750,79 @@ def test_in_memory_sqlite_records_deliveries_later_in_the_committing_thread(
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def _without_json(action: int, first: Any, second: Any, *_: Any) -> int:
+    """An SQLite authorizer that refuses the JSON functions (``json_each``
+    read as a table, the others called), as a build without JSON would not
+    know them."""
+    import sqlite3
+
+    json = any(str(name).startswith("json") for name in (first, second))
+    return sqlite3.SQLITE_DENY if json else sqlite3.SQLITE_OK
+
+
+@pytest.mark.parametrize("has_json", [True, False], ids=["json", "no-json"])
+def test_sqlite_binds_ids_as_one_json_parameter_whenever_it_has_json_each(
+    tmp_path: Path, has_json: bool
+) -> None:
+    """Whether SQLite gets its ids as one JSON parameter is asked of the
+    database, once per engine, not read from its version: an SQLite older
+    than 3.38 usually has JSON, and one built without it has none."""
+    import sqlite3
+
+    from sqlalchemy import create_engine
+
+    from access_audit.outbox._store import forget
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'ids.db'}")
+    refused: list[str] = []
+
+    def authorize(action: int, first: Any, second: Any, *rest: Any) -> int:
+        allowed = _without_json(action, first, second, *rest)
+        if allowed != sqlite3.SQLITE_OK:
+            refused.append(second)
+        return allowed
+
+    if not has_json:
+        event.listen(
+            engine,
+            "connect",
+            lambda dbapi_connection, _record: dbapi_connection.set_authorizer(
+                authorize
+            ),
+        )
+    with engine.connect():
+        pass
+    engine.dialect.server_version_info = (3, 31, 1)  # JSON1 optional then
+    outbox = Outbox()
+    outbox.create(engine)
+    bound: list[int] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def count(*args: Any) -> None:
+        if args[2].startswith("DELETE"):
+            bound.append(len(args[3]))
+
+    try:
+        unknown = [f"00000000-0000-7000-8000-{n:012d}" for n in range(1200)]
+        for _ in range(2):
+            with engine.begin() as connection:
+                forget(connection, outbox, unknown)
+        assert bound == ([1] * 4 if has_json else [900, 300] * 2) * 2, bound
+        assert refused == ([] if has_json else ["json_valid"])  # asked once
+    finally:
+        outbox.drop(engine)
+        engine.dispose()
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3 setlimit is 3.11+")
 def test_an_older_sqlite_with_its_999_variable_limit_records_and_relays_big_commits(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SQLite before 3.32 (RHEL 8, Ubuntu 20.04) takes at most 999 bound
-    variables a statement, and before 3.38 may lack JSON: ids then go in
-    IN lists, and every list stays under that limit, both when the
-    dispatch's record is written and when the relay delivers."""
+    variables a statement, and a build without JSON has no ``json_each``
+    (emulated here by refusing the JSON functions): ids then go in IN lists, and every list
+    stays under that limit, both when the dispatch's record is written and
+    when the relay delivers."""
     import sqlite3
 
     from sqlalchemy import create_engine
@@ -766,12 +831,10 @@ def test_an_older_sqlite_with_its_999_variable_limit_records_and_relays_big_comm
     engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
 
     @event.listens_for(engine, "connect")
-    def limit(dbapi_connection: Any, _record: Any) -> None:
+    def old_sqlite(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        dbapi_connection.set_authorizer(_without_json)
 
-    with engine.connect():
-        pass
-    engine.dialect.server_version_info = (3, 31, 1)
     Base.metadata.create_all(engine)
     outbox = Outbox(relay_after=timedelta(0))  # the relay's rows are due at once
     outbox.create(engine)

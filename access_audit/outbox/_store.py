@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import uuid
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -93,7 +94,7 @@ is 65,535), whatever the size of the transaction being relayed."""
 
 _SQLITE_CHUNK = 900
 """Ids per ``IN`` list where SQLite binds each id as a parameter of its own
-(no JSON before 3.38): with the statement's other parameters, under the 999
+(a build without JSON): with the statement's other parameters, under the 999
 it takes before 3.32."""
 
 PARKED = ""
@@ -107,23 +108,48 @@ def one_of(
 ) -> ColumnElement[bool]:
     """``column IN (ids)`` for event ids, as one text parameter where the
     database can split it: on PostgreSQL ``column =
-    ANY(string_to_array(:ids, ','))``, on SQLite 3.38+ (JSON built in)
-    ``column IN (SELECT value FROM json_each(:ids))``. A parameter per id
-    cost more than the statement itself: psycopg converts every one (and
-    every element of an array parameter), SQLAlchemy renders and processes
-    every one."""
-    dialect = connection.dialect
-    if dialect.name == "postgresql":
+    ANY(string_to_array(:ids, ','))``, on an SQLite with JSON ``column IN
+    (SELECT value FROM json_each(:ids))``. A parameter per id cost more than
+    the statement itself: psycopg converts every one (and every element of
+    an array parameter), SQLAlchemy renders and processes every one."""
+    if connection.dialect.name == "postgresql":
         return in_joined(column, bindparam(None, ",".join(ids), type_=Text()))
-    if _sqlite_json(dialect):
+    if _sqlite_json(connection):
         listed = func.json_each(bindparam(None, json.dumps(list(ids)), type_=Text()))
         return column.in_(select(listed.table_valued("value").c.value))
     return column.in_(ids)
 
 
-def _sqlite_json(dialect: Dialect) -> bool:
-    """Whether *dialect* is SQLite 3.38+, whose JSON functions are built in."""
-    return dialect.name == "sqlite" and (dialect.server_version_info or ()) >= (3, 38)
+def _sqlite_json(connection: Connection) -> bool:
+    """Whether *connection* is to an SQLite that has ``json_each``: built in
+    since 3.38 and in most builds before, missing from one built without
+    JSON. Asked once per engine (its dialect), through the DB-API
+    connection, so a refusal never reaches the engine's error handling.
+
+    The question is ``json_valid`` (the same JSON functions): a statement
+    that reads no table takes no lock, where one reading ``json_each``
+    would hold a shared lock in a deferred transaction, and the writer
+    that comes first make its DELETE fail as "database is locked"."""
+    dialect = connection.dialect
+    if dialect.name != "sqlite":
+        return False
+    known = _JSON_EACH.get(dialect)
+    if known is None:
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute("SELECT json_valid('[]')")
+            cursor.fetchall()
+            known = True
+        except dialect.loaded_dbapi.Error:
+            known = False
+        finally:
+            cursor.close()
+        _JSON_EACH[dialect] = known
+    return known
+
+
+_JSON_EACH: weakref.WeakKeyDictionary[Dialect, bool] = weakref.WeakKeyDictionary()
+"""Per SQLite dialect (one per engine): whether its SQLite has ``json_each``."""
 
 
 def in_joined(
@@ -137,9 +163,8 @@ def in_joined(
 def chunks(connection: Connection, ids: Sequence[str]) -> Iterator[Sequence[str]]:
     """*ids* in slices that :func:`one_of` takes in one statement on
     *connection*: of :data:`CHUNK` ids, fewer on an SQLite without JSON."""
-    dialect = connection.dialect
-    old_sqlite = dialect.name == "sqlite" and not _sqlite_json(dialect)
-    size = _SQLITE_CHUNK if old_sqlite else CHUNK
+    no_json = connection.dialect.name == "sqlite" and not _sqlite_json(connection)
+    size = _SQLITE_CHUNK if no_json else CHUNK
     for start in range(0, len(ids), size):
         yield ids[start : start + size]
 
