@@ -272,6 +272,9 @@ class Lifecycle:
             elif watched and not joined:
                 # Staging saw the connection in a transaction; the session
                 # took it over ("control_fully"), so its own commit decides.
+                for pair in outer:
+                    if pair[0] is connection:
+                        pair[1].stop()
                 self.outer = [pair for pair in outer if pair[0] is not connection]
         except AuditConfigurationError as error:
             self.refusal = str(error)
@@ -369,6 +372,8 @@ class Lifecycle:
             del info[PENDING_KEY]
             self.__class__ = Lifecycle  # self.settle(), without the call
             committed = self.finished.get(transaction)
+            if self.outer and not committed:
+                self._stop_watching()
             if committed:
                 if self.outer:
                     return WaitForOuter(
@@ -417,6 +422,13 @@ class Lifecycle:
         # collected after every commit, and a Python-level __del__ call for
         # nothing is a cost every audited commit would pay.
         self.__class__ = Lifecycle
+        if self.outer:
+            self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        """Tell the outer transactions' watches the session's transaction is over."""
+        for _connection, watch in self.outer or ():
+            watch.stop()
 
     def change_owner(self, session: Session, owner: Owner) -> None:
         """Hand the parked events to the emitter that owns the session now.
@@ -512,6 +524,8 @@ class UnsettledLifecycle(Lifecycle):
     __slots__ = ()
 
     def __del__(self) -> None:
+        if self.outer:
+            self._stop_watching()
         if not self.levels:
             return
         try:

@@ -15,6 +15,10 @@ counts only once it is known to have gone through: at the connection's next
 that fails instead (``handle_error`` during the commit), a rollback, or the
 connection returned or invalidated without a COMMIT ends the watch as rolled
 back. Two-phase commits count the same way.
+
+A session still in its transaction when the outer one commits and the
+connection begins the next goes on in that next one (its ``commit()`` does
+not end it): its watch moves on to the new transaction instead of settling.
 """
 
 from __future__ import annotations
@@ -41,19 +45,29 @@ _KEY = "access_audit.outer"
 class OuterWatch:
     """One session transaction's view of a connection's outer transaction."""
 
-    __slots__ = ("settle", "state")
+    __slots__ = ("going", "settle", "state")
 
     def __init__(self) -> None:
         self.state: bool | None = None
         """None while the outer transaction is open; then whether it committed."""
         self.settle: Settle | None = None
+        self.going = True
+        """Whether the session transaction that watches is still going. If
+        so when the outer transaction commits and the connection begins
+        another, the session may work on in that one (nobody commits it for
+        the session), so the watch moves on to it."""
 
     def then(self, settle: Settle) -> None:
         """Call *settle* with the outcome: now if it is known, else when it is."""
+        self.going = False
         if self.state is None:
             self.settle = settle
         else:
             settle(self.state)
+
+    def stop(self) -> None:
+        """The session transaction ended without waiting for the outcome."""
+        self.going = False
 
 
 class _Watches:
@@ -160,7 +174,33 @@ def _on_begin(connection: Connection) -> None:
     # A new transaction: the previous one's COMMIT went through.
     watches = _watches(connection)
     if watches is not None and watches.committing:
-        _end(_pop(connection), True)
+        ended = _pop(connection)
+        assert ended is not None
+        going = [watch for watch in ended.watches if watch.going]
+        if going:
+            _move_on(connection, ended, going)
+        _end(ended, True)
+
+
+def _move_on(connection: Connection, ended: _Watches, going: list[OuterWatch]) -> None:
+    """Have *going* watch the transaction *connection* begins now.
+
+    Their sessions are still in the transactions that joined the one that
+    just committed: what they do from now on goes into this one, which no
+    session commits for them. Their events wait for it too, all of them
+    (which change went into which transaction cannot be told apart).
+    """
+    ended.watches = [watch for watch in ended.watches if not watch.going]
+    moved = connection.info[_KEY] = _Watches()
+    moved.watches = going
+    _live.add(moved)
+    logger.warning(
+        "a session joined to a connection's transaction is still open after "
+        "that transaction committed; whatever it does now goes into the "
+        "connection's next transaction, which only its owner commits. Its "
+        "events wait for that one too: end joined sessions before the "
+        "transaction they joined"
+    )
 
 
 def _on_rollback(connection: Connection, *args: Any) -> None:

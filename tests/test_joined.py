@@ -357,6 +357,103 @@ def test_owner_ending_before_the_joined_session_commits(
     assert sorted(recorder.names) == stored
 
 
+@pytest.mark.parametrize("next_commits", [True, False], ids=["commit", "rollback"])
+def test_a_joined_session_working_on_after_the_outer_commit_waits_for_the_next(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    next_commits: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outer transaction commits while the joined session is still
+    open, and the session goes on: its next flush runs in the connection's
+    next transaction, which the session's commit does not commit. Its
+    events wait for that one too, all of them, with a warning: discarded
+    when it rolls back (nothing is sent for the lost change), sent when the
+    caller commits it."""
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        outer = connection.begin()
+        session = joined_session(emitter, connection)
+        operation(session, "before")
+        session.flush()
+        outer.commit()
+        operation(session, "after")
+        session.commit()  # flushes "after" into the connection's next transaction
+        session.close()
+        assert recorder.names == []
+        if next_commits:
+            connection.commit()
+            connection.begin()  # the next transaction: the COMMIT went through
+            connection.rollback()
+        else:
+            connection.rollback()
+        discarded = [(d.event.target_id, d.reason) for d in audit_events.discarded]
+    stored = stored_names(engine)
+    if next_commits:
+        assert stored == ["after", "before"]
+        assert recorder.names == ["before", "after"]
+        assert discarded == []
+    else:
+        assert stored == ["before"]
+        assert recorder.names == []
+        assert discarded == [("before", "rollback"), ("after", "rollback")]
+    assert "still open after that transaction committed" in caplog.text
+
+
+def test_a_joined_session_working_on_after_its_owner_committed_sends_nothing_undone(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Two sessions on one connection: the owner commits while the joined
+    one is open, and the joined one works on in a transaction nobody
+    commits (rolled back when the connection closes). No event is sent for
+    a change that is not in the database."""
+    with engine.connect() as connection:
+        owner = joined_session(emitter, connection)
+        joined = joined_session(emitter, connection)
+        operation(owner, "owner")
+        owner.flush()
+        operation(joined, "joined")
+        joined.flush()
+        owner.commit()
+        operation(joined, "lost")
+        joined.commit()
+        owner.close()
+        joined.close()
+    stored = stored_names(engine)
+    assert stored == ["joined", "owner"]
+    assert "lost" not in recorder.names
+    assert set(recorder.names) <= set(stored)
+    assert "owner" in recorder.names
+
+
+@pytest.mark.parametrize("ending", ["commit", "close"])
+def test_a_joined_session_that_ended_is_not_waited_for_in_the_next_transaction(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    ending: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a session still in its transaction follows the connection into
+    the next one: one that committed or closed before the outer
+    commit is settled by it, and then leaves the connection alone."""
+    from access_audit._outer import _KEY
+
+    with engine.connect() as connection:
+        outer = connection.begin()
+        session = joined_session(emitter, connection)
+        operation(session, "joined")
+        session.flush()
+        getattr(session, ending)()
+        outer.commit()
+        for _ in range(3):
+            connection.begin()
+            connection.commit()
+        assert _KEY not in connection.info
+    assert recorder.names == (["joined"] if ending == "commit" else [])
+    assert "still open after that transaction committed" not in caplog.text
+
+
 def test_savepoint_opened_by_the_caller_after_staging_is_refused(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:
