@@ -6,13 +6,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import threading
 import time
 import types
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
+from sqlalchemy import Connection
 from sqlalchemy.util import greenlet_spawn
 
 from . import signals
@@ -51,7 +51,7 @@ from ._types import (
 from ._values import PayloadRules
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection, Engine
+    from sqlalchemy import Engine
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.orm import Session
 
@@ -195,6 +195,8 @@ class AuditEmitter:
             LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )
         self._relay_only = dispatch == "relay"
+        self._on_loops: set[concurrent.futures.Future[None]] = set()
+        """Outbox records handed to an event loop, not yet written."""
         self._listeners = SessionListeners(self)
         for plugin in plugins:
             self.register(plugin)
@@ -326,11 +328,25 @@ class AuditEmitter:
             done = True
         if self.outbox is None:
             return bool(done)
+        late: set[Any] = set()
+        scheduled = list(self._on_loops)
+        if scheduled:
+            # Records handed to this loop are awaited here (a thread waiting
+            # for them would wait for the loop it blocks).
+            written, late = await asyncio.wait(
+                [asyncio.wrap_future(future) for future in scheduled],
+                timeout=_remaining(deadline),
+            )
+            for future in (*written, *late):  # check() logs a failure
+                future.add_done_callback(_retrieved)
         flushed = await asyncio.to_thread(self.outbox.flush, _remaining(deadline))
-        return flushed and bool(done)
+        return flushed and bool(done) and not late
 
     def _flush_outbox(self, deadline: float | None) -> bool:
-        return self.outbox is None or self.outbox.flush(_remaining(deadline))
+        if self.outbox is None:
+            return True
+        _, late = concurrent.futures.wait(list(self._on_loops), _remaining(deadline))
+        return self.outbox.flush(_remaining(deadline)) and not late
 
     def relay(self, bind: Engine | Connection, **options: Any) -> Any:
         """Re-deliver what the outbox holds undelivered; see :func:`access_audit.outbox.relay`.
@@ -382,14 +398,15 @@ class AuditEmitter:
     ) -> None:
         """Dispatch a committed batch, inline or on the background thread.
 
-        *record_apart*: record the outbox deliveries on a thread of their
-        own, for a batch delivered from inside a connection's own event (the
-        outer transaction of a joined session), where taking another pooled
-        connection could wait for the very one being returned.
+        *record_apart*: the batch is delivered from inside a connection's
+        own event (the outer transaction of a joined session), where the
+        record must not take a pooled connection: it could wait for the very
+        one being returned.
         """
         if self._on_loop is not None:
             loop = running_loop()
             if loop is not None:
+                outbox_bind = _not_the_callers(outbox_bind)
                 try:
                     self._on_loop.submit(
                         loop,
@@ -415,6 +432,7 @@ class AuditEmitter:
                 self._settle(envelopes, outbox_bind, report, None, record_apart)
             return
         loop = running_loop()
+        outbox_bind = _not_the_callers(outbox_bind)
         try:
             self._background.submit(
                 functools.partial(self._deliver, envelopes, outbox_bind, loop)
@@ -500,35 +518,37 @@ class AuditEmitter:
         loop: asyncio.AbstractEventLoop | None,
         record_apart: bool = False,
     ) -> None:
-        """Have the outbox record *report*, here unless the bind or
-        *record_apart* says otherwise; a failure is logged, never raised."""
+        """Have the outbox record *report*: here, or on the event loop that
+        an async engine's connections belong to; a failure is logged, never
+        raised. :meth:`flush` waits for a record handed to a loop.
+
+        Through a synchronous engine the outbox's record takes no connection
+        here (its recorder thread writes it), so *record_apart* only sends
+        an async engine's record to the running loop, to run after the
+        connection event that delivered the batch.
+        """
         plugins = delivering_plugins(self.plugin_manager)
-        if bind.dialect.is_async and loop is not None:
-            # An async engine's connections belong to its event loop: run the
-            # update there. Without waiting: the loop may be the one blocked in
-            # emitter.flush(), waiting for this very job.
-            assert self.outbox is not None
-
-            def check(done: concurrent.futures.Future[None]) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    return
-                _record_failed(
-                    envelopes, None if done.cancelled() else done.exception()
-                )
-
-            asyncio.run_coroutine_threadsafe(
-                greenlet_spawn(self.outbox.record, bind, envelopes, plugins, report),
-                loop,
-            ).add_done_callback(check)
-        elif record_apart:
-            threading.Thread(
-                target=self._record_or_log,
-                args=(bind, envelopes, plugins, report),
-                name="access_audit-outbox-record",
-                daemon=True,
-            ).start()
-        else:
+        if record_apart and loop is None and bind.dialect.is_async:
+            loop = running_loop()
+        if loop is None or not bind.dialect.is_async:
             self._record_or_log(bind, envelopes, plugins, report)
+            return
+        # Without waiting: the loop may be the one blocked in emitter.flush(),
+        # waiting for this very job.
+        assert self.outbox is not None
+        scheduled = asyncio.run_coroutine_threadsafe(
+            greenlet_spawn(self.outbox.record, bind, envelopes, plugins, report),
+            loop,
+        )
+        self._on_loops.add(scheduled)
+
+        def check(done: concurrent.futures.Future[None]) -> None:
+            self._on_loops.discard(done)
+            if not done.cancelled() and done.exception() is None:
+                return
+            _record_failed(envelopes, None if done.cancelled() else done.exception())
+
+        scheduled.add_done_callback(check)
 
     def _record_or_log(
         self,
@@ -633,6 +653,21 @@ def _payload_limit(
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark *future*'s outcome as seen (asyncio logs one nobody asked for)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _not_the_callers(bind: Engine | Connection | None) -> Engine | None:
+    """*bind*, for a record written by another thread or task: None for a
+    connection, the caller's and in its transaction still (the rows of a
+    session under ``joined_transactions="session"``), that only the caller
+    may use, and only now. Those rows are left pending: they roll back with
+    that transaction, or a relay delivers them again if it commits."""
+    return None if isinstance(bind, Connection) else bind
 
 
 def _record_failed(

@@ -383,7 +383,7 @@ class Lifecycle:
                         [watch for _connection, watch in self.outer],
                     )
                 if self.built:  # else every lazy value failed
-                    return (tuple(self.built), self.outbox_bind)
+                    return (tuple(self.built), _recording_bind(self.outbox_bind))
                 return None
             dropped = self.levels.get(transaction)
             reason: DiscardReason = "rollback"
@@ -533,6 +533,18 @@ class UnsettledLifecycle(Lifecycle):
             self.owner._discarded(events, "close")
         except Exception:  # pragma: no cover - during interpreter shutdown
             pass
+
+
+def _recording_bind(bind: Engine | Connection | None) -> Engine | Connection | None:
+    """Where to record the dispatch of a commit whose outbox rows went to
+    *bind*. A connection that the session's commit ended (a session that
+    controls its connection) is its caller's again, to use as it likes: the
+    record goes through its engine, as any commit's. One still in a
+    transaction (the caller's, under ``joined_transactions="session"``)
+    holds the rows, uncommitted: the record goes there."""
+    if isinstance(bind, Connection) and not bind.in_transaction():
+        return bind.engine
+    return bind
 
 
 def committing_root(session: Session) -> SessionTransaction | None:

@@ -413,3 +413,51 @@ def test_async_scoped_session_per_task(
         assert await stored_names(engine) == ["committed"]
 
     run(backend, body)
+
+
+# -- outbox records of sessions bound to an AsyncConnection ------------------
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["controls", "joined"])
+def test_outbox_records_of_a_session_bound_to_its_connection_go_through_the_engine(
+    backend: Backend,
+    recorder: Recorder,
+    joined: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``AsyncSession(bind=connection)`` in outbox mode: one that commits
+    the connection's transactions itself hands the connection back in none;
+    one joined to the caller's transaction has its batch delivered when that
+    commits. Either way ``aflush()`` returns once every row's delivery is
+    recorded, through the engine."""
+    from access_audit.outbox import Outbox, count_pending
+
+    names = ["one", "two", "three"]
+
+    async def body(engine: AsyncEngine) -> None:
+        outbox = Outbox()
+        async with engine.begin() as connection:
+            await connection.run_sync(outbox.create)
+        emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+        emitter.register(recorder, name="recorder")
+        async with engine.connect() as connection:
+            outer = await connection.begin() if joined else None
+            session = AsyncSession(bind=connection)
+            emitter.attach(session)
+            for name in names:
+                operation(session, name)
+                await session.commit()
+                assert connection.in_transaction() is joined
+            await session.close()
+            if outer is not None:
+                await outer.commit()
+        assert await emitter.aflush(10)
+        async with engine.connect() as connection:
+            assert await connection.run_sync(count_pending, outbox) == 0
+        assert recorder.names == names
+        assert await stored_names(engine) == sorted(names)
+        async with engine.begin() as connection:
+            await connection.run_sync(outbox.drop)
+
+    run(backend, body)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -715,6 +715,45 @@ def test_commits_during_a_write_wait_for_the_next_linger_period(
     assert min(gaps) >= linger - 0.01, gaps
 
 
+def test_a_shared_in_memory_connection_never_commits_the_applications_transaction(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-memory SQLite on a ``StaticPool`` (one connection for every
+    thread, the usual test set-up of a web app): the record of a commit is
+    written by the committing thread, never by the recorder's, whose COMMIT
+    on that shared connection would commit a transaction the application
+    has open on it, and then rolls back."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import StaticPool
+    from support import Base
+
+    from access_audit.outbox import _recorder
+
+    monkeypatch.setattr(_recorder, "LINGER", 0.01)
+    engine = create_engine(
+        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+    )
+    Base.metadata.create_all(engine)
+    outbox = Outbox()
+    outbox.create(engine)
+    sink = Sink()
+    emitter = outbox_emitter(outbox, sink=sink)
+    with OrmSession(engine) as session:
+        emitter.attach(session)
+        operation(session, "kept")
+        session.commit()
+        operation(session, "undone")
+        session.flush()
+        time.sleep(0.3)  # a recorder thread would have written by now
+        session.rollback()
+    assert stored_names(engine) == ["kept"]
+    assert emitter.flush(timeout=10)
+    assert stored_names(engine) == ["kept"]
+    assert sink.names == ["kept"]
+    assert outbox_rows(engine, outbox) == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_in_memory_sqlite_records_deliveries_later_in_the_committing_thread(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -65,8 +65,8 @@ class Recorder:
         """Keep *record* for this thread to write with later ones: when
         :data:`MAX_BATCH` are kept or :data:`LINGER` has passed since the
         first, or at :meth:`flush` in this thread. For engines whose
-        connections belong to a thread (in-memory SQLite), where no other
-        thread can write them."""
+        connection belongs to a thread or is every thread's (in-memory
+        SQLite), where no other thread may write through it."""
         kept: list[tuple[Engine, Dispatched]] | None = getattr(self._here, "kept", None)
         now = time.monotonic()
         if kept is None:

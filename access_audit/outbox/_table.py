@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
-from sqlalchemy.pool import SingletonThreadPool
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from ._store import dispatched, settle_dispatched, transaction, write
@@ -48,6 +48,10 @@ _LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 _UTF8MB4: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 """MariaDB's table options: every character (a server may default to latin1),
 compared exactly, as ids are."""
+
+
+_ONE_CONNECTION_POOLS = (SingletonThreadPool, StaticPool)
+"""Pools whose connection no thread but the committing one may write through."""
 
 
 class PreparedInsert:
@@ -297,15 +301,17 @@ class Outbox:
         outbox's own, batched with other commits' (:meth:`flush` waits for
         it); through a Connection (a session joined to the caller's
         transaction) or an async engine's facade, here and now; through an
-        engine whose pool gives each thread its own connection (in-memory
-        SQLite), by this thread, with its later commits' records.
+        engine whose pool gives each thread its own connection or every
+        thread the same one (in-memory SQLite's ``SingletonThreadPool`` and
+        ``StaticPool``), by this thread, with its later commits' records:
+        another thread's COMMIT on a shared connection would commit whatever
+        transaction the application has open on it.
         """
         record = dispatched(envelopes, plugins, report)
         if isinstance(bind, Connection) or bind.dialect.is_async:
             with transaction(bind) as connection:
                 settle_dispatched(connection, self, [record])
-        elif isinstance(bind.pool, SingletonThreadPool):
-            # In-memory SQLite: each thread has a database of its own.
+        elif isinstance(bind.pool, _ONE_CONNECTION_POOLS):
             self._recorder.defer(bind, record)
         else:
             self._recorder.submit(bind, record)
