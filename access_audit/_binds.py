@@ -21,6 +21,7 @@ from ._sqla import (
     mapper_binds,
     nested_transactions,
     session_connections,
+    sets_connection_options,
 )
 
 if TYPE_CHECKING:
@@ -51,8 +52,9 @@ def check_binds(
     it will use. Returns the connections whose outer transaction the commit
     must wait for (or None), and whether a connection the session acquires
     later needs the full check of :meth:`~access_audit._lifecycle.Lifecycle.connected` (it may come
-    from another bind than the one checked, or join a transaction begun
-    since).
+    from another bind than the one checked, join a transaction begun since,
+    or get options of its own from the engine's ``engine_connect``
+    listeners).
 
     :raises AuditConfigurationError: as :func:`_refuse`.
     """
@@ -77,6 +79,9 @@ def check_binds(
         bool(mapper_binds(session))
         or type(session).get_bind is not DEFAULT_GET_BIND
         or (not connected and (bind is None or isinstance(bind, Connection)))
+        or (
+            not connected and isinstance(bind, Engine) and sets_connection_options(bind)
+        )
     )
     return outer, watch
 

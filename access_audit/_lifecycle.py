@@ -46,6 +46,7 @@ from ._sqla import (
     parent_of,
     past_staging,
     preparing,
+    sets_connection_options,
 )
 
 if TYPE_CHECKING:
@@ -599,6 +600,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             and not has_connections(root)
             and not mapper_binds(session)
             and type(session).get_bind is DEFAULT_GET_BIND
+            and not sets_connection_options(bind)
         ):
             # The common case, kept to a few lookups: an unconnected session
             # that will take its one connection from its engine.

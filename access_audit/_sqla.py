@@ -54,6 +54,7 @@ __all__ = [
     "past_staging",
     "preparing",
     "session_connections",
+    "sets_connection_options",
 ]
 
 
@@ -235,6 +236,13 @@ def checked_engine_options(engine: Engine) -> object | None:
     if level is None:
         level = engine.dialect._on_connect_isolation_level
     return None if level == "AUTOCOMMIT" else options
+
+
+def sets_connection_options(engine: Engine) -> bool:
+    """Whether *engine* has ``engine_connect`` listeners: they may set
+    execution options (``AUTOCOMMIT``, say) on each connection it makes, so
+    checking the engine says nothing of its connections."""
+    return bool(engine.dispatch.engine_connect)
 
 
 def inherits_options(connection: Connection, engine: Engine, options: object) -> bool:

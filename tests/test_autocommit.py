@@ -116,3 +116,33 @@ def test_autocommit_connection_asked_for_before_staging_is_refused(
         with pytest.raises(AuditConfigurationError, match="AUTOCOMMIT"):
             operation(session, "refused")
     assert recorder.events == []
+
+
+def test_autocommit_set_by_an_engine_connect_listener_is_refused_on_connecting(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An ``engine_connect`` listener puts each connection of the engine in
+    AUTOCOMMIT, where the engine's own options do not say so: staging before
+    the session's first statement is checked as the session connects, which
+    raises before any statement runs, and nothing staged stays."""
+    from sqlalchemy import event
+
+    def autocommit(connection: Any) -> None:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    event.listen(engine, "engine_connect", autocommit)
+    try:
+        with capture_audit_events() as audit_events, Session(engine) as session:
+            emitter.attach(session)
+            operation(session, "refused")  # no connection yet
+            with pytest.raises(AuditConfigurationError, match="AUTOCOMMIT"):
+                session.flush()
+            assert staged_events(session) == ()
+            assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+                ("refused", "refused")
+            ]
+            session.rollback()
+    finally:
+        event.remove(engine, "engine_connect", autocommit)
+    assert recorder.events == []
+    assert stored_names(engine) == []
