@@ -94,10 +94,18 @@ def emitter_for(session: Session) -> Owner:
         emitter = selector(session)
         if emitter is not None:
             return emitter
+    hint = ""
+    if type(session) is Session:
+        hint = (
+            " (a Session made directly, or an AsyncSession an async_sessionmaker "
+            "made before it was attached, is of the plain Session class, which "
+            "attaching a maker does not reach: attach makers at start-up, "
+            "before they make sessions)"
+        )
     raise AuditConfigurationError(
         f"no AuditEmitter is attached to this {type(session).__name__}, so the "
         "event would be lost; call emitter.attach(...) on the session, its "
-        "sessionmaker or its Session class first"
+        f"sessionmaker or its Session class first{hint}"
     )
 
 

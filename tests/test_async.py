@@ -379,6 +379,33 @@ def test_attach_async_target(
     run(backend, body)
 
 
+def test_a_session_made_before_its_async_sessionmaker_was_attached_is_refused(
+    backend: Backend, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An AsyncSession the maker made before ``attach()`` has the plain
+    Session class, which attaching the maker cannot reach without reaching
+    every session: staging on it is refused, saying so, and the maker's
+    later sessions are audited."""
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        early = maker()
+        emitter.attach(maker)
+        try:
+            with pytest.raises(AuditConfigurationError, match="before it was attached"):
+                operation(early, "early")
+            await early.close()
+            async with maker() as session:
+                operation(session, "later")
+                await session.commit()
+        finally:
+            emitter.detach(maker)
+        assert recorder.names == ["later"]
+        assert await stored_names(engine) == ["later"]
+
+    run(backend, body)
+
+
 def test_async_scoped_session_per_task(
     backend: Backend, emitter: AuditEmitter, recorder: Recorder
 ) -> None:
