@@ -181,7 +181,9 @@ class AuditEmitter:
         """``"outer"`` or ``"session"``: see the constructor. Tests that roll
         every test back may set it to ``"session"``."""
         self.payload_rules = PayloadRules.build(
-            redact_keys, _payload_limit(max_payload_bytes, outbox)
+            redact_keys,
+            _payload_limit(max_payload_bytes, outbox),
+            getattr(outbox, "max_payload_bytes", None),
         )
         """``redact_keys`` and ``max_payload_bytes``, as staging applies them."""
         self.outbox: DeliveryStore | None = outbox

@@ -87,7 +87,23 @@ class StagedEvent:
             )
         self.payload = resolve_lazy(self.payload, where + "payload", self._rules)
         self._rules.check_size(self.payload, self.event_type)
+        self._check_fields()
         self._lazy = False
+
+    def _check_fields(self) -> None:
+        """Check the sizes of the fields an outbox row stores besides the
+        payload (see :meth:`PayloadRules.check_fields`)."""
+        self._rules.check_fields(
+            self.event_type,
+            (
+                ("target_id", self.target_id),
+                ("target_name", self.target_name),
+                ("reason", self.reason),
+                ("actor_id", self.actor_id),
+                ("actor_email", self.actor_email),
+            ),
+            self.metadata,
+        )
 
 
 def target_id_text(value: object, field: str) -> str:

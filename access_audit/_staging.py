@@ -160,6 +160,8 @@ def stage_event(
         lazy,
         rules,
     )
+    if rules.max_field_bytes is not None and not lazy:
+        event._check_fields()
     stage_on(sync_session, emitter, event)
 
 

@@ -155,10 +155,17 @@ class PayloadRules:
     """Casefolded key names whose values become ``"[REDACTED]"``, at any depth."""
     max_payload_bytes: int | None = None
     """Largest payload, as compact UTF-8 JSON; None for no limit."""
+    max_field_bytes: int | None = None
+    """Largest target id, target name, reason, actor id or email, and
+    metadata, each as JSON in an outbox row (the outbox's
+    ``max_payload_bytes``); None without an outbox."""
 
     @classmethod
     def build(
-        cls, redact_keys: Iterable[str], max_payload_bytes: int | None
+        cls,
+        redact_keys: Iterable[str],
+        max_payload_bytes: int | None,
+        max_field_bytes: int | None = None,
     ) -> PayloadRules:
         """Check an emitter's options and make its rules.
 
@@ -182,7 +189,11 @@ class PayloadRules:
                 raise TypeError("max_payload_bytes must be an int or None")
             if max_payload_bytes <= 0:
                 raise ValueError("max_payload_bytes must be positive")
-        return cls(frozenset(key.casefold() for key in keys), max_payload_bytes)
+        return cls(
+            frozenset(key.casefold() for key in keys),
+            max_payload_bytes,
+            max_field_bytes,
+        )
 
     def check_size(self, payload: Mapping[str, Any], event_type: str) -> None:
         """Raise if a resolved payload is larger than ``max_payload_bytes``.
@@ -197,6 +208,37 @@ class PayloadRules:
                 f"event {event_type!r}: payload is {size} bytes as JSON, more than "
                 f"max_payload_bytes={self.max_payload_bytes}; store large data "
                 "elsewhere and put a reference in the payload"
+            )
+
+    def check_fields(
+        self, event_type: str, texts: Iterable[tuple[str, Any]], metadata: Any
+    ) -> None:
+        """Raise if one of *texts* (field name, value) or *metadata* is larger,
+        as JSON, than ``max_field_bytes``: with the payload, they make an
+        outbox row, which must fit in one statement to the database.
+
+        :raises ValueError: naming the event type, the field, its size and
+            the limit.
+        """
+        limit = self.max_field_bytes
+        if limit is None:
+            return
+        for field, text in texts:
+            # A character takes six bytes at most, as a \uXXXX escape.
+            if type(text) is str and len(text) * 6 > limit:
+                self._check_field(event_type, field, text, limit)
+        if metadata:
+            self._check_field(event_type, "metadata", metadata, limit)
+
+    @staticmethod
+    def _check_field(event_type: str, field: str, value: Any, limit: int) -> None:
+        size = json_size(value)
+        if size > limit:
+            raise ValueError(
+                f"event {event_type!r}: {field} is {size} bytes as JSON, more "
+                f"than the outbox's max_payload_bytes={limit} (its limit for "
+                "each field of a row); store large data elsewhere and put a "
+                "reference in the event"
             )
 
 

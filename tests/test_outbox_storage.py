@@ -150,6 +150,63 @@ def test_a_payload_over_the_outbox_limit_is_refused_at_stage_time(
         outbox.drop(engine)
 
 
+FIELDS = [
+    *[(field, False) for field in ("target_id", "target_name", "reason")],
+    *[(field, False) for field in ("actor_id", "metadata")],
+    ("target_id", True),
+    ("target_name", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "lazy"),
+    FIELDS,
+    ids=[f"{field}-{'lazy' if lazy else 'eager'}" for field, lazy in FIELDS],
+)
+def test_every_other_field_over_the_outbox_limit_is_refused_before_commit(
+    engine: Engine, field: str, lazy: bool
+) -> None:
+    """A row holds the target id twice, and the target name, reason, actor
+    and metadata once each, besides the payload: each is bounded by the
+    outbox's limit too, so the row fits one statement. Over it: refused at
+    stage time, naming the field (a lazy value, as the commit resolves it:
+    before COMMIT, as any bad lazy value). At the limit: stored."""
+    limit = 1_000
+    outbox = Outbox(max_payload_bytes=limit)
+    outbox.drop(engine)
+    outbox.create(engine)
+
+    def fields(text: str) -> dict[str, Any]:
+        value: Any = {"note": text} if field == "metadata" else text
+        if field == "actor_id":
+            return {"actor_id": value, "actor_email": "a@example.com"}
+        return {field: (lambda: value) if lazy else value}
+
+    try:
+        emitter = keeping_emitter(outbox)
+        too_long = "é" * (limit // 2 + 1)  # two bytes each as UTF-8
+        if lazy:
+            with pytest.raises(ValueError, match=rf"{field} is \d+ bytes.*1000"):
+                commit_event(engine, emitter, **fields(too_long))
+            assert types(engine, outbox) == []
+        else:
+            with Session(engine) as session:
+                emitter.attach(session)
+                operation(session, "kept")
+                with pytest.raises(ValueError, match=rf"{field} is \d+ bytes.*1000"):
+                    stage_event(
+                        session, "item.tagged", target_type="item", action="tag",
+                        **{"target_id": "kept", **fields(too_long)},
+                    )  # fmt: skip
+                session.commit()
+            assert types(engine, outbox) == ["item_created"]
+        fitting = "é" * (limit // 2 - 8)  # with its quotes and key, under
+        commit_event(engine, emitter, name="fits", **fields(fitting))
+        assert "item.tagged" in types(engine, outbox)
+    finally:
+        outbox.drop(engine)
+
+
 def test_a_nul_in_a_target_id_is_refused_at_stage_time(
     engine: Engine, outbox: Outbox
 ) -> None:

@@ -185,9 +185,11 @@ class Outbox:
         keep this above your slowest dispatch (or background queue wait).
     :param max_payload_bytes: the largest payload, in bytes of JSON as
         stored, that staging accepts for this outbox (an emitter's own
-        ``max_payload_bytes`` can only lower it). Larger ones are refused by
-        ``stage_event``, never by the application's commit: 1 MiB by
-        default, well inside MariaDB's default ``max_allowed_packet``.
+        ``max_payload_bytes`` can only lower it), and the largest target
+        id, target name, reason, actor id or email and metadata, each on
+        its own. Larger ones are refused by ``stage_event``, never by the
+        application's commit: 1 MiB by default, so a row stays well inside
+        MariaDB's default ``max_allowed_packet``.
     """
 
     def __init__(
