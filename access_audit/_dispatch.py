@@ -180,8 +180,21 @@ class PluginManager(pluggy.PluginManager):
             self._forget_call_orders()
 
 
-def _call(impl: HookImpl, arguments: dict[str, Any]) -> None:
-    impl.function(*[arguments[name] for name in impl.argnames])
+def _call(impl: HookImpl, arguments: dict[str, Any]) -> Any:
+    return impl.function(*[arguments[name] for name in impl.argnames])
+
+
+def _finish(result: Any) -> None:
+    """Await what a plain ``def`` hook returned, if it is awaitable (a
+    decorator that hides an ``async def``, a function that returns another's
+    coroutine): its work is the delivery. Not awaited, it would never run,
+    and the event would count as taken."""
+    if inspect.isawaitable(result):
+        run_coroutine(_awaited(result))
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 class DeliveryReport:
@@ -337,9 +350,11 @@ def deliver(
         for impl, takes_envelope in logged:
             try:
                 if takes_envelope:
-                    impl.function(envelope)
+                    result = impl.function(envelope)
                 else:
-                    _call(impl, {"envelope": envelope})
+                    result = _call(impl, {"envelope": envelope})
+                if result is not None:
+                    _finish(result)
             except let_through:
                 raise
             except BaseException as error:
@@ -350,7 +365,9 @@ def deliver(
                 )
     for impl in committed:
         try:
-            _call(impl, {"envelopes": envelopes})
+            result = _call(impl, {"envelopes": envelopes})
+            if result is not None:
+                _finish(result)
         except let_through:
             raise
         except BaseException as error:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -499,3 +500,72 @@ def test_an_async_hook_behind_a_decorator_is_awaited(
     commit_one(sync_maker, "wrapped")
     assert seen == ["wrapped"]
     emitter.detach(sync_maker)
+
+
+class ReturnsCoroutines:
+    """Plain ``def`` hooks that return another function's coroutine (or hide
+    an ``async def`` behind a decorator without ``functools.wraps``)."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.fail_on = fail_on
+        self.events: list[str] = []
+        self.batches: list[int] = []
+
+    async def _send(self, envelope: AuditEventEnvelope) -> None:
+        await asyncio.sleep(0)
+        if envelope.target_id == self.fail_on:
+            raise ConnectionError("sink down")
+        self.events.append(envelope.target_id)
+
+    async def _count(self, envelopes: tuple[AuditEventEnvelope, ...]) -> None:
+        await asyncio.sleep(0)
+        self.batches.append(len(envelopes))
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> Any:
+        return self._send(envelope)
+
+    @hookimpl
+    def audit_events_committed(self, envelopes: tuple[AuditEventEnvelope, ...]) -> Any:
+        return self._count(envelopes)
+
+
+def test_a_plain_hook_returning_a_coroutine_has_it_awaited_from_a_sync_session(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """What a plain hook returns, if awaitable, is the delivery: it is awaited
+    (and a failure in it reported), never dropped as a taken event."""
+    plugin, failures = ReturnsCoroutines(fail_on="down"), Failures()
+    emitter = AuditEmitter(load_entrypoints=False)
+    emitter.register(plugin, name="returns")
+    emitter.register(failures, name="failures")
+    emitter.attach(sync_maker)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        commit_one(sync_maker, "sync-1")
+        commit_one(sync_maker, "down")
+    assert [str(w.message) for w in warned] == []  # no coroutine left unawaited
+    assert plugin.events == ["sync-1"]
+    assert plugin.batches == [1, 1]
+    assert failures.sync == [("returns", "ConnectionError")]
+    emitter.detach(sync_maker)
+
+
+def test_a_plain_hook_returning_a_coroutine_has_it_awaited_from_an_async_session(
+    backend: Backend,
+) -> None:
+    """Inside ``await session.commit()`` the returned coroutine is awaited on
+    the application's own loop."""
+    plugin = ReturnsCoroutines()
+    emitter = AuditEmitter(load_entrypoints=False)
+    emitter.register(plugin, name="returns")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        await commit_items(maker, "a", "b")
+        emitter.detach(maker)
+
+    run(backend, body)
+    assert plugin.events == ["a", "b"]
+    assert plugin.batches == [2]
