@@ -384,7 +384,10 @@ class Lifecycle:
                         [watch for _connection, watch in self.outer],
                     )
                 if self.built:  # else every lazy value failed
-                    return (tuple(self.built), _recording_bind(self.outbox_bind))
+                    bind = self.outbox_bind
+                    if bind is not None and type(bind) is not Engine:
+                        bind = _recording_bind(bind)
+                    return (tuple(self.built), bind)
                 return None
             dropped = self.levels.get(transaction)
             reason: DiscardReason = "rollback"
@@ -536,7 +539,7 @@ class UnsettledLifecycle(Lifecycle):
             pass
 
 
-def _recording_bind(bind: Engine | Connection | None) -> Engine | Connection | None:
+def _recording_bind(bind: Engine | Connection) -> Engine | Connection:
     """Where to record the dispatch of a commit whose outbox rows went to
     *bind*. A connection that the session's commit ended (a session that
     controls its connection) is its caller's again, to use as it likes: the
