@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, func, select
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session as OrmSession
@@ -39,7 +39,7 @@ from support import (
 )
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
-from access_audit.outbox import DELIVERED, PENDING, Outbox
+from access_audit.outbox import DEAD, DELIVERED, PENDING, Outbox
 
 
 class Sink:
@@ -848,6 +848,58 @@ def test_sqlite_binds_ids_as_one_json_parameter_whenever_it_has_json_each(
                 forget(connection, outbox, unknown)
         assert bound == ([1] * 4 if has_json else [900, 300] * 2) * 2, bound
         assert refused == ([] if has_json else ["json_valid"])  # asked once
+    finally:
+        outbox.drop(engine)
+        engine.dispose()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3 setlimit is 3.11+")
+def test_retry_dead_for_many_plugins_stays_under_an_old_sqlites_variable_limit(
+    tmp_path: Path,
+) -> None:
+    """``retry_dead(plugins=...)`` with more plugin names than an old SQLite
+    (999 variables, no JSON) takes beside a full list of ids: every dead
+    delivery of the named plugins is made due, the others are left."""
+    import sqlite3
+
+    from sqlalchemy import create_engine, insert
+
+    from access_audit.outbox import retry_dead
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+
+    @event.listens_for(engine, "connect")
+    def old_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        dbapi_connection.set_authorizer(_without_json)
+
+    outbox = Outbox()
+    outbox.create(engine)
+    state = outbox.delivery_table
+    ids = [f"00000000-0000-7000-8000-{n:012d}" for n in range(950)]
+    now = datetime.now()
+
+    def row(event_id: str, plugin: str) -> dict[str, Any]:
+        return {"event_id": event_id, "plugin": plugin, "state": DEAD,
+                "attempts": 5, "updated_at": now}  # fmt: skip
+
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                insert(state),
+                [row(i, "p000") for i in ids] + [row(i, "kept") for i in ids[:5]],
+            )
+        named = {f"p{n:03d}" for n in range(150)}
+        assert retry_dead(engine, outbox, named) == len(ids)
+        with engine.connect() as connection:
+            states = dict(
+                connection.execute(
+                    select(state.c.plugin, func.count())
+                    .where(state.c.state == DEAD)
+                    .group_by(state.c.plugin)
+                ).all()
+            )
+        assert states == {"kept": 5}
     finally:
         outbox.drop(engine)
         engine.dispose()

@@ -656,27 +656,34 @@ def retry_dead(
     state = outbox.delivery_table
     now = datetime.now(timezone.utc)
     dead = (state.c.state == DEAD) & (state.c.plugin != PARKED)
-    if plugins is not None:
-        dead &= state.c.plugin.in_(sorted(plugins))
+    changed: set[str] = set()
     with transaction(bind) as connection:
-        ids = sorted(
-            connection.execute(
-                select(state.c.event_id).where(dead).distinct()
-            ).scalars()
-        )
-        for part in chunks(connection, ids):
-            connection.execute(
-                update(state)
-                .where(dead, one_of(connection, state.c.event_id, part))
-                .values(state=PENDING, attempts=0, next_attempt_at=now, updated_at=now)
+        # A plugin at a time: its name is the statements' one parameter
+        # besides the ids (an old SQLite takes 999 at most).
+        for name in [None] if plugins is None else sorted(plugins):
+            its = dead if name is None else dead & (state.c.plugin == name)
+            ids = sorted(
+                connection.execute(
+                    select(state.c.event_id).where(its).distinct()
+                ).scalars()
             )
+            for part in chunks(connection, ids):
+                connection.execute(
+                    update(state)
+                    .where(its, one_of(connection, state.c.event_id, part))
+                    .values(
+                        state=PENDING, attempts=0, next_attempt_at=now, updated_at=now
+                    )
+                )
+            changed.update(ids)
+        for part in chunks(connection, sorted(changed)):
             connection.execute(
                 delete(state).where(
                     one_of(connection, state.c.event_id, part),
                     state.c.plugin == PARKED,
                 )
             )
-    return len(ids)
+    return len(changed)
 
 
 def prune(bind: Engine | Connection, outbox: Outbox, older_than: timedelta) -> int:
