@@ -184,17 +184,23 @@ def _call(impl: HookImpl, arguments: dict[str, Any]) -> Any:
     return impl.function(*[arguments[name] for name in impl.argnames])
 
 
-def _finish(result: Any) -> None:
-    """Await what a plain ``def`` hook returned, if it is awaitable (a
-    decorator that hides an ``async def``, a function that returns another's
-    coroutine): its work is the delivery. Not awaited, it would never run,
-    and the event would count as taken."""
-    if inspect.isawaitable(result):
-        run_coroutine(_awaited(result))
+def _refuse_coroutine(impl: HookImpl, result: Any) -> None:
+    """Fail a plain ``def`` hook that returned a coroutine: the delivery is
+    work that never ran (a decorator without ``functools.wraps`` hid an
+    ``async def``, or the hook returns another function's coroutine).
+    Counted as taken, the event would be lost; awaited here, it would block
+    the caller's loop or run on another one, outside ``async_timeout``. A
+    task or future it returns is already scheduled, and left alone.
 
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
+    :raises TypeError: saying what to change.
+    """
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited, on purpose: no warning
+        raise TypeError(
+            f"{impl.function.__qualname__} returned a coroutine, which would "
+            "never run: declare the hook async def (a decorator must keep that "
+            "visible: functools.wraps), or await the coroutine inside it"
+        )
 
 
 class DeliveryReport:
@@ -354,7 +360,7 @@ def deliver(
                 else:
                     result = _call(impl, {"envelope": envelope})
                 if result is not None:
-                    _finish(result)
+                    _refuse_coroutine(impl, result)
             except let_through:
                 raise
             except BaseException as error:
@@ -367,7 +373,7 @@ def deliver(
         try:
             result = _call(impl, {"envelopes": envelopes})
             if result is not None:
-                _finish(result)
+                _refuse_coroutine(impl, result)
         except let_through:
             raise
         except BaseException as error:

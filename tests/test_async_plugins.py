@@ -503,69 +503,70 @@ def test_an_async_hook_behind_a_decorator_is_awaited(
 
 
 class ReturnsCoroutines:
-    """Plain ``def`` hooks that return another function's coroutine (or hide
-    an ``async def`` behind a decorator without ``functools.wraps``)."""
+    """Plain ``def`` hooks that return another function's coroutine (as an
+    ``async def`` behind a decorator without ``functools.wraps`` does)."""
 
-    def __init__(self, fail_on: str | None = None) -> None:
-        self.fail_on = fail_on
+    def __init__(self) -> None:
         self.events: list[str] = []
-        self.batches: list[int] = []
 
     async def _send(self, envelope: AuditEventEnvelope) -> None:
-        await asyncio.sleep(0)
-        if envelope.target_id == self.fail_on:
-            raise ConnectionError("sink down")
         self.events.append(envelope.target_id)
-
-    async def _count(self, envelopes: tuple[AuditEventEnvelope, ...]) -> None:
-        await asyncio.sleep(0)
-        self.batches.append(len(envelopes))
 
     @hookimpl
     def audit_event_logged(self, envelope: AuditEventEnvelope) -> Any:
         return self._send(envelope)
 
+
+class ReturnsTasks:
+    """A plain ``def`` hook that schedules its work as a task and returns it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    async def _send(self, envelope: AuditEventEnvelope) -> None:
+        self.events.append(envelope.target_id)
+
     @hookimpl
-    def audit_events_committed(self, envelopes: tuple[AuditEventEnvelope, ...]) -> Any:
-        return self._count(envelopes)
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> Any:
+        return asyncio.get_running_loop().create_task(self._send(envelope))
 
 
-def test_a_plain_hook_returning_a_coroutine_has_it_awaited_from_a_sync_session(
+def test_a_plain_hook_returning_a_coroutine_fails_that_delivery_saying_why(
     sync_maker: sessionmaker[Any],
 ) -> None:
-    """What a plain hook returns, if awaitable, is the delivery: it is awaited
-    (and a failure in it reported), never dropped as a taken event."""
-    plugin, failures = ReturnsCoroutines(fail_on="down"), Failures()
+    """A coroutine returned by a plain hook is work that never ran: the
+    delivery is that plugin's failure (reported, and in outbox mode left
+    for the relay), never an event counted as taken, and no "never awaited"
+    warning is left behind."""
+    plugin, failures = ReturnsCoroutines(), Failures()
     emitter = AuditEmitter(load_entrypoints=False)
     emitter.register(plugin, name="returns")
     emitter.register(failures, name="failures")
     emitter.attach(sync_maker)
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        commit_one(sync_maker, "sync-1")
-        commit_one(sync_maker, "down")
-    assert [str(w.message) for w in warned] == []  # no coroutine left unawaited
-    assert plugin.events == ["sync-1"]
-    assert plugin.batches == [1, 1]
-    assert failures.sync == [("returns", "ConnectionError")]
+        commit_one(sync_maker, "one")
+    assert [str(w.message) for w in warned] == []
+    assert plugin.events == []
+    assert failures.sync == [("returns", "TypeError")]
     emitter.detach(sync_maker)
 
 
-def test_a_plain_hook_returning_a_coroutine_has_it_awaited_from_an_async_session(
-    backend: Backend,
-) -> None:
-    """Inside ``await session.commit()`` the returned coroutine is awaited on
-    the application's own loop."""
-    plugin = ReturnsCoroutines()
+def test_a_plain_hook_returning_a_task_is_left_to_it(backend: Backend) -> None:
+    """A task a plain hook schedules on the application's loop and returns
+    runs as it is: the delivery is not failed, nor waited for."""
+    plugin, failures = ReturnsTasks(), Failures()
     emitter = AuditEmitter(load_entrypoints=False)
-    emitter.register(plugin, name="returns")
+    emitter.register(plugin, name="tasks")
+    emitter.register(failures, name="failures")
 
     async def body(engine: AsyncEngine) -> None:
         maker = async_sessionmaker(engine)
         emitter.attach(maker)
         await commit_items(maker, "a", "b")
+        await asyncio.sleep(0.05)
         emitter.detach(maker)
 
     run(backend, body)
     assert plugin.events == ["a", "b"]
-    assert plugin.batches == [2]
+    assert failures.sync == []
