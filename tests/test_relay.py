@@ -931,6 +931,40 @@ def test_relay_keeps_a_targets_later_events_behind_one_waiting_for_retry(
     assert_outbox_empty(engine, outbox)
 
 
+@on_every_relay
+def test_a_transaction_held_back_holds_back_its_other_targets_too(
+    engine: Engine, relay: Relay, outbox: Outbox
+) -> None:
+    """Transactions (x), (x, y), (y): x's first event waits for a retry, so
+    the second transaction waits behind it, and with it y's events: the
+    third transaction's y event never overtakes the second's."""
+    sink = OrderedSink()
+    emitter = outbox_emitter(outbox, sink=sink)
+    number = 0
+    with OrmSession(engine) as session:
+        emitter.attach(session)
+        for targets in (["x"], ["x", "y"], ["y"]):
+            for target in targets:
+                stage_event(
+                    session, "item_updated", target_type="item", target_id=target,
+                    action="update", payload={"n": number},
+                )  # fmt: skip
+                number += 1
+            session.commit()
+        emitter.detach(session)
+    assert emitter.flush(timeout=30)
+    sink.failing = False
+    sink.fail_once = {0}
+    make_due(engine, outbox)
+
+    relay(emitter, once=True, backoff=60)
+    assert [e.payload["n"] for e in sink.events] == []
+    make_due(engine, outbox)
+    relay(emitter, once=True, backoff=60)
+    assert [e.payload["n"] for e in sink.events] == [0, 1, 2, 3]
+    assert_outbox_empty(engine, outbox)
+
+
 @relays(*SERVER_RELAYS)
 def test_a_row_another_relay_holds_keeps_the_targets_later_events_back(
     engine: Engine, relay: Relay, outbox: Outbox

@@ -476,7 +476,9 @@ def _deliver_rows(
     """Deliver each claimed row to its plugins, updating the rows' states.
 
     For each plugin, a failure holds back that plugin's later events of the
-    same targets in this batch, so each target's events stay in order.
+    same targets in this batch, and so do the transactions held back, for
+    all their targets: each target's events stay in order across
+    transactions.
     """
     envelopes = {taken.row.id: taken.row.envelope() for taken in claimed}
     plugins = sorted({name for taken in claimed for name in taken.plugins})
@@ -486,6 +488,7 @@ def _deliver_rows(
         for group in wanted:
             targets = {row.target for row in group}
             if targets & held:
+                held |= targets  # its other targets' later events wait too
                 continue
             batch = tuple(envelopes[row.id] for row in group)
             report = deliver(
