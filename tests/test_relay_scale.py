@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -174,7 +175,10 @@ def test_a_claimed_row_reads_each_stored_field_in_its_place(
         {"max_attempts": 0},
         {"backoff": -1.0},
         {"max_backoff": float("nan")},
+        {"backoff": 1e12},
+        {"max_backoff": float("inf")},
         {"interval": -0.5},
+        {"interval": 1e9},
         {"retention": timedelta(days=-1)},
     ],
     ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()),
@@ -190,6 +194,37 @@ def test_invalid_relay_options_are_refused_naming_them(
         emitter.relay(sqlite_file_engine, **options)
 
 
+def test_a_plugin_failing_thousands_of_times_backs_off_to_max_backoff(
+    sqlite_file_engine: Engine,
+) -> None:
+    """The backoff doubles up to ``max_backoff`` however many attempts
+    failed: 2 to the power of a thousand attempts once overflowed, failing
+    the batch (nothing recorded) on every run from then on."""
+    from sqlalchemy import select, update
+
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(sqlite_file_engine)
+    sink = Counter()
+    writer = emitter_for(outbox, sink, dispatch="relay")
+    commit_events(sqlite_file_engine, writer, ["a"], per_commit=1)
+    sink.failing = True
+    relay = emitter_for(outbox, sink)
+    relay.relay(sqlite_file_engine, once=True, max_attempts=5000)
+    state = outbox.delivery_table
+    with sqlite_file_engine.begin() as connection:
+        connection.execute(update(state).values(attempts=1500, next_attempt_at=None))
+    stats = relay.relay(sqlite_file_engine, once=True, max_attempts=5000,
+                        backoff=1.0, max_backoff=30.0)  # fmt: skip
+    assert stats.failed == 1
+    with sqlite_file_engine.connect() as connection:
+        attempts, due = connection.execute(
+            select(state.c.attempts, state.c.next_attempt_at)
+        ).one()
+    assert attempts == 1501
+    waited = due - datetime.now(timezone.utc)
+    assert timedelta(seconds=25) < waited <= timedelta(seconds=30)
+
+
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_the_cli_refuses_a_batch_size_below_one(
     sqlite_file_engine: Engine, value: str
@@ -203,6 +238,49 @@ def test_the_cli_refuses_a_batch_size_below_one(
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "--batch-size" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["relay", "--once", "--retention-days", "inf"], "--retention-days"),
+        (["relay", "--once", "--retention-days", "1e9"], "--retention-days"),
+        (["relay", "--once", "--retention-days", "nan"], "--retention-days"),
+        (["relay", "--once", "--relay-after", "inf"], "--relay-after"),
+        (["relay", "--once", "--backoff", "1e12"], "--backoff"),
+        (["relay", "--once"], "does not exist"),
+        (["status"], "does not exist"),
+    ],
+    ids=lambda value: "_".join(value) if isinstance(value, list) else None,
+)
+def test_the_cli_refuses_what_it_cannot_run_with_a_usage_error(
+    tmp_path: Path, arguments: list[str], named: str
+) -> None:
+    """Out-of-range numbers and a missing outbox table exit 2 with one line
+    naming the problem, not a traceback."""
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    command, *rest = arguments
+    result = subprocess.run(
+        [sys.executable, "-m", "access_audit", command, "--database-url", url, *rest],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["relay", "status"])
+@pytest.mark.parametrize("url", ["not a url", "nosuchdialect://host/db"])
+def test_the_cli_refuses_a_database_url_it_cannot_use_naming_it(
+    command: str, url: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "access_audit", command, "--database-url", url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--database-url" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_relay_delivers_a_hundred_thousand_event_transaction(

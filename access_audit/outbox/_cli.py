@@ -19,6 +19,7 @@ from sqlalchemy.util import await_only, greenlet_spawn
 from .._errors import AuditConfigurationError
 from .._imports import import_plugin
 from ._relay import (
+    LONGEST_WAIT,
     RelayStats,
     arelay,
     check_options,
@@ -108,6 +109,12 @@ class RelayOptions:
     def __post_init__(self) -> None:
         """:raises ValueError: an option is out of range, named as on the
         command line (``--batch-size``)."""
+        days = self.retention_days
+        if days is not None and not 0 <= days <= _LONGEST_RETENTION_DAYS:
+            raise ValueError(
+                "--retention-days must be a number of days from 0 to "
+                f"{_LONGEST_RETENTION_DAYS:,}, got {days!r}"
+            )
         check_options(
             self.batch_size,
             self.max_attempts,
@@ -314,6 +321,10 @@ def _add_database_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", default=None)
 
 
+_LONGEST_RETENTION_DAYS = 36_500
+"""The longest ``--retention-days`` (a hundred years)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``access-audit relay|status --database-url URL [options]``
     (also ``python -m access_audit``)."""
@@ -363,6 +374,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_database_arguments(status_parser)
     options = parser.parse_args(argv)
 
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    used = relay_parser if options.command == "relay" else status_parser
+    try:
+        make_url(options.database_url).get_dialect()
+    except (ArgumentError, NoSuchModuleError) as error:
+        used.error(f"--database-url: {error}")
+    try:
+        return _run(options, relay_parser)
+    except AuditConfigurationError as error:
+        used.exit(2, f"{used.prog}: error: {error}\n")
+
+
+def _run(options: argparse.Namespace, relay_parser: argparse.ArgumentParser) -> int:
+    """Run the parsed command.
+
+    :raises AuditConfigurationError: an outbox table is missing, say.
+    """
     from sqlalchemy import create_engine, make_url
 
     from .._emitter import AuditEmitter
@@ -371,8 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.command == "status":
         outbox = Outbox(table_name=options.table, schema=options.schema)
         return _status(options.database_url, outbox)
-    if not options.relay_after >= 0:
-        relay_parser.error(f"--relay-after must be >= 0, got {options.relay_after}")
+    if not 0 <= options.relay_after <= LONGEST_WAIT:
+        relay_parser.error(
+            f"--relay-after must be a number of seconds from 0 to {LONGEST_WAIT:,}, "
+            f"got {options.relay_after}"
+        )
     try:
         relay_options = RelayOptions.from_namespace(options)
     except ValueError as error:

@@ -245,6 +245,10 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
+LONGEST_WAIT = 366 * 24 * 3600
+"""The longest backoff or polling interval a relay takes, in seconds."""
+
+
 def check_options(
     batch_size: int,
     max_attempts: int,
@@ -273,10 +277,11 @@ def check_options(
         if (
             isinstance(number, bool)
             or not isinstance(number, (int, float))
-            or not 0 <= number < float("inf")
+            or not 0 <= number <= LONGEST_WAIT
         ):
             raise ValueError(
-                f"{spell(name)} must be a number of seconds >= 0, got {number!r}"
+                f"{spell(name)} must be a number of seconds from 0 to "
+                f"{LONGEST_WAIT:,} (a year), got {number!r}"
             )
     if retention is not None and retention < timedelta(0):
         raise ValueError(
@@ -566,8 +571,10 @@ def _save(
                 # yet) backs off; one not tried keeps its time.
                 next_at = plugin_state.next_attempt_at
                 if next_at is None:
-                    attempts = max(plugin_state.attempts, 1)
-                    delay = min(max_backoff, backoff * 2 ** (attempts - 1))
+                    # Doubling stops where it passes any max_backoff (2**40
+                    # seconds); an int power of 2 would outgrow a float.
+                    doublings = min(max(plugin_state.attempts, 1) - 1, 40)
+                    delay = min(max_backoff, backoff * 2.0**doublings)
                     next_at = now + timedelta(seconds=delay)
             states.append(_state_row(row.id, name, plugin_state, next_at, now))
         if not waiting:
@@ -747,6 +754,7 @@ def status(bind: Engine | Connection, outbox: Outbox) -> OutboxStatus:
     age of the oldest pending event. Reads aggregates, never every row."""
     table, state = outbox.table, outbox.delivery_table
     in_outbox = select(literal(1)).where(table.c.id == state.c.event_id).exists()
+    _check_tables(bind, outbox)
     with transaction(bind) as connection:
         pending: collections.Counter[str] = collections.Counter()
         events = 0
