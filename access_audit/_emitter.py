@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import os
 import time
 import types
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -197,8 +198,9 @@ class AuditEmitter:
             LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )
         self._relay_only = dispatch == "relay"
-        self._on_loops: set[concurrent.futures.Future[None]] = set()
+        self._on_loops: dict[concurrent.futures.Future[None], _OnLoop] = {}
         """Outbox records handed to an event loop, not yet written."""
+        self._on_loops_pid = os.getpid()
         self._listeners = SessionListeners(self)
         for plugin in plugins:
             self.register(plugin)
@@ -331,7 +333,7 @@ class AuditEmitter:
         if self.outbox is None:
             return bool(done)
         late: set[Any] = set()
-        scheduled = list(self._on_loops)
+        scheduled, stuck = self._records_on_loops(here_too=True)
         if scheduled:
             # Records handed to this loop are awaited here (a thread waiting
             # for them would wait for the loop it blocks).
@@ -342,13 +344,40 @@ class AuditEmitter:
             for future in (*written, *late):  # check() logs a failure
                 future.add_done_callback(_retrieved)
         flushed = await asyncio.to_thread(self.outbox.flush, _remaining(deadline))
-        return flushed and bool(done) and not late
+        return flushed and bool(done) and not late and not stuck
 
     def _flush_outbox(self, deadline: float | None) -> bool:
         if self.outbox is None:
             return True
-        _, late = concurrent.futures.wait(list(self._on_loops), _remaining(deadline))
-        return self.outbox.flush(_remaining(deadline)) and not late
+        scheduled, stuck = self._records_on_loops(here_too=False)
+        _, late = concurrent.futures.wait(scheduled, _remaining(deadline))
+        return self.outbox.flush(_remaining(deadline)) and not late and not stuck
+
+    def _records_on_loops(
+        self, here_too: bool
+    ) -> tuple[list[concurrent.futures.Future[None]], bool]:
+        """The records handed to event loops that a flush can wait for, and
+        whether others are not written: on a loop that is not running, or
+        (unless *here_too*) on this thread's own, which a wait would block.
+        A record whose loop closed first is logged and forgotten (the relay
+        delivers its rows again; the flush that finds it says False), and a
+        forked child forgets its parent's."""
+        if self._on_loops_pid != os.getpid():
+            self._on_loops.clear()
+            self._on_loops_pid = os.getpid()
+        here = running_loop()
+        waitable = []
+        stuck = False
+        for future, (loop, envelopes) in list(self._on_loops.items()):
+            if loop.is_closed():
+                if self._on_loops.pop(future, None) is not None:
+                    _record_failed(envelopes, RuntimeError("its event loop closed"))
+                    stuck = True
+            elif not loop.is_running() or (loop is here and not here_too):
+                stuck = True
+            else:
+                waitable.append(future)
+        return waitable, stuck
 
     def relay(self, bind: Engine | Connection, **options: Any) -> Any:
         """Re-deliver what the outbox holds undelivered; see :func:`access_audit.outbox.relay`.
@@ -542,10 +571,10 @@ class AuditEmitter:
             greenlet_spawn(self.outbox.record, bind, envelopes, plugins, report),
             loop,
         )
-        self._on_loops.add(scheduled)
+        self._on_loops[scheduled] = (loop, envelopes)
 
         def check(done: concurrent.futures.Future[None]) -> None:
-            self._on_loops.discard(done)
+            self._on_loops.pop(done, None)
             if not done.cancelled() and done.exception() is None:
                 return
             _record_failed(envelopes, None if done.cancelled() else done.exception())
@@ -651,6 +680,10 @@ def _payload_limit(
     if type(max_payload_bytes) is int and max_payload_bytes > stored:
         return stored
     return max_payload_bytes
+
+
+_OnLoop = tuple[asyncio.AbstractEventLoop, Sequence["AuditEventEnvelope"]]
+"""A record handed to an event loop: the loop, and the batch it records."""
 
 
 def _deadline(timeout: float | None) -> float | None:

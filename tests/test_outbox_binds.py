@@ -132,3 +132,80 @@ def test_session_mode_uses_the_callers_connection_only_in_its_thread(
     assert set(threads) == {threading.current_thread().name}
     assert pending == (0 if dispatch == "inline" else len(NAMES))
     assert count_pending(engine, outbox) == 0  # rolled back with the test
+
+
+def _background_async_outbox(tmp_path: Any, plugin_delay: float) -> tuple[Any, ...]:
+    """A background-dispatch emitter with an outbox on an aiosqlite engine
+    (its records go to the engine's event loop), and one event to commit."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+    from support import aiosqlite_engine
+
+    from access_audit import hookimpl, stage_event
+
+    class Slow:
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            time.sleep(plugin_delay)
+
+    outbox = Outbox()
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="background")
+    emitter.register(Slow(), name="slow")
+
+    async def commit() -> Any:
+        engine = aiosqlite_engine(tmp_path / "records.db")
+        async with engine.begin() as connection:
+            await connection.run_sync(outbox.create)
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        async with maker() as session:
+            stage_event(session, "x", target_type="t", target_id=1, action="a")
+            await session.commit()
+        return engine
+
+    return emitter, outbox, commit, asyncio
+
+
+def test_a_sync_flush_on_the_loop_that_would_write_the_record_does_not_wait(
+    tmp_path: Any,
+) -> None:
+    """A record handed to the event loop cannot be written while a sync
+    ``flush()`` blocks that loop's thread: it says False at once, instead of
+    waiting out its timeout (or forever); ``aflush()`` then waits for it."""
+    emitter, outbox, commit, asyncio = _background_async_outbox(tmp_path, 0.3)
+
+    async def main() -> tuple[bool, float, bool, int]:
+        engine = await commit()
+        # The worker delivers while this thread waits in flush(), and hands
+        # the record to this thread's loop.
+        started = time.monotonic()
+        flushed = emitter.flush(timeout=5)
+        took = time.monotonic() - started
+        awaited = await emitter.aflush(timeout=10)
+        async with engine.connect() as connection:
+            pending = await connection.run_sync(count_pending, outbox)
+        await engine.dispose()
+        return flushed, took, awaited, pending
+
+    flushed, took, awaited, pending = asyncio.run(main())
+    assert (flushed, awaited, pending) == (False, True, 0)
+    assert took < 2  # the worker's 0.3 s, not the 5 s timeout
+
+
+def test_a_record_whose_loop_closed_first_is_logged_and_flush_says_so(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop a record was handed to closed before running it: the first
+    flush after says False and the log names the rows (the relay delivers
+    them again); later flushes are not held up by it."""
+    emitter, _outbox, commit, asyncio = _background_async_outbox(tmp_path, 0.3)
+    loop = asyncio.new_event_loop()
+    engine = loop.run_until_complete(commit())
+    time.sleep(0.8)  # delivered; its record handed to the idle loop
+    loop.run_until_complete(engine.dispose())
+    loop.close()
+    assert emitter.flush(timeout=5) is False
+    assert emitter.flush(timeout=5) is True
+    [logged] = [r for r in caplog.records if "could not mark" in r.getMessage()]
+    assert "event loop closed" in str(logged.exc_info[1] if logged.exc_info else "")
