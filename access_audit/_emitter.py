@@ -553,16 +553,15 @@ class AuditEmitter:
         an async engine's connections belong to; a failure is logged, never
         raised. :meth:`flush` waits for a record handed to a loop.
 
-        Through a synchronous engine the outbox's record takes no connection
-        here (its recorder thread writes it), so *record_apart* only sends
-        an async engine's record to the running loop, to run after the
-        connection event that delivered the batch.
+        *record_apart*: the batch was delivered from inside a connection's
+        own event; the outbox is told so (it takes no connection then), and
+        an async engine's record goes to the running loop, to run after it.
         """
         plugins = delivering_plugins(self.plugin_manager)
         if record_apart and loop is None and bind.dialect.is_async:
             loop = running_loop()
         if loop is None or not bind.dialect.is_async:
-            self._record_or_log(bind, envelopes, plugins, report)
+            self._record_or_log(bind, envelopes, plugins, report, record_apart)
             return
         # Without waiting: the loop may be the one blocked in emitter.flush(),
         # waiting for this very job.
@@ -587,10 +586,14 @@ class AuditEmitter:
         envelopes: Sequence[AuditEventEnvelope],
         plugins: Collection[str],
         report: DeliveryReport,
+        apart: bool = False,
     ) -> None:
         assert self.outbox is not None
         try:
-            self.outbox.record(bind, envelopes, plugins, report)
+            if apart:
+                self.outbox.record(bind, envelopes, plugins, report, apart=True)
+            else:  # as a store written before apart was known takes it
+                self.outbox.record(bind, envelopes, plugins, report)
         except Exception as error:
             _record_failed(envelopes, error)
 

@@ -53,8 +53,13 @@ class DeliveryStore(Protocol):
         envelopes: Sequence[AuditEventEnvelope],
         plugins: Collection[str],
         report: DeliveryReport,
+        *,
+        apart: bool = False,
     ) -> None:
-        """Record which of *plugins* took *envelopes* after COMMIT."""
+        """Record which of *plugins* took *envelopes* after COMMIT; *apart*:
+        called from inside one of a connection's own events (the end of a
+        joined session's outer transaction), where no connection may be
+        taken or written through."""
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until what :meth:`record` was given so far is stored; False

@@ -385,7 +385,7 @@ def test_a_record_that_fails_is_logged_with_its_cause_and_the_commit_stands(
     the delivery stand, the rows stay for the relay, and the log says why."""
 
     class Unrecordable(Outbox):
-        def record(self, *_: Any) -> None:
+        def record(self, *_: Any, **__: Any) -> None:
             raise RuntimeError("the delivery table is gone")
 
     outbox = Unrecordable()
@@ -573,7 +573,7 @@ def test_an_async_record_that_fails_is_logged_with_its_cause(
     the log says why."""
 
     class Unrecordable(Outbox):
-        def record(self, *_: Any) -> None:
+        def record(self, *_: Any, **__: Any) -> None:
             raise RuntimeError("the delivery table is gone")
 
     outbox = Unrecordable()

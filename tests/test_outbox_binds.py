@@ -12,8 +12,10 @@ other leaves them pending (they roll back with that transaction).
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -78,9 +80,9 @@ def test_a_joined_sessions_record_is_written_when_flush_returns(
     emitter = outbox_emitter(outbox, recorder)
     record = outbox.record
 
-    def slow_record(*args: Any) -> None:
+    def slow_record(*args: Any, **options: Any) -> None:
         time.sleep(0.3)
-        record(*args)
+        record(*args, **options)
 
     monkeypatch.setattr(outbox, "record", slow_record)
     with engine.connect() as connection:
@@ -202,10 +204,63 @@ def test_a_record_whose_loop_closed_first_is_logged_and_flush_says_so(
     emitter, _outbox, commit, asyncio = _background_async_outbox(tmp_path, 0.3)
     loop = asyncio.new_event_loop()
     engine = loop.run_until_complete(commit())
+    loop.run_until_complete(engine.dispose())  # before the worker delivers
     time.sleep(0.8)  # delivered; its record handed to the idle loop
-    loop.run_until_complete(engine.dispose())
-    loop.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # never awaited, indeed
+        loop.close()
+        gc.collect()
     assert emitter.flush(timeout=5) is False
     assert emitter.flush(timeout=5) is True
     [logged] = [r for r in caplog.records if "could not mark" in r.getMessage()]
     assert "event loop closed" in str(logged.exc_info[1] if logged.exc_info else "")
+
+
+def test_a_record_kept_on_a_shared_connection_is_not_written_inside_its_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In-memory SQLite on a ``StaticPool``: a record kept from an earlier
+    commit is due when a joined session's batch is settled inside the
+    connection's own begin event; writing it there would COMMIT on the
+    shared connection, and count the transaction just begun as committed.
+    It is kept instead: the joined session's change, rolled back, sends
+    nothing."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import StaticPool
+    from support import Base, Item
+
+    from access_audit import stage_event
+    from access_audit.outbox import _recorder
+
+    monkeypatch.setattr(_recorder, "LINGER", 0.01)
+    engine = create_engine("sqlite://", poolclass=StaticPool)
+    Base.metadata.create_all(engine)
+    outbox = Outbox()
+    outbox.create(engine)
+    recorder = Recorder()
+    emitter = outbox_emitter(outbox, recorder)
+    with Session(engine) as session:
+        emitter.attach(session)
+        operation(session, "plain")
+        session.commit()  # its record is kept, to write later
+    time.sleep(0.05)
+    connection = engine.connect()
+    connection.begin()
+    first = Session(bind=connection)
+    emitter.attach(first)
+    stage_event(first, "e1", target_type="t", target_id=1, action="a")
+    first.commit()
+    second = Session(bind=connection)
+    emitter.attach(second)
+    stage_event(second, "e2", target_type="t", target_id=2, action="a")
+    connection.commit()
+    connection.execute(text("SELECT 1"))  # the next transaction begins
+    second.add(Item(name="undone"))
+    second.commit()  # flushed into that next transaction
+    connection.rollback()
+    connection.close()
+    second.close()
+    assert [e.event_type for e in recorder.events] == ["item_created", "e1"]
+    assert stored_names(engine) == ["plain"]
+    assert emitter.flush(timeout=10)
+    assert count_pending(engine, outbox) == 0

@@ -61,10 +61,10 @@ class Recorder:
         self._here = threading.local()
         _recorders.add(self)
 
-    def defer(self, engine: Engine, record: Dispatched) -> None:
+    def defer(self, engine: Engine, record: Dispatched, write: bool = True) -> None:
         """Keep *record* for this thread to write with later ones: when
         :data:`MAX_BATCH` are kept or :data:`LINGER` has passed since the
-        first, or at :meth:`flush` in this thread. For engines whose
+        first (at a call with *write*), or at :meth:`flush` in this thread. For engines whose
         connection belongs to a thread or is every thread's (in-memory
         SQLite), where no other thread may write through it."""
         kept: list[tuple[Engine, Dispatched]] | None = getattr(self._here, "kept", None)
@@ -73,7 +73,7 @@ class Recorder:
             kept = self._here.kept = []
             self._here.since = now
         kept.append((engine, record))
-        if len(kept) >= MAX_BATCH or now - self._here.since >= LINGER:
+        if write and (len(kept) >= MAX_BATCH or now - self._here.since >= LINGER):
             self._write_kept()
 
     def _write_kept(self) -> None:

@@ -296,6 +296,8 @@ class Outbox:
         envelopes: Sequence[AuditEventEnvelope],
         plugins: Collection[str],
         report: DeliveryReport,
+        *,
+        apart: bool = False,
     ) -> None:
         """Record which of *plugins* took *envelopes* after COMMIT (*report*).
 
@@ -307,14 +309,15 @@ class Outbox:
         thread the same one (in-memory SQLite's ``SingletonThreadPool`` and
         ``StaticPool``), by this thread, with its later commits' records:
         another thread's COMMIT on a shared connection would commit whatever
-        transaction the application has open on it.
+        transaction the application has open on it. *apart* (from inside a
+        connection's own events): kept there, never written then.
         """
         record = dispatched(envelopes, plugins, report)
         if isinstance(bind, Connection) or bind.dialect.is_async:
             with transaction(bind) as connection:
                 settle_dispatched(connection, self, [record])
         elif isinstance(bind.pool, _ONE_CONNECTION_POOLS):
-            self._recorder.defer(bind, record)
+            self._recorder.defer(bind, record, write=not apart)
         else:
             self._recorder.submit(bind, record)
 
