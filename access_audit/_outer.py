@@ -45,7 +45,7 @@ _KEY = "access_audit.outer"
 class OuterWatch:
     """One session transaction's view of a connection's outer transaction."""
 
-    __slots__ = ("going", "settle", "state")
+    __slots__ = ("going", "moved", "settle", "state")
 
     def __init__(self) -> None:
         self.state: bool | None = None
@@ -56,6 +56,8 @@ class OuterWatch:
         so when the outer transaction commits and the connection begins
         another, the session may work on in that one (nobody commits it for
         the session), so the watch moves on to it."""
+        self.moved = False
+        """Whether the watch moved on already (warned about once)."""
 
     def then(self, settle: Settle) -> None:
         """Call *settle* with the outcome: now if it is known, else when it is."""
@@ -194,12 +196,16 @@ def _move_on(connection: Connection, ended: _Watches, going: list[OuterWatch]) -
     moved = connection.info[_KEY] = _Watches()
     moved.watches = going
     _live.add(moved)
+    if all(watch.moved for watch in going):
+        return
+    for watch in going:
+        watch.moved = True
     logger.warning(
         "a session joined to a connection's transaction is still open after "
-        "that transaction committed; whatever it does now goes into the "
-        "connection's next transaction, which only its owner commits. Its "
-        "events wait for that one too: end joined sessions before the "
-        "transaction they joined"
+        "that transaction committed, and the connection began another: "
+        "whatever the session does now goes into that one, which its own "
+        "commit() does not commit, so its events wait for that one too. End "
+        "joined sessions before the transaction they joined"
     )
 
 

@@ -160,8 +160,8 @@ def stage_event(
         lazy,
         rules,
     )
-    if rules.max_field_bytes is not None and not lazy:
-        event._check_fields()
+    if rules.max_field_bytes is not None:
+        event._check_fields()  # what is lazy is checked as the commit resolves it
     stage_on(sync_session, emitter, event)
 
 

@@ -397,7 +397,7 @@ def test_a_joined_session_working_on_after_the_outer_commit_waits_for_the_next(
         assert stored == ["before"]
         assert recorder.names == []
         assert discarded == [("before", "rollback"), ("after", "rollback")]
-    assert "still open after that transaction committed" in caplog.text
+    assert caplog.text.count("still open after that transaction committed") == 1
 
 
 def test_a_joined_session_working_on_after_its_owner_committed_sends_nothing_undone(
@@ -424,6 +424,31 @@ def test_a_joined_session_working_on_after_its_owner_committed_sends_nothing_und
     assert "lost" not in recorder.names
     assert set(recorder.names) <= set(stored)
     assert "owner" in recorder.names
+
+
+def test_a_joined_session_left_open_is_warned_about_once(
+    engine: Engine,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A joined session left open while the caller commits transaction after
+    transaction on the connection follows each of them, with one warning."""
+    with engine.connect() as connection:
+        connection.begin()
+        session = joined_session(emitter, connection)
+        operation(session, "joined")
+        session.flush()
+        for _ in range(3):
+            connection.commit()
+            connection.begin()
+        connection.commit()
+        session.commit()
+        session.close()
+        connection.begin()
+        connection.commit()
+    assert recorder.names == ["joined"]
+    assert caplog.text.count("still open after that transaction committed") == 1
 
 
 @pytest.mark.parametrize("ending", ["commit", "close"])

@@ -207,6 +207,28 @@ def test_every_other_field_over_the_outbox_limit_is_refused_before_commit(
         outbox.drop(engine)
 
 
+def test_a_lazy_value_does_not_defer_the_other_fields_checks(engine: Engine) -> None:
+    """With a lazy target id, an oversized reason is still refused at stage
+    time: only the lazy value waits for the commit to be checked."""
+    outbox = Outbox(max_payload_bytes=1_000)
+    outbox.drop(engine)
+    outbox.create(engine)
+    try:
+        emitter = keeping_emitter(outbox)
+        with Session(engine) as session:
+            emitter.attach(session)
+            operation(session, "kept")
+            with pytest.raises(ValueError, match=r"reason is \d+ bytes.*1000"):
+                stage_event(
+                    session, "item.tagged", target_type="item", action="tag",
+                    target_id=lambda: "kept", reason="r" * 2_000,
+                )  # fmt: skip
+            session.commit()
+        assert types(engine, outbox) == ["item_created"]
+    finally:
+        outbox.drop(engine)
+
+
 def test_a_nul_in_a_target_id_is_refused_at_stage_time(
     engine: Engine, outbox: Outbox
 ) -> None:
