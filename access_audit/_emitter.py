@@ -198,6 +198,7 @@ class AuditEmitter:
             LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )
         self._relay_only = dispatch == "relay"
+        self._closed = False
         self._on_loops: dict[concurrent.futures.Future[None], _OnLoop] = {}
         """Outbox records handed to an event loop, not yet written."""
         self._on_loops_pid = os.getpid()
@@ -296,12 +297,15 @@ class AuditEmitter:
         """Deliver what background dispatch has queued, then stop its thread
         (and wait for the outbox's records, as :meth:`flush`).
 
-        Events committed afterwards on attached sessions make ``commit()``
-        log an error. The interpreter's exit does this too. Returns False if
+        From then on ``stage_event`` on its sessions raises
+        :class:`AuditConfigurationError` (nothing could deliver the event),
+        and an event staged before and committed afterwards is logged as
+        not sent. The interpreter's exit does this too. Returns False if
         *timeout* passed first.
         """
         self._refuse_sync_wait("close")
         deadline = _deadline(timeout)
+        self._closed = self._background is not None
         done = self._background is None or self._background.close(timeout)
         return self._flush_outbox(deadline) and done
 
@@ -313,10 +317,11 @@ class AuditEmitter:
         return await self._await_dispatch("flush", timeout)
 
     async def aclose(self, timeout: float | None = None) -> bool:
-        """:meth:`close` for asyncio code (a FastAPI lifespan's shutdown, say).
+        """:meth:`close` for asyncio code.
 
         Returns False if *timeout* (seconds) passed first.
         """
+        self._closed = self._background is not None or self._on_loop is not None
         return await self._await_dispatch("close", timeout)
 
     async def _await_dispatch(

@@ -83,6 +83,9 @@ class Owner(Protocol):
     payload_rules: PayloadRules
     joined_transactions: JoinedTransactions
     outbox: DeliveryStore | None
+    _closed: bool
+    """Whether ``close()``/``aclose()`` stopped its background or asyncio
+    dispatch: staging is refused from then on."""
 
     def _write_outbox(
         self, session: Session, envelopes: Sequence[AuditEventEnvelope]

@@ -15,6 +15,7 @@ from ._context import (
     current_context,
     to_actor,
 )
+from ._errors import AuditConfigurationError
 from ._ids import uuid7_int
 from ._lifecycle import stage_on
 from ._registry import emitter_for, sync_session_of
@@ -77,6 +78,12 @@ def stage_event(
     """
     sync_session = sync_session_of(session)
     emitter = emitter_for(sync_session)
+    if emitter._closed:
+        raise AuditConfigurationError(
+            f"stage_event() refused: {emitter!r} was closed (close() or aclose()), "
+            "so nothing would deliver the event; flush() where you meant to "
+            "wait for deliveries and go on"
+        )
     if event_type not in _good_event_types:
         _check_event_type(event_type)
     if target_type not in _good_names:

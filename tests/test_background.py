@@ -132,15 +132,24 @@ def test_close_delivers_what_is_queued_then_stops_the_worker(
     assert dispatch_threads() == before
 
 
-def test_commit_after_close_logs_an_error_and_does_not_raise(
+def test_after_close_staging_is_refused_and_a_late_commit_logs_its_events(
     emitters: list[AuditEmitter], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A commit after close() succeeds, sends nothing, and logs the event as lost."""
+    """After close(), stage_event raises (nothing would deliver the event);
+    an event staged before and committed after is logged as not sent, and
+    the commit itself succeeds."""
+    from access_audit import AuditConfigurationError, stage_event
+
     sink = Sink()
     emitter, maker = background(emitters, sink)
     commit_one(maker, "before")
-    emitter.close(timeout=10)
-    with caplog.at_level(logging.ERROR, logger="access_audit"):
+    with maker() as late:
+        stage_event(late, "report_viewed", target_type="report", target_id="late",
+                    action="view")  # fmt: skip
+        emitter.close(timeout=10)
+        with caplog.at_level(logging.ERROR, logger="access_audit"):
+            late.commit()
+    with pytest.raises(AuditConfigurationError, match="was closed"):
         commit_one(maker, "after")
     assert sink.names == ["before"]
     [record] = [r for r in caplog.records if r.name == "access_audit"]

@@ -588,6 +588,25 @@ def test_shutdown_delivers_what_background_dispatch_queued(
     assert delivered == ["dependency_seen", "group_create"]
 
 
+@pytest.mark.parametrize("dispatch", ["background", "asyncio"])
+def test_an_app_started_again_in_the_same_process_goes_on_auditing(
+    tmp_path: Path, dispatch: str
+) -> None:
+    """A module-level app and emitter with ``audit_lifespan``, run once per
+    test (a test client each): each run's shutdown delivers what is queued
+    and leaves the emitter open, so the next run's events are delivered."""
+
+    async def main() -> list[str]:
+        async with audited(tmp_path, dispatch=dispatch) as audit:
+            app = build_app(audit, lifespan=audit_lifespan(audit.emitter))
+            for group in ("first", "second"):
+                async with running(app):
+                    await post(app, f"/groups/{group}")
+            return [e.target_id for e in audit.by_type("group_create")]
+
+    assert asyncio.run(main()) == ["first", "second"]
+
+
 def test_shutdown_past_its_timeout_logs_and_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

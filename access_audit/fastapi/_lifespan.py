@@ -1,4 +1,4 @@
-"""``audit_lifespan``: deliver what is queued before the app shuts down."""
+"""``audit_lifespan``: deliver what is queued whenever the app shuts down."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ __all__ = ["audit_lifespan"]
 
 
 class audit_lifespan:  # lower case: used like a function, as audit_context is
-    """An app lifespan that flushes and closes *emitter* on shutdown.
+    """An app lifespan that delivers what *emitter* has queued on shutdown.
 
-    On shutdown it awaits :meth:`AuditEmitter.aclose(timeout)
-    <access_audit.AuditEmitter.aclose>`: what background dispatch queued is
-    delivered before the server exits, and the event loop keeps serving
-    meanwhile. If *timeout* (seconds; None: no limit) passes first, an error
-    is logged on the ``access_audit`` logger and shutdown goes on; the rest
-    stays queued (with an outbox, the relay delivers it later).
+    On shutdown it awaits :meth:`AuditEmitter.aflush(timeout)
+    <access_audit.AuditEmitter.aflush>`: what background or asyncio
+    dispatch queued is delivered before the server exits, and the event loop
+    keeps serving meanwhile. The emitter stays open, so an app started
+    again in the same process (a test client per test) goes on auditing;
+    the interpreter's exit closes it. If *timeout* (seconds; None: no
+    limit) passes first, an error is logged on the ``access_audit`` logger
+    and shutdown goes on; the rest stays queued (with an outbox, the relay
+    delivers it later).
 
     Pass it as the app's lifespan, ``FastAPI(lifespan=audit_lifespan(emitter))``,
     or enter it in your own::
@@ -48,7 +51,7 @@ class audit_lifespan:  # lower case: used like a function, as audit_context is
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if not await self.emitter.aclose(self.timeout):
+        if not await self.emitter.aflush(self.timeout):
             logger.error(
                 "audit_lifespan: %r did not deliver what it had queued within "
                 "%s seconds; shutting down without it",
