@@ -1125,6 +1125,9 @@ def test_a_polling_relay_rides_out_a_server_restart(
         stats = relay.stop()
         relay_engine.dispose()
         proxy.stop()
-    assert sink.order == ["before", "during"]
+    # At least once: a batch whose COMMIT the cut lost comes again (about
+    # one run in ten on MariaDB), in order.
+    assert list(dict.fromkeys(sink.order)) == ["before", "during"]
+    assert sink.order == sorted(sink.order, key=["before", "during"].index)
     assert stats.reconnects >= 1
     assert any("trying again" in message for message in caplog.messages)
