@@ -502,11 +502,13 @@ def test_an_async_hook_behind_a_decorator_is_awaited(
     emitter.detach(sync_maker)
 
 
-class ReturnsCoroutines:
-    """Plain ``def`` hooks that return another function's coroutine (as an
-    ``async def`` behind a decorator without ``functools.wraps`` does)."""
+class ReturnsItsWork:
+    """A plain ``def`` hook that returns its work: another function's
+    coroutine (as an ``async def`` behind a decorator without
+    ``functools.wraps`` does), or a task it scheduled."""
 
-    def __init__(self) -> None:
+    def __init__(self, as_task: bool = False) -> None:
+        self.as_task = as_task
         self.events: list[str] = []
 
     async def _send(self, envelope: AuditEventEnvelope) -> None:
@@ -514,21 +516,8 @@ class ReturnsCoroutines:
 
     @hookimpl
     def audit_event_logged(self, envelope: AuditEventEnvelope) -> Any:
-        return self._send(envelope)
-
-
-class ReturnsTasks:
-    """A plain ``def`` hook that schedules its work as a task and returns it."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    async def _send(self, envelope: AuditEventEnvelope) -> None:
-        self.events.append(envelope.target_id)
-
-    @hookimpl
-    def audit_event_logged(self, envelope: AuditEventEnvelope) -> Any:
-        return asyncio.get_running_loop().create_task(self._send(envelope))
+        work = self._send(envelope)
+        return asyncio.get_running_loop().create_task(work) if self.as_task else work
 
 
 def test_a_plain_hook_returning_a_coroutine_fails_that_delivery_saying_why(
@@ -538,7 +527,7 @@ def test_a_plain_hook_returning_a_coroutine_fails_that_delivery_saying_why(
     delivery is that plugin's failure (reported, and in outbox mode left
     for the relay), never an event counted as taken, and no "never awaited"
     warning is left behind."""
-    plugin, failures = ReturnsCoroutines(), Failures()
+    plugin, failures = ReturnsItsWork(), Failures()
     emitter = AuditEmitter(load_entrypoints=False)
     emitter.register(plugin, name="returns")
     emitter.register(failures, name="failures")
@@ -555,7 +544,7 @@ def test_a_plain_hook_returning_a_coroutine_fails_that_delivery_saying_why(
 def test_a_plain_hook_returning_a_task_is_left_to_it(backend: Backend) -> None:
     """A task a plain hook schedules on the application's loop and returns
     runs as it is: the delivery is not failed, nor waited for."""
-    plugin, failures = ReturnsTasks(), Failures()
+    plugin, failures = ReturnsItsWork(as_task=True), Failures()
     emitter = AuditEmitter(load_entrypoints=False)
     emitter.register(plugin, name="tasks")
     emitter.register(failures, name="failures")

@@ -69,6 +69,22 @@ def stored_envelope(engine: Engine, outbox: Outbox) -> AuditEventEnvelope:
     return envelope
 
 
+def refused_at_stage_time(
+    engine: Engine, emitter: AuditEmitter, match: str, **fields: Any
+) -> None:
+    """Stage an ``item.tagged`` event with *fields* beside an audited item:
+    ``stage_event`` raises ValueError matching *match*; the item commits."""
+    with Session(engine) as session:
+        emitter.attach(session)
+        operation(session, "kept")
+        with pytest.raises(ValueError, match=match):
+            stage_event(
+                session, "item.tagged", target_type="item", action="tag",
+                **{"target_id": "kept", **fields},
+            )  # fmt: skip
+        session.commit()
+
+
 def types(engine: Engine, outbox: Outbox) -> list[str]:
     """The event types of the outbox rows, in commit order."""
     return [row["type"] for row in outbox_rows(engine, outbox)]
@@ -135,15 +151,9 @@ def test_a_payload_over_the_outbox_limit_is_refused_at_stage_time(
     outbox.create(engine)
     try:
         emitter = keeping_emitter(outbox, max_payload_bytes=own_limit)
-        with Session(engine) as session:
-            emitter.attach(session)
-            operation(session, "kept")
-            with pytest.raises(ValueError, match=r"payload is \d+ bytes.*1000"):
-                stage_event(
-                    session, "item.tagged", target_type="item", target_id="kept",
-                    action="tag", payload={"blob": "é" * 600},
-                )  # fmt: skip
-            session.commit()
+        refused_at_stage_time(
+            engine, emitter, r"payload is \d+ bytes.*1000", payload={"blob": "é" * 600}
+        )
         assert types(engine, outbox) == ["item_created"]
         assert stored_names(engine) == ["kept"]
     finally:
@@ -190,15 +200,9 @@ def test_every_other_field_over_the_outbox_limit_is_refused_before_commit(
                 commit_event(engine, emitter, **fields(too_long))
             assert types(engine, outbox) == []
         else:
-            with Session(engine) as session:
-                emitter.attach(session)
-                operation(session, "kept")
-                with pytest.raises(ValueError, match=rf"{field} is \d+ bytes.*1000"):
-                    stage_event(
-                        session, "item.tagged", target_type="item", action="tag",
-                        **{"target_id": "kept", **fields(too_long)},
-                    )  # fmt: skip
-                session.commit()
+            refused_at_stage_time(
+                engine, emitter, rf"{field} is \d+ bytes.*1000", **fields(too_long)
+            )
             assert types(engine, outbox) == ["item_created"]
         fitting = "é" * (limit // 2 - 8)  # with its quotes and key, under
         commit_event(engine, emitter, name="fits", **fields(fitting))
@@ -214,16 +218,10 @@ def test_a_lazy_value_does_not_defer_the_other_fields_checks(engine: Engine) -> 
     outbox.drop(engine)
     outbox.create(engine)
     try:
-        emitter = keeping_emitter(outbox)
-        with Session(engine) as session:
-            emitter.attach(session)
-            operation(session, "kept")
-            with pytest.raises(ValueError, match=r"reason is \d+ bytes.*1000"):
-                stage_event(
-                    session, "item.tagged", target_type="item", action="tag",
-                    target_id=lambda: "kept", reason="r" * 2_000,
-                )  # fmt: skip
-            session.commit()
+        refused_at_stage_time(
+            engine, keeping_emitter(outbox), r"reason is \d+ bytes.*1000",
+            target_id=lambda: "kept", reason="r" * 2_000,
+        )  # fmt: skip
         assert types(engine, outbox) == ["item_created"]
     finally:
         outbox.drop(engine)
