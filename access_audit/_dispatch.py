@@ -10,6 +10,7 @@ lets through (:data:`INTERRUPTS` by default).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import threading
@@ -185,7 +186,8 @@ def _call(impl: HookImpl, arguments: dict[str, Any]) -> Any:
 
 
 def _refuse_coroutine(impl: HookImpl, result: Any) -> None:
-    """Fail a plain ``def`` hook that returned a coroutine: the delivery is
+    """Fail a plain ``def`` hook that returned a coroutine (or another
+    awaitable that is not a scheduled task or future): the delivery is
     work that never ran (a decorator without ``functools.wraps`` hid an
     ``async def``, or the hook returns another function's coroutine).
     Counted as taken, the event would be lost; awaited here, it would block
@@ -194,12 +196,15 @@ def _refuse_coroutine(impl: HookImpl, result: Any) -> None:
 
     :raises TypeError: saying what to change.
     """
-    if inspect.iscoroutine(result):
-        result.close()  # never awaited, on purpose: no warning
+    if inspect.isawaitable(result) and not isinstance(
+        result, (asyncio.Future, concurrent.futures.Future)
+    ):
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited, on purpose: no warning
         raise TypeError(
-            f"{impl.function.__qualname__} returned a coroutine, which would "
+            f"{impl.function.__qualname__} returned an awaitable, which would "
             "never run: declare the hook async def (a decorator must keep that "
-            "visible: functools.wraps), or await the coroutine inside it"
+            "visible: functools.wraps), or await it inside the hook"
         )
 
 

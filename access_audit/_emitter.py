@@ -6,10 +6,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import os
 import time
 import types
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
@@ -202,6 +203,8 @@ class AuditEmitter:
         self._on_loops: dict[concurrent.futures.Future[None], _OnLoop] = {}
         """Outbox records handed to an event loop, not yet written."""
         self._on_loops_pid = os.getpid()
+        self._records_lost = False
+        """A record could not be handed to its loop since the last flush."""
         self._listeners = SessionListeners(self)
         for plugin in plugins:
             self.register(plugin)
@@ -297,16 +300,17 @@ class AuditEmitter:
         """Deliver what background dispatch has queued, then stop its thread
         (and wait for the outbox's records, as :meth:`flush`).
 
-        From then on ``stage_event`` on its sessions raises
-        :class:`AuditConfigurationError` (nothing could deliver the event),
-        and an event staged before and committed afterwards is logged as
-        not sent. The interpreter's exit does this too. Returns False if
-        *timeout* passed first.
+        From then on, without an outbox, ``stage_event`` on its sessions
+        raises :class:`AuditConfigurationError` (nothing could deliver the
+        event), and an event staged before and committed afterwards is
+        logged as not sent (with an outbox, the relay delivers it). Plugins
+        that stage while the queue drains are still heard. The interpreter's
+        exit does this too. Returns False if *timeout* passed first.
         """
         self._refuse_sync_wait("close")
         deadline = _deadline(timeout)
-        self._closed = self._background is not None
         done = self._background is None or self._background.close(timeout)
+        self._closed = self._background is not None and self.outbox is None
         return self._flush_outbox(deadline) and done
 
     async def aflush(self, timeout: float | None = None) -> bool:
@@ -321,8 +325,11 @@ class AuditEmitter:
 
         Returns False if *timeout* (seconds) passed first.
         """
-        self._closed = self._background is not None or self._on_loop is not None
-        return await self._await_dispatch("close", timeout)
+        done = await self._await_dispatch("close", timeout)
+        self._closed = self.outbox is None and (
+            self._background is not None or self._on_loop is not None
+        )
+        return done
 
     async def _await_dispatch(
         self, method: Literal["flush", "close"], timeout: float | None
@@ -372,7 +379,7 @@ class AuditEmitter:
             self._on_loops_pid = os.getpid()
         here = running_loop()
         waitable = []
-        stuck = False
+        stuck, self._records_lost = self._records_lost, False
         for future, (loop, envelopes) in list(self._on_loops.items()):
             if loop.is_closed():
                 if self._on_loops.pop(future, None) is not None:
@@ -571,10 +578,14 @@ class AuditEmitter:
         # Without waiting: the loop may be the one blocked in emitter.flush(),
         # waiting for this very job.
         assert self.outbox is not None
-        scheduled = asyncio.run_coroutine_threadsafe(
-            greenlet_spawn(self.outbox.record, bind, envelopes, plugins, report),
-            loop,
-        )
+        work = greenlet_spawn(self.outbox.record, bind, envelopes, plugins, report)
+        try:
+            scheduled = asyncio.run_coroutine_threadsafe(work, loop)
+        except RuntimeError as error:  # the loop closed first
+            work.close()
+            _record_failed(envelopes, error)
+            self._records_lost = True
+            return
         self._on_loops[scheduled] = (loop, envelopes)
 
         def check(done: concurrent.futures.Future[None]) -> None:
@@ -595,7 +606,7 @@ class AuditEmitter:
     ) -> None:
         assert self.outbox is not None
         try:
-            if apart:
+            if apart and _takes_apart(self.outbox.record):
                 self.outbox.record(bind, envelopes, plugins, report, apart=True)
             else:  # as a store written before apart was known takes it
                 self.outbox.record(bind, envelopes, plugins, report)
@@ -696,6 +707,19 @@ _OnLoop = tuple[asyncio.AbstractEventLoop, Sequence["AuditEventEnvelope"]]
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
+
+
+def _takes_apart(record: Callable[..., None]) -> bool:
+    """Whether a delivery store's ``record`` takes ``apart=`` (one written
+    before it existed does not; it is asked only for a joined session's
+    batch, so the signature is read then)."""
+    try:
+        parameters = inspect.signature(record).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin, say
+        return False
+    return any(
+        p.name == "apart" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

@@ -541,6 +541,33 @@ def test_a_plain_hook_returning_a_coroutine_fails_that_delivery_saying_why(
     emitter.detach(sync_maker)
 
 
+class Ready:
+    """An awaitable that is neither a coroutine nor a future."""
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+class ReturnsAnAwaitable:
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> Any:
+        return Ready()
+
+
+def test_a_plain_hook_returning_another_awaitable_fails_that_delivery_too(
+    sync_maker: sessionmaker[Any],
+) -> None:
+    """Any awaitable but a scheduled task or future is work that never ran."""
+    plugin, failures = ReturnsAnAwaitable(), Failures()
+    emitter = AuditEmitter(load_entrypoints=False)
+    emitter.register(plugin, name="awaitable")
+    emitter.register(failures, name="failures")
+    emitter.attach(sync_maker)
+    commit_one(sync_maker, "one")
+    assert failures.sync == [("awaitable", "TypeError")]
+    emitter.detach(sync_maker)
+
+
 def test_a_plain_hook_returning_a_task_is_left_to_it(backend: Backend) -> None:
     """A task a plain hook schedules on the application's loop and returns
     runs as it is: the delivery is not failed, nor waited for."""

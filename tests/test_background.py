@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,49 @@ def test_after_close_staging_is_refused_and_a_late_commit_logs_its_events(
     assert record.levelno == logging.ERROR
     assert "committed after the emitter was closed" in record.getMessage()
     assert emitter.flush(timeout=1) is True
+
+
+def test_close_hears_plugins_that_stage_while_it_drains_and_an_outbox_stays_open(
+    emitters: list[AuditEmitter], tmp_path: Path
+) -> None:
+    """A plugin auditing its own work on another session while close()
+    drains the queue is heard; with an outbox, staging after close() is
+    not refused (the row is written, and the relay delivers it)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from access_audit import hookimpl, stage_event
+    from access_audit.outbox import Outbox, count_pending
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'closing.db'}")
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(engine)
+    maker = sessionmaker(engine)
+    got: list[str] = []
+
+    class AuditsItself:
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            got.append(envelope.event_type)
+            if envelope.event_type == "first":
+                with maker.begin() as own:
+                    stage_event(own, "from_plugin", target_type="t", target_id=2,
+                                action="a")  # fmt: skip
+
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="background")
+    emitters.append(emitter)
+    emitter.register(AuditsItself(), name="self")
+    emitter.attach(maker)
+    with maker.begin() as session:
+        stage_event(session, "first", target_type="t", target_id=1, action="a")
+    assert emitter.close(timeout=10)
+    assert got == ["first", "from_plugin"]
+    with maker.begin() as session:
+        stage_event(session, "after_close", target_type="t", target_id=3, action="a")
+    assert count_pending(engine, outbox) == 1
+    emitter.relay(engine, once=True)
+    assert got == ["first", "from_plugin", "after_close"]
+    engine.dispose()
 
 
 def test_full_queue_blocks_the_committer_until_there_is_room(

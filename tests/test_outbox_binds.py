@@ -264,3 +264,47 @@ def test_a_record_kept_on_a_shared_connection_is_not_written_inside_its_events(
     assert stored_names(engine) == ["plain"]
     assert emitter.flush(timeout=10)
     assert count_pending(engine, outbox) == 0
+
+
+def test_a_store_written_before_apart_still_records_a_joined_sessions_batch(
+    engine: Engine, outbox: Outbox, recorder: Recorder
+) -> None:
+    """A delivery store whose ``record()`` predates the ``apart`` keyword is
+    called without it, for a joined session's batch too."""
+    calls: list[int] = []
+
+    class OlderOutbox(Outbox):
+        def record(self, bind: Any, envelopes: Any, plugins: Any, report: Any) -> None:
+            calls.append(len(envelopes))
+            super().record(bind, envelopes, plugins, report)
+
+    older = OlderOutbox(table_name=outbox.table.name)
+    emitter = outbox_emitter(older, recorder)  # type: ignore[arg-type]
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with Session(bind=connection) as session:
+            emitter.attach(session)
+            operation(session, "joined")
+            session.commit()
+        outer.commit()
+    assert emitter.flush(timeout=10)
+    assert calls == [1]
+    assert count_pending(engine, outbox) == 0
+
+
+def test_a_record_whose_loop_closed_before_it_was_handed_over_fails_one_flush(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The loop that would write a record closed before the worker handed
+    it over: it is logged, the next flush says False, later ones True."""
+    emitter, _outbox, commit, asyncio = _background_async_outbox(tmp_path, 0.3)
+
+    async def main() -> None:
+        engine = await commit()
+        await engine.dispose()
+
+    asyncio.run(main())  # ends before the worker delivers
+    time.sleep(0.8)
+    assert emitter.flush(timeout=5) is False
+    assert emitter.flush(timeout=5) is True
+    assert any("could not mark" in r.getMessage() for r in caplog.records)

@@ -386,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(options, relay_parser)
     except AuditConfigurationError as error:
         used.exit(2, f"{used.prog}: error: {error}\n")
+    except ImportError as error:  # the URL's driver is not installed
+        used.exit(2, f"{used.prog}: error: --database-url: {error}\n")
 
 
 def _run(options: argparse.Namespace, relay_parser: argparse.ArgumentParser) -> int:
