@@ -85,7 +85,8 @@ class Owner(Protocol):
     outbox: DeliveryStore | None
     _closed: bool
     """Whether ``close()``/``aclose()`` stopped its background or asyncio
-    dispatch: staging is refused from then on."""
+    dispatch, with no outbox to relay what is staged: staging is refused
+    from then on."""
 
     def _write_outbox(
         self, session: Session, envelopes: Sequence[AuditEventEnvelope]

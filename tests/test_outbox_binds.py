@@ -35,6 +35,19 @@ def outbox_emitter(outbox: Outbox, recorder: Recorder, **options: Any) -> AuditE
     return emitter
 
 
+def commit_joined(engine: Engine, emitter: AuditEmitter, name: str) -> None:
+    """Commit an operation *name* on a session joined to a connection's
+    transaction, then that transaction (its batch is delivered as the
+    connection goes back to the pool)."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        with Session(bind=connection) as session:
+            emitter.attach(session)
+            operation(session, name)
+            session.commit()
+        outer.commit()
+
+
 @pytest.mark.parametrize("mode", ["conditional_savepoint", "control_fully"])
 def test_a_session_that_controls_its_connection_hands_it_back_out_of_any_transaction(
     engine: Engine,
@@ -85,13 +98,7 @@ def test_a_joined_sessions_record_is_written_when_flush_returns(
         record(*args, **options)
 
     monkeypatch.setattr(outbox, "record", slow_record)
-    with engine.connect() as connection:
-        outer = connection.begin()
-        with Session(bind=connection) as session:
-            emitter.attach(session)
-            operation(session, "joined")
-            session.commit()
-        outer.commit()
+    commit_joined(engine, emitter, "joined")
     assert emitter.flush(timeout=10)
     assert count_pending(engine, outbox) == 0
     assert recorder.names == ["joined"]
@@ -280,13 +287,7 @@ def test_a_store_written_before_apart_still_records_a_joined_sessions_batch(
 
     older = OlderOutbox(table_name=outbox.table.name)
     emitter = outbox_emitter(older, recorder)  # type: ignore[arg-type]
-    with engine.connect() as connection:
-        outer = connection.begin()
-        with Session(bind=connection) as session:
-            emitter.attach(session)
-            operation(session, "joined")
-            session.commit()
-        outer.commit()
+    commit_joined(engine, emitter, "joined")
     assert emitter.flush(timeout=10)
     assert calls == [1]
     assert count_pending(engine, outbox) == 0

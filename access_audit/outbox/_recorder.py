@@ -64,9 +64,10 @@ class Recorder:
     def defer(self, engine: Engine, record: Dispatched, write: bool = True) -> None:
         """Keep *record* for this thread to write with later ones: when
         :data:`MAX_BATCH` are kept or :data:`LINGER` has passed since the
-        first (at a call with *write*), or at :meth:`flush` in this thread. For engines whose
-        connection belongs to a thread or is every thread's (in-memory
-        SQLite), where no other thread may write through it."""
+        first (at a call with *write*), or at :meth:`flush` in this thread.
+        For engines whose connection belongs to a thread or is every
+        thread's (in-memory SQLite), where no other thread may write
+        through it."""
         kept: list[tuple[Engine, Dispatched]] | None = getattr(self._here, "kept", None)
         now = time.monotonic()
         if kept is None:
