@@ -185,20 +185,26 @@ def _call(impl: HookImpl, arguments: dict[str, Any]) -> Any:
     return impl.function(*[arguments[name] for name in impl.argnames])
 
 
-def _refuse_coroutine(impl: HookImpl, result: Any) -> None:
+def _refuse_coroutine(
+    impl: HookImpl, result: Any, envelopes: Sequence[AuditEventEnvelope]
+) -> None:
     """Fail a plain ``def`` hook that returned a coroutine (or another
     awaitable that is not a scheduled task or future): the delivery is
     work that never ran (a decorator without ``functools.wraps`` hid an
     ``async def``, or the hook returns another function's coroutine).
     Counted as taken, the event would be lost; awaited here, it would block
     the caller's loop or run on another one, outside ``async_timeout``. A
-    task or future it returns is already scheduled, and left alone.
+    task or future it returns is already scheduled, and left to run; if it
+    fails, the failure is logged with the plugin's name and the events'
+    ids (the delivery was counted as taken when the hook returned).
 
     :raises TypeError: saying what to change.
     """
-    if inspect.isawaitable(result) and not isinstance(
-        result, (asyncio.Future, concurrent.futures.Future)
-    ):
+    if isinstance(result, (asyncio.Future, concurrent.futures.Future)):
+        result.add_done_callback(
+            functools.partial(_log_returned_failure, impl.plugin_name, envelopes)
+        )
+    elif inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()  # never awaited, on purpose: no warning
         raise TypeError(
@@ -206,6 +212,22 @@ def _refuse_coroutine(impl: HookImpl, result: Any) -> None:
             "never run: declare the hook async def (a decorator must keep that "
             "visible: functools.wraps), or await it inside the hook"
         )
+
+
+def _log_returned_failure(
+    name: str,
+    envelopes: Sequence[AuditEventEnvelope],
+    future: asyncio.Future[Any] | concurrent.futures.Future[Any],
+) -> None:
+    """Log the failure of a task or future plugin *name* returned."""
+    if future.cancelled() or future.exception() is None:
+        return
+    logger.error(
+        "plugin %r returned a task that failed, for events %s",
+        name,
+        ", ".join(str(envelope.id) for envelope in envelopes),
+        exc_info=future.exception(),
+    )
 
 
 class DeliveryReport:
@@ -365,7 +387,7 @@ def deliver(
                 else:
                     result = _call(impl, {"envelope": envelope})
                 if result is not None:
-                    _refuse_coroutine(impl, result)
+                    _refuse_coroutine(impl, result, (envelope,))
             except let_through:
                 raise
             except BaseException as error:
@@ -378,7 +400,7 @@ def deliver(
         try:
             result = _call(impl, {"envelopes": envelopes})
             if result is not None:
-                _refuse_coroutine(impl, result)
+                _refuse_coroutine(impl, result, envelopes)
         except let_through:
             raise
         except BaseException as error:

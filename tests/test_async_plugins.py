@@ -586,3 +586,45 @@ def test_a_plain_hook_returning_a_task_is_left_to_it(backend: Backend) -> None:
     run(backend, body)
     assert plugin.events == ["a", "b"]
     assert failures.sync == []
+
+
+class ReturnsAFailingTask:
+    """A plain ``def`` hook that schedules work which fails, and returns it."""
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> Any:
+        async def send() -> None:
+            raise ConnectionError(f"siem down for {envelope.target_id}")
+
+        return asyncio.get_running_loop().create_task(send())
+
+
+def test_a_task_a_plain_hook_returns_that_fails_is_logged(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delivery counted as taken when the hook returned its task; the
+    task's later failure is not silent: it is logged with the plugin's name,
+    the event's id and the error (not left to "Task exception was never
+    retrieved" at garbage collection)."""
+    emitter = AuditEmitter(load_entrypoints=False)
+    emitter.register(ReturnsAFailingTask(), name="tasks")
+    seen: list[str] = []
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        recorder = Recorder()
+        emitter.register(recorder, name="recorder")
+        await commit_items(maker, "a")
+        await asyncio.sleep(0.05)
+        seen.extend(str(envelope.id) for envelope in recorder.events)
+        emitter.detach(maker)
+
+    with caplog.at_level("ERROR", logger="access_audit"):
+        run(backend, body)
+    failed = [
+        record for record in caplog.records if "returned a task" in record.message
+    ]
+    assert len(failed) == 1, caplog.text
+    assert "'tasks'" in failed[0].message and seen[0] in failed[0].message
+    assert isinstance(failed[0].exc_info[1], ConnectionError)  # type: ignore[index]
