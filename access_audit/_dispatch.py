@@ -277,20 +277,29 @@ async def adeliver(
     *,
     only: Collection[str] | None = None,
     send_signals: bool = True,
+    let_through: tuple[type[BaseException], ...] = INTERRUPTS,
 ) -> DeliveryReport:
     """:func:`deliver` from a coroutine, awaiting ``async def`` plugins (and
-    failure hooks) on the running loop; plain functions are called as they are."""
+    failure hooks) on the running loop; plain functions are called as they are.
+
+    Cancelled while the async plugins run (its loop ending, say), it still
+    delivers to the plain plugins and signal receivers, as :func:`deliver`
+    does, before the cancellation goes on; the async plugins' failures are
+    reported as they finish.
+    """
     asynchronous = _order(plugin_manager, only)[2]
-    failures = (
-        await deliver_to_async_plugins(
-            asynchronous,
-            envelopes,
-            (plugin_manager.async_timeout, plugin_manager.async_timeouts),
-            functools.partial(_report_late, plugin_manager),
-        )
-        if asynchronous
-        else ()
-    )
+    interrupted: asyncio.CancelledError | None = None
+    failures: Sequence[Failure] = ()
+    if asynchronous:
+        try:
+            failures = await deliver_to_async_plugins(
+                asynchronous,
+                envelopes,
+                (plugin_manager.async_timeout, plugin_manager.async_timeouts),
+                functools.partial(_report_late, plugin_manager),
+            )
+        except asyncio.CancelledError as cancelled:
+            interrupted = cancelled
     awaiting: list[Awaitable[Any]] = []
     report = deliver(
         plugin_manager,
@@ -298,13 +307,18 @@ async def adeliver(
         envelopes,
         only=only,
         send_signals=send_signals,
+        let_through=let_through,
         failures=failures,
         awaiting=awaiting,
     )
+    if interrupted is not None:
+        for pending in awaiting:
+            _report_late_hook(pending)
+        raise interrupted
     for pending in awaiting:
         try:
             await pending
-        except INTERRUPTS:
+        except let_through:
             raise
         except BaseException:
             logger.exception("an async audit_delivery_failed implementation raised")
@@ -432,9 +446,14 @@ def _report_late(plugin_manager: PluginManager, failures: list[Failure]) -> None
     for _name, impl, taken, error in failures:
         _plugin_failed(plugin_manager, impl, taken, error, (), awaiting)
     for pending in awaiting:
-        task = asyncio.ensure_future(pending)
-        _late_reports.add(task)
-        task.add_done_callback(_late_reports.discard)
+        _report_late_hook(pending)
+
+
+def _report_late_hook(pending: Awaitable[Any]) -> None:
+    """Run an async failure hook on the running loop, kept until done."""
+    task = asyncio.ensure_future(pending)
+    _late_reports.add(task)
+    task.add_done_callback(_late_reports.discard)
 
 
 _late_reports: set[asyncio.Future[Any]] = set()

@@ -456,6 +456,7 @@ class AuditEmitter:
                         Job(
                             functools.partial(self._adeliver, envelopes, outbox_bind),
                             functools.partial(self._deliver, envelopes, outbox_bind),
+                            envelopes,
                         ),
                     )
                 except RuntimeError:
@@ -494,8 +495,11 @@ class AuditEmitter:
         """A job of ``dispatch="asyncio"``: deliver, then record the outbox rows.
 
         Plugin errors are logged and reported; nobody is left to raise to.
+        Nothing is let through, not even ``KeyboardInterrupt`` or
+        ``SystemExit``: raised by a plugin in the worker task, they would
+        stop the application's event loop, long after its commit returned.
         """
-        report = await adeliver(self.plugin_manager, self, envelopes)
+        report = await adeliver(self.plugin_manager, self, envelopes, let_through=())
         if outbox_bind is None:
             return
         arguments = (

@@ -10,14 +10,20 @@ past the bound instead, as does the batch of a commit cancelled while it
 waits. ``"drop"`` drops and counts the batch (only with an outbox, whose
 relay delivers it). A loop that ends with jobs still queued (no
 ``aclose()``) has them delivered synchronously as its worker is cancelled.
+A loop closed without cancelling its tasks (``run_until_complete`` then
+``close()``) leaves its jobs stranded: the next loop that commits takes
+them over, ahead of its own, and at interpreter exit what is still
+stranded is delivered synchronously. A batch that was being delivered when
+its loop closed cannot be resumed: its events are logged as interrupted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +31,7 @@ from ._logging import logger
 from ._sqla import await_only, in_greenlet
 
 if TYPE_CHECKING:
+    from ._envelope import AuditEventEnvelope
     from ._types import QueueFullPolicy
 
 __all__ = ["LoopDispatcher"]
@@ -33,14 +40,18 @@ __all__ = ["LoopDispatcher"]
 class Job:
     """A delivery: the coroutine that makes it, and the same done synchronously."""
 
-    __slots__ = ("fallback", "run")
+    __slots__ = ("envelopes", "fallback", "run")
 
     def __init__(
-        self, run: Callable[[], Coroutine[Any, Any, None]], fallback: Callable[[], None]
+        self,
+        run: Callable[[], Coroutine[Any, Any, None]],
+        fallback: Callable[[], None],
+        envelopes: Sequence[AuditEventEnvelope],
     ) -> None:
         self.run = run
         self.fallback = fallback
         """Delivers the batch without the loop, for a loop that is ending."""
+        self.envelopes = envelopes
 
 
 _delivering: ContextVar[bool] = ContextVar("access_audit_delivering", default=False)
@@ -56,6 +67,30 @@ class _LoopQueue:
         self.changed = asyncio.Condition()
         self.unfinished = 0
         self.worker: asyncio.Task[None] | None = None
+        """The running worker; None once it finished, so that an idle queue
+        (the value of a weak-keyed entry) keeps no reference to its loop."""
+        self.current: Job | None = None
+        """The job the worker is running."""
+
+    def strand(self) -> list[Job]:
+        """Empty the queue of a loop that closed with its worker suspended:
+        its jobs, to run elsewhere; the job in flight is logged as lost."""
+        if self.current is not None:
+            logger.error(
+                "events %s were being delivered when their event loop closed "
+                "(without aclose(), and without cancelling its tasks): their "
+                "delivery was interrupted",
+                ", ".join(str(envelope.id) for envelope in self.current.envelopes),
+            )
+            self.current = None
+        if self.worker is not None:
+            # It will never run again; its destruction is not news.
+            self.worker._log_destroy_pending = False  # type: ignore[attr-defined]
+            self.worker = None
+        stranded = list(self.jobs)
+        self.jobs.clear()
+        self.unfinished = 0
+        return stranded
 
 
 class LoopDispatcher:
@@ -72,6 +107,7 @@ class LoopDispatcher:
             asyncio.AbstractEventLoop, _LoopQueue
         ] = weakref.WeakKeyDictionary()
         self._closed = False
+        _dispatchers.add(self)
 
     def submit(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         """Queue *job* on *loop* (the running one), applying the queue-full policy.
@@ -85,7 +121,7 @@ class LoopDispatcher:
             )
         queue = self._queues.get(loop)
         if queue is None:
-            queue = self._queues[loop] = _LoopQueue()
+            queue = self._new_queue(loop)
         if len(queue.jobs) >= self.maxsize and not _delivering.get():
             if self.when_full == "drop":
                 self.dropped += 1
@@ -104,11 +140,29 @@ class LoopDispatcher:
                     raise
         _append(loop, queue, job)
 
+    def _new_queue(self, loop: asyncio.AbstractEventLoop) -> _LoopQueue:
+        """A queue for *loop*, holding first the jobs stranded on closed loops."""
+        queue = self._queues[loop] = _LoopQueue()
+        for other, stranded in list(self._queues.items()):
+            if other.is_closed() and (stranded.jobs or stranded.current):
+                for job in stranded.strand():
+                    _append(loop, queue, job)
+        return queue
+
+    def deliver_stranded(self) -> None:
+        """Deliver, synchronously, the jobs of every loop that is not running
+        (at interpreter exit: nothing else will)."""
+        for loop, queue in list(self._queues.items()):
+            if not loop.is_running() and (queue.jobs or queue.current):
+                _fall_back(queue.strand())
+
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until this loop's queued jobs ran; False if *timeout* passed first."""
-        queue = self._queues.get(asyncio.get_running_loop())
+        """Wait until this loop's queued jobs ran (and those it took over from
+        closed loops); False if *timeout* passed first."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
         if queue is None:
-            return True
+            queue = self._new_queue(loop)
 
         async def drained() -> None:
             async with queue.changed:
@@ -143,12 +197,13 @@ async def _work(queue: _LoopQueue) -> None:
     _delivering.set(True)
     try:
         while queue.jobs:
-            job = queue.jobs.popleft()
+            job = queue.current = queue.jobs.popleft()
             try:
                 await job.run()
             except Exception:  # pragma: no cover - jobs report their own errors
                 logger.exception("asyncio delivery job failed")
             finally:
+                queue.current = None
                 queue.unfinished -= 1
                 async with queue.changed:
                     queue.changed.notify_all()
@@ -158,9 +213,26 @@ async def _work(queue: _LoopQueue) -> None:
         leftovers = list(queue.jobs)
         queue.jobs.clear()
         queue.unfinished = 0
-        for job in leftovers:
-            try:
-                job.fallback()
-            except Exception:
-                logger.exception("delivering a queued batch at loop shutdown failed")
+        _fall_back(leftovers)
         raise
+    finally:
+        queue.worker = None
+
+
+def _fall_back(jobs: list[Job]) -> None:
+    """Deliver *jobs* synchronously, in order, each failure logged."""
+    for job in jobs:
+        try:
+            job.fallback()
+        except Exception:
+            logger.exception("delivering a queued batch without its loop failed")
+
+
+_dispatchers: weakref.WeakSet[LoopDispatcher] = weakref.WeakSet()
+"""Every live dispatcher, for :func:`_deliver_stranded_at_exit`."""
+
+
+@atexit.register
+def _deliver_stranded_at_exit() -> None:
+    for dispatcher in list(_dispatchers):
+        dispatcher.deliver_stranded()

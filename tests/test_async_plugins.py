@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -18,10 +22,16 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
-from support import Item, Recorder, commit_one
+from support import Base, Item, Recorder, aiosqlite_engine, commit_one
 from test_async import BACKENDS, Backend, probe_asyncpg, run
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import (
+    AuditEmitter,
+    AuditEventEnvelope,
+    hookimpl,
+    signals,
+    stage_event,
+)
 
 
 class AsyncSink:
@@ -471,6 +481,170 @@ def test_asyncio_dispatch_delivers_what_is_queued_when_the_loop_ends(
 
     run(backend, body)
     assert sorted(recorder.names) == ["e1", "e2", "e3"]
+
+
+def test_asyncio_dispatch_loop_ending_mid_delivery_still_reaches_plain_plugins(
+    tmp_path: Path,
+) -> None:
+    """asyncio.run() ending while the worker awaits a slow async plugin: the
+    batch in flight still reaches the plain plugins and the signal receivers
+    (as the queued ones do), and the async plugin's cancellation is reported
+    as its failure, never lost without a word."""
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+    recorder, slow, failures = Recorder(), AsyncSink(delay=5.0), Failures()
+    emitter = AuditEmitter(load_entrypoints=False, dispatch="asyncio")
+    emitter.register(recorder, name="plain")
+    emitter.register(slow, name="slow")
+    emitter.register(failures, name="failures")
+    received: list[str] = []
+
+    def receive(sender: object, envelope: AuditEventEnvelope) -> None:
+        received.append(envelope.target_id)
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        await commit_items(maker, "e1")
+        await asyncio.sleep(0.05)  # the worker is now awaiting the slow plugin
+
+    with signals.audit_event_committed.connected_to(receive):
+        run(backend, body)
+    assert recorder.names == ["e1"]
+    assert received == ["e1"]
+    assert slow.events == []
+    assert failures.sync == [("slow", "CancelledError")]
+
+
+class ExitingPlainSink:
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        raise SystemExit(3)
+
+
+@pytest.mark.parametrize("sink", [ExitingPlainSink, ExitingSink])
+def test_asyncio_dispatch_worker_isolates_system_exit(
+    tmp_path: Path, sink: type[Any]
+) -> None:
+    """A plugin raising SystemExit in the asyncio worker, long after the
+    commit returned, fails that delivery only: it must not stop the
+    application's event loop (background dispatch isolates it likewise)."""
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+    recorder, failures = Recorder(), Failures()
+    emitter = AuditEmitter(load_entrypoints=False, dispatch="asyncio")
+    emitter.register(sink(), name="exiting")
+    emitter.register(recorder, name="recorder")
+    emitter.register(failures, name="failures")
+    served: list[str] = []
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        for name in ("r1", "r2"):
+            await commit_items(maker, name)
+            await asyncio.sleep(0.02)
+            served.append(name)
+        assert await emitter.aflush(5)
+
+    run(backend, body)
+    assert served == ["r1", "r2"]
+    assert recorder.names == ["r1", "r2"]
+    assert failures.sync == [("exiting", "SystemExit")] * 2
+
+
+def _run_and_close(engine_path: Path, emitter: AuditEmitter, *names: str) -> None:
+    """Commit *names* on a loop that is then closed without cancelling its
+    tasks (``run_until_complete`` and ``close()``, as scripts and task
+    runners do), the delivery worker left suspended."""
+
+    async def commits() -> None:
+        engine = aiosqlite_engine(engine_path)
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        for name in names:
+            await commit_items(maker, name)
+        emitter.detach(maker)
+        await engine.dispose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(commits())
+    finally:
+        loop.close()
+
+
+def test_asyncio_dispatch_jobs_stranded_on_a_closed_loop_go_to_the_next_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop closed without cancelling its tasks strands its queued
+    batches: the next loop that commits delivers them first, in order, and
+    the batch that was in flight is logged as interrupted, by event id."""
+    recorder, slow = Recorder(), AsyncSink(delay=0.5)
+    emitter = AuditEmitter(load_entrypoints=False, dispatch="asyncio")
+    emitter.register(recorder, name="plain")
+    emitter.register(slow, name="slow")
+    ids: list[str] = []
+
+    class Noting:
+        @hookimpl
+        async def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            ids.append(str(envelope.id))
+
+    emitter.register(Noting(), name="noting")
+    with caplog.at_level("ERROR", logger="access_audit"):
+        _run_and_close(tmp_path / "one.db", emitter, "e1", "e2", "e3")
+        assert recorder.names == []  # e1 in flight, e2 and e3 queued
+        assert len(ids) == 1
+        gc.collect()
+        backend = Backend("aiosqlite", tmp_path / "two.db")
+
+        async def body(engine: AsyncEngine) -> None:
+            maker = async_sessionmaker(engine)
+            emitter.attach(maker)
+            await commit_items(maker, "e4")
+            assert await emitter.aflush(5)
+            emitter.detach(maker)
+
+        run(backend, body)
+    assert recorder.names == ["e2", "e3", "e4"]
+    assert slow.events == ["e2", "e3", "e4"]
+    interrupted = [r.message for r in caplog.records if "interrupted" in r.message]
+    assert len(interrupted) == 1 and ids[0] in interrupted[0], caplog.text
+
+
+def test_asyncio_dispatch_jobs_stranded_at_exit_are_delivered(tmp_path: Path) -> None:
+    """A script whose last loop closed without cancelling its tasks: what
+    it stranded is delivered at interpreter exit."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from test_async_plugins import AsyncSink, _run_and_close
+            from access_audit import AuditEmitter, hookimpl
+
+            class Printer:
+                @hookimpl
+                def audit_event_logged(self, envelope):
+                    print("delivered", envelope.target_id, flush=True)
+
+            emitter = AuditEmitter(load_entrypoints=False, dispatch="asyncio")
+            emitter.register(Printer(), name="printer")
+            emitter.register(AsyncSink(delay=0.5), name="slow")
+            from pathlib import Path
+            _run_and_close(Path({str(tmp_path / "exit.db")!r}), emitter, "e1", "e2", "e3")
+            print("exiting", flush=True)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["exiting", "delivered e2", "delivered e3"]
+    assert "interrupted" in done.stderr
 
 
 def test_an_async_hook_behind_a_decorator_is_awaited(
