@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ._aborted import rolls_back_at_commit
 from ._binds import (
     DEFAULT_GET_BIND,
     FOREIGN_SAVEPOINT,
@@ -47,6 +48,7 @@ from ._sqla import (
     past_staging,
     preparing,
     sets_connection_options,
+    transaction_connections,
 )
 
 if TYPE_CHECKING:
@@ -128,6 +130,7 @@ class Lifecycle:
         "first_id",
         "lazy",
         "levels",
+        "may_abort",
         "outbox_bind",
         "outer",
         "owner",
@@ -181,6 +184,10 @@ class Lifecycle:
         self.refusal: str | None = None
         """Why a connection acquired after staging was refused: every later
         stage in this transaction is refused for the same reason."""
+        self.may_abort = True
+        """Whether the commit must ask :meth:`aborted`: False when the
+        session's one connection comes from an engine whose database goes
+        on after a failed statement."""
 
     # -- staging ---------------------------------------------------------
 
@@ -298,6 +305,29 @@ class Lifecycle:
                 raise AuditConfigurationError(FOREIGN_SAVEPOINT)
 
     # -- the commit ------------------------------------------------------
+
+    def aborted(self, session: Session) -> bool:
+        """Before the outermost COMMIT: discard every staged event (reason
+        ``"rollback"``, with a warning) when a database will roll the
+        transaction back instead (:func:`rolls_back_at_commit`)."""
+        for connection in transaction_connections(self.root):
+            if rolls_back_at_commit(connection):
+                break
+        else:
+            return False
+        if committing_root(session) is None:
+            return False  # a RELEASE SAVEPOINT: it fails, and a rollback follows
+        withdrawn = self.withdraw(None)
+        if withdrawn:
+            logger.warning(
+                "a statement of this transaction failed and it was not rolled "
+                "back: PostgreSQL rolls it back at COMMIT, so events %s are "
+                "discarded. Roll back after an error (or run a statement that "
+                "may fail in a SAVEPOINT: session.begin_nested())",
+                ", ".join(str(staged.id) for staged in withdrawn),
+            )
+            self.owner._discarded(withdrawn, "rollback")
+        return True
 
     def prepare(self, session: Session) -> None:
         """Resolve lazy values and write outbox rows: the work due before COMMIT.
@@ -615,6 +645,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             )
             lifecycle.checked_engine = bind
             lifecycle.checked = options
+            lifecycle.may_abort = bind.dialect.name == "postgresql"
         else:
             outer, watch = check_binds(session, root, owner)
             lifecycle = info[PENDING_KEY] = UnsettledLifecycle(

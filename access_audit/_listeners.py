@@ -120,11 +120,11 @@ class SessionListeners:
 
     def _before_commit(self, session: Session) -> None:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
-        if (
-            lifecycle is not None
-            and lifecycle.owner is self._owner
-            and _due_before_commit(session, lifecycle)
-        ):
+        if lifecycle is None or lifecycle.owner is not self._owner:
+            return
+        if lifecycle.may_abort and lifecycle.aborted(session):
+            return
+        if _due_before_commit(session, lifecycle):
             # Flush now (the commit would next) so database-generated keys
             # exist, then resolve and write the outbox. Events that ORM hooks
             # of a later flush in this commit stage are handled in

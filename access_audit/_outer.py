@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, event
 
+from ._aborted import rolls_back_at_commit
 from ._logging import logger
 
 __all__ = ["OuterWatch", "then_all", "watch_outer"]
@@ -169,7 +170,10 @@ def _pop(connection: Connection) -> _Watches | None:
 def _on_commit(connection: Connection, *args: Any) -> None:
     watches = _watches(connection)
     if watches is not None:
-        watches.committing = True
+        if rolls_back_at_commit(connection):
+            _end(_pop(connection), False)  # PostgreSQL rolls it back instead
+        else:
+            watches.committing = True
 
 
 def _on_begin(connection: Connection) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "preparing",
     "session_connections",
     "sets_connection_options",
+    "transaction_connections",
 ]
 
 
@@ -149,6 +150,12 @@ def session_connections(
         if id(connection) not in seen:
             seen.add(id(connection))
             yield connection, transaction, commits
+
+
+def transaction_connections(root: SessionTransaction) -> list[Connection]:
+    """The connections of :func:`session_connections`, cheaply: some twice
+    (the commit path asks each one a question whose answer repeats)."""
+    return [entry[0] for entry in root._connections.values()]
 
 
 def has_connections(root: SessionTransaction) -> bool:

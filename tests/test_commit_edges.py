@@ -8,12 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 from support import Item, Recorder, outbox_rows, stored_names
 
-from access_audit import AuditEmitter, stage_event
+from access_audit import AuditEmitter, signals, stage_event
 from access_audit.outbox import Outbox
 
 
@@ -218,3 +219,76 @@ def test_a_commit_refused_by_an_app_listener_leaves_staging_as_before(
     assert isinstance(recorder.events[1].payload["id"], int)
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(Item)) == 1
+
+
+def _commit_after_a_caught_failure(maker: sessionmaker[Any], name: str) -> None:
+    """Insert and stage *name*, then run a statement that fails (a duplicate
+    name), catch its error as an application expecting it would, and commit
+    without rolling back. SQLAlchemy asks for a rollback only after a failed
+    flush; PostgreSQL has aborted the transaction, and its COMMIT rolls back,
+    reported as success."""
+    with maker() as session:
+        session.add(Item(name=name))
+        session.flush()
+        stage(session, name)
+        with pytest.raises(IntegrityError):
+            session.execute(insert(Item).values(name=name))
+        session.commit()
+
+
+def test_a_transaction_the_database_rolls_back_at_commit_sends_nothing(
+    engine: Engine, Session: sessionmaker[Any], recorder: Recorder
+) -> None:
+    """The event is sent exactly when its row committed: on PostgreSQL the
+    failed statement doomed the transaction (nothing is stored, the event is
+    discarded as a rollback); SQLite and MariaDB undo only the statement."""
+    discarded: list[str] = []
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append(reason)
+
+    with signals.audit_event_discarded.connected_to(note):
+        _commit_after_a_caught_failure(Session, "doomed")
+    stored = stored_names(engine)
+    assert stored == ([] if engine.dialect.name == "postgresql" else ["doomed"])
+    assert recorder.names == stored
+    assert discarded == ([] if stored else ["rollback"])
+
+
+def test_psycopg2_tells_the_aborted_transaction_too(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """The same on PostgreSQL through psycopg2 (SQLAlchemy's default driver)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only")
+    pytest.importorskip("psycopg2")
+    other = create_engine(
+        engine.url.set(drivername="postgresql+psycopg2"),
+        execution_options=engine.get_execution_options(),
+    )
+    maker = sessionmaker(other)
+    emitter.attach(maker)
+    try:
+        _commit_after_a_caught_failure(maker, "doomed")
+    finally:
+        emitter.detach(maker)
+        other.dispose()
+    assert stored_names(engine) == []
+    assert recorder.names == []
+
+
+def test_a_joined_session_whose_outer_transaction_rolls_back_at_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A session joined to the caller's transaction: the caller's COMMIT of
+    a transaction PostgreSQL aborted sends nothing either."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        maker = sessionmaker(bind=connection, join_transaction_mode="rollback_only")
+        emitter.attach(maker)
+        _commit_after_a_caught_failure(maker, "joined")
+        outer.commit()
+        emitter.detach(maker)
+    stored = stored_names(engine)
+    assert stored == ([] if engine.dialect.name == "postgresql" else ["joined"])
+    assert recorder.names == stored

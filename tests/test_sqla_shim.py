@@ -20,6 +20,7 @@ from access_audit._sqla import (
     is_autocommit,
     nested_transactions,
     session_connections,
+    transaction_connections,
 )
 
 
@@ -55,6 +56,7 @@ def test_session_transaction_connections_hold_connection_transaction_commits(
         assert isinstance(entry[1], RootTransaction)
         assert entry[2] is True and entry[3] is True
         assert list(session_connections(root)) == [(connection, entry[1], True)]
+        assert set(transaction_connections(root)) == {connection}
         assert connection_entry(root, connection) == (entry[1], True)
 
 
