@@ -446,6 +446,36 @@ def test_plugin_failing_three_times_gets_the_event_once_through_the_relay(
     assert_outbox_empty(engine, outbox)
 
 
+class ExitingSink(Sink):
+    """A plugin whose client library calls ``sys.exit()`` when it gives up."""
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        raise SystemExit(3)
+
+
+@on_every_relay
+def test_a_plugin_raising_system_exit_is_a_failure_that_ends_dead(
+    engine: Engine, relay: Relay, outbox: Outbox
+) -> None:
+    """SystemExit from a plugin in the relay is that plugin's failure: it is
+    retried and ends dead, and the other plugins get their events. Let
+    through, it stopped every run before anything was recorded, forever."""
+    steady = Sink()
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="relay")
+    emitter.register(ExitingSink(), name="exiting")
+    emitter.register(steady, name="steady")
+    commit_events(engine, emitter, ["a"], ["b"])
+    make_due(engine, outbox)
+    stats = relay_until_idle(relay, emitter, backoff=0, max_attempts=2)
+    assert steady.names == ["a", "b"]
+    assert stats.dead == 2
+    rows = outbox_rows(engine, outbox)
+    assert [row["states"] for row in rows] == [
+        {"exiting": DEAD, "steady": DELIVERED}
+    ] * 2
+
+
 @on_every_relay
 def test_always_failing_plugin_ends_dead_and_retry_dead_redelivers_once_fixed(
     engine: Engine, relay: Relay, outbox: Outbox

@@ -502,6 +502,7 @@ def _deliver_rows(
                 batch,
                 only={plugin},
                 send_signals=False,
+                let_through=_INTERRUPT,
             )
             failed = report.failed.get(plugin, {})
             if failed:
@@ -514,6 +515,13 @@ def _deliver_rows(
                     continue
                 stats.failed += 1
                 _count_failure(row, plugin, error, max_attempts, stats)
+
+
+_INTERRUPT: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
+"""What a plugin raising in the relay is let through: Ctrl-C stops the relay
+(the batch rolls back, to be claimed again). ``SystemExit`` is the plugin's
+failure, retried and ending dead: let through, it stopped every run before
+anything was recorded, so the event could never be given up on."""
 
 
 def _group_claims(claims: Iterable[Claim]) -> list[list[OutboxRow]]:
