@@ -40,6 +40,7 @@ from ._sqla import (
     checked_engine_options,
     connection_entry,
     current_transaction,
+    has_committed,
     has_connections,
     is_autocommit,
     is_flushing,
@@ -614,10 +615,18 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
     if boundary is None:
         root = boundary = autobegin(session)
     elif past_staging(boundary):
+        if has_committed(boundary):
+            raise RuntimeError(
+                "stage_event() was called after this transaction was "
+                "committed (from an after_commit hook?); its events are being "
+                "sent already. Stage before the commit, or in the next "
+                "transaction"
+            )
         raise RuntimeError(
-            "stage_event() was called after this transaction was prepared or "
-            "committed (from an after_commit hook?); its events are being sent "
-            "already. Stage before the commit, or in the next transaction"
+            "stage_event() was called on a prepared transaction: its COMMIT "
+            "failed (call session.rollback() first; its events are discarded "
+            "then), or session.prepare() ran (only commit or rollback may "
+            "follow)"
         )
     assert root is not None  # begun above, if it was not
     lifecycle: Lifecycle | None = info.get(PENDING_KEY)

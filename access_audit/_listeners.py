@@ -66,7 +66,10 @@ class SessionListeners:
         if target in self._installed:
             return
         for name, function in self._hooks.items():
-            event.listen(target, name, function)
+            # after_commit first: an application's after_commit listener
+            # that raises stops the listeners after it, and the session
+            # is then closed with its COMMIT done, unheard.
+            event.listen(target, name, function, insert=name == "after_commit")
         self._installed.add(target)
 
     def remove(self, target: ListenTarget) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "encloses_foreign_savepoint",
     "ends_outer_transaction",
     "flushed_in_transaction",
+    "has_committed",
     "has_connections",
     "in_greenlet",
     "inherits_options",
@@ -110,6 +111,12 @@ def past_staging(transaction: SessionTransaction) -> bool:
     ``commit()``; ``SessionTransaction._state`` says so, no public API does.
     """
     return _state_of(transaction) in _PAST_STAGING
+
+
+def has_committed(transaction: SessionTransaction) -> bool:
+    """Whether *transaction*'s COMMIT went through (``_state`` is
+    ``COMMITTED``); :func:`past_staging` is true of a prepared one too."""
+    return _state_of(transaction) is SessionTransactionState.COMMITTED
 
 
 def autobegin(session: Session) -> SessionTransaction:

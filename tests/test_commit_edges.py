@@ -188,7 +188,7 @@ def test_staging_from_an_after_commit_listener_raises(
     finally:
         event.remove(Session, "after_commit", after_commit)
     assert len(errors) == 1
-    assert "after this transaction was prepared or committed" in str(errors[0])
+    assert "after this transaction was committed" in str(errors[0])
     assert recorder.names == (["in-time"] if prior else [])
 
 
@@ -292,3 +292,61 @@ def test_a_joined_session_whose_outer_transaction_rolls_back_at_commit(
     stored = stored_names(engine)
     assert stored == ([] if engine.dialect.name == "postgresql" else ["joined"])
     assert recorder.names == stored
+
+
+def test_an_app_after_commit_listener_that_raises_first_loses_no_event(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An application's after_commit listener registered before attach()
+    raises: SQLAlchemy stops the listeners after it, and commit() raises
+    although the COMMIT went through. The event is still sent (when the
+    session closes), never discarded as if nothing had committed."""
+    maker = sessionmaker(engine)
+
+    def invalidate_cache(session: OrmSession) -> None:
+        raise ConnectionError("cache down")
+
+    event.listen(maker, "after_commit", invalidate_cache)
+    emitter.attach(maker)
+    try:
+        with maker() as session:
+            session.add(Item(name="kept"))
+            stage(session, "kept")
+            with pytest.raises(ConnectionError):
+                session.commit()
+    finally:
+        emitter.detach(maker)
+    assert stored_names(engine) == ["kept"]
+    assert recorder.names == ["kept"]
+
+
+def test_staging_after_a_failed_commit_says_to_roll_back(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """The COMMIT failed (here refused by a listener that runs as SQLAlchemy
+    prepares it): staging before rollback() is refused, saying to roll back
+    first, not that the events are being sent; then they are discarded."""
+    discarded: list[str] = []
+
+    def refuse(connection: Any) -> None:
+        raise ConnectionError("lost the server at COMMIT")
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append(reason)
+
+    with Session() as session:
+        session.add(Item(name="x"))
+        stage(session, "first")
+        session.flush()
+        connection = session.connection()
+        event.listen(connection, "commit", refuse)
+        with pytest.raises(ConnectionError):
+            session.commit()
+        with pytest.raises(
+            RuntimeError, match=r"COMMIT failed \(call session.rollback\(\)"
+        ):
+            stage(session, "second")
+        with signals.audit_event_discarded.connected_to(note):
+            session.rollback()
+    assert recorder.names == []
+    assert discarded == ["rollback"]
