@@ -57,7 +57,10 @@ class BackgroundDispatcher:
         self.dropped = 0
         """Batches dropped because the queue was full."""
         self._jobs: collections.deque[Job] = collections.deque()
-        self._unfinished = 0
+        self._submitted = 0
+        self._finished = 0
+        """Jobs queued and jobs run, ever: run in order, so a flush waits
+        for the count queued when it began (later commits never starve it)."""
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -88,7 +91,7 @@ class BackgroundDispatcher:
                 while len(self._jobs) >= self.maxsize and not self._closed:
                     self._lock.wait()
             self._jobs.append(job)
-            self._unfinished += 1
+            self._submitted += 1
             self._lock.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -97,7 +100,9 @@ class BackgroundDispatcher:
                 self._thread.start()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued job ran; False if *timeout* passed first.
+        """Wait until every job queued before the call ran (not those queued
+        since: other threads' commits never keep it waiting); False if
+        *timeout* passed first.
 
         From the worker thread itself (a plugin), returns False at once: it
         cannot wait for its own queue.
@@ -106,7 +111,8 @@ class BackgroundDispatcher:
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._unfinished:
+            target = self._submitted
+            while self._finished < target:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -141,7 +147,7 @@ class BackgroundDispatcher:
                 logger.exception("background delivery job failed")
             finally:
                 with self._lock:
-                    self._unfinished -= 1
+                    self._finished += 1
                     self._lock.notify_all()
 
 

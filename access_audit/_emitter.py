@@ -286,7 +286,8 @@ class AuditEmitter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until background dispatch delivered everything committed so
-        far, and the outbox recorded what the dispatch delivered.
+        far (not what commits meanwhile: a steady load never keeps it
+        waiting), and the outbox recorded what the dispatch delivered.
 
         Returns False if *timeout* (seconds) passed first; True at once for
         inline dispatch without an outbox.

@@ -65,7 +65,10 @@ class _LoopQueue:
     def __init__(self) -> None:
         self.jobs: collections.deque[Job] = collections.deque()
         self.changed = asyncio.Condition()
-        self.unfinished = 0
+        self.submitted = 0
+        self.finished = 0
+        """Jobs queued and jobs run, ever: run in order, so a flush waits
+        for the count queued when it began (later commits never starve it)."""
         self.worker: asyncio.Task[None] | None = None
         """The running worker; None once it finished, so that an idle queue
         (the value of a weak-keyed entry) keeps no reference to its loop."""
@@ -89,7 +92,7 @@ class _LoopQueue:
             self.worker = None
         stranded = list(self.jobs)
         self.jobs.clear()
-        self.unfinished = 0
+        self.finished = self.submitted
         return stranded
 
 
@@ -164,9 +167,11 @@ class LoopDispatcher:
         if queue is None:
             queue = self._new_queue(loop)
 
+        target = queue.submitted
+
         async def drained() -> None:
             async with queue.changed:
-                await queue.changed.wait_for(lambda: queue.unfinished == 0)
+                await queue.changed.wait_for(lambda: queue.finished >= target)
 
         try:
             await asyncio.wait_for(drained(), timeout)
@@ -183,7 +188,7 @@ class LoopDispatcher:
 
 def _append(loop: asyncio.AbstractEventLoop, queue: _LoopQueue, job: Job) -> None:
     queue.jobs.append(job)
-    queue.unfinished += 1
+    queue.submitted += 1
     if queue.worker is None or queue.worker.done():
         queue.worker = loop.create_task(_work(queue))
 
@@ -204,7 +209,7 @@ async def _work(queue: _LoopQueue) -> None:
                 logger.exception("asyncio delivery job failed")
             finally:
                 queue.current = None
-                queue.unfinished -= 1
+                queue.finished += 1
                 async with queue.changed:
                     queue.changed.notify_all()
     except asyncio.CancelledError:
@@ -212,7 +217,7 @@ async def _work(queue: _LoopQueue) -> None:
         # aclose() drained the queue: deliver the rest without it.
         leftovers = list(queue.jobs)
         queue.jobs.clear()
-        queue.unfinished = 0
+        queue.finished = queue.submitted
         _fall_back(leftovers)
         raise
     finally:

@@ -647,6 +647,44 @@ def test_asyncio_dispatch_jobs_stranded_at_exit_are_delivered(tmp_path: Path) ->
     assert "interrupted" in done.stderr
 
 
+def test_asyncio_dispatch_aflush_waits_for_what_was_queued_not_later_commits(
+    tmp_path: Path,
+) -> None:
+    """Tasks committing all the time keep the loop's queue from draining:
+    aflush() still returns once what was queued when it was called has run."""
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+    sink = AsyncSink(delay=0.01)
+    emitter = AuditEmitter(load_entrypoints=False, dispatch="asyncio")
+    emitter.register(sink, name="sink")
+    left: list[int] = []
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                await commit_items(maker, f"load-{len(sink.events)}-{time.monotonic()}")
+
+        loaders = [asyncio.create_task(load()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        await commit_items(maker, "mine")
+        try:
+            assert await emitter.aflush(20)
+            assert "mine" in sink.events
+            queue = emitter._on_loop._queues[asyncio.get_running_loop()]  # type: ignore[union-attr]
+            left.append(len(queue.jobs))
+        finally:
+            stop.set()
+            await asyncio.gather(*loaders)
+        assert await emitter.aflush(60)
+        emitter.detach(maker)
+
+    run(backend, body)
+    assert left[0] > 0  # the load really kept the queue from draining
+
+
 def test_an_async_hook_behind_a_decorator_is_awaited(
     sync_maker: sessionmaker[Any],
 ) -> None:

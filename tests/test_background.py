@@ -112,6 +112,37 @@ def test_flush_times_out_while_delivery_is_stuck(
     assert sink.names == ["stuck"]
 
 
+def test_flush_waits_for_what_was_queued_not_for_later_commits(
+    emitters: list[AuditEmitter],
+) -> None:
+    """Other threads committing all the time keep the queue from ever
+    draining: flush() still returns once what was queued when it was called
+    has run, instead of timing out (or, without a timeout, never)."""
+    sink = Sink(delay=0.005)
+    emitter, maker = background(emitters, sink, queue_size=100_000)
+    stop = threading.Event()
+
+    def load(name: str) -> None:
+        # Together about 600 commits a second, three times what the plugin takes.
+        while not stop.is_set():
+            commit_one(maker, name)
+            time.sleep(0.005)
+
+    loaders = [in_thread(load, f"load-{number}") for number in range(3)]
+    try:
+        time.sleep(0.05)
+        commit_one(maker, "mine")
+        assert emitter.flush(timeout=20)
+        assert "mine" in sink.names
+        still_queued = len(emitter._background._jobs)  # type: ignore[union-attr]
+    finally:
+        stop.set()
+        for thread in loaders:
+            thread.join(10)
+    assert still_queued > 0  # the load really kept the queue from draining
+    assert emitter.flush(timeout=60)
+
+
 def dispatch_threads() -> int:
     return sum(t.name == "access_audit-dispatch" for t in threading.enumerate())
 
