@@ -1,19 +1,33 @@
-"""Transactions the database rolls back at COMMIT, whatever it is asked.
+"""Transactions the database rolls back on its own, while the session goes on.
 
-PostgreSQL aborts a transaction at its first failed statement: every later
-one fails until a ROLLBACK (or a ROLLBACK TO SAVEPOINT opened before the
-failure), and a COMMIT ends it with a ROLLBACK that the driver reports as
-success. SQLAlchemy's session insists on a rollback only after a failed
-flush, so an application that catches an error from ``session.execute()``
-(an ``IntegrityError`` it expected, say) and commits has all its changes
-rolled back, silently. Their events must not be sent.
+SQLAlchemy's session insists on a rollback only after a failed flush, so an
+application that catches an error from ``session.execute()`` and goes on may
+be working in a transaction the database has already given up:
+
+- PostgreSQL aborts a transaction at its first failed statement: every later
+  one fails until a ROLLBACK (or a ROLLBACK TO SAVEPOINT opened before the
+  failure), and a COMMIT ends it with a ROLLBACK that the driver reports as
+  success (:func:`rolls_back_at_commit`, asked before COMMIT);
+- MariaDB and MySQL roll the whole transaction back when it is chosen as a
+  deadlock's victim (error 1213), SAVEPOINTs and all, and the statements
+  that follow (an application retrying the one that failed) run in a new
+  transaction (:func:`watch_deadlocks`, told as the error is raised).
+
+The events staged before then describe changes that were rolled back.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["rolls_back_at_commit"]
+from sqlalchemy import Connection, Engine, event
+
+if TYPE_CHECKING:
+    from ._lifecycle import Lifecycle
+
+__all__ = ["rolls_back_at_commit", "watch_deadlocks"]
 
 _INERROR = 3
 """libpq's ``PQTRANS_INERROR``: psycopg's and psycopg2's
@@ -31,3 +45,45 @@ def rolls_back_at_commit(connection: Connection) -> bool:
         return False
     info = getattr(connection.connection.dbapi_connection, "info", None)
     return getattr(info, "transaction_status", None) == _INERROR
+
+
+_DEADLOCK = 1213
+"""``ER_LOCK_DEADLOCK``: InnoDB rolled the victim's whole transaction back.
+(A lock wait timeout, 1205, does so only with ``innodb_rollback_on_timeout``,
+off by default; otherwise it undoes the statement alone.)"""
+
+_watched: weakref.WeakKeyDictionary[Engine, weakref.WeakSet[Lifecycle]] = (
+    weakref.WeakKeyDictionary()
+)
+"""MariaDB and MySQL engines, each with the lifecycles staging on it."""
+_watched_lock = threading.Lock()
+
+
+def watch_deadlocks(bind: Engine | Connection, lifecycle: Lifecycle) -> None:
+    """Have *lifecycle* told when its transaction on *bind*'s engine is
+    rolled back as a deadlock's victim (:meth:`Lifecycle.rolled_back_by_server`).
+
+    Only for MariaDB and MySQL; the engine's ``handle_error`` listener is
+    installed the first time.
+    """
+    engine = bind.engine
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        return
+    with _watched_lock:
+        lifecycles = _watched.get(engine)
+        if lifecycles is None:
+            lifecycles = _watched[engine] = weakref.WeakSet()
+            event.listen(engine, "handle_error", _on_error)
+        lifecycles.add(lifecycle)
+
+
+def _on_error(context: Any) -> None:
+    connection = context.connection
+    error = context.original_exception
+    args = getattr(error, "args", ())
+    if connection is None or not args or args[0] != _DEADLOCK:
+        return
+    with _watched_lock:
+        lifecycles = list(_watched.get(connection.engine, ()))
+    for lifecycle in lifecycles:
+        lifecycle.rolled_back_by_server(connection)

@@ -36,6 +36,7 @@ __all__ = [
     "check_binds",
     "foreign_savepoint_open",
     "refuse",
+    "session_binds",
 ]
 
 DEFAULT_GET_BIND = Session.get_bind
@@ -84,6 +85,25 @@ def check_binds(
         )
     )
     return outer, watch
+
+
+def session_binds(
+    session: Session, root: SessionTransaction
+) -> list[Engine | Connection]:
+    """What *session* is connected to or bound to: the connections its
+    transaction holds, its ``bind`` and its per-mapper ``binds`` (a
+    ``get_bind`` of its own may choose others, checked as it connects)."""
+    binds: list[Engine | Connection] = [
+        connection for connection, _transaction, _commits in session_connections(root)
+    ]
+    if session.bind is not None:
+        binds.append(session.bind)
+    binds.extend(
+        bind
+        for bind in mapper_binds(session).values()
+        if isinstance(bind, (Engine, Connection))
+    )
+    return binds
 
 
 def refuse(

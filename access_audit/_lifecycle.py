@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from ._aborted import rolls_back_at_commit
+from ._aborted import rolls_back_at_commit, watch_deadlocks
 from ._binds import (
     DEFAULT_GET_BIND,
     FOREIGN_SAVEPOINT,
     check_binds,
     foreign_savepoint_open,
     refuse,
+    session_binds,
 )
 from ._clock import utc_datetime
 from ._envelope import AuditEventEnvelope, committed_envelope
@@ -124,6 +125,7 @@ class Lifecycle:
     """One session transaction's staged events, by boundary, and their fate."""
 
     __slots__ = (
+        "__weakref__",
         "built",
         "checked",
         "checked_engine",
@@ -265,6 +267,7 @@ class Lifecycle:
 
         :raises AuditConfigurationError: as :func:`~access_audit._binds.refuse`.
         """
+        watch_deadlocks(connection, self)
         try:
             if self.checked is not None:
                 if is_autocommit(connection):
@@ -505,6 +508,24 @@ class Lifecycle:
             dropped = set(events)
             self.lazy = [staged for staged in self.lazy if staged not in dropped]
 
+    def rolled_back_by_server(self, connection: Connection) -> None:
+        """The database rolled back the transaction on *connection* (a
+        deadlock's victim), if it is this lifecycle's: discard every event
+        staged so far (reason ``"rollback"``, with a warning). What the
+        session does next goes into a new transaction, whose events its
+        commit sends."""
+        if self.levels and connection_entry(self.root, connection) is not None:
+            withdrawn = self.withdraw(None)
+            if withdrawn:
+                logger.warning(
+                    "the database rolled this transaction back (a deadlock's "
+                    "victim): events %s are discarded. What the session does "
+                    "next goes into a new transaction; retry the whole "
+                    "transaction after session.rollback() instead",
+                    ", ".join(str(staged.id) for staged in withdrawn),
+                )
+                self.owner._discarded(withdrawn, "rollback")
+
     def _build(self, events: list[StagedEvent]) -> None:
         """Make envelopes for the events not yet built, appending to :attr:`built`."""
         built = self.built
@@ -655,6 +676,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             lifecycle.checked_engine = bind
             lifecycle.checked = options
             lifecycle.may_abort = bind.dialect.name == "postgresql"
+            watch_deadlocks(bind, lifecycle)
         else:
             outer, watch = check_binds(session, root, owner)
             lifecycle = info[PENDING_KEY] = UnsettledLifecycle(
@@ -664,6 +686,8 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
                 lifecycle.outer = [
                     (connection, watch_outer(connection)) for connection in outer
                 ]
+            for bind in session_binds(session, root):
+                watch_deadlocks(bind, lifecycle)
             if watch:
                 owner._watch_connections(session)
     else:

@@ -4,12 +4,14 @@ outbox rows written before COMMIT in every one of these, on every database."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, func, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 from support import Item, Recorder, outbox_rows, stored_names
@@ -349,4 +351,54 @@ def test_staging_after_a_failed_commit_says_to_roll_back(
         with signals.audit_event_discarded.connected_to(note):
             session.rollback()
     assert recorder.names == []
+    assert discarded == ["rollback"]
+
+
+def test_a_deadlock_victims_events_are_discarded_and_later_ones_kept(
+    engine: Engine, Session: sessionmaker, recorder: Recorder
+) -> None:
+    """MariaDB rolls a deadlock's victim back whole, and the statements the
+    application runs next (it retries the one that failed, without a
+    rollback) go into a new transaction. The events staged before the
+    deadlock are discarded; those staged after it are sent with the commit."""
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        pytest.skip("MariaDB rolls a deadlock's victim back whole")
+    with engine.begin() as connection:
+        connection.execute(insert(Item), [{"name": "a"}, {"name": "b"}])
+    discarded: list[str] = []
+    locked, go = threading.Event(), threading.Event()
+
+    def other() -> None:
+        # The heavier transaction, so that InnoDB picks the session as victim.
+        with engine.begin() as connection:
+            connection.execute(
+                insert(Item), [{"name": f"bulk-{n}"} for n in range(100)]
+            )
+            connection.execute(update(Item).where(Item.name == "b").values(name="b2"))
+            locked.set()
+            go.wait(10)
+            connection.execute(update(Item).where(Item.name == "a").values(name="a2"))
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append(reason)
+
+    thread = threading.Thread(target=other)
+    with Session() as session, signals.audit_event_discarded.connected_to(note):
+        session.add(Item(name="doomed"))
+        session.flush()
+        stage(session, "doomed")
+        session.execute(update(Item).where(Item.name == "a").values(name="a1"))
+        thread.start()
+        assert locked.wait(10)
+        go.set()
+        time.sleep(0.3)  # the other transaction now waits for row a
+        with pytest.raises(OperationalError, match="1213"):
+            session.execute(update(Item).where(Item.name == "b2").values(name="b3"))
+        thread.join(10)
+        session.add(Item(name="after"))
+        stage(session, "after")
+        session.commit()
+    assert "doomed" not in stored_names(engine)
+    assert "after" in stored_names(engine)
+    assert recorder.names == ["after"]
     assert discarded == ["rollback"]
