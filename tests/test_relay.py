@@ -44,6 +44,7 @@ from access_audit.outbox import (
     PENDING,
     Outbox,
     RelayStats,
+    _claim,
     count_pending,
     list_dead,
     prune,
@@ -1239,3 +1240,74 @@ def test_two_relays_at_once_deliver_each_event_once(
     for target, seen in by_target.items():
         assert seen == sorted(seen), f"{target} out of commit order: {seen}"
     assert_outbox_empty(engine, outbox)
+
+
+class Taking:
+    """Records each event it takes, per relay; fails every time if *failing*."""
+
+    def __init__(self, relay: str, into: list[tuple[str, str]], failing: bool) -> None:
+        self.relay, self.into, self.failing = relay, into, failing
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        self.into.append((self.relay, envelope.target_id))
+        if self.failing:
+            raise ConnectionError("down")
+
+
+@pytest.mark.parametrize("engine", ["mariadb"], indirect=True, ids=["mariadb"])
+def test_a_relay_that_read_before_another_delivered_sends_nothing_again(
+    engine: Engine, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relay A reads the due rows and their delivery state; before it locks
+    them, relay B delivers them ("good" takes the event, "bad" fails and
+    backs off for a minute). A must read the state again once it holds the
+    rows: it must not send the event to "good" again, nor retry "bad" before
+    its backoff, nor overwrite B's attempt count (on MariaDB it read its
+    transaction's first snapshot). On PostgreSQL the reading relay holds
+    the transaction's first row meanwhile, so the other one cannot come
+    between; what could (a relay committing between the snapshot of the
+    statement that locks the first rows and its lock) is closed the same
+    way, by reading the state again."""
+    taken: list[tuple[str, str]] = []
+
+    def relay_emitter(name: str) -> AuditEmitter:
+        return outbox_emitter(
+            outbox,
+            good=Taking(name, taken, failing=False),
+            bad=Taking(name, taken, failing=True),
+        )
+
+    app = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="relay")
+    app.register(Taking("app", taken, failing=False), name="good")
+    app.register(Taking("app", taken, failing=True), name="bad")
+    commit_events(engine, app, ["t1"])
+    make_due(engine, outbox)
+
+    read, go_on = threading.Event(), threading.Event()
+    load_states = _claim._load_states
+
+    def pausing(connection: Any, outbox_: Outbox, rows: Any) -> None:
+        load_states(connection, outbox_, rows)
+        if threading.current_thread().name == "A" and not read.is_set():
+            read.set()
+            go_on.wait(10)
+
+    monkeypatch.setattr(_claim, "_load_states", pausing)
+    stats: dict[str, RelayStats] = {}
+
+    def relay_a() -> None:
+        stats["A"] = relay_emitter("A").relay(engine, once=True, backoff=60)
+
+    thread = threading.Thread(target=relay_a, name="A")
+    thread.start()
+    try:
+        assert read.wait(10)
+        stats["B"] = relay_emitter("B").relay(engine, once=True, backoff=60)
+    finally:
+        go_on.set()
+        thread.join(10)
+    assert taken == [("B", "t1"), ("B", "t1")]  # to "good", and to "bad", failing
+    [row] = outbox_rows(engine, outbox)
+    assert row["states"] == {"good": DELIVERED, "bad": PENDING}
+    assert row["attempts"]["bad"] == 1

@@ -1137,3 +1137,34 @@ def test_a_polling_relay_rides_out_a_server_restart(
     assert sink.order == sorted(sink.order, key=["before", "during"].index)
     assert stats.reconnects >= 1
     assert any("trying again" in message for message in caplog.messages)
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_the_cli_reports_database_errors_in_one_line(
+    engine: Engine,
+    outbox: Outbox,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unreachable database for ``status`` exits 1, and a table that went
+    missing while the relay ran (here, past its start-up check) exits 2, each
+    with one line naming the database's complaint, not a traceback."""
+    from access_audit.outbox import _relay
+    from access_audit.outbox._cli import main
+
+    url = engine.url.set(database="no_such_database_here")
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--database-url", url.render_as_string(hide_password=False)])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no_such_database_here" in err
+
+    monkeypatch.setattr(_relay, "_check_tables", lambda bind, outbox: None)
+    with pytest.raises(SystemExit) as exited:
+        main([
+            "relay", "--once", "--no-entrypoints", "--table", "no_such_outbox",
+            "--database-url", engine.url.render_as_string(hide_password=False),
+        ])  # fmt: skip
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no_such_outbox" in err, err

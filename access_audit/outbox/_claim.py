@@ -193,7 +193,6 @@ class _Walk:
         wanted: list[list[Claim]],
         *,
         firsts: bool = False,
-        held_since_read: bool = False,
     ) -> None:
         """Lock *wanted* groups' rows (by primary key), reading their
         payloads; claim the groups locked whole, in order, and hold the
@@ -204,14 +203,16 @@ class _Walk:
 
         What :meth:`choose` held back applies to the groups after the one
         held only, which it did not choose: so it is not asked here. The
-        delivery state was read before the rows were locked: a group whose
-        state another relay changed since (it delivered them meanwhile) is
-        held too, for a later batch to read afresh (unless
-        *held_since_read*: their first rows stayed locked since the read,
-        so no other relay could take them). On PostgreSQL only: each
-        statement there reads what is committed when it starts, where
-        MariaDB's REPEATABLE READ would read the batch's first snapshot
-        again (a locking read would see it, and take gap locks).
+        delivery state was read before the rows were locked (even by the
+        statement that locked them: it read with the snapshot it started
+        with), so it is read again now that they are: a group whose state
+        another relay changed meanwhile (it delivered them, or recorded a
+        failure and its backoff) is held, for a later batch to read afresh.
+        Else the other relay's plugins would get the rows again and its
+        backoff and attempts would be overwritten. On PostgreSQL and
+        MariaDB, where the relay claims in READ COMMITTED (each statement
+        reads what is committed when it starts); SQLite has one writer at
+        a time.
         """
         payloads: dict[str, str] = {}
         if firsts:
@@ -224,7 +225,7 @@ class _Walk:
         self._lock_ids(connection, rest, payloads)
         states = (
             _read_states(connection, self.outbox, list(payloads))
-            if connection.dialect.name == "postgresql" and not held_since_read
+            if connection.dialect.name != "sqlite"
             else None
         )
         missed: set[tuple[str, str]] = set()
@@ -398,9 +399,7 @@ def _claim_by_first_rows(connection: Connection, outbox: Outbox, walk: _Walk) ->
         # relay may choose them too: the one that locks a first row takes
         # the transaction, the other holds it back (and tries again); one
         # that delivered it meanwhile changed its state.
-        walk.lock(
-            connection, wanted, firsts=passed_over, held_since_read=not passed_over
-        )
+        walk.lock(connection, wanted, firsts=passed_over)
 
 
 def _choose_by_first_rows(

@@ -375,7 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     from sqlalchemy import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    from sqlalchemy.exc import (
+        ArgumentError,
+        DBAPIError,
+        NoSuchModuleError,
+        ProgrammingError,
+    )
 
     used = relay_parser if options.command == "relay" else status_parser
     try:
@@ -388,6 +393,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         used.exit(2, f"{used.prog}: error: {error}\n")
     except ImportError as error:  # the URL's driver is not installed
         used.exit(2, f"{used.prog}: error: --database-url: {error}\n")
+    except DBAPIError as error:
+        # What the relay does not retry (a table dropped while it runs: a
+        # configuration error, 2), or gave up on (--once), and status's
+        # one attempt (an unreachable database: 1).
+        cause = str(error.orig if error.orig is not None else error)
+        first = cause.strip().splitlines()[0] if cause.strip() else type(error).__name__
+        used.exit(
+            2 if isinstance(error, ProgrammingError) else 1,
+            f"{used.prog}: error: the database: {first}\n",
+        )
 
 
 def _run(options: argparse.Namespace, relay_parser: argparse.ArgumentParser) -> int:

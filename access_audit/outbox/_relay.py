@@ -41,6 +41,7 @@ from ._store import (
     OutboxRow,
     PluginState,
     chunks,
+    delete_ids,
     forget,
     one_of,
     transaction,
@@ -460,7 +461,7 @@ def _relay_batch(
     relay run with ``once`` always comes to an end.
     """
     now = datetime.now(timezone.utc)
-    with transaction(bind) as connection:
+    with transaction(bind, read_committed=True) as connection:
         claimed, contended = claim(
             connection, outbox, plugins, now, batch_size, from_head=from_head
         )
@@ -594,10 +595,15 @@ def _save(
         {taken.row.id for taken in claimed if taken.row.has_state},
     )
     state_table = outbox.delivery_table
-    for part in chunks(connection, kept):
-        connection.execute(
-            delete(state_table).where(one_of(connection, state_table.c.event_id, part))
-        )
+    # Only rows that have state to replace: a DELETE that finds nothing still
+    # locks the gap where the keys would be on MariaDB, and two relays
+    # inserting there deadlock.
+    replaced = [taken.row.id for taken in claimed if taken.row.has_state]
+    kept_set = set(kept)
+    for part in chunks(
+        connection, [row_id for row_id in replaced if row_id in kept_set]
+    ):
+        delete_ids(connection, state_table.c.event_id, part)
     if states:
         connection.execute(insert(state_table), states)
 

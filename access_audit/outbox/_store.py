@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
@@ -43,6 +44,7 @@ __all__ = [
     "OutboxRow",
     "PluginState",
     "chunks",
+    "delete_ids",
     "dispatched",
     "forget",
     "in_joined",
@@ -118,6 +120,33 @@ def one_of(
         listed = func.json_each(bindparam(None, json.dumps(list(ids)), type_=Text()))
         return column.in_(select(listed.table_valued("value").c.value))
     return column.in_(ids)
+
+
+def delete_ids(
+    connection: Connection, column: ColumnElement[Any], ids: Sequence[str]
+) -> None:
+    """Delete the rows of *column*'s table whose *column* is one of *ids*
+    (at most :data:`CHUNK`).
+
+    On MariaDB and MySQL the ids are looked up one by one, by key: an
+    outbox drained by relays is small, and the optimizer then reads
+    ``column IN (...)`` by scanning the whole table, where a DELETE waits
+    for every row another relay has locked, and two relays deadlock (and
+    deliver their batches again). ``JSON_TABLE`` (MariaDB 10.6, MySQL 8,
+    which ``SKIP LOCKED`` needs anyway) joined first with ``STRAIGHT_JOIN``
+    touches only the rows named.
+    """
+    table = column.table
+    if connection.dialect.name not in ("mysql", "mariadb"):
+        connection.execute(delete(table).where(one_of(connection, column, ids)))
+        return
+    quote = connection.dialect.identifier_preparer
+    statement = text(
+        "DELETE t FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) "
+        f"AS j STRAIGHT_JOIN {quote.format_table(table)} AS t "
+        f"ON t.{quote.quote(column.name)} = j.id"
+    )
+    connection.execute(statement, {"ids": json.dumps(list(ids))})
 
 
 def _sqlite_json(connection: Connection) -> bool:
@@ -220,14 +249,26 @@ def write(
 
 
 @contextmanager
-def transaction(bind: Engine | Connection) -> Iterator[Connection]:
+def transaction(
+    bind: Engine | Connection, *, read_committed: bool = False
+) -> Iterator[Connection]:
     """A connection in a transaction of its own, or the joined caller's one.
 
     A session bound to a Connection (the rollback-per-test recipe) already
     runs inside the caller's transaction: outbox changes go there too.
+
+    *read_committed*: a transaction of its own on a server database runs in
+    READ COMMITTED, whatever the engine's default (MariaDB's is REPEATABLE
+    READ): each statement reads what other relays committed before it
+    started. SQLite has one writer at a time.
     """
     if isinstance(bind, Connection):
         yield bind
+    elif read_committed and bind.dialect.name != "sqlite":
+        with bind.connect() as connection:
+            connection.execution_options(isolation_level="READ COMMITTED")
+            with connection.begin():
+                yield connection
     else:
         with bind.begin() as connection:
             yield connection
@@ -310,11 +351,9 @@ def forget(
     table, state = outbox.table, outbox.delivery_table
     with_state = list(ids) if stateful is None else [i for i in ids if i in stateful]
     for part in chunks(connection, with_state):
-        connection.execute(
-            delete(state).where(one_of(connection, state.c.event_id, part))
-        )
+        delete_ids(connection, state.c.event_id, part)
     for part in chunks(connection, ids):
-        connection.execute(delete(table).where(one_of(connection, table.c.id, part)))
+        delete_ids(connection, table.c.id, part)
 
 
 @dataclasses.dataclass(slots=True)
