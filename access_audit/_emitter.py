@@ -662,8 +662,9 @@ class AuditEmitter:
         self._listeners.watch_connections(session, attached_to_instance(session))
 
     def _listen_to_class(self, session_class: type[Any]) -> None:
-        """Install this emitter's listeners on a class whose owner a selector picks."""
-        self._listeners.listen(session_class)
+        """Install this emitter's listeners on a class whose owner a selector
+        picks, holding this emitter weakly: many emitters may share it."""
+        self._listeners.listen(session_class, weakly=True)
 
     def _refuse_unsupported_hooks(self, plugin: object) -> None:
         # Each implementation is called (or awaited) on its own: a wrapper

@@ -53,6 +53,9 @@ class SessionListeners:
         self._hooks: dict[str, Callable[..., None]] = {
             name: getattr(self, "_" + name) for name in self.EVENTS
         }
+        self._weak_targets: weakref.WeakSet[ListenTarget] = weakref.WeakSet()
+        """Targets listened to through :func:`_weak_hook`: the listeners
+        there do not keep this emitter alive."""
         # What listen() really installed. SQLAlchemy's own registry
         # (event.contains) is keyed by id(target) and keeps the keys of
         # collected classes, so a new sessionmaker's Session subclass that
@@ -61,19 +64,52 @@ class SessionListeners:
         self._watching: weakref.WeakSet[ListenTarget] = weakref.WeakSet()
         """Where ``after_begin`` is installed (see :meth:`watch_connections`)."""
 
-    def listen(self, target: ListenTarget) -> None:
-        """Install the listeners on *target*; a second call is a no-op."""
+    def listen(self, target: ListenTarget, *, weakly: bool = False) -> None:
+        """Install the listeners on *target*; a second call is a no-op.
+
+        *weakly*: through hooks that hold this emitter weakly, for a class
+        that many emitters share, each for a while (Flask-SQLAlchemy's
+        session class, with an app per test): an emitter no longer used
+        anywhere else is collected, and its hooks are removed the next time
+        one is installed there (until then each returns at once).
+        """
         if target in self._installed:
             return
-        for name, function in self._hooks.items():
+        if weakly:
+            _remove_dead_hooks(target)
+            self._weak_targets.add(target)
+        for name in self.EVENTS:
             # after_commit first: an application's after_commit listener
             # that raises stops the listeners after it, and the session
             # is then closed with its COMMIT done, unheard.
-            event.listen(target, name, function, insert=name == "after_commit")
+            event.listen(
+                target,
+                name,
+                self._hook(target, name),
+                insert=name == "after_commit",
+            )
         self._installed.add(target)
+
+    def _hook(self, target: ListenTarget, name: str) -> Callable[..., None]:
+        """The function to install on *target* for event *name*."""
+        if target not in self._weak_targets:
+            function: Callable[..., None] = getattr(self, "_" + name)
+            return function
+        hook = _weak_hook(weakref.ref(self), "_" + name)
+        _weak_hooks.setdefault(target, []).append((hook, name))
+        return hook
 
     def remove(self, target: ListenTarget) -> None:
         """Remove the listeners from *target*, if installed."""
+        if target in self._weak_targets:
+            self._weak_targets.discard(target)
+            hooks = _weak_hooks.get(target, [])
+            for hook, name in [pair for pair in hooks if hook_of(pair) is self]:
+                event.remove(target, name, hook)
+                hooks.remove((hook, name))
+            self._watching.discard(target)
+            self._installed.discard(target)
+            return
         if target in self._watching:
             self._watching.discard(target)
             event.remove(target, "after_begin", self._after_begin)
@@ -94,7 +130,7 @@ class SessionListeners:
         """
         target: ListenTarget = session if on_instance else type(session)
         if target not in self._watching:
-            event.listen(target, "after_begin", self._after_begin)
+            event.listen(target, "after_begin", self._hook(target, "after_begin"))
             self._watching.add(target)
 
     # The hooks below run on every commit of every attached session, with or
@@ -192,6 +228,42 @@ class SessionListeners:
             _wait_for_outer(self._owner, outcome)
         elif isinstance(outcome, Discard):
             self._owner._discarded(outcome.events, outcome.reason)
+
+
+_weak_hooks: weakref.WeakKeyDictionary[
+    ListenTarget, list[tuple[Callable[..., None], str]]
+] = weakref.WeakKeyDictionary()
+"""Per target, the weak hooks installed there and their event names."""
+
+
+def _weak_hook(
+    listeners: weakref.ref[SessionListeners], method: str
+) -> Callable[..., None]:
+    """A listener that calls *method* of *listeners* while they live."""
+
+    def hook(*args: Any) -> None:
+        alive = listeners()
+        if alive is not None:
+            getattr(alive, method)(*args)
+
+    hook.listeners = listeners  # type: ignore[attr-defined]
+    return hook
+
+
+def hook_of(pair: tuple[Callable[..., None], str]) -> SessionListeners | None:
+    """The listeners a weak hook calls, or None once they were collected."""
+    found: SessionListeners | None = pair[0].listeners()  # type: ignore[attr-defined]
+    return found
+
+
+def _remove_dead_hooks(target: ListenTarget) -> None:
+    """Remove from *target* the weak hooks whose emitter was collected."""
+    hooks = _weak_hooks.get(target)
+    if not hooks:
+        return
+    for pair in [pair for pair in hooks if hook_of(pair) is None]:
+        event.remove(target, pair[1], pair[0])
+        hooks.remove(pair)
 
 
 def _due_before_commit(session: Session, lifecycle: Lifecycle) -> bool:

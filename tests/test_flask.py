@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from support import Recorder
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from access_audit import Actor, AuditConfigurationError, audit_context, stage_event
+from access_audit._listeners import _weak_hooks
 from access_audit.flask import AccessAudit
 from access_audit.testing import AuditEventRecorder, capture_audit_events
 
@@ -226,6 +229,44 @@ def test_one_database_shared_by_two_apps_routes_by_current_app(tmp_path: Path) -
             db.session.commit()
     assert recorders["left"].names == ["left"]
     assert recorders["right"].names == ["right"]
+
+
+def test_an_app_factory_per_test_leaves_no_emitter_behind(tmp_path: Path) -> None:
+    """A module-level SQLAlchemy() and AccessAudit(), and a new app per test:
+    each app's emitter goes once its app does (the listeners on the shared
+    session class held every one of them, with its plugins, and every commit
+    called them all), and the current app's events still reach its own."""
+    db = SQLAlchemy()
+
+    class Row(db.Model):  # type: ignore[name-defined,misc]
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    audit = AccessAudit(load_entrypoints=False)
+    emitters: list[weakref.ref[Any]] = []
+    session_class = None
+    for number in range(30):
+        app = Flask(f"app{number}")
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path / 'db'}.db"
+        db.init_app(app)
+        recorder = Recorder()
+        audit.init_app(app, db, plugins=[recorder])
+        emitters.append(weakref.ref(audit.emitter_of(app)))
+        with app.app_context():
+            db.create_all()
+            db.session.add(Row())
+            stage_event(
+                db.session, "row_add", target_type="row", target_id=number, action="a"
+            )
+            db.session.commit()
+            session_class = type(db.session())
+            db.session.remove()
+        assert recorder.names == [str(number)]
+        del app, recorder
+        gc.collect()
+    assert [ref() is not None for ref in emitters].count(True) <= 1
+    assert session_class is not None
+    installed = [name for _hook, name in _weak_hooks[session_class]]
+    assert 1 <= installed.count("after_commit") <= 2, installed
 
 
 def test_registering_twice_raises_a_clear_error(tmp_path: Path) -> None:
