@@ -35,6 +35,7 @@ from access_audit.outbox import (
     status,
 )
 from access_audit.outbox._claim import claim
+from access_audit.outbox._wake import listen
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -1168,3 +1169,40 @@ def test_the_cli_reports_database_errors_in_one_line(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no_such_outbox" in err, err
+
+
+def test_a_listening_relay_wakes_when_notified_rows_are_due_not_per_commit(
+    engine: Engine,
+) -> None:
+    """Commits NOTIFY all the time; their rows are due ``relay_after`` later.
+    The relay's wait returns when the first of them is due (or at its
+    interval), not at every notification: an idle relay polled once per
+    commit, hundreds of times a second, for rows not due for a minute."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    outbox = Outbox(table_name="wake_outbox", relay_after=timedelta(seconds=0.4))
+    outbox.drop(engine)
+    outbox.create(engine)
+    writer = emitter_for(outbox, Counter(), dispatch="relay")
+    listener = listen(engine, outbox)
+    assert listener is not None
+    stop = threading.Event()
+
+    def commits() -> None:
+        while not stop.is_set():
+            commit_events(engine, writer, ["x"])
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=commits)
+    try:
+        listener.wait(0.01, stopped=lambda: False)  # LISTEN before the commits
+        thread.start()
+        started = time.monotonic()
+        listener.wait(5.0, stopped=lambda: False)
+        waited = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
+        outbox.drop(engine)
+    assert 0.35 <= waited < 2.0, waited

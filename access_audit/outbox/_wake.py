@@ -88,14 +88,23 @@ class Listener:
     def __init__(self, engine: Engine, outbox: Outbox) -> None:
         self._engine = engine
         self._channel = channel(outbox.table)
+        self._due_after = outbox.relay_after.total_seconds()
+        """A notified row is due for a relay this much later."""
         self._connection: Any = None
         self._pooled: Any = None
         self._retry_at = 0.0
         self._failing = False
 
     def wait(self, seconds: float, stopped: Callable[[], bool]) -> None:
-        """Wait up to *seconds* for a notification, returning at once when
-        *stopped* says so; sleeps instead while no LISTEN connection works."""
+        """Wait up to *seconds*, or until the rows of a commit notified
+        meanwhile are due (``relay_after`` after it: at once for an outbox
+        left to the relay), returning at once when *stopped* says so; sleeps
+        instead while no LISTEN connection works.
+
+        Later notifications never bring the wake-up closer: under a steady
+        stream of commits a relay wakes once per ``relay_after`` (or
+        interval), not once per commit.
+        """
         deadline = time.monotonic() + seconds
         while not stopped():
             left = deadline - time.monotonic()
@@ -107,7 +116,9 @@ class Listener:
                 continue
             try:
                 for _ in connection.notifies(timeout=min(_SLICE, left), stop_after=1):
-                    return
+                    if self._due_after <= 0:
+                        return
+                    deadline = min(deadline, time.monotonic() + self._due_after)
             except Exception as error:
                 self._lost(error)
 
