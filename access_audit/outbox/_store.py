@@ -264,14 +264,19 @@ def transaction(
     """
     if isinstance(bind, Connection):
         yield bind
-    elif read_committed and bind.dialect.name != "sqlite":
-        with bind.connect() as connection:
-            connection.execution_options(isolation_level="READ COMMITTED")
-            with connection.begin():
-                yield connection
-    else:
-        with bind.begin() as connection:
-            yield connection
+        return
+    with bind.begin() as connection:
+        if read_committed and bind.dialect.name != "sqlite":
+            level = (
+                connection.get_execution_options().get("isolation_level")
+                or connection.dialect.default_isolation_level
+            )
+            if level != "READ COMMITTED":
+                # For this transaction only: the first statement in it.
+                connection.exec_driver_sql(
+                    "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
+                )
+        yield connection
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
