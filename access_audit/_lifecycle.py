@@ -321,16 +321,12 @@ class Lifecycle:
             return False
         if committing_root(session) is None:
             return False  # a RELEASE SAVEPOINT: it fails, and a rollback follows
-        withdrawn = self.withdraw(None)
-        if withdrawn:
-            logger.warning(
-                "a statement of this transaction failed and it was not rolled "
-                "back: PostgreSQL rolls it back at COMMIT, so events %s are "
-                "discarded. Roll back after an error (or run a statement that "
-                "may fail in a SAVEPOINT: session.begin_nested())",
-                ", ".join(str(staged.id) for staged in withdrawn),
-            )
-            self.owner._discarded(withdrawn, "rollback")
+        self._discard_all(
+            "a statement of this transaction failed and it was not rolled "
+            "back: PostgreSQL rolls it back at COMMIT, so events %s are "
+            "discarded. Roll back after an error (or run a statement that "
+            "may fail in a SAVEPOINT: session.begin_nested())"
+        )
         return True
 
     def prepare(self, session: Session) -> None:
@@ -515,16 +511,21 @@ class Lifecycle:
         session does next goes into a new transaction, whose events its
         commit sends."""
         if self.levels and connection_entry(self.root, connection) is not None:
-            withdrawn = self.withdraw(None)
-            if withdrawn:
-                logger.warning(
-                    "the database rolled this transaction back (a deadlock's "
-                    "victim): events %s are discarded. What the session does "
-                    "next goes into a new transaction; retry the whole "
-                    "transaction after session.rollback() instead",
-                    ", ".join(str(staged.id) for staged in withdrawn),
-                )
-                self.owner._discarded(withdrawn, "rollback")
+            self._discard_all(
+                "the database rolled this transaction back (a deadlock's "
+                "victim): events %s are discarded. What the session does "
+                "next goes into a new transaction; retry the whole "
+                "transaction after session.rollback() instead"
+            )
+
+    def _discard_all(self, warning: str) -> None:
+        """Discard every event staged so far (reason ``"rollback"``): the
+        database rolled back what they describe. *warning* (``%s``: their
+        ids) is logged if there were any."""
+        withdrawn = self.withdraw(None)
+        if withdrawn:
+            logger.warning(warning, ", ".join(str(staged.id) for staged in withdrawn))
+            self.owner._discarded(withdrawn, "rollback")
 
     def _build(self, events: list[StagedEvent]) -> None:
         """Make envelopes for the events not yet built, appending to :attr:`built`."""

@@ -141,9 +141,15 @@ def delete_ids(
         connection.execute(delete(table).where(one_of(connection, column, ids)))
         return
     quote = connection.dialect.identifier_preparer
+    name = quote.quote(table.name)
+    # The text is the connection's to render: the schema it translates to.
+    translate = connection.get_execution_options().get("schema_translate_map")
+    schema = translate.get(table.schema, table.schema) if translate else table.schema
+    if schema is not None:
+        name = f"{quote.quote_schema(schema)}.{name}"
     statement = text(
         "DELETE t FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) "
-        f"AS j STRAIGHT_JOIN {quote.format_table(table)} AS t "
+        f"AS j STRAIGHT_JOIN {name} AS t "
         f"ON t.{quote.quote(column.name)} = j.id"
     )
     connection.execute(statement, {"ids": json.dumps(list(ids))})
