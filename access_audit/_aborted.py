@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, event
 
-if TYPE_CHECKING:
-    from ._lifecycle import Lifecycle
+
+class Victim(Protocol):
+    """What :func:`watch_deadlocks` tells (a session's transaction lifecycle)."""
+
+    def rolled_back_by_server(self, connection: Connection) -> None:
+        """The database rolled back the transaction on *connection*, if it
+        is this one's."""
+
 
 __all__ = ["rolls_back_at_commit", "watch_deadlocks"]
 
@@ -52,16 +58,16 @@ _DEADLOCK = 1213
 (A lock wait timeout, 1205, does so only with ``innodb_rollback_on_timeout``,
 off by default; otherwise it undoes the statement alone.)"""
 
-_watched: weakref.WeakKeyDictionary[Engine, weakref.WeakSet[Lifecycle]] = (
+_watched: weakref.WeakKeyDictionary[Engine, weakref.WeakSet[Victim]] = (
     weakref.WeakKeyDictionary()
 )
 """MariaDB and MySQL engines, each with the lifecycles staging on it."""
 _watched_lock = threading.Lock()
 
 
-def watch_deadlocks(bind: Engine | Connection, lifecycle: Lifecycle) -> None:
+def watch_deadlocks(bind: Engine | Connection, lifecycle: Victim) -> None:
     """Have *lifecycle* told when its transaction on *bind*'s engine is
-    rolled back as a deadlock's victim (:meth:`Lifecycle.rolled_back_by_server`).
+    rolled back as a deadlock's victim (:meth:`Victim.rolled_back_by_server`).
 
     Only for MariaDB and MySQL; the engine's ``handle_error`` listener is
     installed the first time.

@@ -315,3 +315,15 @@ def outbox_rows(engine: Any, outbox: Outbox) -> list[dict[str, Any]]:
         row["errors"] = {s.plugin: s.error for s in found if s.plugin and s.error}
         row["parked"] = any(not s.plugin for s in found)
     return rows
+
+
+def deletes_from(clause: Any, table: Any) -> bool:
+    """Whether *clause* (as ``before_execute`` sees it) deletes rows of
+    *table*: a Core ``delete()``, or the text of MariaDB's delete by key."""
+    if getattr(clause, "is_delete", False):
+        return clause.table is table
+    text = str(clause)
+    named = (f"{table.name} AS t", f"`{table.name}` AS t")
+    return text.startswith("DELETE t FROM JSON_TABLE") and any(
+        name in text for name in named
+    )
