@@ -36,8 +36,8 @@ class Victim(Protocol):
 __all__ = ["rolls_back_at_commit", "watch_deadlocks"]
 
 _INERROR = 3
-"""libpq's ``PQTRANS_INERROR``: psycopg's and psycopg2's
-``connection.info.transaction_status`` of an aborted transaction."""
+"""libpq's ``PQTRANS_INERROR``: the transaction status psycopg and psycopg2
+report for an aborted transaction."""
 
 
 def rolls_back_at_commit(connection: Connection) -> bool:
@@ -49,8 +49,18 @@ def rolls_back_at_commit(connection: Connection) -> bool:
     """
     if connection.dialect.name != "postgresql" or connection.invalidated:
         return False
-    info = getattr(connection.connection.dbapi_connection, "info", None)
-    return getattr(info, "transaction_status", None) == _INERROR
+    dbapi = connection.connection.dbapi_connection
+    # psycopg's pgconn and psycopg2's method read libpq's status directly
+    # (its connection.info builds an object per call, on every commit).
+    pgconn = getattr(dbapi, "pgconn", None)
+    if pgconn is not None:
+        return bool(pgconn.transaction_status == _INERROR)
+    status = getattr(dbapi, "get_transaction_status", None)
+    if status is not None:
+        return bool(status() == _INERROR)
+    # SQLAlchemy's adapter of psycopg's async connection passes info on.
+    info = getattr(dbapi, "info", None)
+    return bool(getattr(info, "transaction_status", None) == _INERROR)
 
 
 _DEADLOCK = 1213

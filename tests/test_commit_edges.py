@@ -402,3 +402,36 @@ def test_a_deadlock_victims_events_are_discarded_and_later_ones_kept(
     assert "after" in stored_names(engine)
     assert recorder.names == ["after"]
     assert discarded == ["rollback"]
+
+
+def test_an_async_session_on_psycopg_tells_the_aborted_transaction_too(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """The same through an AsyncSession on psycopg's async driver."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only")
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    async def run() -> None:
+        other = create_async_engine(
+            engine.url, execution_options=engine.get_execution_options()
+        )
+        maker = async_sessionmaker(other)
+        emitter.attach(maker)
+        try:
+            async with maker() as session:
+                session.add(Item(name="doomed"))
+                await session.flush()
+                stage(session.sync_session, "doomed")
+                with pytest.raises(IntegrityError):
+                    await session.execute(insert(Item).values(name="doomed"))
+                await session.commit()
+        finally:
+            emitter.detach(maker)
+            await other.dispose()
+
+    asyncio.run(run())
+    assert stored_names(engine) == []
+    assert recorder.names == []
