@@ -43,8 +43,8 @@ report for an aborted transaction."""
 def rolls_back_at_commit(connection: Connection) -> bool:
     """Whether COMMIT on *connection* will roll its transaction back.
 
-    Known for PostgreSQL through psycopg and psycopg2 (their connection
-    ``info``); asyncpg does not tell, and other databases go on after a
+    Known for PostgreSQL through psycopg and psycopg2 (libpq's transaction
+    status); asyncpg does not tell, and other databases go on after a
     failed statement.
     """
     if connection.dialect.name != "postgresql" or connection.invalidated:

@@ -76,7 +76,7 @@ class SessionListeners:
         if target in self._installed:
             return
         if weakly:
-            _remove_dead_hooks(target)
+            _remove_hooks(target, lambda listeners: listeners is None)
             self._weak_targets.add(target)
         for name in self.EVENTS:
             # after_commit first: an application's after_commit listener
@@ -95,18 +95,16 @@ class SessionListeners:
         if target not in self._weak_targets:
             function: Callable[..., None] = getattr(self, "_" + name)
             return function
-        hook = _weak_hook(weakref.ref(self), "_" + name)
-        _weak_hooks.setdefault(target, []).append((hook, name))
+        reference = weakref.ref(self)
+        hook = _weak_hook(reference, "_" + name)
+        _weak_hooks.setdefault(target, []).append((hook, name, reference))
         return hook
 
     def remove(self, target: ListenTarget) -> None:
         """Remove the listeners from *target*, if installed."""
         if target in self._weak_targets:
             self._weak_targets.discard(target)
-            hooks = _weak_hooks.get(target, [])
-            for hook, name in [pair for pair in hooks if hook_of(pair) is self]:
-                event.remove(target, name, hook)
-                hooks.remove((hook, name))
+            _remove_hooks(target, lambda listeners: listeners is self)
             self._watching.discard(target)
             self._installed.discard(target)
             return
@@ -231,9 +229,11 @@ class SessionListeners:
 
 
 _weak_hooks: weakref.WeakKeyDictionary[
-    ListenTarget, list[tuple[Callable[..., None], str]]
+    ListenTarget,
+    list[tuple[Callable[..., None], str, weakref.ref[SessionListeners]]],
 ] = weakref.WeakKeyDictionary()
-"""Per target, the weak hooks installed there and their event names."""
+"""Per target, the weak hooks installed there, each with its event name and
+the listeners it calls."""
 
 
 def _weak_hook(
@@ -246,24 +246,19 @@ def _weak_hook(
         if alive is not None:
             getattr(alive, method)(*args)
 
-    hook.listeners = listeners  # type: ignore[attr-defined]
     return hook
 
 
-def hook_of(pair: tuple[Callable[..., None], str]) -> SessionListeners | None:
-    """The listeners a weak hook calls, or None once they were collected."""
-    found: SessionListeners | None = pair[0].listeners()  # type: ignore[attr-defined]
-    return found
-
-
-def _remove_dead_hooks(target: ListenTarget) -> None:
-    """Remove from *target* the weak hooks whose emitter was collected."""
+def _remove_hooks(
+    target: ListenTarget, which: Callable[[SessionListeners | None], bool]
+) -> None:
+    """Remove from *target* the weak hooks whose listeners *which* picks
+    (None: collected)."""
     hooks = _weak_hooks.get(target)
-    if not hooks:
-        return
-    for pair in [pair for pair in hooks if hook_of(pair) is None]:
-        event.remove(target, pair[1], pair[0])
-        hooks.remove(pair)
+    if hooks:
+        for entry in [entry for entry in hooks if which(entry[2]())]:
+            event.remove(target, entry[1], entry[0])
+            hooks.remove(entry)
 
 
 def _due_before_commit(session: Session, lifecycle: Lifecycle) -> bool:

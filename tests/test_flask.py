@@ -265,7 +265,7 @@ def test_an_app_factory_per_test_leaves_no_emitter_behind(tmp_path: Path) -> Non
         gc.collect()
     assert [ref() is not None for ref in emitters].count(True) <= 1
     assert session_class is not None
-    installed = [name for _hook, name in _weak_hooks[session_class]]
+    installed = [entry[1] for entry in _weak_hooks[session_class]]
     assert 1 <= installed.count("after_commit") <= 2, installed
 
 

@@ -595,14 +595,7 @@ def _save(
         {taken.row.id for taken in claimed if taken.row.has_state},
     )
     state_table = outbox.delivery_table
-    # Only rows that have state to replace: a DELETE that finds nothing still
-    # locks the gap where the keys would be on MariaDB, and two relays
-    # inserting there deadlock.
-    replaced = [taken.row.id for taken in claimed if taken.row.has_state]
-    kept_set = set(kept)
-    for part in chunks(
-        connection, [row_id for row_id in replaced if row_id in kept_set]
-    ):
+    for part in chunks(connection, kept):
         delete_ids(connection, state_table.c.event_id, part)
     if states:
         connection.execute(insert(state_table), states)
