@@ -1,9 +1,10 @@
 """Where a transaction will commit, and refusing what cannot be trusted.
 
 Staging is refused on a bind in ``AUTOCOMMIT`` isolation (each statement
-commits on its own, so a rollback that drops the event keeps the change) and,
-for a session joined to an outer transaction, inside a SAVEPOINT the session
-did not open (a rollback to it would undo the change unseen).
+commits on its own, so a rollback that drops the event keeps the change) and
+inside a SAVEPOINT the session did not open (begun on its connection, or by
+whoever began the transaction it joined): a rollback to it would undo the
+change unseen.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ._errors import AuditConfigurationError
 from ._sqla import (
     encloses_foreign_savepoint,
     ends_outer_transaction,
+    in_savepoint,
     is_autocommit,
     mapper_binds,
     nested_transactions,
@@ -36,6 +38,7 @@ __all__ = [
     "check_binds",
     "foreign_savepoint_open",
     "refuse",
+    "refuse_foreign_savepoints",
     "session_binds",
 ]
 
@@ -134,26 +137,71 @@ def refuse(
             "sessions, e.g. engine.execution_options(isolation_level="
             "'READ COMMITTED')"
         )
-    if owner.joined_transactions != "outer" or not isinstance(bind, Connection):
+    if not isinstance(bind, Connection):
         return False
+    outer = owner.joined_transactions == "outer"
     if transaction is None:
-        foreign = bind.in_nested_transaction()  # the session will join inside it
+        # The session will join inside it.
+        foreign = outer and bind.in_nested_transaction()
     else:
-        foreign = encloses_foreign_savepoint(
-            transaction, session.join_transaction_mode
-        ) or foreign_savepoint_open(session, bind)
+        foreign = _watched(owner, transaction, commits) and (
+            encloses_foreign_savepoint(transaction, session.join_transaction_mode)
+            or foreign_savepoint_open(session, bind)
+        )
     if foreign:
         raise AuditConfigurationError(FOREIGN_SAVEPOINT)
-    return transaction is not None and not ends_outer_transaction(transaction, commits)
+    return (
+        outer
+        and transaction is not None
+        and not ends_outer_transaction(transaction, commits)
+    )
+
+
+def refuse_foreign_savepoints(
+    session: Session, root: SessionTransaction, owner: Owner
+) -> None:
+    """Raise if a connection of the session's transaction *root* is inside a
+    SAVEPOINT the session did not open (see :func:`refuse`).
+
+    Checked again for every event staged after a transaction's first, and
+    after every flush of a transaction with events staged: such a SAVEPOINT
+    may be begun at any moment, on the session's own connection
+    (``session.connection().begin_nested()``) as well as by the caller of a
+    joined session, and its rollback would undo what the session staged or
+    flushed in it unseen.
+
+    :raises AuditConfigurationError: such a SAVEPOINT is open.
+    """
+    if not in_savepoint(root):
+        return
+    for connection, transaction, commits in session_connections(root):
+        if _watched(owner, transaction, commits) and foreign_savepoint_open(
+            session, connection
+        ):
+            raise AuditConfigurationError(FOREIGN_SAVEPOINT)
+
+
+def _watched(owner: Owner, transaction: Transaction, commits: bool) -> bool:
+    """Whether a SAVEPOINT the session did not open on *transaction*'s
+    connection is refused: always where the session's commit ends the
+    transaction, and on a joined one unless the emitter delivers on the
+    session's own commit (``joined_transactions="session"``, whose suites
+    roll an enclosing SAVEPOINT back by design)."""
+    return owner.joined_transactions == "outer" or ends_outer_transaction(
+        transaction, commits
+    )
 
 
 FOREIGN_SAVEPOINT = (
-    "access_audit refused: the session is joined to a connection whose "
-    "transaction is inside a SAVEPOINT that the session did not open; a "
-    "rollback to it would undo the session's changes without access_audit "
-    "seeing it. Bind the session where no outside SAVEPOINT encloses it, or "
-    "create the emitter with joined_transactions='session' to deliver on "
-    "session.commit() (for rollback-per-test suites)"
+    "access_audit refused: the session's connection is inside a SAVEPOINT "
+    "that the session did not open (begun on the connection, as "
+    "session.connection().begin_nested() does, or by whoever began the "
+    "transaction the session joined); a rollback to it would undo the "
+    "session's changes without access_audit seeing it. Open SAVEPOINTs with "
+    "session.begin_nested(); bind a joined session where no outside "
+    "SAVEPOINT encloses it, or create the emitter with "
+    "joined_transactions='session' to deliver on session.commit() (for "
+    "rollback-per-test suites)"
 )
 
 

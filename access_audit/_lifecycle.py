@@ -24,10 +24,9 @@ from sqlalchemy.orm import Session, SessionTransaction
 from ._aborted import rolls_back_at_commit, watch_deadlocks
 from ._binds import (
     DEFAULT_GET_BIND,
-    FOREIGN_SAVEPOINT,
     check_binds,
-    foreign_savepoint_open,
     refuse,
+    refuse_foreign_savepoints,
     session_binds,
 )
 from ._clock import utc_datetime
@@ -296,17 +295,16 @@ class Lifecycle:
             raise
 
     def flushed(self, session: Session) -> None:
-        """After a flush of a joined session: refuse a SAVEPOINT it did not open.
+        """After a flush: refuse a SAVEPOINT the session did not open.
 
-        A rollback to a SAVEPOINT that the caller opened on the connection
-        after the session joined would undo what was just flushed while the
-        outer transaction still commits, where access_audit cannot see it.
+        A rollback to a SAVEPOINT begun on the session's connection (or by
+        the caller of a joined session) would undo what was just flushed
+        while the transaction still commits, where access_audit cannot see
+        it.
 
         :raises AuditConfigurationError: such a SAVEPOINT is open.
         """
-        for connection, _watch in self.outer or ():
-            if foreign_savepoint_open(session, connection):
-                raise AuditConfigurationError(FOREIGN_SAVEPOINT)
+        refuse_foreign_savepoints(session, self.root, self.owner)
 
     # -- the commit ------------------------------------------------------
 
@@ -696,6 +694,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             raise AuditConfigurationError(lifecycle.refusal)
         if lifecycle.owner is not owner:
             lifecycle.change_owner(session, owner)
+        refuse_foreign_savepoints(session, root, owner)
         lifecycle.stage(boundary, staged)
     if lifecycle.work_before_commit() and not is_flushing(session) and preparing(root):
         # Staged by a before_commit hook (or a SAVEPOINT released by this

@@ -173,8 +173,7 @@ class SessionListeners:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
-        if lifecycle.outer:
-            lifecycle.flushed(session)
+        lifecycle.flushed(session)
         if _due_before_commit(session, lifecycle):
             lifecycle.prepare(session)
 

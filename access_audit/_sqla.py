@@ -46,6 +46,7 @@ __all__ = [
     "has_committed",
     "has_connections",
     "in_greenlet",
+    "in_savepoint",
     "inherits_options",
     "is_autocommit",
     "is_flushing",
@@ -163,6 +164,16 @@ def transaction_connections(root: SessionTransaction) -> list[Connection]:
     """The connections of :func:`session_connections`, cheaply: some twice
     (the commit path asks each one a question whose answer repeats)."""
     return [entry[0] for entry in root._connections.values()]
+
+
+def in_savepoint(root: SessionTransaction) -> bool:
+    """Whether a connection of the session's transaction *root* is inside a
+    connection-level SAVEPOINT (the session's own or another's), cheaply:
+    asked after every flush."""
+    for entry in root._connections.values():
+        if entry[0]._nested_transaction is not None:
+            return True
+    return False
 
 
 def has_connections(root: SessionTransaction) -> bool:

@@ -513,6 +513,29 @@ def test_savepoint_opened_by_the_caller_before_staging_is_refused(
     assert recorder.names == []
 
 
+def test_event_staged_after_the_first_inside_a_caller_savepoint_is_refused(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """Every event is checked, not only a transaction's first: one staged
+    inside a SAVEPOINT the caller opened after the first raises, and the
+    first is still sent when the outer transaction commits."""
+    with engine.connect() as connection:
+        outer = connection.begin()
+        session = joined_session(emitter, connection)
+        operation(session, "kept")
+        session.flush()
+        savepoint = connection.begin_nested()
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            operation(session, "undone")
+        session.expunge_all()
+        savepoint.rollback()
+        session.commit()
+        session.close()
+        outer.commit()
+    assert recorder.names == ["kept"]
+    assert stored_names(engine) == ["kept"]
+
+
 class FailingPlugin:
     @hookimpl
     def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:

@@ -10,13 +10,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, insert
 from sqlalchemy.exc import DatabaseError, IntegrityError, InvalidRequestError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session, sessionmaker
 from support import Item, Recorder, make_commit_fail, operation, stored_names
 
-from access_audit import AuditEmitter, signals, stage_event
+from access_audit import AuditConfigurationError, AuditEmitter, signals, stage_event
 
 
 def test_outermost_commit_emits_its_events_once_in_order(
@@ -403,4 +403,59 @@ def test_session_joined_to_an_outer_transaction_emits_on_its_commit(
         emitter.detach(maker)
         assert recorder.names == ["first", "third"]
         outer.rollback()  # the usual test recipe: the outer transaction is undone
+    assert stored_names(engine) == []
+
+
+def test_staging_inside_a_savepoint_begun_on_the_connection_is_refused(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """A SAVEPOINT begun on the session's connection (not ``session.begin_nested()``)
+    is one the session cannot see roll back: a later event staged in it is
+    refused, and the earlier one is still sent."""
+    with Session() as session:
+        operation(session, "kept")
+        session.flush()
+        savepoint = session.connection().begin_nested()
+        session.execute(insert(Item).values(name="undone"))
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            stage_event(
+                session,
+                "item_created",
+                target_type="item",
+                target_id="undone",
+                action="create",
+            )
+        savepoint.rollback()
+        session.commit()
+    assert recorder.names == ["kept"]
+    assert stored_names(engine) == ["kept"]
+
+
+def test_flushing_staged_work_inside_a_savepoint_begun_on_the_connection_is_refused(
+    Session: sessionmaker, recorder: Recorder, engine: Engine
+) -> None:
+    """An object whose event is staged, flushed inside a SAVEPOINT begun on
+    the connection: the flush raises, and nothing is sent for the row that
+    the SAVEPOINT's rollback would undo unseen."""
+    discarded: list[tuple[str, str]] = []
+
+    def on_discard(sender: object, event: object, reason: str) -> None:
+        discarded.append((event.target_id, reason))  # type: ignore[attr-defined]
+
+    with signals.audit_event_discarded.connected_to(on_discard), Session() as session:
+        item = Item(name="ghost")
+        session.add(item)
+        stage_event(
+            session,
+            "item_created",
+            target_type="item",
+            target_id=lambda: str(item.id),
+            action="create",
+        )
+        session.connection().begin_nested()
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            session.flush()
+        session.rollback()
+    assert recorder.names == []
+    assert [reason for _, reason in discarded] == ["rollback"]
     assert stored_names(engine) == []
