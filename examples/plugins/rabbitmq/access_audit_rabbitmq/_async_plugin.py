@@ -11,10 +11,11 @@ loop's first publish.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aiormq
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 __all__ = ["AsyncRabbitMQPlugin"]
 
 logger = logging.getLogger("access_audit_rabbitmq")
+
+_WINDOW = 500
+"""Messages of a batch waiting for their confirms at once, at most."""
 
 
 class _Link:
@@ -203,25 +207,47 @@ class AsyncRabbitMQPlugin(PublisherSettings):
             raise self.error(batch, 0, error) from error
         # Started in order: each publish writes its frames under the
         # channel's FIFO lock before awaiting its confirm, so the messages
-        # go out in staging order and are confirmed together.
-        publishes = [
-            asyncio.ensure_future(
-                exchange.publish(
-                    self.message_for(envelope),
-                    self.routing_key_for(envelope),
-                    mandatory=True,
-                    timeout=self.timeout,
+        # go out in staging order and are confirmed together. At most
+        # _WINDOW wait at once, so that a message's timeout runs from about
+        # when it is sent, not from the start of a batch of any size.
+        waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        confirmed = 0
+        try:
+            for envelope in batch:
+                if len(waiting) >= _WINDOW:
+                    await self._confirm(batch, confirmed, waiting.popleft())
+                    confirmed += 1
+                waiting.append(
+                    asyncio.ensure_future(
+                        exchange.publish(
+                            self.message_for(envelope),
+                            self.routing_key_for(envelope),
+                            mandatory=True,
+                            timeout=self.timeout,
+                        )
+                    )
                 )
-            )
-            for envelope in batch
-        ]
-        results = await asyncio.gather(*publishes, return_exceptions=True)
-        for confirmed, result in enumerate(results):
-            if isinstance(result, BaseException):
-                raise self.error(batch, confirmed, result) from result
-            if not isinstance(result, aiormq.spec.Basic.Ack):
-                refused = RuntimeError(f"the broker answered {result!r}")
-                raise self.error(batch, confirmed, refused)
+            while waiting:
+                await self._confirm(batch, confirmed, waiting.popleft())
+                confirmed += 1
+        finally:
+            for publishing in waiting:
+                publishing.cancel()
+
+    async def _confirm(
+        self,
+        batch: tuple[AuditEventEnvelope, ...],
+        confirmed: int,
+        publishing: asyncio.Future[Any],
+    ) -> None:
+        """Wait for the confirm of ``batch[confirmed]``; raise if it is not one."""
+        try:
+            result = await publishing
+        except Exception as error:
+            raise self.error(batch, confirmed, error) from error
+        if not isinstance(result, aiormq.spec.Basic.Ack):
+            refused = RuntimeError(f"the broker answered {result!r}")
+            raise self.error(batch, confirmed, refused)
 
     async def _open(self, link: _Link) -> AbstractExchange:
         """The link's exchange, (re)connecting first if the link is not open."""

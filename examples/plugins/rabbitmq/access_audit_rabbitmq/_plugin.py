@@ -11,11 +11,12 @@ confirms); on a loop every wait is bounded by ``timeout``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 import weakref
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from access_audit import hookimpl
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["THREAD_NAME", "RabbitMQPlugin"]
 
+_T = TypeVar("_T")
+
 THREAD_NAME = "access_audit_rabbitmq"
 """The name of the thread a :class:`RabbitMQPlugin` publishes from."""
 
@@ -37,6 +40,8 @@ class _LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        self._lock = threading.Lock()
+        self._stopping = False
         self.thread.start()
 
     def _run(self) -> None:
@@ -46,9 +51,48 @@ class _LoopThread:
         finally:
             self.loop.close()
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
+    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run *coroutine* on the loop and wait for its result.
+
+        :raises concurrent.futures.CancelledError: :meth:`stop` cancelled it,
+            or was called before it could start.
+        """
+        with self._lock:
+            if self._stopping:
+                coroutine.close()
+                raise concurrent.futures.CancelledError
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result()
+
+    def stop(self, closing: Coroutine[Any, Any, None]) -> None:
+        """Cancel what still runs on the loop (a batch being published, whose
+        thread then gets :class:`concurrent.futures.CancelledError`), run
+        *closing*, then stop the loop and its thread. A loop stopped with a
+        coroutine still on it would leave its waiting thread blocked forever.
+        """
+        with self._lock:
+            self._stopping = True
+        try:
+            asyncio.run_coroutine_threadsafe(_wind_down(closing), self.loop).result()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+
+
+async def _wind_down(closing: Coroutine[Any, Any, None]) -> None:
+    current = asyncio.current_task()
+    running = [task for task in asyncio.all_tasks() if task is not current]
+    for task in running:
+        task.cancel()
+    if running:
+        # A cancelled publish drops its connection at once; a task that
+        # ignores cancelling is not waited for past this.
+        await asyncio.wait(running, timeout=_CANCEL_WAIT)
+    await closing
+
+
+_CANCEL_WAIT = 5.0
+"""Seconds :meth:`_LoopThread.stop` waits for the cancelled tasks to end."""
 
 
 class RabbitMQPlugin(PublisherSettings):
@@ -115,25 +159,26 @@ class RabbitMQPlugin(PublisherSettings):
         with self._lock:
             if self._runner is None:
                 self._runner = _LoopThread()
-            loop = self._runner.loop
-        # Bounded inside: connecting and each confirm wait at most timeout.
-        asyncio.run_coroutine_threadsafe(self._publisher.publish(batch), loop).result()
+            runner = self._runner
+        try:
+            # Bounded inside: connecting and each confirm wait at most timeout.
+            runner.run(self._publisher.publish(batch))
+        except concurrent.futures.CancelledError as cancelled:
+            closed = RuntimeError("the plugin was closed during the publish")
+            raise self.error(batch, 0, closed) from cancelled
 
     def close(self) -> None:
         """Close the connection and stop the loop thread; idempotent.
 
-        A later publish starts them again.
+        A batch another thread is publishing meanwhile fails (with
+        :class:`~access_audit_rabbitmq.RabbitMQPublishError`: access_audit
+        logs it, and with an outbox the relay delivers it again). A later
+        publish starts them again.
         """
         with self._lock:
             runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(
-                self._publisher.aclose(), runner.loop
-            ).result()
-        finally:
-            runner.stop()
+        if runner is not None:
+            runner.stop(self._publisher.aclose())
 
 
 def _forget(reference: weakref.ref[RabbitMQPlugin]) -> None:

@@ -370,6 +370,49 @@ def test_sync_plugin_starts_its_thread_at_first_publish_and_close_stops_it(
     assert [m.message_id for m in queue.take()] == [str(first.id), str(second.id)]
 
 
+def test_sync_plugin_closed_during_a_publish_ends_that_publish(
+    queue: Queue, make_plugin: Callable[..., Plugin]
+) -> None:
+    """close() from a shutdown hook while another thread publishes a large
+    batch: that thread's publish returns or raises promptly, instead of
+    waiting on a loop that close() stopped under it."""
+    plugin = make_plugin(routing_key=queue.name, timeout=5)
+    assert isinstance(plugin, RabbitMQPlugin)
+    plugin.publish([envelope("through")])  # the connection opens
+    raised: list[BaseException] = []
+
+    def publish_many() -> None:
+        try:
+            plugin.publish([envelope(str(number)) for number in range(10_000)])
+        except BaseException as error:
+            raised.append(error)
+
+    publisher = threading.Thread(target=publish_many, daemon=True)
+    publisher.start()
+    time.sleep(0.3)  # the batch is being published
+    plugin.close()
+    publisher.join(15)
+    assert not publisher.is_alive(), "publish() still waits after close()"
+    assert [type(error) for error in raised] == [RabbitMQPublishError]
+    assert "closed during the publish" in str(raised[0])
+    assert (plugin.running, plugin_threads()) == (False, 0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_batch_longer_than_the_timeout_is_confirmed(
+    queue: Queue, make_plugin: Callable[..., Plugin], kind: str
+) -> None:
+    """``timeout`` bounds each confirm, not the batch: a batch that takes
+    longer than it on a healthy broker is confirmed whole (no message's
+    wait starts while thousands are queued before it)."""
+    plugin = make_plugin(kind, routing_key=queue.name, timeout=1)
+    batch = [envelope(str(number)) for number in range(12_000)]
+    started = time.monotonic()
+    publish(plugin, batch)
+    assert time.monotonic() - started > 1  # else the test proves nothing
+    assert queue.count() == len(batch)
+
+
 # -- failures -------------------------------------------------------------------
 
 
