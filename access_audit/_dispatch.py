@@ -28,7 +28,7 @@ from ._aio import (
     deliver_to_async_plugins,
     run_coroutine,
 )
-from ._logging import logger
+from ._logging import event_ids, logger
 
 if TYPE_CHECKING:
     from pluggy import HookCaller, HookImpl
@@ -225,7 +225,7 @@ def _log_returned_failure(
     logger.error(
         "plugin %r returned a task that failed, for events %s",
         name,
-        ", ".join(str(envelope.id) for envelope in envelopes),
+        event_ids(envelopes),
         exc_info=future.exception(),
     )
 
@@ -503,7 +503,7 @@ def _plugin_failed(
         "plugin %r raised in %s for events %s",
         name,
         impl.function.__name__,
-        ", ".join(str(envelope.id) for envelope in envelopes),
+        event_ids(envelopes),
         exc_info=error,
     )
     arguments = {"plugin_name": name, "envelopes": tuple(envelopes), "error": error}
@@ -523,5 +523,5 @@ def _plugin_failed(
             logger.exception(
                 "plugin %r raised in audit_delivery_failed for events %s",
                 failure_impl.plugin_name,
-                ", ".join(str(envelope.id) for envelope in envelopes),
+                event_ids(envelopes),
             )

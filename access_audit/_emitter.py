@@ -32,7 +32,7 @@ from ._errors import AuditConfigurationError
 from ._hookspecs import PROJECT_NAME, AuditEventsPluginSpec
 from ._imports import plugin_from
 from ._listeners import SessionListeners
-from ._logging import logger
+from ._logging import event_ids, logger
 from ._loop_dispatch import Job, LoopDispatcher
 from ._registry import (
     AttachTarget,
@@ -464,7 +464,7 @@ class AuditEmitter:
                     logger.exception(
                         "events %s committed after the emitter was closed were "
                         "not sent",
-                        ", ".join(str(envelope.id) for envelope in envelopes),
+                        event_ids(envelopes),
                     )
                 return
         if self._relay_only:
@@ -485,7 +485,7 @@ class AuditEmitter:
         except RuntimeError:
             logger.exception(
                 "events %s committed after the emitter was closed were not sent",
-                ", ".join(str(envelope.id) for envelope in envelopes),
+                event_ids(envelopes),
             )
 
     async def _adeliver(
@@ -750,7 +750,7 @@ def _record_failed(
     logger.error(
         "could not mark outbox rows %s as delivered; the relay will "
         "deliver them again (consumers de-duplicate by id)",
-        ", ".join(str(envelope.id) for envelope in envelopes),
+        event_ids(envelopes),
         exc_info=error,
     )
 

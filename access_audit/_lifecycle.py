@@ -33,7 +33,7 @@ from ._clock import utc_datetime
 from ._envelope import AuditEventEnvelope, committed_envelope
 from ._errors import AuditConfigurationError
 from ._ids import as_uuid, with_inverted_tail
-from ._logging import logger
+from ._logging import event_ids, logger
 from ._outer import OuterWatch, watch_outer
 from ._sqla import (
     autobegin,
@@ -375,7 +375,7 @@ class Lifecycle:
                 "events %s were staged after this commit's outbox rows were "
                 "written (by a hook that runs after access_audit's); they are "
                 "dispatched, but the relay cannot re-deliver them",
-                ", ".join(str(e.id) for e in self.built[written:]),
+                event_ids(self.built[written:]),
             )
         return Discard(failed, "lazy_value_failed") if failed else None
 
@@ -522,7 +522,7 @@ class Lifecycle:
         ids) is logged if there were any."""
         withdrawn = self.withdraw(None)
         if withdrawn:
-            logger.warning(warning, ", ".join(str(staged.id) for staged in withdrawn))
+            logger.warning(warning, event_ids(withdrawn))
             self.owner._discarded(withdrawn, "rollback")
 
     def _build(self, events: list[StagedEvent]) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from ._logging import logger
+from ._logging import event_ids, logger
 from ._sqla import await_only, in_greenlet
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class _LoopQueue:
                 "events %s were being delivered when their event loop closed "
                 "(without aclose(), and without cancelling its tasks): their "
                 "delivery was interrupted",
-                ", ".join(str(envelope.id) for envelope in self.current.envelopes),
+                event_ids(self.current.envelopes),
             )
             self.current = None
         if self.worker is not None:

@@ -111,6 +111,30 @@ def test_a_base_exception_from_a_plugin_is_isolated(
         assert str(envelope.id) in message
 
 
+def test_a_failure_on_a_large_commit_is_one_short_log_line(
+    Session: sessionmaker,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The failure of a plugin on a commit of 5,000 events names a few of
+    them and counts the rest: a line listing every id (3.8 MB for 100,000)
+    is truncated or dropped by log shippers, and the failure with it."""
+    emitter.register(Faulty("audit_events_committed", RuntimeError), name="faulty")
+    caplog.set_level(logging.ERROR, logger="access_audit")
+    with Session() as session:
+        for number in range(5000):
+            operation(session, f"item-{number}")
+        session.commit()
+    assert len(recorder.events) == 5000
+    [message] = [record.getMessage() for record in caplog.records]
+    assert "plugin 'faulty' raised in audit_events_committed" in message
+    assert str(recorder.events[0].id) in message
+    assert str(recorder.events[-1].id) not in message
+    assert "and 4,980 more" in message
+    assert len(message) < 2000
+
+
 @pytest.mark.parametrize("error", ISOLATED, ids=["GeneratorExit", "custom"])
 def test_a_base_exception_from_a_receiver_or_failure_hook_is_isolated(
     Session: sessionmaker,
