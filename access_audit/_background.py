@@ -18,7 +18,7 @@ from ._logging import logger
 if TYPE_CHECKING:
     from ._types import QueueFullPolicy
 
-__all__ = ["BackgroundDispatcher", "running_loop"]
+__all__ = ["BackgroundDispatcher", "flush_every", "running_loop"]
 
 Job = Callable[[], None]
 
@@ -46,6 +46,7 @@ class BackgroundDispatcher:
         self.when_full = when_full
         self._closed = False
         self._start_empty()
+        _every.add(self)
         reference = weakref.ref(self)
         atexit.register(_close_at_exit, reference)
         if hasattr(os, "register_at_fork"):  # not on Windows
@@ -157,6 +158,26 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+_every: weakref.WeakSet[BackgroundDispatcher] = weakref.WeakSet()
+"""Every background dispatcher of the process, for :func:`flush_every`."""
+
+
+def flush_every(timeout: float) -> bool:
+    """Flush every background dispatcher of the process (see
+    :meth:`BackgroundDispatcher.flush`), within *timeout* seconds in all;
+    False if one had not run its jobs by then.
+
+    For the testing recorder: the signals of a background delivery fire on
+    the worker thread, after the commit returned.
+    """
+    deadline = time.monotonic() + timeout
+    done = True
+    for dispatcher in list(_every):
+        remaining = max(0.0, deadline - time.monotonic())
+        done = dispatcher.flush(remaining) and done
+    return done
 
 
 def _start_empty_in_child(reference: weakref.ref[BackgroundDispatcher]) -> None:

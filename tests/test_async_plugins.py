@@ -422,7 +422,12 @@ def test_a_cancelled_caller_still_gets_the_plain_plugins_and_failure_reports(
         maker = async_sessionmaker(engine)
         emitter.attach(maker)
         task = asyncio.create_task(commit_items(maker, "kept"))
-        await asyncio.sleep(0.1)
+
+        async def delivering() -> None:
+            while not slow.loops:  # COMMIT went through: the plugins run
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(delivering(), 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

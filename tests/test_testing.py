@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import unittest
 
 import pytest
@@ -153,6 +154,54 @@ def test_recorder_stops_recording_after_the_block(
     with Session.begin() as session:
         operation(session, "late")
     assert audit_events.events == []
+
+
+def test_recorder_leaves_out_discards_of_events_staged_before_it(
+    Session: sessionmaker,
+) -> None:
+    """An event an earlier test staged, discarded while this one records
+    (its session collected now), is not this test's discard."""
+    earlier = Session()
+    operation(earlier, "earlier-test")
+    with capture_audit_events() as audit_events, Session() as session:
+        operation(session, "this-test")
+        earlier.close()
+        session.rollback()
+    assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
+        ("this-test", "rollback")
+    ]
+
+
+class SlowPlugin:
+    """Takes a moment per batch, as a sink on the network does."""
+
+    @hookimpl
+    def audit_events_committed(self, envelopes: object) -> None:
+        time.sleep(0.3)
+
+
+def test_recorder_waits_for_background_dispatch(engine: Engine) -> None:
+    """With ``dispatch="background"`` an assertion right after the commit
+    sees the event, and what a block committed is delivered before it ends,
+    never into the next block's recording."""
+    emitter = AuditEmitter(
+        [SlowPlugin()], load_entrypoints=False, dispatch="background"
+    )
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    try:
+        with capture_audit_events() as first:
+            with maker.begin() as session:
+                operation(session, "first")
+            first.assert_emitted("item_created", target_id="first")
+            with maker.begin() as session:
+                operation(session, "second")
+        with capture_audit_events() as following:
+            time.sleep(0.5)
+        assert [e.target_id for e in first.events] == ["first", "second"]
+        assert following.events == []
+    finally:
+        emitter.close()
 
 
 def test_recorder_works_inside_the_rollback_per_test_recipe(

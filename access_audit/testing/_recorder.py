@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import signals
+from .._background import flush_every
 from .._emitter import raising_plugin_errors
 from .._envelope import AuditEventEnvelope
+from .._ids import uuid7_int
 from .._staged import StagedEvent
 from .._types import DiscardReason
 
@@ -28,6 +31,10 @@ _REASONS: dict[DiscardReason, str] = {
     "refused": "a connection access_audit refused",
 }
 """How a failure message names each discard reason (every one has a line)."""
+
+SETTLE_SECONDS = 10.0
+"""How long the recorder's queries, and the end of recording, wait for
+background dispatch to deliver what was committed before them."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,7 +63,11 @@ class AuditEventRecorder:
         self.events: list[AuditEventEnvelope] = []
         """Committed envelopes, in commit order, from every emitter."""
         self.discarded: list[DiscardedEvent] = []
-        """Staged events that were dropped, with the reason."""
+        """Staged events that were dropped, with the reason: those staged
+        while recording (an event staged before, by an earlier test, may be
+        discarded whenever the garbage collector gets to its session)."""
+        self._since = uuid7_int(time.time_ns())
+        """Event ids are ordered within the process: later events' are greater."""
 
     def __repr__(self) -> str:
         return (
@@ -74,9 +85,13 @@ class AuditEventRecorder:
     ) -> list[AuditEventEnvelope]:
         """The recorded envelopes that match, in order.
 
+        Waits first (up to :data:`SETTLE_SECONDS`) for background dispatch
+        to deliver what was committed before the call.
+
         :raises TypeError: a field name that envelopes do not have.
         """
         _check_fields(fields)
+        flush_every(SETTLE_SECONDS)
         return [
             envelope
             for envelope in self.events
@@ -124,7 +139,8 @@ class AuditEventRecorder:
     def _on_discarded(
         self, sender: object, event: StagedEvent, reason: DiscardReason
     ) -> None:
-        self.discarded.append(DiscardedEvent(event, reason))
+        if event._id_int > self._since:
+            self.discarded.append(DiscardedEvent(event, reason))
 
 
 @contextlib.contextmanager
@@ -134,6 +150,9 @@ def capture_audit_events(
     """Record audit events from every emitter while the block runs.
 
     Recording adds signal receivers; the plugins keep receiving as before.
+    With ``dispatch="background"``, the queries (:meth:`~AuditEventRecorder.filter`,
+    the assertions) and the block's end first wait for the worker to deliver
+    what was committed before them; read ``.events`` after ``emitter.flush()``.
     With ``raise_plugin_errors``, every emitter behaves as if created with
     ``raise_plugin_errors=True`` inside the block, so a plugin bug fails the
     test instead of only being logged.
@@ -148,7 +167,12 @@ def capture_audit_events(
         )
         if raise_plugin_errors:
             stack.enter_context(raising_plugin_errors())
-        yield recorder
+        try:
+            yield recorder
+        finally:
+            # What the block committed is delivered while it still records
+            # (not in whatever records next).
+            flush_every(SETTLE_SECONDS)
 
 
 def _check_fields(fields: Mapping[str, Any]) -> None:
