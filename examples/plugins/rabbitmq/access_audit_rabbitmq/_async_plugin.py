@@ -79,7 +79,8 @@ class _Link:
         if connection is not None and not connection.is_closed:
             await _close(connection)
         if self._closing:
-            await asyncio.gather(*self._closing)
+            # return_exceptions: one that close() cancelled has nothing to say.
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _detach(self) -> AbstractConnection | None:
         connection, self.connection = self.connection, None

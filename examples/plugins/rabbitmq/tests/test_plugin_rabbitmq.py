@@ -398,6 +398,28 @@ def test_sync_plugin_closed_during_a_publish_ends_that_publish(
     assert (plugin.running, plugin_threads()) == (False, 0)
 
 
+def test_close_ends_a_connection_still_closing_from_a_failure_quietly() -> None:
+    """A failed publish leaves its connection closing in the background (a
+    broker gone silent never says goodbye); the sync plugin's close() cancels
+    what still runs on its loop, that closing too, and must not raise for it."""
+    from access_audit_rabbitmq._async_plugin import _Link
+    from access_audit_rabbitmq._plugin import _LoopThread
+
+    async def failed() -> _Link:
+        link = _Link()
+        link._closing.add(asyncio.ensure_future(asyncio.sleep(3600)))
+        return link
+
+    runner = _LoopThread()
+    link = runner.run(failed())
+    [closing] = link._closing
+    started = time.monotonic()
+    runner.stop(link.close())
+    assert time.monotonic() - started < 10
+    assert closing.cancelled()
+    assert not runner.thread.is_alive()
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_batch_longer_than_the_timeout_is_confirmed(
     queue: Queue, make_plugin: Callable[..., Plugin], kind: str
