@@ -17,6 +17,7 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from support import Item, Recorder, make_commit_fail, operation, stored_names
 
 from access_audit import AuditConfigurationError, AuditEmitter, signals, stage_event
+from access_audit.testing import capture_audit_events
 
 
 def test_outermost_commit_emits_its_events_once_in_order(
@@ -437,12 +438,7 @@ def test_flushing_staged_work_inside_a_savepoint_begun_on_the_connection_is_refu
     """An object whose event is staged, flushed inside a SAVEPOINT begun on
     the connection: the flush raises, and nothing is sent for the row that
     the SAVEPOINT's rollback would undo unseen."""
-    discarded: list[tuple[str, str]] = []
-
-    def on_discard(sender: object, event: object, reason: str) -> None:
-        discarded.append((event.target_id, reason))  # type: ignore[attr-defined]
-
-    with signals.audit_event_discarded.connected_to(on_discard), Session() as session:
+    with capture_audit_events() as audit_events, Session() as session:
         item = Item(name="ghost")
         session.add(item)
         stage_event(
@@ -457,5 +453,5 @@ def test_flushing_staged_work_inside_a_savepoint_begun_on_the_connection_is_refu
             session.flush()
         session.rollback()
     assert recorder.names == []
-    assert [reason for _, reason in discarded] == ["rollback"]
+    assert [d.reason for d in audit_events.discarded] == ["rollback"]
     assert stored_names(engine) == []
