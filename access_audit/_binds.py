@@ -18,7 +18,6 @@ from ._errors import AuditConfigurationError
 from ._sqla import (
     encloses_foreign_savepoint,
     ends_outer_transaction,
-    in_savepoint,
     is_autocommit,
     mapper_binds,
     nested_transactions,
@@ -164,7 +163,8 @@ def refuse_foreign_savepoints(
     SAVEPOINT the session did not open (see :func:`refuse`).
 
     Checked again for every event staged after a transaction's first, and
-    after every flush of a transaction with events staged: such a SAVEPOINT
+    after every flush of a transaction with events staged, where
+    :func:`~access_audit._sqla.in_savepoint` says a SAVEPOINT is open: such a SAVEPOINT
     may be begun at any moment, on the session's own connection
     (``session.connection().begin_nested()``) as well as by the caller of a
     joined session, and its rollback would undo what the session staged or
@@ -172,8 +172,6 @@ def refuse_foreign_savepoints(
 
     :raises AuditConfigurationError: such a SAVEPOINT is open.
     """
-    if not in_savepoint(root):
-        return
     for connection, transaction, commits in session_connections(root):
         if _watched(owner, transaction, commits) and foreign_savepoint_open(
             session, connection

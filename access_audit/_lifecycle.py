@@ -42,6 +42,7 @@ from ._sqla import (
     current_transaction,
     has_committed,
     has_connections,
+    in_savepoint,
     is_autocommit,
     is_flushing,
     mapper_binds,
@@ -304,7 +305,8 @@ class Lifecycle:
 
         :raises AuditConfigurationError: such a SAVEPOINT is open.
         """
-        refuse_foreign_savepoints(session, self.root, self.owner)
+        if in_savepoint(self.root):
+            refuse_foreign_savepoints(session, self.root, self.owner)
 
     # -- the commit ------------------------------------------------------
 
@@ -694,7 +696,8 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             raise AuditConfigurationError(lifecycle.refusal)
         if lifecycle.owner is not owner:
             lifecycle.change_owner(session, owner)
-        refuse_foreign_savepoints(session, root, owner)
+        if in_savepoint(root):
+            refuse_foreign_savepoints(session, root, owner)
         lifecycle.stage(boundary, staged)
     if lifecycle.work_before_commit() and not is_flushing(session) and preparing(root):
         # Staged by a before_commit hook (or a SAVEPOINT released by this
