@@ -57,6 +57,7 @@ __all__ = [
     "preparing",
     "session_connections",
     "sets_connection_options",
+    "sole_connection",
     "transaction_connections",
 ]
 
@@ -174,6 +175,18 @@ def in_savepoint(root: SessionTransaction) -> bool:
         if entry[0]._nested_transaction is not None:
             return True
     return False
+
+
+def sole_connection(root: SessionTransaction | None) -> Connection | None:
+    """The one connection the session's transaction *root* holds; None if
+    it holds none yet, or several (one per database it worked in)."""
+    found: Connection | None = None
+    for entry in root._connections.values() if root is not None else ():
+        if found is None:
+            found = entry[0]
+        elif entry[0] is not found:
+            return None
+    return found
 
 
 def has_connections(root: SessionTransaction) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import String
 from sqlalchemy.orm import Mapped, mapped_column
@@ -482,3 +482,96 @@ def test_flask_relay_command_refuses_another_delivery_store(tmp_path: Path) -> N
     result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
     assert result.exit_code != 0
     assert "Outbox" in result.output
+
+
+def test_actor_loader_is_not_called_outside_a_request(
+    tmp_path: Path, audit_events: AuditEventRecorder
+) -> None:
+    """A CLI command or script in an app context has no request: a loader
+    that reads the request (as login code does) is not called there."""
+    app, db = make_app(tmp_path)
+    audit = AccessAudit(app, db)
+
+    @audit.actor_loader
+    def from_the_request() -> Actor:
+        return Actor(request.headers["X-User"])
+
+    with app.app_context():
+        stage_event(
+            db.session, "tag_delete", target_type="tag", target_id=1, action="d"
+        )
+        db.session.commit()
+    app.test_client().post("/tags/a", headers={"X-User": "u-7"})
+    audit_events.assert_emitted("tag_delete", actor_id="system")
+    audit_events.assert_emitted("tag_create", actor_id="u-7")
+
+
+def test_flask_relay_command_errors_are_one_line(tmp_path: Path) -> None:
+    """A missing outbox table and an option out of range: one line each, exit
+    status 2 (as ``access-audit relay``), no traceback."""
+    from access_audit.outbox import Outbox
+
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db, outbox=Outbox(db.metadata))  # tables never created
+    runner = app.test_cli_runner()
+    missing = runner.invoke(args=["access-audit", "relay", "--once"])
+    zero = runner.invoke(args=["access-audit", "relay", "--once", "--batch-size", "0"])
+    unknown = runner.invoke(args=["access-audit", "relay", "--once", "--bind", "nope"])
+    assert (missing.exit_code, zero.exit_code, unknown.exit_code) == (2, 2, 2)
+    assert "does not exist" in missing.output
+    assert "batch" in zero.output
+    assert "no Flask-SQLAlchemy bind 'nope'" in unknown.output
+    for result in (missing, zero, unknown):
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert "Traceback" not in result.output
+
+
+def test_a_change_on_another_bind_has_its_rows_there_and_bind_relays_them(
+    tmp_path: Path,
+) -> None:
+    """SQLALCHEMY_BINDS: a change on the "other" bind writes its outbox row
+    in that database (so they commit together); ``relay --bind other``
+    delivers it, and the default database has nothing to relay."""
+    from access_audit import hookimpl
+    from access_audit.outbox import Outbox
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.broken = True
+            self.received: list[str] = []
+
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            if self.broken:
+                raise ConnectionError("sink down")
+            self.received.append(envelope.target_id)
+
+    app, db = make_app(
+        tmp_path, SQLALCHEMY_BINDS={"other": f"sqlite:///{tmp_path / 'other'}.db"}
+    )
+
+    class Note(db.Model):  # type: ignore[name-defined,misc]
+        __bind_key__ = "other"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    outbox = Outbox(db.metadata)
+    flaky = Flaky()
+    audit = AccessAudit(app, db, outbox=outbox)
+    audit.emitter_of(app).register(flaky, name="flaky")
+    with app.app_context():
+        db.create_all()
+        outbox.create(db.engines["other"])
+        db.session.add(Note())
+        stage_event(db.session, "note_add", target_type="note", target_id=1, action="a")
+        db.session.commit()
+        assert audit.emitter_of(app).flush(timeout=10)
+    flaky.broken = False
+    runner = app.test_cli_runner()
+    default = runner.invoke(args=["access-audit", "relay", "--once", "--backoff", "0"])
+    other = runner.invoke(
+        args=["access-audit", "relay", "--once", "--backoff", "0", "--bind", "other"]
+    )
+    assert default.exit_code == other.exit_code == 0, default.output + other.output
+    assert "0 delivered" in default.output
+    assert "1 delivered" in other.output
+    assert flaky.received == ["1"]

@@ -36,10 +36,17 @@ from support import (
     operation,
     outbox_emitter,
     outbox_rows,
+    sqlite_engine,
     stored_names,
 )
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import (
+    AuditConfigurationError,
+    AuditEmitter,
+    AuditEventEnvelope,
+    hookimpl,
+    stage_event,
+)
 from access_audit.outbox import DEAD, DELIVERED, PENDING, Outbox
 
 
@@ -952,3 +959,74 @@ def test_an_older_sqlite_with_its_999_variable_limit_records_and_relays_big_comm
     finally:
         outbox.drop(engine)
         engine.dispose()
+
+
+# -- rows go where the change is -------------------------------------------------
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path) -> Iterator[Engine]:
+    """A second database, which the outbox table is bound to by default (as
+    Flask-SQLAlchemy binds a table without a bind key to the default one)."""
+    other = sqlite_engine(tmp_path / "elsewhere.db")
+    yield other
+    other.dispose()
+
+
+def bound_apart(engine: Engine, outbox: Outbox, elsewhere: Engine) -> sessionmaker:
+    """Sessions whose models are on *engine*, the outbox tables on *elsewhere*."""
+    return sessionmaker(
+        bind=engine,
+        binds={outbox.table: elsewhere, outbox.delivery_table: elsewhere},
+    )
+
+
+def test_rows_are_written_in_the_database_of_the_change(
+    engine: Engine, outbox: Outbox, sink: Sink, elsewhere: Engine
+) -> None:
+    """A transaction whose changes are all in one database gets its rows
+    there, whatever the outbox table's own bind: they commit together, and
+    a failed COMMIT leaves no row anywhere for the relay to send."""
+    outbox.create(elsewhere)
+    outbox.relay_after = timedelta(0)  # the relay takes the rows at once
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="relay")
+    emitter.register(sink, name="sink")
+    maker = bound_apart(engine, outbox, elsewhere)
+    emitter.attach(maker)
+    with maker() as session:
+        operation(session, "kept")
+        session.commit()
+        for attempt in range(5):
+            operation(session, f"doomed-{attempt}")
+            session.flush()
+            make_commit_fail(session, engine)
+            with pytest.raises(DatabaseError):
+                session.commit()
+            session.rollback()
+    assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == ["kept"]
+    assert outbox_rows(elsewhere, outbox) == []
+    assert emitter.relay(elsewhere).delivered == 0
+    assert emitter.relay(engine).delivered == 1
+    assert sink.names == ["kept"]
+    outbox.drop(elsewhere)
+
+
+def test_a_change_in_a_database_without_the_outbox_table_is_refused(
+    engine: Engine, outbox: Outbox, sink: Sink, elsewhere: Engine
+) -> None:
+    """No outbox table in the change's database: the commit is refused with
+    an error that names the database and the fix, and nothing is stored."""
+    outbox.create(elsewhere)
+    outbox.drop(engine)
+    emitter = outbox_emitter(outbox, sink=sink)
+    maker = bound_apart(engine, outbox, elsewhere)
+    emitter.attach(maker)
+    with maker() as session:
+        operation(session, "refused")
+        with pytest.raises(AuditConfigurationError, match=r"outbox\.create"):
+            session.commit()
+        session.rollback()
+    assert stored_names(engine) == []
+    assert outbox_rows(elsewhere, outbox) == []
+    assert sink.events == []
+    outbox.drop(elsewhere)

@@ -60,14 +60,30 @@ def _relay_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
+class _Refused(click.ClickException):
+    """A configuration the relay cannot run with (a missing table): one line,
+    exit status 2, as ``access-audit relay`` gives."""
+
+    exit_code = 2
+
+
 @cli.command("relay")
+@click.option(
+    "--bind",
+    "bind_key",
+    metavar="KEY",
+    default=None,
+    help="relay the database of this Flask-SQLAlchemy bind (whose changes "
+    "write their outbox rows there); default: the outbox table's",
+)
 @_relay_options
-def relay(**options: Any) -> None:
+def relay(bind_key: str | None, **options: Any) -> None:
     """Re-deliver undelivered outbox rows (options as for python -m access_audit relay).
 
     Uses this app's emitter (its plugins and outbox) and the database that
-    holds the outbox table.
+    holds the outbox table, or the bind ``--bind`` names.
     """
+    from .._errors import AuditConfigurationError
     from ._extension import AccessAudit
 
     emitter = AccessAudit.emitter_of(current_app)
@@ -83,9 +99,19 @@ def relay(**options: Any) -> None:
             f"this app's emitter delivers through {outbox!r}, not an "
             "access_audit.outbox.Outbox: relay it with its own tools"
         )
-    engine = AccessAudit.outbox_engine_of(current_app)
-    status = run_command(
-        RelayOptions(**options), emitter, engine, outbox, out=sys.stdout
-    )
+    try:
+        chosen = RelayOptions(**options)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    try:
+        engine = AccessAudit.outbox_engine_of(current_app, bind_key)
+    except AuditConfigurationError as error:
+        if bind_key is None:
+            raise _Refused(str(error)) from None
+        raise click.BadParameter(str(error), param_hint="--bind") from None
+    try:
+        status = run_command(chosen, emitter, engine, outbox, out=sys.stdout)
+    except AuditConfigurationError as error:
+        raise _Refused(str(error)) from None
     if status:
         click.get_current_context().exit(status)

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, has_app_context
+from flask import Flask, current_app, has_app_context, has_request_context
 
 from .._context import ActorLike, ActorResolver, to_actor
 from .._emitter import AuditEmitter
@@ -160,10 +160,13 @@ class AccessAudit:
         return emitter
 
     @staticmethod
-    def outbox_engine_of(app: Flask) -> Any:
-        """The engine that holds *app*'s outbox table (needs an app context).
+    def outbox_engine_of(app: Flask, bind_key: str | None = None) -> Any:
+        """The engine that holds *app*'s outbox table, or that of the
+        Flask-SQLAlchemy bind *bind_key* (whose changes write their outbox
+        rows there); needs an app context.
 
-        :raises AuditConfigurationError: no outbox, or no ``db`` to find it in.
+        :raises AuditConfigurationError: no outbox, no ``db`` to find it in,
+            or no such bind.
         """
         state = app.extensions.get(EXTENSION_KEY)
         emitter = AccessAudit.emitter_of(app)
@@ -171,11 +174,19 @@ class AccessAudit:
             raise AuditConfigurationError(
                 "the relay needs AccessAudit(app, db, outbox=Outbox(db.metadata))"
             )
+        if bind_key is not None:
+            engines = state.db.engines
+            if bind_key not in engines:
+                raise AuditConfigurationError(
+                    f"no Flask-SQLAlchemy bind {bind_key!r}; this app's binds: "
+                    f"{sorted(key for key in engines if key is not None)}"
+                )
+            return engines[bind_key]
         return state.db.session.get_bind(clause=emitter.outbox.table)
 
     def _resolve_actor(self, resolver: ActorResolver | None) -> Actor | None:
         # The actor loader (inside a request), then an actor_resolver option.
-        if self._actor_loader is not None and has_app_context():
+        if self._actor_loader is not None and has_request_context():
             actor = to_actor(self._actor_loader(), "actor_loader")
             if actor is not None:
                 return actor

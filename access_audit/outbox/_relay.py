@@ -409,7 +409,7 @@ def _check_tables(bind: Engine | Connection, outbox: Outbox) -> None:
                     f"the outbox table {table.fullname!r} does not exist in "
                     f"{connection.engine.url.render_as_string()}; create it "
                     "(outbox.create(engine), metadata.create_all(), a migration "
-                    "or --create-table)"
+                    "or access-audit relay --create-table)"
                 )
 
 

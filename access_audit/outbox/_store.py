@@ -21,12 +21,15 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     select,
     text,
 )
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, stored_envelope, stored_json
+from .._errors import AuditConfigurationError
+from .._sqla import sole_connection
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -204,54 +207,115 @@ def chunks(connection: Connection, ids: Sequence[str]) -> Iterator[Sequence[str]
         yield ids[start : start + size]
 
 
+def _connection_for_rows(session: Session, outbox: Outbox) -> Connection:
+    """Where a commit's outbox rows go: into the database of its changes.
+
+    A transaction whose work is all on one connection (one database) gets
+    its rows there, whatever the outbox table's own bind (another bind of
+    Flask-SQLAlchemy's, a session's ``binds``): written through the
+    table's bind they would commit apart from the changes, and a failed
+    COMMIT of the changes could leave rows for the relay to send. Otherwise
+    (no work yet, or several databases, which commit one after the other
+    anyway) they go to the table's bind.
+
+    :raises AuditConfigurationError: the change's database has no outbox
+        table.
+    """
+    only = sole_connection(session.get_transaction())
+    bind = session.get_bind(clause=outbox.table)
+    if only is None or only is bind or only.engine is bind:
+        return session.connection(bind_arguments={"clause": outbox.table})
+    if not has_outbox_table(only, outbox):
+        raise AuditConfigurationError(
+            f"this transaction's changes are in {_database(only)}, which has no "
+            f"outbox table {outbox.table.fullname!r}: its rows go into the "
+            "database of the changes they record, so that they commit "
+            "together. Create the outbox tables there too "
+            "(outbox.create(engine), or a migration) and run a relay on it"
+        )
+    return only
+
+
+def _database(connection: Connection) -> str:
+    return connection.engine.url.render_as_string(hide_password=True)
+
+
+_found_tables: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
+"""Per engine, the outbox tables found in its database (only found ones are
+kept: a table created later is found then)."""
+
+
+def forget_outbox_table(bind: Engine | Connection, outbox: Outbox) -> None:
+    """Forget that *bind*'s database had *outbox*'s table (it is being dropped)."""
+    _found_tables.get(bind.engine, set()).discard(outbox.table.fullname)
+
+
+def has_outbox_table(connection: Connection, outbox: Outbox) -> bool:
+    """Whether *connection*'s database has *outbox*'s table (asked once per
+    engine, in the connection's transaction)."""
+    table = outbox.table
+    found = _found_tables.setdefault(connection.engine, set())
+    if table.fullname not in found:
+        if not inspect(connection).has_table(table.name, schema=table.schema):
+            return False
+        found.add(table.fullname)
+    return True
+
+
 def write(
     session: Session,
     outbox: Outbox,
     envelopes: Sequence[AuditEventEnvelope],
     recipients: Iterable[str],
-) -> None:
+) -> Connection | None:
     """Insert rows for *envelopes* in the session's transaction (before COMMIT).
 
     *recipients* are the plugins each event is for: a relay that lacks one of
     them leaves the event pending for a relay that has it. The payload is
     the envelope's JSON as UTF-8 (what ``max_payload_bytes`` counts).
+    Returns the connection the rows went to (see
+    :func:`_connection_for_rows`), or None when there were none.
+
+    :raises AuditConfigurationError: as :func:`_connection_for_rows`.
     """
-    if envelopes:
-        names = _recipients_text(frozenset(recipients))
-        # A value for each column of the outbox table, in its order.
-        rows = [
-            (
-                str(envelope.id),
-                envelope.target_type,
-                envelope.target_id,
-                envelope.event_type,
-                stored_json(envelope),
-                envelope.timestamp,
-                str(envelope.transaction_id),
-                envelope.sequence,
-                names,
-            )
-            for envelope in envelopes
-        ]
-        # On the session's connection for the table: the ORM's
-        # session.execute() path costs as much again per commit.
-        connection = session.connection(bind_arguments={"clause": outbox.table})
-        if connection.get_execution_options().get("schema_translate_map"):
-            # Core renders the schema this connection translates to; the
-            # statement compiled once names none.
-            keys = outbox.table.columns.keys()
-            connection.execute(
-                insert(outbox.table),
-                [dict(zip(keys, row, strict=True)) for row in rows],
-            )
-            return
-        prepared = outbox._insert_for(connection.dialect)
-        parameters = [prepared.parameters(row) for row in rows]
-        # One row (the usual commit) as a plain execute: the executemany
-        # path costs more per statement.
-        connection.exec_driver_sql(
-            prepared.sql, parameters[0] if len(parameters) == 1 else parameters
+    if not envelopes:
+        return None
+    names = _recipients_text(frozenset(recipients))
+    # A value for each column of the outbox table, in its order.
+    rows = [
+        (
+            str(envelope.id),
+            envelope.target_type,
+            envelope.target_id,
+            envelope.event_type,
+            stored_json(envelope),
+            envelope.timestamp,
+            str(envelope.transaction_id),
+            envelope.sequence,
+            names,
         )
+        for envelope in envelopes
+    ]
+    # On the session's connection for the table: the ORM's
+    # session.execute() path costs as much again per commit.
+    connection = _connection_for_rows(session, outbox)
+    if connection.get_execution_options().get("schema_translate_map"):
+        # Core renders the schema this connection translates to; the
+        # statement compiled once names none.
+        keys = outbox.table.columns.keys()
+        connection.execute(
+            insert(outbox.table),
+            [dict(zip(keys, row, strict=True)) for row in rows],
+        )
+        return connection
+    prepared = outbox._insert_for(connection.dialect)
+    parameters = [prepared.parameters(row) for row in rows]
+    # One row (the usual commit) as a plain execute: the executemany
+    # path costs more per statement.
+    connection.exec_driver_sql(
+        prepared.sql, parameters[0] if len(parameters) == 1 else parameters
+    )
+    return connection
 
 
 @contextmanager
