@@ -222,9 +222,11 @@ def _connection_for_rows(session: Session, outbox: Outbox) -> Connection:
         table.
     """
     only = sole_connection(session.get_transaction())
-    bind = session.get_bind(clause=outbox.table)
-    if only is None or only is bind or only.engine is bind:
+    if only is None:
         return session.connection(bind_arguments={"clause": outbox.table})
+    bind = session.get_bind(clause=outbox.table)
+    if only is bind or only.engine is bind:
+        return only  # what session.connection() would return, found already
     if not has_outbox_table(only, outbox):
         raise AuditConfigurationError(
             f"this transaction's changes are in {_database(only)}, which has no "
