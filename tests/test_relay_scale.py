@@ -250,6 +250,8 @@ def test_the_cli_refuses_a_batch_size_below_one(
         (["relay", "--once", "--relay-after", "inf"], "--relay-after"),
         (["relay", "--once", "--backoff", "1e12"], "--backoff"),
         (["relay", "--once"], "does not exist"),
+        (["relay", "--list-dead"], "does not exist"),
+        (["relay", "--retry-dead"], "does not exist"),
         (["status"], "does not exist"),
     ],
     ids=lambda value: "_".join(value) if isinstance(value, list) else None,
@@ -288,6 +290,29 @@ def test_the_cli_refuses_a_database_url_it_cannot_use_naming_it(
     assert result.returncode == 2, result.stderr
     assert "--database-url" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_cli_blames_a_plugin_that_fails_to_import_not_the_url(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An installed plugin whose module imports a missing dependency: the
+    error says a plugin could not be imported, not that the URL is wrong."""
+    from access_audit import AuditEmitter
+    from access_audit.outbox._cli import main
+
+    def broken(self: AuditEmitter) -> None:
+        raise ModuleNotFoundError("No module named 'some_sdk_not_installed'")
+
+    monkeypatch.setattr(AuditEmitter, "_load_entrypoints", broken)
+    url = f"sqlite:///{tmp_path / 'fine.db'}"
+    with pytest.raises(SystemExit) as exited:
+        main(["relay", "--once", "--create-table", "--database-url", url])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "a plugin could not be imported" in err and "some_sdk_not_installed" in err
+    assert "--database-url" not in err
 
 
 def test_a_relay_delivers_a_hundred_thousand_event_transaction(
@@ -1160,7 +1185,7 @@ def test_the_cli_reports_database_errors_in_one_line(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no_such_database_here" in err
 
-    monkeypatch.setattr(_relay, "_check_tables", lambda bind, outbox: None)
+    monkeypatch.setattr(_relay, "check_tables", lambda bind, outbox: None)
     with pytest.raises(SystemExit) as exited:
         main([
             "relay", "--once", "--no-entrypoints", "--table", "no_such_outbox",

@@ -23,6 +23,7 @@ from ._relay import (
     RelayStats,
     arelay,
     check_options,
+    check_tables,
     count_pending,
     list_dead,
     relay,
@@ -225,6 +226,8 @@ def _command(
     out: TextIO,
     run_relay: Callable[..., RelayStats],
 ) -> int:
+    if options.list_dead or options.retry_dead:
+        check_tables(engine, outbox)  # a missing table: one line, as the relay's
     if options.list_dead:
         for row in list_dead(engine, outbox):
             out.write(json.dumps(row, sort_keys=True) + "\n")
@@ -384,15 +387,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     used = relay_parser if options.command == "relay" else status_parser
     try:
-        make_url(options.database_url).get_dialect()
-    except (ArgumentError, NoSuchModuleError) as error:
+        # The driver too: an ImportError later is a plugin's, not the URL's.
+        make_url(options.database_url).get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError, ImportError) as error:
         used.error(f"--database-url: {error}")
     try:
         return _run(options, relay_parser)
     except AuditConfigurationError as error:
         used.exit(2, f"{used.prog}: error: {error}\n")
-    except ImportError as error:  # the URL's driver is not installed
-        used.exit(2, f"{used.prog}: error: --database-url: {error}\n")
+    except ImportError as error:  # a plugin's package, or its dependency
+        used.exit(2, f"{used.prog}: error: a plugin could not be imported: {error}\n")
     except DBAPIError as error:
         # What the relay does not retry (a table dropped while it runs: a
         # configuration error, 2), or gave up on (--once), and status's

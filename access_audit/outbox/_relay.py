@@ -58,6 +58,7 @@ __all__ = [
     "OutboxStatus",
     "RelayStats",
     "arelay",
+    "check_tables",
     "count_pending",
     "list_dead",
     "prune",
@@ -336,7 +337,7 @@ def _poll(
     while not stopped():
         try:
             if not checked:
-                _check_tables(bind, outbox)
+                check_tables(bind, outbox)
                 checked = True
             from_head = time.monotonic() >= from_head_at
             if from_head:
@@ -399,7 +400,7 @@ even where it could take transactions by their first rows: transactions
 whose first row has left are taken only so (see :func:`._claim.claim`)."""
 
 
-def _check_tables(bind: Engine | Connection, outbox: Outbox) -> None:
+def check_tables(bind: Engine | Connection, outbox: Outbox) -> None:
     """:raises AuditConfigurationError: an outbox table does not exist."""
     with transaction(bind) as connection:
         inspector = inspect(connection)
@@ -761,7 +762,7 @@ def status(bind: Engine | Connection, outbox: Outbox) -> OutboxStatus:
     age of the oldest pending event. Reads aggregates, never every row."""
     table, state = outbox.table, outbox.delivery_table
     in_outbox = select(literal(1)).where(table.c.id == state.c.event_id).exists()
-    _check_tables(bind, outbox)
+    check_tables(bind, outbox)
     with transaction(bind) as connection:
         pending: collections.Counter[str] = collections.Counter()
         events = 0
