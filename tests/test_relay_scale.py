@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, insert, select, text
+from sqlalchemy import Engine, create_engine, event, insert, select, text
 from sqlalchemy.orm import Session
 from support import commit_shared_targets, outbox_rows
 
@@ -313,6 +313,69 @@ def test_the_cli_blames_a_plugin_that_fails_to_import_not_the_url(
     err = capsys.readouterr().err
     assert "a plugin could not be imported" in err and "some_sdk_not_installed" in err
     assert "--database-url" not in err
+
+
+SLOW_PLUGIN = """
+import os, time
+from access_audit import hookimpl
+
+class Slow:
+    @hookimpl
+    def audit_event_logged(self, envelope):
+        time.sleep(0.3)
+        with open(os.environ["SLOW_PLUGIN_LOG"], "a") as log:
+            log.write(envelope.target_id + "\\n")
+
+PLUGIN = Slow()
+"""
+
+
+def test_a_second_ctrl_c_stops_the_cli_relay_mid_batch(tmp_path: Path) -> None:
+    """The first SIGINT lets the batch in hand finish; a second stops the
+    relay at once (a plugin stuck on a batch must not make it unkillable
+    but by SIGKILL): one line, status 130, and the batch is rolled back,
+    every row still pending for a later run."""
+    import os
+    import signal
+
+    (tmp_path / "slowplug.py").write_text(SLOW_PLUGIN)
+    engine = create_engine(f"sqlite:///{tmp_path / 'outbox.db'}")
+    outbox = Outbox()
+    outbox.create(engine)
+    writer = emitter_for(outbox, Counter(), dispatch="relay")  # for "sink"
+    commit_events(engine, writer, [f"{n:02d}" for n in range(60)], per_commit=60)
+    log = tmp_path / "delivered.log"
+    environment = dict(os.environ, SLOW_PLUGIN_LOG=str(log))
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(tmp_path), environment.get("PYTHONPATH")])
+    )
+    child = subprocess.Popen(
+        [
+            sys.executable, "-m", "access_audit", "relay", "--no-entrypoints",
+            "--database-url", engine.url.render_as_string(hide_password=False),
+            "--plugin", "sink=slowplug:PLUGIN", "--relay-after", "0",
+            "--interval", "30",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            log.exists() and len(log.read_text().splitlines()) >= 2
+        ):
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "stopping after the batch in hand" in err
+    assert "interrupted" in err and "Traceback" not in err
+    assert len(log.read_text().splitlines()) < 60
+    assert count_pending(engine, outbox) == 60  # rolled back: delivered again later
+    engine.dispose()
 
 
 def test_a_relay_delivers_a_hundred_thousand_event_transaction(

@@ -286,10 +286,26 @@ def _progress_printer(
 
 
 def _stop_on_signals(stop: Callable[[], object]) -> None:
+    """At SIGINT or SIGTERM, *stop* after the batch in hand; at a second
+    one, stop now (``KeyboardInterrupt``: the batch rolls back, and a
+    later run delivers it again)."""
     if threading.current_thread() is not threading.main_thread():
         return
+    signalled: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signalled:
+            raise KeyboardInterrupt
+        signalled.append(signum)
+        sys.stderr.write(
+            f"relay: {signal.Signals(signum).name}: stopping after the batch "
+            "in hand (again to stop at once; that batch is then delivered "
+            "again by a later run)\n"
+        )
+        stop()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop())
+        signal.signal(signum, on_signal)
 
 
 def _register_plugin(emitter: AuditEmitter, spec: str) -> None:
@@ -393,6 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         used.error(f"--database-url: {error}")
     try:
         return _run(options, relay_parser)
+    except KeyboardInterrupt:
+        used.exit(
+            130,
+            f"{used.prog}: interrupted; the batch in hand was rolled back, and "
+            "a later run delivers it again\n",
+        )
     except AuditConfigurationError as error:
         used.exit(2, f"{used.prog}: error: {error}\n")
     except ImportError as error:  # a plugin's package, or its dependency
