@@ -524,6 +524,9 @@ def test_flask_relay_command_errors_are_one_line(tmp_path: Path) -> None:
     for result in (missing, zero, unknown):
         assert result.exception is None or isinstance(result.exception, SystemExit)
         assert "Traceback" not in result.output
+    created = runner.invoke(args=["access-audit", "relay", "--once", "--create-table"])
+    assert created.exit_code == 0, created.output
+    assert "0 delivered" in created.output
 
 
 def test_a_change_on_another_bind_has_its_rows_there_and_bind_relays_them(

@@ -76,8 +76,13 @@ class _Refused(click.ClickException):
     help="relay the database of this Flask-SQLAlchemy bind (whose changes "
     "write their outbox rows there); default: the outbox table's",
 )
+@click.option(
+    "--create-table",
+    is_flag=True,
+    help="create the outbox tables first if they do not exist",
+)
 @_relay_options
-def relay(bind_key: str | None, **options: Any) -> None:
+def relay(bind_key: str | None, create_table: bool, **options: Any) -> None:
     """Re-deliver undelivered outbox rows (options as for python -m access_audit relay).
 
     Uses this app's emitter (its plugins and outbox) and the database that
@@ -109,6 +114,8 @@ def relay(bind_key: str | None, **options: Any) -> None:
         if bind_key is None:
             raise _Refused(str(error)) from None
         raise click.BadParameter(str(error), param_hint="--bind") from None
+    if create_table:
+        outbox.create(engine)
     try:
         status = run_command(chosen, emitter, engine, outbox, out=sys.stdout)
     except AuditConfigurationError as error:
