@@ -16,7 +16,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 from support import Recorder
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from access_audit import Actor, AuditConfigurationError, audit_context, stage_event
+from access_audit import (
+    Actor,
+    AuditConfigurationError,
+    audit_context,
+    hookimpl,
+    stage_event,
+)
 from access_audit._listeners import _weak_hooks
 from access_audit.flask import AccessAudit
 from access_audit.testing import AuditEventRecorder, capture_audit_events
@@ -25,6 +31,20 @@ IMPORTED = Recorder()
 """Registered through ACCESS_AUDIT_PLUGINS = ["test_flask:IMPORTED"]."""
 
 REQUEST_KEYS = {"ip_address", "user_agent", "request_id", "method", "path", "endpoint"}
+
+
+class Flaky:
+    """A plugin that raises while ``broken``, then records the target ids."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.received: list[str] = []
+
+    @hookimpl
+    def audit_event_logged(self, envelope: Any) -> None:
+        if self.broken:
+            raise ConnectionError("sink down")
+        self.received.append(envelope.target_id)
 
 
 def make_app(
@@ -342,7 +362,6 @@ def test_disabled_registers_no_plugins_but_still_records(
 
 def test_raise_plugin_errors_config_key(tmp_path: Path) -> None:
     """ACCESS_AUDIT_RAISE_PLUGIN_ERRORS makes a plugin error fail the request."""
-    from access_audit import hookimpl
 
     class Buggy:
         @hookimpl
@@ -393,19 +412,7 @@ def test_init_app_takes_per_app_emitter_options(tmp_path: Path) -> None:
 
 def test_flask_relay_command_redelivers_from_the_outbox(tmp_path: Path) -> None:
     """``flask access-audit relay --once`` delivers what a failing plugin missed."""
-    from access_audit import hookimpl
     from access_audit.outbox import Outbox
-
-    class Flaky:
-        def __init__(self) -> None:
-            self.broken = True
-            self.received: list[str] = []
-
-        @hookimpl
-        def audit_event_logged(self, envelope: Any) -> None:
-            if self.broken:
-                raise ConnectionError("sink down")
-            self.received.append(envelope.target_id)
 
     flaky = Flaky()
     app, db = make_app(tmp_path)
@@ -535,19 +542,7 @@ def test_a_change_on_another_bind_has_its_rows_there_and_bind_relays_them(
     """SQLALCHEMY_BINDS: a change on the "other" bind writes its outbox row
     in that database (so they commit together); ``relay --bind other``
     delivers it, and the default database has nothing to relay."""
-    from access_audit import hookimpl
     from access_audit.outbox import Outbox
-
-    class Flaky:
-        def __init__(self) -> None:
-            self.broken = True
-            self.received: list[str] = []
-
-        @hookimpl
-        def audit_event_logged(self, envelope: Any) -> None:
-            if self.broken:
-                raise ConnectionError("sink down")
-            self.received.append(envelope.target_id)
 
     app, db = make_app(
         tmp_path, SQLALCHEMY_BINDS={"other": f"sqlite:///{tmp_path / 'other'}.db"}
