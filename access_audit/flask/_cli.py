@@ -69,24 +69,16 @@ class _Refused(click.ClickException):
 
 @cli.command("relay")
 @click.option(
-    "--bind",
-    "bind_key",
-    metavar="KEY",
-    default=None,
-    help="relay the database of this Flask-SQLAlchemy bind (whose changes "
-    "write their outbox rows there); default: the outbox table's",
-)
-@click.option(
     "--create-table",
     is_flag=True,
     help="create the outbox tables first if they do not exist",
 )
 @_relay_options
-def relay(bind_key: str | None, create_table: bool, **options: Any) -> None:
+def relay(create_table: bool, **options: Any) -> None:
     """Re-deliver undelivered outbox rows (options as for python -m access_audit relay).
 
     Uses this app's emitter (its plugins and outbox) and the database that
-    holds the outbox table, or the bind ``--bind`` names.
+    holds the outbox table.
     """
     from .._errors import AuditConfigurationError
     from ._extension import AccessAudit
@@ -109,16 +101,19 @@ def relay(bind_key: str | None, create_table: bool, **options: Any) -> None:
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     try:
-        engine = AccessAudit.outbox_engine_of(current_app, bind_key)
-    except AuditConfigurationError as error:
-        if bind_key is None:
-            raise _Refused(str(error)) from None
-        raise click.BadParameter(str(error), param_hint="--bind") from None
-    if create_table:
-        outbox.create(engine)
-    try:
+        engine = AccessAudit.outbox_engine_of(current_app)
+        if create_table:
+            outbox.create(engine)
         status = run_command(chosen, emitter, engine, outbox, out=sys.stdout)
     except AuditConfigurationError as error:
         raise _Refused(str(error)) from None
+    except KeyboardInterrupt:
+        # A second SIGINT or SIGTERM: as access-audit relay reports it.
+        click.echo(
+            "interrupted; the batch in hand was rolled back, and a later run "
+            "delivers it again",
+            err=True,
+        )
+        click.get_current_context().exit(130)
     if status:
         click.get_current_context().exit(status)

@@ -160,13 +160,10 @@ class AccessAudit:
         return emitter
 
     @staticmethod
-    def outbox_engine_of(app: Flask, bind_key: str | None = None) -> Any:
-        """The engine that holds *app*'s outbox table, or that of the
-        Flask-SQLAlchemy bind *bind_key* (whose changes write their outbox
-        rows there); needs an app context.
+    def outbox_engine_of(app: Flask) -> Any:
+        """The engine that holds *app*'s outbox table (needs an app context).
 
-        :raises AuditConfigurationError: no outbox, no ``db`` to find it in,
-            or no such bind.
+        :raises AuditConfigurationError: no outbox, or no ``db`` to find it in.
         """
         state = app.extensions.get(EXTENSION_KEY)
         emitter = AccessAudit.emitter_of(app)
@@ -174,14 +171,6 @@ class AccessAudit:
             raise AuditConfigurationError(
                 "the relay needs AccessAudit(app, db, outbox=Outbox(db.metadata))"
             )
-        if bind_key is not None:
-            engines = state.db.engines
-            if bind_key not in engines:
-                raise AuditConfigurationError(
-                    f"no Flask-SQLAlchemy bind {bind_key!r}; this app's binds: "
-                    f"{sorted(key for key in engines if key is not None)}"
-                )
-            return engines[bind_key]
         return state.db.session.get_bind(clause=emitter.outbox.table)
 
     def _resolve_actor(self, resolver: ActorResolver | None) -> Actor | None:

@@ -21,14 +21,12 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    inspect,
     select,
     text,
 )
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, stored_envelope, stored_json
-from .._errors import AuditConfigurationError
 from .._sqla import sole_connection
 
 if TYPE_CHECKING:
@@ -208,60 +206,15 @@ def chunks(connection: Connection, ids: Sequence[str]) -> Iterator[Sequence[str]
 
 
 def _connection_for_rows(session: Session, outbox: Outbox) -> Connection:
-    """Where a commit's outbox rows go: into the database of its changes.
-
-    A transaction whose work is all on one connection (one database) gets
-    its rows there, whatever the outbox table's own bind (another bind of
-    Flask-SQLAlchemy's, a session's ``binds``): written through the
-    table's bind they would commit apart from the changes, and a failed
-    COMMIT of the changes could leave rows for the relay to send. Otherwise
-    (no work yet, or several databases, which commit one after the other
-    anyway) they go to the table's bind.
-
-    :raises AuditConfigurationError: the change's database has no outbox
-        table.
-    """
+    """The session's connection for the outbox table: the transaction's one
+    connection when it is the table's bind (found without asking the
+    session again), else the session's for the table."""
     only = sole_connection(session.get_transaction())
-    if only is None:
-        return session.connection(bind_arguments={"clause": outbox.table})
-    bind = session.get_bind(clause=outbox.table)
-    if only is bind or only.engine is bind:
-        return only  # what session.connection() would return, found already
-    if not has_outbox_table(only, outbox):
-        raise AuditConfigurationError(
-            f"this transaction's changes are in {_database(only)}, which has no "
-            f"outbox table {outbox.table.fullname!r}: its rows go into the "
-            "database of the changes they record, so that they commit "
-            "together. Create the outbox tables there too "
-            "(outbox.create(engine), or a migration) and run a relay on it"
-        )
-    return only
-
-
-def _database(connection: Connection) -> str:
-    return connection.engine.url.render_as_string(hide_password=True)
-
-
-_found_tables: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
-"""Per engine, the outbox tables found in its database (only found ones are
-kept: a table created later is found then)."""
-
-
-def forget_outbox_table(bind: Engine | Connection, outbox: Outbox) -> None:
-    """Forget that *bind*'s database had *outbox*'s table (it is being dropped)."""
-    _found_tables.get(bind.engine, set()).discard(outbox.table.fullname)
-
-
-def has_outbox_table(connection: Connection, outbox: Outbox) -> bool:
-    """Whether *connection*'s database has *outbox*'s table (asked once per
-    engine, in the connection's transaction)."""
-    table = outbox.table
-    found = _found_tables.setdefault(connection.engine, set())
-    if table.fullname not in found:
-        if not inspect(connection).has_table(table.name, schema=table.schema):
-            return False
-        found.add(table.fullname)
-    return True
+    if only is not None:
+        bind = session.get_bind(clause=outbox.table)
+        if only is bind or only.engine is bind:
+            return only
+    return session.connection(bind_arguments={"clause": outbox.table})
 
 
 def write(
@@ -269,19 +222,15 @@ def write(
     outbox: Outbox,
     envelopes: Sequence[AuditEventEnvelope],
     recipients: Iterable[str],
-) -> Connection | None:
+) -> None:
     """Insert rows for *envelopes* in the session's transaction (before COMMIT).
 
     *recipients* are the plugins each event is for: a relay that lacks one of
     them leaves the event pending for a relay that has it. The payload is
     the envelope's JSON as UTF-8 (what ``max_payload_bytes`` counts).
-    Returns the connection the rows went to (see
-    :func:`_connection_for_rows`), or None when there were none.
-
-    :raises AuditConfigurationError: as :func:`_connection_for_rows`.
     """
     if not envelopes:
-        return None
+        return
     names = _recipients_text(frozenset(recipients))
     # A value for each column of the outbox table, in its order.
     rows = [
@@ -309,7 +258,7 @@ def write(
             insert(outbox.table),
             [dict(zip(keys, row, strict=True)) for row in rows],
         )
-        return connection
+        return
     prepared = outbox._insert_for(connection.dialect)
     parameters = [prepared.parameters(row) for row in rows]
     # One row (the usual commit) as a plain execute: the executemany
@@ -317,7 +266,6 @@ def write(
     connection.exec_driver_sql(
         prepared.sql, parameters[0] if len(parameters) == 1 else parameters
     )
-    return connection
 
 
 @contextmanager

@@ -26,13 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.types import TypeDecorator
 
-from ._store import (
-    dispatched,
-    forget_outbox_table,
-    settle_dispatched,
-    transaction,
-    write,
-)
+from ._store import dispatched, settle_dispatched, transaction, write
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -277,7 +271,6 @@ class Outbox:
     def drop(self, bind: Any) -> None:
         """Drop the tables if they exist (after the records queued for them)."""
         self.flush(timeout=5.0)
-        forget_outbox_table(bind, self)
         self.metadata.drop_all(
             bind, tables=[self.table, self.delivery_table], checkfirst=True
         )
@@ -292,14 +285,10 @@ class Outbox:
         plugins: Collection[str],
     ) -> Engine | Connection:
         """Insert rows for *envelopes*, each for *plugins*, in *session*'s
-        transaction (before COMMIT), in the database of its changes; returns
-        the bind they went to (the engine, or the connection of a session
-        bound to one)."""
-        connection = write(session, self, envelopes, plugins)
+        transaction (before COMMIT); returns the bind they went to."""
+        write(session, self, envelopes, plugins)
         bind: Engine | Connection = session.get_bind(clause=self.table)
-        if connection is None or isinstance(bind, Connection):
-            return bind
-        return connection.engine
+        return bind
 
     def record(
         self,

@@ -42,6 +42,7 @@ class _LoopThread:
         self.thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._lock = threading.Lock()
         self._stopping = False
+        self._waiting: set[concurrent.futures.Future[Any]] = set()
         self.thread.start()
 
     def _run(self) -> None:
@@ -62,7 +63,12 @@ class _LoopThread:
                 coroutine.close()
                 raise concurrent.futures.CancelledError
             future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result()
+            self._waiting.add(future)
+        try:
+            return future.result()
+        finally:
+            with self._lock:
+                self._waiting.discard(future)
 
     def stop(self, closing: Coroutine[Any, Any, None]) -> None:
         """Cancel what still runs on the loop (a batch being published, whose
@@ -77,6 +83,12 @@ class _LoopThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join()
+            with self._lock:
+                left = list(self._waiting)
+            for future in left:
+                # A task that outlived the wind-down never ends now: its
+                # thread is told, rather than left waiting for good.
+                future.cancel()
 
 
 async def _wind_down(closing: Coroutine[Any, Any, None]) -> None:

@@ -420,6 +420,46 @@ def test_close_ends_a_connection_still_closing_from_a_failure_quietly() -> None:
     assert not runner.thread.is_alive()
 
 
+def test_close_tells_a_thread_whose_task_outlived_the_wind_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task that ignores its cancelling past the wind-down's wait: the
+    loop stops without it, and the thread waiting for it is told
+    (CancelledError) instead of waiting for good."""
+    import concurrent.futures
+
+    from access_audit_rabbitmq import _plugin
+
+    monkeypatch.setattr(_plugin, "_CANCEL_WAIT", 0.2)
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+    async def nothing() -> None:
+        pass
+
+    runner = _plugin._LoopThread()
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            runner.run(stubborn())
+        except BaseException as error:
+            raised.append(error)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    time.sleep(0.2)
+    runner.stop(nothing())
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert [type(error) for error in raised] == [concurrent.futures.CancelledError]
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_batch_longer_than_the_timeout_is_confirmed(
     queue: Queue, make_plugin: Callable[..., Plugin], kind: str
