@@ -295,13 +295,15 @@ class Lifecycle:
                 self.owner._discarded(withdrawn, "refused")
             raise
 
-    def flushed(self, session: Session) -> None:
-        """After a flush: refuse a SAVEPOINT the session did not open.
+    def check_savepoints(self, session: Session) -> None:
+        """After a flush, and before staging another event: refuse a
+        SAVEPOINT the session did not open.
 
         A rollback to a SAVEPOINT begun on the session's connection (or by
-        the caller of a joined session) would undo what was just flushed
-        while the transaction still commits, where access_audit cannot see
-        it.
+        the caller of a joined session) would undo what was flushed or
+        staged in it while the transaction still commits, where
+        access_audit cannot see it. Costs one attribute per connection
+        while no SAVEPOINT is open.
 
         :raises AuditConfigurationError: such a SAVEPOINT is open.
         """
@@ -696,8 +698,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             raise AuditConfigurationError(lifecycle.refusal)
         if lifecycle.owner is not owner:
             lifecycle.change_owner(session, owner)
-        if in_savepoint(root):
-            refuse_foreign_savepoints(session, root, owner)
+        lifecycle.check_savepoints(session)
         lifecycle.stage(boundary, staged)
     if lifecycle.work_before_commit() and not is_flushing(session) and preparing(root):
         # Staged by a before_commit hook (or a SAVEPOINT released by this

@@ -173,7 +173,7 @@ class SessionListeners:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
-        lifecycle.flushed(session)
+        lifecycle.check_savepoints(session)
         if _due_before_commit(session, lifecycle):
             lifecycle.prepare(session)
 

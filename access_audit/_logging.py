@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Protocol
 
 __all__ = ["MAX_LOGGED_IDS", "event_ids", "logger"]
@@ -21,7 +21,7 @@ class _Identified(Protocol):
     def id(self) -> uuid.UUID: ...
 
 
-def event_ids(events: Sequence[_Identified] | Iterable[_Identified]) -> str:
+def event_ids(events: Iterable[_Identified]) -> str:
     """The ids of *events* for a log message: all of up to
     :data:`MAX_LOGGED_IDS`, else that many and how many more."""
     listed: list[str] = []

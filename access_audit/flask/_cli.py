@@ -10,6 +10,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .._errors import AuditConfigurationError
 from ..outbox._cli import RelayOptions, relay_cli_options, run_command
 from ..outbox._table import Outbox
 
@@ -80,7 +81,6 @@ def relay(create_table: bool, **options: Any) -> None:
     Uses this app's emitter (its plugins and outbox) and the database that
     holds the outbox table.
     """
-    from .._errors import AuditConfigurationError
     from ._extension import AccessAudit
 
     emitter = AccessAudit.emitter_of(current_app)
