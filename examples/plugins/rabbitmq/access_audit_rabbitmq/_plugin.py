@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from access_audit import hookimpl
 
-from ._async_plugin import AsyncRabbitMQPlugin
+from ._async_plugin import AsyncRabbitMQPlugin, logger
 from ._settings import PublisherSettings
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ class _LoopThread:
         self._lock = threading.Lock()
         self._stopping = False
         self._waiting: set[concurrent.futures.Future[Any]] = set()
+        """What the threads calling :meth:`run` wait for."""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        """The tasks running those coroutines (used on the loop's thread)."""
         self.thread.start()
 
     def _run(self) -> None:
@@ -62,7 +65,9 @@ class _LoopThread:
             if self._stopping:
                 coroutine.close()
                 raise concurrent.futures.CancelledError
-            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+            future = asyncio.run_coroutine_threadsafe(
+                self._tracked(coroutine), self.loop
+            )
             self._waiting.add(future)
         try:
             return future.result()
@@ -70,16 +75,32 @@ class _LoopThread:
             with self._lock:
                 self._waiting.discard(future)
 
+    async def _tracked(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """*coroutine*, as a task :meth:`stop` cancels (on the loop's thread)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            return await coroutine
+        finally:
+            self._tasks.discard(task)
+
     def stop(self, closing: Coroutine[Any, Any, None]) -> None:
-        """Cancel what still runs on the loop (a batch being published, whose
-        thread then gets :class:`concurrent.futures.CancelledError`), run
-        *closing*, then stop the loop and its thread. A loop stopped with a
-        coroutine still on it would leave its waiting thread blocked forever.
+        """Cancel the coroutines :meth:`run` is running (a batch being
+        published, whose thread then gets
+        :class:`concurrent.futures.CancelledError`), run *closing*, then stop
+        the loop and its thread. A loop stopped with a coroutine still on it
+        would leave its waiting thread blocked forever. The connection's own
+        tasks (aio-pika's reader, its heartbeat) are left to *closing*: a
+        connection whose reader was cancelled never hears the broker's
+        goodbye, and its close waits for good.
         """
         with self._lock:
             self._stopping = True
         try:
-            asyncio.run_coroutine_threadsafe(_wind_down(closing), self.loop).result()
+            asyncio.run_coroutine_threadsafe(
+                self._wind_down(closing), self.loop
+            ).result()
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join()
@@ -90,21 +111,26 @@ class _LoopThread:
                 # thread is told, rather than left waiting for good.
                 future.cancel()
 
-
-async def _wind_down(closing: Coroutine[Any, Any, None]) -> None:
-    current = asyncio.current_task()
-    running = [task for task in asyncio.all_tasks() if task is not current]
-    for task in running:
-        task.cancel()
-    if running:
-        # A cancelled publish drops its connection at once; a task that
-        # ignores cancelling is not waited for past this.
-        await asyncio.wait(running, timeout=_CANCEL_WAIT)
-    await closing
+    async def _wind_down(self, closing: Coroutine[Any, Any, None]) -> None:
+        running = set(self._tasks)
+        for task in running:
+            task.cancel()
+        if running:
+            # A cancelled publish drops its connection at once; one that
+            # ignores cancelling is not waited for past this.
+            await asyncio.wait(running, timeout=_CANCEL_WAIT)
+        try:
+            await asyncio.wait_for(closing, _CANCEL_WAIT)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "closing the RabbitMQ connection took over %.0f s; it is dropped",
+                _CANCEL_WAIT,
+            )
 
 
 _CANCEL_WAIT = 5.0
-"""Seconds :meth:`_LoopThread.stop` waits for the cancelled tasks to end."""
+"""Seconds :meth:`_LoopThread.stop` waits for the cancelled publishes to
+end, and then for the connection to close."""
 
 
 class RabbitMQPlugin(PublisherSettings):

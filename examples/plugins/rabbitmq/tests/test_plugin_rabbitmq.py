@@ -398,25 +398,55 @@ def test_sync_plugin_closed_during_a_publish_ends_that_publish(
     assert (plugin.running, plugin_threads()) == (False, 0)
 
 
-def test_close_ends_a_connection_still_closing_from_a_failure_quietly() -> None:
+def test_close_bounds_a_connection_that_never_says_goodbye(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A failed publish leaves its connection closing in the background (a
-    broker gone silent never says goodbye); the sync plugin's close() cancels
-    what still runs on its loop, that closing too, and must not raise for it."""
+    broker gone silent never says goodbye): the sync plugin's close() waits
+    for it a bounded time, then drops it, and raises nothing."""
+    from access_audit_rabbitmq import _plugin
     from access_audit_rabbitmq._async_plugin import _Link
-    from access_audit_rabbitmq._plugin import _LoopThread
+
+    monkeypatch.setattr(_plugin, "_CANCEL_WAIT", 0.2)
 
     async def failed() -> _Link:
         link = _Link()
         link._closing.add(asyncio.ensure_future(asyncio.sleep(3600)))
         return link
 
-    runner = _LoopThread()
+    runner = _plugin._LoopThread()
     link = runner.run(failed())
     [closing] = link._closing
     started = time.monotonic()
     runner.stop(link.close())
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 5
     assert closing.cancelled()
+    assert not runner.thread.is_alive()
+
+
+def test_close_leaves_the_connections_own_tasks_to_its_closing() -> None:
+    """close() cancels the publishes callers wait for, not the tasks the
+    connection runs for itself (aio-pika's reader): a connection whose
+    reader was cancelled never hears the broker's goodbye, and its close
+    hung the plugin's close() for good."""
+    from access_audit_rabbitmq import _plugin
+
+    async def reader() -> None:
+        await asyncio.sleep(3600)
+
+    async def connect() -> asyncio.Task[None]:
+        return asyncio.ensure_future(reader())  # outlives this coroutine
+
+    runner = _plugin._LoopThread()
+    own = runner.run(connect())
+    seen: list[bool] = []
+
+    async def closing() -> None:
+        seen.append(own.cancelled())
+        own.cancel()
+
+    runner.stop(closing())
+    assert seen == [False]
     assert not runner.thread.is_alive()
 
 
