@@ -40,6 +40,8 @@ from ._registry import (
     disown,
     listen_target,
     own,
+    refuse_sharding,
+    spans_databases,
 )
 from ._types import (
     DISPATCH_MODES,
@@ -265,11 +267,15 @@ class AuditEmitter:
         Session instance, an AsyncSession, an async_sessionmaker or an
         async_scoped_session. Attaching the same target twice is a no-op.
 
-        :raises AuditConfigurationError: another emitter is attached to it.
+        :raises AuditConfigurationError: another emitter is attached to it,
+            or this emitter has an outbox and *target* is a ``ShardedSession``
+            (which cannot name the outbox table's database).
         """
         resolved = listen_target(target)
+        if self.outbox is not None:
+            refuse_sharding(resolved)
         own(resolved, self)
-        self._listeners.listen(resolved)
+        self._listeners.listen(resolved, several=spans_databases(target, resolved))
 
     def detach(self, target: AttachTarget) -> None:
         """Stop emitting for *target*; events it has staged are not sent."""
@@ -661,10 +667,11 @@ class AuditEmitter:
         """Check the connections *session* acquires from now on (see SessionListeners)."""
         self._listeners.watch_connections(session, attached_to_instance(session))
 
-    def _listen_to_class(self, session_class: type[Any]) -> None:
+    def _listen_to_class(self, session_class: type[Any], *, several: bool) -> None:
         """Install this emitter's listeners on a class whose owner a selector
-        picks, holding this emitter weakly: many emitters may share it."""
-        self._listeners.listen(session_class, weakly=True)
+        picks, holding this emitter weakly: many emitters may share it.
+        *several*: its sessions may work in several databases."""
+        self._listeners.listen(session_class, weakly=True, several=several)
 
     def _refuse_unsupported_hooks(self, plugin: object) -> None:
         # Each implementation is called (or awaited) on its own: a wrapper

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Union
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from ._errors import AuditConfigurationError
+from ._sqla import mapper_binds
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import (
@@ -25,7 +26,9 @@ __all__ = [
     "emitter_for",
     "listen_target",
     "own",
+    "refuse_sharding",
     "select_by",
+    "spans_databases",
     "sync_session_of",
 ]
 
@@ -170,6 +173,50 @@ def _async_listen_target(target: Any) -> ListenTarget:
         "scoped_session, AsyncSession, async_sessionmaker or "
         f"async_scoped_session, got {target!r}"
     )
+
+
+def spans_databases(target: Any, resolved: ListenTarget) -> bool:
+    """Whether sessions of *target* (mapped to *resolved* by
+    :func:`listen_target`) may work in several databases, as far as
+    attaching can tell: binds given (``Session(binds=...)``, a
+    sessionmaker's or async_sessionmaker's ``binds=``), or a ``get_bind`` of
+    the session class's own (a session that routes). A plain Session class
+    cannot tell: its sessions get their binds when made."""
+    factory = getattr(target, "session_factory", None)
+    while factory is not None:  # a scoped_session or async_scoped_session
+        target = factory
+        factory = getattr(target, "session_factory", None)
+    kw = getattr(target, "kw", None)  # a sessionmaker or async_sessionmaker
+    if isinstance(kw, dict) and kw.get("binds"):
+        return True
+    if isinstance(resolved, Session) and mapper_binds(resolved):
+        return True
+    session_class = resolved if isinstance(resolved, type) else type(resolved)
+    return session_class.get_bind is not Session.get_bind
+
+
+def refuse_sharding(resolved: ListenTarget) -> None:
+    """Refuse an outbox for sessions of horizontal sharding's
+    ``ShardedSession`` (its own ``get_bind``): it names a database only for
+    an object or a shard id, so it cannot name the outbox table's, and the
+    commit would fail there, its change lost with it.
+
+    :raises AuditConfigurationError: *resolved* is such a session (class).
+    """
+    from sqlalchemy.ext.horizontal_shard import ShardedSession
+
+    session_class = resolved if isinstance(resolved, type) else type(resolved)
+    if (
+        issubclass(session_class, ShardedSession)
+        and session_class.get_bind is ShardedSession.get_bind
+    ):
+        raise AuditConfigurationError(
+            "an outbox cannot store the events of a ShardedSession: its "
+            "get_bind names a database only for an object or a shard id, so "
+            "the commit would fail writing the outbox rows; give the session "
+            "class a get_bind that returns the outbox database for "
+            "clause=outbox.table, or use an emitter without an outbox"
+        )
 
 
 def own(target: ListenTarget, emitter: Owner) -> None:

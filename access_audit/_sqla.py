@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import NestedTransaction, Transaction
-from sqlalchemy.orm import InstanceState, Session, SessionTransaction
+from sqlalchemy.orm import InstanceState, Mapper, Session, SessionTransaction
 from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.util import await_only
 
@@ -37,12 +37,14 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0.22 and near it
 __all__ = [
     "autobegin",
     "await_only",
+    "bind_of",
     "checked_engine_options",
     "connection_entry",
     "current_transaction",
     "encloses_foreign_savepoint",
     "ends_outer_transaction",
     "flushed_in_transaction",
+    "flushed_mappers",
     "has_committed",
     "has_connections",
     "in_greenlet",
@@ -189,6 +191,22 @@ def sole_connection(root: SessionTransaction | None) -> Connection | None:
     return found
 
 
+def bind_of(
+    root: SessionTransaction, bind: Engine | Connection
+) -> Engine | Connection | None:
+    """How the session's transaction *root* holds its connection to *bind*'s
+    database: the Engine it took the connection from, or the Connection
+    the session was given as a bind (a joined session); None if it holds
+    none. ``_connections`` is keyed by both the connection and its engine;
+    each entry's last item says whether the session took the connection
+    itself (and so closes it)."""
+    entry = root._connections.get(bind)
+    if entry is None:
+        return None
+    connection: Connection = entry[0]
+    return connection.engine if entry[3] else connection
+
+
 def has_connections(root: SessionTransaction) -> bool:
     """Whether the session's outermost transaction holds a connection yet."""
     return bool(root._connections)
@@ -317,3 +335,27 @@ def flushed_in_transaction(session: Session, state: InstanceState[Any]) -> str |
     if any(state in level._dirty or state in level._deleted for level in chain):
         return "written"
     return None
+
+
+def flushed_mappers(session: Session, flush_context: Any) -> set[Mapper[Any]]:
+    """The base mappers of the objects a flush really wrote, read in
+    ``after_flush``: inserted, deleted, or with a net change to an attribute
+    or collection. SQLAlchemy flushes an object with no net change too (one
+    set to the value it had, merged unchanged) and issues no statement for
+    it; a relationship's object listed only for its sake counts neither.
+
+    ``UOWTransaction.states`` maps each object of the flush to ``(isdelete,
+    listonly)``; no public API lists them. The object's identity key is
+    still None after its INSERT, and its history still the flush's, until
+    the flush finishes.
+    """
+    found: set[Mapper[Any]] = set()
+    for state, (isdelete, listonly) in flush_context.states.items():
+        if listonly:
+            continue
+        base = state.mapper.base_mapper
+        if base in found:
+            continue
+        if isdelete or state.key is None or session.is_modified(state.obj()):
+            found.add(base)
+    return found

@@ -251,7 +251,9 @@ def make_commit_fail(session: Session, engine: Engine) -> None:
     if engine.dialect.name == "mysql":
         # MariaDB cannot defer constraints: lose the connection instead, which
         # makes COMMIT fail just the same.
-        connection_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+        connection_id = session.execute(
+            text("SELECT CONNECTION_ID()"), bind_arguments={"bind": engine}
+        ).scalar_one()
         with engine.connect() as killer:
             killer.execute(text(f"KILL {int(connection_id)}"))
     else:

@@ -523,10 +523,12 @@ def test_flask_relay_command_errors_are_one_line(tmp_path: Path) -> None:
     runner = app.test_cli_runner()
     missing = runner.invoke(args=["access-audit", "relay", "--once"])
     zero = runner.invoke(args=["access-audit", "relay", "--once", "--batch-size", "0"])
-    assert (missing.exit_code, zero.exit_code) == (2, 2)
+    unknown = runner.invoke(args=["access-audit", "relay", "--once", "--bind", "nope"])
+    assert (missing.exit_code, zero.exit_code, unknown.exit_code) == (2, 2, 2)
     assert "does not exist" in missing.output
     assert "batch" in zero.output
-    for result in (missing, zero):
+    assert "no Flask-SQLAlchemy bind 'nope'" in unknown.output
+    for result in (missing, zero, unknown):
         assert result.exception is None or isinstance(result.exception, SystemExit)
         assert "Traceback" not in result.output
     created = runner.invoke(args=["access-audit", "relay", "--once", "--create-table"])
@@ -554,3 +556,46 @@ def test_flask_relay_stopped_at_once_exits_as_the_relay_does(
     )
     assert result.exit_code == 130, result.output
     assert "interrupted; the batch in hand was rolled back" in result.output
+
+
+def test_a_change_on_another_bind_has_its_rows_there_and_bind_relays_them(
+    tmp_path: Path,
+) -> None:
+    """SQLALCHEMY_BINDS: a change on the "other" bind, whose database has
+    the outbox table, writes its outbox row there (so they commit together);
+    ``relay --bind other`` delivers it, and the default database has
+    nothing to relay."""
+    from access_audit.outbox import Outbox
+
+    app, db = make_app(
+        tmp_path, SQLALCHEMY_BINDS={"other": f"sqlite:///{tmp_path / 'other'}.db"}
+    )
+
+    class Note(db.Model):  # type: ignore[name-defined,misc]
+        __bind_key__ = "other"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    outbox = Outbox(db.metadata)
+    flaky = Flaky()
+    audit = AccessAudit(app, db, outbox=outbox)
+    audit.emitter_of(app).register(flaky, name="flaky")
+    runner = app.test_cli_runner()
+    created = runner.invoke(
+        args=["access-audit", "relay", "--once", "--create-table", "--bind", "other"]
+    )
+    assert created.exit_code == 0, created.output
+    with app.app_context():
+        db.create_all()
+        db.session.add(Note())
+        stage_event(db.session, "note_add", target_type="note", target_id=1, action="a")
+        db.session.commit()
+        assert audit.emitter_of(app).flush(timeout=10)
+    flaky.broken = False
+    default = runner.invoke(args=["access-audit", "relay", "--once", "--backoff", "0"])
+    other = runner.invoke(
+        args=["access-audit", "relay", "--once", "--backoff", "0", "--bind", "other"]
+    )
+    assert default.exit_code == other.exit_code == 0, default.output + other.output
+    assert "0 delivered" in default.output
+    assert "1 delivered" in other.output
+    assert flaky.received == ["1"]

@@ -37,7 +37,6 @@ from support import (
     operation,
     outbox_emitter,
     outbox_rows,
-    sqlite_engine,
     stored_names,
 )
 
@@ -731,7 +730,6 @@ def test_a_shared_in_memory_connection_never_commits_the_applications_transactio
     has open on it, and then rolls back."""
     from sqlalchemy import create_engine
     from sqlalchemy.pool import StaticPool
-    from support import Base
 
     from access_audit.outbox import _recorder
 
@@ -767,7 +765,6 @@ def test_in_memory_sqlite_records_deliveries_later_in_the_committing_thread(
     of what the plugins took is kept by the committing thread, not written
     by its commit, and written with later ones (here, at flush)."""
     from sqlalchemy import create_engine
-    from support import Base
 
     engine = create_engine("sqlite://")
     Base.metadata.create_all(engine)
@@ -923,7 +920,6 @@ def test_an_older_sqlite_with_its_999_variable_limit_records_and_relays_big_comm
     import sqlite3
 
     from sqlalchemy import create_engine
-    from support import Base
 
     engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
 
@@ -959,37 +955,3 @@ def test_an_older_sqlite_with_its_999_variable_limit_records_and_relays_big_comm
     finally:
         outbox.drop(engine)
         engine.dispose()
-
-
-# -- a transaction that only reads from another database ----------------------
-
-
-@pytest.fixture
-def elsewhere(tmp_path: Path) -> Iterator[Engine]:
-    """A second database, for the reads of a session whose outbox table is
-    on ``engine`` (a reporting database, a read replica)."""
-    other = sqlite_engine(tmp_path / "elsewhere.db")
-    yield other
-    other.dispose()
-
-
-def test_rows_of_a_transaction_that_only_read_elsewhere_go_to_the_outbox_bind(
-    engine: Engine, outbox: Outbox, sink: Sink, elsewhere: Engine
-) -> None:
-    """A transaction whose one connection is to another database, which it
-    only read (no outbox table there): its rows go to the outbox table's
-    bind, and the commit and the event go through."""
-    Base.metadata.create_all(elsewhere)
-    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch="relay")
-    emitter.register(sink, name="sink")
-    maker = sessionmaker(bind=engine, binds={Item: elsewhere})
-    emitter.attach(maker)
-    with maker() as session:
-        session.scalars(select(Item)).all()  # a read on the other database
-        stage_event(
-            session, "report_viewed", target_type="report", target_id="r1",
-            action="view",
-        )  # fmt: skip
-        session.commit()
-    assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == ["r1"]
-    Base.metadata.drop_all(elsewhere)

@@ -6,7 +6,9 @@ instead of silently changing which events are delivered.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.engine import NestedTransaction, RootTransaction
 from sqlalchemy.orm import Session
 
@@ -168,3 +170,59 @@ def test_mapper_binds_are_the_binds_a_session_was_given(engine: Engine) -> None:
         assert not mapper_binds(plain)
     with Session(binds={Item: engine}) as bound:
         assert Item in mapper_binds(bound)
+
+
+def test_bind_of_is_how_the_session_holds_its_connection(engine: Engine) -> None:
+    """``bind_of`` reads ``SessionTransaction._connections``: the engine a
+    session took its connection from, or the connection it was given."""
+    from access_audit._sqla import bind_of
+
+    with Session(engine) as session:
+        taken = session.connection()
+        root = session.get_transaction()
+        assert root is not None
+        assert bind_of(root, engine) is engine
+        assert bind_of(root, taken) is engine
+    with engine.connect() as connection, Session(bind=connection) as joined:
+        joined.connection()
+        root = joined.get_transaction()
+        assert root is not None
+        assert bind_of(root, connection) is connection
+        assert bind_of(root, engine) is connection
+    with Session(engine) as idle:
+        idle.begin()
+        root = idle.get_transaction()
+        assert root is not None
+        assert bind_of(root, engine) is None
+
+
+def test_flushed_mappers_are_those_of_objects_a_flush_really_wrote(
+    engine: Engine,
+) -> None:
+    """``flushed_mappers`` reads ``UOWTransaction.states`` in ``after_flush``:
+    an insert, an update and a delete count; an attribute set to the value
+    it had does not."""
+    from sqlalchemy import event
+    from support import Item
+
+    from access_audit._sqla import flushed_mappers
+
+    seen: list[set[Any]] = []
+    with Session(engine) as session:
+        event.listen(
+            session,
+            "after_flush",
+            lambda session, context: seen.append(flushed_mappers(session, context)),
+        )
+        item = Item(name="shim")
+        session.add(item)
+        session.flush()
+        item.name = "shim"
+        session.flush()
+        item.name = "renamed"
+        session.flush()
+        session.delete(item)
+        session.flush()
+        session.rollback()
+    mapper = inspect(Item)
+    assert seen == [{mapper}, set(), {mapper}, {mapper}]

@@ -70,16 +70,25 @@ class _Refused(click.ClickException):
 
 @cli.command("relay")
 @click.option(
+    "--bind",
+    "bind_key",
+    metavar="KEY",
+    default=None,
+    help="relay the database of this Flask-SQLAlchemy bind (where transactions "
+    "that change only that database write their outbox rows, once it has the "
+    "table); default: the outbox table's",
+)
+@click.option(
     "--create-table",
     is_flag=True,
     help="create the outbox tables first if they do not exist",
 )
 @_relay_options
-def relay(create_table: bool, **options: Any) -> None:
+def relay(bind_key: str | None, create_table: bool, **options: Any) -> None:
     """Re-deliver undelivered outbox rows (options as for python -m access_audit relay).
 
     Uses this app's emitter (its plugins and outbox) and the database that
-    holds the outbox table.
+    holds the outbox table, or the bind ``--bind`` names.
     """
     from ._extension import AccessAudit
 
@@ -101,7 +110,12 @@ def relay(create_table: bool, **options: Any) -> None:
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     try:
-        engine = AccessAudit.outbox_engine_of(current_app)
+        engine = AccessAudit.outbox_engine_of(current_app, bind_key)
+    except AuditConfigurationError as error:
+        if bind_key is None:
+            raise _Refused(str(error)) from None
+        raise click.BadParameter(str(error), param_hint="--bind") from None
+    try:
         if create_table:
             outbox.create(engine)
         status = run_command(chosen, emitter, engine, outbox, out=sys.stdout)

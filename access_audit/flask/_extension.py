@@ -124,7 +124,10 @@ class AccessAudit:
         app.extensions[EXTENSION_KEY] = _AppState(emitter, db)
         app.cli.add_command(cli)
         if db is not None:
-            _attach_to_flask_sqlalchemy(db, emitter)
+            # Statements that write are noted only where the app has binds
+            # (the outbox puts a commit's rows in the database it changed).
+            several = bool(config.get("SQLALCHEMY_BINDS"))
+            _attach_to_flask_sqlalchemy(db, emitter, several=several)
 
     def actor_loader(
         self, function: Callable[[], ActorLike]
@@ -160,10 +163,14 @@ class AccessAudit:
         return emitter
 
     @staticmethod
-    def outbox_engine_of(app: Flask) -> Any:
-        """The engine that holds *app*'s outbox table (needs an app context).
+    def outbox_engine_of(app: Flask, bind_key: str | None = None) -> Any:
+        """The engine that holds *app*'s outbox table, or that of the
+        Flask-SQLAlchemy bind *bind_key* (a transaction that changes only
+        that database writes its outbox rows there, when it has the table);
+        needs an app context.
 
-        :raises AuditConfigurationError: no outbox, or no ``db`` to find it in.
+        :raises AuditConfigurationError: no outbox, no ``db`` to find it in,
+            or no such bind.
         """
         state = app.extensions.get(EXTENSION_KEY)
         emitter = AccessAudit.emitter_of(app)
@@ -171,6 +178,14 @@ class AccessAudit:
             raise AuditConfigurationError(
                 "the relay needs AccessAudit(app, db, outbox=Outbox(db.metadata))"
             )
+        if bind_key is not None:
+            engines = state.db.engines
+            if bind_key not in engines:
+                raise AuditConfigurationError(
+                    f"no Flask-SQLAlchemy bind {bind_key!r}; this app's binds: "
+                    f"{sorted(key for key in engines if key is not None)}"
+                )
+            return engines[bind_key]
         return state.db.session.get_bind(clause=emitter.outbox.table)
 
     def _resolve_actor(self, resolver: ActorResolver | None) -> Actor | None:
@@ -191,7 +206,9 @@ def _import_plugins(names: Iterable[str]) -> list[object]:
     return [import_plugin(name, "ACCESS_AUDIT_PLUGINS") for name in names]
 
 
-def _attach_to_flask_sqlalchemy(db: SQLAlchemy, emitter: AuditEmitter) -> None:
+def _attach_to_flask_sqlalchemy(
+    db: SQLAlchemy, emitter: AuditEmitter, *, several: bool
+) -> None:
     # One SQLAlchemy() may serve several apps with one scoped session (and one
     # Session class), while each app has its own emitter: install this
     # emitter's listeners on that class and pick the emitter by current app
@@ -199,7 +216,7 @@ def _attach_to_flask_sqlalchemy(db: SQLAlchemy, emitter: AuditEmitter) -> None:
     session_class = listen_target(db.session)
     assert isinstance(session_class, type)
     select_by(session_class, _current_app_emitter)
-    emitter._listen_to_class(session_class)
+    emitter._listen_to_class(session_class, several=several)
 
 
 def _current_app_emitter(session: Session) -> AuditEmitter | None:

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, stored_envelope, stored_json
-from .._sqla import sole_connection
+from ._placement import connection_for_rows
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -205,32 +205,24 @@ def chunks(connection: Connection, ids: Sequence[str]) -> Iterator[Sequence[str]
         yield ids[start : start + size]
 
 
-def _connection_for_rows(session: Session, outbox: Outbox) -> Connection:
-    """The session's connection for the outbox table: the transaction's one
-    connection when it is the table's bind (found without asking the
-    session again), else the session's for the table."""
-    only = sole_connection(session.get_transaction())
-    if only is not None:
-        bind = session.get_bind(clause=outbox.table)
-        if only is bind or only.engine is bind:
-            return only
-    return session.connection(bind_arguments={"clause": outbox.table})
-
-
 def write(
     session: Session,
     outbox: Outbox,
     envelopes: Sequence[AuditEventEnvelope],
     recipients: Iterable[str],
-) -> None:
-    """Insert rows for *envelopes* in the session's transaction (before COMMIT).
+) -> Engine | Connection:
+    """Insert rows for *envelopes* in the session's transaction (before
+    COMMIT), in the database of its changes (:mod:`._placement`); returns
+    the bind they went to.
 
     *recipients* are the plugins each event is for: a relay that lacks one of
     them leaves the event pending for a relay that has it. The payload is
     the envelope's JSON as UTF-8 (what ``max_payload_bytes`` counts).
     """
     if not envelopes:
-        return
+        bind: Engine | Connection = session.get_bind(clause=outbox.table)
+        return bind
+    connection, bind = connection_for_rows(session, outbox)
     names = _recipients_text(frozenset(recipients))
     # A value for each column of the outbox table, in its order.
     rows = [
@@ -247,9 +239,8 @@ def write(
         )
         for envelope in envelopes
     ]
-    # On the session's connection for the table: the ORM's
-    # session.execute() path costs as much again per commit.
-    connection = _connection_for_rows(session, outbox)
+    # On the session's connection: the ORM's session.execute() path costs
+    # as much again per commit.
     if connection.get_execution_options().get("schema_translate_map"):
         # Core renders the schema this connection translates to; the
         # statement compiled once names none.
@@ -258,7 +249,7 @@ def write(
             insert(outbox.table),
             [dict(zip(keys, row, strict=True)) for row in rows],
         )
-        return
+        return bind
     prepared = outbox._insert_for(connection.dialect)
     parameters = [prepared.parameters(row) for row in rows]
     # One row (the usual commit) as a plain execute: the executemany
@@ -266,6 +257,7 @@ def write(
     connection.exec_driver_sql(
         prepared.sql, parameters[0] if len(parameters) == 1 else parameters
     )
+    return bind
 
 
 @contextmanager

@@ -285,10 +285,9 @@ class Outbox:
         plugins: Collection[str],
     ) -> Engine | Connection:
         """Insert rows for *envelopes*, each for *plugins*, in *session*'s
-        transaction (before COMMIT); returns the bind they went to."""
-        write(session, self, envelopes, plugins)
-        bind: Engine | Connection = session.get_bind(clause=self.table)
-        return bind
+        transaction (before COMMIT), in the database of its changes; returns
+        the bind they went to."""
+        return write(session, self, envelopes, plugins)
 
     def record(
         self,
