@@ -81,6 +81,7 @@ parent_of: Callable[[SessionTransaction], SessionTransaction | None] = attrgette
 without the property call."""
 
 is_flushing: Callable[[Session], bool] = attrgetter("_flushing")
+"""``Session._flushing``: whether the session is inside ``flush()``."""
 
 mapper_binds: Callable[[Session], Mapping[object, object]] = attrgetter(
     # Session(binds=...)'s table: private (name-mangled) in SQLAlchemy 2.0,
@@ -90,7 +91,6 @@ mapper_binds: Callable[[Session], Mapping[object, object]] = attrgetter(
     else "binds"
 )
 """The per-mapper and per-table binds a session was given (empty: none)."""
-"""``Session._flushing``: whether the session is inside ``flush()``."""
 
 _state_of: Callable[[SessionTransaction], SessionTransactionState] = attrgetter(
     "_state"

@@ -23,6 +23,7 @@ and the legacy ``bulk_save_objects`` and ``bulk_*_mappings`` methods.
 
 from __future__ import annotations
 
+import inspect
 import re
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
-from ._sqla import bind_of, flushed_mappers, sole_connection
+from ._sqla import autobegin, bind_of, flushed_mappers, sole_connection
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -121,12 +122,41 @@ def note_statement(state: ORMExecuteState) -> Any:
         )
     if not writes:
         return None
-    result = state.invoke_statement()
     session = state.session
+    if not _takes_keywords(type(session)):
+        # invoke_statement() would pass this get_bind a keyword of
+        # SQLAlchemy's own it does not take (SQLAlchemy's routing recipe
+        # declares only mapper and clause): note first, let it run.
+        try:
+            root = autobegin(session) and session.get_transaction()
+        except Exception:  # autobegin=False: SQLAlchemy says so itself next
+            return None
+        if root is not None:
+            _add(record_of(session, root), session, state.bind_arguments)
+        return None
+    result = state.invoke_statement()
     root = session.get_transaction()
     if root is not None:
         _add(record_of(session, root), session, state.bind_arguments)
     return result
+
+
+def _takes_keywords(session_class: type[Session]) -> bool:
+    """Whether *session_class*'s ``get_bind`` takes any keyword (as
+    SQLAlchemy's own does), asked once per class."""
+    known = _KEYWORDS.get(session_class)
+    if known is None:
+        try:
+            parameters = inspect.signature(session_class.get_bind).parameters
+            known = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        except (TypeError, ValueError):  # pragma: no cover - not introspectable
+            known = False
+        _KEYWORDS[session_class] = known
+    return known
+
+
+_KEYWORDS: weakref.WeakKeyDictionary[type[Session], bool] = weakref.WeakKeyDictionary()
+"""Per session class: whether its ``get_bind`` takes any keyword."""
 
 
 def _add(record: Written, session: Session, bind_arguments: dict[str, Any]) -> None:
@@ -143,11 +173,25 @@ _WRITING = frozenset(("INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE", "UPSERT"
 """The first word of a textual statement that writes. (A ``WITH`` may only
 read: a read replica must never be taken for a written database.)"""
 
-_FIRST_WORD = re.compile(r"(?:\s+|\(|/\*.*?\*/|--[^\n]*)*([A-Za-z]+)", re.DOTALL)
-"""A statement's first word, after any space, parentheses and comments."""
+_WORD = re.compile(r"[A-Za-z]+")
+_SPACE = re.compile(r"[\s(]*")
 
 
 def _writes(text: Any) -> bool:
-    """Whether the textual statement *text* begins with a writing keyword."""
-    found = _FIRST_WORD.match(text.text)
-    return found is not None and found.group(1).upper() in _WRITING
+    """Whether the textual statement *text* begins with a writing keyword,
+    after any space, parentheses and comments (read in one pass: a regular
+    expression with a repeated group took exponential time on some text)."""
+    sql: str = text.text
+    at, end = 0, len(sql)
+    while at < end:
+        at = _SPACE.match(sql, at).end()  # type: ignore[union-attr]
+        if sql.startswith("/*", at):
+            close = sql.find("*/", at + 2)
+            at = end if close < 0 else close + 2
+        elif sql.startswith("--", at):
+            newline = sql.find("\n", at)
+            at = end if newline < 0 else newline + 1
+        else:
+            break
+    found = _WORD.match(sql, at)
+    return found is not None and found.group().upper() in _WRITING

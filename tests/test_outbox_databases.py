@@ -499,3 +499,134 @@ def test_statements_are_noted_only_where_sessions_may_span_databases(
         AccessAudit(app, db, outbox=Outbox(db.metadata))
         with app.app_context():
             assert bool(db.session().dispatch.do_orm_execute) == bool(binds)
+
+
+REFUSE_INSERTS = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_outbox BEFORE INSERT ON access_audit_outbox "
+        "BEGIN SELECT RAISE(ABORT, 'read-only'); END"
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION refuse_outbox() RETURNS trigger AS $$ "
+        "BEGIN RAISE EXCEPTION 'read-only'; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse_outbox BEFORE INSERT ON access_audit_outbox "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_outbox()",
+    ],
+    "mysql": [
+        "CREATE TRIGGER refuse_outbox BEFORE INSERT ON access_audit_outbox "
+        "FOR EACH ROW SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'read-only'"
+    ],
+}
+"""A trigger that refuses every row of the outbox table, on each database
+(as a read-only replica that took a temporary table's rows would)."""
+
+
+def test_rows_the_database_of_the_changes_refuses_go_to_the_table_bind(
+    engine: Engine, outbox: Outbox, elsewhere: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database of the changes has the outbox tables but refuses the
+    rows: the commit goes through, its rows in the outbox table's bind, and
+    a warning says so once, in the database's words (not the rows')."""
+    outbox.create(elsewhere)
+    with engine.begin() as connection:
+        for statement in REFUSE_INSERTS[engine.dialect.name]:
+            connection.exec_driver_sql(statement)
+    maker = relayed_changes_on(engine, elsewhere, outbox)
+    with maker() as session:
+        for name in ("a", "b"):
+            operation(session, name, payload={"secret": "s3cr3t"})
+            session.commit()
+    assert stored_names(engine) == ["a", "b"]
+    assert aggregate_ids(elsewhere, outbox) == ["a", "b"]
+    (warning,) = warnings_of(caplog)
+    assert "refused them" in warning and "read-only" in warning
+    assert "s3cr3t" not in warning
+    outbox.drop(elsewhere)
+    if engine.dialect.name == "postgresql":  # the function outlives the table
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP FUNCTION refuse_outbox() CASCADE")
+
+
+def test_a_routing_get_bind_of_mapper_and_clause_only_still_executes(
+    engine: Engine, outbox: Outbox, elsewhere: Engine
+) -> None:
+    """SQLAlchemy's routing recipe declares ``get_bind(mapper, clause)``
+    only, where SQLAlchemy passes a keyword of its own to a statement run
+    again from a ``do_orm_execute`` listener: a bulk UPDATE runs once, as
+    without the emitter, and the rows go to its database."""
+    outbox.create(elsewhere)
+    with Session(engine) as seeding:
+        seeding.add(Item(name="seed"))
+        seeding.commit()
+    tables = set(Base.metadata.tables.values())
+
+    class Vertical(Session):
+        def get_bind(self, mapper: Any = None, clause: Any = None) -> Any:  # type: ignore[override]
+            if mapper is not None and mapper.local_table in tables:
+                return engine
+            if clause is not None and getattr(clause, "table", None) in tables:
+                return engine
+            return elsewhere
+
+    maker = sessionmaker(class_=Vertical)
+    relaying_emitter(outbox, Sink()).attach(maker)
+    with maker() as session:
+        result = session.execute(update(Item).values(name="renamed"))
+        assert result.rowcount == 1  # type: ignore[attr-defined]
+        stage(session, "renamed")
+        session.commit()
+    assert stored_names(engine) == ["renamed"]
+    assert aggregate_ids(engine, outbox) == ["renamed"]
+    outbox.drop(elsewhere)
+
+
+def test_the_table_is_looked_for_in_the_schema_the_connection_translates_to(
+    tmp_path: Path, elsewhere: Engine
+) -> None:
+    """Changes through an engine whose ``schema_translate_map`` sends them
+    to another schema (an attached SQLite database here), which has the
+    outbox tables where the untranslated one has none: the rows go there."""
+    plain = sqlite_engine(tmp_path / "main.db")
+
+    @event.listens_for(plain, "connect")
+    def _attach(dbapi_connection: Any, record: object) -> None:
+        dbapi_connection.execute(
+            f"ATTACH DATABASE '{tmp_path / 'tenant.db'}' AS tenant"
+        )
+
+    tenant = plain.execution_options(schema_translate_map={None: "tenant"})
+    outbox = Outbox()
+    Base.metadata.create_all(tenant)
+    outbox.create(tenant)
+    outbox.create(elsewhere)
+    maker = relayed_changes_on(tenant, elsewhere, outbox)  # type: ignore[arg-type]
+    with maker() as session:
+        operation(session, "a")
+        session.commit()
+    assert aggregate_ids(tenant, outbox) == ["a"]  # type: ignore[arg-type]
+    assert aggregate_ids(elsewhere, outbox) == []
+    plain.dispose()
+
+
+@pytest.mark.parametrize(
+    ("sql", "writes"),
+    [
+        ("  UPDATE t SET x = 1", True),
+        ("/* app: rename */\n-- and a line\n( insert into t values (1))", True),
+        ("replace into t values (1)", True),
+        ("SELECT 1", False),
+        ("WITH a AS (SELECT 1) UPDATE t SET x = 1", False),
+        ("/* never closed UPDATE", False),
+        ("-- UPDATE", False),
+        ("\n" + " " * 100_000 + ";UPDATE t SET x = 1", False),
+        ("", False),
+    ],
+)
+def test_text_that_writes_is_told_by_its_first_word(sql: str, writes: bool) -> None:
+    """Text counts as a write when its first word, after space,
+    parentheses and comments, is a writing keyword (a ``WITH`` may only
+    read). Read in one pass: however long the space before a word that is
+    not one."""
+    from access_audit._written import _writes
+
+    assert _writes(text(sql)) is writes

@@ -27,28 +27,52 @@ if TYPE_CHECKING:
 
     from ._table import Outbox
 
-__all__ = ["connection_for_rows"]
+__all__ = ["connection_for_rows", "refused"]
 
 
 def connection_for_rows(
     session: Session, outbox: Outbox
-) -> tuple[Connection, Engine | Connection]:
-    """The session's connection to write the commit's rows on, and its bind
-    (where the record of their delivery goes after COMMIT). All of a
-    commit's rows go to one database: a later flush of the commit that
-    stages more puts them where the first went."""
+) -> tuple[Connection, Engine | Connection, bool]:
+    """The session's connection to write the commit's rows on, its bind
+    (where the record of their delivery goes after COMMIT), and whether
+    that is another database than the outbox table's. All of a commit's
+    rows go to one database: a later flush of the commit that stages more
+    puts them where the first went."""
     table_bind = session.get_bind(clause=outbox.table)
     root = session.get_transaction()
     only = sole_connection(root)
     if only is not None and (only is table_bind or only.engine is table_bind):
-        return only, table_bind  # one database: the usual commit
+        return only, table_bind, False  # one database: the usual commit
     record = written(session)
     placed = None if record is None else record.placed
     if placed is None:
         placed = _place(session, outbox, table_bind)
         if root is not None:
             record_of(session, root).placed = placed
-    return session.connection(bind_arguments={"bind": placed}), placed
+    connection = session.connection(bind_arguments={"bind": placed})
+    return connection, placed, placed is not table_bind
+
+
+def refused(
+    session: Session, outbox: Outbox, bind: Engine | Connection, error: Exception
+) -> tuple[Connection, Engine | Connection]:
+    """The database of the changes refused the rows (*error*): the
+    connection and bind of the outbox table's database, where this commit's
+    rows go now, apart from the changes (a warning says so, once)."""
+    table_bind = session.get_bind(clause=outbox.table)
+    if _first_time(_engine_of(bind), outbox, "refused"):
+        logger.warning(
+            "outbox rows of a transaction that changed %r go to %r, apart "
+            "from the changes: %r refused them (%s)",
+            _engine_of(bind),
+            _engine_of(table_bind),
+            _engine_of(bind),
+            getattr(error, "orig", error),  # the database's words, not the rows
+        )
+    root = session.get_transaction()
+    if root is not None:
+        record_of(session, root).placed = table_bind
+    return session.connection(bind_arguments={"bind": table_bind}), table_bind
 
 
 def _place(
@@ -100,7 +124,12 @@ def _has_tables(connection: Connection, outbox: Outbox) -> bool:
     must not fail for a table that is gone."""
     dialect = connection.dialect
     return all(
-        dialect.has_table(connection, table.name, schema=table.schema)
+        dialect.has_table(
+            connection,
+            table.name,
+            # The schema the connection translates it to, as the INSERT's.
+            schema=connection.schema_for_object(table),
+        )
         for table in (outbox.table, outbox.delivery_table)
     )
 

@@ -24,10 +24,11 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, stored_envelope, stored_json
-from ._placement import connection_for_rows
+from ._placement import connection_for_rows, refused
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -222,7 +223,7 @@ def write(
     if not envelopes:
         bind: Engine | Connection = session.get_bind(clause=outbox.table)
         return bind
-    connection, bind = connection_for_rows(session, outbox)
+    connection, bind, elsewhere = connection_for_rows(session, outbox)
     names = _recipients_text(frozenset(recipients))
     # A value for each column of the outbox table, in its order.
     rows = [
@@ -239,6 +240,24 @@ def write(
         )
         for envelope in envelopes
     ]
+    if elsewhere:
+        # Another database than the outbox table's, which may refuse what
+        # its catalog allows (a replica that took only a temporary table's
+        # rows): in a SAVEPOINT, so that a refusal fails no commit.
+        try:
+            with connection.begin_nested():
+                _insert(connection, outbox, rows)
+            return bind
+        except DBAPIError as error:
+            connection, bind = refused(session, outbox, bind, error)
+    _insert(connection, outbox, rows)
+    return bind
+
+
+def _insert(
+    connection: Connection, outbox: Outbox, rows: list[tuple[Any, ...]]
+) -> None:
+    """Send the INSERT of *rows* (a value for each column, in order)."""
     # On the session's connection: the ORM's session.execute() path costs
     # as much again per commit.
     if connection.get_execution_options().get("schema_translate_map"):
@@ -249,7 +268,7 @@ def write(
             insert(outbox.table),
             [dict(zip(keys, row, strict=True)) for row in rows],
         )
-        return bind
+        return
     prepared = outbox._insert_for(connection.dialect)
     parameters = [prepared.parameters(row) for row in rows]
     # One row (the usual commit) as a plain execute: the executemany
@@ -257,7 +276,6 @@ def write(
     connection.exec_driver_sql(
         prepared.sql, parameters[0] if len(parameters) == 1 else parameters
     )
-    return bind
 
 
 @contextmanager
