@@ -173,8 +173,9 @@ _WRITING = frozenset(("INSERT", "UPDATE", "DELETE", "REPLACE", "MERGE", "UPSERT"
 """The first word of a textual statement that writes. (A ``WITH`` may only
 read: a read replica must never be taken for a written database.)"""
 
-_WORD = re.compile(r"[A-Za-z]+")
-_SPACE = re.compile(r"[\s(]*")
+_WORD = re.compile(r"\w+")
+_SPACE = re.compile(r"[\s(\ufeff]*")
+_LINE_END = re.compile(r"[\r\n]")
 
 
 def _writes(text: Any) -> bool:
@@ -188,9 +189,9 @@ def _writes(text: Any) -> bool:
         if sql.startswith("/*", at):
             close = sql.find("*/", at + 2)
             at = end if close < 0 else close + 2
-        elif sql.startswith("--", at):
-            newline = sql.find("\n", at)
-            at = end if newline < 0 else newline + 1
+        elif sql.startswith(("--", "#"), at):  # "#": MariaDB's and MySQL's
+            line_end = _LINE_END.search(sql, at)
+            at = end if line_end is None else line_end.end()
         else:
             break
     found = _WORD.match(sql, at)

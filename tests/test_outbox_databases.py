@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from sqlalchemy import (
     Engine,
+    TextClause,
     create_engine,
     event,
     insert,
@@ -508,7 +509,8 @@ REFUSE_INSERTS = {
     ],
     "postgresql": [
         "CREATE OR REPLACE FUNCTION refuse_outbox() RETURNS trigger AS $$ "
-        "BEGIN RAISE EXCEPTION 'read-only'; END $$ LANGUAGE plpgsql",
+        "BEGIN RAISE EXCEPTION 'read-only' USING DETAIL = 's3cr3t'; END $$ "
+        "LANGUAGE plpgsql",
         "CREATE TRIGGER refuse_outbox BEFORE INSERT ON access_audit_outbox "
         "FOR EACH ROW EXECUTE FUNCTION refuse_outbox()",
     ],
@@ -526,7 +528,8 @@ def test_rows_the_database_of_the_changes_refuses_go_to_the_table_bind(
 ) -> None:
     """The database of the changes has the outbox tables but refuses the
     rows: the commit goes through, its rows in the outbox table's bind, and
-    a warning says so once, in the database's words (not the rows')."""
+    a warning says so once, in the database's first line (PostgreSQL's
+    DETAIL may list the row's values)."""
     outbox.create(elsewhere)
     with engine.begin() as connection:
         for statement in REFUSE_INSERTS[engine.dialect.name]:
@@ -614,6 +617,8 @@ def test_the_table_is_looked_for_in_the_schema_the_connection_translates_to(
         ("  UPDATE t SET x = 1", True),
         ("/* app: rename */\n-- and a line\n( insert into t values (1))", True),
         ("replace into t values (1)", True),
+        ("\ufeff# a MariaDB comment\r\nDELETE FROM t", True),
+        ("INSERT_LOG()", False),
         ("SELECT 1", False),
         ("WITH a AS (SELECT 1) UPDATE t SET x = 1", False),
         ("/* never closed UPDATE", False),
@@ -630,3 +635,102 @@ def test_text_that_writes_is_told_by_its_first_word(sql: str, writes: bool) -> N
     from access_audit._written import _writes
 
     assert _writes(text(sql)) is writes
+
+
+def test_a_database_that_ended_the_transaction_fails_the_commit(
+    tmp_path: Path, elsewhere: Engine
+) -> None:
+    """The changes' database rolls the whole transaction back while taking
+    the rows (SQLite's full disk or busy database, a deadlock's victim
+    elsewhere): the SAVEPOINT went with it, so nothing is placed elsewhere;
+    the commit fails, and no row anywhere tells of the lost change."""
+    changes = sqlite_engine(tmp_path / "changes.db")
+    Base.metadata.create_all(changes)
+    outbox = Outbox()
+    for engine in (changes, elsewhere):
+        outbox.create(engine)
+    with changes.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TRIGGER end_it BEFORE INSERT ON access_audit_outbox "
+            "BEGIN SELECT RAISE(ROLLBACK, 'rolled back'); END"
+        )
+    maker = relayed_changes_on(changes, elsewhere, outbox)
+    with maker() as session:
+        operation(session, "lost")
+        with pytest.raises(DatabaseError):
+            session.commit()
+        session.rollback()
+    assert stored_names(changes) == []
+    assert aggregate_ids(changes, outbox) == aggregate_ids(elsewhere, outbox) == []
+    changes.dispose()
+
+
+def test_a_write_that_never_began_on_pysqlite_leaves_the_database_out(
+    tmp_path: Path, elsewhere: Engine
+) -> None:
+    """pysqlite's own transaction handling (SQLAlchemy's default) begins
+    only before a write that runs: a routing session's write that failed
+    (noted before it ran) began nothing there, so the rows go to the
+    outbox table's bind, not into a SAVEPOINT that would be the outermost
+    (its RELEASE a COMMIT of the rows alone)."""
+    changes = create_engine(f"sqlite:///{tmp_path / 'changes.db'}")
+    Base.metadata.create_all(changes)
+    outbox = Outbox()
+    for engine in (changes, elsewhere):
+        outbox.create(engine)
+
+    class Vertical(Session):
+        def get_bind(self, mapper: Any = None, clause: Any = None) -> Any:  # type: ignore[override]
+            return changes if isinstance(clause, TextClause) else elsewhere
+
+    maker = sessionmaker(class_=Vertical)
+    relaying_emitter(outbox, Sink()).attach(maker)
+    with maker() as session:
+        with pytest.raises(DatabaseError):
+            session.execute(text("UPDATE no_such_table SET x = 1"))
+        stage(session, "viewed")
+        session.commit()
+    assert aggregate_ids(changes, outbox) == []
+    assert aggregate_ids(elsewhere, outbox) == ["viewed"]
+    changes.dispose()
+
+
+def test_a_later_batch_refused_fails_the_commit_rather_than_split_it(
+    tmp_path: Path, elsewhere: Engine
+) -> None:
+    """A commit whose first rows went to the changes' database and whose
+    later one (an application's ``before_commit`` hook staged it) is
+    refused there: a commit's rows are never split between two databases
+    (the record after COMMIT goes to one, and the other's would be
+    delivered again), so the commit fails and nothing is delivered."""
+    changes = sqlite_engine(tmp_path / "changes.db")
+    Base.metadata.create_all(changes)
+    outbox = Outbox()
+    for engine in (changes, elsewhere):
+        outbox.create(engine)
+    with changes.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TRIGGER refuse_b BEFORE INSERT ON access_audit_outbox "
+            "WHEN NEW.aggregateid = 'b' BEGIN SELECT RAISE(ABORT, 'no b'); END"
+        )
+    sink = Sink()
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    emitter.register(sink, name="sink")
+    maker = changes_on(changes, elsewhere)
+    emitter.attach(maker)
+    with maker() as session:
+        operation(session, "a")
+
+        @event.listens_for(session, "before_commit")
+        def stage_late(session: Session) -> None:
+            if not session.info.get("late"):
+                session.info["late"] = True
+                stage(session, "b")
+
+        with pytest.raises(DatabaseError):
+            session.commit()
+        session.rollback()
+    assert emitter.flush(timeout=10)
+    assert sink.names == []
+    assert aggregate_ids(changes, outbox) == aggregate_ids(elsewhere, outbox) == []
+    changes.dispose()

@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from .._logging import logger
 from .._sqla import bind_of, sole_connection
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from ._table import Outbox
 
-__all__ = ["connection_for_rows", "refused"]
+__all__ = ["connection_for_rows", "refusal", "refused"]
 
 
 def connection_for_rows(
@@ -35,9 +36,10 @@ def connection_for_rows(
 ) -> tuple[Connection, Engine | Connection, bool]:
     """The session's connection to write the commit's rows on, its bind
     (where the record of their delivery goes after COMMIT), and whether
-    that is another database than the outbox table's. All of a commit's
-    rows go to one database: a later flush of the commit that stages more
-    puts them where the first went."""
+    these are the commit's first rows and go to another database than the
+    outbox table's (see :func:`refused`). All of a commit's rows go to one
+    database: a later flush of the commit that stages more puts them where
+    the first went."""
     table_bind = session.get_bind(clause=outbox.table)
     root = session.get_transaction()
     only = sole_connection(root)
@@ -45,12 +47,35 @@ def connection_for_rows(
         return only, table_bind, False  # one database: the usual commit
     record = written(session)
     placed = None if record is None else record.placed
-    if placed is None:
-        placed = _place(session, outbox, table_bind)
-        if root is not None:
-            record_of(session, root).placed = placed
+    if placed is not None:  # a later batch of the commit: with the first
+        return session.connection(bind_arguments={"bind": placed}), placed, False
+    placed = _place(session, outbox, table_bind)
+    if root is not None:
+        record_of(session, root).placed = placed
     connection = session.connection(bind_arguments={"bind": placed})
     return connection, placed, placed is not table_bind
+
+
+def refusal(error: DBAPIError) -> bool:
+    """Whether the database refused the rows themselves (a read-only
+    database, a trigger, privileges), rather than ended the transaction or
+    the connection (a disconnect, a deadlock, a serialization failure):
+    only then may they go elsewhere. A transient failure fails the commit,
+    as it would have without the outbox."""
+    if error.connection_invalidated:
+        return False
+    original = error.orig
+    state = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    if isinstance(state, str) and state.startswith("40"):
+        return False  # transaction rollback: serialization, deadlock
+    arguments = getattr(original, "args", ())
+    return not (
+        arguments and isinstance(arguments[0], int) and arguments[0] in _MYSQL_TRANSIENT
+    )
+
+
+_MYSQL_TRANSIENT = frozenset((1205, 1213))
+"""MariaDB and MySQL: a lock wait timeout, a deadlock."""
 
 
 def refused(
@@ -67,7 +92,7 @@ def refused(
             _engine_of(bind),
             _engine_of(table_bind),
             _engine_of(bind),
-            getattr(error, "orig", error),  # the database's words, not the rows
+            _first_line(getattr(error, "orig", error)),
         )
     root = session.get_transaction()
     if root is not None:
@@ -92,6 +117,8 @@ def _place(
     if len(databases) == 1:
         (other,) = others
         connection = session.connection(bind_arguments={"bind": other})
+        if not _began(connection):
+            return table_bind  # nothing was written there after all
         if _has_tables(connection, outbox):
             return other
         if apart and _first_time(connection.engine, outbox, "no table"):
@@ -115,6 +142,18 @@ def _place(
             _engine_of(table_bind),
         )
     return table_bind
+
+
+def _began(connection: Connection) -> bool:
+    """False where the driver says no transaction began: pysqlite's own
+    transaction handling (SQLAlchemy's default) sends BEGIN only before the
+    first write, so a statement noted before it ran that then failed wrote
+    nothing, and a SAVEPOINT there would be the outermost, its RELEASE a
+    COMMIT of the rows alone. Other drivers: True."""
+    in_transaction = getattr(
+        connection.connection.dbapi_connection, "in_transaction", True
+    )
+    return in_transaction is not False
 
 
 def _has_tables(connection: Connection, outbox: Outbox) -> bool:
@@ -144,6 +183,12 @@ def _first_time(engine: Engine, outbox: Outbox, what: str) -> bool:
         return False
     seen.add(what)
     return True
+
+
+def _first_line(error: BaseException) -> str:
+    """The database's own words, without what follows them (PostgreSQL's
+    DETAIL lists the row's values: target ids, the payload's start)."""
+    return str(error).strip().split("\n", 1)[0][:200]
 
 
 def _engine_of(bind: Engine | Connection) -> Engine:

@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from .._envelope import AuditEventEnvelope, stored_envelope, stored_json
-from ._placement import connection_for_rows, refused
+from ._placement import connection_for_rows, refusal, refused
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -241,15 +241,23 @@ def write(
         for envelope in envelopes
     ]
     if elsewhere:
-        # Another database than the outbox table's, which may refuse what
-        # its catalog allows (a replica that took only a temporary table's
-        # rows): in a SAVEPOINT, so that a refusal fails no commit.
+        # The commit's first rows in another database than the outbox
+        # table's, which may refuse what its catalog allows (a replica that
+        # took only a temporary table's rows): in a SAVEPOINT, so that a
+        # refusal fails no commit.
+        savepoint = connection.begin_nested()
         try:
-            with connection.begin_nested():
-                _insert(connection, outbox, rows)
-            return bind
+            _insert(connection, outbox, rows)
         except DBAPIError as error:
+            if not refusal(error):
+                raise  # the transaction's end, not the rows': fail the commit
+            # Raises, failing the commit, if the database ended the
+            # transaction (and the SAVEPOINT with it).
+            savepoint.rollback()
             connection, bind = refused(session, outbox, bind, error)
+        else:
+            savepoint.commit()
+            return bind
     _insert(connection, outbox, rows)
     return bind
 
