@@ -78,6 +78,18 @@ def relayed_changes_on(
     return maker
 
 
+def inline_changes_on(
+    engine: Engine, elsewhere: Engine, outbox: Outbox, sink: Sink
+) -> tuple[AuditEmitter, sessionmaker[Session]]:
+    """:func:`changes_on`'s sessions, attached to an emitter that delivers
+    to *sink* right after COMMIT (and records it)."""
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
+    emitter.register(sink, name="sink")
+    maker = changes_on(engine, elsewhere)
+    emitter.attach(maker)
+    return emitter, maker
+
+
 def relaying_emitter(outbox: Outbox, sink: Sink) -> AuditEmitter:
     """An emitter that leaves every event to the relay (the rows stay)."""
     outbox.relay_after = timedelta(0)
@@ -92,6 +104,24 @@ def stage(session: Any, target_id: str) -> None:
         session, "item_changed", target_type="item", target_id=target_id,
         action="update",
     )  # fmt: skip
+
+
+def sqlite_changes(
+    tmp_path: Path, elsewhere: Engine, trigger: str = "", *, plain: bool = False
+) -> tuple[Engine, Outbox]:
+    """An SQLite database for the changes, with the test tables, the outbox
+    tables (also in *elsewhere*) and the outbox *trigger*, if any; *plain*:
+    with pysqlite's own transaction handling (SQLAlchemy's default)."""
+    path = tmp_path / "changes.db"
+    changes = create_engine(f"sqlite:///{path}") if plain else sqlite_engine(path)
+    Base.metadata.create_all(changes)
+    outbox = Outbox()
+    for engine in (changes, elsewhere):
+        outbox.create(engine)
+    if trigger:
+        with changes.begin() as connection:
+            connection.exec_driver_sql(trigger)
+    return changes, outbox
 
 
 def aggregate_ids(engine: Engine, outbox: Outbox) -> list[str]:
@@ -141,10 +171,7 @@ def test_the_record_after_commit_goes_to_the_database_of_the_rows(
     outbox.create(elsewhere)
     sink = Sink(failing=True)
     outbox.relay_after = timedelta(0)
-    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    emitter.register(sink, name="sink")
-    maker = changes_on(engine, elsewhere)
-    emitter.attach(maker)
+    emitter, maker = inline_changes_on(engine, elsewhere, outbox, sink)
     with maker() as session:
         operation(session, "a")
         session.commit()
@@ -644,16 +671,12 @@ def test_a_database_that_ended_the_transaction_fails_the_commit(
     the rows (SQLite's full disk or busy database, a deadlock's victim
     elsewhere): the SAVEPOINT went with it, so nothing is placed elsewhere;
     the commit fails, and no row anywhere tells of the lost change."""
-    changes = sqlite_engine(tmp_path / "changes.db")
-    Base.metadata.create_all(changes)
-    outbox = Outbox()
-    for engine in (changes, elsewhere):
-        outbox.create(engine)
-    with changes.begin() as connection:
-        connection.exec_driver_sql(
-            "CREATE TRIGGER end_it BEFORE INSERT ON access_audit_outbox "
-            "BEGIN SELECT RAISE(ROLLBACK, 'rolled back'); END"
-        )
+    changes, outbox = sqlite_changes(
+        tmp_path,
+        elsewhere,
+        "CREATE TRIGGER end_it BEFORE INSERT ON access_audit_outbox "
+        "BEGIN SELECT RAISE(ROLLBACK, 'rolled back'); END",
+    )
     maker = relayed_changes_on(changes, elsewhere, outbox)
     with maker() as session:
         operation(session, "lost")
@@ -673,11 +696,7 @@ def test_a_write_that_never_began_on_pysqlite_leaves_the_database_out(
     (noted before it ran) began nothing there, so the rows go to the
     outbox table's bind, not into a SAVEPOINT that would be the outermost
     (its RELEASE a COMMIT of the rows alone)."""
-    changes = create_engine(f"sqlite:///{tmp_path / 'changes.db'}")
-    Base.metadata.create_all(changes)
-    outbox = Outbox()
-    for engine in (changes, elsewhere):
-        outbox.create(engine)
+    changes, outbox = sqlite_changes(tmp_path, elsewhere, plain=True)
 
     class Vertical(Session):
         def get_bind(self, mapper: Any = None, clause: Any = None) -> Any:  # type: ignore[override]
@@ -703,21 +722,14 @@ def test_a_later_batch_refused_fails_the_commit_rather_than_split_it(
     refused there: a commit's rows are never split between two databases
     (the record after COMMIT goes to one, and the other's would be
     delivered again), so the commit fails and nothing is delivered."""
-    changes = sqlite_engine(tmp_path / "changes.db")
-    Base.metadata.create_all(changes)
-    outbox = Outbox()
-    for engine in (changes, elsewhere):
-        outbox.create(engine)
-    with changes.begin() as connection:
-        connection.exec_driver_sql(
-            "CREATE TRIGGER refuse_b BEFORE INSERT ON access_audit_outbox "
-            "WHEN NEW.aggregateid = 'b' BEGIN SELECT RAISE(ABORT, 'no b'); END"
-        )
+    changes, outbox = sqlite_changes(
+        tmp_path,
+        elsewhere,
+        "CREATE TRIGGER refuse_b BEFORE INSERT ON access_audit_outbox "
+        "WHEN NEW.aggregateid = 'b' BEGIN SELECT RAISE(ABORT, 'no b'); END",
+    )
     sink = Sink()
-    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox)
-    emitter.register(sink, name="sink")
-    maker = changes_on(changes, elsewhere)
-    emitter.attach(maker)
+    emitter, maker = inline_changes_on(changes, elsewhere, outbox, sink)
     with maker() as session:
         operation(session, "a")
 
