@@ -380,16 +380,29 @@ def test_sync_plugin_closed_during_a_publish_ends_that_publish(
     assert isinstance(plugin, RabbitMQPlugin)
     plugin.publish([envelope("through")])  # the connection opens
     raised: list[BaseException] = []
+    batch = [envelope(str(number)) for number in range(10_000)]
+    # close() while the batch is under way, however fast the broker: once
+    # its 1,000th message is being sent (a fixed sleep let a quick broker
+    # confirm all 10,000 first).
+    under_way = threading.Event()
+    routing_key_for = plugin._publisher.routing_key_for
+
+    def noting(sent: AuditEventEnvelope) -> str:
+        if sent.target_id == "1000":
+            under_way.set()
+        return routing_key_for(sent)
+
+    plugin._publisher.routing_key_for = noting  # type: ignore[method-assign]
 
     def publish_many() -> None:
         try:
-            plugin.publish([envelope(str(number)) for number in range(10_000)])
+            plugin.publish(batch)
         except BaseException as error:
             raised.append(error)
 
     publisher = threading.Thread(target=publish_many, daemon=True)
     publisher.start()
-    time.sleep(0.3)  # the batch is being published
+    assert under_way.wait(15), "the batch never got under way"
     plugin.close()
     publisher.join(15)
     assert not publisher.is_alive(), "publish() still waits after close()"
