@@ -123,18 +123,17 @@ def note_statement(state: ORMExecuteState) -> Any:
     if not writes:
         return None
     session = state.session
-    if not _takes_keywords(type(session)):
+    result = None
+    if _takes_keywords(type(session)):
+        result = state.invoke_statement()
+    else:
         # invoke_statement() would pass this get_bind a keyword of
         # SQLAlchemy's own it does not take (SQLAlchemy's routing recipe
         # declares only mapper and clause): note first, let it run.
         try:
-            root = autobegin(session) and session.get_transaction()
+            autobegin(session)
         except Exception:  # autobegin=False: SQLAlchemy says so itself next
             return None
-        if root is not None:
-            _add(record_of(session, root), session, state.bind_arguments)
-        return None
-    result = state.invoke_statement()
     root = session.get_transaction()
     if root is not None:
         _add(record_of(session, root), session, state.bind_arguments)

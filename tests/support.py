@@ -8,6 +8,7 @@ on ``sys.path`` for them). Fixtures live in the two ``conftest.py`` files.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
@@ -59,6 +60,19 @@ def reach(what: str, connect: Callable[[], T]) -> T:
     if isinstance(found, Exception):
         unavailable(what, found)
     return cast(T, found)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll *condition* until it holds or *seconds* pass; return the last answer."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def lines_of(path: Path) -> int:
+    """How many lines the file at *path* has (0 while it does not exist)."""
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 # -- engines -------------------------------------------------------------------

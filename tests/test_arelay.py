@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from support import outbox_emitter, outbox_rows
+from support import lines_of, outbox_emitter, outbox_rows, wait_until
 from test_relay import (
     APP_NAME,
     CLI_PLUGIN,
@@ -278,11 +278,7 @@ def test_the_cli_relays_through_an_async_url_and_stops_at_sigterm(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and child.poll() is None:
-            if log.exists() and len(log.read_text().splitlines()) == 2:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: child.poll() is not None or lines_of(log) == 2, 30)
         time.sleep(0.3)  # into its 30 s wait
         child.send_signal(signal.SIGTERM)
         out, err = child.communicate(timeout=10)

@@ -19,7 +19,15 @@ import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
-from support import Child, Item, Recorder, operation, outbox_rows, stored_names
+from support import (
+    Child,
+    Item,
+    Recorder,
+    operation,
+    outbox_rows,
+    stored_names,
+    wait_until,
+)
 
 from access_audit import (
     AuditConfigurationError,
@@ -33,14 +41,6 @@ from access_audit.outbox import Outbox, count_pending
 from access_audit.testing import capture_audit_events
 
 JOIN_MODES = ["conditional_savepoint", "create_savepoint", "rollback_only"]
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
-    """Poll *condition* until it holds or *seconds* pass; return the last answer."""
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def joined_session(

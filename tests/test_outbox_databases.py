@@ -746,3 +746,51 @@ def test_a_later_batch_refused_fails_the_commit_rather_than_split_it(
     assert sink.names == []
     assert aggregate_ids(changes, outbox) == aggregate_ids(elsewhere, outbox) == []
     changes.dispose()
+
+
+@pytest.mark.parametrize("outer_ends", ["rollback", "commit"])
+def test_a_joined_session_keeps_its_rows_in_the_outer_transaction(
+    engine: Engine,
+    outbox: Outbox,
+    elsewhere: Engine,
+    caplog: pytest.LogCaptureFixture,
+    outer_ends: str,
+) -> None:
+    """A session joined to its caller's transaction (on the outbox table's
+    database) that changed another database, which has the outbox tables:
+    its events wait for the caller's transaction, so its rows stay there.
+    Rolled back, they are discarded with reason "rollback" and no row is
+    left anywhere to deliver them; committed, the rows are there, and a
+    warning says they are apart from the change."""
+    from access_audit import signals
+
+    outbox.create(elsewhere)
+    discarded: list[str] = []
+
+    def on_discarded(sender: object, event: Any, reason: str) -> None:
+        discarded.append(reason)
+
+    signals.audit_event_discarded.connect(on_discarded)
+    emitter = relaying_emitter(outbox, Sink())
+    tables = {table: engine for table in Base.metadata.sorted_tables}
+    try:
+        with elsewhere.connect() as connection:
+            outer = connection.begin()
+            session = Session(bind=connection, binds=tables)
+            emitter.attach(session)
+            operation(session, "a")
+            session.commit()
+            session.close()
+            getattr(outer, outer_ends)()
+    finally:
+        signals.audit_event_discarded.disconnect(on_discarded)
+    assert aggregate_ids(engine, outbox) == []
+    if outer_ends == "rollback":
+        assert discarded == ["rollback"]
+        assert aggregate_ids(elsewhere, outbox) == []
+    else:
+        assert discarded == []
+        assert aggregate_ids(elsewhere, outbox) == ["a"]
+        (warning,) = warnings_of(caplog)
+        assert "joined to an outer transaction" in warning
+    outbox.drop(elsewhere)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, event, insert, select, text
 from sqlalchemy.orm import Session
-from support import commit_shared_targets, outbox_rows
+from support import commit_shared_targets, lines_of, outbox_rows, wait_until
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import (
@@ -359,11 +359,7 @@ def test_a_second_ctrl_c_stops_the_cli_relay_mid_batch(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (
-            log.exists() and len(log.read_text().splitlines()) >= 2
-        ):
-            time.sleep(0.05)
+        wait_until(lambda: lines_of(log) >= 2, 30)
         child.send_signal(signal.SIGINT)
         time.sleep(0.5)
         child.send_signal(signal.SIGINT)

@@ -11,7 +11,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .._errors import AuditConfigurationError
-from ..outbox._cli import RelayOptions, relay_cli_options, run_command
+from ..outbox._cli import INTERRUPTED, RelayOptions, relay_cli_options, run_command
 from ..outbox._table import Outbox
 
 __all__ = ["cli"]
@@ -123,11 +123,7 @@ def relay(bind_key: str | None, create_table: bool, **options: Any) -> None:
         raise _Refused(str(error)) from None
     except KeyboardInterrupt:
         # A second SIGINT or SIGTERM: as access-audit relay reports it.
-        click.echo(
-            "interrupted; the batch in hand was rolled back, and a later run "
-            "delivers it again",
-            err=True,
-        )
+        click.echo(INTERRUPTED, err=True)
         click.get_current_context().exit(130)
     if status:
         click.get_current_context().exit(status)

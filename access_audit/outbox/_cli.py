@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._table import Outbox
 
 __all__ = [
+    "INTERRUPTED",
     "CliOption",
     "RelayOptions",
     "add_relay_arguments",
@@ -137,6 +138,12 @@ class RelayOptions:
         # argparse leaves a repeatable option that was never given None.
         values["only_plugin"] = tuple(values["only_plugin"] or ())
         return cls(**values)
+
+
+INTERRUPTED = (
+    "interrupted; the batch in hand was rolled back, and a later run delivers it again"
+)
+"""What a relay command says when a second SIGINT or SIGTERM stopped it."""
 
 
 def relay_cli_options() -> list[CliOption]:
@@ -410,11 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(options, relay_parser)
     except KeyboardInterrupt:
-        used.exit(
-            130,
-            f"{used.prog}: interrupted; the batch in hand was rolled back, and "
-            "a later run delivers it again\n",
-        )
+        used.exit(130, f"{used.prog}: {INTERRUPTED}\n")
     except AuditConfigurationError as error:
         used.exit(2, f"{used.prog}: error: {error}\n")
     except ImportError as error:  # a plugin's package, or its dependency

@@ -20,11 +20,11 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from .._logging import logger
-from .._sqla import bind_of, sole_connection
+from .._sqla import bind_of, connection_entry, ends_outer_transaction, sole_connection
 from .._written import record_of, written
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import Session, SessionTransaction
 
     from ._table import Outbox
 
@@ -113,6 +113,17 @@ def _place(
     others = [bind for bind in databases if bind is not held]
     if not others:
         return table_bind
+    if root is not None and _joined_to_outer(session, root, held):
+        # Its events wait for the caller's transaction, and are discarded
+        # if that rolls back: so do its rows.
+        if _first_time(_engine_of(held), outbox, "joined"):
+            logger.warning(
+                "a session joined to an outer transaction changed %s: its "
+                "outbox rows stay in that transaction (its events wait for "
+                "it), apart from those changes",
+                ", ".join(repr(_engine_of(bind)) for bind in others),
+            )
+        return table_bind
     apart = not session.twophase
     if len(databases) == 1:
         (other,) = others
@@ -142,6 +153,19 @@ def _place(
             _engine_of(table_bind),
         )
     return table_bind
+
+
+def _joined_to_outer(
+    session: Session, root: SessionTransaction, bind: Engine | Connection
+) -> bool:
+    """Whether *bind* is a connection the session was given and does not
+    end the transaction of (a session joined to its caller's): the session
+    joins it as it takes it, here if it had not yet."""
+    if not isinstance(bind, Connection):
+        return False
+    session.connection(bind_arguments={"bind": bind})
+    entry = connection_entry(root, bind)
+    return entry is not None and not ends_outer_transaction(*entry)
 
 
 def _began(connection: Connection) -> bool:
