@@ -200,6 +200,8 @@ class AuditEmitter:
         self._on_loop = (
             LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )
+        self.dispatch: DispatchMode = dispatch
+        """How committed events are delivered: see the constructor."""
         self._relay_only = dispatch == "relay"
         self._closed = False
         self._on_loops: dict[concurrent.futures.Future[None], _OnLoop] = {}

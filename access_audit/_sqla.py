@@ -104,8 +104,14 @@ def in_greenlet() -> bool:
     :func:`await_only` awaits on the caller's event loop.
 
     ``in_greenlet`` is ``sqlalchemy.util.concurrency``'s (private before 2.1).
+    Without greenlet installed (SQLAlchemy 2.1 no longer requires it) there
+    is no such greenlet, and no ``AsyncSession`` either: SQLAlchemy's own
+    check raises :class:`ImportError` there, this one says no.
     """
-    return bool(_in_greenlet())
+    try:
+        return bool(_in_greenlet())
+    except ImportError:
+        return False
 
 
 def past_staging(transaction: SessionTransaction) -> bool:

@@ -243,6 +243,53 @@ def test_async_plugins_of_a_sync_session_run_on_the_emitters_loop(
     emitter.detach(sync_maker)
 
 
+def test_async_plugins_of_a_sync_session_need_no_greenlet(tmp_path: Path) -> None:
+    """Installed without greenlet (SQLAlchemy 2.1 no longer brings it; only
+    the ``async`` extra does), a plain Session's async plugins still get
+    their events and the commit returns: greenlet serves AsyncSession only."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.modules["greenlet"] = None  # as if not installed
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.orm import sessionmaker
+            from access_audit import AuditEmitter, hookimpl, stage_event
+
+            class Async:
+                @hookimpl
+                async def audit_event_logged(self, envelope):
+                    print("async", envelope.target_id, flush=True)
+
+            class Plain:
+                @hookimpl
+                def audit_event_logged(self, envelope):
+                    print("plain", envelope.target_id, flush=True)
+
+            engine = create_engine("sqlite:///{tmp_path / "plain.db"}")
+            emitter = AuditEmitter(load_entrypoints=False)
+            emitter.register(Async(), name="async")
+            emitter.register(Plain(), name="plain")
+            maker = sessionmaker(engine)
+            emitter.attach(maker)
+            with maker.begin() as session:
+                session.execute(text("create table t (id integer)"))
+                stage_event(session, "item.create", target_type="item", target_id="i1", action="create")
+            print("committed", flush=True)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["async i1", "plain i1", "committed"]
+
+
 def test_asyncio_dispatch_delivers_after_the_commit_returns(backend: Backend) -> None:
     """dispatch="asyncio": commit returns first; aflush() waits for the deliveries."""
     sink = AsyncSink(delay=0.5)

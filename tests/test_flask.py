@@ -438,6 +438,35 @@ def test_flask_relay_command_redelivers_from_the_outbox(tmp_path: Path) -> None:
     assert "0 delivered" in again.output
 
 
+def test_flask_relay_command_delivers_a_relay_only_apps_events_at_once(
+    tmp_path: Path,
+) -> None:
+    """With ``dispatch="relay"`` nothing but the relay delivers: the command
+    takes fresh rows at once (no ``relay_after`` to wait), unless
+    ``--relay-after`` says otherwise."""
+    from access_audit.outbox import Outbox
+
+    received = Flaky()
+    received.broken = False
+    app, db = make_app(tmp_path)
+    outbox = Outbox(db.metadata)  # relay_after: 60 s
+    with app.app_context():
+        outbox.create(db.engine)
+    AccessAudit(app, db, outbox=outbox, dispatch="relay", plugins=[received])
+    app.test_client().post("/tags/red")
+    assert received.received == []
+    runner = app.test_cli_runner()
+    waiting = runner.invoke(
+        args=["access-audit", "relay", "--once", "--relay-after", "60"]
+    )
+    assert waiting.exit_code == 0, waiting.output
+    assert received.received == []  # fresh rows left for 60 s
+    result = runner.invoke(args=["access-audit", "relay", "--once"])
+    assert result.exit_code == 0, result.output
+    assert received.received[1:] == ["red"]
+    assert "2 delivered" in result.output
+
+
 def test_flask_relay_command_needs_an_outbox(tmp_path: Path) -> None:
     """Without an outbox the relay command fails with a clear message."""
     app, db = make_app(tmp_path)
@@ -528,9 +557,13 @@ def test_flask_relay_command_errors_are_one_line(tmp_path: Path) -> None:
     assert "does not exist" in missing.output
     assert "batch" in zero.output
     assert "no Flask-SQLAlchemy bind 'nope'" in unknown.output
-    for result in (missing, zero, unknown):
+    after = runner.invoke(args=["access-audit", "relay", "--relay-after", "-1"])
+    assert after.exit_code == 2
+    assert "--relay-after must be a number of seconds" in after.output
+    for result in (missing, zero, unknown, after):
         assert result.exception is None or isinstance(result.exception, SystemExit)
         assert "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
     created = runner.invoke(args=["access-audit", "relay", "--once", "--create-table"])
     assert created.exit_code == 0, created.output
     assert "0 delivered" in created.output

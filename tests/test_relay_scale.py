@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 import socket
+import os
 import subprocess
 import sys
 import threading
@@ -270,6 +271,7 @@ def test_the_cli_refuses_what_it_cannot_run_with_a_usage_error(
     assert result.returncode == 2, result.stderr
     assert named in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("command", ["relay", "status"])
@@ -290,6 +292,7 @@ def test_the_cli_refuses_a_database_url_it_cannot_use_naming_it(
     assert result.returncode == 2, result.stderr
     assert "--database-url" in result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_the_cli_blames_a_plugin_that_fails_to_import_not_the_url(
@@ -313,6 +316,34 @@ def test_the_cli_blames_a_plugin_that_fails_to_import_not_the_url(
     err = capsys.readouterr().err
     assert "a plugin could not be imported" in err and "some_sdk_not_installed" in err
     assert "--database-url" not in err
+
+
+def test_the_console_script_imports_plugins_from_the_current_directory(
+    tmp_path: Path,
+) -> None:
+    """``access-audit relay --plugin mymodule:Plugin`` run where mymodule.py
+    lies works as ``python -m access_audit`` does (a console script's path
+    starts with its own directory, not the current one)."""
+    script = Path(sys.executable).with_name("access-audit")
+    assert script.exists(), "the package's console script is not installed"
+    (tmp_path / "localplug.py").write_text(
+        "from access_audit import hookimpl\n"
+        "class Plugin:\n"
+        "    @hookimpl\n"
+        "    def audit_event_logged(self, envelope):\n"
+        "        pass\n"
+    )
+    environment = {
+        key: value for key, value in os.environ.items() if key != "PYTHONPATH"
+    }
+    result = subprocess.run(
+        [str(script), "relay", "--once", "--no-entrypoints", "--create-table",
+         "--database-url", f"sqlite:///{tmp_path / 'outbox.db'}",
+         "--plugin", "sink=localplug:Plugin"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=environment,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "0 delivered" in result.stdout + result.stderr
 
 
 SLOW_PLUGIN = """

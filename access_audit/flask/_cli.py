@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import click
@@ -11,7 +12,13 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .._errors import AuditConfigurationError
-from ..outbox._cli import INTERRUPTED, RelayOptions, relay_cli_options, run_command
+from ..outbox._cli import (
+    INTERRUPTED,
+    RelayOptions,
+    relay_after_option,
+    relay_cli_options,
+    run_command,
+)
 from ..outbox._table import Outbox
 
 __all__ = ["cli"]
@@ -62,8 +69,9 @@ def _relay_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 class _Refused(click.ClickException):
-    """A configuration the relay cannot run with (a missing table): one line,
-    exit status 2, as ``access-audit relay`` gives."""
+    """A configuration the relay cannot run with (a missing table, an option
+    out of range, an unknown bind): one line, exit status 2, as
+    ``access-audit relay`` gives."""
 
     exit_code = 2
 
@@ -83,8 +91,22 @@ class _Refused(click.ClickException):
     is_flag=True,
     help="create the outbox tables first if they do not exist",
 )
+@click.option(
+    "--relay-after",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="leave a fresh row this long to the dispatch after its commit; "
+    "default: the app's Outbox(relay_after=...), or 0 when its emitter has "
+    "dispatch='relay' (nothing else delivers)",
+)
 @_relay_options
-def relay(bind_key: str | None, create_table: bool, **options: Any) -> None:
+def relay(
+    bind_key: str | None,
+    create_table: bool,
+    relay_after: float | None,
+    **options: Any,
+) -> None:
     """Re-deliver undelivered outbox rows (options as for python -m access_audit relay).
 
     Uses this app's emitter (its plugins and outbox) and the database that
@@ -107,14 +129,18 @@ def relay(bind_key: str | None, create_table: bool, **options: Any) -> None:
         )
     try:
         chosen = RelayOptions(**options)
+        if relay_after is not None:
+            outbox.relay_after = relay_after_option(relay_after)
+        elif emitter.dispatch == "relay":
+            outbox.relay_after = timedelta(0)
     except ValueError as error:
-        raise click.UsageError(str(error)) from None
+        raise _Refused(str(error)) from None
     try:
         engine = AccessAudit.outbox_engine_of(current_app, bind_key)
     except AuditConfigurationError as error:
         if bind_key is None:
             raise _Refused(str(error)) from None
-        raise click.BadParameter(str(error), param_hint="--bind") from None
+        raise _Refused(f"--bind: {error}") from None
     try:
         if create_table:
             outbox.create(engine)

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from sqlalchemy.util import await_only, greenlet_spawn
 
@@ -46,6 +47,7 @@ __all__ = [
     "arun_command",
     "main",
     "main_exit",
+    "relay_after_option",
     "relay_cli_options",
     "run_command",
 ]
@@ -144,6 +146,19 @@ INTERRUPTED = (
     "interrupted; the batch in hand was rolled back, and a later run delivers it again"
 )
 """What a relay command says when a second SIGINT or SIGTERM stopped it."""
+
+
+def relay_after_option(seconds: float) -> timedelta:
+    """``--relay-after``'s value as a time.
+
+    :raises ValueError: out of range, naming the option.
+    """
+    if not 0 <= seconds <= LONGEST_WAIT:
+        raise ValueError(
+            f"--relay-after must be a number of seconds from 0 to {LONGEST_WAIT:,}, "
+            f"got {seconds}"
+        )
+    return timedelta(seconds=seconds)
 
 
 def relay_cli_options() -> list[CliOption]:
@@ -351,10 +366,18 @@ _LONGEST_RETENTION_DAYS = 36_500
 """The longest ``--retention-days`` (a hundred years)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, pointing to ``--help``
+    (argparse prints the whole usage first, ten lines for ``relay``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``access-audit relay|status --database-url URL [options]``
     (also ``python -m access_audit``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="access-audit",
         description="access_audit tools: 'relay' delivers what the outbox holds "
         "undelivered; 'status' counts it.",
@@ -447,19 +470,13 @@ def _run(options: argparse.Namespace, relay_parser: argparse.ArgumentParser) -> 
     if options.command == "status":
         outbox = Outbox(table_name=options.table, schema=options.schema)
         return _status(options.database_url, outbox)
-    if not 0 <= options.relay_after <= LONGEST_WAIT:
-        relay_parser.error(
-            f"--relay-after must be a number of seconds from 0 to {LONGEST_WAIT:,}, "
-            f"got {options.relay_after}"
-        )
     try:
+        relay_after = relay_after_option(options.relay_after)
         relay_options = RelayOptions.from_namespace(options)
     except ValueError as error:
         relay_parser.error(str(error))
     outbox = Outbox(
-        table_name=options.table,
-        schema=options.schema,
-        relay_after=timedelta(seconds=options.relay_after),
+        table_name=options.table, schema=options.schema, relay_after=relay_after
     )
     emitter = AuditEmitter(load_entrypoints=not options.no_entrypoints, outbox=outbox)
     for spec in options.plugin:
@@ -479,7 +496,14 @@ def _run(options: argparse.Namespace, relay_parser: argparse.ArgumentParser) -> 
 
 
 def main_exit() -> None:
-    """The ``access-audit`` console script: :func:`main`, exiting with its status."""
+    """The ``access-audit`` console script: :func:`main`, exiting with its status.
+
+    As ``python -m access_audit`` does, it imports ``--plugin`` modules from
+    the current directory too (a console script's ``sys.path`` starts with
+    its own directory instead).
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     raise SystemExit(main())
 
 
