@@ -312,7 +312,7 @@ class AuditEmitter:
         From then on, without an outbox, ``stage_event`` on its sessions
         raises :class:`AuditConfigurationError` (nothing could deliver the
         event), and an event staged before and committed afterwards is
-        logged as not sent (with an outbox, the relay delivers it). Plugins
+        delivered in the committing thread, with a warning. Plugins
         that stage while the queue drains are still heard. The interpreter's
         exit does this too. Returns False if *timeout* passed first.
         """
@@ -458,43 +458,55 @@ class AuditEmitter:
         if self._on_loop is not None:
             loop = running_loop()
             if loop is not None:
-                outbox_bind = _not_the_callers(outbox_bind)
+                apart = _not_the_callers(outbox_bind)
                 try:
                     self._on_loop.submit(
                         loop,
                         Job(
-                            functools.partial(self._adeliver, envelopes, outbox_bind),
-                            functools.partial(self._deliver, envelopes, outbox_bind),
+                            functools.partial(self._adeliver, envelopes, apart),
+                            functools.partial(self._deliver, envelopes, apart),
                             envelopes,
                         ),
                     )
-                except RuntimeError:
-                    logger.exception(
-                        "events %s committed after the emitter was closed were "
-                        "not sent",
-                        event_ids(envelopes),
-                    )
+                    return
+                except RuntimeError:  # closed: nothing would deliver them
+                    self._closed_dispatch_warning(envelopes)
+                self._deliver_inline(envelopes, outbox_bind, record_apart)
                 return
         if self._relay_only:
             # Signals only: the relay delivers to plugins.
             deliver(self.plugin_manager, self, envelopes, only=frozenset())
             return
-        if self._background is None:
-            report = deliver(self.plugin_manager, self, envelopes)
-            if outbox_bind is not None or report.errors:
-                self._settle(envelopes, outbox_bind, report, None, record_apart)
-            return
-        loop = running_loop()
-        outbox_bind = _not_the_callers(outbox_bind)
-        try:
-            self._background.submit(
-                functools.partial(self._deliver, envelopes, outbox_bind, loop)
-            )
-        except RuntimeError:
-            logger.exception(
-                "events %s committed after the emitter was closed were not sent",
-                event_ids(envelopes),
-            )
+        if self._background is not None:
+            loop = running_loop()
+            try:
+                self._background.submit(
+                    functools.partial(
+                        self._deliver, envelopes, _not_the_callers(outbox_bind), loop
+                    )
+                )
+                return
+            except RuntimeError:  # closed: nothing would deliver them
+                self._closed_dispatch_warning(envelopes)
+        self._deliver_inline(envelopes, outbox_bind, record_apart)
+
+    def _deliver_inline(
+        self,
+        envelopes: tuple[AuditEventEnvelope, ...],
+        outbox_bind: Engine | Connection | None,
+        record_apart: bool,
+    ) -> None:
+        """Deliver a committed batch in the committing thread, then settle it."""
+        report = deliver(self.plugin_manager, self, envelopes)
+        if outbox_bind is not None or report.errors:
+            self._settle(envelopes, outbox_bind, report, None, record_apart)
+
+    def _closed_dispatch_warning(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
+        logger.warning(
+            "events %s committed after the emitter's dispatch was closed: "
+            "delivered in the committing thread",
+            event_ids(envelopes),
+        )
 
     async def _adeliver(
         self,

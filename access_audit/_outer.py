@@ -11,7 +11,8 @@ connection, until the outer transaction's fate is known.
 
 SQLAlchemy's connection ``commit`` event fires *before* COMMIT, so a commit
 counts only once it is known to have gone through: at the connection's next
-``begin``, when it goes back to the pool, or at interpreter exit. A COMMIT
+``begin``, when it goes back to the pool (or, never given back, an async
+pool drops it as garbage), or at interpreter exit. A COMMIT
 that fails instead (``handle_error`` during the commit), a rollback, or the
 connection returned or invalidated without a COMMIT ends the watch as rolled
 back. Two-phase commits count the same way.
@@ -23,6 +24,7 @@ not end it): its watch moves on to the new transaction instead of settling.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import threading
 import weakref
@@ -126,11 +128,14 @@ def _end(watches: _Watches | None, committed: bool) -> None:
 
     Runs inside SQLAlchemy's connection and pool events, which must not be
     left by an exception (the pool would never get the connection back):
-    an error from one settle is logged, and the others still run.
+    an error from one settle is logged, and the others still run. A task
+    cancelled while a settle awaited its ``async def`` plugins (the
+    delivery went on without it) is cancelled again, at its next wait.
     """
     if watches is None:
         return
     interrupt: BaseException | None = None
+    cancelled = False
     for watch in watches.watches:
         watch.state = committed
         settle = watch.settle
@@ -141,12 +146,33 @@ def _end(watches: _Watches | None, committed: bool) -> None:
             settle(committed)
         except (KeyboardInterrupt, SystemExit) as error:
             interrupt = error
+        except asyncio.CancelledError:
+            cancelled = True
         except BaseException:
             logger.exception("delivering the events of a joined session failed")
     watches.watches.clear()
     _live.discard(watches)
     if interrupt is not None:
         raise interrupt
+    if cancelled:
+        _cancel_again()
+
+
+def _cancel_again() -> None:
+    """Cancel the running task once more: a cancellation that reached it
+    inside an event of SQLAlchemy's, which must not raise it, reaches it at
+    its next wait instead. Its count of cancellations stays the same (a
+    timeout around it still tells its own from another's)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop running here
+        return
+    if task is None:
+        return
+    task.cancel()
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11 and later
+    if uncancel is not None:
+        uncancel()
 
 
 def _info(connection: Connection) -> dict[Any, Any] | None:
@@ -232,6 +258,16 @@ def _on_checkin(dbapi_connection: Any, record: Any) -> None:
             _end(watches, watches.committing)
 
 
+def _on_reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+    # An async pool's garbage collection of a connection never checked in
+    # (no I/O is possible there: it is dropped or terminated, without a
+    # checkin); SQLAlchemy says so with asyncio_safe=False.
+    if record is not None and not getattr(state, "asyncio_safe", True):
+        watches: _Watches | None = record.info.pop(_KEY, None)
+        if watches is not None:
+            _end(watches, watches.committing)
+
+
 @atexit.register
 def _at_exit() -> None:
     # Connections never closed: a COMMIT that was issued counts, an open
@@ -251,6 +287,7 @@ _LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("rollback_twophase", _on_rollback),
     ("handle_error", _on_error),
     ("checkin", _on_checkin),
+    ("reset", _on_reset),
 )
 
 

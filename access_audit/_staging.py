@@ -21,7 +21,13 @@ from ._lifecycle import stage_on
 from ._registry import emitter_for, sync_session_of
 from ._staged import StagedEvent, TargetId, optional_text, target_id_text
 from ._tracing import TRACE_KEYS, TRACE_MODULE, current_trace, loaded
-from ._values import EMPTY, PayloadRules, freeze_json, freeze_payload
+from ._values import (
+    EMPTY,
+    PayloadRules,
+    freeze_json,
+    freeze_payload,
+    refuse_async_lazy,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -100,6 +106,7 @@ def stage_event(
         or "\x00" in target_id
     ):
         if callable(target_id):
+            refuse_async_lazy(target_id, "target_id")
             lazy = True
         else:
             target_id = target_id_text(target_id, "target_id")
@@ -107,6 +114,7 @@ def stage_event(
         type(target_name) is not str or not target_name.isascii()
     ):
         if callable(target_name):
+            refuse_async_lazy(target_name, "target_name")
             lazy = True
         else:
             target_name = optional_text(target_name, "target_name")

@@ -8,6 +8,7 @@ can change what another plugin (or the outbox) sees.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +28,7 @@ __all__ = [
     "freeze_parsed",
     "int_text",
     "json_size",
+    "refuse_async_lazy",
     "resolve_lazy",
     "thaw",
 ]
@@ -460,12 +462,29 @@ def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> An
     if isinstance(value, float):
         return _freeze(float(value), lazy_ok, redact, depth)
     if lazy_ok and callable(value):
+        if inspect.iscoroutinefunction(value):
+            raise _BadValue(TypeError, ASYNC_LAZY)
         return value
     raise _BadValue(
         TypeError,
         f"is a {kind.__name__}, which is not JSON-serialisable; "
         "convert it to str, int, float, bool, None, a list or a dict first",
     )
+
+
+ASYNC_LAZY = (
+    "is an async function: a lazy value is called, never awaited (after the "
+    "commit's last flush); pass a plain function, or await the value before "
+    "staging"
+)
+"""Why a lazy value may not be an ``async def`` function."""
+
+
+def refuse_async_lazy(value: Callable[..., Any], where: str) -> None:
+    """:raises TypeError: *value*, a lazy value for *where*, is an async
+    function, whose coroutine would never run."""
+    if inspect.iscoroutinefunction(value):
+        raise TypeError(f"{where} {ASYNC_LAZY}")
 
 
 def _refuse(problem: str | None) -> None:
@@ -518,7 +537,7 @@ def _resolve(value: Any, redact: frozenset[str]) -> Any:
         return ReadOnlyList(items)
     if callable(value):
         try:
-            result = value()
+            result = _called(value)
         except Exception as error:
             failure = _BadValue(ValueError, f"(a lazy value) raised {error!r}")
             raise failure from error
@@ -526,10 +545,20 @@ def _resolve(value: Any, redact: frozenset[str]) -> Any:
     return value
 
 
+def _called(function: Callable[[], Any]) -> Any:
+    """*function*'s value; a coroutine it returns (work that would never
+    run) is closed, and refused."""
+    result = function()
+    if inspect.iscoroutine(result):
+        result.close()
+        raise TypeError(f"returned a coroutine ({ASYNC_LAZY})")
+    return result
+
+
 def call_lazy(function: Callable[[], Any], where: str) -> Any:
     """Call a lazy value, naming it in the error if it raises."""
     try:
-        return function()
+        return _called(function)
     except Exception as error:
         raise ValueError(f"the lazy value for {where} raised {error!r}") from error
 

@@ -442,6 +442,44 @@ def test_async_scoped_session_per_task(
     run(backend, body)
 
 
+@pytest.mark.filterwarnings("ignore:The garbage collector is trying to clean up")
+@pytest.mark.parametrize("outer_commits", [True, False], ids=["committed", "open"])
+def test_a_joined_sessions_events_settle_when_its_connection_is_dropped_as_garbage(
+    backend: Backend,
+    emitter: AuditEmitter,
+    recorder: Recorder,
+    discarded: list[tuple[str, str]],
+    outer_commits: bool,
+) -> None:
+    """The caller's AsyncConnection, never closed, is dropped as garbage: an
+    async pool drops it without the checkin a plain pool gives, so the
+    events of the session joined to its transaction are settled then. The
+    transaction committed: they are delivered; left open (the server rolls
+    it back): discarded, reason ``"rollback"``. Nothing is lost in silence."""
+    import gc
+
+    async def body(engine: AsyncEngine) -> None:
+        connection = await engine.connect()
+        await connection.begin()
+        session = AsyncSession(bind=connection)
+        emitter.attach(session)
+        operation(session, "joined")
+        await session.commit()
+        await session.close()
+        if outer_commits:
+            await connection.commit()
+        del connection, session
+        gc.collect()
+        await asyncio.sleep(0)
+        assert await stored_names(engine) == (["joined"] if outer_commits else [])
+
+    run(backend, body)
+    if outer_commits:
+        assert (recorder.names, discarded) == (["joined"], [])
+    else:
+        assert (recorder.names, discarded) == ([], [("joined", "rollback")])
+
+
 # -- outbox records of sessions bound to an AsyncConnection ------------------
 
 

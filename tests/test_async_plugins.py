@@ -223,6 +223,42 @@ def test_a_cancelled_caller_leaves_deliveries_running(tmp_path: Path) -> None:
     run(backend, body)
 
 
+@pytest.mark.parametrize("ending", ["close", "begin"])
+def test_a_caller_cancelled_while_a_joined_sessions_plugins_run_stays_cancelled(
+    backend: Backend, ending: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A joined session's events are delivered as the caller's connection
+    ends its transaction (its next begin(), or close()): a timeout that
+    cancels the caller there leaves the plugins running and still reaches
+    the caller, as a TimeoutError; no delivery failed, so none is logged."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    sink = AsyncSink(delay=0.3)
+    emitter = AuditEmitter([sink], load_entrypoints=False)
+
+    async def body(engine: AsyncEngine) -> None:
+        connection = await engine.connect()
+        await connection.begin()
+        session = AsyncSession(bind=connection)
+        emitter.attach(session)
+        session.add(Item(name="joined"))
+        stage_event(
+            session, "item.create", target_type="item", target_id="joined", action="c"
+        )
+        await session.commit()
+        await session.close()
+        await connection.commit()
+        ends = connection.close() if ending == "close" else connection.begin()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ends, 0.05)
+        await asyncio.sleep(0.5)
+        assert sink.events == ["joined"]
+        await connection.close()
+
+    run(backend, body)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 @pytest.fixture
 def sync_maker(engine: Any) -> Iterator[sessionmaker[Any]]:
     yield sessionmaker(engine)
@@ -308,6 +344,34 @@ def test_asyncio_dispatch_delivers_after_the_commit_returns(backend: Backend) ->
         assert await emitter.aclose(timeout=10)
 
     run(backend, body)
+
+
+def test_asyncio_dispatch_closed_with_a_request_in_flight_delivers_its_events(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lifespan's shutdown closes the emitter while a request still runs:
+    the events it staged before and commits after are delivered as the
+    commit returns, with a warning, instead of a log line alone."""
+    sink = AsyncSink()
+    emitter = AuditEmitter([sink], load_entrypoints=False, dispatch="asyncio")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        async with maker() as session:
+            session.add(Item(name="in-flight"))
+            stage_event(
+                session, "item_created", target_type="item", target_id="in-flight",
+                action="create",
+            )  # fmt: skip
+            assert await emitter.aclose(timeout=10)
+            await session.commit()
+            assert sink.events == ["in-flight"]
+
+    run(backend, body)
+    warned = [r for r in caplog.records if r.name == "access_audit"]
+    assert [r.levelname for r in warned] == ["WARNING"], caplog.text
+    assert "delivered in the committing thread" in warned[0].getMessage()
 
 
 def test_asyncio_dispatch_needs_the_async_waits(tmp_path: Path) -> None:

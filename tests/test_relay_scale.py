@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
-import os
 import subprocess
 import sys
 import threading
@@ -366,7 +366,6 @@ def test_a_second_ctrl_c_stops_the_cli_relay_mid_batch(tmp_path: Path) -> None:
     relay at once (a plugin stuck on a batch must not make it unkillable
     but by SIGKILL): one line, status 130, and the batch is rolled back,
     every row still pending for a later run."""
-    import os
     import signal
 
     (tmp_path / "slowplug.py").write_text(SLOW_PLUGIN)

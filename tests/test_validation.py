@@ -613,6 +613,60 @@ def test_bad_lazy_value_fails_commit_before_commit(
     assert len(discarded) == 1
 
 
+async def _async_value() -> str:
+    return "never awaited"
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        ({"target_id": _async_value}, "target_id"),
+        ({"target_name": _async_value}, "target_name"),
+        ({"payload": {"ids": [1, _async_value]}}, r"payload\['ids'\]\[1\]"),
+    ],
+    ids=["target_id", "target_name", "payload"],
+)
+def test_an_async_function_as_a_lazy_value_is_refused_at_stage_time(
+    Session: sessionmaker,
+    recorder: Recorder,
+    engine: Engine,
+    fields: dict[str, Any],
+    names: str,
+) -> None:
+    """A lazy value is called, never awaited: an ``async def`` one is refused
+    when staged, naming the field, instead of failing the commit with a
+    coroutine that is never awaited."""
+    with Session() as session:
+        session.add(Item(name="kept"))
+        with pytest.raises(TypeError, match=names + " is an async function"):
+            stage_event(session, **{**GOOD, **fields})
+        session.commit()
+    assert recorder.events == []
+    assert stored_names(engine) == ["kept"]
+
+
+def test_a_lazy_value_returning_a_coroutine_fails_the_commit_and_closes_it(
+    Session: sessionmaker, engine: Engine
+) -> None:
+    """A plain function that returns a coroutine (one that cannot be told
+    from others at stage time) fails the commit before COMMIT, naming the
+    field; the coroutine is closed, so no "never awaited" warning follows."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Session() as session:
+            session.add(Item(name="doomed"))
+            stage_event(session, **{**GOOD, "target_id": lambda: _async_value()})
+            with pytest.raises(ValueError, match=r"target_id .*returned a coroutine"):
+                session.commit()
+            session.rollback()
+        gc.collect()
+    assert stored_names(engine) == []
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == []
+
+
 @pytest.mark.parametrize("lazy", [False, True], ids=["staged", "lazy"])
 def test_lone_surrogate_under_max_payload_bytes_names_the_field(
     engine: Engine,
