@@ -245,6 +245,9 @@ class AuditEmitter:
             while self.plugin_manager.get_plugin(name) is not None:
                 number += 1
                 name = f"{base}#{number}"
+        elif name is not None and self.plugin_manager.get_plugin(name) is not None:
+            # pluggy's message lists every registered plugin, on many lines.
+            raise ValueError(f"a plugin named {name!r} is registered already")
         try:
             registered = self.plugin_manager.register(plugin, name)
             self._refuse_unsupported_hooks(plugin)

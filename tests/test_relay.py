@@ -861,7 +861,10 @@ def test_cli_delivers_only_under_the_given_name_and_prints_the_missing_names(
         (["=json"], "--plugin: empty plugin name in '=json'"),
         (["siem="], "--plugin: expected an import string"),
         (["siem=no_such_module_here:Sink"], "--plugin: cannot import"),
-        (["siem=json", "siem=json"], "--plugin 'siem=json': "),
+        (
+            ["siem=json", "siem=json"],
+            "--plugin 'siem=json': a plugin named 'siem' is registered already",
+        ),
     ],
     ids=["empty-name", "empty-target", "not-importable", "name-taken"],
 )
@@ -879,6 +882,7 @@ def test_cli_refuses_an_invalid_plugin_option_naming_it(
     assert raised.value.code == 2
     error = capsys.readouterr().err
     assert "access-audit relay: error: " + message in error, error
+    assert len(error.strip().splitlines()) == 1, error
 
 
 # --------------------------------------------------------------------------
