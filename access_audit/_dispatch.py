@@ -393,6 +393,9 @@ def deliver(
             _plugin_failed(plugin_manager, impl, taken, failed, (), awaiting)
             if isinstance(failed, let_through) and interrupted is None:
                 interrupted = failed
+    # An implementation failing event after event (a sink that is down) logs
+    # its first failure of the batch, then one line for the rest.
+    failing_again: dict[HookImpl, list[AuditEventEnvelope]] | None = None
     for envelope in envelopes:
         for impl, takes_envelope in logged:
             try:
@@ -407,9 +410,31 @@ def deliver(
             except BaseException as error:
                 report = _writable(report)
                 report._plugin_error(impl.plugin_name, (envelope,), error)
+                if failing_again is None:
+                    failing_again = {}
+                again = failing_again.get(impl)
+                if again is None:
+                    failing_again[impl] = []
+                else:
+                    again.append(envelope)
                 _plugin_failed(
-                    plugin_manager, impl, (envelope,), error, let_through, awaiting
+                    plugin_manager,
+                    impl,
+                    (envelope,),
+                    error,
+                    let_through,
+                    awaiting,
+                    log=again is None,
                 )
+    for impl, again in (failing_again or {}).items():
+        if again:
+            logger.error(
+                "plugin %r raised in %s for %s more events of the batch: %s",
+                impl.plugin_name,
+                impl.function.__name__,
+                f"{len(again):,}",
+                event_ids(again),
+            )
     for impl in committed:
         try:
             result = _call(impl, {"envelopes": envelopes})
@@ -497,15 +522,18 @@ def _plugin_failed(
     error: BaseException,
     let_through: tuple[type[BaseException], ...],
     awaiting: list[Awaitable[Any]] | None = None,
+    *,
+    log: bool = True,
 ) -> None:
     name = impl.plugin_name
-    logger.error(
-        "plugin %r raised in %s for events %s",
-        name,
-        impl.function.__name__,
-        event_ids(envelopes),
-        exc_info=error,
-    )
+    if log:
+        logger.error(
+            "plugin %r raised in %s for events %s",
+            name,
+            impl.function.__name__,
+            event_ids(envelopes),
+            exc_info=error,
+        )
     arguments = {"plugin_name": name, "envelopes": tuple(envelopes), "error": error}
     for failure_impl in plugin_manager.call_order("audit_delivery_failed"):
         try:
