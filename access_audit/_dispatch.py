@@ -16,7 +16,7 @@ import inspect
 import threading
 import types
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -426,15 +426,8 @@ def deliver(
                     awaiting,
                     log=again is None,
                 )
-    for impl, again in (failing_again or {}).items():
-        if again:
-            logger.error(
-                "plugin %r raised in %s for %s more events of the batch: %s",
-                impl.plugin_name,
-                impl.function.__name__,
-                f"{len(again):,}",
-                event_ids(again),
-            )
+    if failing_again is not None:
+        _log_failing_again(failing_again)
     for impl in committed:
         try:
             result = _call(impl, {"envelopes": envelopes})
@@ -462,6 +455,22 @@ def deliver(
     if interrupted is not None:
         raise interrupted
     return report
+
+
+def _log_failing_again(
+    failing_again: Mapping[HookImpl, Sequence[AuditEventEnvelope]],
+) -> None:
+    """One line per implementation for the failures after its first in a
+    batch (that one was logged with its traceback)."""
+    for impl, again in failing_again.items():
+        if again:
+            logger.error(
+                "plugin %r raised in %s for %s more events of the batch: %s",
+                impl.plugin_name,
+                impl.function.__name__,
+                f"{len(again):,}",
+                event_ids(again),
+            )
 
 
 def _report_late(plugin_manager: PluginManager, failures: list[Failure]) -> None:
