@@ -125,6 +125,62 @@ def test_a_polling_arelay_leaves_the_loop_free_and_stops_on_its_event(
     assert_outbox_empty(engine, outbox)
 
 
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_polling_arelay_through_asyncpg_reconnects_through_a_killed_connection(
+    engine: Engine, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncpg reports a killed connection as a bare ``DBAPIError`` (not
+    the ``OperationalError`` other drivers raise): the relay still says so,
+    keeps running and delivers everything."""
+    from sqlalchemy import event, text
+
+    commit_events(engine, outbox_emitter(outbox, sink=Sink(failing=True)),
+                  [str(number) for number in range(120)])  # fmt: skip
+    backends: list[int] = []
+
+    class Killer(Sink):
+        @hookimpl
+        def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+            super().audit_event_logged(envelope)
+            if len(self.events) == 30:  # in the middle of the first batch
+                with engine.connect() as admin:
+                    for backend in backends:
+                        admin.execute(
+                            text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}
+                        )
+                    admin.commit()
+
+    sink = Killer()
+    emitter = outbox_emitter(outbox, sink=sink)
+    caplog.set_level("WARNING", logger="access_audit")
+
+    async def body(async_engine: AsyncEngine) -> None:
+        @event.listens_for(async_engine.sync_engine, "connect")
+        def remember(dbapi_connection: object, _record: object) -> None:
+            cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+            cursor.execute("SELECT pg_backend_pid()")
+            backends.append(int(cursor.fetchone()[0]))
+
+        stop = asyncio.Event()
+        relaying = asyncio.create_task(
+            emitter.arelay(
+                async_engine, once=False, interval=0.05, batch_size=50, stop=stop
+            )
+        )
+        deadline = time.monotonic() + 30
+        while count_pending(engine, outbox) and time.monotonic() < deadline:
+            assert not relaying.done(), relaying.exception()
+            await asyncio.sleep(0.05)
+        stop.set()
+        stats = await asyncio.wait_for(relaying, 10)
+        assert stats.reconnects >= 1
+
+    run(engine, "asyncpg", body)
+    assert set(sink.names) == {str(number) for number in range(120)}
+    assert any("trying again" in message for message in caplog.messages)
+    assert_outbox_empty(engine, outbox)
+
+
 class CancellingSink(Sink):
     """Cancels the task relaying to it at its first event: mid-batch."""
 

@@ -569,6 +569,32 @@ def test_flask_relay_command_errors_are_one_line(tmp_path: Path) -> None:
     assert "0 delivered" in created.output
 
 
+def test_flask_relay_command_that_gives_up_on_the_database_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``--once`` run that gave up on an unreachable database ends with
+    one line and exit status 1, as ``access-audit relay`` does, not a
+    traceback."""
+    import shutil
+
+    from access_audit.outbox import Outbox
+
+    monkeypatch.setattr("access_audit.outbox._relay._MAX_RECONNECT_DELAY", 0.0)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    app, db = make_app(gone)
+    AccessAudit(app, db, outbox=Outbox(db.metadata))
+    with app.app_context():
+        db.engine.dispose()
+    shutil.rmtree(gone)  # the database's directory with it: cannot be opened
+    result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the database: unable to open database file"
+    )
+
+
 def test_flask_relay_stopped_at_once_exits_as_the_relay_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -943,6 +943,58 @@ def test_a_polling_relay_reconnects_through_killed_connections(
     assert any("trying again" in message for message in caplog.messages)
 
 
+def test_a_polling_relay_waits_out_a_database_error_while_it_reports_progress(
+    engine: Engine, due_outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The progress line reads the database too (the pending count): its
+    connection killed there, the relay says so and keeps running, as in a
+    batch."""
+    from sqlalchemy.exc import OperationalError
+
+    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    sink = Counter()
+    calls: list[RelayStats] = []
+
+    def progress(stats: RelayStats) -> None:
+        calls.append(stats)
+        if len(calls) == 1:
+            raise OperationalError(
+                "SELECT count(*)", {}, Exception("terminating connection")
+            )
+
+    caplog.set_level("WARNING", logger="access_audit")
+    commit_events(engine, writer, ["a", "b"])
+    relay = PollingRelay(
+        emitter_for(due_outbox, sink), engine, interval=0.05, progress=progress
+    )
+    try:
+        wait_until(lambda: len(calls) >= 1, 30)
+        commit_events(engine, writer, ["c"])
+        wait_until(
+            lambda: not count_pending(engine, due_outbox) and len(calls) >= 2, 30
+        )
+        assert relay.running()
+    finally:
+        stats = relay.stop()
+    assert sink.order == ["a", "b", "c"]
+    assert stats.reconnects == 1
+    assert any("terminating connection" in m for m in caplog.messages)
+
+
+def test_status_on_an_unreachable_asyncpg_database_is_one_line() -> None:
+    """asyncpg reports a refused connection as the socket's OSError, not a
+    DBAPIError: still one line and exit status 1, not a traceback."""
+    pytest.importorskip("asyncpg")
+    result = subprocess.run(
+        [sys.executable, "-m", "access_audit", "status", "--database-url",
+         "postgresql+asyncpg://root@127.0.0.1:1/test"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("access-audit status: error: the database:")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 UPDATE_OUTBOX = re.compile(r"^\s*UPDATE\s+[`\"]?(\w+\.)?scale_outbox[`\"]?\s", re.I)
 
 

@@ -10,11 +10,13 @@ from typing import Any
 import click
 from flask import current_app
 from flask.cli import AppGroup
+from sqlalchemy.exc import DBAPIError
 
 from .._errors import AuditConfigurationError
 from ..outbox._cli import (
     INTERRUPTED,
     RelayOptions,
+    database_error,
     relay_after_option,
     relay_cli_options,
     run_command,
@@ -74,6 +76,13 @@ class _Refused(click.ClickException):
     ``access-audit relay`` gives."""
 
     exit_code = 2
+
+
+class _DatabaseError(click.ClickException):
+    """A database error the relay gave up on (``--once``): one line, exit
+    status 1, as ``access-audit relay`` gives."""
+
+    exit_code = 1
 
 
 @cli.command("relay")
@@ -147,6 +156,9 @@ def relay(
         status = run_command(chosen, emitter, engine, outbox, out=sys.stdout)
     except AuditConfigurationError as error:
         raise _Refused(str(error)) from None
+    except (DBAPIError, OSError) as error:
+        code, line = database_error(error)
+        raise (_Refused if code == 2 else _DatabaseError)(line) from None
     except KeyboardInterrupt:
         # A second SIGINT or SIGTERM: as access-audit relay reports it.
         click.echo(INTERRUPTED, err=True)

@@ -45,6 +45,7 @@ __all__ = [
     "RelayOptions",
     "add_relay_arguments",
     "arun_command",
+    "database_error",
     "main",
     "main_exit",
     "relay_after_option",
@@ -428,7 +429,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ArgumentError,
         DBAPIError,
         NoSuchModuleError,
-        ProgrammingError,
     )
 
     used = relay_parser if options.command == "relay" else status_parser
@@ -445,16 +445,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         used.exit(2, f"{used.prog}: error: {error}\n")
     except ImportError as error:  # a plugin's package, or its dependency
         used.exit(2, f"{used.prog}: error: a plugin could not be imported: {error}\n")
-    except DBAPIError as error:
-        # What the relay does not retry (a table dropped while it runs: a
-        # configuration error, 2), or gave up on (--once), and status's
-        # one attempt (an unreachable database: 1).
-        cause = str(error.orig if error.orig is not None else error)
-        first = cause.strip().splitlines()[0] if cause.strip() else type(error).__name__
-        used.exit(
-            2 if isinstance(error, ProgrammingError) else 1,
-            f"{used.prog}: error: the database: {first}\n",
-        )
+    except (DBAPIError, OSError) as error:
+        status, line = database_error(error)
+        used.exit(status, f"{used.prog}: error: {line}\n")
+
+
+def database_error(error: Exception) -> tuple[int, str]:
+    """The exit status and one line for a database error a relay command
+    ends with: one the relay does not retry (a table dropped while it runs:
+    a configuration error, 2), or gave up on (``--once``), and status's one
+    attempt (an unreachable database, which asyncpg reports as the socket's
+    ``OSError``: 1)."""
+    from sqlalchemy.exc import DBAPIError, ProgrammingError
+
+    cause = str(error.orig if isinstance(error, DBAPIError) and error.orig else error)
+    first = cause.strip().splitlines()[0] if cause.strip() else type(error).__name__
+    return 2 if isinstance(error, ProgrammingError) else 1, f"the database: {first}"
 
 
 def _run(options: argparse.Namespace, relay_parser: argparse.ArgumentParser) -> int:

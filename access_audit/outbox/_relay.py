@@ -292,8 +292,22 @@ def check_options(
 
 
 _TRANSIENT = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)
-"""What a killed connection or a restarting server raises: the relay waits
-and tries again."""
+"""What a killed connection or a restarting server raises through most
+drivers: the relay waits and tries again."""
+
+
+def transient(error: BaseException) -> bool:
+    """Whether *error* is a database error the relay waits out: one of
+    :data:`_TRANSIENT`, any error that ended the connection (asyncpg says
+    only ``DBAPIError`` for a killed one; PostgreSQL's idle-in-transaction
+    timeout is an ``InternalError``), or a connection refused as the
+    driver connects (asyncpg raises the socket's ``OSError``)."""
+    if isinstance(error, _TRANSIENT):
+        return True
+    if isinstance(error, exc.DBAPIError):
+        return error.connection_invalidated
+    return isinstance(error, OSError)
+
 
 _ONCE_RETRIES = 5
 """How many times a ``once`` run retries a database error before raising it."""
@@ -357,7 +371,11 @@ def _poll(
                 ):
                     _count_missing(bind, outbox, plugins, stats)
                     counted_at = time.monotonic()
-        except _TRANSIENT as error:
+            elif done and progress is not None:
+                progress(stats)  # may read the database too
+        except Exception as error:
+            if not transient(error):
+                raise
             failures += 1
             if isinstance(bind, Connection) or (once and failures > _ONCE_RETRIES):
                 raise
@@ -375,8 +393,6 @@ def _poll(
             failures = 0
         if done:
             contended_since = None
-            if progress is not None:
-                progress(stats)
             continue
         if once:
             # Rows another relay holds are delivered by it, or let go by an
