@@ -248,6 +248,12 @@ class AuditEmitter:
         elif name is not None and self.plugin_manager.get_plugin(name) is not None:
             # pluggy's message lists every registered plugin, on many lines.
             raise ValueError(f"a plugin named {name!r} is registered already")
+        longest = getattr(self.outbox, "max_plugin_name_length", None)
+        if longest is not None and name is not None and len(name) > longest:
+            raise ValueError(
+                f"plugin name {name[:40]!r}... is {len(name)} characters long; "
+                f"the outbox stores names of up to {longest}"
+            )
         try:
             registered = self.plugin_manager.register(plugin, name)
             self._refuse_unsupported_hooks(plugin)

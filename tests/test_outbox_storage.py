@@ -90,6 +90,21 @@ def types(engine: Engine, outbox: Outbox) -> list[str]:
     return [row["type"] for row in outbox_rows(engine, outbox)]
 
 
+def test_a_plugin_name_longer_than_the_outbox_stores_is_refused_at_register() -> None:
+    """The delivery table stores plugin names of up to 255 characters: a
+    longer one is refused when registered, naming the limit (registered,
+    its deliveries could never be recorded nor given up on, and were sent
+    again on every relay run)."""
+    from support import Recorder
+
+    emitter = AuditEmitter(load_entrypoints=False, outbox=Outbox())
+    with pytest.raises(ValueError, match="the outbox stores names of up to 255"):
+        emitter.register(Recorder(), name="n" * 256)
+    assert emitter.register(Recorder(), name="n" * 255) == "n" * 255
+    plain = AuditEmitter(load_entrypoints=False)  # no outbox: no limit
+    assert plain.register(Recorder(), name="n" * 300) == "n" * 300
+
+
 @pytest.mark.parametrize("length", [256, 100_000])
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 def test_a_long_target_id_is_stored_whole(

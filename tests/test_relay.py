@@ -862,16 +862,19 @@ def test_cli_delivers_only_under_the_given_name_and_prints_the_missing_names(
         (["siem="], "--plugin: expected an import string"),
         (["siem=no_such_module_here:Sink"], "--plugin: cannot import"),
         (
-            ["siem=json", "siem=json"],
-            "--plugin 'siem=json': a plugin named 'siem' is registered already",
+            ["siem=access_audit.sinks:LoggingSink"] * 2,
+            "--plugin 'siem=access_audit.sinks:LoggingSink': a plugin named 'siem' "
+            "is registered already",
         ),
+        (["siem=json"], "--plugin 'siem=json': <module 'json'"),
     ],
-    ids=["empty-name", "empty-target", "not-importable", "name-taken"],
+    ids=["empty-name", "empty-target", "not-importable", "name-taken", "no-hooks"],
 )
 def test_cli_refuses_an_invalid_plugin_option_naming_it(
     capsys: pytest.CaptureFixture[str], values: list[str], message: str
 ) -> None:
-    """A malformed, unimportable or duplicate ``--plugin`` is a usage error naming it."""
+    """A malformed, unimportable, duplicate or hookless ``--plugin`` is a
+    usage error naming it."""
     from access_audit.outbox._cli import main
 
     argv = ["relay", "--database-url", "sqlite://", "--no-entrypoints"]

@@ -182,6 +182,8 @@ def test_a_claimed_row_reads_each_stored_field_in_its_place(
         {"interval": -0.5},
         {"interval": 1e9},
         {"retention": timedelta(days=-1)},
+        {"retention": timedelta(days=800_000)},
+        {"retention": 5},
     ],
     ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()),
 )
@@ -250,6 +252,8 @@ def test_the_cli_refuses_a_batch_size_below_one(
         (["relay", "--once", "--retention-days", "nan"], "--retention-days"),
         (["relay", "--once", "--relay-after", "inf"], "--relay-after"),
         (["relay", "--once", "--backoff", "1e12"], "--backoff"),
+        (["relay", "--list-dead", "--retry-dead"], "--list-dead and --retry-dead"),
+        (["relay", "--once", "--only-plugin", "siem"], "--only-plugin goes with"),
         (["relay", "--once"], "does not exist"),
         (["relay", "--list-dead"], "does not exist"),
         (["relay", "--retry-dead"], "does not exist"),
@@ -1335,6 +1339,33 @@ def test_the_cli_reports_database_errors_in_one_line(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no_such_outbox" in err, err
+
+
+def test_a_listening_relay_polls_once_its_lost_listen_connection_is_back(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit notified while the LISTEN connection was down is missed:
+    the wait returns as soon as it LISTENs again, for a poll, instead of
+    leaving that commit to the interval."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    from access_audit.outbox import _wake
+
+    monkeypatch.setattr(_wake, "_RETRY_LISTEN", 0.2)
+    outbox = Outbox(table_name="wake_outbox", relay_after=timedelta(0))
+    listener = listen(engine, outbox)
+    assert listener is not None
+    try:
+        listener.wait(0.01, stopped=lambda: False)  # listening
+        backend = listener._connection.info.backend_pid
+        with engine.connect() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+        started = time.monotonic()
+        listener.wait(10.0, stopped=lambda: False)  # lost; back 0.2 s later
+        waited = time.monotonic() - started
+    finally:
+        listener.close()
+    assert waited < 5.0, waited
 
 
 def test_a_listening_relay_wakes_when_notified_rows_are_due_not_per_commit(

@@ -20,6 +20,7 @@ from sqlalchemy.util import await_only, greenlet_spawn
 from .._errors import AuditConfigurationError
 from .._imports import import_plugin
 from ._relay import (
+    LONGEST_RETENTION,
     LONGEST_WAIT,
     RelayStats,
     arelay,
@@ -112,13 +113,19 @@ class RelayOptions:
     quiet: bool = _option(False, CliOption(None, "no progress lines"))
 
     def __post_init__(self) -> None:
-        """:raises ValueError: an option is out of range, named as on the
-        command line (``--batch-size``)."""
+        """:raises ValueError: an option is out of range, or goes with none
+        it needs, named as on the command line (``--batch-size``)."""
+        if self.list_dead and self.retry_dead:
+            raise ValueError(
+                "--list-dead and --retry-dead go one at a time: list, then retry"
+            )
+        if self.only_plugin and not self.retry_dead:
+            raise ValueError("--only-plugin goes with --retry-dead")
         days = self.retention_days
-        if days is not None and not 0 <= days <= _LONGEST_RETENTION_DAYS:
+        if days is not None and not 0 <= days <= LONGEST_RETENTION.days:
             raise ValueError(
                 "--retention-days must be a number of days from 0 to "
-                f"{_LONGEST_RETENTION_DAYS:,}, got {days!r}"
+                f"{LONGEST_RETENTION.days:,}, got {days!r}"
             )
         check_options(
             self.batch_size,
@@ -352,19 +359,23 @@ def _register_plugin(emitter: AuditEmitter, spec: str) -> None:
         )
     plugin = import_plugin(target, "--plugin")
     try:
-        emitter.register(plugin, name=name or None)
+        registered = emitter.register(plugin, name=name or None)
     except ValueError as error:
         raise ValueError(f"--plugin {spec!r}: {error}") from error
+    hooks = emitter.plugin_manager.get_hookcallers(plugin)
+    if registered is not None and not hooks:
+        emitter.unregister(plugin)
+        raise AuditConfigurationError(
+            f"--plugin {spec!r}: {plugin!r} has no access_audit hook "
+            "(audit_event_logged, audit_events_committed); name a plugin "
+            "class, an instance or a module with @hookimpl functions"
+        )
 
 
 def _add_database_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--table", default="access_audit_outbox")
     parser.add_argument("--schema", default=None)
-
-
-_LONGEST_RETENTION_DAYS = 36_500
-"""The longest ``--retention-days`` (a hundred years)."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -285,10 +285,19 @@ def check_options(
                 f"{spell(name)} must be a number of seconds from 0 to "
                 f"{LONGEST_WAIT:,} (a year), got {number!r}"
             )
-    if retention is not None and retention < timedelta(0):
+    if retention is not None and (
+        not isinstance(retention, timedelta)
+        or not timedelta(0) <= retention <= LONGEST_RETENTION
+    ):
         raise ValueError(
-            f"{spell('retention')} must not be negative, got {retention!r}"
+            f"{spell('retention')} must be a timedelta from 0 to "
+            f"{LONGEST_RETENTION.days:,} days, got {retention!r}"
         )
+
+
+LONGEST_RETENTION = timedelta(days=36_500)
+"""The longest ``retention`` (a hundred years): a relay's idea of "long
+ago" is its clock less this, which must stay a date."""
 
 
 _TRANSIENT = (exc.OperationalError, exc.InterfaceError, exc.DisconnectionError)

@@ -192,6 +192,10 @@ class Outbox:
         MariaDB's default ``max_allowed_packet``.
     """
 
+    max_plugin_name_length = 255
+    """The longest plugin name the delivery table stores: an emitter with
+    this outbox refuses to register a plugin under a longer one."""
+
     def __init__(
         self,
         metadata: MetaData | None = None,
@@ -237,7 +241,7 @@ class Outbox:
             f"{table_name}_delivery",
             self.metadata,
             Column("event_id", String(36), primary_key=True),
-            Column("plugin", String(255), primary_key=True),
+            Column("plugin", String(self.max_plugin_name_length), primary_key=True),
             Column("state", String(16), nullable=False),
             Column("attempts", Integer, nullable=False, default=0),
             Column("error", Text, nullable=True),

@@ -94,6 +94,10 @@ class Listener:
         self._pooled: Any = None
         self._retry_at = 0.0
         self._failing = False
+        self._back = False
+        """Listening again after a failure: what was notified meanwhile was
+        missed, so the next wait returns at once, for a poll."""
+        self._listened = False
 
     def wait(self, seconds: float, stopped: Callable[[], bool]) -> None:
         """Wait up to *seconds*, or until the rows of a commit notified
@@ -114,6 +118,9 @@ class Listener:
             if connection is None:
                 time.sleep(min(_SLICE, left))
                 continue
+            if self._back:
+                self._back = False
+                return
             try:
                 for _ in connection.notifies(timeout=min(_SLICE, left), stop_after=1):
                     if self._due_after <= 0:
@@ -126,7 +133,8 @@ class Listener:
         """Close the connection; polling until a new one LISTENs, in a while."""
         if not self._failing:
             logger.warning(
-                "relay: LISTEN connection lost (%s); polling until it is back",
+                "relay: %s (%s); polling until it is back",
+                "LISTEN connection lost" if self._listened else "cannot LISTEN",
                 str(error).splitlines()[0],
             )
         self._failing = True
@@ -150,9 +158,11 @@ class Listener:
             except Exception as error:
                 self._lost(error)
                 return None
+            self._listened = True
             if self._failing:
                 logger.warning("relay: LISTEN connection back")
                 self._failing = False
+                self._back = True
         return self._connection
 
     def close(self) -> None:
