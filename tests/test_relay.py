@@ -855,6 +855,27 @@ def test_cli_delivers_only_under_the_given_name_and_prints_the_missing_names(
     assert_outbox_empty(engine, outbox)
 
 
+def test_the_final_report_counts_the_missing_plugins_rows_afresh(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """A polling relay counts the rows of plugins it lacks when it is idle,
+    at most once a minute: by the time it stops, another relay may have
+    delivered them. Its last lines say what is pending then, not "20 rows
+    pending" beside "0 pending"."""
+    import io
+
+    from access_audit.outbox import RelayStats
+    from access_audit.outbox._cli import RelayOptions, _command
+
+    counted = RelayStats()
+    counted.missing_plugins = {APP_NAME: 20}  # since delivered by another relay
+    out = io.StringIO()
+    _command(RelayOptions(), engine, outbox, out, lambda **_: counted)
+    assert (
+        out.getvalue() == "relay: 0 delivered, 0 failed, 0 dead, 0 batches, 0 pending\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

@@ -285,6 +285,13 @@ def _command(
     )
     if not options.quiet:
         out.write(stats.line(count_pending(engine, outbox)) + "\n")
+        if stats.missing_plugins:  # counted when the relay was last idle
+            pending = status(engine, outbox).pending
+            stats.missing_plugins = {
+                name: pending[name]
+                for name in stats.missing_plugins
+                if pending.get(name)
+            }
         for line in stats.missing_lines():
             out.write(line + "\n")
         if stats.missing_plugins:
@@ -457,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as error:  # a plugin's package, or its dependency
         used.exit(2, f"{used.prog}: error: a plugin could not be imported: {error}\n")
     except (DBAPIError, OSError) as error:
-        status, line = database_error(error)
-        used.exit(status, f"{used.prog}: error: {line}\n")
+        code, line = database_error(error)
+        used.exit(code, f"{used.prog}: error: {line}\n")
 
 
 def database_error(error: Exception) -> tuple[int, str]:

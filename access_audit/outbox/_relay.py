@@ -145,7 +145,9 @@ def relay(
         ``interval`` seconds until ``stop`` is set. Due rows that other
         relays hold locked are waited for (up to 15 seconds), so relays
         run together with ``once`` leave nothing due behind.
-    :param retention: delete ``delivered`` rows older than this.
+    :param retention: when idle, delete the events that no plugin waits
+        for any more and that some plugin gave up on longer ago than this
+        (see :func:`prune`); a ``timedelta`` of at most a hundred years.
     :param progress: called with the running totals after each batch.
     :raises TypeError: *bind* is an ``AsyncEngine`` or ``AsyncConnection``
         (await :func:`arelay` with it instead).
