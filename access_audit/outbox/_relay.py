@@ -73,6 +73,9 @@ class RelayStats:
     """What a relay run did, counted per (event, plugin) delivery."""
 
     delivered: int = 0
+    """Deliveries plugins took, including those of a batch whose database
+    transaction failed afterwards (a killed connection): that batch is
+    delivered, and counted, again."""
     failed: int = 0
     """Attempts that raised (each to be retried, or given up)."""
     dead: int = 0
