@@ -280,7 +280,13 @@ def test_the_cli_refuses_what_it_cannot_run_with_a_usage_error(
 
 @pytest.mark.parametrize("command", ["relay", "status"])
 @pytest.mark.parametrize(
-    "url", ["not a url", "nosuchdialect://host/db", "mysql+mysqldb://root@127.0.0.1/x"]
+    "url",
+    [
+        "not a url",
+        "nosuchdialect://host/db",
+        "mysql+mysqldb://root@127.0.0.1/x",
+        "mysql+pymysql://root@127.0.0.1:1/x?sslmod=require",  # not pymysql's
+    ],
 )
 def test_the_cli_refuses_a_database_url_it_cannot_use_naming_it(
     command: str, url: str

@@ -468,6 +468,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         used.exit(code, f"{used.prog}: error: {line}\n")
 
 
+def _checked(engine: Engine) -> Engine:
+    """*engine*, whose connections refuse a ``--database-url`` argument its
+    driver does not take (``?sslmod=`` for pymysql; the driver raises
+    ``TypeError``) as a configuration error, naming the option."""
+    from sqlalchemy import event
+
+    def connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except TypeError as error:
+            raise AuditConfigurationError(
+                f"--database-url: its driver ({dialect.driver}) does not take "
+                f"one of its arguments: {error}"
+            ) from error
+
+    event.listen(engine, "do_connect", connect)
+    return engine
+
+
 def database_error(error: Exception) -> tuple[int, str]:
     """The exit status and one line for a database error a relay command
     ends with: one the relay does not retry (a table dropped while it runs:
@@ -510,7 +529,7 @@ def _run(options: argparse.Namespace, relay_parser: argparse.ArgumentParser) -> 
             relay_parser.error(str(error))
     if make_url(options.database_url).get_dialect().is_async:
         return asyncio.run(_amain(options, relay_options, emitter, outbox))
-    engine = create_engine(options.database_url, pool_pre_ping=True)
+    engine = _checked(create_engine(options.database_url, pool_pre_ping=True))
     try:
         if options.create_table:
             outbox.create(engine)
@@ -541,6 +560,7 @@ def _status(url: str, outbox: Outbox, out: TextIO = sys.stdout) -> int:
             from sqlalchemy.ext.asyncio import create_async_engine
 
             engine = create_async_engine(url)
+            _checked(engine.sync_engine)
             try:
                 async with engine.connect() as connection:
                     found = await connection.run_sync(status, outbox)
@@ -550,7 +570,7 @@ def _status(url: str, outbox: Outbox, out: TextIO = sys.stdout) -> int:
 
         lines = asyncio.run(read())
     else:
-        engine = create_engine(url)
+        engine = _checked(create_engine(url))
         try:
             lines = status(engine, outbox).lines()
         finally:
@@ -569,6 +589,7 @@ async def _amain(
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(parsed.database_url)
+    _checked(engine.sync_engine)
     try:
         if parsed.create_table:
             async with engine.begin() as connection:
