@@ -111,6 +111,14 @@ def test_a_base_exception_from_a_plugin_is_isolated(
         assert str(envelope.id) in message
 
 
+def commit_items(Session: sessionmaker, count: int) -> None:
+    """Commit *count* items, each with its ``item_created`` event, at once."""
+    with Session() as session:
+        for number in range(count):
+            operation(session, f"item-{number}")
+        session.commit()
+
+
 def test_a_failure_on_a_large_commit_is_one_short_log_line(
     Session: sessionmaker,
     emitter: AuditEmitter,
@@ -122,10 +130,7 @@ def test_a_failure_on_a_large_commit_is_one_short_log_line(
     is truncated or dropped by log shippers, and the failure with it."""
     emitter.register(Faulty("audit_events_committed", RuntimeError), name="faulty")
     caplog.set_level(logging.ERROR, logger="access_audit")
-    with Session() as session:
-        for number in range(5000):
-            operation(session, f"item-{number}")
-        session.commit()
+    commit_items(Session, 5000)
     assert len(recorder.events) == 5000
     [message] = [record.getMessage() for record in caplog.records]
     assert "plugin 'faulty' raised in audit_events_committed" in message
@@ -149,10 +154,7 @@ def test_a_plugin_failing_every_event_of_a_commit_logs_two_lines(
     emitter.register(failures, name="failures")
     emitter.register(Faulty("audit_event_logged", RuntimeError), name="faulty")
     caplog.set_level(logging.ERROR, logger="access_audit")
-    with Session() as session:
-        for number in range(3000):
-            operation(session, f"item-{number}")
-        session.commit()
+    commit_items(Session, 3000)
     assert len(recorder.events) == 3000
     assert len(failures.calls) == 3000
     first, rest = caplog.records
