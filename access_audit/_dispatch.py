@@ -16,7 +16,7 @@ import inspect
 import threading
 import types
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -371,6 +371,7 @@ def deliver(
     else:
         logged, committed, asynchronous = _order(plugin_manager, only)
     interrupted: BaseException | None = None
+    repeats: _Repeats | None = None
     if asynchronous:
         if failures is None:
             try:
@@ -390,12 +391,12 @@ def deliver(
         for name, impl, taken, failed in failures:
             report = _writable(report)
             report._plugin_error(name, taken, failed)
-            _plugin_failed(plugin_manager, impl, taken, failed, (), awaiting)
+            if repeats is None:
+                repeats = _Repeats()
+            first = repeats.first(impl, taken)
+            _plugin_failed(plugin_manager, impl, taken, failed, (), awaiting, log=first)
             if isinstance(failed, let_through) and interrupted is None:
                 interrupted = failed
-    # An implementation failing event after event (a sink that is down) logs
-    # its first failure of the batch, then one line for the rest.
-    failing_again: dict[HookImpl, list[AuditEventEnvelope]] | None = None
     for envelope in envelopes:
         for impl, takes_envelope in logged:
             try:
@@ -410,13 +411,8 @@ def deliver(
             except BaseException as error:
                 report = _writable(report)
                 report._plugin_error(impl.plugin_name, (envelope,), error)
-                if failing_again is None:
-                    failing_again = {}
-                again = failing_again.get(impl)
-                if again is None:
-                    failing_again[impl] = []
-                else:
-                    again.append(envelope)
+                if repeats is None:
+                    repeats = _Repeats()
                 _plugin_failed(
                     plugin_manager,
                     impl,
@@ -424,10 +420,10 @@ def deliver(
                     error,
                     let_through,
                     awaiting,
-                    log=again is None,
+                    log=repeats.first(impl, (envelope,)),
                 )
-    if failing_again is not None:
-        _log_failing_again(failing_again)
+    if repeats is not None:
+        repeats.log()
     for impl in committed:
         try:
             result = _call(impl, {"envelopes": envelopes})
@@ -457,20 +453,36 @@ def deliver(
     return report
 
 
-def _log_failing_again(
-    failing_again: Mapping[HookImpl, Sequence[AuditEventEnvelope]],
-) -> None:
-    """One line per implementation for the failures after its first in a
-    batch (that one was logged with its traceback)."""
-    for impl, again in failing_again.items():
-        if again:
-            logger.error(
-                "plugin %r raised in %s for %s more events of the batch: %s",
-                impl.plugin_name,
-                impl.function.__name__,
-                f"{len(again):,}",
-                event_ids(again),
-            )
+class _Repeats:
+    """A hook implementation failing event after event in one batch (a sink
+    that is down): its first failure is logged with the traceback, the rest
+    in one line, by :meth:`log`, once the batch is delivered."""
+
+    __slots__ = ("again",)
+
+    def __init__(self) -> None:
+        self.again: dict[HookImpl, list[AuditEventEnvelope]] = {}
+
+    def first(self, impl: HookImpl, envelopes: Sequence[AuditEventEnvelope]) -> bool:
+        """Whether this failure is *impl*'s first in the batch; else it is noted."""
+        again = self.again.get(impl)
+        if again is None:
+            self.again[impl] = []
+            return True
+        again.extend(envelopes)
+        return False
+
+    def log(self) -> None:
+        """One line per implementation for its failures after the first."""
+        for impl, again in self.again.items():
+            if again:
+                logger.error(
+                    "plugin %r raised in %s for %s more events of the batch: %s",
+                    impl.plugin_name,
+                    impl.function.__name__,
+                    f"{len(again):,}",
+                    event_ids(again),
+                )
 
 
 def _report_late(plugin_manager: PluginManager, failures: list[Failure]) -> None:

@@ -200,8 +200,7 @@ class AuditEmitter:
         self._on_loop = (
             LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )
-        self.dispatch: DispatchMode = dispatch
-        """How committed events are delivered: see the constructor."""
+        self._dispatch: DispatchMode = dispatch
         self._relay_only = dispatch == "relay"
         self._closed = False
         self._on_loops: dict[concurrent.futures.Future[None], _OnLoop] = {}
@@ -221,6 +220,11 @@ class AuditEmitter:
     def __repr__(self) -> str:
         names = sorted(name for name, _ in self.plugin_manager.list_name_plugin())
         return f"<AuditEmitter plugins={names}>"
+
+    @property
+    def dispatch(self) -> DispatchMode:
+        """How committed events are delivered (the constructor's ``dispatch``)."""
+        return self._dispatch
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register a plugin; returns its name (None if it was blocked).
@@ -248,12 +252,9 @@ class AuditEmitter:
         elif name is not None and self.plugin_manager.get_plugin(name) is not None:
             # pluggy's message lists every registered plugin, on many lines.
             raise ValueError(f"a plugin named {name!r} is registered already")
-        longest = getattr(self.outbox, "max_plugin_name_length", None)
-        if longest is not None and name is not None and len(name) > longest:
-            raise ValueError(
-                f"plugin name {name[:40]!r}... is {len(name)} characters long; "
-                f"the outbox stores names of up to {longest}"
-            )
+        self._refuse_long_name(
+            name if name is not None else getattr(plugin, "__name__", "")
+        )
         try:
             registered = self.plugin_manager.register(plugin, name)
             self._refuse_unsupported_hooks(plugin)
@@ -266,6 +267,15 @@ class AuditEmitter:
                 self.plugin_manager.unregister(plugin)
             raise
         return registered
+
+    def _refuse_long_name(self, name: str) -> None:
+        """:raises ValueError: *name* is longer than the outbox stores."""
+        longest = getattr(self.outbox, "max_plugin_name_length", None)
+        if longest is not None and len(name) > longest:
+            raise ValueError(
+                f"plugin name {name[:40]!r}... is {len(name)} characters long; "
+                f"the outbox stores names of up to {longest}"
+            )
 
     def unregister(self, plugin: object) -> None:
         """Unregister a plugin; it receives nothing from now on."""
@@ -477,10 +487,8 @@ class AuditEmitter:
                             envelopes,
                         ),
                     )
-                    return
                 except RuntimeError:  # closed: nothing would deliver them
-                    self._closed_dispatch_warning(envelopes)
-                self._deliver_inline(envelopes, outbox_bind, record_apart)
+                    self._deliver_after_close(envelopes, outbox_bind, record_apart)
                 return
         if self._relay_only:
             # Signals only: the relay delivers to plugins.
@@ -494,28 +502,31 @@ class AuditEmitter:
                         self._deliver, envelopes, _not_the_callers(outbox_bind), loop
                     )
                 )
-                return
             except RuntimeError:  # closed: nothing would deliver them
-                self._closed_dispatch_warning(envelopes)
-        self._deliver_inline(envelopes, outbox_bind, record_apart)
+                self._deliver_after_close(envelopes, outbox_bind, record_apart)
+            return
+        report = deliver(self.plugin_manager, self, envelopes)
+        if outbox_bind is not None or report.errors:
+            self._settle(envelopes, outbox_bind, report, None, record_apart)
 
-    def _deliver_inline(
+    def _deliver_after_close(
         self,
         envelopes: tuple[AuditEventEnvelope, ...],
         outbox_bind: Engine | Connection | None,
         record_apart: bool,
     ) -> None:
-        """Deliver a committed batch in the committing thread, then settle it."""
-        report = deliver(self.plugin_manager, self, envelopes)
-        if outbox_bind is not None or report.errors:
-            self._settle(envelopes, outbox_bind, report, None, record_apart)
-
-    def _closed_dispatch_warning(self, envelopes: Sequence[AuditEventEnvelope]) -> None:
+        """Deliver a batch committed after the background or asyncio dispatch
+        was closed, in the committing thread, as the worker would have:
+        isolating everything, raising nothing (the application chose a
+        dispatch whose commits never raise for a plugin)."""
         logger.warning(
             "events %s committed after the emitter's dispatch was closed: "
             "delivered in the committing thread",
             event_ids(envelopes),
         )
+        report = deliver(self.plugin_manager, self, envelopes, let_through=())
+        if outbox_bind is not None:
+            self._mark_outbox(outbox_bind, envelopes, report, None, record_apart)
 
     async def _adeliver(
         self,

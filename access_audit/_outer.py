@@ -129,13 +129,15 @@ def _end(watches: _Watches | None, committed: bool) -> None:
     Runs inside SQLAlchemy's connection and pool events, which must not be
     left by an exception (the pool would never get the connection back):
     an error from one settle is logged, and the others still run. A task
-    cancelled while a settle awaited its ``async def`` plugins (the
-    delivery went on without it) is cancelled again, at its next wait.
+    cancelled while a settle awaits its ``async def`` plugins leaves them
+    running (their failures reported as they end) and is not cancelled by
+    it: the connection's ``close()`` or ``begin()`` that runs the settle
+    cannot stop halfway, and a cancellation raised later would reach the
+    task outside the timeout that sent it.
     """
     if watches is None:
         return
     interrupt: BaseException | None = None
-    cancelled = False
     for watch in watches.watches:
         watch.state = committed
         settle = watch.settle
@@ -147,32 +149,16 @@ def _end(watches: _Watches | None, committed: bool) -> None:
         except (KeyboardInterrupt, SystemExit) as error:
             interrupt = error
         except asyncio.CancelledError:
-            cancelled = True
+            logger.debug(
+                "a task was cancelled while a joined session's async plugins "
+                "ran; they go on"
+            )
         except BaseException:
             logger.exception("delivering the events of a joined session failed")
     watches.watches.clear()
     _live.discard(watches)
     if interrupt is not None:
         raise interrupt
-    if cancelled:
-        _cancel_again()
-
-
-def _cancel_again() -> None:
-    """Cancel the running task once more: a cancellation that reached it
-    inside an event of SQLAlchemy's, which must not raise it, reaches it at
-    its next wait instead. Its count of cancellations stays the same (a
-    timeout around it still tells its own from another's)."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no event loop running here
-        return
-    if task is None:
-        return
-    task.cancel()
-    uncancel = getattr(task, "uncancel", None)  # Python 3.11 and later
-    if uncancel is not None:
-        uncancel()
 
 
 def _info(connection: Connection) -> dict[Any, Any] | None:

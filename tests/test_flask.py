@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -465,6 +466,7 @@ def test_flask_relay_command_delivers_a_relay_only_apps_events_at_once(
     assert result.exit_code == 0, result.output
     assert received.received[1:] == ["red"]
     assert "2 delivered" in result.output
+    assert outbox.relay_after == timedelta(seconds=60)  # the app's, after the run
 
 
 def test_flask_relay_command_needs_an_outbox(tmp_path: Path) -> None:

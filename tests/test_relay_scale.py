@@ -183,7 +183,6 @@ def test_a_claimed_row_reads_each_stored_field_in_its_place(
         {"interval": 1e9},
         {"retention": timedelta(days=-1)},
         {"retention": timedelta(days=800_000)},
-        {"retention": 5},
     ],
     ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()),
 )
@@ -196,6 +195,17 @@ def test_invalid_relay_options_are_refused_naming_them(
     [name] = options
     with pytest.raises(ValueError, match=name):
         emitter.relay(sqlite_file_engine, **options)
+
+
+def test_a_retention_that_is_not_a_timedelta_is_refused_naming_it(
+    sqlite_file_engine: Engine,
+) -> None:
+    """Before any work: it raised TypeError only once the relay went idle."""
+    outbox = Outbox()
+    outbox.create(sqlite_file_engine)
+    emitter = emitter_for(outbox, Counter())
+    with pytest.raises(TypeError, match="retention must be a timedelta, got 5"):
+        emitter.relay(sqlite_file_engine, retention=5)
 
 
 def test_a_plugin_failing_thousands_of_times_backs_off_to_max_backoff(
@@ -957,8 +967,8 @@ def test_a_polling_relay_waits_out_a_database_error_while_it_reports_progress(
     engine: Engine, due_outbox: Outbox, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The progress line reads the database too (the pending count): its
-    connection killed there, the relay says so and keeps running, as in a
-    batch."""
+    connection killed there, the relay says so, skips that report and keeps
+    running (it exited)."""
     from sqlalchemy.exc import OperationalError
 
     writer = emitter_for(due_outbox, Counter(), dispatch="relay")
@@ -987,8 +997,27 @@ def test_a_polling_relay_waits_out_a_database_error_while_it_reports_progress(
     finally:
         stats = relay.stop()
     assert sink.order == ["a", "b", "c"]
-    assert stats.reconnects == 1
-    assert any("terminating connection" in m for m in caplog.messages)
+    assert stats.reconnects == 0  # the database was not down for the batches
+    [warning] = [m for m in caplog.messages if "no progress report" in m]
+    assert "terminating connection" in warning
+
+
+def test_a_progress_callbacks_own_error_ends_the_relay(
+    sqlite_file_engine: Engine,
+) -> None:
+    """An error of the callback's own (its output closed: ``| head``) is not
+    a database error to wait out, with backoff, for ever: it is raised."""
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(sqlite_file_engine)
+    writer = emitter_for(outbox, Counter(), dispatch="relay")
+    commit_events(sqlite_file_engine, writer, ["a"])
+
+    def progress(stats: RelayStats) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    relay = emitter_for(outbox, Counter())
+    with pytest.raises(BrokenPipeError):
+        relay.relay(sqlite_file_engine, once=True, progress=progress)
 
 
 def test_status_on_an_unreachable_asyncpg_database_is_one_line() -> None:

@@ -136,12 +136,13 @@ def relay(
             f"this app's emitter delivers through {outbox!r}, not an "
             "access_audit.outbox.Outbox: relay it with its own tools"
         )
+    configured = outbox.relay_after
     try:
         chosen = RelayOptions(**options)
         if relay_after is not None:
-            outbox.relay_after = relay_after_option(relay_after)
-        elif emitter.dispatch == "relay":
-            outbox.relay_after = timedelta(0)
+            run_after = relay_after_option(relay_after)
+        else:
+            run_after = timedelta(0) if emitter.dispatch == "relay" else configured
     except ValueError as error:
         raise _Refused(str(error)) from None
     try:
@@ -150,18 +151,23 @@ def relay(
         if bind_key is None:
             raise _Refused(str(error)) from None
         raise _Refused(f"--bind: {error}") from None
+    # For this run only: the app's own commits and relays, in this process
+    # (a test's CliRunner, say), keep the wait it configured.
+    outbox.relay_after = run_after
     try:
         if create_table:
             outbox.create(engine)
         status = run_command(chosen, emitter, engine, outbox, out=sys.stdout)
     except AuditConfigurationError as error:
         raise _Refused(str(error)) from None
-    except (DBAPIError, OSError) as error:
+    except DBAPIError as error:
         code, line = database_error(error)
         raise (_Refused if code == 2 else _DatabaseError)(line) from None
     except KeyboardInterrupt:
         # A second SIGINT or SIGTERM: as access-audit relay reports it.
         click.echo(INTERRUPTED, err=True)
         click.get_current_context().exit(130)
+    finally:
+        outbox.relay_after = configured
     if status:
         click.get_current_context().exit(status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,6 +36,7 @@ from ._relay import (
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+    from sqlalchemy.exc import DBAPIError
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from .._emitter import AuditEmitter
@@ -463,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         used.exit(2, f"{used.prog}: error: {error}\n")
     except ImportError as error:  # a plugin's package, or its dependency
         used.exit(2, f"{used.prog}: error: a plugin could not be imported: {error}\n")
-    except (DBAPIError, OSError) as error:
+    except DBAPIError as error:
         code, line = database_error(error)
         used.exit(code, f"{used.prog}: error: {line}\n")
 
@@ -471,8 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _checked(engine: Engine) -> Engine:
     """*engine*, whose connections refuse a ``--database-url`` argument its
     driver does not take (``?sslmod=`` for pymysql; the driver raises
-    ``TypeError``) as a configuration error, naming the option."""
+    ``TypeError``) as a configuration error, naming the option, and report
+    a refused connection that the driver raises as the socket's
+    ``OSError`` (asyncpg) as a database error, as other drivers do."""
     from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
 
     def connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
         try:
@@ -482,20 +487,21 @@ def _checked(engine: Engine) -> Engine:
                 f"--database-url: its driver ({dialect.driver}) does not take "
                 f"one of its arguments: {error}"
             ) from error
+        except OSError as error:
+            raise OperationalError(None, None, error) from error
 
     event.listen(engine, "do_connect", connect)
     return engine
 
 
-def database_error(error: Exception) -> tuple[int, str]:
+def database_error(error: DBAPIError) -> tuple[int, str]:
     """The exit status and one line for a database error a relay command
     ends with: one the relay does not retry (a table dropped while it runs:
     a configuration error, 2), or gave up on (``--once``), and status's one
-    attempt (an unreachable database, which asyncpg reports as the socket's
-    ``OSError``: 1)."""
-    from sqlalchemy.exc import DBAPIError, ProgrammingError
+    attempt (an unreachable database: 1)."""
+    from sqlalchemy.exc import ProgrammingError
 
-    cause = str(error.orig if isinstance(error, DBAPIError) and error.orig else error)
+    cause = str(error.orig if error.orig is not None else error)
     first = cause.strip().splitlines()[0] if cause.strip() else type(error).__name__
     return 2 if isinstance(error, ProgrammingError) else 1, f"the database: {first}"
 
@@ -545,8 +551,11 @@ def main_exit() -> None:
     the current directory too (a console script's ``sys.path`` starts with
     its own directory instead).
     """
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    with contextlib.suppress(OSError):  # a directory since deleted has none
+        if os.getcwd() not in sys.path:
+            # After the installed packages: a stray psycopg.py there does
+            # not take the driver's place.
+            sys.path.append(os.getcwd())
     raise SystemExit(main())
 
 

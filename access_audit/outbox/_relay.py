@@ -270,6 +270,7 @@ def check_options(
     :param spell: how an option's name is written in the message (the
         command line's ``--batch-size`` for ``batch_size``, say).
     :raises ValueError: naming the option.
+    :raises TypeError: ``retention`` is not a ``timedelta``.
     """
     for name, value in (("batch_size", batch_size), ("max_attempts", max_attempts)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -290,10 +291,9 @@ def check_options(
                 f"{spell(name)} must be a number of seconds from 0 to "
                 f"{LONGEST_WAIT:,} (a year), got {number!r}"
             )
-    if retention is not None and (
-        not isinstance(retention, timedelta)
-        or not timedelta(0) <= retention <= LONGEST_RETENTION
-    ):
+    if retention is not None and not isinstance(retention, timedelta):
+        raise TypeError(f"{spell('retention')} must be a timedelta, got {retention!r}")
+    if retention is not None and not timedelta(0) <= retention <= LONGEST_RETENTION:
         raise ValueError(
             f"{spell('retention')} must be a timedelta from 0 to "
             f"{LONGEST_RETENTION.days:,} days, got {retention!r}"
@@ -385,8 +385,6 @@ def _poll(
                 ):
                     _count_missing(bind, outbox, plugins, stats)
                     counted_at = time.monotonic()
-            elif done and progress is not None:
-                progress(stats)  # may read the database too
         except Exception as error:
             if not transient(error):
                 raise
@@ -407,6 +405,8 @@ def _poll(
             failures = 0
         if done:
             contended_since = None
+            if progress is not None:
+                _report_progress(progress, stats)
             continue
         if once:
             # Rows another relay holds are delivered by it, or let go by an
@@ -422,6 +422,21 @@ def _poll(
             continue
         pause(interval)
     return stats
+
+
+def _report_progress(progress: Callable[[RelayStats], None], stats: RelayStats) -> None:
+    """Call *progress*; a database error it meets (the CLI's progress line
+    reads the pending count) skips that report, and the next batch waits it
+    out. Any other error is the callback's own, and is raised."""
+    try:
+        progress(stats)
+    except exc.DBAPIError as error:
+        if not transient(error):
+            raise
+        logger.warning(
+            "relay: no progress report (database error: %s)",
+            str(error).splitlines()[0],
+        )
 
 
 _FROM_HEAD_EVERY = 1.0
