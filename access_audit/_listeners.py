@@ -196,6 +196,15 @@ class SessionListeners:
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
         lifecycle.check_savepoints(session)
+        if (
+            lifecycle.may_abort
+            and committing_root(session) is not None
+            and lifecycle.aborted(session)
+        ):
+            # A statement of the commit's own flush failed and was caught
+            # (a mapper or flush hook's "best effort"): asked again here, as
+            # before_commit asked before the flush.
+            return
         if _due_before_commit(session, lifecycle):
             lifecycle.prepare(session)
 

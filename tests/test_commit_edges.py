@@ -4,6 +4,7 @@ outbox rows written before COMMIT in every one of these, on every database."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -251,6 +252,38 @@ def test_a_transaction_the_database_rolls_back_at_commit_sends_nothing(
 
     with signals.audit_event_discarded.connected_to(note):
         _commit_after_a_caught_failure(Session, "doomed")
+    stored = stored_names(engine)
+    assert stored == ([] if engine.dialect.name == "postgresql" else ["doomed"])
+    assert recorder.names == stored
+    assert discarded == ([] if stored else ["rollback"])
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["plain", "lazy"])
+def test_a_failure_caught_inside_the_commits_own_flush_sends_nothing_either(
+    engine: Engine, Session: sessionmaker[Any], recorder: Recorder, lazy: bool
+) -> None:
+    """A mapper hook's "best effort" statement fails during the flush that
+    commit() runs, and the hook catches it: on PostgreSQL the transaction
+    is doomed all the same, and its events are discarded as a rollback
+    (they were asked about before that flush only, and sent)."""
+    discarded: list[str] = []
+
+    def best_effort(mapper: object, connection: Any, item: Item) -> None:
+        with contextlib.suppress(IntegrityError):
+            connection.execute(insert(Item).values(name=item.name))  # a duplicate
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append(reason)
+
+    event.listen(Item, "after_insert", best_effort)
+    try:
+        with signals.audit_event_discarded.connected_to(note), Session() as session:
+            item = Item(name="doomed")
+            session.add(item)
+            stage(session, "doomed", payload={"id": lambda: item.id} if lazy else None)
+            session.commit()
+    finally:
+        event.remove(Item, "after_insert", best_effort)
     stored = stored_names(engine)
     assert stored == ([] if engine.dialect.name == "postgresql" else ["doomed"])
     assert recorder.names == stored
