@@ -647,10 +647,10 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
                 "transaction"
             )
         raise RuntimeError(
-            "stage_event() was called on a prepared transaction: its COMMIT "
-            "failed (call session.rollback() first; its events are discarded "
-            "then), or session.prepare() ran (only commit or rollback may "
-            "follow)"
+            "stage_event() was called on a transaction whose commit began: "
+            "its COMMIT, or a SAVEPOINT's RELEASE, failed (call "
+            "session.rollback() first; its events are discarded then), or "
+            "session.prepare() ran (only commit or rollback may follow)"
         )
     assert root is not None  # begun above, if it was not
     lifecycle: Lifecycle | None = info.get(PENDING_KEY)
