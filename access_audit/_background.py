@@ -131,6 +131,13 @@ class BackgroundDispatcher:
             thread.join(timeout)
         return drained
 
+    def stop(self) -> None:
+        """End the thread once the queue is empty, without waiting: for an
+        emitter that is gone (its jobs held it, so none is queued)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
     def _run(self) -> None:
         while True:
             with self._lock:
@@ -138,15 +145,19 @@ class BackgroundDispatcher:
                     self._lock.wait()
                 if not self._jobs:
                     return
-                job = self._jobs.popleft()
+                job: Job | None = self._jobs.popleft()
                 self._lock.notify_all()
             try:
+                assert job is not None
                 job()
             except BaseException:  # pragma: no cover - jobs log their own errors
                 # Even a SystemExit: ending this thread would strand every
                 # later job, and make flush() and the exit wait in vain.
                 logger.exception("background delivery job failed")
             finally:
+                # The job holds its emitter: kept while the thread waits for
+                # the next, it would keep an emitter no app uses any more.
+                job = None
                 with self._lock:
                     self._finished += 1
                     self._lock.notify_all()

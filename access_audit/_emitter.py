@@ -10,6 +10,7 @@ import inspect
 import os
 import time
 import types
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -197,6 +198,10 @@ class AuditEmitter:
             if dispatch == "background"
             else None
         )
+        if self._background is not None:
+            # An emitter no one uses any more (an app per test) takes its
+            # worker thread with it.
+            weakref.finalize(self, self._background.stop)
         self._on_loop = (
             LoopDispatcher(queue_size, queue_full) if dispatch == "asyncio" else None
         )

@@ -111,6 +111,10 @@ class SessionListeners:
             )
         self._installed[target] = names
 
+    def listens_to(self, target: ListenTarget) -> bool:
+        """Whether the listeners are installed on *target* (not removed)."""
+        return target in self._installed
+
     def _hook(self, target: ListenTarget, name: str) -> Callable[..., Any]:
         """The function to install on *target* for event *name*."""
         if target not in self._weak_targets:

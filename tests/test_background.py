@@ -190,6 +190,52 @@ def test_after_close_staging_is_refused_and_a_late_commit_is_delivered_inline(
     assert emitter.flush(timeout=1) is True
 
 
+def test_a_script_that_exits_right_after_its_commit_records_the_delivery(
+    tmp_path: Path,
+) -> None:
+    """Background dispatch with an outbox, in a process that ends as soon as
+    it committed (a CLI command, a script): the exit drains the queue, then
+    writes the record of what it delivered, so the relay has nothing to send
+    again (the records were written first, and 5 runs of 5 left the row)."""
+    import textwrap
+
+    database = tmp_path / "exit.db"
+    script = textwrap.dedent(
+        f"""
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.orm import sessionmaker
+        from access_audit import AuditEmitter, hookimpl, stage_event
+        from access_audit.outbox import Outbox
+
+        class Printer:
+            @hookimpl
+            def audit_event_logged(self, envelope):
+                print("delivered", envelope.target_id, flush=True)
+
+        engine = create_engine("sqlite:///{database}")
+        outbox = Outbox()
+        outbox.create(engine)
+        emitter = AuditEmitter(
+            [Printer()], load_entrypoints=False, outbox=outbox, dispatch="background"
+        )
+        maker = sessionmaker(engine)
+        emitter.attach(maker)
+        with maker.begin() as session:
+            stage_event(session, "e", target_type="t", target_id="last", action="a")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["delivered last"]
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{database}")
+    assert outbox_rows(engine, Outbox()) == []
+    engine.dispose()
+
+
 def test_close_hears_plugins_that_stage_while_it_drains_and_an_outbox_stays_open(
     emitters: list[AuditEmitter], tmp_path: Path
 ) -> None:

@@ -14,7 +14,7 @@ from flask import Flask, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import String
 from sqlalchemy.orm import Mapped, mapped_column
-from support import Recorder
+from support import Recorder, wait_until
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from access_audit import (
@@ -252,17 +252,24 @@ def test_one_database_shared_by_two_apps_routes_by_current_app(tmp_path: Path) -
     assert recorders["right"].names == ["right"]
 
 
-def test_an_app_factory_per_test_leaves_no_emitter_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dispatch", ["inline", "background"])
+def test_an_app_factory_per_test_leaves_no_emitter_behind(
+    tmp_path: Path, dispatch: str
+) -> None:
     """A module-level SQLAlchemy() and AccessAudit(), and a new app per test:
     each app's emitter goes once its app does (the listeners on the shared
     session class held every one of them, with its plugins, and every commit
-    called them all), and the current app's events still reach its own."""
+    called them all), and so does its background thread (whose last job
+    held the emitter); the current app's events still reach its own."""
+    import threading
+
     db = SQLAlchemy()
 
     class Row(db.Model):  # type: ignore[name-defined,misc]
         id: Mapped[int] = mapped_column(primary_key=True)
 
-    audit = AccessAudit(load_entrypoints=False)
+    threads = threading.active_count()
+    audit = AccessAudit(load_entrypoints=False, dispatch=dispatch)
     emitters: list[weakref.ref[Any]] = []
     session_class = None
     for number in range(30):
@@ -281,10 +288,12 @@ def test_an_app_factory_per_test_leaves_no_emitter_behind(tmp_path: Path) -> Non
             db.session.commit()
             session_class = type(db.session())
             db.session.remove()
+        assert audit.emitter_of(app).flush(timeout=10)
         assert recorder.names == [str(number)]
         del app, recorder
         gc.collect()
     assert [ref() is not None for ref in emitters].count(True) <= 1
+    wait_until(lambda: threading.active_count() <= threads + 1, 10)
     assert session_class is not None
     installed = [entry[1] for entry in _weak_hooks[session_class]]
     assert 1 <= installed.count("after_commit") <= 2, installed
@@ -377,6 +386,50 @@ def test_raise_plugin_errors_config_key(tmp_path: Path) -> None:
     lenient, lenient_db = make_app(tmp_path, "lenient")
     AccessAudit(lenient, lenient_db, plugins=[Buggy()])
     assert lenient.test_client().post("/tags/ok").status_code == 200
+
+
+def test_staging_where_the_apps_emitter_does_not_listen_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The app's emitter detached from db.session, or an app given no db
+    while another app's SQLAlchemy() is used: staging raises, as on any
+    session no emitter listens to. It was accepted, and the event of a
+    committed change was never sent (reported discarded, much later)."""
+    app, db = make_app(tmp_path)
+    audit = AccessAudit(app, db)
+    other = Flask("other")
+    audit.init_app(other)  # no db: its emitter listens to nothing
+    for each in (other, app):
+        with each.app_context():
+            if each is app:
+                audit.emitter_of(app).detach(db.session)
+            with pytest.raises(AuditConfigurationError, match="no AuditEmitter"):
+                stage_event(
+                    db.session, "tag_seen", target_type="tag", target_id=1, action="a"
+                )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("ACCESS_AUDIT_RAISE_PLUGIN_ERRORS", "false"),
+        ("ACCESS_AUDIT_ENABLED", "0"),
+        ("ACCESS_AUDIT_LOAD_ENTRYPOINTS", None),
+        ("ACCESS_AUDIT_PLUGINS", None),
+        ("ACCESS_AUDIT_PLUGINS", 5),
+        ("ACCESS_AUDIT_PLUGINS", "mod:Plugin"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_fails_init_app_naming_the_key(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """Strings from the environment (``"false"`` is true to Python: a plugin
+    failure then failed the request) and values that are not lists fail
+    init_app with the key's name, not a TypeError."""
+    app = Flask("config")
+    app.config[key] = value
+    with pytest.raises(AuditConfigurationError, match=key):
+        AccessAudit(app)
 
 
 def test_emitter_of_an_app_without_the_extension_raises(tmp_path: Path) -> None:

@@ -90,6 +90,13 @@ def types(engine: Engine, outbox: Outbox) -> list[str]:
     return [row["type"] for row in outbox_rows(engine, outbox)]
 
 
+def test_relay_after_that_is_not_a_timedelta_is_refused_naming_it() -> None:
+    """``relay_after=60`` (seconds, as the CLI's ``--relay-after`` takes):
+    a TypeError that says what to pass, not a failed comparison."""
+    with pytest.raises(TypeError, match=r"relay_after must be a timedelta"):
+        Outbox(relay_after=60)  # type: ignore[arg-type]
+
+
 def test_a_plugin_name_longer_than_the_outbox_stores_is_refused_at_register() -> None:
     """The delivery table stores plugin names of up to 255 characters: a
     longer one is refused when registered, naming the limit (registered,

@@ -98,17 +98,16 @@ class AccessAudit:
         options = {**self._emitter_options, **emitter_options}
         config = app.config
         # Constructor options are the defaults of the matching config keys.
-        enabled = config.setdefault("ACCESS_AUDIT_ENABLED", True)
-        options["load_entrypoints"] = bool(
-            config.setdefault(
-                "ACCESS_AUDIT_LOAD_ENTRYPOINTS", options.get("load_entrypoints", True)
-            )
+        enabled = _flag(config, "ACCESS_AUDIT_ENABLED", True)
+        options["load_entrypoints"] = _flag(
+            config,
+            "ACCESS_AUDIT_LOAD_ENTRYPOINTS",
+            options.get("load_entrypoints", True),
         )
-        options["raise_plugin_errors"] = bool(
-            config.setdefault(
-                "ACCESS_AUDIT_RAISE_PLUGIN_ERRORS",
-                options.get("raise_plugin_errors", False),
-            )
+        options["raise_plugin_errors"] = _flag(
+            config,
+            "ACCESS_AUDIT_RAISE_PLUGIN_ERRORS",
+            options.get("raise_plugin_errors", False),
         )
         plugins = list(options.pop("plugins", ()))
         plugins.extend(_import_plugins(config.setdefault("ACCESS_AUDIT_PLUGINS", [])))
@@ -197,11 +196,27 @@ class AccessAudit:
         return None if resolver is None else to_actor(resolver(), "actor_resolver")
 
 
-def _import_plugins(names: Iterable[str]) -> list[object]:
-    if isinstance(names, str):
+def _flag(config: Any, key: str, default: bool) -> bool:
+    """The boolean config *key* (set to *default* if missing).
+
+    :raises AuditConfigurationError: it is not a bool: a string such as
+        ``"false"`` (from the environment, say) is true to Python, and would
+        do the opposite of what it says.
+    """
+    value = config.setdefault(key, default)
+    if not isinstance(value, bool):
         raise AuditConfigurationError(
-            f"ACCESS_AUDIT_PLUGINS must be a list of import strings, got the "
-            f"string {names!r}"
+            f"{key} must be True or False, got {value!r} (app.config."
+            "from_prefixed_env() reads 'false' from the environment as False)"
+        )
+    return value
+
+
+def _import_plugins(names: Iterable[str]) -> list[object]:
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise AuditConfigurationError(
+            f"ACCESS_AUDIT_PLUGINS must be a list of import strings, got "
+            f"{'the string ' if isinstance(names, str) else ''}{names!r}"
         )
     return [import_plugin(name, "ACCESS_AUDIT_PLUGINS") for name in names]
 
@@ -220,7 +235,14 @@ def _attach_to_flask_sqlalchemy(
 
 
 def _current_app_emitter(session: Session) -> AuditEmitter | None:
+    """The current app's emitter, if it listens to *session*'s class: not
+    once detached from it, nor for an app given no ``db`` (another app's
+    ``SQLAlchemy()``); staging there is refused, as on any session no
+    emitter listens to."""
     if not has_app_context():
         return None
     state = current_app.extensions.get(EXTENSION_KEY)
-    return None if state is None else state.emitter
+    if state is None:
+        return None
+    emitter: AuditEmitter = state.emitter
+    return emitter if emitter._listeners.listens_to(type(session)) else None

@@ -205,8 +205,20 @@ class Outbox:
         relay_after: timedelta = timedelta(seconds=60),
         max_payload_bytes: int = 1 << 20,
     ) -> None:
+        if not isinstance(relay_after, timedelta):
+            raise TypeError(
+                f"relay_after must be a timedelta (timedelta(seconds=60)), got "
+                f"{relay_after!r}"
+            )
         if relay_after < timedelta(0):
             raise ValueError("relay_after must not be negative")
+        # Its exit handler now, before any emitter's background dispatcher
+        # registers its own: handlers run last first, so the dispatcher
+        # drains its queue (whose deliveries queue records) before the
+        # records are written. Imported later, it wrote first, and a
+        # script's last commits were delivered again by the relay.
+        from . import _recorder  # noqa: F401
+
         if (
             isinstance(max_payload_bytes, bool)
             or not isinstance(max_payload_bytes, int)
