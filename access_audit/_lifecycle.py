@@ -525,6 +525,10 @@ class Lifecycle:
         database rolled back what they describe. *warning* (``%s``: their
         ids) is logged if there were any."""
         withdrawn = self.withdraw(None)
+        # Envelopes built (and outbox rows written) for them before COMMIT
+        # went with them: the rows with the transaction.
+        self.built = []
+        self.outbox_bind = None
         if withdrawn:
             logger.warning(warning, event_ids(withdrawn))
             self.owner._discarded(withdrawn, "rollback")

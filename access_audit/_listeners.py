@@ -112,7 +112,11 @@ class SessionListeners:
         self._installed[target] = names
 
     def listens_to(self, target: ListenTarget) -> bool:
-        """Whether the listeners are installed on *target* (not removed)."""
+        """Whether the listeners are installed on *target* (not removed), or,
+        for a class, on a class it derives from (SQLAlchemy's class
+        listeners reach subclasses: a sessionmaker's ``class_`` makes one)."""
+        if isinstance(target, type):
+            return any(base in self._installed for base in target.__mro__)
         return target in self._installed
 
     def _hook(self, target: ListenTarget, name: str) -> Callable[..., Any]:

@@ -236,6 +236,38 @@ def test_a_script_that_exits_right_after_its_commit_records_the_delivery(
     engine.dispose()
 
 
+def test_an_outbox_dropped_before_its_records_are_written_still_gets_them(
+    tmp_path: Path,
+) -> None:
+    """An app per test with its own outbox: the emitter and the outbox may
+    have no owner left by the time the recorder writes what the dispatch
+    delivered (it gathers for 0.2 s). The records hold their outbox until
+    then; else the write failed and the relay sent the events again."""
+    import gc
+
+    from sqlalchemy import create_engine
+
+    from access_audit.outbox import _recorder
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'dropped.db'}")
+    outbox = Outbox()
+    outbox.create(engine)
+    sink = Sink()
+    emitter = AuditEmitter([sink], load_entrypoints=False, outbox=outbox,
+                           dispatch="background")  # fmt: skip
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    commit_one(maker, "dropped")
+    assert emitter._background is not None and emitter._background.flush(10)
+    emitter.detach(maker)
+    del emitter, outbox
+    gc.collect()
+    _recorder._flush_all()
+    assert sink.names == ["dropped"]
+    assert outbox_rows(engine, Outbox()) == []
+    engine.dispose()
+
+
 def test_close_hears_plugins_that_stage_while_it_drains_and_an_outbox_stays_open(
     emitters: list[AuditEmitter], tmp_path: Path
 ) -> None:

@@ -290,6 +290,50 @@ def test_a_failure_caught_inside_the_commits_own_flush_sends_nothing_either(
     assert discarded == ([] if stored else ["rollback"])
 
 
+def test_a_failure_caught_in_a_later_flush_of_an_outbox_commit_sends_nothing(
+    engine: Engine, OutboxSession: sessionmaker[Any], recorder: Recorder
+) -> None:
+    """The outbox rows are written before the commit's final flush (the
+    envelopes built); an application's before_commit listener then adds a
+    row, and a hook's caught failure in that flush dooms the transaction on
+    PostgreSQL. The events are discarded, and only that: the envelopes
+    built for them were delivered besides."""
+    discarded: list[str] = []
+
+    def add_late(session: OrmSession) -> None:
+        if not session.info.pop("late", False):
+            return
+        session.add(Item(name="late"))
+
+    def best_effort(mapper: object, connection: Any, item: Item) -> None:
+        if item.name == "late":
+            with contextlib.suppress(IntegrityError):
+                connection.execute(insert(Item).values(name="first"))  # a duplicate
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append(reason)
+
+    event.listen(OutboxSession, "before_commit", add_late)
+    event.listen(Item, "after_insert", best_effort)
+    try:
+        with (
+            signals.audit_event_discarded.connected_to(note),
+            OutboxSession() as session,
+        ):
+            session.add(Item(name="first"))
+            stage(session, "first")
+            session.info["late"] = True
+            session.commit()
+    finally:
+        event.remove(Item, "after_insert", best_effort)
+        event.remove(OutboxSession, "before_commit", add_late)
+    stored = stored_names(engine)
+    doomed = engine.dialect.name == "postgresql"
+    assert stored == ([] if doomed else ["first", "late"])
+    assert recorder.names == ([] if doomed else ["first"])
+    assert discarded == (["rollback"] if doomed else [])
+
+
 def test_psycopg2_tells_the_aborted_transaction_too(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:

@@ -409,6 +409,24 @@ def test_staging_where_the_apps_emitter_does_not_listen_is_refused(
                 )
 
 
+def test_a_sessionmaker_of_the_apps_session_class_is_audited(tmp_path: Path) -> None:
+    """A test fixture's sessionmaker(class_=<db.session's class>, ...) makes
+    a subclass of it, which SQLAlchemy's class listeners reach: its events
+    are the app's (checking the exact class refused them)."""
+    from sqlalchemy.orm import sessionmaker
+
+    recorder = Recorder()
+    app, db = make_app(tmp_path)
+    AccessAudit(app, db, plugins=[recorder])
+    with app.app_context():
+        maker = sessionmaker(class_=type(db.session()), db=db, bind=db.engine)
+        with maker() as session:
+            assert type(session) is not type(db.session())
+            stage_event(session, "tag_seen", target_type="tag", target_id=1, action="a")
+            session.commit()
+    assert recorder.names == ["1"]
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

@@ -197,13 +197,17 @@ class AccessAudit:
 
 
 def _flag(config: Any, key: str, default: bool) -> bool:
-    """The boolean config *key* (set to *default* if missing).
+    """The boolean config *key*, set to *default* (the constructor's
+    option, as Python takes it) if missing.
 
-    :raises AuditConfigurationError: it is not a bool: a string such as
-        ``"false"`` (from the environment, say) is true to Python, and would
-        do the opposite of what it says.
+    :raises AuditConfigurationError: the key's value is not a bool: a string
+        such as ``"false"`` (from the environment, say) is true to Python,
+        and would do the opposite of what it says.
     """
-    value = config.setdefault(key, default)
+    if key not in config:
+        config[key] = bool(default)
+        return bool(default)
+    value = config[key]
     if not isinstance(value, bool):
         raise AuditConfigurationError(
             f"{key} must be True or False, got {value!r} (app.config."
@@ -213,7 +217,7 @@ def _flag(config: Any, key: str, default: bool) -> bool:
 
 
 def _import_plugins(names: Iterable[str]) -> list[object]:
-    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
         raise AuditConfigurationError(
             f"ACCESS_AUDIT_PLUGINS must be a list of import strings, got "
             f"{'the string ' if isinstance(names, str) else ''}{names!r}"

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Recorder"]
 
-_Item = tuple["Engine", Dispatched] | threading.Event
+_Item = tuple["Engine", Dispatched, "Outbox"] | threading.Event
+"""A record to write, with its outbox (held until it is written: an outbox
+an app per test made may have no other owner by then), or a flush."""
 
 MAX_BATCH = 5000
 """Records written in one transaction at most."""
@@ -50,7 +52,10 @@ class Recorder:
     """
 
     def __init__(self, outbox: Outbox) -> None:
+        # Weak: this thread lives as long as the process; the records it
+        # holds keep their outbox while they wait.
         self._outbox = weakref.proxy(outbox)
+        self._owner = weakref.ref(outbox)
         self._pending: collections.deque[_Item] = collections.deque()
         self._wake = threading.Event()
         """Set by the first record after the thread went idle."""
@@ -73,6 +78,7 @@ class Recorder:
         if kept is None:
             kept = self._here.kept = []
             self._here.since = now
+            self._here.outbox = self._owner()  # held until they are written
         kept.append((engine, record))
         if write and (len(kept) >= MAX_BATCH or now - self._here.since >= LINGER):
             self._write_kept()
@@ -83,6 +89,7 @@ class Recorder:
         if kept:
             for engine, records in _by_engine(kept).items():
                 self._write(engine, records)
+        self._here.outbox = None
 
     def submit(self, engine: Engine, record: Dispatched) -> None:
         """Queue *record* of rows written through *engine*; returns at once.
@@ -94,7 +101,9 @@ class Recorder:
         if self._pid != os.getpid():
             self._start()
         pending = self._pending
-        pending.append((engine, record))
+        outbox = self._owner()
+        assert outbox is not None  # its record() is what submits
+        pending.append((engine, record, outbox))
         if not self._wake.is_set():
             self._wake.set()
         elif len(pending) >= MAX_BATCH:
@@ -151,6 +160,7 @@ class Recorder:
         the flushes taken with them. Returns the number of items taken."""
         waiting: list[threading.Event] = []
         by_engine: dict[Engine, list[Dispatched]] = {}
+        held: list[Outbox] = []  # until their records are written
         count = taken = 0
         while taken < most and count < MAX_BATCH:
             item = pending.popleft()
@@ -158,8 +168,10 @@ class Recorder:
             if isinstance(item, threading.Event):
                 waiting.append(item)
                 continue
-            engine, record = item
+            engine, record, outbox = item
             by_engine.setdefault(engine, []).append(record)
+            if not held:
+                held.append(outbox)  # one recorder: one outbox
             count += 1
         for engine, records in by_engine.items():
             self._write(engine, records)
