@@ -145,10 +145,9 @@ class BackgroundDispatcher:
                     self._lock.wait()
                 if not self._jobs:
                     return
-                job: Job | None = self._jobs.popleft()
+                job = self._jobs.popleft()
                 self._lock.notify_all()
             try:
-                assert job is not None
                 job()
             except BaseException:  # pragma: no cover - jobs log their own errors
                 # Even a SystemExit: ending this thread would strand every
@@ -157,7 +156,7 @@ class BackgroundDispatcher:
             finally:
                 # The job holds its emitter: kept while the thread waits for
                 # the next, it would keep an emitter no app uses any more.
-                job = None
+                del job
                 with self._lock:
                     self._finished += 1
                     self._lock.notify_all()

@@ -391,8 +391,7 @@ def deliver(
         for name, impl, taken, failed in failures:
             report = _writable(report)
             report._plugin_error(name, taken, failed)
-            if repeats is None:
-                repeats = _Repeats()
+            repeats = repeats or _Repeats()
             first = repeats.first(impl, taken)
             _plugin_failed(plugin_manager, impl, taken, failed, (), awaiting, log=first)
             if isinstance(failed, let_through) and interrupted is None:
@@ -411,8 +410,7 @@ def deliver(
             except BaseException as error:
                 report = _writable(report)
                 report._plugin_error(impl.plugin_name, (envelope,), error)
-                if repeats is None:
-                    repeats = _Repeats()
+                repeats = repeats or _Repeats()
                 _plugin_failed(
                     plugin_manager,
                     impl,

@@ -239,9 +239,7 @@ def _on_error(context: Any) -> None:
 
 def _on_checkin(dbapi_connection: Any, record: Any) -> None:
     if record is not None:
-        watches: _Watches | None = record.info.pop(_KEY, None)
-        if watches is not None:
-            _end(watches, watches.committing)
+        _end_with_record(record)
 
 
 def _on_reset(dbapi_connection: Any, record: Any, state: Any) -> None:
@@ -249,9 +247,15 @@ def _on_reset(dbapi_connection: Any, record: Any, state: Any) -> None:
     # (no I/O is possible there: it is dropped or terminated, without a
     # checkin); SQLAlchemy says so with asyncio_safe=False.
     if record is not None and not getattr(state, "asyncio_safe", True):
-        watches: _Watches | None = record.info.pop(_KEY, None)
-        if watches is not None:
-            _end(watches, watches.committing)
+        _end_with_record(record)
+
+
+def _end_with_record(record: Any) -> None:
+    """The pool is done with *record*'s connection: a COMMIT that was issued
+    counts, an open transaction is the server's to roll back."""
+    watches: _Watches | None = record.info.pop(_KEY, None)
+    if watches is not None:
+        _end(watches, watches.committing)
 
 
 @atexit.register

@@ -463,7 +463,7 @@ def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> An
         return _freeze(float(value), lazy_ok, redact, depth)
     if lazy_ok and callable(value):
         if inspect.iscoroutinefunction(value):
-            raise _BadValue(TypeError, ASYNC_LAZY)
+            raise _BadValue(TypeError, f"is an async function: {_NEVER_AWAITED}")
         return value
     raise _BadValue(
         TypeError,
@@ -472,19 +472,18 @@ def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> An
     )
 
 
-ASYNC_LAZY = (
-    "is an async function: a lazy value is called, never awaited (after the "
-    "commit's last flush); pass a plain function, or await the value before "
-    "staging"
+_NEVER_AWAITED = (
+    "a lazy value is called, never awaited (after the commit's last flush); "
+    "pass a plain function, or await the value before staging"
 )
-"""Why a lazy value may not be an ``async def`` function."""
+"""Why a lazy value may not be, or return, a coroutine."""
 
 
 def refuse_async_lazy(value: Callable[..., Any], where: str) -> None:
     """:raises TypeError: *value*, a lazy value for *where*, is an async
     function, whose coroutine would never run."""
     if inspect.iscoroutinefunction(value):
-        raise TypeError(f"{where} {ASYNC_LAZY}")
+        raise TypeError(f"{where} is an async function: {_NEVER_AWAITED}")
 
 
 def _refuse(problem: str | None) -> None:
@@ -551,7 +550,7 @@ def _called(function: Callable[[], Any]) -> Any:
     result = function()
     if inspect.iscoroutine(result):
         result.close()
-        raise TypeError(f"returned a coroutine ({ASYNC_LAZY})")
+        raise TypeError(f"returned a coroutine: {_NEVER_AWAITED}")
     return result
 
 

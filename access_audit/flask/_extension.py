@@ -205,8 +205,8 @@ def _flag(config: Any, key: str, default: bool) -> bool:
         and would do the opposite of what it says.
     """
     if key not in config:
-        config[key] = bool(default)
-        return bool(default)
+        value = config[key] = bool(default)
+        return value
     value = config[key]
     if not isinstance(value, bool):
         raise AuditConfigurationError(

@@ -371,8 +371,7 @@ def _register_plugin(emitter: AuditEmitter, spec: str) -> None:
         registered = emitter.register(plugin, name=name or None)
     except ValueError as error:
         raise ValueError(f"--plugin {spec!r}: {error}") from error
-    hooks = emitter.plugin_manager.get_hookcallers(plugin)
-    if registered is not None and not hooks:
+    if registered is not None and not emitter.plugin_manager.get_hookcallers(plugin):
         emitter.unregister(plugin)
         raise AuditConfigurationError(
             f"--plugin {spec!r}: {plugin!r} has no access_audit hook "

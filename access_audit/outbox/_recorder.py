@@ -54,7 +54,6 @@ class Recorder:
     def __init__(self, outbox: Outbox) -> None:
         # Weak: this thread lives as long as the process; the records it
         # holds keep their outbox while they wait.
-        self._outbox = weakref.proxy(outbox)
         self._owner = weakref.ref(outbox)
         self._pending: collections.deque[_Item] = collections.deque()
         self._wake = threading.Event()
@@ -85,11 +84,11 @@ class Recorder:
 
     def _write_kept(self) -> None:
         kept: list[tuple[Engine, Dispatched]] | None = getattr(self._here, "kept", None)
-        self._here.kept = None
-        if kept:
+        outbox: Outbox | None = getattr(self._here, "outbox", None)
+        self._here.kept = self._here.outbox = None
+        if kept and outbox is not None:
             for engine, records in _by_engine(kept).items():
-                self._write(engine, records)
-        self._here.outbox = None
+                self._write(engine, records, outbox)
 
     def submit(self, engine: Engine, record: Dispatched) -> None:
         """Queue *record* of rows written through *engine*; returns at once.
@@ -160,7 +159,7 @@ class Recorder:
         the flushes taken with them. Returns the number of items taken."""
         waiting: list[threading.Event] = []
         by_engine: dict[Engine, list[Dispatched]] = {}
-        held: list[Outbox] = []  # until their records are written
+        outbox: Outbox | None = None  # held until the records are written
         count = taken = 0
         while taken < most and count < MAX_BATCH:
             item = pending.popleft()
@@ -168,21 +167,21 @@ class Recorder:
             if isinstance(item, threading.Event):
                 waiting.append(item)
                 continue
-            engine, record, outbox = item
+            engine, record, outbox = item  # one recorder: one outbox
             by_engine.setdefault(engine, []).append(record)
-            if not held:
-                held.append(outbox)  # one recorder: one outbox
             count += 1
-        for engine, records in by_engine.items():
-            self._write(engine, records)
+        if outbox is not None:
+            for engine, records in by_engine.items():
+                self._write(engine, records, outbox)
         for done in waiting:
             done.set()
         return taken
 
-    def _write(self, engine: Engine, records: list[Dispatched]) -> None:
+    @staticmethod
+    def _write(engine: Engine, records: list[Dispatched], outbox: Outbox) -> None:
         try:
             with engine.begin() as connection:
-                settle_dispatched(connection, self._outbox, records)
+                settle_dispatched(connection, outbox, records)
         except Exception:
             logger.exception(
                 "could not record the delivery of %d outbox rows; the relay "
