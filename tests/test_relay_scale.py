@@ -1403,6 +1403,29 @@ def test_a_listening_relay_polls_once_its_lost_listen_connection_is_back(
     assert waited < 5.0, waited
 
 
+def test_a_relay_listens_before_its_first_poll(engine: Engine) -> None:
+    """A relay LISTENs as it starts, before its first poll: a commit between
+    that poll and its first wait wakes it, instead of waiting out the whole
+    interval (CI once saw a 60-second relay miss such a commit)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    outbox = Outbox(table_name="wake_outbox", relay_after=timedelta(0))
+    outbox.drop(engine)
+    outbox.create(engine)
+    listener = listen(engine, outbox)
+    assert listener is not None
+    try:
+        # the relay's first poll found nothing; this commit lands before it waits
+        commit_events(engine, emitter_for(outbox, Counter(), dispatch="relay"), ["x"])
+        started = time.monotonic()
+        listener.wait(10.0, stopped=lambda: False)
+        waited = time.monotonic() - started
+    finally:
+        listener.close()
+        outbox.drop(engine)
+    assert waited < 5.0, waited
+
+
 def test_a_listening_relay_wakes_when_notified_rows_are_due_not_per_commit(
     engine: Engine,
 ) -> None:

@@ -174,8 +174,13 @@ class Listener:
 
 
 def listen(bind: Any, outbox: Outbox) -> Listener | None:
-    """A :class:`Listener` for a relay through *bind*, or None where
-    notifications are not available (not PostgreSQL through psycopg 3.2+)."""
+    """A :class:`Listener` for a relay through *bind*, already LISTENing (or
+    retrying, when it cannot), or None where notifications are not available
+    (not PostgreSQL through psycopg 3.2+).
+
+    Call it before the relay's first poll: a commit between that poll and
+    the first wait then wakes the wait instead of waiting out the interval.
+    """
     if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
         return None
     if bind.dialect.driver != "psycopg" or bind.dialect.is_async:
@@ -186,4 +191,6 @@ def listen(bind: Any, outbox: Outbox) -> Listener | None:
         return None
     if "timeout" not in psycopg.Connection.notifies.__code__.co_varnames:
         return None  # before psycopg 3.2
-    return Listener(bind, outbox)
+    listener = Listener(bind, outbox)
+    listener._connect()  # before the first poll: a commit after it wakes the wait
+    return listener
