@@ -12,7 +12,9 @@ in ``session.info`` once the outermost transaction has ended.
 
 from __future__ import annotations
 
+import atexit
 import uuid
+import weakref
 from collections.abc import Sequence
 from datetime import datetime
 from time import time_ns
@@ -404,6 +406,7 @@ class Lifecycle:
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
             self.__class__ = Lifecycle  # self.settle(), without the call
+            _OPEN.pop(id(self), None)
             committed = self.finished.get(transaction)
             if self.outer and not committed:
                 self._stop_watching()
@@ -458,6 +461,7 @@ class Lifecycle:
         # collected after every commit, and a Python-level __del__ call for
         # nothing is a cost every audited commit would pay.
         self.__class__ = Lifecycle
+        _OPEN.pop(id(self), None)
         if self.outer:
             self._stop_watching()
 
@@ -587,6 +591,7 @@ class UnsettledLifecycle(Lifecycle):
     __slots__ = ()
 
     def __del__(self) -> None:
+        _OPEN.pop(id(self), None)
         if self.outer:
             self._stop_watching()
         if not self.levels:
@@ -596,6 +601,38 @@ class UnsettledLifecycle(Lifecycle):
             self.owner._discarded(events, "close")
         except Exception:  # pragma: no cover - during interpreter shutdown
             pass
+
+
+_OPEN: dict[int, weakref.ref[UnsettledLifecycle]] = {}
+"""The lifecycles still in their sessions, by id, for :func:`_discard_open_at_exit`."""
+
+
+@atexit.register
+def _discard_open_at_exit() -> None:
+    """Discard the events of transactions still open as the process exits.
+
+    No COMMIT will come for them, and the interpreter does not collect what
+    a module or a thread-local registry still holds (a script that forgot to
+    commit, a scoped session never removed), so :meth:`UnsettledLifecycle.__del__`
+    would never report them. They are discarded with reason ``"close"``, and
+    a warning. A transaction in the middle of its commit (a daemon thread's)
+    is left to it.
+    """
+    count = 0
+    for reference in list(_OPEN.values()):
+        lifecycle = reference()
+        if type(lifecycle) is not UnsettledLifecycle or preparing(lifecycle.root):
+            continue
+        events = [staged for level in lifecycle.levels.values() for staged in level]
+        lifecycle.settle()
+        count += len(events)
+        lifecycle.owner._discarded(events, "close")
+    if count:
+        logger.warning(
+            "%d staged events discarded at exit: the process ended with their "
+            "sessions' transactions open, never committed",
+            count,
+        )
 
 
 def _recording_bind(bind: Engine | Connection) -> Engine | Connection:
@@ -697,6 +734,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
                 watch_deadlocks(bind, lifecycle)
             if watch:
                 owner._watch_connections(session)
+        _OPEN[id(lifecycle)] = weakref.ref(lifecycle)
     else:
         if lifecycle.refusal is not None:
             raise AuditConfigurationError(lifecycle.refusal)

@@ -36,7 +36,8 @@ DiscardReason = Literal[
 - ``"savepoint_rollback"``: its SAVEPOINT rolled back;
 - ``"close"``: its transaction ended without commit or rollback (``close()``,
   ``reset()``, ``invalidate()``, a SAVEPOINT a flush error closed, the session
-  garbage-collected with its transaction open);
+  garbage-collected with its transaction open, or still open as the process
+  exits);
 - ``"lazy_value_failed"``: a lazy value failed after COMMIT (staged by a hook
   that runs after access_audit's last chance before COMMIT);
 - ``"detached"``: its transaction ended while its emitter was detached;

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,62 @@ def test_settled_transactions_report_nothing_more_when_collected(
             ("undone", "rollback")
         ]
     assert recorder.names == ["kept"]
+
+
+_OPEN_AT_EXIT = textwrap.dedent(
+    """
+    import sys
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session, scoped_session, sessionmaker
+    from access_audit import AuditEmitter, hookimpl, signals, stage_event
+
+    class Printer:
+        @hookimpl
+        def audit_event_logged(self, envelope):
+            print("DELIVERED", envelope.target_id, flush=True)
+
+    def discarded(sender, event, reason):
+        print("DISCARDED", event.target_id, reason, flush=True)
+
+    signals.audit_event_discarded.connect(discarded)
+    engine = create_engine(sys.argv[1])
+    emitter = AuditEmitter(load_entrypoints=False)
+    emitter.register(Printer())
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+
+    def stage(session, target_id):
+        stage_event(session, "doc.read", target_type="doc", target_id=target_id,
+                    action="read")
+        session.execute(text("SELECT 1"))
+
+    left_open = maker()  # a script that forgot to commit
+    stage(left_open, "forgotten")
+    committed = maker()
+    stage(committed, "committed")
+    committed.commit()
+    registry = scoped_session(maker)  # a thread-local session, as apps keep
+    stage(registry(), "scoped")
+    """
+)
+
+
+def test_events_of_a_session_still_open_at_exit_are_discarded(engine: Engine) -> None:
+    """A process that exits with a session's transaction open (a script that
+    forgot to commit, a scoped session never removed) reports its events
+    discarded, reason ``"close"``, with a warning: no COMMIT will come. The
+    interpreter collects none of them at exit, so nothing was reported."""
+    url = engine.url.render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_AT_EXIT, url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split("\n")) == [
+        "",
+        "DELIVERED committed",
+        "DISCARDED forgotten close",
+        "DISCARDED scoped close",
+    ], done.stdout
+    warnings = [line for line in done.stderr.splitlines() if "exit" in line]
+    assert len(warnings) == 1 and "2 staged events" in warnings[0], done.stderr
