@@ -179,6 +179,8 @@ def test_a_claimed_row_reads_each_stored_field_in_its_place(
         {"max_backoff": float("nan")},
         {"backoff": 1e12},
         {"max_backoff": float("inf")},
+        {"max_backoff": 0.5},  # below the default backoff, 1 s
+        {"backoff": 600.0},  # above the default max_backoff, 300 s
         {"interval": -0.5},
         {"interval": 1e9},
         {"retention": timedelta(days=-1)},
@@ -262,6 +264,8 @@ def test_the_cli_refuses_a_batch_size_below_one(
         (["relay", "--once", "--retention-days", "nan"], "--retention-days"),
         (["relay", "--once", "--relay-after", "inf"], "--relay-after"),
         (["relay", "--once", "--backoff", "1e12"], "--backoff"),
+        (["relay", "--once", "--backoff", "5", "--max-backoff", "2"],
+         "--max-backoff (2.0) must be at least --backoff (5.0)"),
         (["relay", "--list-dead", "--retry-dead"], "--list-dead and --retry-dead"),
         (["relay", "--once", "--only-plugin", "siem"], "--only-plugin goes with"),
         (["relay", "--once"], "does not exist"),

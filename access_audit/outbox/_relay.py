@@ -265,7 +265,8 @@ def check_options(
     retention: timedelta | None,
     spell: Callable[[str], str] = str,
 ) -> None:
-    """Refuse relay options that would claim nothing or never wait.
+    """Refuse relay options that would claim nothing or never wait, or a
+    ``max_backoff`` below the ``backoff`` it caps.
 
     :param spell: how an option's name is written in the message (the
         command line's ``--batch-size`` for ``batch_size``, say).
@@ -291,6 +292,11 @@ def check_options(
                 f"{spell(name)} must be a number of seconds from 0 to "
                 f"{LONGEST_WAIT:,} (a year), got {number!r}"
             )
+    if max_backoff < backoff:
+        raise ValueError(
+            f"{spell('max_backoff')} ({float(max_backoff)}) must be at least "
+            f"{spell('backoff')} ({float(backoff)}), the first retry's delay it caps"
+        )
     if retention is not None and not isinstance(retention, timedelta):
         raise TypeError(f"{spell('retention')} must be a timedelta, got {retention!r}")
     if retention is not None and not timedelta(0) <= retention <= LONGEST_RETENTION:
