@@ -264,8 +264,10 @@ def test_the_cli_refuses_a_batch_size_below_one(
         (["relay", "--once", "--retention-days", "nan"], "--retention-days"),
         (["relay", "--once", "--relay-after", "inf"], "--relay-after"),
         (["relay", "--once", "--backoff", "1e12"], "--backoff"),
-        (["relay", "--once", "--backoff", "5", "--max-backoff", "2"],
-         "--max-backoff (2.0) must be at least --backoff (5.0)"),
+        (
+            ["relay", "--once", "--backoff", "5", "--max-backoff", "2"],
+            "--max-backoff (2.0) must be at least --backoff (5.0)",
+        ),
         (["relay", "--list-dead", "--retry-dead"], "--list-dead and --retry-dead"),
         (["relay", "--once", "--only-plugin", "siem"], "--only-plugin goes with"),
         (["relay", "--once"], "does not exist"),
@@ -1156,6 +1158,68 @@ def test_a_polling_relay_on_postgresql_wakes_on_commit_not_on_its_interval(
     finally:
         stats = relay.stop()
     assert stats.delivered == 1
+
+
+class _UnprintableError(Exception):
+    """An exception whose repr() fails or gives text no database stores."""
+
+    def __init__(self, text: str | None) -> None:
+        super().__init__("down")
+        self.text = text
+
+    def __repr__(self) -> str:
+        if self.text is None:
+            raise AttributeError("'NoneType' object has no attribute 'status'")
+        return self.text
+
+
+class _Unprintable:
+    def __init__(self, text: str | None) -> None:
+        self.text = text
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        raise _UnprintableError(self.text)
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        (None, "<_UnprintableError: repr() failed>"),
+        ("Api\x00Error()", "Api\\x00Error()"),
+        ("Api\ud800Error()", "Api\\ud800Error()"),
+    ],
+    ids=["repr-raises", "nul", "lone-surrogate"],
+)
+def test_a_plugin_error_whose_repr_cannot_be_stored_is_retried_then_dead(
+    engine: Engine, due_outbox: Outbox, text: str | None, stored: str
+) -> None:
+    """A plugin's error is stored as text: one whose ``repr()`` raises, or
+    gives a NUL or a lone surrogate, is stored as what can be said of it.
+    It made the commit's record fail, then every relay run raise, sending
+    the healthy plugin's events again each time and never giving up."""
+    good = Counter()
+    emitter = AuditEmitter(load_entrypoints=False, outbox=due_outbox)
+    emitter.register(good, name="good")
+    emitter.register(_Unprintable(text), name="flaky")
+    commit_events(engine, emitter, ["a", "b"])
+    assert emitter.flush(timeout=10)
+    assert status(engine, due_outbox).pending == {"flaky": 2}  # recorded
+    # attempt 1 was the commit's; the run makes 2 and 3, then gives up
+    stats = emitter.relay(engine, max_attempts=3, backoff=0)
+    assert (stats.failed, stats.dead) == (4, 2), stats
+    assert emitter.relay(engine, max_attempts=3, backoff=0).failed == 0
+    assert sorted(good.order) == ["a", "b"]  # once each, at the commit
+    found = status(engine, due_outbox)
+    assert (found.pending, found.dead) == ({}, {"flaky": 2})
+    delivery = due_outbox.delivery_table
+    with engine.connect() as connection:
+        [error] = set(
+            connection.scalars(
+                select(delivery.c.error).where(delivery.c.error.is_not(None))
+            )
+        )
+    assert error == stored
 
 
 def test_status_counts_pending_and_dead_per_plugin_and_the_oldest_pending(

@@ -42,6 +42,7 @@ from ._store import (
     PluginState,
     chunks,
     delete_ids,
+    error_text,
     forget,
     one_of,
     transaction,
@@ -592,7 +593,7 @@ def _count_failure(
     attempts = (before.attempts if before is not None else 0) + 1
     dead = attempts >= max_attempts
     row.states[plugin] = PluginState(
-        DEAD if dead else PENDING, attempts, repr(error)[:500]
+        DEAD if dead else PENDING, attempts, error_text(error)
     )
     if dead:
         stats.dead += 1

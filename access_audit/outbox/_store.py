@@ -48,6 +48,7 @@ __all__ = [
     "chunks",
     "delete_ids",
     "dispatched",
+    "error_text",
     "forget",
     "in_joined",
     "one_of",
@@ -343,13 +344,28 @@ def dispatched(
     failed: dict[Any, dict[str, str | None]] = {}
     for name, errors in report.failed.items():
         for event_id, error in errors.items():
-            failed.setdefault(event_id, {})[name] = repr(error)[:500]
+            failed.setdefault(event_id, {})[name] = error_text(error)
     taken = tuple([e.id for e in envelopes if e.id not in failed])
     partial = tuple(
         (str(event_id), {name: errors.get(name) for name in plugins})
         for event_id, errors in failed.items()
     )
     return Dispatched(taken, partial)
+
+
+def error_text(error: BaseException) -> str:
+    """How a plugin's *error* is stored: its ``repr()``, at most 500
+    characters, as text every database takes (a NUL or a lone surrogate
+    escaped with a backslash), or its type's name when ``repr()`` itself
+    fails. Never raises: a plugin's error may be anything."""
+    try:
+        text = repr(error)
+    except Exception:
+        text = f"<{type(error).__qualname__}: repr() failed>"
+    if not text.isprintable():  # rare: only then look closer
+        text = text.replace("\x00", "\\x00")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:500]
 
 
 def settle_dispatched(
