@@ -53,7 +53,7 @@ from ._types import (
     JoinedTransactions,
     QueueFullPolicy,
 )
-from ._values import PayloadRules
+from ._values import PayloadRules, check_text
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -239,8 +239,10 @@ class AuditEmitter:
         ``"...ClassName#2"`` for a second one): names stay the same from one
         process to the next, as the outbox's per-plugin state needs.
 
-        :raises ValueError: the plugin, or its name, is registered already, or
-            it declares a hook wrapper.
+        :raises ValueError: the plugin, or its name, is registered already,
+            it declares a hook wrapper, or its name is empty, holds a NUL or
+            a lone surrogate, or is longer than the outbox stores.
+        :raises TypeError: *name* is not a ``str``.
         :raises pluggy.PluginValidationError: it implements a hook that does not
             exist, or with arguments the hook does not have.
         """
@@ -257,9 +259,7 @@ class AuditEmitter:
         elif name is not None and self.plugin_manager.get_plugin(name) is not None:
             # pluggy's message lists every registered plugin, on many lines.
             raise ValueError(f"a plugin named {name!r} is registered already")
-        self._refuse_long_name(
-            name if name is not None else getattr(plugin, "__name__", "")
-        )
+        self._check_name(name if name is not None else getattr(plugin, "__name__", ""))
         try:
             registered = self.plugin_manager.register(plugin, name)
             self._refuse_unsupported_hooks(plugin)
@@ -273,8 +273,25 @@ class AuditEmitter:
             raise
         return registered
 
-    def _refuse_long_name(self, name: str) -> None:
-        """:raises ValueError: *name* is longer than the outbox stores."""
+    def _check_name(self, name: object) -> None:
+        """Refuse a plugin name that logs and the outbox cannot key it by.
+
+        :raises TypeError: *name* is not a ``str``.
+        :raises ValueError: it is empty, holds a NUL or a lone surrogate, or
+            is longer than the outbox stores.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"a plugin name must be a str, got {name!r}")
+        if not name:
+            raise ValueError(
+                "a plugin name must not be empty; leave it out for one made "
+                "from the plugin's class"
+            )
+        if "\x00" in name:
+            raise ValueError(
+                f"plugin name {name!r} holds a NUL, which no database stores"
+            )
+        check_text(name, "plugin name")
         longest = getattr(self.outbox, "max_plugin_name_length", None)
         if longest is not None and len(name) > longest:
             raise ValueError(

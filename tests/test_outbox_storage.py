@@ -112,6 +112,33 @@ def test_a_plugin_name_longer_than_the_outbox_stores_is_refused_at_register() ->
     assert plain.register(Recorder(), name="n" * 300) == "n" * 300
 
 
+@pytest.mark.parametrize("store", [None, Outbox()], ids=["plain", "outbox"])
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("", "must not be empty"),
+        ("siem\x00", "NUL"),
+        ("siem\ud800", "lone surrogate"),
+        (7, "must be a str"),
+    ],
+    ids=["empty", "nul", "lone-surrogate", "not-a-str"],
+)
+def test_a_plugin_name_no_database_stores_is_refused_at_register(
+    store: Outbox | None, name: Any, error: str
+) -> None:
+    """A plugin name is its key in the outbox's delivery table and in logs:
+    an empty one was registered as the plugin's ``id()`` (another in every
+    process, so a relay elsewhere never delivered its rows), and a NUL or a
+    lone surrogate made every relay run raise once the plugin failed."""
+    from support import Recorder
+
+    emitter = AuditEmitter(load_entrypoints=False, outbox=store)
+    plugin = Recorder()
+    with pytest.raises((ValueError, TypeError), match=error):
+        emitter.register(plugin, name=name)
+    assert not emitter.plugin_manager.is_registered(plugin)
+
+
 @pytest.mark.parametrize("length", [256, 100_000])
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 def test_a_long_target_id_is_stored_whole(
