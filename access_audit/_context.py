@@ -32,6 +32,12 @@ class Actor:
 
     def __post_init__(self) -> None:
         check_actor_fields(self.id, self.email, "Actor")
+        # A str subclass (an enum member) is kept as its plain value, as
+        # the outbox stores it.
+        if type(self.id) is not str:
+            object.__setattr__(self, "id", str.__str__(self.id))
+        if self.email is not None and type(self.email) is not str:
+            object.__setattr__(self, "email", str.__str__(self.email))
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -90,12 +90,14 @@ def stage_event(
             "so nothing would deliver the event; flush() where you meant to "
             "wait for deliveries and go on"
         )
-    if event_type not in _good_event_types:
-        _check_event_type(event_type)
-    if target_type not in _good_names:
-        _check_name(target_type, "target_type")
-    if action not in _good_names:
-        _check_name(action, "action")
+    # type() first: a list is unhashable, and a str enum member is kept as
+    # its plain value (the outbox stores only that).
+    if type(event_type) is not str or event_type not in _good_event_types:
+        event_type = _checked_event_type(event_type)
+    if type(target_type) is not str or target_type not in _good_names:
+        target_type = _checked_name(target_type, "target_type")
+    if type(action) is not str or action not in _good_names:
+        action = _checked_name(action, "action")
     if actor_id is None and actor_email is not None:
         raise ValueError("actor_email was given without actor_id; pass both")
     lazy = False
@@ -204,9 +206,14 @@ def _remember(good: set[str], value: str) -> None:
     good.add(value)
 
 
-def _check_event_type(event_type: object) -> None:
+def _checked_event_type(event_type: object) -> str:
+    """*event_type* as plain text, checked.
+
+    :raises TypeError, ValueError: naming ``event_type``.
+    """
     if not isinstance(event_type, str):
         raise TypeError(f"event_type must be a str, got {type(event_type).__name__}")
+    event_type = str.__str__(event_type)
     if not _EVENT_TYPE.match(event_type) or len(event_type) > _MAX_NAME:
         raise ValueError(
             f"event_type {event_type!r} is malformed: it must be at most "
@@ -214,13 +221,18 @@ def _check_event_type(event_type: object) -> None:
             "a-z, 0-9 and _, starting with a letter (group.member_added), "
             f"matching {_EVENT_TYPE_FORM}"
         )
-    if type(event_type) is str:
-        _remember(_good_event_types, event_type)
+    _remember(_good_event_types, event_type)
+    return event_type
 
 
-def _check_name(value: object, field: str) -> None:
+def _checked_name(value: object, field: str) -> str:
+    """A ``target_type`` or ``action`` as plain text, checked.
+
+    :raises TypeError, ValueError: naming *field*.
+    """
     if not isinstance(value, str):
         raise TypeError(f"{field} must be a str, got {type(value).__name__}")
+    value = str.__str__(value)
     if not value or value != value.strip() or not value.isprintable():
         raise ValueError(
             f"{field} {value!r} is empty or malformed: it must be non-empty, "
@@ -228,8 +240,8 @@ def _check_name(value: object, field: str) -> None:
         )
     if len(value) > _MAX_NAME:
         raise ValueError(f"{field} is longer than {_MAX_NAME} characters")
-    if type(value) is str:
-        _remember(_good_names, value)
+    _remember(_good_names, value)
+    return value
 
 
 def _default_actor(emitter: Owner, context: AmbientContext) -> Actor:

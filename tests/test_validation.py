@@ -79,6 +79,8 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("event_type-int", {"event_type": 42}, TypeError, "event_type"),
     ("event_type-none", {"event_type": None}, TypeError, "event_type"),
     ("event_type-bytes", {"event_type": b"item_created"}, TypeError, "event_type"),
+    ("event_type-list", {"event_type": ["item_created"]}, TypeError, "event_type"),
+    ("action-list", {"action": ["create"]}, TypeError, "action"),
     ("event_type-trailing-dot", {"event_type": "grp."}, ValueError, "dot-separated"),
     ("event_type-double-dot", {"event_type": "a..b"}, ValueError, "dot-separated"),
     ("event_type-leading-dot", {"event_type": ".a"}, ValueError, "dot-separated"),
@@ -96,6 +98,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("target_type-control", {"target_type": "it\nem"}, ValueError, "target_type"),
     ("target_type-129", {"target_type": "t" * 129}, ValueError, "target_type"),
     ("target_type-int", {"target_type": 1}, TypeError, "target_type"),
+    ("target_type-dict", {"target_type": {}}, TypeError, "target_type"),
     ("target_type-none", {"target_type": None}, TypeError, "target_type"),
     ("action-empty", {"action": ""}, ValueError, "action"),
     ("action-leading", {"action": "\tcreate"}, ValueError, "action"),
@@ -495,6 +498,38 @@ def test_str_and_int_subclasses_become_plain_values(
     assert type(envelope.payload["colour"]) is str
     assert type(envelope.payload["size"]) is int
     assert envelope.payload == {"colour": "red", "size": 3}
+
+
+class Kind(str, enum.Enum):
+    """A str-mixin enum, as apps name event types and targets."""
+
+    CREATED = "item.created"
+    ITEM = "item"
+    CREATE = "create"
+    ADMIN = "admin-7"
+
+
+def test_str_enum_names_and_actor_arrive_as_plain_str(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """A str-mixin enum member as ``event_type``, ``target_type``,
+    ``action`` or ``actor_id`` arrives as its plain value, as it does
+    through the outbox: inline, ``str()`` and the CloudEvent of such an
+    event said ``Kind.CREATED``, through the relay ``item.created``."""
+    with Session() as session:
+        stage_event(
+            session, Kind.CREATED, target_type=Kind.ITEM, target_id="1",
+            action=Kind.CREATE, actor_id=Kind.ADMIN, actor_email=Kind.ADMIN,
+        )  # fmt: skip
+        session.commit()
+    [envelope] = recorder.events
+    fields = ("event_type", "target_type", "action")
+    assert [type(getattr(envelope, name)) for name in fields] == [str] * 3
+    assert type(envelope.actor_id) is str and type(envelope.actor_email) is str
+    assert f"{envelope.event_type} {envelope.target_type} {envelope.action}" == (
+        "item.created item create"
+    )
+    assert (envelope.actor_id, envelope.actor_email) == ("admin-7", "admin-7")
 
 
 def _raise() -> Any:
