@@ -17,6 +17,7 @@ import copy
 import datetime
 import decimal
 import enum
+import math
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -250,13 +251,26 @@ def _equal(before: Any, after: Any) -> bool:
     if before is after:
         return True
     try:
-        return bool(before == after)
+        if before == after:
+            return True
     except Exception:  # an == that returns no bool (arrays): a change
         return False
+    # NaN equals nothing, itself included: a NaN read again is no change.
+    return _is_nan(before) and _is_nan(after)
+
+
+def _is_nan(value: Any) -> bool:
+    if isinstance(value, decimal.Decimal):
+        return value.is_nan()
+    return isinstance(value, float) and value != value
 
 
 def _json_value(value: Any) -> Any:
-    """Column values JSON has no type for, as text (or an Enum's value)."""
+    """Column values JSON has no type for, as text (or an Enum's value);
+    a float's NaN and infinities as ``"NaN"``, ``"Infinity"`` and
+    ``"-Infinity"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, (decimal.Decimal, uuid.UUID)):
