@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
-from support import Base, operation, outbox_rows, stored_names
+from support import Base, Recorder, operation, outbox_rows, stored_names
 
 from access_audit import AuditEmitter, AuditEventEnvelope, stage_event
 from access_audit.outbox import Outbox
@@ -102,8 +102,6 @@ def test_a_plugin_name_longer_than_the_outbox_stores_is_refused_at_register() ->
     longer one is refused when registered, naming the limit (registered,
     its deliveries could never be recorded nor given up on, and were sent
     again on every relay run)."""
-    from support import Recorder
-
     emitter = AuditEmitter(load_entrypoints=False, outbox=Outbox())
     with pytest.raises(ValueError, match="the outbox stores names of up to 255"):
         emitter.register(Recorder(), name="n" * 256)
@@ -130,8 +128,6 @@ def test_a_plugin_name_no_database_stores_is_refused_at_register(
     an empty one was registered as the plugin's ``id()`` (another in every
     process, so a relay elsewhere never delivered its rows), and a NUL or a
     lone surrogate made every relay run raise once the plugin failed."""
-    from support import Recorder
-
     emitter = AuditEmitter(load_entrypoints=False, outbox=store)
     plugin = Recorder()
     with pytest.raises((ValueError, TypeError), match=error):
@@ -187,6 +183,41 @@ def test_a_payload_just_under_the_outbox_limit_is_stored(
     payload = {"blob": "b" * (outbox.max_payload_bytes - 20)}
     commit_event(engine, keeping_emitter(outbox), payload=payload)
     assert stored_envelope(engine, outbox).payload == payload
+
+
+def test_a_row_with_every_field_at_the_limit_in_quotes_is_stored(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """The worst row the default limit lets through: every field just under
+    it, each character one the driver escapes (pymysql doubles a quote, so
+    the statement is twice the row). At 1 MiB a field that went over
+    MariaDB's default 16 MiB ``max_allowed_packet`` and failed the commit."""
+    quotes = "'" * (outbox.max_payload_bytes - 20)
+    texts = {field: quotes for field in ("target_name", "reason", "actor_id")}
+    commit_event(
+        engine, keeping_emitter(outbox), target_id=quotes, actor_email=quotes,
+        payload={"q": quotes}, metadata={"q": quotes}, **texts,
+    )  # fmt: skip
+    envelope = stored_envelope(engine, outbox)
+    assert (envelope.target_id, envelope.reason, envelope.payload["q"]) == (
+        quotes, quotes, quotes
+    )  # fmt: skip
+
+
+def test_a_row_for_many_plugins_with_long_names_is_stored(
+    engine: Engine, outbox: Outbox
+) -> None:
+    """Each row lists the plugins it was written for: forty names of 255
+    emoji, which register() takes, are 120 KB of JSON, over the 64 KiB
+    ``TEXT`` MariaDB gave that column, and failed the commit."""
+    emitter = keeping_emitter(outbox)
+    names = [f"{n:02}" + "\N{GRINNING FACE}" * 253 for n in range(40)]
+    for name in names:
+        emitter.register(Recorder(), name=name)
+    commit_event(engine, emitter)
+    with engine.connect() as connection:
+        stored = connection.scalars(select(outbox.table.c.recipients)).first()
+    assert stored is not None and set(json.loads(stored)) == {"sink", *names}
 
 
 @pytest.mark.parametrize("own_limit", [None, 10_000_000], ids=["no-own", "higher-own"])

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["Outbox", "PreparedInsert"]
 
 _LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-"""Text of any length a user may send: MariaDB's ``TEXT`` stops at 64 KiB."""
+"""Text of any length a user (or a list of plugin names) may make: MariaDB's
+``TEXT`` stops at 64 KiB."""
 
 _UTF8MB4: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 """MariaDB's table options: every character (a server may default to latin1),
@@ -188,8 +189,10 @@ class Outbox:
         ``max_payload_bytes`` can only lower it), and the largest target
         id, target name, reason, actor id or email and metadata, each on
         its own. Larger ones are refused by ``stage_event``, never by the
-        application's commit: 1 MiB by default, so a row stays well inside
-        MariaDB's default ``max_allowed_packet``.
+        application's commit: 1,000,000 by default, so that a row of eight
+        such fields (the payload column holds seven) stays inside MariaDB's
+        default 16 MiB ``max_allowed_packet`` even when the driver escapes
+        every byte of it (a quote, say) as two.
     """
 
     max_plugin_name_length = 255
@@ -203,7 +206,7 @@ class Outbox:
         table_name: str = "access_audit_outbox",
         schema: str | None = None,
         relay_after: timedelta = timedelta(seconds=60),
-        max_payload_bytes: int = 1 << 20,
+        max_payload_bytes: int = 1_000_000,
     ) -> None:
         if not isinstance(relay_after, timedelta):
             raise TypeError(
@@ -241,7 +244,7 @@ class Outbox:
             Column("created_at", UtcDateTime, nullable=False),
             Column("transaction_id", String(36), nullable=False),
             Column("sequence", Integer, nullable=False),
-            Column("recipients", Text, nullable=False),
+            Column("recipients", _LongText, nullable=False),
             Index(f"ix_{table_name}_order", "created_at", "transaction_id", "sequence"),
             schema=schema,
             **_UTF8MB4,
