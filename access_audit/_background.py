@@ -24,7 +24,10 @@ Job = Callable[[], None]
 
 
 class BackgroundDispatcher:
-    """A bounded queue of delivery jobs and the one thread that runs them in order.
+    """A bounded queue of delivery jobs and the one thread that runs them in
+    the order they were queued (which, for commits of different threads,
+    may differ from the database's commit order: a thread may be paused
+    between its COMMIT and queueing).
 
     When the queue is full, ``"block"`` makes the committing thread wait for
     room, and ``"drop"`` drops the batch and counts it (only offered with an

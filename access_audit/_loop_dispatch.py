@@ -1,7 +1,7 @@
 """``dispatch="asyncio"``: commits return at once; a task on the loop delivers.
 
 Each event loop that commits gets a queue and one worker task, which runs
-the delivery jobs in commit order. The queue is bounded, with the policies of
+the delivery jobs in the order the commits queued them. The queue is bounded, with the policies of
 background dispatch: with ``"block"`` a committing ``AsyncSession`` waits for
 room without blocking the loop (SQLAlchemy runs the commit in a greenlet it
 can suspend); synchronous code on the loop's own thread cannot wait there,
