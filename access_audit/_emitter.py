@@ -68,21 +68,36 @@ __all__ = ["AuditEmitter", "raising_plugin_errors"]
 
 # Above zero while a test recorder asks every emitter to raise plugin errors.
 _raise_everywhere = 0
+_unraised: list[list[BaseException]] = []
+"""One list per :func:`raising_plugin_errors` block, of the plugin errors
+that background and asyncio dispatch had nobody to raise to."""
 
 
 @contextlib.contextmanager
-def raising_plugin_errors() -> Iterator[None]:
+def raising_plugin_errors() -> Iterator[list[BaseException]]:
     """Act as if every emitter had ``raise_plugin_errors=True`` inside the block.
 
     For test runs (``access_audit.testing``): a plugin bug fails the test
-    that triggered it instead of only being logged. Process-wide.
+    that triggered it instead of only being logged. Process-wide. Yields
+    the list of the errors that could not be raised (background and
+    asyncio dispatch deliver after ``commit()`` returned), for the caller
+    to raise when the block ends.
     """
     global _raise_everywhere
     _raise_everywhere += 1
+    errors: list[BaseException] = []
+    _unraised.append(errors)
     try:
-        yield
+        yield errors
     finally:
         _raise_everywhere -= 1
+        _unraised.remove(errors)
+
+
+def _keep_unraised(errors: Sequence[BaseException]) -> None:
+    """Hand *errors*, raised where nobody waits, to the strict blocks open."""
+    for kept in list(_unraised):
+        kept.extend(errors)
 
 
 class AuditEmitter:
@@ -182,7 +197,7 @@ class AuditEmitter:
         self.actor_resolver = actor_resolver
         self.metadata_provider = metadata_provider
         self.raise_plugin_errors = raise_plugin_errors
-        self.joined_transactions: JoinedTransactions = joined_transactions
+        self._joined_transactions: JoinedTransactions = joined_transactions
         """``"outer"`` or ``"session"``: see the constructor. Tests that roll
         every test back may set it to ``"session"``."""
         self.payload_rules = PayloadRules.build(
@@ -225,6 +240,20 @@ class AuditEmitter:
     def __repr__(self) -> str:
         names = sorted(name for name, _ in self.plugin_manager.list_name_plugin())
         return f"<AuditEmitter plugins={names}>"
+
+    @property
+    def joined_transactions(self) -> JoinedTransactions:
+        """When a joined session's events go (the constructor's
+        ``joined_transactions``); settable, for a test suite's set-up.
+
+        :raises ValueError: set to anything but ``"outer"`` or ``"session"``.
+        """
+        return self._joined_transactions
+
+    @joined_transactions.setter
+    def joined_transactions(self, value: JoinedTransactions) -> None:
+        _check_choice("joined_transactions", value, JOINED_TRANSACTIONS)
+        self._joined_transactions = value
 
     @property
     def dispatch(self) -> DispatchMode:
@@ -563,6 +592,8 @@ class AuditEmitter:
         stop the application's event loop, long after its commit returned.
         """
         report = await adeliver(self.plugin_manager, self, envelopes, let_through=())
+        if report.errors:
+            _keep_unraised(report.errors)
         if outbox_bind is None:
             return
         arguments = (
@@ -612,7 +643,8 @@ class AuditEmitter:
             self._mark_outbox(outbox_bind, envelopes, report, loop, record_apart)
         errors = report.errors
         if errors and self._background is not None:
-            return  # logged already; nobody to raise to
+            _keep_unraised(errors)  # logged already; nobody to raise to
+            return
         if errors and (self.raise_plugin_errors or _raise_everywhere):
             first = errors[0]
             for later in errors[1:]:

@@ -36,7 +36,7 @@ from sqlalchemy import Connection, Engine, event
 from ._aborted import rolls_back_at_commit
 from ._logging import logger
 
-__all__ = ["OuterWatch", "then_all", "watch_outer"]
+__all__ = ["OuterWatch", "then_all", "waiting_for_outer", "watch_outer"]
 
 Settle = Callable[[bool], None]
 """Called once: True when the outer transaction committed, else False."""
@@ -101,6 +101,16 @@ def watch_outer(connection: Connection) -> OuterWatch:
     watch = OuterWatch()
     watches.watches.append(watch)
     return watch
+
+
+def waiting_for_outer() -> int:
+    """How many committed session transactions wait for their outer one now."""
+    return sum(
+        1
+        for watches in list(_live)
+        for watch in list(watches.watches)
+        if watch.settle is not None and watch.state is None
+    )
 
 
 def then_all(watches: list[OuterWatch], settle: Settle) -> None:

@@ -710,3 +710,16 @@ def test_commit_without_sql_on_a_joined_session_waits_for_the_outer(
         else:
             outer.rollback()
     assert len(recorder.events) == (1 if outer_commits else 0)
+
+
+@pytest.mark.parametrize("how", ["constructor", "attribute"])
+def test_a_misspelt_joined_transactions_is_refused(how: str) -> None:
+    """Set in the constructor or, as test suites do, on the attribute: a
+    value other than "outer" or "session" is refused naming it (assigned,
+    it was taken, and behaved as "session")."""
+    with pytest.raises(ValueError, match="joined_transactions must be"):
+        if how == "constructor":
+            AuditEmitter(load_entrypoints=False, joined_transactions="sessions")  # type: ignore[arg-type]
+        else:
+            emitter = AuditEmitter(load_entrypoints=False)
+            emitter.joined_transactions = "sessions"  # type: ignore[assignment]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import sys
 import time
 import unittest
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -221,6 +224,110 @@ def test_recorder_works_inside_the_rollback_per_test_recipe(
     audit_events.assert_emitted("item_created", target_id="inside-recipe")
 
 
+def test_recorder_leaves_out_events_an_earlier_block_committed(
+    engine: Engine, emitter: AuditEmitter
+) -> None:
+    """A session joined to a connection a fixture keeps across tests: its
+    events wait for the outer transaction, and are sent once the connection
+    begins its next one, in the next test. They are that earlier test's."""
+    with engine.connect() as connection:
+        maker = sessionmaker(bind=connection)
+        emitter.attach(maker)
+        with capture_audit_events() as first, connection.begin(), maker() as session:
+            operation(session, "first-test")
+            session.commit()
+        with capture_audit_events() as second:
+            with connection.begin(), maker() as session:
+                operation(session, "second-test")
+                session.commit()
+            connection.close()  # settles the second test's outer transaction
+        emitter.detach(maker)
+    assert [e.target_id for e in second.events] == ["second-test"]
+    assert first.events == []  # sent after the block: recorded by neither
+
+
+def test_recorder_leaves_out_what_asyncio_dispatch_delivers_late(
+    tmp_path: Path,
+) -> None:
+    """``dispatch="asyncio"`` delivers after the commit returned; a test that
+    did not ``aflush()`` had its events recorded by the next one."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    class SlowAsyncPlugin:
+        @hookimpl
+        async def audit_event_logged(self, envelope: object) -> None:
+            await asyncio.sleep(0.05)
+
+    emitter = AuditEmitter(
+        [SlowAsyncPlugin()], load_entrypoints=False, dispatch="asyncio"
+    )
+
+    async def run() -> tuple[list[str], list[str]]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        with capture_audit_events() as first:
+            async with maker.begin() as session:
+                stage_event(session, "tag_create", target_type="tag",
+                            target_id="first", action="create")  # fmt: skip
+        with capture_audit_events() as second:
+            await emitter.aflush(10)
+        await engine.dispose()
+        return [e.target_id for e in first.events], [e.target_id for e in second.events]
+
+    assert asyncio.run(run()) == ([], [])
+
+
+class FailingPlugin:
+    @hookimpl
+    def audit_event_logged(self, envelope: object) -> None:
+        raise KeyError("plugin bug")
+
+
+def test_strict_capture_fails_on_what_background_dispatch_raised(
+    engine: Engine,
+) -> None:
+    """``raise_plugin_errors`` cannot raise into a commit that returned
+    before the worker delivered: the block's end raises the first error
+    instead (it only logged it)."""
+    emitter = AuditEmitter(
+        [FailingPlugin()], load_entrypoints=False, dispatch="background"
+    )
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    try:
+        with (
+            pytest.raises(KeyError, match="plugin bug") as raised,
+            capture_audit_events(raise_plugin_errors=True),
+            maker.begin() as session,
+        ):
+            operation(session, "delivered-late")
+        notes = getattr(raised.value, "__notes__", [])
+        assert sys.version_info < (3, 11) or any("background" in n for n in notes)
+        with capture_audit_events(raise_plugin_errors=True):
+            pass  # the error was the earlier block's: nothing raised here
+    finally:
+        emitter.close()
+
+
+def test_a_failed_assertion_says_events_wait_for_an_outer_transaction(
+    engine: Engine, emitter: AuditEmitter
+) -> None:
+    """The rollback-per-test recipe without ``joined_transactions="session"``:
+    the event waits for the outer transaction, and the failure says so."""
+    with engine.connect() as connection, capture_audit_events() as audit_events:
+        outer = connection.begin()
+        maker = sessionmaker(bind=connection, join_transaction_mode="create_savepoint")
+        emitter.attach(maker)
+        with maker() as session:
+            operation(session, "waiting")
+            session.commit()
+        with pytest.raises(AssertionError, match="wait for the outer transaction"):
+            audit_events.assert_emitted("item_created")
+        emitter.detach(maker)
+        outer.rollback()
+
+
 @pytest.fixture
 def recorded() -> AuditEventRecorder:
     """A recorder holding three hand-staged events on SQLite in memory."""
@@ -255,6 +362,7 @@ def test_filter_matches_fields_subsets_and_predicates(
     recorded: AuditEventRecorder,
 ) -> None:
     """Filters compare fields; payload/metadata are subsets; callables are predicates."""
+    assert len(recorded.filter(payload={"roles": ("viewer",)})) == 1  # as staged
     assert len(recorded.filter()) == 3
     assert len(recorded.filter("group_member_added")) == 2
     assert [e.target_id for e in recorded.filter(target_id=7)] == ["7"]

@@ -11,9 +11,11 @@ from typing import Any
 
 from .. import signals
 from .._background import flush_every
+from .._clock import utc_datetime
 from .._emitter import raising_plugin_errors
 from .._envelope import AuditEventEnvelope
 from .._ids import uuid7_int
+from .._outer import waiting_for_outer
 from .._staged import StagedEvent
 from .._types import DiscardReason
 
@@ -61,13 +63,20 @@ class AuditEventRecorder:
 
     def __init__(self) -> None:
         self.events: list[AuditEventEnvelope] = []
-        """Committed envelopes, in commit order, from every emitter."""
+        """Committed envelopes, in the order delivered, from every emitter:
+        those committed while recording (an event an earlier test committed
+        may be delivered later: by background or asyncio dispatch, or once
+        the outer transaction of a joined session is known to have
+        committed)."""
         self.discarded: list[DiscardedEvent] = []
         """Staged events that were dropped, with the reason: those staged
         while recording (an event staged before, by an earlier test, may be
         discarded whenever the garbage collector gets to its session)."""
-        self._since = uuid7_int(time.time_ns())
+        now = time.time_ns()
+        self._since = uuid7_int(now)
         """Event ids are ordered within the process: later events' are greater."""
+        self._started = utc_datetime(now)
+        """An envelope's timestamp is its commit's, on the same clock."""
 
     def __repr__(self) -> str:
         return (
@@ -131,10 +140,21 @@ class AuditEventRecorder:
                 f"{event_type!r} was staged, then discarded by {' and '.join(reasons)} "
                 f"({len(dropped)} event{'s' if len(dropped) != 1 else ''})."
             )
+        waiting = waiting_for_outer()
+        if waiting:
+            lines.append(
+                f"The events of {waiting} committed session transaction"
+                f"{'s' if waiting != 1 else ''} wait for the outer transaction "
+                "of the connection the session joined (joined_transactions="
+                "'outer'): sent when it commits, discarded when it rolls back. "
+                "A suite that rolls each test back sets "
+                "emitter.joined_transactions = 'session'."
+            )
         return "\n".join(lines)
 
     def _on_committed(self, sender: object, envelope: AuditEventEnvelope) -> None:
-        self.events.append(envelope)
+        if envelope.timestamp >= self._started:
+            self.events.append(envelope)
 
     def _on_discarded(
         self, sender: object, event: StagedEvent, reason: DiscardReason
@@ -165,14 +185,23 @@ def capture_audit_events(
         stack.enter_context(
             signals.audit_event_discarded.connected_to(recorder._on_discarded)
         )
-        if raise_plugin_errors:
-            stack.enter_context(raising_plugin_errors())
+        unraised = (
+            stack.enter_context(raising_plugin_errors()) if raise_plugin_errors else []
+        )
         try:
             yield recorder
         finally:
             # What the block committed is delivered while it still records
             # (not in whatever records next).
             flush_every(SETTLE_SECONDS)
+        if unraised:
+            first = unraised[0]
+            if hasattr(first, "add_note"):  # Python 3.11+
+                first.add_note(
+                    "access_audit: raised by a plugin in background or asyncio "
+                    "dispatch, after the commit had returned"
+                )
+            raise first
 
 
 def _check_fields(fields: Mapping[str, Any]) -> None:
@@ -201,9 +230,16 @@ def _is_subset(wanted: Mapping[str, Any], actual: Mapping[str, Any]) -> bool:
         if isinstance(value, Mapping) and isinstance(actual[key], Mapping):
             if not _is_subset(value, actual[key]):
                 return False
-        elif actual[key] != value:
+        elif not _equal(actual[key], value):
             return False
     return True
+
+
+def _equal(actual: Any, wanted: Any) -> bool:
+    """Equality, with a tuple (as staged) equal to the list it is stored as."""
+    if isinstance(wanted, (list, tuple)) and isinstance(actual, (list, tuple)):
+        return len(actual) == len(wanted) and all(map(_equal, actual, wanted))
+    return bool(actual == wanted)
 
 
 def _describe(event_type: str | None, fields: Mapping[str, Any]) -> str:
