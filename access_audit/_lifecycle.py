@@ -13,8 +13,8 @@ in ``session.info`` once the outermost transaction has ended.
 from __future__ import annotations
 
 import atexit
+import gc
 import uuid
-import weakref
 from collections.abc import Sequence
 from datetime import datetime
 from time import time_ns
@@ -406,7 +406,6 @@ class Lifecycle:
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
             self.__class__ = Lifecycle  # self.settle(), without the call
-            _OPEN.pop(id(self), None)
             committed = self.finished.get(transaction)
             if self.outer and not committed:
                 self._stop_watching()
@@ -461,7 +460,6 @@ class Lifecycle:
         # collected after every commit, and a Python-level __del__ call for
         # nothing is a cost every audited commit would pay.
         self.__class__ = Lifecycle
-        _OPEN.pop(id(self), None)
         if self.outer:
             self._stop_watching()
 
@@ -591,7 +589,6 @@ class UnsettledLifecycle(Lifecycle):
     __slots__ = ()
 
     def __del__(self) -> None:
-        _OPEN.pop(id(self), None)
         if self.outer:
             self._stop_watching()
         if not self.levels:
@@ -601,10 +598,6 @@ class UnsettledLifecycle(Lifecycle):
             self.owner._discarded(events, "close")
         except Exception:  # pragma: no cover - during interpreter shutdown
             pass
-
-
-_OPEN: dict[int, weakref.ref[UnsettledLifecycle]] = {}
-"""The lifecycles still in their sessions, by id, for :func:`_discard_open_at_exit`."""
 
 
 @atexit.register
@@ -617,10 +610,12 @@ def _discard_open_at_exit() -> None:
     would never report them. They are discarded with reason ``"close"``, and
     a warning. A transaction in the middle of its commit (a daemon thread's)
     is left to it.
+
+    The lifecycles are found among the collector's objects, once, here:
+    a registry of them would cost every audited transaction its upkeep.
     """
     count = 0
-    for reference in list(_OPEN.values()):
-        lifecycle = reference()
+    for lifecycle in gc.get_objects():
         if type(lifecycle) is not UnsettledLifecycle or preparing(lifecycle.root):
             continue
         events = [staged for level in lifecycle.levels.values() for staged in level]
@@ -629,9 +624,11 @@ def _discard_open_at_exit() -> None:
         lifecycle.owner._discarded(events, "close")
     if count:
         logger.warning(
-            "%d staged events discarded at exit: the process ended with their "
-            "sessions' transactions open, never committed",
+            "%d staged event%s discarded at exit: the process ended with "
+            "%s session transaction open, never committed",
             count,
+            "" if count == 1 else "s",
+            "its" if count == 1 else "their",
         )
 
 
@@ -734,7 +731,6 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
                 watch_deadlocks(bind, lifecycle)
             if watch:
                 owner._watch_connections(session)
-        _OPEN[id(lifecycle)] = weakref.ref(lifecycle)
     else:
         if lifecycle.refusal is not None:
             raise AuditConfigurationError(lifecycle.refusal)

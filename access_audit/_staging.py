@@ -90,13 +90,20 @@ def stage_event(
             "so nothing would deliver the event; flush() where you meant to "
             "wait for deliveries and go on"
         )
-    # type() first: a list is unhashable, and a str enum member is kept as
-    # its plain value (the outbox stores only that).
-    if type(event_type) is not str or event_type not in _good_event_types:
+    # The names checked before, as the plain str they were remembered as
+    # (a str enum member equal to one becomes that str); a list raises
+    # TypeError, and is refused by the check.
+    try:
+        event_type = _good_event_types[event_type]
+    except (KeyError, TypeError):
         event_type = _checked_event_type(event_type)
-    if type(target_type) is not str or target_type not in _good_names:
+    try:
+        target_type = _good_names[target_type]
+    except (KeyError, TypeError):
         target_type = _checked_name(target_type, "target_type")
-    if type(action) is not str or action not in _good_names:
+    try:
+        action = _good_names[action]
+    except (KeyError, TypeError):
         action = _checked_name(action, "action")
     if actor_id is None and actor_email is not None:
         raise ValueError("actor_email was given without actor_id; pass both")
@@ -193,17 +200,18 @@ def stage_event(
     stage_on(sync_session, emitter, event)
 
 
-# Names that passed their checks already: most applications stage a few
-# dozen event types over and over. Bounded, in case names are generated.
-_good_event_types: set[str] = set()
-_good_names: set[str] = set()
+# Names that passed their checks already, each mapped to itself: most
+# applications stage a few dozen event types over and over. Bounded, in
+# case names are generated.
+_good_event_types: dict[str, str] = {}
+_good_names: dict[str, str] = {}
 _MAX_REMEMBERED = 4096
 
 
-def _remember(good: set[str], value: str) -> None:
+def _remember(good: dict[str, str], value: str) -> None:
     if len(good) >= _MAX_REMEMBERED:
         good.clear()
-    good.add(value)
+    good[value] = value
 
 
 def _checked_event_type(event_type: object) -> str:
