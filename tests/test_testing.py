@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 from support import Recorder, operation
 
-from access_audit import AuditEmitter, hookimpl, stage_event
+from access_audit import AuditEmitter, JoinedTransactions, hookimpl, stage_event
 from access_audit.testing import AuditEventRecorder, capture_audit_events
 
 GENERATED_TESTS = """
@@ -207,11 +207,14 @@ def test_recorder_waits_for_background_dispatch(engine: Engine) -> None:
         emitter.close()
 
 
-def test_recorder_works_inside_the_rollback_per_test_recipe(
-    engine: Engine, emitter: AuditEmitter
+@pytest.mark.parametrize("joined", ["session", "outer"])
+def test_recorder_inside_the_rollback_per_test_recipe(
+    engine: Engine, emitter: AuditEmitter, joined: JoinedTransactions
 ) -> None:
-    """The outer-transaction test recipe records on ``session.commit()``."""
-    emitter.joined_transactions = "session"
+    """The outer-transaction test recipe records on ``session.commit()``
+    with ``joined_transactions="session"``; without it the event waits for
+    the outer transaction, and a failing assertion says so."""
+    emitter.joined_transactions = joined
     with engine.connect() as connection, capture_audit_events() as audit_events:
         outer = connection.begin()
         maker = sessionmaker(bind=connection, join_transaction_mode="create_savepoint")
@@ -219,9 +222,13 @@ def test_recorder_works_inside_the_rollback_per_test_recipe(
         with maker() as session:
             operation(session, "inside-recipe")
             session.commit()
+        if joined == "session":
+            audit_events.assert_emitted("item_created", target_id="inside-recipe")
+        else:
+            with pytest.raises(AssertionError, match="wait for the outer transaction"):
+                audit_events.assert_emitted("item_created")
         emitter.detach(maker)
         outer.rollback()
-    audit_events.assert_emitted("item_created", target_id="inside-recipe")
 
 
 def test_recorder_leaves_out_events_an_earlier_block_committed(
@@ -308,24 +315,6 @@ def test_strict_capture_fails_on_what_background_dispatch_raised(
             pass  # the error was the earlier block's: nothing raised here
     finally:
         emitter.close()
-
-
-def test_a_failed_assertion_says_events_wait_for_an_outer_transaction(
-    engine: Engine, emitter: AuditEmitter
-) -> None:
-    """The rollback-per-test recipe without ``joined_transactions="session"``:
-    the event waits for the outer transaction, and the failure says so."""
-    with engine.connect() as connection, capture_audit_events() as audit_events:
-        outer = connection.begin()
-        maker = sessionmaker(bind=connection, join_transaction_mode="create_savepoint")
-        emitter.attach(maker)
-        with maker() as session:
-            operation(session, "waiting")
-            session.commit()
-        with pytest.raises(AssertionError, match="wait for the outer transaction"):
-            audit_events.assert_emitted("item_created")
-        emitter.detach(maker)
-        outer.rollback()
 
 
 @pytest.fixture
