@@ -248,6 +248,9 @@ def _copied(value: Any) -> Any:
 
 
 def _equal(before: Any, after: Any) -> bool:
+    """Whether an attribute's value is unchanged: equal, or unequal only for
+    NaNs in the same places (NaN equals nothing, itself included, so a NaN
+    read again, alone or in a JSON or ARRAY value, is no change)."""
     if before is after:
         return True
     try:
@@ -255,7 +258,12 @@ def _equal(before: Any, after: Any) -> bool:
             return True
     except Exception:  # an == that returns no bool (arrays): a change
         return False
-    # NaN equals nothing, itself included: a NaN read again is no change.
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)):
+        return len(before) == len(after) and all(map(_equal, before, after))
+    if isinstance(before, dict) and isinstance(after, dict):
+        return before.keys() == after.keys() and all(
+            _equal(value, after[key]) for key, value in before.items()
+        )
     return _is_nan(before) and _is_nan(after)
 
 
@@ -268,9 +276,13 @@ def _is_nan(value: Any) -> bool:
 def _json_value(value: Any) -> Any:
     """Column values JSON has no type for, as text (or an Enum's value);
     a float's NaN and infinities as ``"NaN"``, ``"Infinity"`` and
-    ``"-Infinity"``."""
+    ``"-Infinity"``, inside a JSON or ARRAY value too."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, (list, tuple)):  # a JSON or ARRAY value
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, (decimal.Decimal, uuid.UUID)):

@@ -616,9 +616,18 @@ def _discard_open_at_exit() -> None:
     """
     count = 0
     for lifecycle in gc.get_objects():
-        if type(lifecycle) is not UnsettledLifecycle or preparing(lifecycle.root):
+        if type(lifecycle) is not UnsettledLifecycle:
             continue
+        root = lifecycle.root
+        if preparing(root) or past_staging(root):
+            continue  # its commit is under way (in a daemon thread)
         events = [staged for level in lifecycle.levels.values() for staged in level]
+        # Out of its session: a later close() or commit() (another exit
+        # handler's) finds nothing to discard again or to deliver.
+        info = root.session.info
+        if info.get(PENDING_KEY) is lifecycle:
+            del info[PENDING_KEY]
+        lifecycle.levels, lifecycle.lazy = {}, []
         lifecycle.settle()
         count += len(events)
         lifecycle.owner._discarded(events, "close")

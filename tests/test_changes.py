@@ -461,6 +461,25 @@ def test_non_finite_floats_become_text(
     session.close()
 
 
+def test_a_nan_inside_a_json_value_is_compared_and_reported_as_text(
+    SqliteSession: sessionmaker, recorder: Recorder
+) -> None:
+    """A JSON value holding NaN, set to an equal one (another NaN object),
+    is no change; one that changes reports its NaNs as ``"NaN"``. Both
+    failed the commit on the raw NaN."""
+    session, group = existing(SqliteSession, settings={"w": [1.0, float("nan")]})
+    with session.begin():
+        stage_changes(session, group)
+        group.settings = {"w": [1.0, float("nan")]}
+        group.name = "owners"
+    assert diff(recorder) == {"name": ["admins", "owners"]}
+    with session.begin():
+        stage_changes(session, group)
+        group.settings = {"w": [2.0, float("nan")]}
+    assert diff(recorder) == {"settings": [{"w": [1.0, "NaN"]}, {"w": [2.0, "NaN"]}]}
+    session.close()
+
+
 # -- options and the payload's rules ---------------------------------------------
 
 

@@ -253,6 +253,23 @@ def test_recorder_leaves_out_events_an_earlier_block_committed(
     assert first.events == []  # sent after the block: recorded by neither
 
 
+def test_recorder_records_under_a_clock_set_back(
+    Session: sessionmaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that freezes time in the past (freezegun, time-machine) after
+    recording began still records what it commits."""
+    from access_audit import _lifecycle, _staging
+
+    frozen = 1_577_836_800 * 10**9  # 2020-01-01
+    with capture_audit_events() as audit_events:
+        monkeypatch.setattr(_lifecycle, "time_ns", lambda: frozen)
+        monkeypatch.setattr(_staging, "time_ns", lambda: frozen)
+        with Session.begin() as session:
+            operation(session, "in-2020")
+    assert [e.target_id for e in audit_events.events] == ["in-2020"]
+    assert audit_events.events[0].timestamp.year == 2020
+
+
 def test_recorder_leaves_out_what_asyncio_dispatch_delivers_late(
     tmp_path: Path,
 ) -> None:

@@ -296,7 +296,8 @@ def check_options(
     if max_backoff < backoff:
         raise ValueError(
             f"{spell('max_backoff')} ({float(max_backoff)}) must be at least "
-            f"{spell('backoff')} ({float(backoff)}), the first retry's delay it caps"
+            f"{spell('backoff')} ({float(backoff)}), the first retry's delay it "
+            f"caps: raise {spell('max_backoff')} too (it defaults to 300)"
         )
     if retention is not None and not isinstance(retention, timedelta):
         raise TypeError(f"{spell('retention')} must be a timedelta, got {retention!r}")

@@ -11,7 +11,6 @@ from typing import Any
 
 from .. import signals
 from .._background import flush_every
-from .._clock import utc_datetime
 from .._emitter import raising_plugin_errors
 from .._envelope import AuditEventEnvelope
 from .._ids import uuid7_int
@@ -64,19 +63,16 @@ class AuditEventRecorder:
     def __init__(self) -> None:
         self.events: list[AuditEventEnvelope] = []
         """Committed envelopes, in the order delivered, from every emitter:
-        those committed while recording (an event an earlier test committed
-        may be delivered later: by background or asyncio dispatch, or once
-        the outer transaction of a joined session is known to have
-        committed)."""
+        those staged while recording (an event an earlier test committed
+        may be delivered later: by asyncio dispatch, or once the outer
+        transaction of a joined session is known to have committed)."""
         self.discarded: list[DiscardedEvent] = []
         """Staged events that were dropped, with the reason: those staged
         while recording (an event staged before, by an earlier test, may be
         discarded whenever the garbage collector gets to its session)."""
-        now = time.time_ns()
-        self._since = uuid7_int(now)
-        """Event ids are ordered within the process: later events' are greater."""
-        self._started = utc_datetime(now)
-        """An envelope's timestamp is its commit's, on the same clock."""
+        self._since = uuid7_int(time.time_ns())
+        """Event ids are ordered within the process: later events' are
+        greater, even under a clock set back (a test's frozen time)."""
 
     def __repr__(self) -> str:
         return (
@@ -153,7 +149,7 @@ class AuditEventRecorder:
         return "\n".join(lines)
 
     def _on_committed(self, sender: object, envelope: AuditEventEnvelope) -> None:
-        if envelope.timestamp >= self._started:
+        if envelope.id.int > self._since:
             self.events.append(envelope)
 
     def _on_discarded(
