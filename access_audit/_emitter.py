@@ -66,11 +66,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AuditEmitter", "raising_plugin_errors"]
 
-# Above zero while a test recorder asks every emitter to raise plugin errors.
-_raise_everywhere = 0
 _unraised: list[list[BaseException]] = []
-"""One list per :func:`raising_plugin_errors` block, of the plugin errors
-that background and asyncio dispatch had nobody to raise to."""
+"""One list per open :func:`raising_plugin_errors` block (a test recorder
+asking every emitter to raise plugin errors), of the plugin errors that
+background and asyncio dispatch had nobody to raise to."""
 
 
 @contextlib.contextmanager
@@ -83,14 +82,11 @@ def raising_plugin_errors() -> Iterator[list[BaseException]]:
     asyncio dispatch deliver after ``commit()`` returned), for the caller
     to raise when the block ends.
     """
-    global _raise_everywhere
-    _raise_everywhere += 1
     errors: list[BaseException] = []
     _unraised.append(errors)
     try:
         yield errors
     finally:
-        _raise_everywhere -= 1
         _unraised.remove(errors)
 
 
@@ -645,7 +641,7 @@ class AuditEmitter:
         if errors and self._background is not None:
             _keep_unraised(errors)  # logged already; nobody to raise to
             return
-        if errors and (self.raise_plugin_errors or _raise_everywhere):
+        if errors and (self.raise_plugin_errors or _unraised):
             first = errors[0]
             for later in errors[1:]:
                 if hasattr(first, "add_note"):  # Python 3.11+

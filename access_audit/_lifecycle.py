@@ -490,15 +490,19 @@ class Lifecycle:
         for stale in [t for t in self.finished if t not in open_transactions]:
             del self.finished[stale]
 
-    def abandon(self, info: dict[Any, Any]) -> None:
+    def abandon(self, info: dict[Any, Any], reason: DiscardReason = "detached") -> int:
         """Drop a lifecycle whose transaction ended unobserved (its listeners
-        were removed by ``detach()``): its events are discarded, reason
-        ``"detached"``, and the session starts afresh."""
-        del info[PENDING_KEY]
+        were removed by ``detach()``), or will not end (the process exits):
+        its events are discarded for *reason*, and the session (*info*)
+        starts afresh, so a later close() or commit() there finds nothing.
+        Returns how many events were discarded."""
+        if info.get(PENDING_KEY) is self:
+            del info[PENDING_KEY]
         self.settle()
         events = [staged for level in self.levels.values() for staged in level]
         if events:
-            self.owner._discarded(events, "detached")
+            self.owner._discarded(events, reason)
+        return len(events)
 
     # -- helpers ---------------------------------------------------------
 
@@ -621,16 +625,9 @@ def _discard_open_at_exit() -> None:
         root = lifecycle.root
         if preparing(root) or past_staging(root):
             continue  # its commit is under way (in a daemon thread)
-        events = [staged for level in lifecycle.levels.values() for staged in level]
         # Out of its session: a later close() or commit() (another exit
         # handler's) finds nothing to discard again or to deliver.
-        info = root.session.info
-        if info.get(PENDING_KEY) is lifecycle:
-            del info[PENDING_KEY]
-        lifecycle.levels, lifecycle.lazy = {}, []
-        lifecycle.settle()
-        count += len(events)
-        lifecycle.owner._discarded(events, "close")
+        count += lifecycle.abandon(root.session.info, "close")
     if count:
         logger.warning(
             "%d staged event%s discarded at exit: the process ended with "
