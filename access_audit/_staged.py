@@ -119,11 +119,12 @@ def target_id_text(value: object, field: str) -> str:
             f"{field} must be a str, int or UUID (or a callable returning one), "
             f"got {type(value).__name__}"
         )
-    # int() first: before Python 3.11, str() of an IntEnum member is its name.
+    # The base type's own conversions, never a subclass's (which may raise);
+    # int first: before Python 3.11, str() of an IntEnum member is its name.
     if isinstance(value, int):
-        return int_text(int(value), field)
+        return int_text(int.__int__(value), field)
     if isinstance(value, uuid.UUID):
-        return str(value)
+        return uuid.UUID.__str__(value)
     text = str.__str__(value)
     if not text:
         raise ValueError(f"{field} must not be empty")

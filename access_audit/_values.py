@@ -454,13 +454,14 @@ def _freeze(value: Any, lazy_ok: bool, redact: frozenset[str], depth: int) -> An
                 raise
         return ReadOnlyList(items)
     # Subclasses of the plain types (str and int enums, say) become the plain
-    # type, as json.dumps would write them.
+    # type, as json.dumps would write them: through the base type's own
+    # conversion, never one the subclass overrides (which may raise).
     if isinstance(value, str):
         return _freeze(str.__str__(value), lazy_ok, redact, depth)
     if isinstance(value, int):
-        return _freeze(int(value), lazy_ok, redact, depth)
+        return _freeze(int.__int__(value), lazy_ok, redact, depth)
     if isinstance(value, float):
-        return _freeze(float(value), lazy_ok, redact, depth)
+        return _freeze(float.__float__(value), lazy_ok, redact, depth)
     if lazy_ok and callable(value):
         if inspect.iscoroutinefunction(value):
             raise _BadValue(TypeError, f"is an async function: {_NEVER_AWAITED}")

@@ -500,6 +500,56 @@ def test_str_and_int_subclasses_become_plain_values(
     assert envelope.payload == {"colour": "red", "size": 3}
 
 
+class _Hostile(int):
+    """An int subclass whose conversions raise: its value is still an int."""
+
+    def __int__(self) -> int:
+        raise RuntimeError("__int__ of a hostile int")
+
+    def __index__(self) -> int:
+        raise RuntimeError("__index__ of a hostile int")
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of a hostile int")
+
+    __repr__ = __str__
+
+
+class _HostileFloat(float):
+    def __float__(self) -> float:
+        raise RuntimeError("__float__ of a hostile float")
+
+
+class _HostileUUID(uuid.UUID):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of a hostile UUID")
+
+
+def test_subclasses_are_taken_by_their_value_whatever_they_override(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """An int, float or UUID subclass whose ``__int__``, ``__float__`` or
+    ``__str__`` raises is stored by its value, as ``json.dumps`` would write
+    it: the subclass's own conversion is never asked (it raised out of
+    ``stage_event`` naming nothing)."""
+    key = uuid.UUID(int=7)
+    with Session() as session:
+        stage_event(
+            session, **{**GOOD, "target_id": _Hostile(12)},
+            payload={"n": _Hostile(5), "f": _HostileFloat(0.5), "l": [_Hostile(6)]},
+        )  # fmt: skip
+        stage_event(session, **{**GOOD, "target_id": _HostileUUID(int=7)})
+        stage_event(session, **{**GOOD, "target_id": lambda: _Hostile(13)})
+        session.commit()
+    first, second, third = recorder.events
+    assert first.target_id == "12"
+    assert first.payload == {"n": 5, "f": 0.5, "l": [6]}
+    assert [type(first.payload[name]) for name in ("n", "f")] == [int, float]
+    assert type(first.payload["l"][0]) is int
+    assert second.target_id == str(key)
+    assert third.target_id == "13"
+
+
 class Kind(str, enum.Enum):
     """A str-mixin enum, as apps name event types and targets."""
 
