@@ -8,6 +8,7 @@ test runs on SQLite, PostgreSQL and MariaDB where it applies.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,10 +24,17 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, event, insert, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 from support import commit_shared_targets, lines_of, outbox_rows, wait_until
 
-from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
+from access_audit import (
+    AuditConfigurationError,
+    AuditEmitter,
+    AuditEventEnvelope,
+    hookimpl,
+    stage_event,
+)
 from access_audit.outbox import (
     Outbox,
     RelayStats,
@@ -37,6 +45,7 @@ from access_audit.outbox import (
 )
 from access_audit.outbox._claim import claim
 from access_audit.outbox._wake import listen
+from conftest import server_engine
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
@@ -1038,6 +1047,72 @@ def test_status_on_an_unreachable_asyncpg_database_is_one_line() -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("access-audit status: error: the database:")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _refused_url(case: str, tmp_path: Path) -> str:
+    """A URL whose server is up but refuses it for good: *case* says how."""
+    if case == "sqlite-no-directory":
+        return f"sqlite:///{tmp_path / 'no-such-directory' / 'audit.db'}"
+    name, wrong = case.split("-", 1)
+    url = server_engine(name).url  # skips (or fails under CI) if it is down
+    if wrong == "database":
+        url = url.set(database="audit_no_such_database")
+    else:
+        url = url.set(username="audit_no_such_user")
+    return url.render_as_string(hide_password=False)
+
+
+REFUSED = [
+    "postgresql-database",
+    "postgresql-user",
+    "mariadb-database",
+    "mariadb-user",
+    "sqlite-no-directory",
+]
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_relay_exits_on_a_database_that_refuses_it_for_good(
+    case: str, tmp_path: Path
+) -> None:
+    """A database, role or user that does not exist (a typo in the URL) is
+    a configuration error: the polling relay exits 2 with one line, instead
+    of retrying with backoff for ever while it looks alive."""
+    result = subprocess.run(
+        [sys.executable, "-m", "access_audit", "relay", "--no-entrypoints",
+         "--database-url", _refused_url(case, tmp_path), "--interval", "0.05"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if "error:" in x]
+    assert line.startswith("access-audit relay: error: the database refused"), line
+    assert "trying again" not in result.stderr
+
+
+@pytest.mark.parametrize("wrong", ["database", "user"])
+def test_arelay_raises_on_a_database_that_refuses_it_for_good(wrong: str) -> None:
+    """Through asyncpg, whose errors carry PostgreSQL's SQLSTATE: the
+    library's relay raises ``AuditConfigurationError`` at once, even
+    polling."""
+    pytest.importorskip("asyncpg")
+    url = server_engine("postgresql").url.set(drivername="postgresql+asyncpg")
+    url = url.set(query={})  # asyncpg takes no libpq options
+    url = (
+        url.set(database="audit_no_such_database")
+        if wrong == "database"
+        else url.set(username="audit_no_such_user")
+    )
+    engine = create_async_engine(url)
+
+    async def run() -> None:
+        try:
+            await AuditEmitter(outbox=Outbox()).arelay(engine, once=False)
+        finally:
+            await engine.dispose()
+
+    with pytest.raises(AuditConfigurationError, match="refused") as raised:
+        asyncio.run(asyncio.wait_for(run(), 30))
+    assert "audit_no_such" in str(raised.value)
 
 
 UPDATE_OUTBOX = re.compile(r"^\s*UPDATE\s+[`\"]?(\w+\.)?scale_outbox[`\"]?\s", re.I)

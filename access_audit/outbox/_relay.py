@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -155,6 +156,10 @@ def relay(
     :param progress: called with the running totals after each batch.
     :raises TypeError: *bind* is an ``AsyncEngine`` or ``AsyncConnection``
         (await :func:`arelay` with it instead).
+    :raises AuditConfigurationError: an outbox table does not exist, or the
+        database refuses the connection for good (a database, role or user
+        that does not exist, a wrong password): such errors are not waited
+        out as a killed connection or a restarting server is.
     """
     if not isinstance(bind, (Engine, Connection)):
         raise TypeError(
@@ -331,6 +336,48 @@ def transient(error: BaseException) -> bool:
     return isinstance(error, OSError)
 
 
+def refused_for_good(error: BaseException) -> str | None:
+    """The server's reason, when *error* is a connection it refuses for as
+    long as the URL stays as it is: a database, role or user that does not
+    exist, a wrong password, no ``pg_hba.conf`` entry; a SQLite file whose
+    directory does not exist. None for any other error.
+
+    Known by PostgreSQL's SQLSTATE (asyncpg), MySQL's error number (pymysql
+    and the other MySQL drivers) or SQLite's error code; libpq (psycopg,
+    psycopg2) gives no SQLSTATE for a refused connection, so there the
+    server's message says it (in English, the server's default).
+    """
+    if not isinstance(error, exc.DBAPIError) or error.orig is None:
+        return None
+    orig = error.orig
+    arguments = orig.args
+    refused = (
+        getattr(orig, "sqlstate", None) in _REFUSED_SQLSTATES
+        or (bool(arguments) and arguments[0] in _REFUSED_MYSQL)
+        or getattr(orig, "sqlite_errorcode", None) == _SQLITE_CANTOPEN
+        or _REFUSED_LIBPQ.search(str(orig)) is not None
+    )
+    if not refused:
+        return None
+    lines = str(orig).strip().splitlines()
+    return lines[0] if lines else type(orig).__name__
+
+
+_REFUSED_SQLSTATES = frozenset(("3D000", "28000", "28P01"))
+"""No such database; a role that may not connect (or none such); a wrong password."""
+
+_REFUSED_MYSQL = frozenset((1044, 1045, 1049, 1698))
+"""Access denied to the database; to the user; no such database; access
+denied by the user's authentication plugin."""
+
+_SQLITE_CANTOPEN = 14
+
+_REFUSED_LIBPQ = re.compile(
+    r'FATAL:\s+(database ".*" does not exist|role ".*" does not exist|'
+    r"password authentication failed|no pg_hba\.conf entry)"
+)
+
+
 _ONCE_RETRIES = 5
 """How many times a ``once`` run retries a database error before raising it."""
 
@@ -394,6 +441,12 @@ def _poll(
                     _count_missing(bind, outbox, plugins, stats)
                     counted_at = time.monotonic()
         except Exception as error:
+            reason = refused_for_good(error)
+            if reason is not None:
+                raise AuditConfigurationError(
+                    f"the database refused the relay's connection ({reason}); "
+                    "check the database URL's database, user and password"
+                ) from error
             if not transient(error):
                 raise
             failures += 1
