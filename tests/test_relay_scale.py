@@ -1035,6 +1035,34 @@ def test_a_progress_callbacks_own_error_ends_the_relay(
         relay.relay(sqlite_file_engine, once=True, progress=progress)
 
 
+class Interrupting:
+    """A plugin raising ``KeyboardInterrupt`` itself (or Ctrl-C landing in it)."""
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_in_a_plugin_names_it_and_rolls_the_batch_back(
+    engine: Engine, due_outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``KeyboardInterrupt`` stops the relay (it is Ctrl-C's), but the log
+    names the plugin it came out of: a plugin raising it by mistake is
+    found. The batch stays pending, to be delivered again."""
+    caplog.set_level("WARNING", logger="access_audit")
+    emitters = [emitter_for(due_outbox, Counter(), dispatch="relay")]
+    emitters.append(emitter_for(due_outbox, Counter()))
+    for each in emitters:  # the writer records the rows for both names
+        each.register(Interrupting(), name="interrupting")
+    writer, relay = emitters
+    commit_events(engine, writer, ["a", "b"], per_commit=2)
+    with pytest.raises(KeyboardInterrupt):
+        relay.relay(engine, once=True)
+    [line] = [m for m in caplog.messages if "interrupted" in m]
+    assert "plugin 'interrupting'" in line and "2 events" in line, line
+    assert count_pending(engine, due_outbox) == 2
+
+
 def test_status_on_an_unreachable_asyncpg_database_is_one_line() -> None:
     """asyncpg reports a refused connection as the socket's OSError, not a
     DBAPIError: still one line and exit status 1, not a traceback."""

@@ -604,14 +604,25 @@ def _deliver_rows(
                 held |= targets  # its other targets' later events wait too
                 continue
             batch = tuple(envelopes[row.id] for row in group)
-            report = deliver(
-                emitter.plugin_manager,
-                emitter,
-                batch,
-                only={plugin},
-                send_signals=False,
-                let_through=_INTERRUPT,
-            )
+            try:
+                report = deliver(
+                    emitter.plugin_manager,
+                    emitter,
+                    batch,
+                    only={plugin},
+                    send_signals=False,
+                    let_through=_INTERRUPT,
+                )
+            except _INTERRUPT:
+                # Ctrl-C's, or the plugin's own by mistake: say which.
+                logger.warning(
+                    "relay: interrupted while plugin %r took %d %s; the batch "
+                    "in hand is rolled back, and a later run delivers it again",
+                    plugin,
+                    len(batch),
+                    "event" if len(batch) == 1 else "events",
+                )
+                raise
             failed = report.failed.get(plugin, {})
             if failed:
                 held |= targets
