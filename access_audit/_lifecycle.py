@@ -23,7 +23,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from ._aborted import rolls_back_at_commit, watch_deadlocks
+from ._aborted import (
+    AT_COMMIT,
+    rolls_back_at_commit,
+    watch_server_rollbacks,
+)
 from ._binds import (
     DEFAULT_GET_BIND,
     check_binds,
@@ -269,7 +273,7 @@ class Lifecycle:
 
         :raises AuditConfigurationError: as :func:`~access_audit._binds.refuse`.
         """
-        watch_deadlocks(connection, self)
+        watch_server_rollbacks(connection, self)
         try:
             if self.checked is not None:
                 if is_autocommit(connection):
@@ -325,12 +329,7 @@ class Lifecycle:
             return False
         if committing_root(session) is None:
             return False  # a RELEASE SAVEPOINT: it fails, and a rollback follows
-        self._discard_all(
-            "a statement of this transaction failed and it was not rolled "
-            "back: PostgreSQL rolls it back at COMMIT, so events %s are "
-            "discarded. Roll back after an error (or run a statement that "
-            "may fail in a SAVEPOINT: session.begin_nested())"
-        )
+        self._discard_all(AT_COMMIT)
         return True
 
     def prepare(self, session: Session) -> None:
@@ -512,31 +511,26 @@ class Lifecycle:
             dropped = set(events)
             self.lazy = [staged for staged in self.lazy if staged not in dropped]
 
-    def rolled_back_by_server(self, connection: Connection) -> None:
-        """The database rolled back the transaction on *connection* (a
-        deadlock's victim), if it is this lifecycle's: discard every event
-        staged so far (reason ``"rollback"``, with a warning). What the
-        session does next goes into a new transaction, whose events its
-        commit sends."""
+    def rolled_back_by_server(self, connection: Connection, why: str) -> None:
+        """The database rolled back the transaction on *connection* (as a
+        deadlock's victim, or at its COMMIT after a caught failure), if it
+        is this lifecycle's: discard every event staged so far (reason
+        ``"rollback"``, with a warning). What a deadlock's victim does next
+        goes into a new transaction, whose events its commit sends."""
         if self.levels and connection_entry(self.root, connection) is not None:
-            self._discard_all(
-                "the database rolled this transaction back (a deadlock's "
-                "victim): events %s are discarded. What the session does "
-                "next goes into a new transaction; retry the whole "
-                "transaction after session.rollback() instead"
-            )
+            self._discard_all(why)
 
-    def _discard_all(self, warning: str) -> None:
+    def _discard_all(self, why: str) -> None:
         """Discard every event staged so far (reason ``"rollback"``): the
-        database rolled back what they describe. *warning* (``%s``: their
-        ids) is logged if there were any."""
+        database rolled back what they describe. *why* (``%s``: their ids)
+        is logged if there were any."""
         withdrawn = self.withdraw(None)
         # Envelopes built (and outbox rows written) for them before COMMIT
         # went with them: the rows with the transaction.
         self.built = []
         self.outbox_bind = None
         if withdrawn:
-            logger.warning(warning, event_ids(withdrawn))
+            logger.warning(why, event_ids(withdrawn))
             self.owner._discarded(withdrawn, "rollback")
 
     def _build(self, events: list[StagedEvent]) -> None:
@@ -723,7 +717,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
             lifecycle.checked_engine = bind
             lifecycle.checked = options
             lifecycle.may_abort = bind.dialect.name == "postgresql"
-            watch_deadlocks(bind, lifecycle)
+            watch_server_rollbacks(bind, lifecycle)
         else:
             outer, watch = check_binds(session, root, owner)
             lifecycle = info[PENDING_KEY] = UnsettledLifecycle(
@@ -734,7 +728,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
                     (connection, watch_outer(connection)) for connection in outer
                 ]
             for bind in session_binds(session, root):
-                watch_deadlocks(bind, lifecycle)
+                watch_server_rollbacks(bind, lifecycle)
             if watch:
                 owner._watch_connections(session)
     else:

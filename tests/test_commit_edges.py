@@ -334,6 +334,45 @@ def test_a_failure_caught_in_a_later_flush_of_an_outbox_commit_sends_nothing(
     assert discarded == (["rollback"] if doomed else [])
 
 
+@pytest.mark.parametrize("mode", ["plain", "outbox"])
+def test_a_failure_caught_in_a_later_before_commit_listener_sends_nothing(
+    engine: Engine,
+    Session: sessionmaker[Any],
+    OutboxSession: sessionmaker[Any],
+    recorder: Recorder,
+    mode: str,
+) -> None:
+    """An application's ``before_commit`` listener, registered after
+    ``attach()`` so it runs after access_audit's, runs a statement that
+    fails and catches it, with nothing left to flush: PostgreSQL's COMMIT
+    rolls the transaction back all the same, and the events are discarded,
+    not sent (asked at the connection's COMMIT, the last moment)."""
+    maker = OutboxSession if mode == "outbox" else Session
+    discarded: list[str] = []
+
+    def best_effort(session: OrmSession) -> None:
+        with contextlib.suppress(IntegrityError):
+            session.execute(insert(Item).values(name="first"))  # a duplicate
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append(reason)
+
+    event.listen(maker, "before_commit", best_effort)
+    try:
+        with signals.audit_event_discarded.connected_to(note), maker() as session:
+            session.add(Item(name="first"))
+            session.flush()
+            stage(session, "first")
+            session.commit()
+    finally:
+        event.remove(maker, "before_commit", best_effort)
+    stored = stored_names(engine)
+    doomed = engine.dialect.name == "postgresql"
+    assert stored == ([] if doomed else ["first"])
+    assert recorder.names == stored
+    assert discarded == (["rollback"] if doomed else [])
+
+
 def test_psycopg2_tells_the_aborted_transaction_too(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:
