@@ -267,15 +267,16 @@ async def deliver_to_async_plugins(
 class _Delivery:
     """One plugin's calls for one batch, its failures, and how far it got."""
 
-    __slots__ = ("committed", "failures", "logged", "name", "taken", "timed_out")
+    __slots__ = ("committed", "failures", "logged", "name", "reported", "taken")
 
     def __init__(self, plugin: AsyncPlugin) -> None:
         self.name, self.logged, self.committed = plugin
         self.failures: list[Failure] = []
         self.taken = 0
         """How many events ``audit_event_logged`` was called for."""
-        self.timed_out = False
-        """Reported failed by its timeout: a cancellation after that is not news."""
+        self.reported = False
+        """Reported failed by its timer's task (timed out, or cancelled from
+        outside): the plugin's own cancellation after that is not news."""
 
     async def run(self, envelopes: Sequence[AuditEventEnvelope]) -> list[Failure]:
         """Make the plugin's calls; return the failures, a cancellation's included."""
@@ -306,7 +307,7 @@ class _Delivery:
                         (self.name, committed, tuple(envelopes), error)
                     )
         except asyncio.CancelledError as cancelled:
-            if not self.timed_out:
+            if not self.reported:
                 self.stopped(envelopes, cancelled)
         return self.failures
 
@@ -328,13 +329,22 @@ async def _timed(
     if not task.done():
         try:
             await asyncio.wait({task}, timeout=timeout)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
+            # Cancelled from outside (the loop ending cancels every task):
+            # this task's result is what reports the delivery, so it reports
+            # the plugin's cancellation itself, as the plugin's own task does
+            # without a timeout, rather than raise and lose the report.
+            if task.done() and not task.cancelled():
+                return task.result()
+            delivery.reported = True
             task.cancel()
-            raise
+            task.add_done_callback(_retrieve)
+            delivery.stopped(envelopes, cancelled)
+            return delivery.failures
     if not task.done():
         # Cancelled but not waited for: a plugin that ignores cancellation
         # must not hold the others up.
-        delivery.timed_out = True
+        delivery.reported = True
         task.cancel()
         task.add_done_callback(_retrieve)
         delivery.stopped(

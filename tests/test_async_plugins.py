@@ -597,6 +597,43 @@ def test_a_cancelled_caller_still_gets_the_plain_plugins_and_failure_reports(
     assert failures.sync == [("broken", "ConnectionError")]
 
 
+def test_a_cancelled_caller_then_the_loop_ending_reports_the_timed_plugin(
+    tmp_path: Path,
+) -> None:
+    """Inline, with an ``async_timeout``: the request is cancelled while the
+    async plugins run, then the loop ends before the slow one finished. Its
+    cancellation is reported as its failure (it was lost: the timer's task,
+    cancelled with the loop, raised in the callback meant to report it)."""
+    slow, recorder, failures = AsyncSink(delay=5.0), Recorder(), Failures()
+    emitter = AuditEmitter(load_entrypoints=False, async_timeout=30)
+    for name, plugin in [
+        ("slow", slow),
+        ("recorder", recorder),
+        ("failures", failures),
+    ]:
+        emitter.register(plugin, name=name)
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+        task = asyncio.create_task(commit_items(maker, "kept"))
+
+        async def delivering() -> None:
+            while not slow.loops:  # COMMIT went through: the plugins run
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(delivering(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(backend, body)
+    assert recorder.names == ["kept"]
+    assert slow.events == []
+    assert failures.sync == [("slow", "CancelledError")]
+
+
 def test_asyncio_dispatch_with_a_plugin_committing_does_not_deadlock(
     tmp_path: Path,
 ) -> None:
@@ -646,16 +683,20 @@ def test_asyncio_dispatch_delivers_what_is_queued_when_the_loop_ends(
     assert sorted(recorder.names) == ["e1", "e2", "e3"]
 
 
+@pytest.mark.parametrize("timeout", [None, 30.0], ids=["no-timeout", "timeout"])
 def test_asyncio_dispatch_loop_ending_mid_delivery_still_reaches_plain_plugins(
-    tmp_path: Path,
+    tmp_path: Path, timeout: float | None
 ) -> None:
     """asyncio.run() ending while the worker awaits a slow async plugin: the
     batch in flight still reaches the plain plugins and the signal receivers
     (as the queued ones do), and the async plugin's cancellation is reported
-    as its failure, never lost without a word."""
+    as its failure, never lost without a word, with an ``async_timeout`` too
+    (its timer's task, cancelled with the loop, lost the report)."""
     backend = Backend("aiosqlite", tmp_path / "test.db")
     recorder, slow, failures = Recorder(), AsyncSink(delay=5.0), Failures()
-    emitter = AuditEmitter(load_entrypoints=False, dispatch="asyncio")
+    emitter = AuditEmitter(
+        load_entrypoints=False, dispatch="asyncio", async_timeout=timeout
+    )
     emitter.register(recorder, name="plain")
     emitter.register(slow, name="slow")
     emitter.register(failures, name="failures")
