@@ -40,7 +40,7 @@ from ._envelope import AuditEventEnvelope, committed_envelope
 from ._errors import AuditConfigurationError
 from ._ids import as_uuid, with_inverted_tail
 from ._logging import event_ids, logger
-from ._outer import OuterWatch, watch_outer
+from ._outer import OuterWatch, then_all, watch_outer
 from ._sqla import (
     autobegin,
     checked_engine_options,
@@ -73,6 +73,7 @@ __all__ = [
     "Outcome",
     "WaitForOuter",
     "committing_root",
+    "hand_over",
     "stage_on",
 ]
 
@@ -402,6 +403,10 @@ class Lifecycle:
         way drops them.
         """
         if parent is None:
+            if transaction is not self.root:
+                # A later transaction of the session: this one's own end
+                # went unheard.
+                return self.unheard_end(info, "close")
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
             self.__class__ = Lifecycle  # self.settle(), without the call
@@ -448,6 +453,36 @@ class Lifecycle:
         # Rolled back (False), or ended without either (None: close(), a
         # flush error, invalidate()).
         return Discard(dropped, "close" if committed is None else reason)
+
+    def unheard_end(
+        self, info: dict[Any, Any], unheard: DiscardReason
+    ) -> Outcome | None:
+        """Settle a lifecycle whose outermost transaction ended without its
+        ``after_transaction_end``, found as the session goes on (a later
+        transaction ends, or stages).
+
+        SQLAlchemy fires that event last, after giving the connection back
+        to the pool; a ``BaseException`` raised there (an asyncio
+        cancellation landing as an async driver resets the connection, a
+        Ctrl-C) ends the transaction unheard. What ``after_commit`` or
+        ``after_rollback`` heard decides: delivered if COMMIT succeeded,
+        discarded (reason ``"rollback"``) if it rolled back, else discarded
+        for *unheard* (its listeners were removed: ``"detached"``).
+        """
+        committed = self.finished.get(self.root)
+        if committed:
+            # Whatever SAVEPOINT levels are left went with the COMMIT.
+            for level in [level for level in self.levels if level is not self.root]:
+                self.levels.setdefault(self.root, []).extend(self.levels.pop(level))
+            return self.ended(info, self.root, None)
+        self.abandon(info, "rollback" if committed is False else unheard)
+        return None
+
+    def settle_unheard(self, info: dict[Any, Any], unheard: DiscardReason) -> None:
+        """:meth:`unheard_end`, its outcome handed over to the emitter."""
+        outcome = self.unheard_end(info, unheard)
+        if outcome is not None:
+            hand_over(self.owner, info, outcome)
 
     def settle(self) -> None:
         """Mark the lifecycle as taken out of its session.
@@ -617,7 +652,9 @@ def _discard_open_at_exit() -> None:
         if type(lifecycle) is not UnsettledLifecycle:
             continue
         root = lifecycle.root
-        if preparing(root) or past_staging(root):
+        if (
+            preparing(root) or past_staging(root)
+        ) and root.session.get_transaction() is root:
             continue  # its commit is under way (in a daemon thread)
         # Out of its session: a later close() or commit() (another exit
         # handler's) finds nothing to discard again or to deliver.
@@ -630,6 +667,43 @@ def _discard_open_at_exit() -> None:
             "" if count == 1 else "s",
             "its" if count == 1 else "their",
         )
+
+
+def hand_over(owner: Owner, info: dict[Any, Any], outcome: Outcome) -> None:
+    """Give *owner* (the emitter) what a transaction's end decided: deliver
+    a committed batch (staging on the session, *info*, is refused while it
+    dispatches), hold it for an outer transaction, or discard."""
+    if type(outcome) is tuple:  # Deliver, the common outcome
+        envelopes, outbox_bind = outcome
+        info[DISPATCHING_KEY] = True
+        try:
+            owner._committed(envelopes, outbox_bind)
+        finally:
+            del info[DISPATCHING_KEY]
+    elif isinstance(outcome, WaitForOuter):
+        _wait_for_outer(owner, outcome)
+    elif isinstance(outcome, Discard):
+        owner._discarded(outcome.events, outcome.reason)
+
+
+def _wait_for_outer(owner: Owner, outcome: WaitForOuter) -> None:
+    """Hold a joined session's committed batch until its outer transaction ends."""
+    envelopes = outcome.envelopes
+    staged = outcome.staged
+    outbox_bind = outcome.outbox_bind
+    if outbox_bind is not None:
+        # Record deliveries through a connection of its own: the joined one
+        # is the caller's, and may be in its next transaction by then.
+        outbox_bind = outbox_bind.engine
+
+    def settle(committed: bool) -> None:
+        # Runs inside the connection's own begin or pool checkin.
+        if not committed:
+            owner._discarded(staged, "rollback")
+        elif envelopes:
+            owner._committed(envelopes, outbox_bind, record_apart=True)
+
+    then_all(outcome.watches, settle)
 
 
 def _recording_bind(bind: Engine | Connection) -> Engine | Connection:
@@ -693,8 +767,8 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
     assert root is not None  # begun above, if it was not
     lifecycle: Lifecycle | None = info.get(PENDING_KEY)
     if lifecycle is not None and lifecycle.root is not root:
-        # Its transaction ended while no listener of ours heard it.
-        lifecycle.abandon(info)
+        # Its transaction ended while no listener of ours heard its end.
+        lifecycle.settle_unheard(info, "detached")
         lifecycle = None
     if lifecycle is None:
         # The first event of this transaction: check where it will commit.

@@ -17,16 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, SessionTransaction
 
-from ._lifecycle import (
-    DISPATCHING_KEY,
-    PENDING_KEY,
-    Discard,
-    Lifecycle,
-    Outcome,
-    WaitForOuter,
-    committing_root,
-)
-from ._outer import then_all
+from ._lifecycle import PENDING_KEY, Lifecycle, committing_root, hand_over
 from ._sqla import current_transaction, inherits_options, parent_of
 from ._written import note_flush, note_statement
 
@@ -189,6 +180,11 @@ class SessionListeners:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
+        if lifecycle.root is not session.get_transaction():
+            # An earlier transaction's, whose end went unheard; this one
+            # staged nothing (staging would have settled it).
+            lifecycle.settle_unheard(session.info, "close")
+            return
         if lifecycle.may_abort and lifecycle.aborted(session):
             return
         if _due_before_commit(session, lifecycle):
@@ -226,7 +222,7 @@ class SessionListeners:
         if boundary is not None:
             failed = lifecycle.committed(boundary)
             if failed is not None:
-                self._hand_over(failed)
+                hand_over(self._owner, session.info, failed)
 
     def _after_rollback(self, session: Session) -> None:
         lifecycle: Lifecycle | None = session.info.get(PENDING_KEY)
@@ -246,24 +242,8 @@ class SessionListeners:
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
         outcome = lifecycle.ended(info, transaction, parent)
-        if type(outcome) is tuple:  # Deliver, the common outcome: handed over here
-            envelopes, outbox_bind = outcome
-            # Staging on this session is refused while it dispatches.
-            info[DISPATCHING_KEY] = True
-            try:
-                self._owner._committed(envelopes, outbox_bind)
-            finally:
-                del info[DISPATCHING_KEY]
-        elif outcome is not None:
-            self._hand_over(outcome)
-
-    def _hand_over(self, outcome: Outcome) -> None:
-        """Give the emitter what a boundary's end decided (but a plain
-        :data:`Deliver`, which ``_after_transaction_end`` hands over itself)."""
-        if isinstance(outcome, WaitForOuter):
-            _wait_for_outer(self._owner, outcome)
-        elif isinstance(outcome, Discard):
-            self._owner._discarded(outcome.events, outcome.reason)
+        if outcome is not None:
+            hand_over(self._owner, info, outcome)
 
 
 _weak_hooks: weakref.WeakKeyDictionary[
@@ -305,23 +285,3 @@ def _due_before_commit(session: Session, lifecycle: Lifecycle) -> bool:
         lifecycle.work_before_commit()
         and committing_root(session) is not None  # else a RELEASE SAVEPOINT
     )
-
-
-def _wait_for_outer(owner: Owner, outcome: WaitForOuter) -> None:
-    """Hold a joined session's committed batch until its outer transaction ends."""
-    envelopes = outcome.envelopes
-    staged = outcome.staged
-    outbox_bind = outcome.outbox_bind
-    if outbox_bind is not None:
-        # Record deliveries through a connection of its own: the joined one
-        # is the caller's, and may be in its next transaction by then.
-        outbox_bind = outbox_bind.engine
-
-    def settle(committed: bool) -> None:
-        # Runs inside the connection's own begin or pool checkin.
-        if not committed:
-            owner._discarded(staged, "rollback")
-        elif envelopes:
-            owner._committed(envelopes, outbox_bind, record_apart=True)
-
-    then_all(outcome.watches, settle)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 from support import Base, Item, Recorder, aiosqlite_engine, commit_one
@@ -632,6 +634,46 @@ def test_a_cancelled_caller_then_the_loop_ending_reports_the_timed_plugin(
     assert recorder.names == ["kept"]
     assert slow.events == []
     assert failures.sync == [("slow", "CancelledError")]
+
+
+def test_a_cancellation_landing_after_commit_still_delivers(tmp_path: Path) -> None:
+    """A client gone just after COMMIT: the cancellation lands as aiosqlite
+    resets the connection going back to the pool, so SQLAlchemy never ends
+    the transaction in the session's eyes. The committed event reaches the
+    plugins as the session goes on (here, one read); it was lost without a
+    word."""
+    recorder = Recorder()
+    emitter = AuditEmitter([recorder], load_entrypoints=False)
+    backend = Backend("aiosqlite", tmp_path / "test.db")
+
+    async def body(engine: AsyncEngine) -> None:
+        maker = async_sessionmaker(engine)
+        emitter.attach(maker)
+
+        async def handler() -> None:
+            async with maker() as session:
+
+                def disconnect(_session: Any) -> None:
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.cancel()  # lands at the next await: the pool's reset
+
+                sync_session = session.sync_session
+                sqlalchemy_event.listen(sync_session, "after_commit", disconnect)
+                try:
+                    await commit_items_on(session, ["kept"])
+                except asyncio.CancelledError:
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                else:
+                    pytest.fail("the cancellation did not land")
+                sqlalchemy_event.remove(sync_session, "after_commit", disconnect)
+                await session.rollback()
+                await session.execute(select(Item.id))
+
+        await asyncio.create_task(handler())
+
+    run(backend, body)
+    assert recorder.names == ["kept"]
 
 
 def test_asyncio_dispatch_with_a_plugin_committing_does_not_deadlock(

@@ -5,6 +5,8 @@ outbox rows written before COMMIT in every one of these, on every database."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 from support import Item, Recorder, outbox_rows, stored_names
 
-from access_audit import AuditEmitter, signals, stage_event
+from access_audit import AuditEmitter, signals, stage_event, staged_events
 from access_audit.outbox import Outbox
 
 
@@ -551,3 +553,82 @@ def test_an_async_session_on_psycopg_tells_the_aborted_transaction_too(
     asyncio.run(run())
     assert stored_names(engine) == []
     assert recorder.names == []
+
+
+class Interrupted(BaseException):
+    """What lands as the commit hands its connection back to the pool: an
+    asyncio cancellation as an async driver resets it, a Ctrl-C."""
+
+
+@contextlib.contextmanager
+def interrupted_once(engine: Engine) -> Iterator[None]:
+    """Raise :class:`Interrupted` from the pool's next reset of a connection
+    (after COMMIT and ``after_commit``, before ``after_transaction_end``)."""
+    armed = [True]
+
+    def interrupt(*_: Any) -> None:
+        if armed:
+            armed.clear()
+            raise Interrupted
+
+    event.listen(engine, "reset", interrupt)
+    try:
+        yield
+    finally:
+        event.remove(engine, "reset", interrupt)
+
+
+@pytest.mark.parametrize("then", ["read", "stage", "commit", "close"])
+def test_an_interrupt_as_the_commit_gives_its_connection_back_loses_nothing(
+    engine: Engine, Session: sessionmaker[Any], recorder: Recorder, then: str
+) -> None:
+    """COMMIT succeeded and ``after_commit`` ran, but SQLAlchemy never fired
+    ``after_transaction_end``: the interrupt came out of the pool's reset.
+    The events are delivered as the session goes on (a read, a stage, a
+    commit); a session closed and dropped first discards them, reason
+    ``"close"``. They were lost without a word after a read, and discarded
+    as ``"detached"`` at the next stage."""
+    discarded: list[tuple[str, str]] = []
+    ours: set[Any] = set()
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        if event.id in ours:  # not an earlier test's session, collected now
+            discarded.append((event.target_id, reason))
+
+    pool_log = logging.getLogger(engine.pool.logger.name)
+    with signals.audit_event_discarded.connected_to(note):
+        session = Session()
+        session.add(Item(name="first"))
+        stage(session, "first")
+        ours.update(staged.id for staged in staged_events(session))
+        # The pool logs the interrupt with its traceback, which pytest's
+        # log capture would keep, and the session with it, past gc.
+        pool_log.disabled = True
+        try:
+            with interrupted_once(engine):
+                session.commit()
+        except Interrupted:
+            pass  # not pytest.raises: its traceback would keep the session
+        else:
+            pytest.fail("the pool's reset was not interrupted")
+        finally:
+            pool_log.disabled = False
+        if then == "read":
+            session.execute(select(Item.id)).all()
+        elif then == "stage":
+            session.add(Item(name="second"))
+            stage(session, "second")
+            session.commit()
+        elif then == "commit":
+            session.add(Item(name="second"))
+            session.commit()
+        session.close()
+        del session
+        gc.collect()
+    assert "first" in stored_names(engine)
+    if then == "close":
+        assert recorder.names == []
+        assert discarded == [("first", "close")]
+    else:
+        assert recorder.names == (["first", "second"] if then == "stage" else ["first"])
+        assert discarded == []
