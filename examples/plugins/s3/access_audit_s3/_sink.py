@@ -52,6 +52,10 @@ def object_key(
     *gzip*), the date and hour being the batch's commit time in UTC (a naive
     timestamp is taken as UTC). Every event of a batch shares its
     ``transaction_id`` and commit time, so a batch always maps to one key.
+    A slice of a transaction after its first (the relay delivers one larger
+    than its batch in slices) adds its first event's sequence,
+    ``{transaction_id}-{sequence}.ndjson``, so that slices never overwrite
+    each other, and a slice delivered again overwrites itself.
 
     :raises ValueError: *envelopes* is empty.
     """
@@ -63,7 +67,8 @@ def object_key(
         committed = committed.replace(tzinfo=timezone.utc)
     committed = committed.astimezone(timezone.utc)
     suffix = ".ndjson.gz" if gzip else ".ndjson"
-    name = f"{committed:%Y/%m/%d/%H}/{first.transaction_id}{suffix}"
+    slice_ = f"-{first.sequence}" if first.sequence else ""
+    name = f"{committed:%Y/%m/%d/%H}/{first.transaction_id}{slice_}{suffix}"
     prefix = normalize_prefix(prefix)
     return f"{prefix}/{name}" if prefix else name
 

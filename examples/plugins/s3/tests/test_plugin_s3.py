@@ -356,6 +356,28 @@ def test_object_key_is_the_utc_commit_hour_and_transaction_id(
     assert key == f"{expected}{batch[0].transaction_id}{suffix}"
 
 
+def test_slices_of_one_transaction_are_objects_of_their_own(
+    attach: Callable[[AuditEmitter], sessionmaker[Session]],
+    endpoint_url: str,
+    s3: Any,
+    bucket: str,
+) -> None:
+    """The relay delivers a transaction larger than its batch in slices, each
+    its own ``audit_events_committed`` call: each slice is an object of its
+    own, keyed by its first event's sequence after the first slice (each
+    overwrote the one before, and only the last slice was kept)."""
+    recorder = Recorder()
+    sink = S3Sink(bucket, endpoint_url=endpoint_url)
+    commit(attach(AuditEmitter([recorder], load_entrypoints=False)), "a", "b", "c")
+    (batch,) = recorder.batches
+    sink.audit_events_committed(batch[:2])
+    sink.audit_events_committed(batch[2:])
+    first, second = object_key(batch[:2]), object_key(batch[2:])
+    assert first == object_key(batch)  # a whole transaction keeps its key
+    assert second == first.replace(".ndjson", "-2.ndjson")
+    assert keys(s3, bucket) == sorted([first, second])
+
+
 @pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
 def test_a_redelivered_batch_overwrites_the_same_object(
     attach: Callable[[AuditEmitter], sessionmaker[Session]],

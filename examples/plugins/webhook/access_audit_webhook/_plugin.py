@@ -325,6 +325,10 @@ class _Webhook:
                 content_type = "application/json"
             headers = {**common, "Content-Type": content_type}
             msg_id = str(batch[0].transaction_id)
+            if batch[0].sequence:
+                # A slice after the first (the relay's, of a transaction
+                # larger than its batch): another body, so another id.
+                msg_id += f"-{batch[0].sequence}"
             yield _Request(body.encode(), msg_id, headers, (), batch)
             return
         content_type = (

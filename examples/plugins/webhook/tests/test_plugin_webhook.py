@@ -492,6 +492,24 @@ def test_batch_mode_posts_one_array_per_commit(
         assert request.verified()
 
 
+def test_batch_slices_of_one_transaction_have_webhook_ids_of_their_own(
+    endpoint: Endpoint, make_app: Callable[..., App]
+) -> None:
+    """The relay delivers a transaction larger than its batch in slices: each
+    slice is another body, so another ``webhook-id`` (the transaction id,
+    then its first event's sequence). One id for all of them made a
+    receiver that de-duplicates by it keep the first slice only."""
+    plugin = webhook(endpoint, batch=True)
+    app = make_app(plugin)
+    batch = app.commit("a", "b", "c")
+    plugin.audit_events_committed(batch[:2])
+    plugin.audit_events_committed(batch[2:])
+    whole, first, second = (request.header("webhook-id") for request in endpoint.requests)
+    assert whole == first == str(batch[0].transaction_id)
+    assert second == f"{batch[0].transaction_id}-2"
+    assert [len(request.json()) for request in endpoint.requests] == [3, 2, 1]
+
+
 def test_rolled_back_transactions_send_nothing(
     endpoint: Endpoint, make_app: Callable[..., App]
 ) -> None:
