@@ -504,7 +504,9 @@ def test_batch_slices_of_one_transaction_have_webhook_ids_of_their_own(
     batch = app.commit("a", "b", "c")
     plugin.audit_events_committed(batch[:2])
     plugin.audit_events_committed(batch[2:])
-    whole, first, second = (request.header("webhook-id") for request in endpoint.requests)
+    whole, first, second = (
+        request.header("webhook-id") for request in endpoint.requests
+    )
     assert whole == first == str(batch[0].transaction_id)
     assert second == f"{batch[0].transaction_id}-2"
     assert [len(request.json()) for request in endpoint.requests] == [3, 2, 1]
