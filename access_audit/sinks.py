@@ -11,6 +11,7 @@ through ``audit_delivery_failed``, and the commit is not failed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -39,6 +40,10 @@ class LoggingSink:
     handlers. Nothing is serialised when the logger would drop the level. The
     sink never adds handlers: configure ``logger_name`` as you would any
     logger.
+
+    Logging handlers never raise: one that cannot write reports it on
+    stderr and goes on, so the event counts as delivered. Where every event
+    must land (an outbox's at-least-once), use :class:`JsonLinesSink`.
     """
 
     def __init__(
@@ -82,7 +87,9 @@ class JsonLinesSink:
     - A new file is created with mode ``0o600`` (audit data is sensitive;
       the umask may only narrow it). An existing file keeps its mode.
     - A write that fails raises ``OSError`` to the emitter; nothing is
-      retried or dropped silently.
+      retried or dropped silently. What part of the batch was written (a
+      disk filling up) is taken back first, under the lock, so the file
+      stays whole lines and the batch delivered again reads whole.
 
     :param path: the file; made absolute at construction, so a later
         ``chdir`` does not move it.
@@ -115,8 +122,14 @@ class JsonLinesSink:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             view = memoryview(data.encode("utf-8"))
-            while view:
-                view = view[os.write(fd, view) :]
+            start = os.fstat(fd).st_size  # the lock keeps other writers out
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)  # no torn line left behind
+                raise
             if fcntl is not None:
                 # The bytes are in the file now; let other writers go on
                 # while this batch is flushed to disk.

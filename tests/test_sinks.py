@@ -295,6 +295,40 @@ def test_json_lines_sink_completes_short_writes(
     assert [AuditEventEnvelope.from_dict(line) for line in _lines(path)] == batch
 
 
+def test_json_lines_sink_takes_back_a_batch_the_disk_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills after part of a batch was written: the part is taken
+    back before the error is raised, so the file stays whole lines, and the
+    batch delivered again (the relay's retry) reads as whole events. A torn
+    line was left, and the next append joined onto it."""
+    path = tmp_path / "audit.jsonl"
+    sink = JsonLinesSink(path, fsync=False)
+    first = [_envelope(0, 0, 0)]
+    sink.audit_events_committed(first)
+    real_write = os.write
+    calls: list[int] = []
+
+    def filling(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, data[:100])  # part of the batch fits
+        raise OSError(28, "No space left on device")
+
+    batch = [_envelope(0, 0, index) for index in range(1, 3)]
+    monkeypatch.setattr(os, "write", filling)
+    with pytest.raises(OSError, match="No space"):
+        sink.audit_events_committed(batch)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert [AuditEventEnvelope.from_dict(line) for line in _lines(path)] == first
+    sink.audit_events_committed(batch)  # delivered again
+    assert [AuditEventEnvelope.from_dict(line) for line in _lines(path)] == [
+        *first,
+        *batch,
+    ]
+
+
 def test_json_lines_sink_write_failure_reaches_the_emitter(
     memory_engine: Any, tmp_path: Path
 ) -> None:
