@@ -20,8 +20,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 The function is named after a hook of :class:`AuditEventsPluginSpec` and may
 take any subset of its arguments. ``tryfirst=True`` and ``trylast=True``
-order the calls as in pluggy; ``wrapper=True`` and ``hookwrapper=True`` are
-refused at registration.
+order the plain (``def``) implementations as in pluggy; ``async def`` ones
+run side by side in tasks of their own, before the plain ones, whatever
+their marks. ``wrapper=True`` and ``hookwrapper=True`` are refused at
+registration.
 """
 
 
