@@ -645,14 +645,46 @@ def test_flask_relay_command_errors_are_one_line(tmp_path: Path) -> None:
 def test_flask_relay_command_that_gives_up_on_the_database_says_so_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A ``--once`` run that gave up on an unreachable database ends with
-    one line and exit status 1, as ``access-audit relay`` does, not a
-    traceback."""
-    import shutil
+    """A ``--once`` run that gave up on a database error it waits out (the
+    database locked by another process, throughout) ends with one line and
+    exit status 1, as ``access-audit relay`` does, not a traceback."""
+    import sqlite3
 
     from access_audit.outbox import Outbox
 
     monkeypatch.setattr("access_audit.outbox._relay._MAX_RECONNECT_DELAY", 0.0)
+    app, db = make_app(
+        tmp_path, SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"timeout": 0}}
+    )
+    AccessAudit(app, db, outbox=Outbox(db.metadata))
+    with app.app_context():
+        db.create_all()
+        database = db.engine.url.database
+        db.engine.dispose()
+    assert database is not None
+    other = sqlite3.connect(database, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # every read waits: "database is locked"
+        result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
+    finally:
+        other.close()
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the database: database is locked"
+    )
+
+
+def test_flask_relay_command_exits_2_on_a_database_that_cannot_be_opened(
+    tmp_path: Path,
+) -> None:
+    """A database that cannot be opened at all (its directory gone) is a
+    configuration error: exit status 2 at once, one line, as ``access-audit
+    relay`` does."""
+    import shutil
+
+    from access_audit.outbox import Outbox
+
     gone = tmp_path / "gone"
     gone.mkdir()
     app, db = make_app(gone)
@@ -661,10 +693,14 @@ def test_flask_relay_command_that_gives_up_on_the_database_says_so_in_one_line(
         db.engine.dispose()
     shutil.rmtree(gone)  # the database's directory with it: cannot be opened
     result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1] == (
-        "Error: the database: unable to open database file"
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith(
+            "Error: the database refused the relay's connection (unable to open"
+        )
     )
 
 
