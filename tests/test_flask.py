@@ -20,6 +20,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from access_audit import (
     Actor,
     AuditConfigurationError,
+    AuditEventEnvelope,
     audit_context,
     hookimpl,
     stage_event,
@@ -340,6 +341,41 @@ def test_bad_plugin_import_string_fails_at_init_app(tmp_path: Path, value: Any) 
     assert "test_flask:" in str(caught.value) or "no_such_module_xyz" in str(
         caught.value
     )
+    assert "access_audit" not in app.extensions
+
+
+class Misspelt:
+    """A plugin whose hook name is misspelt: pluggy refuses it."""
+
+    @hookimpl
+    def audit_event_loged(self, envelope: AuditEventEnvelope) -> None:
+        """Never called."""
+
+
+MISSPELT = Misspelt()
+
+
+@pytest.mark.parametrize(
+    ("value", "string"),
+    [
+        (["test_flask:MISSPELT"], "test_flask:MISSPELT"),
+        (["test_flask:IMPORTED", "test_flask:IMPORTED"], "test_flask:IMPORTED"),
+    ],
+    ids=["unknown-hook", "listed-twice"],
+)
+def test_a_plugin_refused_at_registration_fails_init_app_naming_it(
+    tmp_path: Path, value: list[str], string: str
+) -> None:
+    """An ACCESS_AUDIT_PLUGINS entry that imports but is refused when
+    registered (a misspelt hook, the same object twice) names the key and
+    the string too: pluggy's error named neither."""
+    app = Flask("refused")
+    app.config["ACCESS_AUDIT_LOAD_ENTRYPOINTS"] = False
+    app.config["ACCESS_AUDIT_PLUGINS"] = value
+    with pytest.raises(AuditConfigurationError) as caught:
+        AccessAudit(app)
+    message = str(caught.value)
+    assert message.startswith(f"ACCESS_AUDIT_PLUGINS: {string!r} ")
     assert "access_audit" not in app.extensions
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import pluggy
 from flask import Flask, current_app, has_app_context, has_request_context
 
 from .._context import ActorLike, ActorResolver, to_actor
@@ -109,8 +110,8 @@ class AccessAudit:
             "ACCESS_AUDIT_RAISE_PLUGIN_ERRORS",
             options.get("raise_plugin_errors", False),
         )
-        plugins = list(options.pop("plugins", ()))
-        plugins.extend(_import_plugins(config.setdefault("ACCESS_AUDIT_PLUGINS", [])))
+        given = list(options.pop("plugins", ()))
+        configured = _import_plugins(config.setdefault("ACCESS_AUDIT_PLUGINS", []))
         options["actor_resolver"] = functools.partial(
             self._resolve_actor, options.get("actor_resolver")
         )
@@ -118,8 +119,26 @@ class AccessAudit:
             provide_request_metadata, request_metadata, options.get("metadata_provider")
         )
         if not enabled:
-            plugins, options["load_entrypoints"] = [], False
-        emitter = AuditEmitter(plugins, **options)
+            given, configured, options["load_entrypoints"] = [], [], False
+        # The emitter registers the plugins in this order, then the entry
+        # points; the entry it was taking when it refused one is named.
+        taking: list[str] = []
+
+        def plugins() -> Iterator[object]:
+            yield from given
+            for string, plugin in configured:
+                taking[:] = [string]
+                yield plugin
+            taking.clear()
+
+        try:
+            emitter = AuditEmitter(plugins(), **options)
+        except (ValueError, TypeError, pluggy.PluginValidationError) as error:
+            if not taking:
+                raise
+            raise AuditConfigurationError(
+                f"ACCESS_AUDIT_PLUGINS: {taking[0]!r} cannot be registered: {error}"
+            ) from error
         app.extensions[EXTENSION_KEY] = _AppState(emitter, db)
         app.cli.add_command(cli)
         if db is not None:
@@ -216,13 +235,14 @@ def _flag(config: Any, key: str, default: bool) -> bool:
     return value
 
 
-def _import_plugins(names: Iterable[str]) -> list[object]:
+def _import_plugins(names: Iterable[str]) -> list[tuple[str, object]]:
+    """Each import string with the plugin it names."""
     if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
         raise AuditConfigurationError(
             f"ACCESS_AUDIT_PLUGINS must be a list of import strings, got "
             f"{'the string ' if isinstance(names, str) else ''}{names!r}"
         )
-    return [import_plugin(name, "ACCESS_AUDIT_PLUGINS") for name in names]
+    return [(name, import_plugin(name, "ACCESS_AUDIT_PLUGINS")) for name in names]
 
 
 def _attach_to_flask_sqlalchemy(
