@@ -661,8 +661,9 @@ def _discard_open_at_exit() -> None:
         count += lifecycle.abandon(root.session.info, "close")
     if count:
         logger.warning(
-            "%d staged event%s discarded at exit: the process ended with "
-            "%s session transaction open, never committed",
+            "%d staged event%s discarded at exit: the process ended before "
+            "%s session transaction's end was seen (never committed, or "
+            "ended after its emitter was detached)",
             count,
             "" if count == 1 else "s",
             "its" if count == 1 else "their",
