@@ -41,6 +41,7 @@ from ._errors import AuditConfigurationError
 from ._ids import as_uuid, with_inverted_tail
 from ._logging import event_ids, logger
 from ._outer import OuterWatch, then_all, watch_outer
+from ._registry import emitter_for
 from ._sqla import (
     autobegin,
     checked_engine_options,
@@ -628,9 +629,21 @@ class UnsettledLifecycle(Lifecycle):
             return
         try:
             events = [staged for level in self.levels.values() for staged in level]
-            self.owner._discarded(events, "close")
+            self.owner._discarded(events, self.unheard_reason())
         except Exception:  # pragma: no cover - during interpreter shutdown
             pass
+
+    def unheard_reason(self) -> DiscardReason:
+        """Why events no listener will settle are discarded: ``"detached"``
+        when the emitter no longer owns the session (its transaction may
+        have ended under another, or none), else ``"close"``."""
+        try:
+            owner = emitter_for(self.root.session)
+        except AuditConfigurationError:
+            return "detached"
+        except Exception:  # a selector that needs what is gone (an app context)
+            return "close"
+        return "close" if owner is self.owner else "detached"
 
 
 @atexit.register
@@ -658,7 +671,7 @@ def _discard_open_at_exit() -> None:
             continue  # its commit is under way (in a daemon thread)
         # Out of its session: a later close() or commit() (another exit
         # handler's) finds nothing to discard again or to deliver.
-        count += lifecycle.abandon(root.session.info, "close")
+        count += lifecycle.abandon(root.session.info, lifecycle.unheard_reason())
     if count:
         logger.warning(
             "%d staged event%s discarded at exit: the process ended before "

@@ -112,7 +112,9 @@ def test_session_dropped_with_its_transaction_open_reports_its_events(
 def test_events_of_a_detached_emitter_are_reported_when_the_session_goes(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:
-    """Detached while events wait, then committed and dropped: they are reported."""
+    """Detached while events wait, then committed and dropped: they are
+    reported, as "detached" (its transaction ended while the emitter was
+    detached; "close" said it never committed)."""
     maker = sessionmaker(engine)
     emitter.attach(maker)
     with capture_audit_events() as audit_events:
@@ -125,7 +127,7 @@ def test_events_of_a_detached_emitter_are_reported_when_the_session_goes(
         del session
         gc.collect()
         assert [(d.event.target_id, d.reason) for d in audit_events.discarded] == [
-            ("orphaned", "close")
+            ("orphaned", "detached")
         ]
     assert stored_names(engine) == ["orphaned"]
 
