@@ -577,11 +577,12 @@ def test_flask_relay_command_delivers_a_relay_only_apps_events_at_once(
 
 
 def test_flask_relay_command_needs_an_outbox(tmp_path: Path) -> None:
-    """Without an outbox the relay command fails with a clear message."""
+    """Without an outbox the relay command fails with a clear message: a
+    configuration error, exit status 2 (it was 1, a database error's)."""
     app, db = make_app(tmp_path)
     AccessAudit(app, db)
     result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
     assert "no outbox" in result.output
 
 
@@ -625,7 +626,7 @@ def test_flask_relay_command_refuses_another_delivery_store(tmp_path: Path) -> N
     app, db = make_app(tmp_path)
     AccessAudit(app, db, outbox=Foreign())  # type: ignore[arg-type]
     result = app.test_cli_runner().invoke(args=["access-audit", "relay", "--once"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
     assert "Outbox" in result.output
 
 

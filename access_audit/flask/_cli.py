@@ -126,13 +126,13 @@ def relay(
     emitter = AccessAudit.emitter_of(current_app)
     outbox = emitter.outbox
     if outbox is None:
-        raise click.ClickException(
+        raise _Refused(
             "this app's emitter has no outbox: create AccessAudit(..., "
             "outbox=Outbox(db.metadata)) to use the relay"
         )
     if not isinstance(outbox, Outbox):
         # The relay reads and updates the Outbox's own table layout.
-        raise click.ClickException(
+        raise _Refused(
             f"this app's emitter delivers through {outbox!r}, not an "
             "access_audit.outbox.Outbox: relay it with its own tools"
         )
