@@ -405,9 +405,13 @@ class Lifecycle:
         """
         if parent is None:
             if transaction is not self.root:
+                if transaction.session.get_transaction() is self.root:
+                    # An earlier transaction, ending after an application's
+                    # listener staged this one's first event: not ours.
+                    return None
                 # A later transaction of the session: this one's own end
                 # went unheard.
-                return self.unheard_end(info, "close")
+                return self.unheard_end(info)
             # The outermost transaction ended, every SAVEPOINT in it before.
             del info[PENDING_KEY]
             self.__class__ = Lifecycle  # self.settle(), without the call
@@ -455,9 +459,7 @@ class Lifecycle:
         # flush error, invalidate()).
         return Discard(dropped, "close" if committed is None else reason)
 
-    def unheard_end(
-        self, info: dict[Any, Any], unheard: DiscardReason
-    ) -> Outcome | None:
+    def unheard_end(self, info: dict[Any, Any]) -> Outcome | None:
         """Settle a lifecycle whose outermost transaction ended without its
         ``after_transaction_end``, found as the session goes on (a later
         transaction ends, or stages).
@@ -465,10 +467,10 @@ class Lifecycle:
         SQLAlchemy fires that event last, after giving the connection back
         to the pool; a ``BaseException`` raised there (an asyncio
         cancellation landing as an async driver resets the connection, a
-        Ctrl-C) ends the transaction unheard. What ``after_commit`` or
-        ``after_rollback`` heard decides: delivered if COMMIT succeeded,
-        discarded (reason ``"rollback"``) if it rolled back, else discarded
-        for *unheard* (its listeners were removed: ``"detached"``).
+        Ctrl-C) ends the transaction unheard, and so does ``detach()``.
+        What ``after_commit`` or ``after_rollback`` heard decides: delivered
+        if COMMIT succeeded, discarded (reason ``"rollback"``) if it rolled
+        back; neither heard, the emitter was detached (``"detached"``).
         """
         committed = self.finished.get(self.root)
         if committed:
@@ -476,12 +478,12 @@ class Lifecycle:
             for level in [level for level in self.levels if level is not self.root]:
                 self.levels.setdefault(self.root, []).extend(self.levels.pop(level))
             return self.ended(info, self.root, None)
-        self.abandon(info, "rollback" if committed is False else unheard)
+        self.abandon(info, "rollback" if committed is False else "detached")
         return None
 
-    def settle_unheard(self, info: dict[Any, Any], unheard: DiscardReason) -> None:
+    def settle_unheard(self, info: dict[Any, Any]) -> None:
         """:meth:`unheard_end`, its outcome handed over to the emitter."""
-        outcome = self.unheard_end(info, unheard)
+        outcome = self.unheard_end(info)
         if outcome is not None:
             hand_over(self.owner, info, outcome)
 
@@ -782,7 +784,7 @@ def stage_on(session: Session, owner: Owner, staged: StagedEvent) -> None:
     lifecycle: Lifecycle | None = info.get(PENDING_KEY)
     if lifecycle is not None and lifecycle.root is not root:
         # Its transaction ended while no listener of ours heard its end.
-        lifecycle.settle_unheard(info, "detached")
+        lifecycle.settle_unheard(info)
         lifecycle = None
     if lifecycle is None:
         # The first event of this transaction: check where it will commit.

@@ -183,7 +183,7 @@ class SessionListeners:
         if lifecycle.root is not session.get_transaction():
             # An earlier transaction's, whose end went unheard; this one
             # staged nothing (staging would have settled it).
-            lifecycle.settle_unheard(session.info, "close")
+            lifecycle.settle_unheard(session.info)
             return
         if lifecycle.may_abort and lifecycle.aborted(session):
             return

@@ -89,7 +89,9 @@ class JsonLinesSink:
     - A write that fails raises ``OSError`` to the emitter; nothing is
       retried or dropped silently. What part of the batch was written (a
       disk filling up) is taken back first, under the lock, so the file
-      stays whole lines and the batch delivered again reads whole.
+      stays whole lines and the batch delivered again reads whole (where
+      there is ``flock``, and among writers that take it: logrotate's
+      ``copytruncate`` does not).
 
     :param path: the file; made absolute at construction, so a later
         ``chdir`` does not move it.
@@ -122,13 +124,16 @@ class JsonLinesSink:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             view = memoryview(data.encode("utf-8"))
-            start = os.fstat(fd).st_size  # the lock keeps other writers out
+            # Under the lock no other writer appends: what this batch wrote
+            # can be taken back. Without one (no flock), it is left.
+            start = os.fstat(fd).st_size if fcntl is not None else None
             try:
                 while view:
                     view = view[os.write(fd, view) :]
             except OSError:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start)  # no torn line left behind
+                if start is not None:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)  # no torn line left behind
                 raise
             if fcntl is not None:
                 # The bytes are in the file now; let other writers go on

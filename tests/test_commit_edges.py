@@ -632,3 +632,68 @@ def test_an_interrupt_as_the_commit_gives_its_connection_back_loses_nothing(
     else:
         assert recorder.names == (["first", "second"] if then == "stage" else ["first"])
         assert discarded == []
+
+
+def test_an_event_staged_as_the_last_transaction_ends_is_sent_with_the_next(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An application's ``after_transaction_end`` listener, registered
+    before ``attach()``, stages the next step of a workflow on the session
+    as a transaction ends: that event belongs to the next transaction, and
+    is sent when it commits. (Our own listener, running after it, took the
+    new transaction's events for a stale one's and discarded them.)"""
+    maker = sessionmaker(engine)
+    followups = ["second"]
+
+    def next_step(session: OrmSession, transaction: Any) -> None:
+        if transaction.parent is None and followups and session.info.get("go"):
+            name = followups.pop()
+            session.add(Item(name=name))
+            stage(session, name)
+
+    event.listen(maker, "after_transaction_end", next_step)
+    emitter.attach(maker)
+    discarded: list[str] = []
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append(event.target_id)
+
+    with signals.audit_event_discarded.connected_to(note), maker() as session:
+        session.add(Item(name="first"))
+        stage(session, "first")
+        session.info["go"] = True
+        session.commit()  # the next step is staged as this one ends
+        session.info["go"] = False
+        session.commit()
+    assert sorted(stored_names(engine)) == ["first", "second"]
+    assert recorder.names == ["first", "second"]
+    assert discarded == []
+
+
+@pytest.mark.parametrize("then", ["commit", "rollback"])
+def test_events_a_detached_emitter_left_are_reported_detached_when_attached_again(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, then: str
+) -> None:
+    """Staged, the emitter detached, the transaction committed unheard, the
+    emitter attached again: the session's next transaction ending reports
+    the events as "detached" (they said "close", which says no COMMIT came)."""
+    maker = sessionmaker(engine)
+    emitter.attach(maker)
+    discarded: list[tuple[str, str]] = []
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        discarded.append((event.target_id, reason))
+
+    try:
+        with signals.audit_event_discarded.connected_to(note), maker() as session:
+            session.add(Item(name="first"))
+            stage(session, "first")
+            emitter.detach(maker)
+            session.commit()
+            emitter.attach(maker)
+            session.execute(select(Item.id)).all()
+            getattr(session, then)()
+    finally:
+        emitter.detach(maker)
+    assert recorder.names == []
+    assert discarded == [("first", "detached")]

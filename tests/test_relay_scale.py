@@ -1143,6 +1143,68 @@ def test_arelay_raises_on_a_database_that_refuses_it_for_good(wrong: str) -> Non
     assert "audit_no_such" in str(raised.value)
 
 
+def test_a_refusal_once_the_relay_runs_is_waited_out(
+    sqlite_file_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a relay that never got in takes a refusal for a configuration
+    error: once running, "unable to open database file" (SQLite says so
+    when the process runs out of file descriptors for a moment) is waited
+    out as any database error (the relay exited)."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    import access_audit.outbox._relay as relay_module
+
+    outbox = Outbox(relay_after=timedelta(0))
+    outbox.create(sqlite_file_engine)
+    sink = Counter()
+    commit_events(
+        sqlite_file_engine, emitter_for(outbox, sink, dispatch="relay"), ["a"]
+    )
+    real_batch = relay_module._relay_batch
+    calls: list[int] = []
+
+    def out_of_descriptors_once(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            orig = sqlite3.OperationalError("unable to open database file")
+            orig.sqlite_errorcode = 14  # type: ignore[attr-defined]
+            raise OperationalError("SELECT", {}, orig)
+        return real_batch(*args)
+
+    monkeypatch.setattr(relay_module, "_relay_batch", out_of_descriptors_once)
+    stats = emitter_for(outbox, sink).relay(sqlite_file_engine, once=True)
+    assert stats.reconnects == 1
+    assert sink.order == ["a"]
+
+
+@pytest.mark.parametrize(
+    "orig",
+    [
+        ({"S": "FATAL", "C": "3D000", "M": 'database "x" does not exist'},),
+        ({"S": "ERROR", "C": "57P01", "M": "terminating connection"},),
+        (["a list"],),
+    ],
+    ids=["pg8000-no-database", "pg8000-terminated", "unhashable"],
+)
+def test_a_refusal_is_read_from_any_driver_s_error_arguments(orig: tuple[Any]) -> None:
+    """pg8000 puts the server's fields in a dict as the error's argument: its
+    SQLSTATE is read there, and an argument of any type is no crash (a
+    dict raised TypeError inside the relay's error handling)."""
+    from sqlalchemy.exc import OperationalError
+
+    from access_audit.outbox._relay import refused_for_good
+
+    class DriverError(Exception):
+        pass
+
+    error = OperationalError("connect", {}, DriverError(*orig))
+    first = orig[0]
+    expected = isinstance(first, dict) and first["C"] == "3D000"
+    assert (refused_for_good(error) is not None) is expected
+
+
 UPDATE_OUTBOX = re.compile(r"^\s*UPDATE\s+[`\"]?(\w+\.)?scale_outbox[`\"]?\s", re.I)
 
 

@@ -342,18 +342,26 @@ def refused_for_good(error: BaseException) -> str | None:
     exist, a wrong password, no ``pg_hba.conf`` entry; a SQLite file whose
     directory does not exist. None for any other error.
 
-    Known by PostgreSQL's SQLSTATE (asyncpg), MySQL's error number (pymysql
-    and the other MySQL drivers) or SQLite's error code; libpq (psycopg,
-    psycopg2) gives no SQLSTATE for a refused connection, so there the
-    server's message says it (in English, the server's default).
+    Known by PostgreSQL's SQLSTATE (asyncpg; pg8000 gives it among the
+    server's fields), MySQL's error number (pymysql and the other MySQL
+    drivers) or SQLite's error code; libpq (psycopg, psycopg2) gives no
+    SQLSTATE for a refused connection, so there the server's message says
+    it (in English, the server's default).
+
+    Asked only until the relay first got in: once it runs, the same errors
+    are waited out (SQLite cannot open its file when the process is out of
+    file descriptors for a moment; a database restored under it is back).
     """
     if not isinstance(error, exc.DBAPIError) or error.orig is None:
         return None
     orig = error.orig
-    arguments = orig.args
+    first = orig.args[0] if orig.args else None
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is None and isinstance(first, dict):  # pg8000: the server's fields
+        sqlstate = first.get("C")
     refused = (
-        getattr(orig, "sqlstate", None) in _REFUSED_SQLSTATES
-        or (bool(arguments) and arguments[0] in _REFUSED_MYSQL)
+        sqlstate in _REFUSED_SQLSTATES
+        or (type(first) is int and first in _REFUSED_MYSQL)
         or getattr(orig, "sqlite_errorcode", None) == _SQLITE_CANTOPEN
         or _REFUSED_LIBPQ.search(str(orig)) is not None
     )
@@ -441,7 +449,7 @@ def _poll(
                     _count_missing(bind, outbox, plugins, stats)
                     counted_at = time.monotonic()
         except Exception as error:
-            reason = refused_for_good(error)
+            reason = None if checked else refused_for_good(error)
             if reason is not None:
                 raise AuditConfigurationError(
                     f"the database refused the relay's connection ({reason}); "
