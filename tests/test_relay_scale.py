@@ -39,6 +39,7 @@ from access_audit.outbox import (
     Outbox,
     RelayStats,
     count_pending,
+    list_dead,
     prune,
     retry_dead,
     status,
@@ -1203,6 +1204,63 @@ def test_a_refusal_is_read_from_any_driver_s_error_arguments(orig: tuple[Any]) -
     first = orig[0]
     expected = isinstance(first, dict) and first["C"] == "3D000"
     assert (refused_for_good(error) is not None) is expected
+
+
+class Gate:
+    """A plugin that blocks in its delivery until ``opened`` is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.order: list[str] = []
+
+    @hookimpl
+    def audit_event_logged(self, envelope: AuditEventEnvelope) -> None:
+        self.entered.set()
+        self.opened.wait(30)
+        self.order.append(envelope.target_id)
+
+
+def test_retry_dead_waits_for_a_relay_holding_the_event(
+    engine: Engine, due_outbox: Outbox
+) -> None:
+    """An event recorded for two plugins: one gave up on it (dead), the
+    other's relay is delivering it. ``retry_dead`` meanwhile waits for that
+    relay's batch, then makes the dead delivery due: the relay, saving the
+    states it had read, rewrote it as dead, and the retry was lost."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite takes one writer at a time: no relay runs beside it")
+    dying, gate = Counter(failing=True), Gate()
+    writer = emitter_for(due_outbox, dying, dispatch="relay")
+    writer.register(gate, name="gated")
+    commit_events(engine, writer, ["a"])
+    only_dying = emitter_for(due_outbox, dying)
+    only_dying.relay(engine, max_attempts=1)  # "sink" gives up on "a"
+    assert [row["dead_plugins"] for row in list_dead(engine, due_outbox)] == [
+        {"sink": "RuntimeError('down')"}
+    ]
+    only_gated = AuditEmitter(load_entrypoints=False, outbox=due_outbox)
+    only_gated.register(gate, name="gated")
+    relaying = threading.Thread(target=only_gated.relay, args=(engine,))
+    relaying.start()
+    try:
+        assert gate.entered.wait(30)  # the relay holds "a"
+        retried: list[int] = []
+        retrying = threading.Thread(
+            target=lambda: retried.append(retry_dead(engine, due_outbox))
+        )
+        retrying.start()
+        time.sleep(0.5)  # retry_dead runs against the held event
+    finally:
+        gate.opened.set()
+        relaying.join(30)
+    retrying.join(30)
+    assert retried == [1]
+    assert list_dead(engine, due_outbox) == []
+    dying.failing = False
+    only_dying.relay(engine)
+    assert dying.order == ["a"] and gate.order == ["a"]
+    assert count_pending(engine, due_outbox) == 0
 
 
 UPDATE_OUTBOX = re.compile(r"^\s*UPDATE\s+[`\"]?(\w+\.)?scale_outbox[`\"]?\s", re.I)

@@ -794,9 +794,11 @@ def retry_dead(
     """Make dead deliveries due again (for *plugins*, or all); returns the
     number of events changed.
 
-    Plugins that already took an event are not sent it again.
+    Plugins that already took an event are not sent it again. An event a
+    relay holds (it is delivering it to other plugins) is waited for: that
+    relay writes the event's states as it read them when its batch ends.
     """
-    state = outbox.delivery_table
+    table, state = outbox.table, outbox.delivery_table
     now = datetime.now(timezone.utc)
     dead = (state.c.state == DEAD) & (state.c.plugin != PARKED)
     changed: set[str] = set()
@@ -811,6 +813,13 @@ def retry_dead(
                 ).scalars()
             )
             for part in chunks(connection, ids):
+                # The lock a relay takes on the events it delivers: wait for
+                # its batch, then change what it wrote (SQLite: one writer).
+                connection.execute(
+                    select(table.c.id)
+                    .where(one_of(connection, table.c.id, part))
+                    .with_for_update()
+                ).all()
                 connection.execute(
                     update(state)
                     .where(its, one_of(connection, state.c.event_id, part))
