@@ -91,7 +91,13 @@ class RelayOptions:
 
     once: bool = _option(False, CliOption(None, "exit when nothing is due"))
     interval: float = _option(1.0, CliOption(float, "seconds between polls"))
-    batch_size: int = _option(500, CliOption(int, "rows per batch"))
+    batch_size: int = _option(
+        500,
+        CliOption(
+            int,
+            "rows a batch aims for (a larger transaction goes in slices of 200 to 1,000 rows)",
+        ),
+    )
     max_attempts: int = _option(
         8, CliOption(int, "attempts before a delivery is given up (dead)")
     )
