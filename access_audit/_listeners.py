@@ -130,10 +130,10 @@ class SessionListeners:
             return
         if target in self._watching:
             self._watching.discard(target)
-            event.remove(target, "after_begin", self._after_begin)
+            _remove(target, "after_begin", self._after_begin)
         names = self._installed.pop(target, None)
         for name in names or ():
-            event.remove(target, name, self._hooks[name])
+            _remove(target, name, self._hooks[name])
 
     def watch_connections(self, session: Session, on_instance: bool) -> None:
         """Have ``after_begin`` check the connections *session* acquires.
@@ -275,8 +275,33 @@ def _remove_hooks(
     hooks = _weak_hooks.get(target)
     if hooks:
         for entry in [entry for entry in hooks if which(entry[2]())]:
-            event.remove(target, entry[1], entry[0])
+            _remove(target, entry[1], entry[0])
             hooks.remove(entry)
+
+
+def _remove(target: ListenTarget, name: str, hook: Callable[..., Any]) -> None:
+    """``event.remove``, then take *hook* out of *target*'s listeners if it
+    is still there.
+
+    SQLAlchemy's registry is keyed by ids and can keep the entry of a
+    collected class whose listener had the same ids (a sessionmaker per
+    test, an emitter per test): ``listen`` then installs ours but leaves
+    that entry, and ``remove`` takes its dead function instead of ours.
+    """
+    event.remove(target, name, hook)
+    listeners = getattr(target.dispatch, name)
+    by_class = getattr(listeners, "_clslevel", None)
+    if by_class is not None:  # a class: its own listeners and its subclasses'
+        found = [
+            each
+            for cls, each in list(by_class.items())
+            if isinstance(target, type) and issubclass(cls, target)
+        ]
+    else:  # a session instance
+        found = [getattr(listeners, "listeners", ())]
+    for each in found:
+        while hook in each:
+            each.remove(hook)
 
 
 def _due_before_commit(session: Session, lifecycle: Lifecycle) -> bool:

@@ -428,3 +428,31 @@ def test_events_stay_on_their_session(
         assert [len(batch) for batch in recorder.batches] == [1] * len(recorder.names)
         assert len({e.transaction_id for e in recorder.events}) == len(recorder.names)
     assert stored_names(engine) == sorted(["one", *expected])
+
+
+@SQLITE_ONLY
+def test_detach_removes_the_listeners_whatever_sqlalchemy_s_registry_holds(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """SQLAlchemy's event registry is keyed by ids, and can keep the entry of
+    a collected class whose listener had the same ids: ``event.remove``
+    then takes that entry's (dead) function instead of ours, and the
+    emitter went on delivering after ``detach()`` (a flaky failure in a
+    long test run). Such an entry is planted here."""
+    import weakref
+
+    from sqlalchemy.event import registry
+
+    maker = sessionmaker(engine)
+    for name, hook in emitter._listeners._hooks.items():
+        key = registry._EventKey(maker.class_, name, hook, None)._key
+        owner = getattr(maker.class_.dispatch, name).ref
+        # A collected class's listener: nothing refers to it, so it is dead.
+        registry._key_to_collection[key][owner] = weakref.ref(lambda *_: None)
+    emitter.attach(maker)
+    session = maker()
+    operation(session, "a")
+    emitter.detach(maker)
+    session.commit()
+    session.close()
+    assert recorder.events == []
