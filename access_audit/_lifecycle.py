@@ -473,10 +473,7 @@ class Lifecycle:
         back; neither heard, the emitter was detached (``"detached"``).
         """
         committed = self.finished.get(self.root)
-        if committed:
-            # Whatever SAVEPOINT levels are left went with the COMMIT.
-            for level in [level for level in self.levels if level is not self.root]:
-                self.levels.setdefault(self.root, []).extend(self.levels.pop(level))
+        if committed:  # its SAVEPOINTs ended, heard, before its COMMIT
             return self.ended(info, self.root, None)
         self.abandon(info, "rollback" if committed is False else "detached")
         return None

@@ -290,12 +290,10 @@ def _remove(target: ListenTarget, name: str, hook: Callable[..., Any]) -> None:
     """
     event.remove(target, name, hook)
     listeners = getattr(target.dispatch, name)
-    by_class = getattr(listeners, "_clslevel", None)
-    if by_class is not None:  # a class: its own listeners and its subclasses'
+    if isinstance(target, type):  # its own listeners and its subclasses'
+        by_class = listeners._clslevel
         found = [
-            each
-            for cls, each in list(by_class.items())
-            if isinstance(target, type) and issubclass(cls, target)
+            each for cls, each in list(by_class.items()) if issubclass(cls, target)
         ]
     else:  # a session instance
         found = [getattr(listeners, "listeners", ())]
