@@ -143,9 +143,9 @@ def refuse(
         # The session will join inside it.
         foreign = outer and bind.in_nested_transaction()
     else:
-        foreign = _watched(owner, transaction, commits) and (
-            encloses_foreign_savepoint(transaction, session.join_transaction_mode)
-            or foreign_savepoint_open(session, bind)
+        foreign = foreign_savepoint_open(session, bind) or (
+            _watched(owner, transaction, commits)
+            and encloses_foreign_savepoint(transaction, session.join_transaction_mode)
         )
     if foreign:
         raise AuditConfigurationError(FOREIGN_SAVEPOINT)
@@ -156,9 +156,7 @@ def refuse(
     )
 
 
-def refuse_foreign_savepoints(
-    session: Session, root: SessionTransaction, owner: Owner
-) -> None:
+def refuse_foreign_savepoints(session: Session, root: SessionTransaction) -> None:
     """Raise if a connection of the session's transaction *root* is inside a
     SAVEPOINT the session did not open (see :func:`refuse`).
 
@@ -172,19 +170,19 @@ def refuse_foreign_savepoints(
 
     :raises AuditConfigurationError: such a SAVEPOINT is open.
     """
-    for connection, transaction, commits in session_connections(root):
-        if _watched(owner, transaction, commits) and foreign_savepoint_open(
-            session, connection
-        ):
+    for connection, _transaction, _commits in session_connections(root):
+        if foreign_savepoint_open(session, connection):
             raise AuditConfigurationError(FOREIGN_SAVEPOINT)
 
 
 def _watched(owner: Owner, transaction: Transaction, commits: bool) -> bool:
-    """Whether a SAVEPOINT the session did not open on *transaction*'s
-    connection is refused: always where the session's commit ends the
-    transaction, and on a joined one unless the emitter delivers on the
-    session's own commit (``joined_transactions="session"``, whose suites
-    roll an enclosing SAVEPOINT back by design)."""
+    """Whether a SAVEPOINT that the session did not open and that encloses
+    *transaction* (the one the session joined) is refused: always where the
+    session's commit ends the transaction, and on a joined one unless the
+    emitter delivers on the session's own commit
+    (``joined_transactions="session"``, whose suites roll an enclosing
+    SAVEPOINT back by design). One begun inside the session's transaction,
+    after it joined, is refused in every mode."""
     return owner.joined_transactions == "outer" or ends_outer_transaction(
         transaction, commits
     )

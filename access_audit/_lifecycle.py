@@ -316,7 +316,7 @@ class Lifecycle:
         :raises AuditConfigurationError: such a SAVEPOINT is open.
         """
         if in_savepoint(self.root):
-            refuse_foreign_savepoints(session, self.root, self.owner)
+            refuse_foreign_savepoints(session, self.root)
 
     # -- the commit ------------------------------------------------------
 
@@ -449,6 +449,12 @@ class Lifecycle:
                 dropped = None
             elif dropped:
                 self._forget(dropped)
+                if self.built:
+                    # Built before COMMIT (an outbox) in a SAVEPOINT that a
+                    # before_commit listener opened: the last ones built,
+                    # their rows gone with it.
+                    gone = {staged._id_int for staged in dropped}
+                    self.built = [e for e in self.built if e.id.int not in gone]
             if not self.levels:
                 del info[PENDING_KEY]
                 self.settle()

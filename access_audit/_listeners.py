@@ -40,6 +40,10 @@ class SessionListeners:
     )
     """The session events listened to; each by the method ``_`` + its name."""
 
+    ENDINGS = frozenset(("after_commit", "after_rollback", "after_transaction_end"))
+    """Listened to ahead of the application's own listeners (``before_commit``
+    and the flush events after them: they see what those listeners did)."""
+
     WRITE_EVENTS = ("after_flush", "do_orm_execute")
     """Also listened to with an outbox, where sessions may work in several
     databases: which databases a transaction wrote to, where its rows go
@@ -91,14 +95,14 @@ class SessionListeners:
             name for name in self._hooks if several or name not in self.WRITE_EVENTS
         ]
         for name in names:
-            # after_commit first: an application's after_commit listener
-            # that raises stops the listeners after it, and the session
-            # is then closed with its COMMIT done, unheard.
+            # The endings first: an application's listener that raises
+            # stops the listeners after it, and an ending they miss goes
+            # unheard (a COMMIT done, a SAVEPOINT released, a rollback).
             event.listen(
                 target,
                 name,
                 self._hook(target, name),
-                insert=name == "after_commit",
+                insert=name in self.ENDINGS,
             )
         self._installed[target] = names
 

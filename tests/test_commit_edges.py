@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -438,6 +439,138 @@ def test_an_app_after_commit_listener_that_raises_first_loses_no_event(
         emitter.detach(maker)
     assert stored_names(engine) == ["kept"]
     assert recorder.names == ["kept"]
+
+
+@contextlib.contextmanager
+def raising_first(
+    maker: sessionmaker, emitter: AuditEmitter, name: str
+) -> Iterator[dict[str, Any]]:
+    """An application's *name* listener, registered before ``attach()``,
+    that raises once when ``armed["on"]`` is a predicate its transaction
+    satisfies; yields *armed*, and the discards seen (``armed["discarded"]``)."""
+    armed: dict[str, Any] = {"on": None, "discarded": []}
+
+    def listener(session: OrmSession, *args: Any) -> None:
+        test = armed["on"]
+        if test is not None and test(session, *args):
+            armed["on"] = None
+            raise ConnectionError("cache down")
+
+    def note(sender: object, event: Any, reason: str) -> None:
+        armed["discarded"].append((event.target_id, reason))
+
+    event.listen(maker, name, listener)
+    emitter.attach(maker)
+    try:
+        with signals.audit_event_discarded.connected_to(note):
+            yield armed
+    finally:
+        emitter.detach(maker)
+
+
+def test_an_app_end_listener_that_raises_first_after_commit_loses_no_event(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An application's after_transaction_end listener registered before
+    attach() raises as the committed transaction ends: commit() raises,
+    the session is closed as usual, and the event is sent (not discarded
+    as if nothing had committed)."""
+    maker = sessionmaker(engine)
+    with raising_first(maker, emitter, "after_transaction_end") as armed:
+        with maker() as session:
+            session.add(Item(name="kept"))
+            stage(session, "kept")
+            armed["on"] = lambda session, transaction: transaction.parent is None
+            with pytest.raises(ConnectionError):
+                session.commit()
+        gc.collect()
+    assert stored_names(engine) == ["kept"]
+    assert (recorder.names, armed["discarded"]) == (["kept"], [])
+
+
+@pytest.mark.parametrize("ending", ["release", "rollback"])
+def test_an_app_end_listener_that_raises_first_at_a_savepoint_loses_no_event(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, ending: str
+) -> None:
+    """The same listener raising as a SAVEPOINT ends: its events follow
+    the SAVEPOINT's fate (sent with the commit after a release, discarded
+    with reason ``"savepoint_rollback"`` after a rollback), never dropped
+    without a word."""
+    maker = sessionmaker(engine)
+    with raising_first(maker, emitter, "after_transaction_end") as armed:
+        with maker() as session:
+            stage(session, "outer")
+            savepoint = session.begin_nested()
+            session.add(Item(name="inner"))
+            stage(session, "inner")
+            armed["on"] = lambda session, transaction: transaction.nested
+            with pytest.raises(ConnectionError):
+                savepoint.commit() if ending == "release" else savepoint.rollback()
+            session.commit()
+        gc.collect()
+    if ending == "release":
+        assert (stored_names(engine), recorder.names) == (["inner"], ["outer", "inner"])
+        assert armed["discarded"] == []
+    else:
+        assert (stored_names(engine), recorder.names) == ([], ["outer"])
+        assert armed["discarded"] == [("inner", "savepoint_rollback")]
+
+
+def test_an_app_rollback_listener_that_raises_first_reports_the_rollback(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """An application's after_rollback listener registered before attach()
+    raises: the events are discarded with reason ``"rollback"``, which is
+    what happened, and the next transaction's are sent."""
+    maker = sessionmaker(engine)
+    with raising_first(maker, emitter, "after_rollback") as armed:
+        with maker() as session:
+            session.add(Item(name="undone"))
+            stage(session, "undone")
+            armed["on"] = lambda session: True
+            with pytest.raises(ConnectionError):
+                session.rollback()
+            stage(session, "next")
+            session.commit()
+        gc.collect()
+    assert (recorder.names, armed["discarded"]) == (["next"], [("undone", "rollback")])
+
+
+@pytest.mark.parametrize("dispatch", ["inline", "relay"])
+@pytest.mark.parametrize("ending", ["release", "rollback"])
+def test_a_savepoint_a_before_commit_listener_opens_holds_its_outbox_rows(
+    engine: Engine, outbox: Outbox, recorder: Recorder, ending: str, dispatch: str
+) -> None:
+    """An application's before_commit listener opens a SAVEPOINT, stages in
+    it and ends it, having run no SQL there. The event's outbox row is
+    written in the SAVEPOINT: rolled back, neither the row nor a delivery
+    stays (the event is discarded); released, both do."""
+    outbox.relay_after = timedelta(0)
+    emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch=dispatch)
+    emitter.register(recorder, name="recorder")
+    maker = sessionmaker(engine)
+
+    def optional_step(session: OrmSession) -> None:
+        if session.info.pop("optional", False):
+            savepoint = session.begin_nested()
+            stage(session, "optional")
+            savepoint.commit() if ending == "release" else savepoint.rollback()
+
+    emitter.attach(maker)
+    event.listen(maker, "before_commit", optional_step)
+    try:
+        with maker() as session:
+            stage(session, "main")
+            session.info["optional"] = True
+            session.commit()
+    finally:
+        emitter.detach(maker)
+    kept = ["main", "optional"] if ending == "release" else ["main"]
+    if dispatch == "relay":
+        assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == kept
+        assert recorder.names == []
+        emitter.relay(engine, once=True)
+    assert recorder.names == kept
 
 
 def test_staging_after_a_failed_commit_says_to_roll_back(

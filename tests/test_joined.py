@@ -262,6 +262,31 @@ def test_foreign_savepoint_is_refused_at_stage_time(
     assert recorder.names == []
 
 
+@pytest.mark.parametrize("mode", [*JOIN_MODES, "control_fully"])
+def test_session_mode_accepts_an_enclosing_savepoint_and_refuses_an_inner_one(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, mode: str
+) -> None:
+    """``joined_transactions="session"`` lets a suite's SAVEPOINT enclose the
+    session, but one begun inside the session's transaction (the code under
+    test's ``session.connection().begin_nested()``) is refused as in
+    production: a test must not pass on what production refuses."""
+    emitter.joined_transactions = "session"
+    with engine.connect() as connection:
+        connection.begin()
+        connection.begin_nested()  # the suite's, around the session
+        session = Session(bind=connection, join_transaction_mode=mode)  # type: ignore[arg-type]
+        emitter.attach(session)
+        operation(session, "kept")
+        savepoint = session.connection().begin_nested()
+        with pytest.raises(AuditConfigurationError, match="SAVEPOINT"):
+            operation(session, "refused")
+        savepoint.rollback()
+        session.commit()
+        session.close()
+        connection.rollback()
+    assert recorder.names == ["kept"]
+
+
 def test_foreign_savepoint_found_when_connecting_fails_the_flush(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:

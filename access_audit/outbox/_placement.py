@@ -44,7 +44,13 @@ def connection_for_rows(
     root = session.get_transaction()
     only = sole_connection(root)
     if only is not None and (only is table_bind or only.engine is table_bind):
-        return only, table_bind, False  # one database: the usual commit
+        # One database: the usual commit. In a SAVEPOINT (opened by a
+        # before_commit listener), through it: SQLAlchemy begins one on the
+        # connection only as it is used there, and its rollback must take
+        # the rows along.
+        if session.get_nested_transaction() is not None:
+            only = session.connection(bind_arguments={"bind": table_bind})
+        return only, table_bind, False
     record = written(session)
     placed = None if record is None else record.placed
     if placed is not None:  # a later batch of the commit: with the first
