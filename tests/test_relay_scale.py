@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -1381,6 +1382,42 @@ def test_a_polling_relay_on_postgresql_wakes_on_commit_not_on_its_interval(
     finally:
         stats = relay.stop()
     assert stats.delivered == 1
+
+
+def test_an_outbox_whose_full_name_is_long_commits_and_wakes_the_relay(
+    engine: Engine,
+) -> None:
+    """PostgreSQL refuses a NOTIFY channel of 64 bytes or more, and the
+    channel was the table's full name: an outbox in a schema of 44
+    characters failed every commit. A long name gets a shortened channel,
+    the same for the trigger and the relay's LISTEN."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    schema = f"aa_{uuid.uuid4().hex}".ljust(60, "s")
+    outbox = Outbox(table_name="access_audit_outbox", schema=schema)
+    outbox.relay_after = timedelta(0)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        outbox.create(engine)
+        writer = emitter_for(outbox, Counter(), dispatch="relay")
+        sink = Counter()
+        relay = PollingRelay(emitter_for(outbox, sink), engine, interval=60.0)
+        try:
+            time.sleep(0.5)  # the relay found nothing and waits
+            with Session(engine) as session:
+                writer.attach(session)
+                stage_event(
+                    session, "doc.read", target_type="doc", target_id="long",
+                    action="read",
+                )  # fmt: skip
+                session.commit()
+            assert wait_until(lambda: sink.order == ["long"])
+        finally:
+            relay.stop()
+    finally:
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 class _UnprintableError(Exception):

@@ -12,6 +12,7 @@ the relay polls as before.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -32,9 +33,20 @@ _RETRY_LISTEN = 5.0
 """Seconds of polling after a LISTEN connection fails, before another try."""
 
 
+_CHANNEL_BYTES = 63
+"""The longest channel name PostgreSQL takes (``NAMEDATALEN`` - 1, in bytes)."""
+
+
 def channel(table: Table) -> str:
-    """The notification channel of an outbox *table*: its full name."""
-    return table.fullname
+    """The notification channel of an outbox *table*: its full name, or, one
+    too long for a channel, the start of it and a digest of the whole."""
+    name = table.fullname
+    encoded = name.encode()
+    if len(encoded) <= _CHANNEL_BYTES:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    start = encoded[: _CHANNEL_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{start}_{digest}"
 
 
 def add_notify_trigger(table: Table) -> None:
