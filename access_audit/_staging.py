@@ -186,15 +186,15 @@ def stage_event(
     )
     limit = rules.max_field_bytes
     if limit is not None and (
-        # Only a value that could be over the limit (six bytes a character,
-        # at most, as JSON) is measured; what is lazy is checked as the
-        # commit resolves it.
+        # Only a value that could be over the limit (six bytes a character
+        # at most, as JSON, and two quotes) is measured; what is lazy is
+        # checked as the commit resolves it.
         merged_metadata
-        or (type(target_id) is str and len(target_id) * 6 > limit)
-        or (type(target_name) is str and len(target_name) * 6 > limit)
-        or (reason is not None and len(reason) * 6 > limit)
-        or len(actor.id) * 6 > limit
-        or (actor.email is not None and len(actor.email) * 6 > limit)
+        or (type(target_id) is str and len(target_id) * 6 + 2 > limit)
+        or (type(target_name) is str and len(target_name) * 6 + 2 > limit)
+        or (reason is not None and len(reason) * 6 + 2 > limit)
+        or len(actor.id) * 6 + 2 > limit
+        or (actor.email is not None and len(actor.email) * 6 + 2 > limit)
     ):
         event._check_fields()
     stage_on(sync_session, emitter, event)

@@ -226,9 +226,10 @@ class PayloadRules:
         if limit is None:
             return
         for field, text in texts:
-            # A character takes six bytes at most, as a \uXXXX escape. A lazy
-            # value (not a str yet) is checked once the commit resolves it.
-            if type(text) is str and len(text) * 6 > limit:
+            # A character takes six bytes at most, as a \uXXXX escape, and
+            # the quotes two more. A lazy value (not a str yet) is checked
+            # once the commit resolves it.
+            if type(text) is str and len(text) * 6 + 2 > limit:
                 self._check_field(event_type, field, text, limit)
         if metadata:
             self._check_field(event_type, "metadata", metadata, limit)

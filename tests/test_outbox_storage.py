@@ -291,6 +291,29 @@ def test_every_other_field_over_the_outbox_limit_is_refused_before_commit(
         outbox.drop(engine)
 
 
+@pytest.mark.parametrize(
+    "field", ["target_id", "target_name", "reason", "actor_id", "actor_email"]
+)
+def test_a_field_over_the_outbox_limit_by_its_quotes_is_refused(
+    engine: Engine, field: str
+) -> None:
+    """Control characters take six bytes each as JSON, and the quotes two
+    more: 100 of them are 602 bytes, over a limit of 600."""
+    outbox = Outbox(max_payload_bytes=600)
+    outbox.drop(engine)
+    outbox.create(engine)
+    fields: dict[str, Any] = {field: "\x01" * 100}
+    if field == "actor_email":
+        fields["actor_id"] = "a"
+    try:
+        refused_at_stage_time(
+            engine, keeping_emitter(outbox), rf"{field} is 602 bytes.*600", **fields
+        )
+        assert types(engine, outbox) == ["item_created"]
+    finally:
+        outbox.drop(engine)
+
+
 def test_a_lazy_value_does_not_defer_the_other_fields_checks(engine: Engine) -> None:
     """With a lazy target id, an oversized reason is still refused at stage
     time: only the lazy value waits for the commit to be checked."""
