@@ -52,7 +52,7 @@ def check_actor_fields(actor_id: object, actor_email: object, where: str) -> Non
         raise TypeError(
             f"{where}: actor_id must be a str, got {type(actor_id).__name__}"
         )
-    if not actor_id.strip():
+    if not str.strip(actor_id):
         raise ValueError(f"{where}: actor_id must not be empty, got {actor_id!r}")
     if actor_email is not None and not isinstance(actor_email, str):
         raise TypeError(

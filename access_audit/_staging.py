@@ -90,21 +90,17 @@ def stage_event(
             "so nothing would deliver the event; flush() where you meant to "
             "wait for deliveries and go on"
         )
-    # The names checked before, as the plain str they were remembered as
-    # (a str enum member equal to one becomes that str); a list raises
-    # TypeError, and is refused by the check.
-    try:
-        event_type = _good_event_types[event_type]
-    except (KeyError, TypeError):
-        event_type = _checked_event_type(event_type)
-    try:
-        target_type = _good_names[target_type]
-    except (KeyError, TypeError):
-        target_type = _checked_name(target_type, "target_type")
-    try:
-        action = _good_names[action]
-    except (KeyError, TypeError):
-        action = _checked_name(action, "action")
+    # A plain str checked before is taken as it was remembered. Anything
+    # else is checked (a str subclass is not looked up by its own __hash__
+    # and __eq__, which may raise or be case-blind: it becomes a plain str).
+    good = _good_event_types.get(event_type) if type(event_type) is str else None
+    event_type = good if good is not None else _checked_event_type(event_type)
+    good = _good_names.get(target_type) if type(target_type) is str else None
+    target_type = (
+        good if good is not None else _checked_name(target_type, "target_type")
+    )
+    good = _good_names.get(action) if type(action) is str else None
+    action = good if good is not None else _checked_name(action, "action")
     if actor_id is None and actor_email is not None:
         raise ValueError("actor_email was given without actor_id; pass both")
     lazy = False

@@ -550,11 +550,61 @@ def test_subclasses_are_taken_by_their_value_whatever_they_override(
     assert third.target_id == "13"
 
 
+class _CaseBlind(str):
+    """A case-insensitive str: equal to, and hashing as, its lower case."""
+
+    def __hash__(self) -> int:
+        return hash(self.lower())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+
+class _Unhashable(str):
+    def __hash__(self) -> int:
+        raise RuntimeError("__hash__ of a hostile str")
+
+    def strip(self, chars: str | None = None) -> str:
+        raise RuntimeError("strip of a hostile str")
+
+
+def test_str_subclass_names_are_read_as_plain_str_whatever_they_override(
+    Session: sessionmaker, recorder: Recorder
+) -> None:
+    """``event_type``, ``target_type``, ``action`` and ``actor_id`` of a
+    str subclass are read as the base type reads them: the names checked
+    before are not looked up through the subclass's ``__hash__`` or
+    ``__eq__`` (a case-insensitive str passed as a name staged before, and
+    one that raises in them raised naming nothing), nor its ``strip()``."""
+    with Session() as session:
+        stage_event(session, **GOOD)  # the plain names, remembered
+        with pytest.raises(ValueError, match="event_type 'Item_Created'"):
+            stage_event(session, **{**GOOD, "event_type": _CaseBlind("Item_Created")})
+        stage_event(
+            session,
+            **{
+                **GOOD,
+                "event_type": _Unhashable(GOOD["event_type"]),
+                "target_type": _Unhashable(GOOD["target_type"]),
+                "action": _Unhashable(GOOD["action"]),
+                "actor_id": _Unhashable("admin-7"),
+            },
+        )
+        session.commit()
+    first, second = recorder.events
+    fields = ("event_type", "target_type", "action")
+    assert [getattr(second, name) for name in fields] == [
+        getattr(first, name) for name in fields
+    ]
+    assert [type(getattr(second, name)) for name in fields] == [str] * 3
+    assert (second.actor_id, type(second.actor_id)) == ("admin-7", str)
+
+
 class Kind(str, enum.Enum):
     """A str-mixin enum, as apps name event types and targets."""
 
     CREATED = "item.created"
-    item = "item"  # hashes as its name: found among the names checked before
+    item = "item"  # hashes as its name, equal to a name checked before
     CREATE = "create"
     ADMIN = "admin-7"
 
