@@ -346,7 +346,13 @@ class AuditEmitter:
         self._listeners.listen(resolved, several=spans_databases(target, resolved))
 
     def detach(self, target: AttachTarget) -> None:
-        """Stop emitting for *target*; events it has staged are not sent."""
+        """Stop emitting for *target*; events it has staged are not sent.
+
+        Safe from a plugin, or from another thread, while a commit delivers:
+        that commit returns, its events delivered (the listener delivering
+        is removed by the next :meth:`attach` or :meth:`detach`, and ignores
+        *target*'s sessions meanwhile).
+        """
         resolved = listen_target(target)
         self._listeners.remove(resolved)
         disown(resolved, self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, event
@@ -72,6 +73,12 @@ class SessionListeners:
         """Per target, the events installed there."""
         self._watching: weakref.WeakSet[ListenTarget] = weakref.WeakSet()
         """Where ``after_begin`` is installed (see :meth:`watch_connections`)."""
+        self._retired: weakref.WeakKeyDictionary[ListenTarget, bool] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Targets removed while a delivery ran (see :meth:`remove`), each
+        with whether its hooks are weak: their ``after_transaction_end``
+        listener is still installed, and ignores their sessions."""
 
     def listen(
         self, target: ListenTarget, *, weakly: bool = False, several: bool = True
@@ -86,8 +93,15 @@ class SessionListeners:
         *several*: its sessions may work in several databases (then an
         outbox notes what they write, see :data:`WRITE_EVENTS`).
         """
+        self._sweep_retired()
         if target in self._installed:
             return
+        # Removed while a delivery (still) runs: its after_transaction_end
+        # listener is there, and serves again if it is of the kind asked.
+        retired = self._retired.pop(target, None)
+        kept = retired is not None and retired == weakly
+        if retired is not None and not kept:
+            _remove_retired(self, target, retired)
         if weakly:
             _remove_hooks(target, lambda listeners: listeners is None)
             self._weak_targets.add(target)
@@ -95,6 +109,8 @@ class SessionListeners:
             name for name in self._hooks if several or name not in self.WRITE_EVENTS
         ]
         for name in names:
+            if kept and name == "after_transaction_end":
+                continue
             # The endings first: an application's listener that raises
             # stops the listeners after it, and an ending they miss goes
             # unheard (a COMMIT done, a SAVEPOINT released, a rollback).
@@ -125,19 +141,46 @@ class SessionListeners:
         return hook
 
     def remove(self, target: ListenTarget) -> None:
-        """Remove the listeners from *target*, if installed."""
+        """Remove the listeners from *target*, if installed.
+
+        While a delivery runs (in any thread: a plugin that detaches, a
+        shutdown beside a commit), SQLAlchemy is going through the
+        ``after_transaction_end`` listeners that deliver, and removing one
+        would make that ``commit()`` raise: that one is left, ignoring the
+        target's sessions, and removed by the next :meth:`listen` or
+        :meth:`remove` that finds no delivery running.
+        """
+        delivering = bool(_delivering)
         if target in self._weak_targets:
             self._weak_targets.discard(target)
-            _remove_hooks(target, lambda listeners: listeners is self)
+            _remove_hooks(
+                target,
+                lambda listeners: listeners is self,
+                keep="after_transaction_end" if delivering else None,
+            )
+            if delivering:
+                self._retired[target] = True
             self._watching.discard(target)
             self._installed.pop(target, None)
+        else:
+            if target in self._watching:
+                self._watching.discard(target)
+                _remove(target, "after_begin", self._after_begin)
+            names = self._installed.pop(target, None)
+            for name in names or ():
+                if delivering and name == "after_transaction_end":
+                    self._retired[target] = False
+                else:
+                    _remove(target, name, self._hooks[name])
+        self._sweep_retired()
+
+    def _sweep_retired(self) -> None:
+        """Remove the listeners :meth:`remove` left, if no delivery runs."""
+        if not self._retired or _delivering:
             return
-        if target in self._watching:
-            self._watching.discard(target)
-            _remove(target, "after_begin", self._after_begin)
-        names = self._installed.pop(target, None)
-        for name in names or ():
-            _remove(target, name, self._hooks[name])
+        for target, weak in list(self._retired.items()):
+            _remove_retired(self, target, weak)
+        self._retired.clear()
 
     def watch_connections(self, session: Session, on_instance: bool) -> None:
         """Have ``after_begin`` check the connections *session* acquires.
@@ -245,9 +288,44 @@ class SessionListeners:
         lifecycle: Lifecycle | None = info.get(PENDING_KEY)
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
+        if self._retired and _is_retired(self._retired, session):
+            return  # removed as a delivery ran: as if it were gone
         outcome = lifecycle.ended(info, transaction, parent)
         if outcome is not None:
-            hand_over(self._owner, info, outcome)
+            thread = get_ident()
+            depth = _delivering.get(thread, 0)
+            _delivering[thread] = depth + 1
+            try:
+                hand_over(self._owner, info, outcome)
+            finally:
+                if depth:
+                    _delivering[thread] = depth
+                else:
+                    del _delivering[thread]
+
+
+_delivering: dict[int, int] = {}
+"""Per thread, how many deliveries (of any emitter) it is inside: while
+there are any, no ``after_transaction_end`` listener is removed."""
+
+
+def _remove_retired(
+    listeners: SessionListeners, target: ListenTarget, weak: bool
+) -> None:
+    """Remove the ``after_transaction_end`` listener that *listeners* left
+    on *target* (see :meth:`SessionListeners.remove`)."""
+    if weak:
+        _remove_hooks(target, lambda each: each is listeners)
+    else:
+        name = "after_transaction_end"
+        _remove(target, name, listeners._hooks[name])
+
+
+def _is_retired(
+    retired: weakref.WeakKeyDictionary[ListenTarget, bool], session: Session
+) -> bool:
+    """Whether *session*, or a class it is an instance of, is in *retired*."""
+    return session in retired or any(cls in retired for cls in type(session).__mro__)
 
 
 _weak_hooks: weakref.WeakKeyDictionary[
@@ -272,15 +350,18 @@ def _weak_hook(
 
 
 def _remove_hooks(
-    target: ListenTarget, which: Callable[[SessionListeners | None], bool]
+    target: ListenTarget,
+    which: Callable[[SessionListeners | None], bool],
+    keep: str | None = None,
 ) -> None:
     """Remove from *target* the weak hooks whose listeners *which* picks
-    (None: collected)."""
+    (None: collected), but that of event *keep*."""
     hooks = _weak_hooks.get(target)
     if hooks:
         for entry in [entry for entry in hooks if which(entry[2]())]:
-            _remove(target, entry[1], entry[0])
-            hooks.remove(entry)
+            if entry[1] != keep:
+                _remove(target, entry[1], entry[0])
+                hooks.remove(entry)
 
 
 def _remove(target: ListenTarget, name: str, hook: Callable[..., Any]) -> None:

@@ -6,6 +6,7 @@ SQLite only (the ``engine`` fixture, parametrised indirectly).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from support import Item, Recorder, operation, stored_names
 
-from access_audit import AuditConfigurationError, AuditEmitter, stage_event
+from access_audit import AuditConfigurationError, AuditEmitter, hookimpl, stage_event
 from access_audit.testing import capture_audit_events
 
 SQLITE_ONLY = pytest.mark.parametrize(
@@ -456,3 +457,90 @@ def test_detach_removes_the_listeners_whatever_sqlalchemy_s_registry_holds(
     session.commit()
     session.close()
     assert recorder.events == []
+
+
+def _installed_hooks(emitter: AuditEmitter, maker: sessionmaker) -> list[str]:
+    """The events whose listener of *emitter*'s is in *maker*'s class."""
+    found = []
+    for name, hook in emitter._listeners._hooks.items():
+        listeners = getattr(maker.class_.dispatch, name)._clslevel.get(maker.class_, ())
+        if hook in listeners:
+            found.append(name)
+    return found
+
+
+@SQLITE_ONLY
+def test_detach_by_a_plugin_as_it_is_delivered_to_keeps_the_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A plugin that detaches the emitter as it is delivered to (a kill
+    switch): SQLAlchemy is running the listener that delivers, so removing
+    it then made ``commit()`` raise ("deque mutated during iteration")
+    though the COMMIT went through. The listener stays, inert, until the
+    emitter's next attach() or detach(); attached again, it delivers once."""
+    maker = sessionmaker(engine)
+
+    class KillSwitch:
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            if envelope.target_id == "switch":
+                emitter.detach(maker)
+
+    emitter.register(KillSwitch(), name="kill-switch")
+    emitter.attach(maker)
+    with maker() as session:
+        operation(session, "switch")
+        session.commit()
+        with pytest.raises(AuditConfigurationError, match="attach"):
+            operation(session, "refused")
+        session.rollback()
+    assert recorder.names == ["switch"]
+    emitter.attach(maker)
+    with maker() as session:
+        operation(session, "again")
+        session.commit()
+    assert recorder.names == ["switch", "again"]
+    emitter.detach(maker)
+    assert _installed_hooks(emitter, maker) == []
+    assert stored_names(engine) == ["again", "switch"]
+
+
+@SQLITE_ONLY
+def test_detach_from_another_thread_during_a_delivery_keeps_the_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A shutdown or a test's teardown detaches while another thread's
+    commit delivers to a slow plugin: that commit returns (it raised),
+    its event delivered; the listener goes at the next detach()."""
+    maker = sessionmaker(engine)
+    delivering, detached = threading.Event(), threading.Event()
+
+    class Slow:
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            delivering.set()
+            detached.wait(10)
+
+    emitter.register(Slow(), name="slow")
+    emitter.attach(maker)
+    failures: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            with maker() as session:
+                operation(session, "slow")
+                session.commit()
+        except BaseException as error:
+            failures.append(error)
+
+    worker = threading.Thread(target=commit)
+    worker.start()
+    assert delivering.wait(10)
+    emitter.detach(maker)
+    detached.set()
+    worker.join(10)
+    assert failures == []
+    assert (recorder.names, stored_names(engine)) == (["slow"], ["slow"])
+    assert _installed_hooks(emitter, maker) == ["after_transaction_end"]
+    emitter.detach(maker)
+    assert _installed_hooks(emitter, maker) == []

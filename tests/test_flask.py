@@ -445,6 +445,49 @@ def test_staging_where_the_apps_emitter_does_not_listen_is_refused(
                 )
 
 
+def test_detaching_db_session_as_a_plugin_is_delivered_to_keeps_the_request(
+    tmp_path: Path,
+) -> None:
+    """A plugin that detaches the app's emitter from db.session as it is
+    delivered to: the request that committed still answers 200 (its
+    ``commit()`` raised "deque mutated during iteration"), later staging is
+    refused, and the listener SQLAlchemy was running goes at the next detach."""
+    app, db = make_app(tmp_path)
+    recorder = Recorder()
+    audit = AccessAudit(app, db, plugins=[recorder])
+    emitter = audit.emitter_of(app)
+
+    class KillSwitch:
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            if envelope.event_type == "tag_seen":
+                emitter.detach(db.session)
+
+    emitter.register(KillSwitch(), name="kill-switch")
+    assert app.test_client().post("/tags/red").status_code == 200
+    assert sorted(e.event_type for e in recorder.events) == ["tag_create", "tag_seen"]
+    with app.app_context():
+        with pytest.raises(AuditConfigurationError, match="no AuditEmitter"):
+            stage_event(
+                db.session, "tag_seen", target_type="tag", target_id=1, action="a"
+            )
+        session_class = type(db.session())
+    left = [
+        entry[1]
+        for entry in _weak_hooks.get(session_class, ())
+        if entry[2]() is emitter._listeners
+    ]
+    assert left == ["after_transaction_end"]
+    with app.app_context():
+        emitter.detach(db.session)
+    left = [
+        entry[1]
+        for entry in _weak_hooks.get(session_class, ())
+        if entry[2]() is emitter._listeners
+    ]
+    assert left == []
+
+
 def test_a_sessionmaker_of_the_apps_session_class_is_audited(tmp_path: Path) -> None:
     """A test fixture's sessionmaker(class_=<db.session's class>, ...) makes
     a subclass of it, which SQLAlchemy's class listeners reach: its events
