@@ -10,6 +10,7 @@ boundary as committed (it also fires for RELEASE SAVEPOINT).
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from threading import get_ident
@@ -307,6 +308,9 @@ class SessionListeners:
 _delivering: dict[int, int] = {}
 """Per thread, how many deliveries (of any emitter) it is inside: while
 there are any, no ``after_transaction_end`` listener is removed."""
+
+if hasattr(os, "register_at_fork"):  # a child has none of its parent's threads
+    os.register_at_fork(after_in_child=_delivering.clear)
 
 
 def _remove_retired(

@@ -6,6 +6,7 @@ SQLite only (the ``engine`` fixture, parametrised indirectly).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -544,3 +545,48 @@ def test_detach_from_another_thread_during_a_delivery_keeps_the_commit(
     assert _installed_hooks(emitter, maker) == ["after_transaction_end"]
     emitter.detach(maker)
     assert _installed_hooks(emitter, maker) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork with threads
+@SQLITE_ONLY
+def test_a_child_forked_during_a_delivery_detaches_at_once(
+    engine: Engine, emitter: AuditEmitter
+) -> None:
+    """The child of a fork made while a thread delivered has no such
+    thread: its detach() removes every listener at once."""
+    maker = sessionmaker(engine)
+    delivering, done = threading.Event(), threading.Event()
+
+    class Slow:
+        @hookimpl
+        def audit_event_logged(self, envelope: Any) -> None:
+            delivering.set()
+            done.wait(10)
+
+    emitter.register(Slow(), name="slow")
+    emitter.attach(maker)
+
+    def commit() -> None:
+        with maker() as session:
+            operation(session, "slow")
+            session.commit()
+
+    worker = threading.Thread(target=commit)
+    worker.start()
+    try:
+        assert delivering.wait(10)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                emitter.detach(maker)
+                code = 0 if _installed_hooks(emitter, maker) == [] else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        done.set()
+        worker.join(10)
+    emitter.detach(maker)
