@@ -350,8 +350,8 @@ class AuditEmitter:
 
         Safe from a plugin, or from another thread, while a commit delivers:
         that commit returns, its events delivered (the listener delivering
-        is removed by the next :meth:`attach` or :meth:`detach`, and ignores
-        *target*'s sessions meanwhile).
+        is switched off, and removed by the next :meth:`attach` or
+        :meth:`detach` made while no delivery runs).
         """
         resolved = listen_target(target)
         self._listeners.remove(resolved)

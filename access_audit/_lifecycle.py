@@ -141,6 +141,7 @@ class Lifecycle:
         "first_id",
         "lazy",
         "levels",
+        "marks",
         "may_abort",
         "outbox_bind",
         "outer",
@@ -171,6 +172,11 @@ class Lifecycle:
         self.unprepared = True
         """Whether an event was staged since :meth:`prepare` last ran."""
         self.built: list[AuditEventEnvelope] = []
+        self.marks: dict[SessionTransaction, int] | None = None
+        """Per open SAVEPOINT that outbox rows were written in (by a
+        before_commit listener's SAVEPOINT, during the commit), how many
+        envelopes were built before the first: its rollback takes the rows
+        written since, the enclosing levels' too."""
         """Envelopes of the commit's events, in order, as they are built: in
         ``after_commit``, or before COMMIT when they go to an outbox."""
         self.first_id = first._id_int
@@ -356,6 +362,11 @@ class Lifecycle:
         self._build(self.in_commit_order(session))
         new = self.built[written:]
         if new:
+            savepoint = session.get_nested_transaction()
+            if savepoint is not None:
+                if self.marks is None:
+                    self.marks = {}
+                self.marks.setdefault(savepoint, written)
             self.outbox_bind = self.owner._write_outbox(session, new)
 
     def committed(self, boundary: SessionTransaction) -> Discard | None:
@@ -437,24 +448,32 @@ class Lifecycle:
         else:
             dropped = self.levels.pop(transaction, None)
             committed = self.finished.pop(transaction, None)
-            if dropped and committed:
-                # Released: its events join the enclosing boundary.
+            mark = self.marks.pop(transaction, None) if self.marks else None
+            if committed and (dropped or mark is not None):
+                # Released: its events join the enclosing boundary, and
+                # its rows are that boundary's now.
                 outer = parent
                 while not outer.nested:
                     up = parent_of(outer)
                     if up is None:
                         break
                     outer = up
-                self.levels.setdefault(outer, []).extend(dropped)
-                dropped = None
-            elif dropped:
-                self._forget(dropped)
-                if self.built:
-                    # Built before COMMIT (an outbox) in a SAVEPOINT that a
-                    # before_commit listener opened: the last ones built,
-                    # their rows gone with it.
-                    gone = {staged._id_int for staged in dropped}
-                    self.built = [e for e in self.built if e.id.int not in gone]
+                if dropped:
+                    self.levels.setdefault(outer, []).extend(dropped)
+                    dropped = None
+                if mark is not None and outer.nested:
+                    assert self.marks is not None
+                    self.marks[outer] = min(self.marks.get(outer, mark), mark)
+            elif not committed:
+                if dropped:
+                    self._forget(dropped)
+                if mark is not None:
+                    # The rows written in it are gone, the enclosing
+                    # levels' too: those are built and written again by
+                    # the commit's next prepare() (its before_commit, or
+                    # a flush), as SQLAlchemy goes on committing.
+                    del self.built[mark:]
+                    self.unprepared = True
             if not self.levels:
                 del info[PENDING_KEY]
                 self.settle()
@@ -569,6 +588,7 @@ class Lifecycle:
         # Envelopes built (and outbox rows written) for them before COMMIT
         # went with them: the rows with the transaction.
         self.built = []
+        self.marks = None
         self.outbox_bind = None
         if withdrawn:
             logger.warning(why, event_ids(withdrawn))

@@ -10,6 +10,7 @@ boundary as committed (it also fires for RELEASE SAVEPOINT).
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Callable
@@ -74,12 +75,15 @@ class SessionListeners:
         """Per target, the events installed there."""
         self._watching: weakref.WeakSet[ListenTarget] = weakref.WeakSet()
         """Where ``after_begin`` is installed (see :meth:`watch_connections`)."""
-        self._retired: weakref.WeakKeyDictionary[ListenTarget, bool] = (
+        self._endings: weakref.WeakKeyDictionary[ListenTarget, _Ending] = (
             weakref.WeakKeyDictionary()
         )
-        """Targets removed while a delivery ran (see :meth:`remove`), each
-        with whether its hooks are weak: their ``after_transaction_end``
-        listener is still installed, and ignores their sessions."""
+        """Per target, its ``after_transaction_end`` listener."""
+        self._retired: weakref.WeakKeyDictionary[ListenTarget, _Ending] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Targets removed while a delivery ran (see :meth:`remove`): their
+        ``after_transaction_end`` listener is still installed, switched off."""
 
     def listen(
         self, target: ListenTarget, *, weakly: bool = False, several: bool = True
@@ -100,9 +104,13 @@ class SessionListeners:
         # Removed while a delivery (still) runs: its after_transaction_end
         # listener is there, and serves again if it is of the kind asked.
         retired = self._retired.pop(target, None)
-        kept = retired is not None and retired == weakly
-        if retired is not None and not kept:
-            _remove_retired(self, target, retired)
+        kept = retired is not None and retired.weak == weakly
+        if retired is not None:
+            if kept:
+                retired.switch[0] = False
+                self._endings[target] = retired
+            else:
+                retired.remove_from(target)
         if weakly:
             _remove_hooks(target, lambda listeners: listeners is None)
             self._weak_targets.add(target)
@@ -133,12 +141,17 @@ class SessionListeners:
 
     def _hook(self, target: ListenTarget, name: str) -> Callable[..., Any]:
         """The function to install on *target* for event *name*."""
-        if target not in self._weak_targets:
-            function: Callable[..., Any] = getattr(self, "_" + name)
-            return function
-        reference = weakref.ref(self)
-        hook = _weak_hook(reference, "_" + name)
-        _weak_hooks.setdefault(target, []).append((hook, name, reference))
+        weak = target in self._weak_targets
+        if weak:
+            reference = weakref.ref(self)
+            hook = _weak_hook(reference, "_" + name)
+        else:
+            hook = getattr(self, "_" + name)
+        if name == "after_transaction_end":
+            ending = self._endings[target] = _Ending(hook, weak)
+            hook = ending.hook
+        if weak:
+            _weak_hooks.setdefault(target, []).append((hook, name, reference))
         return hook
 
     def remove(self, target: ListenTarget) -> None:
@@ -151,36 +164,37 @@ class SessionListeners:
         target's sessions, and removed by the next :meth:`listen` or
         :meth:`remove` that finds no delivery running.
         """
-        delivering = bool(_delivering)
+        ending = self._endings.pop(target, None)
+        left = None
+        if ending is not None and _delivering:
+            ending.switch[0] = True  # its sessions are ignored from now on
+            left = self._retired[target] = ending
         if target in self._weak_targets:
             self._weak_targets.discard(target)
             _remove_hooks(
                 target,
                 lambda listeners: listeners is self,
-                keep="after_transaction_end" if delivering else None,
+                keep=None if left is None else left.hook,
             )
-            if delivering:
-                self._retired[target] = True
             self._watching.discard(target)
             self._installed.pop(target, None)
         else:
             if target in self._watching:
                 self._watching.discard(target)
                 _remove(target, "after_begin", self._after_begin)
-            names = self._installed.pop(target, None)
-            for name in names or ():
-                if delivering and name == "after_transaction_end":
-                    self._retired[target] = False
-                else:
+            for name in self._installed.pop(target, None) or ():
+                if name != "after_transaction_end":
                     _remove(target, name, self._hooks[name])
+                elif left is None and ending is not None:
+                    _remove(target, name, ending.hook)
         self._sweep_retired()
 
     def _sweep_retired(self) -> None:
         """Remove the listeners :meth:`remove` left, if no delivery runs."""
         if not self._retired or _delivering:
             return
-        for target, weak in list(self._retired.items()):
-            _remove_retired(self, target, weak)
+        for target, ending in list(self._retired.items()):
+            ending.remove_from(target)
         self._retired.clear()
 
     def watch_connections(self, session: Session, on_instance: bool) -> None:
@@ -289,18 +303,18 @@ class SessionListeners:
         lifecycle: Lifecycle | None = info.get(PENDING_KEY)
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
-        if self._retired and _is_retired(self._retired, session):
-            return  # removed as a delivery ran: as if it were gone
         outcome = lifecycle.ended(info, transaction, parent)
         if outcome is not None:
+            # Counted up and down, never restored: deliveries of one thread
+            # interleave under asyncio (each commit's in its own greenlet).
             thread = get_ident()
-            depth = _delivering.get(thread, 0)
-            _delivering[thread] = depth + 1
+            _delivering[thread] = _delivering.get(thread, 0) + 1
             try:
                 hand_over(self._owner, info, outcome)
             finally:
-                if depth:
-                    _delivering[thread] = depth
+                running = _delivering[thread] - 1
+                if running:
+                    _delivering[thread] = running
                 else:
                     del _delivering[thread]
 
@@ -313,23 +327,34 @@ if hasattr(os, "register_at_fork"):  # a child has none of its parent's threads
     os.register_at_fork(after_in_child=_delivering.clear)
 
 
-def _remove_retired(
-    listeners: SessionListeners, target: ListenTarget, weak: bool
-) -> None:
-    """Remove the ``after_transaction_end`` listener that *listeners* left
-    on *target* (see :meth:`SessionListeners.remove`)."""
-    if weak:
-        _remove_hooks(target, lambda each: each is listeners)
-    else:
-        name = "after_transaction_end"
-        _remove(target, name, listeners._hooks[name])
+class _Ending:
+    """An ``after_transaction_end`` listener of one target, with its switch.
 
+    SQLAlchemy cannot remove a listener while it runs; one that must go
+    then is switched off (:attr:`switch`), and removed later.
+    """
 
-def _is_retired(
-    retired: weakref.WeakKeyDictionary[ListenTarget, bool], session: Session
-) -> bool:
-    """Whether *session*, or a class it is an instance of, is in *retired*."""
-    return session in retired or any(cls in retired for cls in type(session).__mro__)
+    __slots__ = ("hook", "switch", "weak")
+
+    def __init__(self, hook: Callable[..., Any], weak: bool) -> None:
+        switch = [False]
+
+        def ending(session: Session, transaction: SessionTransaction) -> None:
+            if not switch[0]:
+                hook(session, transaction)
+
+        self.hook: Callable[..., Any] = functools.update_wrapper(ending, hook)
+        self.switch = switch
+        """``switch[0]``: whether the listener is off (ignores every session)."""
+        self.weak = weak
+        """Whether it holds its listeners weakly (see :func:`_weak_hook`)."""
+
+    def remove_from(self, target: ListenTarget) -> None:
+        """Take the listener out of *target*."""
+        _remove(target, "after_transaction_end", self.hook)
+        hooks = _weak_hooks.get(target)
+        if hooks:
+            hooks[:] = [entry for entry in hooks if entry[0] is not self.hook]
 
 
 _weak_hooks: weakref.WeakKeyDictionary[
@@ -356,14 +381,14 @@ def _weak_hook(
 def _remove_hooks(
     target: ListenTarget,
     which: Callable[[SessionListeners | None], bool],
-    keep: str | None = None,
+    keep: Callable[..., Any] | None = None,
 ) -> None:
     """Remove from *target* the weak hooks whose listeners *which* picks
-    (None: collected), but that of event *keep*."""
+    (None: collected), but *keep*."""
     hooks = _weak_hooks.get(target)
     if hooks:
         for entry in [entry for entry in hooks if which(entry[2]())]:
-            if entry[1] != keep:
+            if entry[0] is not keep:
                 _remove(target, entry[1], entry[0])
                 hooks.remove(entry)
 

@@ -90,15 +90,21 @@ def stage_event(
             "so nothing would deliver the event; flush() where you meant to "
             "wait for deliveries and go on"
         )
-    # A plain str checked before is taken as it was remembered. Anything
-    # else is checked (a str subclass is not looked up by its own __hash__
-    # and __eq__, which may raise or be case-blind: it becomes a plain str).
+    # A name checked before is taken as it was remembered; a str subclass
+    # (a str enum) as its plain text first, never looked up by its own
+    # __hash__ and __eq__, which may raise or be case-blind.
+    if type(event_type) is not str:
+        event_type = _plain(event_type)
     good = _good_event_types.get(event_type) if type(event_type) is str else None
     event_type = good if good is not None else _checked_event_type(event_type)
+    if type(target_type) is not str:
+        target_type = _plain(target_type)
     good = _good_names.get(target_type) if type(target_type) is str else None
     target_type = (
         good if good is not None else _checked_name(target_type, "target_type")
     )
+    if type(action) is not str:
+        action = _plain(action)
     good = _good_names.get(action) if type(action) is str else None
     action = good if good is not None else _checked_name(action, "action")
     if actor_id is None and actor_email is not None:
@@ -202,6 +208,12 @@ def stage_event(
 _good_event_types: dict[str, str] = {}
 _good_names: dict[str, str] = {}
 _MAX_REMEMBERED = 4096
+
+
+def _plain(value: str) -> str:
+    """A str subclass's plain text (as ``str`` reads it); a value of another
+    type (a caller's mistake) as is, for the check to refuse."""
+    return str.__str__(value) if isinstance(value, str) else value
 
 
 def _remember(good: dict[str, str], value: str) -> None:

@@ -536,15 +536,26 @@ def test_an_app_rollback_listener_that_raises_first_reports_the_rollback(
     assert (recorder.names, armed["discarded"]) == (["next"], [("undone", "rollback")])
 
 
+@pytest.mark.parametrize("flush", [False, True], ids=["no-sql", "flushed"])
+@pytest.mark.parametrize("first", ["access_audit", "application"])
 @pytest.mark.parametrize("dispatch", ["inline", "relay"])
 @pytest.mark.parametrize("ending", ["release", "rollback"])
 def test_a_savepoint_a_before_commit_listener_opens_holds_its_outbox_rows(
-    engine: Engine, outbox: Outbox, recorder: Recorder, ending: str, dispatch: str
+    engine: Engine,
+    outbox: Outbox,
+    recorder: Recorder,
+    ending: str,
+    dispatch: str,
+    first: str,
+    flush: bool,
 ) -> None:
     """An application's before_commit listener opens a SAVEPOINT, stages in
-    it and ends it, having run no SQL there. The event's outbox row is
+    it and ends it, having run no SQL there (or flushed a change). The event's outbox row is
     written in the SAVEPOINT: rolled back, neither the row nor a delivery
-    stays (the event is discarded); released, both do."""
+    stays (the event is discarded); released, both do. Registered before
+    attach(), the listener runs first, and the rows of the transaction's
+    own events are written in the SAVEPOINT too: written again after its
+    rollback."""
     outbox.relay_after = timedelta(0)
     emitter = AuditEmitter(load_entrypoints=False, outbox=outbox, dispatch=dispatch)
     emitter.register(recorder, name="recorder")
@@ -553,11 +564,17 @@ def test_a_savepoint_a_before_commit_listener_opens_holds_its_outbox_rows(
     def optional_step(session: OrmSession) -> None:
         if session.info.pop("optional", False):
             savepoint = session.begin_nested()
+            if flush:
+                session.add(Item(name="optional"))
+                session.flush()
             stage(session, "optional")
             savepoint.commit() if ending == "release" else savepoint.rollback()
 
+    if first == "application":
+        event.listen(maker, "before_commit", optional_step)
     emitter.attach(maker)
-    event.listen(maker, "before_commit", optional_step)
+    if first == "access_audit":
+        event.listen(maker, "before_commit", optional_step)
     try:
         with maker() as session:
             stage(session, "main")
@@ -566,6 +583,9 @@ def test_a_savepoint_a_before_commit_listener_opens_holds_its_outbox_rows(
     finally:
         emitter.detach(maker)
     kept = ["main", "optional"] if ending == "release" else ["main"]
+    assert stored_names(engine) == (
+        ["optional"] if flush and ending == "release" else []
+    )
     if dispatch == "relay":
         assert [row["aggregateid"] for row in outbox_rows(engine, outbox)] == kept
         assert recorder.names == []
