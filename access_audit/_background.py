@@ -7,11 +7,12 @@ import atexit
 import collections
 import functools
 import os
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._logging import logger
 
@@ -102,6 +103,7 @@ class BackgroundDispatcher:
                     target=self._run, name="access_audit-dispatch", daemon=True
                 )
                 self._thread.start()
+                _close_before_os_exit(self)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every job queued before the call ran (not those queued
@@ -133,6 +135,11 @@ class BackgroundDispatcher:
         if drained and thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         return drained
+
+    def undelivered(self) -> int:
+        """Jobs queued and not run yet, the one running included."""
+        with self._lock:
+            return self._submitted - self._finished
 
     def stop(self) -> None:
         """End the thread once the queue is empty, without waiting: for an
@@ -201,7 +208,32 @@ def _start_empty_in_child(reference: weakref.ref[BackgroundDispatcher]) -> None:
         dispatcher._start_empty()
 
 
-def _close_at_exit(reference: weakref.ref[Any]) -> None:
+EXIT_WAIT = 30.0
+"""Seconds the interpreter's exit waits for a dispatcher's queue to drain."""
+
+
+def _close_before_os_exit(dispatcher: BackgroundDispatcher) -> None:
+    """In a process that :mod:`multiprocessing` started by forking, close
+    *dispatcher* as the process ends too: it ends with ``os._exit()``, after
+    multiprocessing's own finalizers, but the interpreter's exit handlers
+    never run (nor would the daemon worker finish its queue)."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is None or process.parent_process() is None:
+        return
+    from multiprocessing import util
+
+    util.Finalize(
+        dispatcher, _close_at_exit, args=(weakref.ref(dispatcher),), exitpriority=10
+    )
+
+
+def _close_at_exit(reference: weakref.ref[BackgroundDispatcher]) -> None:
     dispatcher = reference()
-    if dispatcher is not None:
-        dispatcher.close(timeout=30)
+    if dispatcher is not None and not dispatcher.close(timeout=EXIT_WAIT):
+        logger.error(
+            "exit: background delivery did not finish within %s seconds (a "
+            "slow or stuck plugin); %d batches of committed events were not "
+            "delivered (with an outbox, the relay delivers them)",
+            EXIT_WAIT,
+            dispatcher.undelivered(),
+        )

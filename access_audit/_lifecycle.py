@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -146,6 +147,7 @@ class Lifecycle:
         "outbox_bind",
         "outer",
         "owner",
+        "process",
         "refusal",
         "root",
         "stamp",
@@ -161,6 +163,8 @@ class Lifecycle:
     ) -> None:
         # Made for every transaction that stages an event: plain literals.
         self.owner = owner
+        self.process = _process
+        """The process (:data:`_process`) whose transaction this is."""
         self.root = root
         """The outermost transaction whose events these are."""
         self.levels: dict[SessionTransaction, list[StagedEvent]] = {boundary: [first]}
@@ -650,8 +654,8 @@ class UnsettledLifecycle(Lifecycle):
     def __del__(self) -> None:
         if self.outer:
             self._stop_watching()
-        if not self.levels:
-            return
+        if not self.levels or self.process != _process:
+            return  # nothing staged, or a copy a fork inherited: not its own
         try:
             events = [staged for level in self.levels.values() for staged in level]
             self.owner._discarded(events, self.unheard_reason())
@@ -671,6 +675,22 @@ class UnsettledLifecycle(Lifecycle):
         return "close" if owner is self.owner else "detached"
 
 
+_process = 0
+"""Which process this is: counted up in each forked child. A transaction
+another thread had open at the fork is copied into the child, which never
+has it (it is the parent's to settle): the child reports none of its
+copies discarded."""
+
+
+def _forked() -> None:
+    global _process
+    _process += 1
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forked)
+
+
 @atexit.register
 def _discard_open_at_exit() -> None:
     """Discard the events of transactions still open as the process exits.
@@ -687,7 +707,7 @@ def _discard_open_at_exit() -> None:
     """
     count = 0
     for lifecycle in gc.get_objects():
-        if type(lifecycle) is not UnsettledLifecycle:
+        if type(lifecycle) is not UnsettledLifecycle or lifecycle.process != _process:
             continue
         root = lifecycle.root
         if (

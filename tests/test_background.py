@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -197,7 +199,6 @@ def test_a_script_that_exits_right_after_its_commit_records_the_delivery(
     it committed (a CLI command, a script): the exit drains the queue, then
     writes the record of what it delivered, so the relay has nothing to send
     again (the records were written first, and 5 runs of 5 left the row)."""
-    import textwrap
 
     database = tmp_path / "exit.db"
     script = textwrap.dedent(
@@ -593,3 +594,91 @@ def test_aflush_is_true_at_once_for_inline_dispatch() -> None:
     emitter = AuditEmitter(load_entrypoints=False)
     assert asyncio.run(emitter.aflush()) is True
     assert asyncio.run(emitter.aclose()) is True
+
+
+def test_a_backlog_the_exit_cannot_wait_for_is_reported(tmp_path: Path) -> None:
+    """The interpreter's exit waits a bounded time for the queue; what is
+    left then is reported as an error naming how many batches were not
+    delivered (the rest was dropped without a word)."""
+    script = textwrap.dedent(
+        """
+        import logging, time
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+        from access_audit import AuditEmitter, hookimpl, stage_event
+        from access_audit import _background
+
+        _background.EXIT_WAIT = 0.5
+
+        class Slow:
+            @hookimpl
+            def audit_event_logged(self, envelope):
+                time.sleep(0.3)
+                print("delivered", envelope.target_id, flush=True)
+
+        emitter = AuditEmitter([Slow()], load_entrypoints=False, dispatch="background")
+        maker = sessionmaker(create_engine("sqlite://"))
+        emitter.attach(maker)
+        for number in range(6):
+            with maker.begin() as session:
+                stage_event(session, "e", target_type="t", target_id=str(number),
+                            action="a")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    delivered = len(done.stdout.splitlines())
+    reported = re.search(
+        r"(\d+) batches of committed events were not delivered", done.stderr
+    )
+    assert reported is not None, done.stderr
+    # The daemon worker may deliver more as the interpreter ends.
+    assert 0 < 6 - delivered <= int(reported[1]) <= 6
+
+
+def test_a_multiprocessing_child_delivers_its_queue_before_it_ends(
+    tmp_path: Path,
+) -> None:
+    """A process multiprocessing forks ends with ``os._exit()``: the
+    interpreter's exit handlers never run there, and the daemon worker died
+    with its queue. It is drained by multiprocessing's own finalizers."""
+    delivered = tmp_path / "delivered.txt"
+    script = textwrap.dedent(
+        f"""
+        import multiprocessing, time
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+        from access_audit import AuditEmitter, hookimpl, stage_event
+
+        class Slow:
+            @hookimpl
+            def audit_event_logged(self, envelope):
+                time.sleep(0.02)
+                with open({str(delivered)!r}, "a") as out:
+                    out.write(envelope.target_id + "\\n")
+
+        emitter = AuditEmitter([Slow()], load_entrypoints=False, dispatch="background")
+        maker = sessionmaker(create_engine("sqlite://"))
+        emitter.attach(maker)
+
+        def work():
+            for number in range(10):
+                with maker.begin() as session:
+                    stage_event(session, "e", target_type="t",
+                                target_id=f"child-{{number}}", action="a")
+
+        if __name__ == "__main__":
+            child = multiprocessing.get_context("fork").Process(target=work)
+            child.start()
+            child.join(30)
+            print(child.exitcode)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "0", done.stderr
+    assert delivered.read_text().split() == [f"child-{n}" for n in range(10)]

@@ -219,3 +219,63 @@ def test_events_of_a_session_still_open_at_exit_are_discarded(engine: Engine) ->
     ], done.stdout  # once each, and what was reported discarded is not sent
     warnings = [line for line in done.stderr.splitlines() if "exit" in line]
     assert len(warnings) == 1 and "4 staged events" in warnings[0], done.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs os.fork")
+def test_a_child_forked_beside_an_open_transaction_reports_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    """A worker forked while another thread of the parent has a transaction
+    open gets a copy of it, without the thread: the child reported its
+    event discarded (reason ``"close"``, with a warning) at exit, while the
+    parent committed and delivered it. The parent's alone to settle."""
+    script = textwrap.dedent(
+        f"""
+        import gc, os, sys, threading
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import sessionmaker
+        from access_audit import AuditEmitter, hookimpl, signals, stage_event
+
+        class Printer:
+            @hookimpl
+            def audit_event_logged(self, envelope):
+                print("delivered", envelope.target_id, flush=True)
+
+        emitter = AuditEmitter([Printer()], load_entrypoints=False)
+        maker = sessionmaker(create_engine("sqlite:///{tmp_path / "fork.db"}"))
+        emitter.attach(maker)
+
+        @signals.audit_event_discarded.connect
+        def discarded(sender, event, reason):
+            print("discarded", event.target_id, reason, flush=True)
+
+        staged, go = threading.Event(), threading.Event()
+
+        def request():
+            with maker.begin() as session:
+                stage_event(session, "e", target_type="t", target_id="parent",
+                            action="a")
+                staged.set()
+                go.wait(10)
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        staged.wait(10)
+        child = os.fork()
+        if child == 0:
+            gc.collect()
+            sys.exit(0)
+        os.waitpid(child, 0)
+        go.set()
+        thread.join(10)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["delivered parent"]
+    assert "discarded at exit" not in done.stderr
