@@ -10,11 +10,9 @@ boundary as committed (it also fires for RELEASE SAVEPOINT).
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 from collections.abc import Callable
-from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, event
@@ -83,7 +81,9 @@ class SessionListeners:
             weakref.WeakKeyDictionary()
         )
         """Targets removed while a delivery ran (see :meth:`remove`): their
-        ``after_transaction_end`` listener is still installed, switched off."""
+        ``after_transaction_end`` listener is still installed."""
+        self._some_retired = False
+        """Whether :attr:`_retired` holds any (read on every commit)."""
 
     def listen(
         self, target: ListenTarget, *, weakly: bool = False, several: bool = True
@@ -104,10 +104,10 @@ class SessionListeners:
         # Removed while a delivery (still) runs: its after_transaction_end
         # listener is there, and serves again if it is of the kind asked.
         retired = self._retired.pop(target, None)
+        self._some_retired = bool(self._retired)
         kept = retired is not None and retired.weak == weakly
         if retired is not None:
             if kept:
-                retired.switch[0] = False
                 self._endings[target] = retired
             else:
                 retired.remove_from(target)
@@ -148,8 +148,7 @@ class SessionListeners:
         else:
             hook = getattr(self, "_" + name)
         if name == "after_transaction_end":
-            ending = self._endings[target] = _Ending(hook, weak)
-            hook = ending.hook
+            self._endings[target] = _Ending(hook, weak)
         if weak:
             _weak_hooks.setdefault(target, []).append((hook, name, reference))
         return hook
@@ -161,14 +160,15 @@ class SessionListeners:
         shutdown beside a commit), SQLAlchemy is going through the
         ``after_transaction_end`` listeners that deliver, and removing one
         would make that ``commit()`` raise: that one is left, ignoring the
-        target's sessions, and removed by the next :meth:`listen` or
-        :meth:`remove` that finds no delivery running.
+        sessions no other target of these listeners covers, and removed by
+        the next :meth:`listen` or :meth:`remove` that finds no delivery
+        running.
         """
         ending = self._endings.pop(target, None)
         left = None
         if ending is not None and _delivering:
-            ending.switch[0] = True  # its sessions are ignored from now on
             left = self._retired[target] = ending
+            self._some_retired = True
         if target in self._weak_targets:
             self._weak_targets.discard(target)
             _remove_hooks(
@@ -196,6 +196,7 @@ class SessionListeners:
         for target, ending in list(self._retired.items()):
             ending.remove_from(target)
         self._retired.clear()
+        self._some_retired = False
 
     def watch_connections(self, session: Session, on_instance: bool) -> None:
         """Have ``after_begin`` check the connections *session* acquires.
@@ -303,24 +304,23 @@ class SessionListeners:
         lifecycle: Lifecycle | None = info.get(PENDING_KEY)
         if lifecycle is None or lifecycle.owner is not self._owner:
             return
+        if self._some_retired and not (
+            session in self._installed or self.listens_to(type(session))
+        ):
+            return  # heard through a listener left by remove() only
         outcome = lifecycle.ended(info, transaction, parent)
         if outcome is not None:
-            # Counted up and down, never restored: deliveries of one thread
-            # interleave under asyncio (each commit's in its own greenlet).
-            thread = get_ident()
-            _delivering[thread] = _delivering.get(thread, 0) + 1
+            # One item per delivery running: appended and popped (each
+            # atomic), as deliveries of one thread interleave under asyncio.
+            _delivering.append(None)
             try:
                 hand_over(self._owner, info, outcome)
             finally:
-                running = _delivering[thread] - 1
-                if running:
-                    _delivering[thread] = running
-                else:
-                    del _delivering[thread]
+                _delivering.pop()
 
 
-_delivering: dict[int, int] = {}
-"""Per thread, how many deliveries (of any emitter) it is inside: while
+_delivering: list[None] = []
+"""An item per delivery (of any emitter, in any thread) running: while
 there are any, no ``after_transaction_end`` listener is removed."""
 
 if hasattr(os, "register_at_fork"):  # a child has none of its parent's threads
@@ -328,24 +328,16 @@ if hasattr(os, "register_at_fork"):  # a child has none of its parent's threads
 
 
 class _Ending:
-    """An ``after_transaction_end`` listener of one target, with its switch.
+    """The ``after_transaction_end`` listener installed on one target.
 
-    SQLAlchemy cannot remove a listener while it runs; one that must go
-    then is switched off (:attr:`switch`), and removed later.
+    SQLAlchemy cannot remove a listener while it runs: one that must go
+    then is left, and removed later (see :meth:`SessionListeners.remove`).
     """
 
-    __slots__ = ("hook", "switch", "weak")
+    __slots__ = ("hook", "weak")
 
     def __init__(self, hook: Callable[..., Any], weak: bool) -> None:
-        switch = [False]
-
-        def ending(session: Session, transaction: SessionTransaction) -> None:
-            if not switch[0]:
-                hook(session, transaction)
-
-        self.hook: Callable[..., Any] = functools.update_wrapper(ending, hook)
-        self.switch = switch
-        """``switch[0]``: whether the listener is off (ignores every session)."""
+        self.hook = hook
         self.weak = weak
         """Whether it holds its listeners weakly (see :func:`_weak_hook`)."""
 
