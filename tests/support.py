@@ -8,6 +8,9 @@ on ``sys.path`` for them). Fixtures live in the two ``conftest.py`` files.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,6 +63,31 @@ def reach(what: str, connect: Callable[[], T]) -> T:
     if isinstance(found, Exception):
         unavailable(what, found)
     return cast(T, found)
+
+
+SCRIPT_PRELUDE = """
+from sqlalchemy import create_engine
+from sqlalchemy.orm import sessionmaker
+from access_audit import AuditEmitter, hookimpl, signals, stage_event
+
+class Printer:
+    @hookimpl
+    def audit_event_logged(self, envelope):
+        print("delivered", envelope.target_id, flush=True)
+"""
+"""What :func:`run_script` runs first: the usual imports, and ``Printer``,
+a plugin printing ``delivered <target_id>`` for each event."""
+
+
+def run_script(body: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """Run *body* (dedented), after :data:`SCRIPT_PRELUDE`, in a new
+    interpreter with the command-line *options*; its outcome and output."""
+    return subprocess.run(
+        [sys.executable, *options, "-c", SCRIPT_PRELUDE + textwrap.dedent(body)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:

@@ -7,6 +7,7 @@ SQLite only (the ``engine`` fixture, parametrised indirectly).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -471,16 +472,9 @@ def _installed_hooks(emitter: AuditEmitter, maker: sessionmaker) -> list[str]:
     return found
 
 
-@SQLITE_ONLY
-def test_detach_by_a_plugin_as_it_is_delivered_to_keeps_the_commit(
-    engine: Engine, emitter: AuditEmitter, recorder: Recorder
-) -> None:
-    """A plugin that detaches the emitter as it is delivered to (a kill
-    switch): SQLAlchemy is running the listener that delivers, so removing
-    it then made ``commit()`` raise ("deque mutated during iteration")
-    though the COMMIT went through. The listener stays, inert, until the
-    emitter's next attach() or detach(); attached again, it delivers once."""
-    maker = sessionmaker(engine)
+def with_a_kill_switch(emitter: AuditEmitter, maker: sessionmaker) -> sessionmaker:
+    """Attach *emitter* to *maker*, with a plugin that detaches it from
+    *maker* as it is delivered an event on ``"switch"``; returns *maker*."""
 
     class KillSwitch:
         @hookimpl
@@ -490,6 +484,19 @@ def test_detach_by_a_plugin_as_it_is_delivered_to_keeps_the_commit(
 
     emitter.register(KillSwitch(), name="kill-switch")
     emitter.attach(maker)
+    return maker
+
+
+@SQLITE_ONLY
+def test_detach_by_a_plugin_as_it_is_delivered_to_keeps_the_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A plugin that detaches the emitter as it is delivered to (a kill
+    switch): SQLAlchemy is running the listener that delivers, so removing
+    it then made ``commit()`` raise ("deque mutated during iteration")
+    though the COMMIT went through. The listener stays until the emitter's
+    next attach() or detach(); attached again, it delivers once."""
+    maker = with_a_kill_switch(emitter, sessionmaker(engine))
     with maker() as session:
         operation(session, "switch")
         session.commit()
@@ -507,23 +514,22 @@ def test_detach_by_a_plugin_as_it_is_delivered_to_keeps_the_commit(
     assert stored_names(engine) == ["again", "switch"]
 
 
-@SQLITE_ONLY
-def test_detach_from_another_thread_during_a_delivery_keeps_the_commit(
-    engine: Engine, emitter: AuditEmitter, recorder: Recorder
-) -> None:
-    """A shutdown or a test's teardown detaches while another thread's
-    commit delivers to a slow plugin: that commit returns (it used to raise),
-    its event delivered; the listener goes at the next detach()."""
-    maker = sessionmaker(engine)
-    delivering, detached = threading.Event(), threading.Event()
+@contextlib.contextmanager
+def delivering_in_a_thread(
+    emitter: AuditEmitter, maker: sessionmaker
+) -> Iterator[list[BaseException]]:
+    """Commit an event (``"slow"``) in another thread, and hold its delivery
+    in a plugin while the block runs; then let it finish. Yields what that
+    commit raised, once the block is over."""
+    delivering, release = threading.Event(), threading.Event()
 
-    class Slow:
+    class Gate:
         @hookimpl
         def audit_event_logged(self, envelope: Any) -> None:
             delivering.set()
-            detached.wait(10)
+            release.wait(10)
 
-    emitter.register(Slow(), name="slow")
+    emitter.register(Gate(), name="gate")
     emitter.attach(maker)
     failures: list[BaseException] = []
 
@@ -537,10 +543,24 @@ def test_detach_from_another_thread_during_a_delivery_keeps_the_commit(
 
     worker = threading.Thread(target=commit)
     worker.start()
-    assert delivering.wait(10)
-    emitter.detach(maker)
-    detached.set()
-    worker.join(10)
+    try:
+        assert delivering.wait(10)
+        yield failures
+    finally:
+        release.set()
+        worker.join(10)
+
+
+@SQLITE_ONLY
+def test_detach_from_another_thread_during_a_delivery_keeps_the_commit(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A shutdown or a test's teardown detaches while another thread's
+    commit delivers to a slow plugin: that commit returns (it used to raise),
+    its event delivered; the listener goes at the next detach()."""
+    maker = sessionmaker(engine)
+    with delivering_in_a_thread(emitter, maker) as failures:
+        emitter.detach(maker)
     assert failures == []
     assert (recorder.names, stored_names(engine)) == (["slow"], ["slow"])
     assert _installed_hooks(emitter, maker) == ["after_transaction_end"]
@@ -557,26 +577,7 @@ def test_a_child_forked_during_a_delivery_detaches_at_once(
     """The child of a fork made while a thread delivered has no such
     thread: its detach() removes every listener at once."""
     maker = sessionmaker(engine)
-    delivering, done = threading.Event(), threading.Event()
-
-    class Slow:
-        @hookimpl
-        def audit_event_logged(self, envelope: Any) -> None:
-            delivering.set()
-            done.wait(10)
-
-    emitter.register(Slow(), name="slow")
-    emitter.attach(maker)
-
-    def commit() -> None:
-        with maker() as session:
-            operation(session, "slow")
-            session.commit()
-
-    worker = threading.Thread(target=commit)
-    worker.start()
-    try:
-        assert delivering.wait(10)
+    with delivering_in_a_thread(emitter, maker) as failures:
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the child
             code = 1
@@ -587,9 +588,7 @@ def test_a_child_forked_during_a_delivery_detaches_at_once(
                 os._exit(code)
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        done.set()
-        worker.join(10)
+    assert failures == []
     emitter.detach(maker)
 
 
@@ -597,19 +596,10 @@ def test_a_child_forked_during_a_delivery_detaches_at_once(
 def test_a_detach_during_a_delivery_leaves_the_emitter_s_other_targets_alone(
     engine: Engine, emitter: AuditEmitter, recorder: Recorder
 ) -> None:
-    """The listener left switched off is the detached target's only: a
+    """The listener left in place is the detached target's only: a
     session the emitter is also attached to on its own still delivers,
     SAVEPOINTs included (they were ignored with it, and lost)."""
-    maker = sessionmaker(engine)
-
-    class KillSwitch:
-        @hookimpl
-        def audit_event_logged(self, envelope: Any) -> None:
-            if envelope.target_id == "switch":
-                emitter.detach(maker)
-
-    emitter.register(KillSwitch(), name="kill-switch")
-    emitter.attach(maker)
+    maker = with_a_kill_switch(emitter, sessionmaker(engine))
     kept = maker()
     emitter.attach(kept)
     with maker() as session:

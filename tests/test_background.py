@@ -12,7 +12,6 @@ import logging
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -23,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
-from support import aiosqlite_engine, commit_one, outbox_rows
+from support import aiosqlite_engine, commit_one, outbox_rows, run_script
 
 from access_audit import AuditEmitter, AuditEventEnvelope, hookimpl, stage_event
 from access_audit.outbox import DELIVERED, PENDING, Outbox
@@ -201,17 +200,9 @@ def test_a_script_that_exits_right_after_its_commit_records_the_delivery(
     again (the records were written first, and 5 runs of 5 left the row)."""
 
     database = tmp_path / "exit.db"
-    script = textwrap.dedent(
+    done = run_script(
         f"""
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.orm import sessionmaker
-        from access_audit import AuditEmitter, hookimpl, stage_event
         from access_audit.outbox import Outbox
-
-        class Printer:
-            @hookimpl
-            def audit_event_logged(self, envelope):
-                print("delivered", envelope.target_id, flush=True)
 
         engine = create_engine("sqlite:///{database}")
         outbox = Outbox()
@@ -224,9 +215,6 @@ def test_a_script_that_exits_right_after_its_commit_records_the_delivery(
         with maker.begin() as session:
             stage_event(session, "e", target_type="t", target_id="last", action="a")
         """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["delivered last"]
@@ -600,13 +588,10 @@ def test_a_backlog_the_exit_cannot_wait_for_is_reported(tmp_path: Path) -> None:
     """The interpreter's exit waits a bounded time for the queue; what is
     left then is reported as an error naming how many batches were not
     delivered (the rest was dropped without a word)."""
-    script = textwrap.dedent(
+    done = run_script(
         """
         import logging, time
         logging.basicConfig(format="%(levelname)s %(message)s")
-        from sqlalchemy import create_engine
-        from sqlalchemy.orm import sessionmaker
-        from access_audit import AuditEmitter, hookimpl, stage_event
         from access_audit import _background
 
         _background.EXIT_WAIT = 0.5
@@ -626,9 +611,6 @@ def test_a_backlog_the_exit_cannot_wait_for_is_reported(tmp_path: Path) -> None:
                             action="a")
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
     assert done.returncode == 0, done.stderr
     delivered = len(done.stdout.splitlines())
     reported = re.search(
@@ -646,12 +628,9 @@ def test_a_multiprocessing_child_delivers_its_queue_before_it_ends(
     interpreter's exit handlers never run there, and the daemon worker died
     with its queue. It is drained by multiprocessing's own finalizers."""
     delivered = tmp_path / "delivered.txt"
-    script = textwrap.dedent(
+    done = run_script(
         f"""
         import multiprocessing, time
-        from sqlalchemy import create_engine
-        from sqlalchemy.orm import sessionmaker
-        from access_audit import AuditEmitter, hookimpl, stage_event
 
         class Slow:
             @hookimpl
@@ -676,9 +655,6 @@ def test_a_multiprocessing_child_delivers_its_queue_before_it_ends(
             child.join(30)
             print(child.exitcode)
         """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip() == "0", done.stderr
     assert delivered.read_text().split() == [f"child-{n}" for n in range(10)]

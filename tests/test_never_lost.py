@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
-from support import Base, Recorder, operation, stored_names
+from support import Base, Recorder, operation, run_script, stored_names
 
 from access_audit import AuditEmitter, stage_event
 from access_audit.testing import capture_audit_events
@@ -229,17 +229,9 @@ def test_a_child_forked_beside_an_open_transaction_reports_nothing_of_it(
     open gets a copy of it, without the thread: the child reported its
     event discarded (reason ``"close"``, with a warning) at exit, while the
     parent committed and delivered it. The parent's alone to settle."""
-    script = textwrap.dedent(
+    done = run_script(
         f"""
         import gc, os, sys, threading
-        from sqlalchemy import create_engine
-        from sqlalchemy.orm import sessionmaker
-        from access_audit import AuditEmitter, hookimpl, signals, stage_event
-
-        class Printer:
-            @hookimpl
-            def audit_event_logged(self, envelope):
-                print("delivered", envelope.target_id, flush=True)
 
         emitter = AuditEmitter([Printer()], load_entrypoints=False)
         maker = sessionmaker(create_engine("sqlite:///{tmp_path / "fork.db"}"))
@@ -268,13 +260,9 @@ def test_a_child_forked_beside_an_open_transaction_reports_nothing_of_it(
         os.waitpid(child, 0)
         go.set()
         thread.join(10)
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        """,
+        "-W",
+        "ignore::DeprecationWarning",
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["delivered parent"]

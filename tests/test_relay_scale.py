@@ -1363,25 +1363,31 @@ def test_a_polling_relay_on_postgresql_wakes_on_commit_not_on_its_interval(
     the relay LISTENs. A rolled-back write wakes nothing."""
     if engine.dialect.name != "postgresql":
         pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
-    writer = emitter_for(due_outbox, Counter(), dispatch="relay")
+    assert relayed_while_polling_slowly(engine, due_outbox, "late") == (["late"], 1)
+
+
+def relayed_while_polling_slowly(
+    engine: Engine, outbox: Outbox, target_id: str
+) -> tuple[list[str], int]:
+    """Commit an event on *target_id* while a relay polls every 60 seconds;
+    the target ids it delivered within 10 seconds, and its count of them
+    once stopped."""
+    writer = emitter_for(outbox, Counter(), dispatch="relay")
     sink = Counter()
-    relay = PollingRelay(emitter_for(due_outbox, sink), engine, interval=60.0)
+    relay = PollingRelay(emitter_for(outbox, sink), engine, interval=60.0)
     try:
         time.sleep(0.5)  # the relay found nothing and waits
         with Session(engine) as session:
             writer.attach(session)
             stage_event(
-                session, "doc.read", target_type="doc", target_id="late",
+                session, "doc.read", target_type="doc", target_id=target_id,
                 action="read",
             )  # fmt: skip
             session.commit()
-        deadline = time.monotonic() + 10
-        while not sink.order and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sink.order == ["late"]
+        wait_until(lambda: bool(sink.order))
     finally:
         stats = relay.stop()
-    assert stats.delivered == 1
+    return sink.order, stats.delivered
 
 
 def test_an_outbox_whose_full_name_is_long_commits_and_wakes_the_relay(
@@ -1400,21 +1406,7 @@ def test_an_outbox_whose_full_name_is_long_commits_and_wakes_the_relay(
         connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     try:
         outbox.create(engine)
-        writer = emitter_for(outbox, Counter(), dispatch="relay")
-        sink = Counter()
-        relay = PollingRelay(emitter_for(outbox, sink), engine, interval=60.0)
-        try:
-            time.sleep(0.5)  # the relay found nothing and waits
-            with Session(engine) as session:
-                writer.attach(session)
-                stage_event(
-                    session, "doc.read", target_type="doc", target_id="long",
-                    action="read",
-                )  # fmt: skip
-                session.commit()
-            assert wait_until(lambda: sink.order == ["long"])
-        finally:
-            relay.stop()
+        assert relayed_while_polling_slowly(engine, outbox, "long") == (["long"], 1)
     finally:
         with engine.begin() as connection:
             connection.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
