@@ -7,13 +7,13 @@ import atexit
 import collections
 import functools
 import os
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._exit import before_os_exit
 from ._logging import logger
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ class BackgroundDispatcher:
                     target=self._run, name="access_audit-dispatch", daemon=True
                 )
                 self._thread.start()
-                _close_before_os_exit(self)
+                # Before the outbox recorders' flush (priority 10).
+                before_os_exit(_close_at_exit, weakref.ref(self), priority=20)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every job queued before the call ran (not those queued
@@ -210,21 +211,6 @@ def _start_empty_in_child(reference: weakref.ref[BackgroundDispatcher]) -> None:
 
 EXIT_WAIT = 30.0
 """Seconds the interpreter's exit waits for a dispatcher's queue to drain."""
-
-
-def _close_before_os_exit(dispatcher: BackgroundDispatcher) -> None:
-    """In a process that :mod:`multiprocessing` started by forking, close
-    *dispatcher* as the process ends too: it ends with ``os._exit()``, after
-    multiprocessing's own finalizers, but the interpreter's exit handlers
-    never run (nor would the daemon worker finish its queue)."""
-    process = sys.modules.get("multiprocessing.process")
-    if process is None or process.parent_process() is None:
-        return
-    from multiprocessing import util
-
-    util.Finalize(
-        dispatcher, _close_at_exit, args=(weakref.ref(dispatcher),), exitpriority=10
-    )
 
 
 def _close_at_exit(reference: weakref.ref[BackgroundDispatcher]) -> None:

@@ -350,8 +350,9 @@ class AuditEmitter:
 
         Safe from a plugin, or from another thread, while a commit delivers:
         that commit returns, its events delivered (the listener delivering
-        is switched off, and removed by the next :meth:`attach` or
-        :meth:`detach` made while no delivery runs).
+        stays until the next :meth:`attach` or :meth:`detach` of *target*
+        made while no delivery runs, serving only sessions another attached
+        target covers).
         """
         resolved = listen_target(target)
         self._listeners.remove(resolved)

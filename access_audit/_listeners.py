@@ -98,11 +98,10 @@ class SessionListeners:
         *several*: its sessions may work in several databases (then an
         outbox notes what they write, see :data:`WRITE_EVENTS`).
         """
-        self._sweep_retired()
         if target in self._installed:
             return
-        # Removed while a delivery (still) runs: its after_transaction_end
-        # listener is there, and serves again if it is of the kind asked.
+        # Removed while a delivery ran: its after_transaction_end listener
+        # is there, and serves again if it is of the kind asked.
         retired = self._retired.pop(target, None)
         self._some_retired = bool(self._retired)
         kept = retired is not None and retired.weak == weakly
@@ -110,7 +109,7 @@ class SessionListeners:
             if kept:
                 self._endings[target] = retired
             else:
-                retired.remove_from(target)
+                retired.remove_from(target, self._kept_for("after_transaction_end"))
         if weakly:
             _remove_hooks(target, lambda listeners: listeners is None)
             self._weak_targets.add(target)
@@ -160,10 +159,19 @@ class SessionListeners:
         shutdown beside a commit), SQLAlchemy is going through the
         ``after_transaction_end`` listeners that deliver, and removing one
         would make that ``commit()`` raise: that one is left, ignoring the
-        sessions no other target of these listeners covers, and removed by
-        the next :meth:`listen` or :meth:`remove` that finds no delivery
-        running.
+        sessions no other target of these listeners covers, until the next
+        :meth:`listen` or :meth:`remove` of *target* (then reused, or
+        removed if no delivery runs; a target collected takes its listeners
+        along). Not at another target's: this one's commit may still be
+        going through the listeners after it.
         """
+        retired = self._retired.pop(target, None)  # removed again
+        if retired is not None:
+            if _delivering:
+                self._retired[target] = retired
+            else:
+                retired.remove_from(target, self._kept_for("after_transaction_end"))
+                self._some_retired = bool(self._retired)
         ending = self._endings.pop(target, None)
         left = None
         if ending is not None and _delivering:
@@ -181,22 +189,31 @@ class SessionListeners:
         else:
             if target in self._watching:
                 self._watching.discard(target)
-                _remove(target, "after_begin", self._after_begin)
+                _remove(
+                    target, "after_begin", self._after_begin,
+                    self._kept_for("after_begin"),
+                )  # fmt: skip
             for name in self._installed.pop(target, None) or ():
                 if name != "after_transaction_end":
-                    _remove(target, name, self._hooks[name])
+                    _remove(target, name, self._hooks[name], self._kept_for(name))
                 elif left is None and ending is not None:
-                    _remove(target, name, ending.hook)
-        self._sweep_retired()
+                    _remove(target, name, ending.hook, self._kept_for(name))
 
-    def _sweep_retired(self) -> None:
-        """Remove the listeners :meth:`remove` left, if no delivery runs."""
-        if not self._retired or _delivering:
-            return
-        for target, ending in list(self._retired.items()):
-            ending.remove_from(target)
-        self._retired.clear()
-        self._some_retired = False
+    def _kept_for(self, name: str) -> Callable[[type], int]:
+        """How many copies of this emitter's own (strong) *name* listener a
+        class's listeners keep: one per class it is or derives from that is
+        still listened to (SQLAlchemy copies a class's listeners into its
+        subclasses', and they are the same bound method)."""
+        if name == "after_begin":
+            targets = list(self._watching)
+        else:
+            targets = [t for t, names in self._installed.items() if name in names]
+            if name == "after_transaction_end":
+                targets += [t for t, ending in self._retired.items() if not ending.weak]
+        classes = [
+            t for t in targets if isinstance(t, type) and t not in self._weak_targets
+        ]
+        return lambda cls: sum(1 for each in classes if issubclass(cls, each))
 
     def watch_connections(self, session: Session, on_instance: bool) -> None:
         """Have ``after_begin`` check the connections *session* acquires.
@@ -316,7 +333,8 @@ class SessionListeners:
             try:
                 hand_over(self._owner, info, outcome)
             finally:
-                _delivering.pop()
+                if _delivering:  # else cleared by a fork in the delivery
+                    _delivering.pop()
 
 
 _delivering: list[None] = []
@@ -341,9 +359,11 @@ class _Ending:
         self.weak = weak
         """Whether it holds its listeners weakly (see :func:`_weak_hook`)."""
 
-    def remove_from(self, target: ListenTarget) -> None:
-        """Take the listener out of *target*."""
-        _remove(target, "after_transaction_end", self.hook)
+    def remove_from(
+        self, target: ListenTarget, kept: Callable[[type], int] = lambda cls: 0
+    ) -> None:
+        """Take the listener out of *target* (*kept*: as :func:`_remove`)."""
+        _remove(target, "after_transaction_end", self.hook, kept)
         hooks = _weak_hooks.get(target)
         if hooks:
             hooks[:] = [entry for entry in hooks if entry[0] is not self.hook]
@@ -385,7 +405,12 @@ def _remove_hooks(
                 hooks.remove(entry)
 
 
-def _remove(target: ListenTarget, name: str, hook: Callable[..., Any]) -> None:
+def _remove(
+    target: ListenTarget,
+    name: str,
+    hook: Callable[..., Any],
+    kept: Callable[[type], int] = lambda cls: 0,
+) -> None:
     """``event.remove``, then take *hook* out of *target*'s listeners if it
     is still there.
 
@@ -393,17 +418,20 @@ def _remove(target: ListenTarget, name: str, hook: Callable[..., Any]) -> None:
     collected class whose listener had the same ids (a sessionmaker per
     test, an emitter per test): ``listen`` then installs ours but leaves
     that entry, and ``remove`` takes its dead function instead of ours.
+    *kept*: for a class, how many copies of *hook* its listeners keep (of
+    classes it derives from, still listened to).
     """
     event.remove(target, name, hook)
     listeners = getattr(target.dispatch, name)
     if isinstance(target, type):  # its own listeners and its subclasses'
         by_class = listeners._clslevel
-        found = [
-            each for cls, each in list(by_class.items()) if issubclass(cls, target)
-        ]
-    else:  # a session instance
-        found = [getattr(listeners, "listeners", ())]
-    for each in found:
+        for cls, each in list(by_class.items()):
+            if issubclass(cls, target):
+                # Other classes' copies of the same bound method stay.
+                while each.count(hook) > kept(cls):
+                    each.remove(hook)
+    else:  # a session instance: its own listeners, apart from its class's
+        each = getattr(listeners, "listeners", ())
         while hook in each:
             each.remove(hook)
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
-from support import Item, Recorder, operation, stored_names
+from support import Item, Recorder, operation, run_script, stored_names
 
 from access_audit import AuditConfigurationError, AuditEmitter, hookimpl, stage_event
 from access_audit.testing import capture_audit_events
@@ -514,13 +514,20 @@ def test_detach_by_a_plugin_as_it_is_delivered_to_keeps_the_commit(
     assert stored_names(engine) == ["again", "switch"]
 
 
+class _Failures(list[BaseException]):
+    """What a commit in another thread raised; :meth:`join` waits for it."""
+
+    join: Callable[[], None]
+
+
 @contextlib.contextmanager
 def delivering_in_a_thread(
-    emitter: AuditEmitter, maker: sessionmaker
-) -> Iterator[list[BaseException]]:
+    emitter: AuditEmitter, maker: sessionmaker, *, wait: bool = False
+) -> Iterator[_Failures]:
     """Commit an event (``"slow"``) in another thread, and hold its delivery
     in a plugin while the block runs; then let it finish. Yields what that
-    commit raised, once the block is over."""
+    commit raised, once the thread is joined (at the block's end, or by
+    ``join()`` when *wait*: the session's info then has ``"wait"``)."""
     delivering, release = threading.Event(), threading.Event()
 
     class Gate:
@@ -531,11 +538,12 @@ def delivering_in_a_thread(
 
     emitter.register(Gate(), name="gate")
     emitter.attach(maker)
-    failures: list[BaseException] = []
+    failures = _Failures()
 
     def commit() -> None:
         try:
             with maker() as session:
+                session.info["wait"] = wait
                 operation(session, "slow")
                 session.commit()
         except BaseException as error:
@@ -543,12 +551,14 @@ def delivering_in_a_thread(
 
     worker = threading.Thread(target=commit)
     worker.start()
+    failures.join = lambda: worker.join(10)
     try:
         assert delivering.wait(10)
         yield failures
     finally:
         release.set()
-        worker.join(10)
+        if not wait:
+            worker.join(10)
 
 
 @SQLITE_ONLY
@@ -659,3 +669,96 @@ def test_deliveries_interleaved_on_one_loop_are_each_counted(
     assert _listeners._delivering == []
     emitter.detach(maker)
     assert emitter._listeners._retired == {}
+
+
+@SQLITE_ONLY
+def test_detaching_another_target_leaves_a_running_commit_s_listener(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder
+) -> None:
+    """A shutdown detaches maker A as its commit delivers, then maker B
+    while that commit still runs an application's after_transaction_end
+    listener of A's: the listener left on A stays (it was removed then, and
+    the commit raised); it goes with the next detach of A itself."""
+    maker_a, maker_b = sessionmaker(engine), sessionmaker(engine)
+    emitter.attach(maker_b)
+    in_app_listener, detached_b = threading.Event(), threading.Event()
+
+    def app_listener(session: Session, transaction: Any) -> None:
+        if transaction.parent is None and session.info.pop("wait", False):
+            in_app_listener.set()
+            detached_b.wait(10)
+
+    event.listen(maker_a, "after_transaction_end", app_listener)
+    with delivering_in_a_thread(emitter, maker_a, wait=True) as failures:
+        emitter.detach(maker_a)
+    assert in_app_listener.wait(10)
+    emitter.detach(maker_b)
+    detached_b.set()
+    failures.join()
+    assert failures == []
+    assert recorder.names == ["slow"]
+    assert _installed_hooks(emitter, maker_a) == ["after_transaction_end"]
+    emitter.detach(maker_a)
+    assert _installed_hooks(emitter, maker_a) == []
+
+
+class _Base(Session):
+    """An application's Session class, attached on its own too."""
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("during", [False, True], ids=["idle", "delivering"])
+def test_detaching_a_sessionmaker_leaves_its_attached_base_class_listening(
+    engine: Engine, emitter: AuditEmitter, recorder: Recorder, during: bool
+) -> None:
+    """The emitter attached to a Session class and to a sessionmaker of a
+    subclass: SQLAlchemy copies the class's listeners into the subclass's,
+    the same bound methods. Detaching the sessionmaker took those copies
+    too, and its sessions' committed events were discarded as "close"."""
+    maker = sessionmaker(engine, class_=_Base)
+    emitter.attach(_Base)
+    if during:
+        with_a_kill_switch(emitter, maker)
+    else:
+        emitter.attach(maker)
+        emitter.detach(maker)
+    try:
+        for name in ["switch", "after"]:
+            with maker.begin() as session:
+                operation(session, name)
+                with session.begin_nested():
+                    operation(session, f"{name}-in-savepoint")
+    finally:
+        emitter.detach(_Base)
+        emitter.detach(maker)
+    expected = ["switch", "switch-in-savepoint", "after", "after-in-savepoint"]
+    assert recorder.names == expected
+
+
+def test_a_delivery_that_forks_returns_in_both_processes(tmp_path: Any) -> None:
+    """A plugin that forks as it is delivered to: the child, whose count of
+    running deliveries starts empty, returns from the commit too."""
+    done = run_script(
+        """
+        import os
+
+        class Forker:
+            @hookimpl
+            def audit_event_logged(self, envelope):
+                global child
+                child = os.fork()
+
+        emitter = AuditEmitter([Forker()], load_entrypoints=False)
+        maker = sessionmaker(create_engine("sqlite://"))
+        emitter.attach(maker)
+        with maker.begin() as session:
+            stage_event(session, "e", target_type="t", target_id="x", action="a")
+        print("child returned" if child == 0 else "parent returned", flush=True)
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        """,
+        "-W",
+        "ignore::DeprecationWarning",
+    )
+    assert sorted(done.stdout.splitlines()) == ["child returned", "parent returned"]

@@ -658,3 +658,46 @@ def test_a_multiprocessing_child_delivers_its_queue_before_it_ends(
     )
     assert done.stdout.strip() == "0", done.stderr
     assert delivered.read_text().split() == [f"child-{n}" for n in range(10)]
+
+
+@pytest.mark.parametrize("dispatch", ["inline", "background"])
+def test_a_multiprocessing_child_records_what_it_delivered(
+    tmp_path: Path, dispatch: str
+) -> None:
+    """With an outbox, a multiprocessing child writes the record of what it
+    delivered before it ends (the recorder's own exit flush never ran
+    there), so the relay has nothing to send again."""
+    database = tmp_path / "child.db"
+    done = run_script(
+        f"""
+        import multiprocessing
+        from access_audit.outbox import Outbox, count_pending
+
+        engine = create_engine("sqlite:///{database}")
+        outbox = Outbox()
+        emitter = AuditEmitter([Printer()], load_entrypoints=False, outbox=outbox,
+                               dispatch={dispatch!r})
+        maker = sessionmaker(engine)
+        emitter.attach(maker)
+
+        def work():
+            for number in range(3):
+                with maker.begin() as session:
+                    stage_event(session, "e", target_type="t",
+                                target_id=f"child-{{number}}", action="a")
+
+        if __name__ == "__main__":
+            outbox.create(engine)
+            engine.dispose()
+            child = multiprocessing.get_context("fork").Process(target=work)
+            child.start()
+            child.join(30)
+            print("pending", count_pending(engine, outbox), flush=True)
+        """
+    )
+    assert done.stdout.splitlines() == [
+        "delivered child-0",
+        "delivered child-1",
+        "delivered child-2",
+        "pending 0",
+    ], done.stderr

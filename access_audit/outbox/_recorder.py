@@ -19,6 +19,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
+from .._exit import before_os_exit
 from .._logging import logger
 from ._store import Dispatched, settle_dispatched
 
@@ -136,6 +137,8 @@ class Recorder:
                 target=self._run, name="access_audit-outbox-recorder", daemon=True
             ).start()
             self._pid = os.getpid()
+            # After the background dispatchers' close (priority 20).
+            before_os_exit(self.flush, 2.0, priority=10)
 
     def _run(self) -> None:
         pending, wake, hurry = self._pending, self._wake, self._hurry
