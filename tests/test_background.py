@@ -621,26 +621,36 @@ def test_a_backlog_the_exit_cannot_wait_for_is_reported(tmp_path: Path) -> None:
     assert 0 < 6 - delivered <= int(reported[1]) <= 6
 
 
-def test_a_multiprocessing_child_delivers_its_queue_before_it_ends(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("dispatch", "outboxed"),
+    [("background", False), ("background", True), ("inline", True)],
+    ids=["background", "background-outbox", "inline-outbox"],
+)
+def test_a_multiprocessing_child_delivers_and_records_before_it_ends(
+    tmp_path: Path, dispatch: str, outboxed: bool
 ) -> None:
     """A process multiprocessing forks ends with ``os._exit()``: the
-    interpreter's exit handlers never run there, and the daemon worker died
-    with its queue. It is drained by multiprocessing's own finalizers."""
-    delivered = tmp_path / "delivered.txt"
+    interpreter's exit handlers never run there, and a background worker
+    died with its queue (nothing delivered), the outbox's recorder with
+    what it had not written (the relay sent it all again). Both finish in
+    multiprocessing's own finalizers."""
+    database = tmp_path / "child.db"
     done = run_script(
         f"""
         import multiprocessing, time
+        from access_audit.outbox import Outbox, count_pending
 
-        class Slow:
+        class SlowPrinter(Printer):
             @hookimpl
             def audit_event_logged(self, envelope):
-                time.sleep(0.02)
-                with open({str(delivered)!r}, "a") as out:
-                    out.write(envelope.target_id + "\\n")
+                time.sleep(0.05)
+                super().audit_event_logged(envelope)
 
-        emitter = AuditEmitter([Slow()], load_entrypoints=False, dispatch="background")
-        maker = sessionmaker(create_engine("sqlite://"))
+        engine = create_engine("sqlite:///{database}")
+        outbox = Outbox() if {outboxed} else None
+        emitter = AuditEmitter([SlowPrinter()], load_entrypoints=False,
+                               outbox=outbox, dispatch={dispatch!r})
+        maker = sessionmaker(engine)
         emitter.attach(maker)
 
         def work():
@@ -650,54 +660,16 @@ def test_a_multiprocessing_child_delivers_its_queue_before_it_ends(
                                 target_id=f"child-{{number}}", action="a")
 
         if __name__ == "__main__":
-            child = multiprocessing.get_context("fork").Process(target=work)
-            child.start()
-            child.join(30)
-            print(child.exitcode)
-        """
-    )
-    assert done.stdout.strip() == "0", done.stderr
-    assert delivered.read_text().split() == [f"child-{n}" for n in range(10)]
-
-
-@pytest.mark.parametrize("dispatch", ["inline", "background"])
-def test_a_multiprocessing_child_records_what_it_delivered(
-    tmp_path: Path, dispatch: str
-) -> None:
-    """With an outbox, a multiprocessing child writes the record of what it
-    delivered before it ends (the recorder's own exit flush never ran
-    there), so the relay has nothing to send again."""
-    database = tmp_path / "child.db"
-    done = run_script(
-        f"""
-        import multiprocessing
-        from access_audit.outbox import Outbox, count_pending
-
-        engine = create_engine("sqlite:///{database}")
-        outbox = Outbox()
-        emitter = AuditEmitter([Printer()], load_entrypoints=False, outbox=outbox,
-                               dispatch={dispatch!r})
-        maker = sessionmaker(engine)
-        emitter.attach(maker)
-
-        def work():
-            for number in range(3):
-                with maker.begin() as session:
-                    stage_event(session, "e", target_type="t",
-                                target_id=f"child-{{number}}", action="a")
-
-        if __name__ == "__main__":
-            outbox.create(engine)
+            if outbox is not None:
+                outbox.create(engine)
             engine.dispose()
             child = multiprocessing.get_context("fork").Process(target=work)
             child.start()
             child.join(30)
-            print("pending", count_pending(engine, outbox), flush=True)
+            if outbox is not None:
+                print("pending", count_pending(engine, outbox), flush=True)
         """
     )
-    assert done.stdout.splitlines() == [
-        "delivered child-0",
-        "delivered child-1",
-        "delivered child-2",
-        "pending 0",
-    ], done.stderr
+    delivered = [f"delivered child-{number}" for number in range(10)]
+    pending = ["pending 0"] if outboxed else []
+    assert done.stdout.splitlines() == delivered + pending, done.stderr
