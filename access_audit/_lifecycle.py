@@ -176,13 +176,13 @@ class Lifecycle:
         self.unprepared = True
         """Whether an event was staged since :meth:`prepare` last ran."""
         self.built: list[AuditEventEnvelope] = []
+        """Envelopes of the commit's events, in order, as they are built: in
+        ``after_commit``, or before COMMIT when they go to an outbox."""
         self.marks: dict[SessionTransaction, int] | None = None
         """Per open SAVEPOINT that outbox rows were written in (by a
         before_commit listener's SAVEPOINT, during the commit), how many
         envelopes were built before the first: its rollback takes the rows
         written since, the enclosing levels' too."""
-        """Envelopes of the commit's events, in order, as they are built: in
-        ``after_commit``, or before COMMIT when they go to an outbox."""
         self.first_id = first._id_int
         """The id of the first event staged in this transaction (even one a
         rolled-back SAVEPOINT drops later), which the commit's id comes from."""
@@ -452,7 +452,8 @@ class Lifecycle:
         else:
             dropped = self.levels.pop(transaction, None)
             committed = self.finished.pop(transaction, None)
-            mark = self.marks.pop(transaction, None) if self.marks else None
+            marks = self.marks
+            mark = marks.pop(transaction, None) if marks else None
             if committed and (dropped or mark is not None):
                 # Released: its events join the enclosing boundary, and
                 # its rows are that boundary's now.
@@ -465,9 +466,8 @@ class Lifecycle:
                 if dropped:
                     self.levels.setdefault(outer, []).extend(dropped)
                     dropped = None
-                if mark is not None and outer.nested:
-                    assert self.marks is not None
-                    self.marks[outer] = min(self.marks.get(outer, mark), mark)
+                if marks is not None and mark is not None and outer.nested:
+                    marks[outer] = min(marks.get(outer, mark), mark)
             elif not committed:
                 if dropped:
                     self._forget(dropped)

@@ -91,21 +91,19 @@ def stage_event(
             "wait for deliveries and go on"
         )
     # A name checked before is taken as it was remembered; a str subclass
-    # (a str enum) as its plain text first, never looked up by its own
+    # (a str enum) is looked up by its plain text, never by its own
     # __hash__ and __eq__, which may raise or be case-blind.
-    if type(event_type) is not str:
-        event_type = _plain(event_type)
-    good = _good_event_types.get(event_type) if type(event_type) is str else None
+    good = _good_event_types.get(
+        event_type if type(event_type) is str else _key(event_type)
+    )
     event_type = good if good is not None else _checked_event_type(event_type)
-    if type(target_type) is not str:
-        target_type = _plain(target_type)
-    good = _good_names.get(target_type) if type(target_type) is str else None
+    good = _good_names.get(
+        target_type if type(target_type) is str else _key(target_type)
+    )
     target_type = (
         good if good is not None else _checked_name(target_type, "target_type")
     )
-    if type(action) is not str:
-        action = _plain(action)
-    good = _good_names.get(action) if type(action) is str else None
+    good = _good_names.get(action if type(action) is str else _key(action))
     action = good if good is not None else _checked_name(action, "action")
     if actor_id is None and actor_email is not None:
         raise ValueError("actor_email was given without actor_id; pass both")
@@ -210,10 +208,11 @@ _good_names: dict[str, str] = {}
 _MAX_REMEMBERED = 4096
 
 
-def _plain(value: str) -> str:
-    """A str subclass's plain text (as ``str`` reads it); a value of another
-    type (a caller's mistake) as is, for the check to refuse."""
-    return str.__str__(value) if isinstance(value, str) else value
+def _key(value: object) -> str:
+    """What a name that is not a plain str is looked up by: a str subclass's
+    plain text (as ``str`` reads it); for another type, which the check
+    refuses, the empty text (never remembered: no name is empty)."""
+    return str.__str__(value) if isinstance(value, str) else ""
 
 
 def _remember(good: dict[str, str], value: str) -> None:
